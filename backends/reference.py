@@ -1,0 +1,23 @@
+"""The reference interpreter as a backend, so `moe-ir validate` treats the oracle like any target."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from ..interpreter import interpret
+from ..ir import Graph
+from .base import Backend, Runner
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    summary = "op-by-op reference semantics (the oracle), float32 or float64"
+    pipeline = ()
+
+    def prepare(self, graph: Graph, weights: Mapping[str, torch.Tensor], *, dtype: torch.dtype = torch.float64,
+                **options: Any) -> Runner:
+        def run(x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return interpret(graph, {"x": x}, weights, dtype=dtype)
+
+        return run

@@ -1,0 +1,1 @@
+"""moe-ir: a compiler for DeepSeekMoE-style Mixture-of-Experts layers."""

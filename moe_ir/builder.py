@@ -1,0 +1,134 @@
+"""Spec -> IR graph at the op level of DESIGN.md.
+
+The graph takes x [B, S, H] and returns, by name:
+  out                 [B, S, H]  routed + shared experts (the residual add is the caller's)
+  expert_idx, weights [T, k]     token-choice routing record (also what validation compares)
+  rows                [A]        expert-choice routing record (tokens each expert took, expert-major)
+  router_logits       [T, E]     training graphs only
+  tokens_per_expert   [E]        training graphs only (after capacity dropping)
+  aux_loss, loss.<kind>  []      training graphs with balance losses
+Parameter names are canonical (`router.weight`, `experts.w_up`, `shared.0.w_gate`, ...): they are the
+names in safetensors files, the eager module's state dict and the ONNX initializers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+from .ir import ElemType, Graph, LossKind, OpCode, TensorType, Value
+from .spec import Choice, LayerSpec, spec_to_dict
+
+# The names every backend and the weight files agree on.
+ROUTER_WEIGHT = "router.weight"
+ROUTER_BIAS = "router.bias"
+ROUTER_NOISE_WEIGHT = "router.noise_weight"
+SHARED_GATE_WEIGHT = "shared_gate.weight"
+EXPERT_WEIGHTS = ("w_up", "w_down", "w_gate", "b_up", "b_down", "b_gate")
+
+
+def spec_hash(spec: LayerSpec) -> str:
+    """Stable hash of the canonical spec (artifacts record it to refuse mismatched weights/engines)."""
+    return hashlib.sha256(json.dumps(spec_to_dict(spec), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _ffn_weights(g: Graph, prefix: str, lead: tuple[int, ...], width: int, hidden: int, spec: LayerSpec,
+                 dtype: ElemType) -> list[Value | None]:
+    """Weights of one FFN (or a stack of them) in the order of the FFN ops' weight ports."""
+    e = spec.experts
+    w_up = g.add_weight(f"{prefix}.w_up", TensorType(lead + (width, hidden), dtype))
+    w_down = g.add_weight(f"{prefix}.w_down", TensorType(lead + (hidden, width), dtype))
+    w_gate = g.add_weight(f"{prefix}.w_gate", TensorType(lead + (width, hidden), dtype)) if e.activation.gated else None
+    b_up = b_down = b_gate = None
+    if e.bias:
+        b_up = g.add_weight(f"{prefix}.b_up", TensorType(lead + (width,), dtype))
+        b_down = g.add_weight(f"{prefix}.b_down", TensorType(lead + (hidden,), dtype))
+        if e.activation.gated:
+            b_gate = g.add_weight(f"{prefix}.b_gate", TensorType(lead + (width,), dtype))
+    return [w_up, w_down, w_gate, b_up, b_down, b_gate]
+
+
+def build_graph(spec: LayerSpec, *, training: bool = False) -> Graph:
+    """The layer as an IR graph. `training` adds the router logits, load counts and balance losses."""
+    e, r, b = spec.experts, spec.router, spec.balance
+    dtype = ElemType.from_name(spec.dtype)
+    router_dtype = ElemType.from_name(r.dtype)
+    h, n = spec.hidden, e.routed
+    g = Graph(spec.name)
+    g.meta["spec_hash"] = spec_hash(spec)
+
+    x = g.add_input("x", TensorType(("B", "S", h), dtype))
+    tokens = g.add_node(OpCode.FLATTEN_TOKENS, [x], name="tokens").outputs[0]
+
+    w_router = g.add_weight(ROUTER_WEIGHT, TensorType((n, h), router_dtype))
+    logits = g.add_node(OpCode.LINEAR, [tokens, w_router, None], {"out_dtype": router_dtype},
+                        name="router_logits").outputs[0]
+    if r.noise is not None:
+        w_noise = g.add_weight(ROUTER_NOISE_WEIGHT, TensorType((n, h), router_dtype))
+        logits = g.add_node(OpCode.ROUTER_NOISE, [logits, tokens, w_noise], {"std": r.noise.std},
+                            name="router_noise").outputs[0]
+    scores = g.add_node(OpCode.SCORE, [logits], {"fn": r.score}, name="scores").outputs[0]
+
+    expert_idx = weights = None
+    if r.choice == Choice.TOKEN:
+        bias = g.add_weight(ROUTER_BIAS, TensorType((n,), ElemType.FLOAT32), trainable=False) \
+            if b.aux_free is not None else None
+        gl = r.group_limit
+        group_attrs = {"groups": gl.groups, "kept": gl.kept, "group_score": gl.score} if gl else {}
+        route = g.add_node(OpCode.TOPK_ROUTE, [scores, bias], {"k": e.top_k, **group_attrs}, name="route",
+                           output_names=["expert_idx", "route.weights"])
+        expert_idx = route.outputs[0]
+        weights = g.add_node(OpCode.SCALE_WEIGHTS, [route.outputs[1]], {"normalize": r.normalize, "scale": r.scaling},
+                             name="weights").outputs[0]
+        disp = g.add_node(OpCode.DISPATCH, [expert_idx, weights],
+                          {"num_experts": n, "capacity_factor": spec.capacity_factor, "drop_rule": spec.capacity.drop},
+                          name="dispatch", output_names=["rows", "row_weights", "group_sizes"])
+    else:
+        disp = g.add_node(OpCode.EXPERT_CHOICE_ROUTE, [scores],
+                          {"capacity_factor": spec.capacity_factor, "top_k": e.top_k}, name="expert_choice",
+                          output_names=["rows", "row_weights", "group_sizes"])
+    rows, row_weights, group_sizes = disp.outputs
+
+    expert_w = _ffn_weights(g, "experts", (n,), e.width, h, spec, dtype)
+    ffn_attrs = {"activation": e.activation}
+    y = g.add_node(OpCode.GROUPED_FFN, [tokens, rows, group_sizes, *expert_w], ffn_attrs, name="experts").outputs[0]
+    out = g.add_node(OpCode.COMBINE, [y, rows, row_weights, tokens], name="combine").outputs[0]
+
+    shared_sum = None
+    for i in range(e.shared):
+        w = _ffn_weights(g, f"shared.{i}", (), e.shared_ffn_width, h, spec, dtype)
+        s = g.add_node(OpCode.FFN, [tokens, *w], ffn_attrs, name=f"shared.{i}").outputs[0]
+        shared_sum = s if shared_sum is None else g.add_node(OpCode.ADD, [shared_sum, s], name=f"shared_sum.{i}").outputs[0]
+    if shared_sum is not None:
+        if e.shared_gate:
+            gate_w = g.add_weight(SHARED_GATE_WEIGHT, TensorType((1, h), dtype))
+            shared_sum = g.add_node(OpCode.SIGMOID_GATE, [shared_sum, tokens, gate_w], name="shared_gate").outputs[0]
+        out = g.add_node(OpCode.ADD, [out, shared_sum], name="moe_sum").outputs[0]
+    g.set_output("out", g.add_node(OpCode.RESTORE_TOKENS, [out, x], name="out").outputs[0])
+
+    if expert_idx is not None:
+        g.set_output("expert_idx", expert_idx)
+        g.set_output("weights", weights)
+    else:
+        g.set_output("rows", rows)
+    if training:
+        g.set_output("router_logits", logits)
+        g.set_output("tokens_per_expert", group_sizes)
+        _add_losses(g, spec, scores, expert_idx, logits, x)
+    return g
+
+
+def _add_losses(g: Graph, spec: LayerSpec, scores: Value, expert_idx: Value | None, logits: Value, x: Value) -> None:
+    b = spec.balance
+    total = None
+    for name, alpha in b.losses.items():
+        kind = LossKind(name)
+        if expert_idx is None and kind != LossKind.Z:
+            continue  # expert-choice routing is balanced by construction; only the z-loss applies
+        attrs = {"kind": kind, "alpha": alpha, "top_k": spec.experts.top_k,
+                 "devices": b.device.devices if kind == LossKind.DEVICE else 1}
+        idx = expert_idx if expert_idx is not None else g.value("rows")
+        loss = g.add_node(OpCode.BALANCE_LOSS, [scores, idx, logits, x], attrs, name=f"loss.{name}").outputs[0]
+        g.set_output(f"loss.{name}", loss)
+        total = loss if total is None else g.add_node(OpCode.ADD, [total, loss], name=f"aux_sum.{name}").outputs[0]
+    if total is not None:
+        g.set_output("aux_loss", total)

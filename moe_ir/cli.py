@@ -1,0 +1,252 @@
+"""The `moe-ir` command line.
+
+Every failure moe-ir anticipates is a MoeIRError: it is printed as one line on stderr and the process
+exits non-zero (2 for a bad spec or bad usage, 1 otherwise) without a traceback. Commands that report
+take `--json` for scripts; the keys are documented in README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import BackendError, MoeIRError, SpecError
+
+# Modules that contribute sub-commands with `add_command(subparsers)`; they import their heavy
+# dependencies lazily so `moe-ir --help` stays fast and works without the optional extras.
+_COMMAND_MODULES = ("moe_ir.validate", "moe_ir.frontends.hf", "moe_ir.maxvio")
+
+
+def _load_spec(path: str):
+    from .frontends import load_spec
+
+    return load_spec(path)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .analysis import analyse, format_analysis
+
+    result = analyse(_load_spec(args.spec))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        sys.stdout.write(format_analysis(result))
+    return 0
+
+
+def _pipeline_for(args: argparse.Namespace) -> list[str]:
+    from .passes import PASSES, PIPELINES
+
+    if args.passes:
+        names = [p.strip() for p in args.passes.split(",") if p.strip()]
+    else:
+        names = list(PIPELINES[args.pipeline])
+    for n in names:
+        if n not in PASSES:
+            raise SpecError(f"unknown pass '{n}'; known passes: {', '.join(PASSES)}")
+    if args.after:
+        if args.after not in names:
+            raise SpecError(f"--after {args.after}: not in the pipeline {names}")
+        names = names[: names.index(args.after) + 1]
+    return names
+
+
+def _cmd_graph(args: argparse.Namespace) -> int:
+    from .builder import build_graph
+    from .ir import to_dot, to_json, to_text
+    from .passes import run_pipeline
+
+    graph = run_pipeline(build_graph(_load_spec(args.spec), training=args.training), _pipeline_for(args))
+    render = {"text": to_text, "dot": to_dot, "json": to_json}[args.format]
+    sys.stdout.write(render(graph))
+    if args.format == "json":
+        sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from .spec import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def _cmd_passes(args: argparse.Namespace) -> int:
+    from .passes import PASSES, PIPELINES
+
+    if args.json:
+        print(json.dumps({"passes": {n: c.summary for n, c in PASSES.items()},
+                          "pipelines": {k: list(v) for k, v in PIPELINES.items()}}, indent=2))
+        return 0
+    for name, cls in PASSES.items():
+        print(f"{name:24} {cls.summary}")
+    print()
+    for name, passes in PIPELINES.items():
+        print(f"pipeline {name:15} {', '.join(passes) or '(nothing)'}")
+    return 0
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def prepare_for_backend(spec, backend, *, seed: int = 0, weights_path: str | None = None):
+    """(graph after the backend's pipeline, weights for it): what build and validate lower."""
+    from .builder import build_graph
+    from .params import init_weights, load_weights
+    from .passes import run_pipeline
+
+    full = build_graph(spec, training=getattr(backend, "training_graph", False))
+    weights = load_weights(weights_path, full) if weights_path else init_weights(full, seed)
+    graph = run_pipeline(full, backend.pipeline)
+    return graph, {k: v for k, v in weights.items() if k in graph.weights}
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from .backends import get_backend
+
+    spec = _load_spec(args.spec)
+    backend = get_backend(args.backend)
+    graph, weights = prepare_for_backend(spec, backend, seed=args.seed, weights_path=args.weights)
+    ok, reason = backend.supports(graph)
+    if not ok:
+        raise BackendError(f"backend '{backend.name}' cannot build {args.spec}: {reason}")
+    options = {k: v for k, v in {"flavour": args.flavour, "profile": args.profile, "precision": args.precision,
+                                 "external_data": args.external_data or None}.items() if v is not None}
+    out_dir = Path(args.output)
+    print(f"building {spec.name} for {backend.name} ({backend.summary}) -> {out_dir}/", file=sys.stderr)
+    start = time.perf_counter()
+    result = backend.build(spec, graph, weights, out_dir, **options)
+    elapsed = time.perf_counter() - start
+    files = [{"path": str(p), "bytes": p.stat().st_size} for p in result.files]
+    if args.json:
+        print(json.dumps({"backend": backend.name, "files": files, "seconds": round(elapsed, 3),
+                          "notes": result.notes}, indent=2))
+    else:
+        for f in files:
+            print(f"wrote {f['path']} ({_human_size(f['bytes'])})")
+        for note in result.notes:
+            print(f"note: {note}")
+        print(f"done in {elapsed:.1f} s")
+    return 0
+
+
+def _cmd_backends(args: argparse.Namespace) -> int:
+    """Support matrix: each backend against a spec (or just the list without one)."""
+    from .backends import backend_names, get_backend
+
+    spec = _load_spec(args.spec) if args.spec else None
+    rows = []
+    for name in backend_names():
+        try:
+            backend = get_backend(name)
+        except BackendError as err:
+            rows.append({"backend": name, "available": False, "supported": False, "reason": str(err)})
+            continue
+        row = {"backend": name, "available": True, "summary": backend.summary}
+        if spec is not None:
+            try:
+                graph, _ = prepare_for_backend(spec, backend)
+                ok, reason = backend.supports(graph)
+            except MoeIRError as err:
+                ok, reason = False, str(err)
+            row.update(supported=ok, reason=reason)
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        status = ("yes" if r.get("supported") else "no") if spec is not None else ("available" if r["available"] else "missing")
+        if not r["available"]:
+            status = "missing"
+        detail = r.get("reason") or r.get("summary", "")
+        print(f"{r['backend']:12} {status:10} {detail}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-ir", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("inspect", help="parameters, FLOPs, expert combinations and both parametrisations")
+    p.add_argument("spec")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_inspect)
+
+    from .passes import PIPELINES
+
+    p = sub.add_parser("graph", help="print the IR graph (after a pipeline) as text, DOT or JSON")
+    p.add_argument("spec")
+    p.add_argument("--format", choices=("text", "dot", "json"), default="text")
+    p.add_argument("--pipeline", choices=list(PIPELINES), default="none", help="named pipeline to run first")
+    p.add_argument("--passes", help="comma-separated passes to run instead of --pipeline")
+    p.add_argument("--after", metavar="PASS", help="stop after this pass of the pipeline (dump that stage)")
+    p.add_argument("--training", action="store_true", help="the training graph (losses, router logits, loads)")
+    p.set_defaults(func=_cmd_graph)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of the spec")
+    p.set_defaults(func=_cmd_schema)
+
+    p = sub.add_parser("passes", help="list passes and named pipelines")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_passes)
+
+    from .backends import backend_names
+
+    p = sub.add_parser("backends", help="list backends; with a spec, which support it and why not")
+    p.add_argument("spec", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_backends)
+
+    p = sub.add_parser("build", help="lower a spec to a backend's artifact",
+                       description=f"backends: {', '.join(backend_names())}")
+    p.add_argument("spec")
+    p.add_argument("--backend", required=True, metavar="NAME",
+                   help=f"one of: {', '.join(backend_names())}")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--weights", metavar="FILE", help="safetensors weights (default: seeded random init)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random init (default 0)")
+    p.add_argument("--flavour", choices=("portable", "ort", "plugin"), help="ONNX flavour (onnx backend)")
+    p.add_argument("--profile", metavar="MIN,OPT,MAX", help="token-count optimisation profile (tensorrt)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="network precision (tensorrt)")
+    p.add_argument("--external-data", action="store_true", help="ONNX weights in a .data file beside the model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_build)
+
+    for module_name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        add: Callable | None = getattr(module, "add_command", None)
+        if add is not None:
+            add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MoeIRError as err:
+        if args.debug:
+            raise
+        print(f"moe-ir: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("moe-ir: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

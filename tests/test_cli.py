@@ -1,0 +1,66 @@
+"""The CLI end to end: reports, JSON keys, and one-line errors with the documented exit codes."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from moe_ir.cli import main
+
+from conftest import SPEC_FILES, SPECS
+
+
+def run_cli(*args, capsys):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("path", SPEC_FILES, ids=lambda p: p.stem)
+def test_inspect_and_graph_work_for_every_shipped_spec(path, capsys):
+    code, out, _ = run_cli("inspect", str(path), capsys=capsys)
+    assert code == 0 and "total params" in out and "paper form" in out
+    for fmt in ("text", "dot", "json"):
+        code, out, _ = run_cli("graph", str(path), "--format", fmt, "--pipeline", "fused", capsys=capsys)
+        assert code == 0 and out
+
+
+def test_inspect_json_2b_layer(capsys):
+    code, out, _ = run_cli("inspect", str(SPECS / "deepseekmoe-2b.yaml"), "--json", capsys=capsys)
+    data = json.loads(out)
+    assert code == 0
+    assert data["explicit"]["routed"] == 63 and data["explicit"]["top_k"] == 7
+    assert data["combinations"] == math.comb(63, 7)
+    assert data["paper"] == {"N": 16, "F": 3456, "m": 4, "K": 2, "Ks": 1}
+    # 64 experts of 3 x 1280 x 864 weights plus a 63 x 1280 router: counted by hand.
+    assert data["total_params"] == 64 * 3 * 1280 * 864 + 63 * 1280
+    assert data["activated_params"] == 8 * 3 * 1280 * 864 + 63 * 1280
+
+
+def test_graph_after_stops_the_pipeline(capsys):
+    code, out, _ = run_cli("graph", str(SPECS / "tiny.yaml"), "--pipeline", "fused", "--after",
+                           "fuse-shared-experts", capsys=capsys)
+    assert code == 0 and "fused_moe" not in out and "# pipeline: strip-training-outputs,fuse-shared-experts" in out
+
+
+def test_schema_is_json(capsys):
+    code, out, _ = run_cli("schema", capsys=capsys)
+    assert code == 0 and json.loads(out)["title"] == "moe-ir MoE layer spec"
+
+
+def test_bad_spec_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("hidden: 32\nexperts: {routed: 8, width: 16, top_k: 2}\nrouter: {scroe: softmax}\n")
+    proc = subprocess.run([sys.executable, "-m", "moe_ir.cli", "inspect", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bad.yaml:3: router.scroe: unknown key" in lines[0] and "did you mean 'score'" in lines[0]
+
+
+def test_unknown_backend_lists_the_known_ones(tmp_path, capsys):
+    code, _, err = run_cli("build", str(SPECS / "tiny.yaml"), "--backend", "nope", "-o", str(tmp_path / "o"),
+                           capsys=capsys)
+    assert code == 1 and "unknown backend 'nope'; available: reference" in err
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,182 @@
+"""The spec: both parametrisations, shipped specs, and that malformed specs only ever raise SpecError."""
+import math
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moe_ir.analysis import analyse
+from moe_ir.errors import SpecError
+from moe_ir.frontends import load_spec, load_spec_text
+from moe_ir.spec import Activation, ScoreFn, json_schema, spec_from_dict, spec_to_dict
+
+from conftest import SPEC_FILES
+
+BASE = {"hidden": 32, "experts": {"routed": 8, "width": 16, "top_k": 2}}
+
+
+@pytest.mark.parametrize("path", SPEC_FILES, ids=lambda p: p.stem)
+def test_shipped_specs_parse_and_name_their_source(path):
+    spec = load_spec(path)
+    assert spec.source, f"{path.name} must say where its settings come from"
+    assert path.read_text().lstrip().startswith("#"), f"{path.name} must open with a comment naming its source"
+    # The canonical form parses back to the same spec.
+    assert spec_from_dict(spec_to_dict(spec)) == spec
+
+
+def test_paper_form_2b_layer():
+    spec = load_spec_text("hidden: 1280\nexperts:\n  paper: {num_experts: 16, expert_width: 5120, "
+                          "segmentation: 4, top_k: 2, shared: 1}\n")
+    e = spec.experts
+    assert (e.routed, e.top_k, e.shared, e.width) == (63, 7, 1, 1280)
+    a = analyse(spec)
+    assert a.combinations == math.comb(63, 7)
+    assert a.paper == {"N": 16, "F": 5120, "m": 4, "K": 2, "Ks": 1}
+
+
+def test_unsegmented_top2_of_16_has_120_combinations():
+    spec = load_spec_text("hidden: 64\nexperts:\n  paper: {num_experts: 16, expert_width: 256, top_k: 2}\n")
+    assert analyse(spec).combinations == 120
+
+
+def test_paper_and_explicit_forms_normalise_to_the_same_spec():
+    paper = load_spec_text("hidden: 64\nexperts:\n  paper: {num_experts: 8, expert_width: 64, segmentation: 4, "
+                           "top_k: 2, shared: 2}\n")
+    explicit = load_spec_text("hidden: 64\nexperts: {routed: 30, shared: 2, width: 16, top_k: 6}\n")
+    assert paper.experts.routed == explicit.experts.routed == 30
+    assert analyse(paper).total_params == analyse(explicit).total_params
+
+
+def test_explicit_key_that_disagrees_with_paper_form():
+    with pytest.raises(SpecError, match=r"experts.routed: routed=5 disagrees with the paper form, which gives 30"):
+        load_spec_text("hidden: 64\nexperts:\n  routed: 5\n  paper: {num_experts: 8, expert_width: 64, "
+                       "segmentation: 4, top_k: 2, shared: 2}\n")
+
+
+@pytest.mark.parametrize("text, path, line, message", [
+    ("hidden: 32\nexperts: {routed: 8, width: 16, top_k: 9}\n", "experts.top_k", 2, "exceeds the 8 routed"),
+    ("hidden: 32\nexperts:\n  paper: {num_experts: 4, expert_width: 30, segmentation: 4, top_k: 1}\n",
+     "experts.paper.segmentation", 3, "must divide"),
+    ("hidden: 32\nexperts: {routed: 8, width: 16, top_k: 2}\nrouter:\n  group_limit: {groups: 3, kept: 1}\n",
+     "router.group_limit.groups", 4, "must divide"),
+    ("hidden: 32\nexperts: {routed: 8, width: 16, top_k: 2}\nrouter:\n  group_limit:\n    groups: 4\n    kept: 5\n",
+     "router.group_limit.kept", 6, "exceeds groups"),
+    ("hidden: 32\nexperts: {routed: 8, width: 16, top_k: 6}\nrouter:\n  group_limit: {groups: 4, kept: 2}\n",
+     "router.group_limit.kept", 4, "fewer than top_k"),
+    ("hidden: 32\nexperts: {routed: 8, width: 16, top_k: 2}\nroutr: {}\n", "routr", 3, "did you mean 'router'"),
+    ("hidden: 32\nexperts: {routed: 8, width: 16, top_k: 2}\nrouter: {score: softmx}\n", "router.score", 3,
+     "did you mean 'softmax'"),
+    ("hidden: -1\nexperts: {routed: 8, width: 16, top_k: 2}\n", "hidden", 1, ">= 1"),
+    ("hidden: true\nexperts: {routed: 8, width: 16, top_k: 2}\n", "hidden", 1, "expected an integer"),
+    ("experts: {routed: 8, width: 16, top_k: 2}\n", "hidden", 1, "missing required key 'hidden'"),
+    ("hidden: 32\nexperts: {routed: 8, width: 16, top_k: 2}\nbalance: {device: {alpha: 0.1, devices: 3}}\n",
+     "balance.device.devices", 3, "must divide"),
+    ("hidden: 32\nhidden: 16\nexperts: {routed: 8, width: 16, top_k: 2}\n", "hidden", 2, "duplicate key"),
+])
+def test_spec_errors_name_path_and_line(text, path, line, message):
+    with pytest.raises(SpecError) as info:
+        load_spec_text(text, "spec.yaml")
+    err = info.value
+    assert err.path == path
+    assert err.line == line
+    assert message in str(err)
+    assert str(err).startswith(f"spec.yaml:{line}: {path}:")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("!!python/object/apply:os.system ['echo hacked']\n", "YAML tag not allowed"),
+    ("hidden: !!python/name:os.system\n", "YAML tag not allowed"),
+    ("- 1\n- 2\n", "mapping at the top level"),
+    ("", "the spec is empty"),
+    ("hidden: [1, 2\n", "YAML error"),
+    ("a: b\n---\nc: d\n", "YAML error"),
+])
+def test_yaml_level_errors(text, message):
+    with pytest.raises(SpecError, match=message):
+        load_spec_text(text)
+
+
+def test_missing_file():
+    with pytest.raises(SpecError, match="no such spec file"):
+        load_spec("/nonexistent/spec.yaml")
+
+
+def test_defaults_come_from_published_models():
+    spec = load_spec_text(yaml.safe_dump(BASE))
+    assert spec.experts.activation == Activation.SWIGLU  # DeepSeekMoE, Mixtral, Qwen, OLMoE
+    assert spec.router.score == ScoreFn.SOFTMAX
+    assert spec.dropless
+
+
+def test_json_schema_covers_every_section():
+    schema = json_schema()
+    assert set(schema["properties"]) == {"hidden", "experts", "name", "source", "router", "balance", "capacity",
+                                         "dtype"}
+    assert schema["$defs"]["RouterSpec"]["properties"]["score"]["enum"] == ["softmax", "sigmoid"]
+    assert schema["$defs"]["GroupLimit"]["required"] == ["groups", "kept"]
+    assert schema["additionalProperties"] is False
+
+
+# -- generated malformed specs: every one must give a SpecError with a key path (or a YAML-level error) --
+
+_KEYS = ["hidden", "experts", "router", "balance", "capacity", "dtype", "name",
+         "experts.routed", "experts.width", "experts.top_k", "experts.shared", "experts.activation",
+         "experts.paper", "experts.paper.segmentation", "experts.shared_gate", "router.score",
+         "router.group_limit", "router.group_limit.groups", "router.group_limit.kept", "router.group_limit.score",
+         "router.noise", "router.noise.std", "router.scaling", "router.choice", "router.normalize",
+         "balance.device", "balance.device.devices", "balance.aux_free.gamma", "balance.expert",
+         "capacity.factor", "capacity.drop", "bogus", "experts.bogus", "router.group_limit.bogus"]
+_BAD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 300), st.floats(allow_nan=True),
+                        st.text(max_size=6), st.lists(st.integers(), max_size=2),
+                        st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+
+
+def _valid_base() -> dict:
+    return {"hidden": 32, "experts": {"routed": 8, "width": 16, "top_k": 2, "shared": 1},
+            "router": {"score": "sigmoid", "group_limit": {"groups": 4, "kept": 2, "score": "top2_sum"},
+                       "noise": {"std": 1.0}, "normalize": True, "scaling": 2.5},
+            "balance": {"expert": 0.01, "device": {"alpha": 0.05, "devices": 2}, "aux_free": {"gamma": 0.001}},
+            "capacity": {"factor": 1.5, "drop": "score"}}
+
+
+def _set(data: dict, path: str, value) -> dict:
+    parts = path.split(".")
+    cur = data
+    for p in parts[:-1]:
+        if not isinstance(cur.get(p), dict):
+            cur[p] = {}
+        cur = cur[p]
+    cur[parts[-1]] = value
+    return data
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(edits=st.lists(st.tuples(st.sampled_from(_KEYS), _BAD_VALUES), min_size=1, max_size=3),
+       as_yaml=st.booleans())
+def test_malformed_specs_only_raise_spec_errors(edits, as_yaml):
+    data = _valid_base()
+    for path, value in edits:
+        _set(data, path, value)
+    try:
+        if as_yaml:
+            spec = load_spec_text(yaml.safe_dump(data), "gen.yaml")
+        else:
+            spec = spec_from_dict(data, file="gen")
+    except SpecError as err:
+        assert str(err).count("\n") == 0, "a spec error is one line"
+        assert err.path or err.message.startswith("a spec must be") or "YAML" in err.message
+        if as_yaml:
+            assert err.line is not None
+        return
+    # Some edits produce a valid spec; then it must analyse cleanly.
+    analyse(spec)
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(list("abc:{}[]-!&*#|> \n'\"1")), max_size=40))
+def test_random_yaml_text_only_raises_spec_errors(text):
+    try:
+        load_spec_text(text)
+    except SpecError:
+        pass
