@@ -1,0 +1,572 @@
+"""The typed MoE layer spec: one canonical form, checked field by field and as a whole.
+
+A spec can give its experts in the paper's parametrisation (DeepSeekMoE, arXiv 2401.06066: N
+conventional experts of width F, segmentation m, conventional top-K, Ks shared) or explicitly
+(routed count, shared count, fine-grained width, routed top-k). Both normalise to `ExpertsSpec`,
+the explicit form; `ExpertsSpec.paper_view()` gives the paper's numbers back for `moe-ir inspect`.
+
+Parsing is generic over the dataclasses below: each field's type hint, default and metadata (doc,
+bounds) drive type checks, unknown-key suggestions and the JSON Schema, so a new field is declared in
+one place. Cross-field rules live in each section's `check()`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import SpecError
+
+
+class Activation(enum.StrEnum):
+    SWIGLU = "swiglu"  # silu(x W_gate) * (x W_up), then W_down
+    GEGLU = "geglu"    # gelu(x W_gate) * (x W_up), then W_down
+    GELU = "gelu"      # gelu(x W_up), then W_down
+    RELU = "relu"      # relu(x W_up), then W_down
+
+    @property
+    def gated(self) -> bool:
+        return self in (Activation.SWIGLU, Activation.GEGLU)
+
+
+class ScoreFn(enum.StrEnum):
+    SOFTMAX = "softmax"
+    SIGMOID = "sigmoid"
+
+
+class GroupScore(enum.StrEnum):
+    MAX = "max"            # DeepSeek-V2 group_limited_greedy
+    TOP2_SUM = "top2_sum"  # DeepSeek-V3 noaux_tc
+
+
+class Choice(enum.StrEnum):
+    TOKEN = "token"    # each token picks its top-k experts
+    EXPERT = "expert"  # each expert picks its top-C tokens (Zhou et al. 2022)
+
+
+class DropRule(enum.StrEnum):
+    SCORE = "score"        # over capacity, the assignments with the lowest routing weight are dropped
+    POSITION = "position"  # over capacity, later tokens are dropped (GShard/Switch order)
+
+
+class SharedPlacement(enum.StrEnum):
+    REPLICATED = "replicated"            # every rank holds every shared expert
+    TENSOR_PARALLEL = "tensor_parallel"  # each rank holds a 1/EP slice of every shared expert's width
+
+
+class DType(enum.StrEnum):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+    FLOAT64 = "float64"
+
+    @property
+    def torch(self):
+        import torch
+
+        return getattr(torch, self.value)
+
+
+def spec_field(default: Any = dataclasses.MISSING, *, doc: str, minimum: float | None = None,
+               exclusive_minimum: float | None = None, maximum: float | None = None,
+               default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with the metadata the parser and the JSON Schema read."""
+    meta = {"doc": doc, "minimum": minimum, "exclusive_minimum": exclusive_minimum, "maximum": maximum}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass(frozen=True, kw_only=True)
+class PaperExperts:
+    """DeepSeekMoE parametrisation: mN experts of width F/m; Ks shared; mK - Ks routed active."""
+
+    num_experts: int = spec_field(doc="N: conventional (unsegmented) experts, shared ones included", minimum=1)
+    expert_width: int = spec_field(doc="F: FFN width of one conventional expert", minimum=1)
+    segmentation: int = spec_field(1, doc="m: each conventional expert is split into m finer ones", minimum=1)
+    top_k: int = spec_field(doc="K: conventional experts active per token, shared ones included", minimum=1)
+    shared: int = spec_field(0, doc="Ks: fine-grained experts every token uses", minimum=0)
+
+    def check(self, ctx: "_Ctx", path: str) -> None:
+        if self.expert_width % self.segmentation:
+            ctx.fail(f"{path}.segmentation", f"m={self.segmentation} must divide expert_width F={self.expert_width}")
+        total, active = self.segmentation * self.num_experts, self.segmentation * self.top_k
+        if self.shared >= total:
+            ctx.fail(f"{path}.shared", f"Ks={self.shared} shared experts leave no routed expert out of mN={total}")
+        if self.shared >= active:
+            ctx.fail(f"{path}.shared", f"Ks={self.shared} must be below mK={active} so at least one routed expert is active")
+        if self.top_k > self.num_experts:
+            ctx.fail(f"{path}.top_k", f"K={self.top_k} exceeds N={self.num_experts}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpertsSpec:
+    """Canonical (explicit) expert configuration."""
+
+    routed: int = spec_field(doc="routed experts (mN - Ks in the paper's form)", minimum=1)
+    width: int = spec_field(doc="FFN width of one fine-grained expert (F/m)", minimum=1)
+    top_k: int = spec_field(doc="routed experts active per token (mK - Ks)", minimum=1)
+    shared: int = spec_field(0, doc="shared experts every token uses (Ks)", minimum=0)
+    shared_width: int | None = spec_field(None, doc="FFN width of one shared expert; default: width", minimum=1)
+    shared_gate: bool = spec_field(False, doc="multiply the shared output by sigmoid(x w) (Qwen2-MoE)")
+    activation: Activation = spec_field(Activation.SWIGLU, doc="expert activation")
+    bias: bool = spec_field(False, doc="expert projections carry biases")
+    paper: PaperExperts | None = spec_field(None, doc="the paper's parametrisation; routed/width/top_k/shared follow from it")
+
+    @property
+    def shared_ffn_width(self) -> int:
+        return self.shared_width if self.shared_width is not None else self.width
+
+    def paper_view(self) -> dict[str, int]:
+        """N, F, m, K, Ks: the given paper form, or the m=1 reading of the explicit form."""
+        if self.paper is not None:
+            p = self.paper
+            return {"N": p.num_experts, "F": p.expert_width, "m": p.segmentation, "K": p.top_k, "Ks": p.shared}
+        return {"N": self.routed + self.shared, "F": self.width, "m": 1, "K": self.top_k + self.shared,
+                "Ks": self.shared}
+
+    def check(self, ctx: "_Ctx", path: str) -> None:
+        if self.top_k > self.routed:
+            ctx.fail(f"{path}.top_k", f"top_k={self.top_k} exceeds the {self.routed} routed experts")
+        if self.shared_gate and self.shared == 0:
+            ctx.fail(f"{path}.shared_gate", "a shared-expert gate needs at least one shared expert")
+        if self.shared_width is not None and self.shared == 0:
+            ctx.fail(f"{path}.shared_width", "shared_width is set but there are no shared experts")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupLimit:
+    """Group-limited routing (DeepSeek-V2/V3): keep `kept` of `groups` expert groups, then top-k inside."""
+
+    groups: int = spec_field(doc="expert groups (n_group); routed experts are split into contiguous groups", minimum=2)
+    kept: int = spec_field(doc="groups each token may use (topk_group)", minimum=1)
+    score: GroupScore = spec_field(GroupScore.MAX, doc="group score: max expert score, or sum of the top-2")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Noise:
+    """Noisy top-k gating (Shazeer et al. 2017): logits + std * N(0,1) * softplus(x W_noise), training only."""
+
+    std: float = spec_field(1.0, doc="scale of the standard normal noise", exclusive_minimum=0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterSpec:
+    score: ScoreFn = spec_field(ScoreFn.SOFTMAX, doc="router score function")
+    choice: Choice = spec_field(Choice.TOKEN, doc="token-choice top-k or expert-choice")
+    group_limit: GroupLimit | None = spec_field(None, doc="group-limited top-k; absent: greedy top-k")
+    noise: Noise | None = spec_field(None, doc="noisy top-k gating; absent: none")
+    normalize: bool = spec_field(False, doc="renormalise the top-k weights to sum 1")
+    scaling: float = spec_field(1.0, doc="routed scaling factor applied to the gate weights", exclusive_minimum=0.0)
+    dtype: DType = spec_field(DType.FLOAT32, doc="dtype of the router projection and scores")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceLoss:
+    alpha: float = spec_field(doc="α2, device-level balance loss weight", minimum=0.0)
+    devices: int = spec_field(doc="D: routed experts are split into D contiguous device groups", minimum=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuxFree:
+    gamma: float = spec_field(1e-3, doc="bias update rate u: b_i += u * sign(mean load - load_i)", exclusive_minimum=0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BalanceSpec:
+    """Balance policy; every part optional and combinable. Losses are returned, never stored globally."""
+
+    switch: float | None = spec_field(None, doc="α of the Switch loss α·N·Σ f_i·P_i", minimum=0.0)
+    expert: float | None = spec_field(None, doc="α1 of the DeepSeekMoE expert-level loss", minimum=0.0)
+    device: DeviceLoss | None = spec_field(None, doc="device-level loss over D expert groups")
+    sequence: float | None = spec_field(None, doc="α of the DeepSeek-V3 sequence-wise loss", minimum=0.0)
+    z_loss: float | None = spec_field(None, doc="weight of the router z-loss (ST-MoE)", minimum=0.0)
+    aux_free: AuxFree | None = spec_field(None, doc="aux-loss-free bias balancing (arXiv 2408.15664)")
+
+    @property
+    def losses(self) -> dict[str, float]:
+        """Enabled losses by name with their weight."""
+        out = {name: getattr(self, name) for name in ("switch", "expert", "sequence", "z_loss")
+               if getattr(self, name) is not None}
+        if self.device is not None:
+            out["device"] = self.device.alpha
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class CapacitySpec:
+    factor: float | None = spec_field(
+        None, doc="capacity per expert = ceil(factor * tokens * top_k / routed); absent: dropless",
+        exclusive_minimum=0.0)
+    drop: DropRule = spec_field(DropRule.SCORE, doc="which assignments are dropped over capacity")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelSpec:
+    """Expert parallelism: routed experts split into contiguous blocks of routed/EP per rank.
+
+    `device_limit` is DeepSeek-V2's device-limited routing: a token first keeps the M devices holding its
+    highest-affinity experts (device score = max expert score on the device), then picks top-k among the
+    experts on them. It is group-limited routing with groups = EP degree, kept = M, group score = max.
+    """
+
+    expert_parallel: int = spec_field(doc="EP degree: ranks the routed experts are split over (contiguous blocks)",
+                                      minimum=1)
+    device_limit: int | None = spec_field(None, doc="M: devices a token may be sent to (DeepSeek-V2); absent: no limit",
+                                          minimum=1)
+    shared: SharedPlacement = spec_field(SharedPlacement.REPLICATED, doc="shared experts replicated on every rank "
+                                         "or split tensor-parallel across the EP ranks")
+    communication: float | None = spec_field(None, doc="α3 of DeepSeek-V2's communication balance loss", minimum=0.0)
+
+    @property
+    def group_limit(self) -> GroupLimit | None:
+        """The device limit as the group limit it is (None without a device limit or with one device)."""
+        if self.device_limit is None or self.expert_parallel < 2:
+            return None
+        return GroupLimit(groups=self.expert_parallel, kept=self.device_limit, score=GroupScore.MAX)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerSpec:
+    """One MoE layer: y = x + shared(x) + Σ_routed g_i FFN_i(x) (the residual add is the caller's)."""
+
+    hidden: int = spec_field(doc="model hidden size", minimum=1)
+    experts: ExpertsSpec = spec_field(doc="expert configuration (paper or explicit form)")
+    name: str = spec_field("moe", doc="a name for the layer, used in artifact names")
+    source: str = spec_field("", doc="where the settings come from (paper, config)")
+    router: RouterSpec = spec_field(default_factory=RouterSpec, doc="router")
+    balance: BalanceSpec = spec_field(default_factory=BalanceSpec, doc="balance policy")
+    capacity: CapacitySpec = spec_field(default_factory=CapacitySpec, doc="capacity and token dropping")
+    dtype: DType = spec_field(DType.FLOAT32, doc="dtype of activations and expert weights")
+    # Default None keeps the canonical form (and spec hashes) of specs without placement unchanged.
+    parallel: ParallelSpec | None = spec_field(None, doc="expert-parallel placement; absent: one device")
+
+    @property
+    def routing_group_limit(self) -> GroupLimit | None:
+        """The group limit routing applies: router.group_limit, or parallel.device_limit read as one."""
+        if self.router.group_limit is not None:
+            return self.router.group_limit
+        return self.parallel.group_limit if self.parallel is not None else None
+
+    def check(self, ctx: "_Ctx", path: str) -> None:
+        e, r, b = self.experts, self.router, self.balance
+        if self.parallel is not None:
+            self._check_parallel(ctx)
+        if r.group_limit is not None:
+            g = r.group_limit
+            gp = "router.group_limit"
+            if e.routed % g.groups:
+                ctx.fail(f"{gp}.groups", f"{g.groups} groups must divide the {e.routed} routed experts")
+            elif g.kept > g.groups:
+                ctx.fail(f"{gp}.kept", f"kept={g.kept} exceeds groups={g.groups}")
+            elif g.kept * (e.routed // g.groups) < e.top_k:
+                ctx.fail(f"{gp}.kept", f"{g.kept} kept groups of {e.routed // g.groups} experts hold fewer than "
+                                       f"top_k={e.top_k} experts")
+            elif g.score == GroupScore.TOP2_SUM and e.routed // g.groups < 2:
+                ctx.fail(f"{gp}.score", "top2_sum needs at least 2 experts per group")
+            if r.choice == Choice.EXPERT:
+                ctx.fail(f"{gp}", "group limits apply to token-choice routing, not expert-choice")
+        if r.choice == Choice.EXPERT:
+            if b.aux_free is not None:
+                ctx.fail("balance.aux_free", "expert-choice routing is balanced by construction; aux_free needs token-choice")
+            if r.scaling != 1.0:
+                ctx.fail("router.scaling", "expert-choice gate weights are the raw scores; scaling needs token-choice")
+            if r.normalize:
+                ctx.fail("router.normalize", "expert-choice gives a token a variable number of experts; normalize needs token-choice")
+        if b.device is not None and e.routed % b.device.devices:
+            ctx.fail("balance.device.devices", f"{b.device.devices} devices must divide the {e.routed} routed experts")
+
+    def _check_parallel(self, ctx: "_Ctx") -> None:
+        e, r, b, p = self.experts, self.router, self.balance, self.parallel
+        ep = p.expert_parallel
+        if e.routed % ep:
+            ctx.fail("parallel.expert_parallel", f"EP degree {ep} must divide the {e.routed} routed experts "
+                                                 "(each rank holds a contiguous block of routed/EP)")
+        if p.device_limit is not None:
+            m, local = p.device_limit, e.routed // ep
+            if m > ep:
+                ctx.fail("parallel.device_limit", f"device_limit={m} exceeds the EP degree {ep}")
+            if m * local < e.top_k:
+                ctx.fail("parallel.device_limit", f"{m} devices of {local} experts hold fewer than top_k={e.top_k} "
+                                                  "experts")
+            if r.choice == Choice.EXPERT:
+                ctx.fail("parallel.device_limit", "device-limited routing applies to token-choice routing, "
+                                                  "not expert-choice")
+            if r.group_limit is not None and r.group_limit != p.group_limit:
+                ctx.fail("parallel.device_limit", "router.group_limit is also set; a token can follow one limit: "
+                                                  "drop one of them (device_limit M over EP ranks is group_limit "
+                                                  f"groups={ep}, kept={m}, score=max)")
+        if b.device is not None and b.device.devices != ep:
+            ctx.fail("balance.device.devices", f"the device-level loss counts {b.device.devices} devices but the "
+                                               f"experts are placed on expert_parallel={ep}; make them equal")
+        if p.shared == SharedPlacement.TENSOR_PARALLEL:
+            if e.shared == 0:
+                ctx.fail("parallel.shared", "tensor_parallel shared experts need at least one shared expert")
+            if e.shared_ffn_width % ep:
+                ctx.fail("parallel.shared", f"EP degree {ep} must divide the shared width {e.shared_ffn_width} "
+                                            "to split it tensor-parallel")
+
+    @property
+    def capacity_factor(self) -> float | None:
+        """Capacity factor in force: expert-choice always has one (1.0 unless given)."""
+        if self.router.choice == Choice.EXPERT and self.capacity.factor is None:
+            return 1.0
+        return self.capacity.factor
+
+    def expert_capacity(self, tokens: int) -> int | None:
+        """Assignments one expert may take for `tokens` tokens; None when dropless."""
+        cf = self.capacity_factor
+        if cf is None:
+            return None
+        return max(1, math.ceil(cf * tokens * self.experts.top_k / self.experts.routed))
+
+    @property
+    def dropless(self) -> bool:
+        return self.capacity_factor is None
+
+
+Spec = LayerSpec
+
+
+# ----------------------------------------------------------------------------------------------
+# Generic parsing
+
+
+class _Ctx:
+    """Key path -> YAML line table and the error constructor that uses it."""
+
+    def __init__(self, lines: Mapping[str, int] | None, file: str | None):
+        self.lines = dict(lines or {})
+        self.file = file
+
+    def line_of(self, path: str) -> int | None:
+        # Walk up to the nearest key the YAML reader recorded (a missing key has no line of its own).
+        while True:
+            if path in self.lines:
+                return self.lines[path]
+            if "." not in path and "[" not in path:
+                return self.lines.get("", None)
+            path = path.rsplit(".", 1)[0] if "." in path else ""
+
+    def fail(self, path: str, message: str) -> typing.NoReturn:
+        raise SpecError(message, path=path, line=self.line_of(path), file=self.file)
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"number {value!r}"
+    if isinstance(value, str):
+        return f"string {value!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _parse_value(tp: Any, value: Any, path: str, ctx: _Ctx, meta: Mapping[str, Any]) -> Any:
+    tp, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        ctx.fail(path, f"expected {_type_name(tp)}, found null")
+    if dataclasses.is_dataclass(tp):
+        return _parse_section(tp, value, path, ctx)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        choices = [m.value for m in tp]
+        if not isinstance(value, str) or value not in choices:
+            hint = _suggest(str(value), choices) if isinstance(value, str) else ""
+            ctx.fail(path, f"expected one of {', '.join(choices)}, found {_describe(value)}{hint}")
+        return tp(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            ctx.fail(path, f"expected true or false, found {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            ctx.fail(path, f"expected an integer, found {_describe(value)}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            ctx.fail(path, f"expected a finite number, found {_describe(value)}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            ctx.fail(path, f"expected a string, found {_describe(value)}")
+        return value
+    else:  # pragma: no cover - a spec declaration error, not a user error
+        raise TypeError(f"unsupported spec field type {tp!r} at {path}")
+    _check_bounds(value, path, ctx, meta)
+    return value
+
+
+def _check_bounds(value: float, path: str, ctx: _Ctx, meta: Mapping[str, Any]) -> None:
+    if meta.get("minimum") is not None and value < meta["minimum"]:
+        ctx.fail(path, f"expected a value >= {meta['minimum']}, found {value!r}")
+    if meta.get("exclusive_minimum") is not None and value <= meta["exclusive_minimum"]:
+        ctx.fail(path, f"expected a value > {meta['exclusive_minimum']}, found {value!r}")
+    if meta.get("maximum") is not None and value > meta["maximum"]:
+        ctx.fail(path, f"expected a value <= {meta['maximum']}, found {value!r}")
+
+
+def _type_name(tp: Any) -> str:
+    tp, _ = _unwrap_optional(tp)
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(m.value for m in tp)
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _parse_section(cls: type, data: Any, path: str, ctx: _Ctx) -> Any:
+    if not isinstance(data, dict):
+        ctx.fail(path, f"expected a mapping, found {_describe(data)}")
+    if cls is ExpertsSpec:
+        data = _experts_to_canonical(data, path, ctx)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if not isinstance(key, str):
+            ctx.fail(path, f"keys must be strings, found {_describe(key)}")
+        if key not in fields:
+            ctx.fail(_join(path, key), f"unknown key '{key}'{_suggest(key, list(fields))}; "
+                                       f"allowed: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        sub = _join(path, name)
+        if name in data:
+            kwargs[name] = _parse_value(hints[name], data[name], sub, ctx, f.metadata)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            ctx.fail(sub, f"missing required key '{name}' ({f.metadata.get('doc', '')})")
+    obj = cls(**kwargs)
+    if hasattr(obj, "check"):
+        obj.check(ctx, path)
+    return obj
+
+
+_EXPLICIT_KEYS = ("routed", "width", "top_k", "shared")
+
+
+def _experts_to_canonical(data: dict, path: str, ctx: _Ctx) -> dict:
+    """Fill the explicit keys from `paper:` when given, checking any explicit key that disagrees."""
+    if "paper" not in data or not isinstance(data["paper"], dict):
+        return data
+    paper = _parse_section(PaperExperts, data["paper"], _join(path, "paper"), ctx)
+    derived = {
+        "routed": paper.segmentation * paper.num_experts - paper.shared,
+        "width": paper.expert_width // paper.segmentation,
+        "top_k": paper.segmentation * paper.top_k - paper.shared,
+        "shared": paper.shared,
+    }
+    out = dict(data)
+    for key, value in derived.items():
+        if key in data and data[key] != value:
+            ctx.fail(_join(path, key), f"{key}={data[key]!r} disagrees with the paper form, which gives {value}")
+        out[key] = value
+    return out
+
+
+def spec_from_dict(data: Any, *, lines: Mapping[str, int] | None = None, file: str | None = None) -> LayerSpec:
+    """Parse and check a spec given as plain data. `lines` maps key paths to YAML lines for errors."""
+    ctx = _Ctx(lines, file)
+    if not isinstance(data, dict):
+        ctx.fail("", f"a spec must be a mapping at the top level, found {_describe(data)}")
+    return _parse_section(LayerSpec, data, "", ctx)
+
+
+def spec_to_dict(spec: Any) -> dict:
+    """Canonical plain-data form (explicit experts; enums as strings; no None-valued optional keys)."""
+    out = {}
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        if value is None:
+            continue
+        if dataclasses.is_dataclass(value):
+            value = spec_to_dict(value)
+        elif isinstance(value, enum.Enum):
+            value = value.value
+        out[f.name] = value
+    return out
+
+
+def json_schema() -> dict:
+    """JSON Schema (draft 2020-12) generated from the dataclasses, for editors."""
+    return schema_of_section(LayerSpec, title="moe-ir MoE layer spec", schema_id="https://moe-ir/spec.schema.json")
+
+
+def schema_of_section(root: type, *, title: str, schema_id: str) -> dict:
+    """JSON Schema of any spec section class (the model spec reuses it), nested sections under `$defs`."""
+    defs: dict[str, dict] = {}
+
+    def schema_of(tp: Any, meta: Mapping[str, Any]) -> dict:
+        tp, optional = _unwrap_optional(tp)
+        if dataclasses.is_dataclass(tp):
+            ref_name = tp.__name__
+            if ref_name not in defs:
+                defs[ref_name] = {}  # placeholder against recursion
+                defs[ref_name] = section(tp)
+            s: dict = {"$ref": f"#/$defs/{ref_name}"}
+        elif isinstance(tp, type) and issubclass(tp, enum.Enum):
+            s = {"type": "string", "enum": [m.value for m in tp]}
+        else:
+            s = {"type": {int: "integer", float: "number", bool: "boolean", str: "string"}[tp]}
+            for key, js in (("minimum", "minimum"), ("exclusive_minimum", "exclusiveMinimum"), ("maximum", "maximum")):
+                if meta.get(key) is not None:
+                    s[js] = meta[key]
+        if optional:
+            s = {"anyOf": [s, {"type": "null"}]}
+        if meta.get("doc"):
+            s["description"] = meta["doc"]
+        return s
+
+    def section(cls: type) -> dict:
+        hints = typing.get_type_hints(cls)
+        props, required = {}, []
+        for f in dataclasses.fields(cls):
+            props[f.name] = schema_of(hints[f.name], f.metadata)
+            if f.default is not dataclasses.MISSING and not isinstance(f.default, (type(None),)):
+                d = f.default
+                props[f.name]["default"] = d.value if isinstance(d, enum.Enum) else d
+            has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            if not has_default and not (cls is ExpertsSpec and f.name in _EXPLICIT_KEYS):
+                required.append(f.name)
+        out = {"type": "object", "properties": props, "additionalProperties": False,
+               "description": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""}
+        if required:
+            out["required"] = required
+        if cls is ExpertsSpec:
+            out["anyOf"] = [{"required": ["paper"]}, {"required": ["routed", "width", "top_k"]}]
+        return out
+
+    root_schema = section(root)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": schema_id,
+            "title": title, **root_schema, "$defs": defs}
