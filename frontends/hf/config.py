@@ -1,0 +1,514 @@
+"""Hugging Face config -> LayerSpec for the MoE families moe-ir models exactly.
+
+Each family reads the keys its transformers (or DeepSeek remote-code) implementation reads for the MoE
+block, with the defaults that implementation uses when a key is absent: `save_pretrained` omits keys
+that equal the config class's defaults, so a config.json alone does not say everything. Keys whose
+value asks for behaviour a layer spec cannot express (a different activation, router jitter, biased
+shared experts, an unknown top-k method...) raise SpecError naming the key; nothing is approximated
+silently. What the import decides that the config does not state is written into `LayerSpec.source`
+and the YAML header (`spec_yaml_text`).
+
+Semantics checked against transformers 5.23 by tests/test_hf_equivalence.py:
+  deepseek     (deepseek-moe-16b remote code) softmax greedy top-k, optional renormalisation (k > 1)
+  deepseek_v2  DeepseekV2Moe: softmax; greedy or group_limited_greedy (group score = max); x routed_scaling_factor
+  deepseek_v3  DeepseekV3MoE: sigmoid; noaux_tc (selection on s + e_score_correction_bias, group score =
+               sum of the top-2 biased scores, non-kept groups masked with -inf); norm_topk_prob; x scale
+  mixtral      MixtralSparseMoeBlock: softmax top-k renormalised over the chosen k
+  qwen2_moe    Qwen2MoeSparseMoeBlock: softmax top-k (norm_topk_prob), one shared expert gated by
+               sigmoid(shared_expert_gate(x))
+  olmoe        OlmoeSparseMoeBlock: softmax top-k (norm_topk_prob)
+
+Shared experts. DeepSeek stores its n_shared_experts shared experts as ONE MLP of width
+n_shared_experts * moe_intermediate_size. The spec keeps the paper's reading (Ks = n_shared_experts
+shared experts of width moe_intermediate_size, so `inspect` shows DeepSeekMoE's N/m/K/Ks): the fused MLP
+splits exactly along its intermediate dimension, SwiGLU acting element-wise on that dimension, and the
+parameter count is unchanged. The `fuse-shared-experts` pass fuses them back for backends.
+
+Balance losses. transformers' Mixtral/Qwen2-MoE/OLMoE `load_balancing_loss_func` for one layer is
+E * sum_i (count_i / T) * P_i, with count_i the top-k selections of expert i; DeepSeekMoE's expert-level
+loss is alpha * sum_i (E * count_i / (k T)) * P_i, so router_aux_loss_coef c maps exactly to
+`balance.expert = c * k`. The equality is per layer: over a whole model transformers pools counts and
+probabilities across layers before multiplying, which no per-layer loss reproduces, and it adds the
+loss only when output_router_logits is on. DeepSeek's aux_loss_alpha maps to the sequence-wise loss
+when seq_aux is true (the remote code's per-sequence form) and to the expert-level loss otherwise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ...errors import SpecError
+from ...spec import Activation, AuxFree, DType, GroupScore, LayerSpec, spec_from_dict, spec_to_dict
+
+__all__ = ["FAMILY_DEFAULTS", "SUPPORTED_MODEL_TYPES", "HFLayerInfo", "describe_hf_config", "describe_hf_config_file",
+           "import_hf_config_file", "info_comment", "moe_layer_indices", "spec_from_hf_config", "spec_yaml_text"]
+
+# Defaults of the MoE-relevant keys, as the implementation reads them when config.json omits a key.
+# transformers families: the config class defaults of transformers 5.23 (tests/test_hf_config.py checks
+# this table against the installed classes). Remote-code keys (scoring_func, topk_method, seq_aux,
+# aux_loss_alpha, moe_layer_freq) follow DeepSeek's configuration_deepseek*.py.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "deepseek": {
+        "hidden_size": 4096, "num_hidden_layers": 30, "hidden_act": "silu", "n_routed_experts": None,
+        "n_shared_experts": None, "num_experts_per_tok": None, "moe_intermediate_size": 1407,
+        "moe_layer_freq": 1, "first_k_dense_replace": 0, "norm_topk_prob": False, "scoring_func": "softmax",
+        "aux_loss_alpha": 0.001, "seq_aux": True,
+    },
+    "deepseek_v2": {
+        "hidden_size": 4096, "num_hidden_layers": 32, "hidden_act": "silu", "n_routed_experts": 64,
+        "n_shared_experts": 2, "num_experts_per_tok": None, "moe_intermediate_size": 1407,
+        "first_k_dense_replace": 0, "norm_topk_prob": False, "routed_scaling_factor": 1.0,
+        "topk_method": "greedy", "n_group": None, "topk_group": None, "mlp_bias": False,
+    },
+    "deepseek_v3": {
+        "hidden_size": 7168, "num_hidden_layers": 61, "hidden_act": "silu", "n_routed_experts": 256,
+        "n_shared_experts": 1, "num_experts_per_tok": 8, "moe_intermediate_size": 2048,
+        "first_k_dense_replace": 3, "norm_topk_prob": True, "routed_scaling_factor": 2.5, "n_group": 8,
+        "topk_group": 4,
+    },
+    "mixtral": {
+        "hidden_size": 4096, "num_hidden_layers": 32, "hidden_act": "silu", "num_local_experts": 8,
+        "num_experts_per_tok": 2, "intermediate_size": 14336, "router_aux_loss_coef": 0.001,
+        "router_jitter_noise": 0.0,
+    },
+    "qwen2_moe": {
+        "hidden_size": 2048, "num_hidden_layers": 24, "hidden_act": "silu", "num_experts": 60,
+        "num_experts_per_tok": 4, "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
+        "norm_topk_prob": False, "router_aux_loss_coef": 0.001, "decoder_sparse_step": 1, "mlp_only_layers": None,
+    },
+    "olmoe": {
+        "hidden_size": 2048, "num_hidden_layers": 16, "hidden_act": "silu", "num_experts": 64,
+        "num_experts_per_tok": 8, "intermediate_size": 2048, "norm_topk_prob": False, "router_aux_loss_coef": 0.01,
+    },
+}
+
+# Alternative key names transformers accepts (its config classes' attribute_map, MoE keys only).
+_ALIASES: dict[str, dict[str, str]] = {
+    "deepseek_v2": {"num_experts": "n_routed_experts"},
+    "deepseek_v3": {"num_local_experts": "n_routed_experts"},
+    "mixtral": {"num_experts": "num_local_experts"},
+    "olmoe": {"num_local_experts": "num_experts"},
+}
+
+SUPPORTED_MODEL_TYPES = tuple(FAMILY_DEFAULTS)
+
+# hidden_act -> gated activation of the experts. ACT2FN["gelu"] is the exact (erf) GELU, as ours;
+# the tanh approximations ("gelu_new", "gelu_pytorch_tanh") are not, so they are refused.
+_ACTIVATIONS = {"silu": Activation.SWIGLU, "swish": Activation.SWIGLU, "gelu": Activation.GEGLU}
+
+
+@dataclasses.dataclass(frozen=True)
+class HFLayerInfo:
+    """What the import decided beyond the spec itself: the family, the layer and notes for the header."""
+
+    model_type: str
+    layer: int
+    moe_layers: tuple[int, ...]
+    num_layers: int
+    notes: tuple[str, ...]
+
+
+class _Config:
+    """Typed access to one family's keys: given value, else the family default; errors name the key."""
+
+    def __init__(self, data: Mapping[str, Any], model_type: str, file: str | None):
+        self.model_type = model_type
+        self.file = file
+        self.data = dict(data)
+        for alias, key in _ALIASES.get(model_type, {}).items():
+            if alias in self.data and key not in self.data:
+                self.data[key] = self.data[alias]
+        self.defaults = FAMILY_DEFAULTS[model_type]
+
+    def fail(self, key: str, message: str) -> SpecError:
+        return SpecError(f"{message} (Hugging Face {self.model_type} config)", path=key, file=self.file)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def get(self, key: str, kind: type | tuple[type, ...], *, optional: bool = False) -> Any:
+        value = self.data.get(key, self.defaults.get(key))
+        if value is None:
+            if optional:
+                return None
+            raise self.fail(key, f"'{key}' is required for an MoE layer and is missing or null")
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise self.fail(key, f"expected {names}, found {value!r}")
+        return value
+
+    def positive(self, key: str) -> int:
+        value = self.get(key, int)
+        if value < 1:
+            raise self.fail(key, f"expected a positive integer, found {value}")
+        return value
+
+    def require(self, key: str, allowed: tuple[Any, ...], why: str) -> Any:
+        """The key's value (or default) must be one of `allowed`; otherwise a SpecError saying why."""
+        value = self.data.get(key, self.defaults.get(key))
+        if value not in allowed:
+            raise self.fail(key, f"{key}={value!r} is not supported: {why}")
+        return value
+
+
+# ----------------------------------------------------------------------------------------------
+# families: each returns (spec fields, MoE layer predicate, notes)
+
+
+@dataclasses.dataclass
+class _Mapped:
+    experts: dict
+    router: dict
+    balance: dict
+    is_moe_layer: Callable[[int], bool]
+    dense_reason: Callable[[int], str]
+    notes: list[str]
+
+
+def _activation(c: _Config) -> Activation:
+    act = c.get("hidden_act", str)
+    if act not in _ACTIVATIONS:
+        raise c.fail("hidden_act", f"activation {act!r} is not modelled; supported: {', '.join(_ACTIVATIONS)} "
+                                   "(gelu is the exact erf form)")
+    return _ACTIVATIONS[act]
+
+
+def _deepseek_layers(c: _Config) -> tuple[Callable[[int], bool], Callable[[int], str]]:
+    # Remote code: MoE iff layer >= first_k_dense_replace and layer % moe_layer_freq == 0.
+    # transformers' DeepseekV2/V3 read only first_k_dense_replace; a moe_layer_freq other than 1 would
+    # make the two disagree on which layers are MoE.
+    first_dense = c.get("first_k_dense_replace", int)
+    freq = c.get("moe_layer_freq", int) if c.has("moe_layer_freq") or c.model_type == "deepseek" else 1
+    if freq < 1:
+        raise c.fail("moe_layer_freq", f"expected a positive integer, found {freq}")
+    if freq != 1 and c.model_type != "deepseek":
+        raise c.fail("moe_layer_freq", f"moe_layer_freq={freq}: transformers' {c.model_type} ignores it while "
+                                       "the remote code honours it, so which layers are MoE is ambiguous")
+
+    def is_moe(layer: int) -> bool:
+        return layer >= first_dense and layer % freq == 0
+
+    def reason(layer: int) -> str:
+        if layer < first_dense:
+            return f"first_k_dense_replace={first_dense} makes layers 0..{first_dense - 1} dense"
+        return f"moe_layer_freq={freq} makes only layers divisible by {freq} MoE"
+    return is_moe, reason
+
+
+def _deepseek_balance(c: _Config, *, remote_defaults: bool) -> tuple[dict, list[str]]:
+    # aux_loss_alpha/seq_aux are remote-code keys. For model_type deepseek the remote code is the
+    # implementation, so its defaults apply; transformers' DeepseekV2/V3 compute no aux loss, so for them
+    # only a config that states aux_loss_alpha gets one.
+    if not remote_defaults and not c.has("aux_loss_alpha"):
+        return {}, ["no aux_loss_alpha in the config: transformers computes no balance loss for this family"]
+    alpha = c.get("aux_loss_alpha", float) if c.has("aux_loss_alpha") else FAMILY_DEFAULTS["deepseek"]["aux_loss_alpha"]
+    if alpha < 0:
+        raise c.fail("aux_loss_alpha", f"expected a value >= 0, found {alpha}")
+    if alpha == 0:
+        return {}, []
+    seq = c.get("seq_aux", bool) if c.has("seq_aux") else FAMILY_DEFAULTS["deepseek"]["seq_aux"]
+    kind = "sequence" if seq else "expert"
+    return {kind: alpha}, [f"aux_loss_alpha={alpha} with seq_aux={str(seq).lower()} -> balance.{kind}"]
+
+
+def _shared(c: _Config) -> dict:
+    n_shared = c.get("n_shared_experts", int, optional=True) or 0
+    if n_shared < 0:
+        raise c.fail("n_shared_experts", f"expected a value >= 0, found {n_shared}")
+    return {"shared": n_shared} if n_shared else {}
+
+
+def _map_deepseek(c: _Config) -> _Mapped:
+    """deepseek-moe-16b (remote code, model_type 'deepseek'): softmax, greedy top-k, no scaling."""
+    c.require("scoring_func", ("softmax",), "the deepseek remote code implements softmax scoring only")
+    if c.has("topk_method"):
+        c.require("topk_method", ("greedy",), "model_type deepseek routes greedily; group-limited routing "
+                                              "is DeepSeek-V2 (model_type deepseek_v2)")
+    for key in ("n_group", "topk_group"):
+        if c.has(key) and c.data[key] not in (None, 1):
+            raise c.fail(key, f"{key}={c.data[key]!r}: model_type deepseek has no group-limited routing "
+                              "(use model_type deepseek_v2 with topk_method group_limited_greedy)")
+    if c.has("routed_scaling_factor") and c.data["routed_scaling_factor"] != 1:
+        raise c.fail("routed_scaling_factor", f"routed_scaling_factor={c.data['routed_scaling_factor']!r}: the "
+                                              "deepseek remote code does not read it, so its meaning is ambiguous")
+    if c.get("n_routed_experts", int, optional=True) is None:
+        raise c.fail("n_routed_experts", "n_routed_experts is null: this config describes a dense model")
+    width, k = c.positive("moe_intermediate_size"), c.positive("num_experts_per_tok")
+    # The remote gate renormalises only when top_k > 1 (a single weight would become 1).
+    normalize = c.get("norm_topk_prob", bool) and k > 1
+    balance, notes = _deepseek_balance(c, remote_defaults=True)
+    is_moe, reason = _deepseek_layers(c)
+    return _Mapped({"routed": c.positive("n_routed_experts"), "width": width, "top_k": k, **_shared(c)},
+                   {"score": "softmax", "normalize": normalize}, balance, is_moe, reason, notes)
+
+
+def _map_deepseek_v2(c: _Config) -> _Mapped:
+    """DeepSeek-V2 / V2-Lite: softmax; greedy or group_limited_greedy; x routed_scaling_factor."""
+    if c.has("scoring_func"):
+        c.require("scoring_func", ("softmax",), "DeepSeek-V2 scores with softmax only")
+    if c.get("mlp_bias", bool):
+        raise c.fail("mlp_bias", "mlp_bias=true puts biases on the shared experts only, which a spec (one "
+                                 "`bias` flag for every expert) cannot express")
+    if c.get("norm_topk_prob", bool):
+        raise c.fail("norm_topk_prob", "norm_topk_prob=true is ambiguous for DeepSeek-V2: the remote code "
+                                       "renormalises and then skips routed_scaling_factor, transformers' "
+                                       "DeepseekV2 ignores the key")
+    method = c.require("topk_method", ("greedy", "group_limited_greedy"),
+                       "DeepSeek-V2 implements greedy and group_limited_greedy")
+    routed, width = c.positive("n_routed_experts"), c.positive("moe_intermediate_size")
+    k = c.positive("num_experts_per_tok")
+    router: dict = {"score": "softmax", "scaling": c.get("routed_scaling_factor", float)}
+    if method == "group_limited_greedy":
+        groups, kept = c.positive("n_group"), c.positive("topk_group")
+        if groups > 1:
+            router["group_limit"] = {"groups": groups, "kept": kept, "score": GroupScore.MAX.value}
+    balance, notes = _deepseek_balance(c, remote_defaults=False)
+    is_moe, reason = _deepseek_layers(c)
+    return _Mapped({"routed": routed, "width": width, "top_k": k, **_shared(c)}, router, balance,
+                   is_moe, reason, notes)
+
+
+def _map_deepseek_v3(c: _Config) -> _Mapped:
+    """DeepSeek-V3: sigmoid; noaux_tc group-limited selection on biased scores; normalise; x scale."""
+    if c.has("scoring_func"):
+        c.require("scoring_func", ("sigmoid",), "DeepSeek-V3 scores with sigmoid only")
+    if c.has("topk_method"):
+        c.require("topk_method", ("noaux_tc",), "DeepSeek-V3 implements noaux_tc only")
+    routed, width = c.positive("n_routed_experts"), c.positive("moe_intermediate_size")
+    k = c.positive("num_experts_per_tok")
+    normalize = c.get("norm_topk_prob", bool)
+    if normalize and k == 1:
+        raise c.fail("norm_topk_prob", "norm_topk_prob=true with num_experts_per_tok=1 is ambiguous: "
+                                       "transformers renormalises the single weight to 1, the remote code does not")
+    router: dict = {"score": "sigmoid", "normalize": normalize, "scaling": c.get("routed_scaling_factor", float)}
+    groups, kept = c.positive("n_group"), c.positive("topk_group")
+    if groups > 1:
+        router["group_limit"] = {"groups": groups, "kept": kept, "score": GroupScore.TOP2_SUM.value}
+    balance, notes = _deepseek_balance(c, remote_defaults=False)
+    # e_score_correction_bias is always present in V3; the spec carries it as the aux-free bias.
+    balance["aux_free"] = {"gamma": AuxFree().gamma}
+    notes.append(f"e_score_correction_bias -> router.bias (balance.aux_free); the bias update rate is not "
+                 f"in the config: gamma={AuxFree().gamma} is the paper's value")
+    is_moe, reason = _deepseek_layers(c)
+    return _Mapped({"routed": routed, "width": width, "top_k": k, **_shared(c)}, router, balance,
+                   is_moe, reason, notes)
+
+
+def _transformers_balance_loss(c: _Config, top_k: int) -> tuple[dict, list[str]]:
+    coef = c.get("router_aux_loss_coef", float)
+    if coef < 0:
+        raise c.fail("router_aux_loss_coef", f"expected a value >= 0, found {coef}")
+    if coef == 0:
+        return {}, []
+    return {"expert": coef * top_k}, [
+        f"router_aux_loss_coef={coef} -> balance.expert={coef * top_k:g} (= coef x top_k): equal to "
+        "transformers' load_balancing_loss_func for this layer alone; over a whole model transformers pools "
+        "counts across layers, and adds the loss only with output_router_logits"]
+
+
+def _all_layers(layer: int) -> bool:
+    return True
+
+
+def _map_mixtral(c: _Config) -> _Mapped:
+    """Mixtral: softmax top-k renormalised over the chosen k."""
+    jitter = c.get("router_jitter_noise", float)
+    if jitter != 0:
+        raise c.fail("router_jitter_noise", f"router_jitter_noise={jitter}: multiplicative input jitter in "
+                                            "training is not modelled (router.noise is additive noisy top-k)")
+    k = c.positive("num_experts_per_tok")
+    balance, notes = _transformers_balance_loss(c, k)
+    return _Mapped({"routed": c.positive("num_local_experts"), "width": c.positive("intermediate_size"), "top_k": k},
+                   {"score": "softmax", "normalize": True}, balance, _all_layers, lambda i: "", notes)
+
+
+def _map_qwen2_moe(c: _Config) -> _Mapped:
+    """Qwen2-MoE / Qwen1.5-MoE: softmax top-k, one sigmoid-gated shared expert."""
+    k = c.positive("num_experts_per_tok")
+    routed = c.positive("num_experts")
+    shared_width = c.positive("shared_expert_intermediate_size")
+    step = c.positive("decoder_sparse_step")
+    only_mlp = c.get("mlp_only_layers", list, optional=True) or []
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in only_mlp):
+        raise c.fail("mlp_only_layers", f"expected a list of layer indices, found {only_mlp!r}")
+    balance, notes = _transformers_balance_loss(c, k)
+
+    def is_moe(layer: int) -> bool:
+        return layer not in only_mlp and (layer + 1) % step == 0
+
+    def reason(layer: int) -> str:
+        if layer in only_mlp:
+            return f"mlp_only_layers lists layer {layer}"
+        return f"decoder_sparse_step={step} makes only layers with (layer + 1) % {step} == 0 MoE"
+    return _Mapped({"routed": routed, "width": c.positive("moe_intermediate_size"), "top_k": k, "shared": 1,
+                    "shared_width": shared_width, "shared_gate": True},
+                   {"score": "softmax", "normalize": c.get("norm_topk_prob", bool)}, balance, is_moe, reason, notes)
+
+
+def _map_olmoe(c: _Config) -> _Mapped:
+    """OLMoE: softmax top-k (norm_topk_prob), every layer MoE."""
+    k = c.positive("num_experts_per_tok")
+    balance, notes = _transformers_balance_loss(c, k)
+    return _Mapped({"routed": c.positive("num_experts"), "width": c.positive("intermediate_size"), "top_k": k},
+                   {"score": "softmax", "normalize": c.get("norm_topk_prob", bool)}, balance, _all_layers,
+                   lambda i: "", notes)
+
+
+_FAMILIES: dict[str, Callable[[_Config], _Mapped]] = {
+    "deepseek": _map_deepseek, "deepseek_v2": _map_deepseek_v2, "deepseek_v3": _map_deepseek_v3,
+    "mixtral": _map_mixtral, "qwen2_moe": _map_qwen2_moe, "olmoe": _map_olmoe,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+
+
+def _as_dict(config: Any) -> dict:
+    if isinstance(config, Mapping):
+        return dict(config)
+    to_dict = getattr(config, "to_dict", None)  # a transformers PretrainedConfig
+    if callable(to_dict):
+        return dict(to_dict())
+    raise SpecError(f"expected a config dict or a transformers PretrainedConfig, found {type(config).__name__}")
+
+
+def _dtype(c: _Config) -> tuple[DType, list[str]]:
+    # transformers 5 writes "dtype"; older configs "torch_dtype". Absent: transformers loads float32.
+    key = "dtype" if c.data.get("dtype") is not None else "torch_dtype"
+    value = c.data.get(key)
+    if value is None:
+        return DType.FLOAT32, ["no dtype in the config: float32"]
+    if not isinstance(value, str) or value not in {d.value for d in DType}:
+        raise c.fail(key, f"{key}={value!r} is not a dtype moe-ir models ({', '.join(d.value for d in DType)})")
+    return DType(value), []
+
+
+def describe_hf_config(config: Any, *, layer: int | None = None, name: str | None = None,
+                       file: str | None = None) -> tuple[LayerSpec, HFLayerInfo]:
+    """The spec of one MoE layer of a Hugging Face config and what the import decided (family, layer, notes).
+
+    `layer` picks the decoder layer (default: the first MoE layer); a dense layer is a SpecError saying
+    which key makes it dense. Every MoE layer of these families has the same settings, so the layer only
+    names the spec and selects which weights `weights_from_hf` reads."""
+    data = _as_dict(config)
+    model_type = data.get("model_type")
+    if model_type not in _FAMILIES:
+        found = "no model_type" if model_type is None else f"model_type {model_type!r}"
+        raise SpecError(f"{found}; supported Hugging Face MoE families: {', '.join(SUPPORTED_MODEL_TYPES)}",
+                        path="model_type", file=file)
+    c = _Config(data, model_type, file)
+    mapped = _FAMILIES[model_type](c)
+    hidden = c.positive("hidden_size")
+    num_layers = c.positive("num_hidden_layers")
+    moe_layers = tuple(i for i in range(num_layers) if mapped.is_moe_layer(i))
+    if not moe_layers:
+        raise c.fail("num_hidden_layers", "no decoder layer of this config is an MoE layer")
+    if layer is None:
+        layer = moe_layers[0]
+    elif not 0 <= layer < num_layers:
+        raise SpecError(f"layer {layer} is out of range: the model has {num_layers} layers (0..{num_layers - 1})",
+                        path="layer", file=file)
+    elif layer not in moe_layers:
+        raise SpecError(f"layer {layer} is a dense layer: {mapped.dense_reason(layer)}; MoE layers: "
+                        f"{_ranges(moe_layers)}", path="layer", file=file)
+
+    dtype, dtype_notes = _dtype(c)
+    notes = dtype_notes + mapped.notes
+    activation = _activation(c)
+    if "quantization_config" in c.data:
+        method = (c.data["quantization_config"] or {}).get("quant_method", "?") \
+            if isinstance(c.data["quantization_config"], Mapping) else "?"
+        notes.append(f"quantization_config ({method}) describes weight storage; the spec is the dequantized "
+                     "layer and weights_from_hf refuses quantized tensors")
+    experts = {**mapped.experts, "activation": activation.value}
+    # Router projection and scores in float32: DeepSeek casts explicitly; Mixtral/Qwen2-MoE/OLMoE
+    # project in the model dtype and take the softmax in float32.
+    router = {**mapped.router, "dtype": DType.FLOAT32.value}
+    if dtype != DType.FLOAT32 and model_type in ("mixtral", "qwen2_moe", "olmoe"):
+        notes.append(f"transformers projects this router in {dtype.value} before a float32 softmax; the spec "
+                     "projects in float32, so near-tied experts may rank differently in low precision")
+    layer_name = name or f"{model_type}_layer{layer}"
+    where = f" {file}" if file else (f" {data['_name_or_path']}" if data.get("_name_or_path") else "")
+    source = f"Hugging Face {model_type} config{where}, layer {layer}"
+    spec = spec_from_dict({"name": layer_name, "source": source, "hidden": hidden, "dtype": dtype.value,
+                           "experts": experts, "router": router, "balance": mapped.balance}, file=file)
+    return spec, HFLayerInfo(model_type, layer, moe_layers, num_layers, tuple(notes))
+
+
+def spec_from_hf_config(config: Any, *, name: str | None = None, layer: int | None = None,
+                        file: str | None = None) -> LayerSpec:
+    """LayerSpec of one MoE layer from a transformers config object or a config.json dict."""
+    return describe_hf_config(config, layer=layer, name=name, file=file)[0]
+
+
+def moe_layer_indices(config: Any) -> tuple[int, ...]:
+    """Decoder layers of the config that are MoE layers."""
+    return describe_hf_config(config)[1].moe_layers
+
+
+def _read_config_json(path: str | Path) -> tuple[dict, str]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    file = str(path)
+    if not path.exists():
+        raise SpecError("no such config file", file=file)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise SpecError(f"not valid JSON: {err.msg}", line=err.lineno, file=file) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError(f"cannot read the config: {err}", file=file) from None
+    if not isinstance(data, dict):
+        raise SpecError("a Hugging Face config.json must hold a JSON object", file=file)
+    return data, file
+
+
+def import_hf_config_file(path: str | Path, *, layer: int | None = None, name: str | None = None) -> LayerSpec:
+    """LayerSpec from a config.json file (or a model folder holding one)."""
+    data, file = _read_config_json(path)
+    return spec_from_hf_config(data, layer=layer, name=name, file=file)
+
+
+def describe_hf_config_file(path: str | Path, *, layer: int | None = None,
+                            name: str | None = None) -> tuple[LayerSpec, HFLayerInfo]:
+    data, file = _read_config_json(path)
+    return describe_hf_config(data, layer=layer, name=name, file=file)
+
+
+def _ranges(indices: tuple[int, ...]) -> str:
+    parts, start = [], None
+    for i, v in enumerate(indices):
+        if start is None:
+            start = v
+        if i + 1 == len(indices) or indices[i + 1] != v + 1:
+            parts.append(str(start) if start == v else f"{start}..{v}")
+            start = None
+    return ", ".join(parts)
+
+
+def spec_yaml_text(spec: LayerSpec, source_comment: str | list[str] | tuple[str, ...]) -> str:
+    """The spec as YAML (canonical explicit form) under a '#' comment header naming where it came from.
+
+    The text loads back to an equal spec with `load_spec_text`."""
+    import yaml
+
+    lines = [source_comment] if isinstance(source_comment, str) else list(source_comment)
+    header = "".join(f"# {ln}".rstrip() + "\n" for block in lines for ln in str(block).splitlines())
+    body = yaml.safe_dump(spec_to_dict(spec), sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return header + body
+
+
+def info_comment(info: HFLayerInfo, config_path: str | None = None) -> list[str]:
+    """Header lines for `spec_yaml_text`: source, layer choice and every decision the import made."""
+    src = config_path or "a Hugging Face config"
+    lines = [f"Imported by `moe-ir import-hf` from {src} (model_type {info.model_type}).",
+             f"Layer {info.layer}; MoE layers of this model: {_ranges(info.moe_layers)} of {info.num_layers}."]
+    lines += [f"- {note}" for note in info.notes]
+    return lines
