@@ -29,8 +29,20 @@ def _load_spec(path: str):
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .analysis import analyse, format_analysis
+    from .frontends import load_any
+    from .model_spec import ModelSpec
 
-    result = analyse(_load_spec(args.spec))
+    spec = load_any(args.spec)
+    if isinstance(spec, ModelSpec):
+        from .model_analysis import analyse_model, format_model_analysis
+
+        model_result = analyse_model(spec, context=getattr(args, "context", None))
+        if args.json:
+            print(json.dumps(model_result.to_dict(), indent=2))
+        else:
+            sys.stdout.write(format_model_analysis(model_result, spec))
+        return 0
+    result = analyse(spec)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -101,10 +113,11 @@ def _human_size(n: int) -> str:
 def prepare_for_backend(spec, backend, *, seed: int = 0, weights_path: str | None = None):
     """(graph after the backend's pipeline, weights for it): what build and validate lower."""
     from .builder import build_graph
-    from .params import init_weights, load_weights
+    from .params import ensure_memory_for, init_weights, load_weights
     from .passes import run_pipeline
 
     full = build_graph(spec, training=getattr(backend, "training_graph", False))
+    ensure_memory_for(full, f"loading {weights_path}" if weights_path else "initialising random weights")
     weights = load_weights(weights_path, full) if weights_path else init_weights(full, seed)
     graph = run_pipeline(full, backend.pipeline)
     return graph, {k: v for k, v in weights.items() if k in graph.weights}
@@ -179,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="parameters, FLOPs, expert combinations and both parametrisations")
     p.add_argument("spec")
+    p.add_argument("--context", type=int, metavar="L",
+                   help="model specs: add attention-score FLOPs for a token attending to L positions")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_inspect)
 

@@ -18,17 +18,52 @@ from .errors import WeightsError
 from .interpreter import check_weights
 from .ir import Graph
 
-__all__ = ["init_weights", "save_weights", "load_weights", "check_weights", "atomic_write"]
+__all__ = ["init_weights", "save_weights", "load_weights", "check_weights", "atomic_write", "weights_nbytes",
+           "ensure_memory_for"]
+
+
+def weights_nbytes(graph: Graph) -> int:
+    """Bytes the graph's weights take in their declared dtypes (from shapes alone; nothing is allocated)."""
+    total = 0
+    for v in graph.weights.values():
+        total += math.prod(int(d) for d in v.type.shape) * v.type.dtype.torch.itemsize
+    return total
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def ensure_memory_for(graph: Graph, what: str, *, factor: float = 1.0) -> None:
+    """Refuse up front, with sizes, when `factor` x the weights cannot fit in available memory: a clear
+    message beats the kernel's OOM killer half-way through writing an artifact."""
+    need = weights_nbytes(graph) * factor
+    have = _available_memory()
+    if have is not None and need > 0.9 * have:
+        raise WeightsError(f"{what} needs about {need / 2**30:.1f} GiB for the weights of '{graph.name}' "
+                           f"({sum(math.prod(int(d) for d in v.type.shape) for v in graph.weights.values()):,} "
+                           f"parameters) but only {have / 2**30:.1f} GiB is available; use a machine with more "
+                           f"memory, a lower-precision `dtype:` in the spec, or a smaller spec")
 
 
 def init_weights(graph: Graph, seed: int = 0, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Seeded init: Linear-style U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for matrices, zeros for biases and
-    the aux-loss-free bias buffer. Each tensor draws from its own generator seeded by (seed, name), so
+    the aux-loss-free bias buffer, ones for RMSNorm weights (`*norm.weight`, model graphs). Each tensor draws from its own generator seeded by (seed, name), so
     a weight's values do not depend on which other weights the graph has."""
     out = {}
     for name, v in sorted(graph.weights.items()):
         shape = tuple(int(d) for d in v.type.shape)
         t_dtype = dtype or v.type.dtype.torch
+        if name.endswith("norm.weight"):  # RMSNorm scales of model graphs start at 1, as in transformers
+            out[name] = torch.ones(shape, dtype=t_dtype)
+            continue
         if name == ROUTER_BIAS or name.rsplit(".", 1)[-1].startswith("b_") or len(shape) < 2:
             out[name] = torch.zeros(shape, dtype=t_dtype)
             continue

@@ -64,3 +64,25 @@ def test_unknown_backend_lists_the_known_ones(tmp_path, capsys):
                            capsys=capsys)
     assert code == 1 and "unknown backend 'nope'; available: reference" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_build_refuses_weights_that_cannot_fit_in_memory(tmp_path, capsys, monkeypatch):
+    import moe_ir.params as params
+
+    monkeypatch.setattr(params, "_available_memory", lambda: 1 << 10)  # 1 KiB: less than the tiny layer's 50 KB
+    code, _, err = run_cli("build", str(SPECS / "tiny.yaml"), "--backend", "reference", "-o", str(tmp_path / "o"),
+                           capsys=capsys)
+    assert code == 1
+    assert "initialising random weights needs about 0.0 GiB for the weights of 'tiny' (12,512 parameters)" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_weights_nbytes_counts_declared_dtypes():
+    from moe_ir.builder import build_graph
+    from moe_ir.frontends import load_spec
+    from moe_ir.params import weights_nbytes
+
+    g = build_graph(load_spec(SPECS / "tiny.yaml"))
+    assert weights_nbytes(g) == 4 * sum(v.type.shape[0] * (v.type.shape[1] if len(v.type.shape) > 1 else 1)
+                                        * (v.type.shape[2] if len(v.type.shape) > 2 else 1)
+                                        for v in g.weights.values())
