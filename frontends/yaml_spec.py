@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import SpecError
+from ..model_spec import ModelSpec, model_spec_from_dict
 from ..spec import LayerSpec, spec_from_dict
 
 
@@ -64,10 +65,38 @@ def load_spec_text(text: str, file: str = "<spec>") -> LayerSpec:
 def load_spec(path: str | Path) -> LayerSpec:
     """Read and check a spec file; every problem is one SpecError naming the file, line and key path."""
     path = Path(path)
+    return load_spec_text(_read_text(path), str(path))
+
+
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError("no such spec file", file=str(path)) from None
     except (OSError, UnicodeDecodeError) as err:
         raise SpecError(f"cannot read spec: {err}", file=str(path)) from None
-    return load_spec_text(text, str(path))
+
+
+def load_model_spec_text(text: str, file: str = "<spec>") -> ModelSpec:
+    data, lines = parse_yaml(text, file)
+    return model_spec_from_dict(data, lines=lines, file=file)
+
+
+def load_model_spec(path: str | Path) -> ModelSpec:
+    """Read and check a model spec file (top-level sections `model:` and `moe:`)."""
+    path = Path(path)
+    return load_model_spec_text(_read_text(path), str(path))
+
+
+def load_any_text(text: str, file: str = "<spec>") -> LayerSpec | ModelSpec:
+    """A model spec when the document has a top-level `model` key, else a layer spec."""
+    data, lines = parse_yaml(text, file)
+    if isinstance(data, dict) and "model" in data:
+        return model_spec_from_dict(data, lines=lines, file=file)
+    return spec_from_dict(data, lines=lines, file=file)
+
+
+def load_any(path: str | Path) -> LayerSpec | ModelSpec:
+    """Read a layer or a model spec, whichever the file holds (dispatch on a top-level `model` key)."""
+    path = Path(path)
+    return load_any_text(_read_text(path), str(path))

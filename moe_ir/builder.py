@@ -49,86 +49,105 @@ def _ffn_weights(g: Graph, prefix: str, lead: tuple[int, ...], width: int, hidde
 
 def build_graph(spec: LayerSpec, *, training: bool = False) -> Graph:
     """The layer as an IR graph. `training` adds the router logits, load counts and balance losses."""
+    g = Graph(spec.name)
+    g.meta["spec_hash"] = spec_hash(spec)
+    x = g.add_input("x", TensorType(("B", "S", spec.hidden), ElemType.from_name(spec.dtype)))
+    for name, value in add_moe_layer(g, spec, x, training=training).items():
+        g.set_output(name, value)
+    return g
+
+
+def add_moe_layer(g: Graph, spec: LayerSpec, x: Value, *, prefix: str = "", training: bool = False) -> dict[str, Value]:
+    """Add one MoE layer reading x [B, S, H] to `g`; returns its outputs by the names `build_graph` gives them.
+
+    Every node, value and weight name is prefixed with `prefix` (e.g. "layers.3.moe."), so a model holds
+    many layers in one graph; with no prefix the names are the layer's canonical ones."""
     e, r, b = spec.experts, spec.router, spec.balance
     dtype = ElemType.from_name(spec.dtype)
     router_dtype = ElemType.from_name(r.dtype)
     h, n = spec.hidden, e.routed
-    g = Graph(spec.name)
-    g.meta["spec_hash"] = spec_hash(spec)
+    p = prefix
+    outputs: dict[str, Value] = {}
 
-    x = g.add_input("x", TensorType(("B", "S", h), dtype))
-    tokens = g.add_node(OpCode.FLATTEN_TOKENS, [x], name="tokens").outputs[0]
+    tokens = g.add_node(OpCode.FLATTEN_TOKENS, [x], name=f"{p}tokens").outputs[0]
 
-    w_router = g.add_weight(ROUTER_WEIGHT, TensorType((n, h), router_dtype))
+    w_router = g.add_weight(p + ROUTER_WEIGHT, TensorType((n, h), router_dtype))
     logits = g.add_node(OpCode.LINEAR, [tokens, w_router, None], {"out_dtype": router_dtype},
-                        name="router_logits").outputs[0]
+                        name=f"{p}router_logits").outputs[0]
     if r.noise is not None:
-        w_noise = g.add_weight(ROUTER_NOISE_WEIGHT, TensorType((n, h), router_dtype))
+        w_noise = g.add_weight(p + ROUTER_NOISE_WEIGHT, TensorType((n, h), router_dtype))
         logits = g.add_node(OpCode.ROUTER_NOISE, [logits, tokens, w_noise], {"std": r.noise.std},
-                            name="router_noise").outputs[0]
-    scores = g.add_node(OpCode.SCORE, [logits], {"fn": r.score}, name="scores").outputs[0]
+                            name=f"{p}router_noise").outputs[0]
+    scores = g.add_node(OpCode.SCORE, [logits], {"fn": r.score}, name=f"{p}scores").outputs[0]
 
     expert_idx = weights = None
     if r.choice == Choice.TOKEN:
-        bias = g.add_weight(ROUTER_BIAS, TensorType((n,), ElemType.FLOAT32), trainable=False) \
+        bias = g.add_weight(p + ROUTER_BIAS, TensorType((n,), ElemType.FLOAT32), trainable=False) \
             if b.aux_free is not None else None
-        gl = r.group_limit
+        gl = spec.routing_group_limit
         group_attrs = {"groups": gl.groups, "kept": gl.kept, "group_score": gl.score} if gl else {}
-        route = g.add_node(OpCode.TOPK_ROUTE, [scores, bias], {"k": e.top_k, **group_attrs}, name="route",
-                           output_names=["expert_idx", "route.weights"])
+        route = g.add_node(OpCode.TOPK_ROUTE, [scores, bias], {"k": e.top_k, **group_attrs}, name=f"{p}route",
+                           output_names=[f"{p}expert_idx", f"{p}route.weights"])
         expert_idx = route.outputs[0]
         weights = g.add_node(OpCode.SCALE_WEIGHTS, [route.outputs[1]], {"normalize": r.normalize, "scale": r.scaling},
-                             name="weights").outputs[0]
+                             name=f"{p}weights").outputs[0]
         disp = g.add_node(OpCode.DISPATCH, [expert_idx, weights],
                           {"num_experts": n, "capacity_factor": spec.capacity_factor, "drop_rule": spec.capacity.drop},
-                          name="dispatch", output_names=["rows", "row_weights", "group_sizes"])
+                          name=f"{p}dispatch", output_names=[f"{p}rows", f"{p}row_weights", f"{p}group_sizes"])
     else:
         disp = g.add_node(OpCode.EXPERT_CHOICE_ROUTE, [scores],
-                          {"capacity_factor": spec.capacity_factor, "top_k": e.top_k}, name="expert_choice",
-                          output_names=["rows", "row_weights", "group_sizes"])
+                          {"capacity_factor": spec.capacity_factor, "top_k": e.top_k}, name=f"{p}expert_choice",
+                          output_names=[f"{p}rows", f"{p}row_weights", f"{p}group_sizes"])
     rows, row_weights, group_sizes = disp.outputs
 
-    expert_w = _ffn_weights(g, "experts", (n,), e.width, h, spec, dtype)
+    expert_w = _ffn_weights(g, f"{p}experts", (n,), e.width, h, spec, dtype)
     ffn_attrs = {"activation": e.activation}
-    y = g.add_node(OpCode.GROUPED_FFN, [tokens, rows, group_sizes, *expert_w], ffn_attrs, name="experts").outputs[0]
-    out = g.add_node(OpCode.COMBINE, [y, rows, row_weights, tokens], name="combine").outputs[0]
+    y = g.add_node(OpCode.GROUPED_FFN, [tokens, rows, group_sizes, *expert_w], ffn_attrs,
+                   name=f"{p}experts").outputs[0]
+    out = g.add_node(OpCode.COMBINE, [y, rows, row_weights, tokens], name=f"{p}combine").outputs[0]
 
     shared_sum = None
     for i in range(e.shared):
-        w = _ffn_weights(g, f"shared.{i}", (), e.shared_ffn_width, h, spec, dtype)
-        s = g.add_node(OpCode.FFN, [tokens, *w], ffn_attrs, name=f"shared.{i}").outputs[0]
-        shared_sum = s if shared_sum is None else g.add_node(OpCode.ADD, [shared_sum, s], name=f"shared_sum.{i}").outputs[0]
+        w = _ffn_weights(g, f"{p}shared.{i}", (), e.shared_ffn_width, h, spec, dtype)
+        s = g.add_node(OpCode.FFN, [tokens, *w], ffn_attrs, name=f"{p}shared.{i}").outputs[0]
+        shared_sum = s if shared_sum is None else g.add_node(OpCode.ADD, [shared_sum, s],
+                                                             name=f"{p}shared_sum.{i}").outputs[0]
     if shared_sum is not None:
         if e.shared_gate:
-            gate_w = g.add_weight(SHARED_GATE_WEIGHT, TensorType((1, h), dtype))
-            shared_sum = g.add_node(OpCode.SIGMOID_GATE, [shared_sum, tokens, gate_w], name="shared_gate").outputs[0]
-        out = g.add_node(OpCode.ADD, [out, shared_sum], name="moe_sum").outputs[0]
-    g.set_output("out", g.add_node(OpCode.RESTORE_TOKENS, [out, x], name="out").outputs[0])
+            gate_w = g.add_weight(p + SHARED_GATE_WEIGHT, TensorType((1, h), dtype))
+            shared_sum = g.add_node(OpCode.SIGMOID_GATE, [shared_sum, tokens, gate_w],
+                                    name=f"{p}shared_gate").outputs[0]
+        out = g.add_node(OpCode.ADD, [out, shared_sum], name=f"{p}moe_sum").outputs[0]
+    outputs["out"] = g.add_node(OpCode.RESTORE_TOKENS, [out, x], name=f"{p}out").outputs[0]
 
     if expert_idx is not None:
-        g.set_output("expert_idx", expert_idx)
-        g.set_output("weights", weights)
+        outputs["expert_idx"] = expert_idx
+        outputs["weights"] = weights
     else:
-        g.set_output("rows", rows)
+        outputs["rows"] = rows
     if training:
-        g.set_output("router_logits", logits)
-        g.set_output("tokens_per_expert", group_sizes)
-        _add_losses(g, spec, scores, expert_idx, logits, x)
-    return g
+        outputs["router_logits"] = logits
+        outputs["tokens_per_expert"] = group_sizes
+        outputs.update(_add_losses(g, spec, scores, expert_idx, logits, x, rows, prefix=p))
+    return outputs
 
 
-def _add_losses(g: Graph, spec: LayerSpec, scores: Value, expert_idx: Value | None, logits: Value, x: Value) -> None:
+def _add_losses(g: Graph, spec: LayerSpec, scores: Value, expert_idx: Value | None, logits: Value, x: Value,
+                rows: Value, *, prefix: str = "") -> dict[str, Value]:
     b = spec.balance
     total = None
+    outputs: dict[str, Value] = {}
     for name, alpha in b.losses.items():
         kind = LossKind(name)
         if expert_idx is None and kind != LossKind.Z:
             continue  # expert-choice routing is balanced by construction; only the z-loss applies
         attrs = {"kind": kind, "alpha": alpha, "top_k": spec.experts.top_k,
                  "devices": b.device.devices if kind == LossKind.DEVICE else 1}
-        idx = expert_idx if expert_idx is not None else g.value("rows")
-        loss = g.add_node(OpCode.BALANCE_LOSS, [scores, idx, logits, x], attrs, name=f"loss.{name}").outputs[0]
-        g.set_output(f"loss.{name}", loss)
-        total = loss if total is None else g.add_node(OpCode.ADD, [total, loss], name=f"aux_sum.{name}").outputs[0]
+        idx = expert_idx if expert_idx is not None else rows
+        loss = g.add_node(OpCode.BALANCE_LOSS, [scores, idx, logits, x], attrs, name=f"{prefix}loss.{name}").outputs[0]
+        outputs[f"loss.{name}"] = loss
+        total = loss if total is None else g.add_node(OpCode.ADD, [total, loss],
+                                                      name=f"{prefix}aux_sum.{name}").outputs[0]
     if total is not None:
-        g.set_output("aux_loss", total)
+        outputs["aux_loss"] = total
+    return outputs

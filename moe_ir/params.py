@@ -55,8 +55,9 @@ def ensure_memory_for(graph: Graph, what: str, *, factor: float = 1.0) -> None:
 
 def init_weights(graph: Graph, seed: int = 0, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Seeded init: Linear-style U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for matrices, zeros for biases and
-    the aux-loss-free bias buffer, ones for RMSNorm weights (`*norm.weight`, model graphs). Each tensor draws from its own generator seeded by (seed, name), so
-    a weight's values do not depend on which other weights the graph has."""
+    the aux-loss-free bias buffer, ones for RMSNorm weights (`*norm.weight`, model graphs). Each tensor
+    draws from its own generator seeded by (seed, name), so a weight's values do not depend on which
+    other weights the graph has."""
     out = {}
     for name, v in sorted(graph.weights.items()):
         shape = tuple(int(d) for d in v.type.shape)

@@ -1,6 +1,7 @@
 """The moe-ir intermediate representation."""
 from .graph import Dim, ElemType, Graph, Node, TensorType, Value, ValueKind
 from .ops import LossKind, OpCode, OpDef, WeightLayout, all_ops, op_def
+from . import model_ops  # noqa: F401  (registers the whole-model ops)
 from .printer import to_dot, to_text
 from .serialize import from_json, to_json
 from .verifier import verify

@@ -44,6 +44,11 @@ class OpCode(enum.StrEnum):
     CONCAT = "concat"
     BALANCE_LOSS = "balance_loss"
     FUSED_MOE = "fused_moe"
+    # Whole-model ops; declared in model_ops.py.
+    EMBEDDING = "embedding"
+    RMS_NORM = "rms_norm"
+    ATTENTION = "attention"
+    MLA_ATTENTION = "mla_attention"
 
 
 class WeightLayout(enum.StrEnum):
@@ -368,7 +373,7 @@ def balance_loss_math(kind: LossKind, alpha: float, devices: int, top_k: int, sc
     """The balance losses of REFERENCE.md, each weighted by its alpha."""
     t, e = scores.shape
     if kind == LossKind.Z:
-        return alpha * torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+        return alpha * torch.logsumexp(logits, dim=-1).pow(2).mean()
     counts = selection_fraction(expert_idx, e).to(scores.dtype)
     if kind == LossKind.SWITCH:
         # Switch: f_i = fraction of tokens whose top-1 is i, P_i = mean router prob.

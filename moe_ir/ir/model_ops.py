@@ -1,0 +1,223 @@
+"""Whole-model ops: embedding, RMSNorm and causal self-attention (MHA/GQA with RoPE, and DeepSeek's
+multi-head latent attention), declared like the layer ops in ops.py and registered in the same registry.
+
+Reference semantics follow the transformers implementations the tests compare against:
+  rms_norm       x * rsqrt(mean(x^2) + eps) computed in float32 (float64 stays float64), times the weight
+  attention      LlamaAttention-style: q/k/v projections (optional biases), optional RMSNorm on q and k
+                 (per head, or over the whole projection as OLMoE does), RoPE on positions 0..S-1, causal
+                 softmax(q k^T / sqrt(head_dim)) v with k/v heads shared by heads/kv_heads query heads, o_proj
+  mla_attention  DeepseekV2/V3Attention: q = q_proj(x) or q_b(rms_norm(q_a(x))); [c_kv, k_rope] = kv_a(x);
+                 [k_nope, v] = kv_b(rms_norm(c_kv)) per head; RoPE on the last qk_rope_head_dim dims of q
+                 and on the single k_rope shared by every head; scale 1/sqrt(qk_nope + qk_rope)
+RoPE layouts: `half` rotates dim j with j + d/2 (rotate_half); `interleaved` rotates dim 2j with 2j+1,
+as DeepSeek's checkpoints expect (transformers' DeepseekV3 `rope_interleave`, DeepseekV2's complex form).
+The interleaved result is written de-interleaved ([even dims, odd dims]) as DeepseekV3 does; queries and
+keys are permuted alike, so q.k and the attention output are the same as with the complex form.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..model_spec import QKNorm, RopeLayout
+from .graph import ElemType, TensorType
+from .ops import Attr, OpCode, OpDef, Port, _expect, _expect_dim, _expect_float, _expect_rank, register
+
+
+def rms_norm_math(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(compute)
+    normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def rope_cos_sin(seq_len: int, dim: int, theta: float, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [S, dim/2] for positions 0..S-1 (float32 as transformers computes them; float64 stays)."""
+    compute = torch.float64 if like.dtype == torch.float64 else torch.float32
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=like.device).to(compute) / dim))
+    freqs = torch.arange(seq_len, device=like.device, dtype=compute)[:, None] * inv_freq[None, :]
+    return freqs.cos().to(like.dtype), freqs.sin().to(like.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: RopeLayout) -> torch.Tensor:
+    """x [..., S, d] rotated by the angles of cos/sin [S, d/2]."""
+    if layout == RopeLayout.HALF:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+    else:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B,h,S,d], k [B,hk,S,d], v [B,hk,S,dv] -> [B,S,h*dv]; query head i reads kv head i // (h/hk)."""
+    b, h, s, _ = q.shape
+    rep = h // k.shape[1]
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    future = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+    scores = scores.masked_fill(future, float("-inf"))
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    probs = torch.softmax(scores.to(compute), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v).transpose(1, 2).reshape(b, s, -1)
+
+
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, S, heads*d] -> [B, heads, S, d]."""
+    b, s, _ = t.shape
+    return t.view(b, s, heads, -1).transpose(1, 2)
+
+
+def _expect_linear(node, w: TensorType | None, rows, cols, what: str) -> None:
+    _expect(w is not None and w.rank == 2, node, f"{what} must be a matrix, found {w}")
+    _expect(w.shape == (rows, cols), node, f"{what} must be [{rows}, {cols}], found {w}")
+
+
+def _expect_vector(node, b: TensorType | None, size, what: str) -> None:
+    if b is not None:
+        _expect(b.shape == (size,), node, f"{what} must be [{size}], found {b}")
+
+
+@register
+class Embedding(OpDef):
+    opcode = OpCode.EMBEDDING
+    doc = "token ids [B, S] -> rows of the embedding matrix [V, H]: [B, S, H]"
+    inputs = (Port("ids"), Port("weight"))
+    output_names = ("x",)
+
+    def infer_types(self, node, ids, weight):
+        _expect(ids.dtype == ElemType.INT64 and ids.rank == 2, node, f"ids must be i64[B,S], found {ids}")
+        _expect_rank(weight, 2, node, "embedding weight")
+        return [TensorType(ids.shape + (weight.shape[1],), weight.dtype)]
+
+    def reference(self, attrs, ids, weight):
+        return (F.embedding(ids, weight),)
+
+
+@register
+class RMSNorm(OpDef):
+    opcode = OpCode.RMS_NORM
+    doc = "x * rsqrt(mean(x^2, last dim) + eps) * weight, the statistics in float32"
+    inputs = (Port("x"), Port("weight"))
+    output_names = ("y",)
+    attrs = {"eps": Attr(float, 1e-6)}
+
+    def infer_types(self, node, x, weight):
+        _expect_float(x, node, "x")
+        _expect(weight.shape == (x.shape[-1],), node, f"weight must be [{x.shape[-1]}], found {weight}")
+        return [x]
+
+    def reference(self, attrs, x, weight):
+        return (rms_norm_math(x, weight, attrs["eps"]),)
+
+
+_ROPE_ATTRS = {"rope_theta": Attr(float, 10000.0), "rope_layout": Attr(RopeLayout, RopeLayout.HALF),
+               "norm_eps": Attr(float, 1e-6, "epsilon of the q/k (or latent) RMSNorms")}
+
+
+@register
+class Attention(OpDef):
+    opcode = OpCode.ATTENTION
+    doc = "causal multi-head / grouped-query self-attention with RoPE on x [B, S, H]"
+    inputs = (Port("x"), Port("w_q"), Port("w_k"), Port("w_v"), Port("w_o"), Port("b_q", optional=True),
+              Port("b_k", optional=True), Port("b_v", optional=True), Port("b_o", optional=True),
+              Port("q_norm", optional=True), Port("k_norm", optional=True))
+    output_names = ("y",)
+    attrs = {"heads": Attr(int), "kv_heads": Attr(int), "head_dim": Attr(int),
+             "qk_norm": Attr(QKNorm, QKNorm.NONE), **_ROPE_ATTRS}
+
+    def infer_types(self, node, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm):
+        a = node.attrs
+        _expect_rank(x, 3, node, "x")
+        h = x.shape[2]
+        nq, nkv, d = a["heads"] * a["head_dim"], a["kv_heads"] * a["head_dim"], a["head_dim"]
+        _expect(a["heads"] % a["kv_heads"] == 0, node, f"kv_heads={a['kv_heads']} must divide heads={a['heads']}")
+        _expect(d % 2 == 0, node, f"RoPE needs an even head_dim, found {d}")
+        _expect_linear(node, w_q, nq, h, "w_q")
+        _expect_linear(node, w_k, nkv, h, "w_k")
+        _expect_linear(node, w_v, nkv, h, "w_v")
+        _expect_dim(w_o.shape[1], nq, node, "w_o columns vs heads*head_dim")
+        for b, size, what in ((b_q, nq, "b_q"), (b_k, nkv, "b_k"), (b_v, nkv, "b_v"), (b_o, w_o.shape[0], "b_o")):
+            _expect_vector(node, b, size, what)
+        norm = a["qk_norm"]
+        if norm == QKNorm.NONE:
+            _expect(q_norm is None and k_norm is None, node, "qk_norm none takes no q/k norm weights")
+        else:
+            qs, ks = (d, d) if norm == QKNorm.HEAD else (nq, nkv)
+            _expect_vector(node, q_norm, qs, "q_norm")
+            _expect_vector(node, k_norm, ks, "k_norm")
+            _expect(q_norm is not None and k_norm is not None, node, f"qk_norm {norm.value} needs q_norm and k_norm")
+        return [TensorType(x.shape[:2] + (w_o.shape[0],), x.dtype)]
+
+    def reference(self, attrs, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm):
+        heads, kv_heads, d = attrs["heads"], attrs["kv_heads"], attrs["head_dim"]
+        norm, eps = attrs["qk_norm"], attrs["norm_eps"]
+        q, k, v = F.linear(x, w_q, b_q), F.linear(x, w_k, b_k), F.linear(x, w_v, b_v)
+        if norm == QKNorm.FULL:
+            q, k = rms_norm_math(q, q_norm, eps), rms_norm_math(k, k_norm, eps)
+        q, k, v = _heads(q, heads), _heads(k, kv_heads), _heads(v, kv_heads)
+        if norm == QKNorm.HEAD:
+            q, k = rms_norm_math(q, q_norm, eps), rms_norm_math(k, k_norm, eps)
+        cos, sin = rope_cos_sin(x.shape[1], d, attrs["rope_theta"], x)
+        q, k = apply_rope(q, cos, sin, attrs["rope_layout"]), apply_rope(k, cos, sin, attrs["rope_layout"])
+        return (F.linear(causal_attention(q, k, v, d ** -0.5), w_o, b_o),)
+
+
+@register
+class MLAAttention(OpDef):
+    opcode = OpCode.MLA_ATTENTION
+    doc = ("DeepSeek multi-head latent attention on x [B, S, H]: low-rank q (optional) and compressed kv latent, "
+           "decoupled RoPE dims with one shared rotary key")
+    inputs = (Port("x"), Port("w_q", optional=True), Port("w_q_a", optional=True), Port("q_a_norm", optional=True),
+              Port("w_q_b", optional=True), Port("w_kv_a"), Port("kv_a_norm"), Port("w_kv_b"), Port("w_o"),
+              Port("b_q_a", optional=True), Port("b_kv_a", optional=True), Port("b_o", optional=True))
+    output_names = ("y",)
+    attrs = {"heads": Attr(int), "kv_lora_rank": Attr(int), "qk_nope_head_dim": Attr(int),
+             "qk_rope_head_dim": Attr(int), "v_head_dim": Attr(int), **_ROPE_ATTRS}
+
+    def infer_types(self, node, x, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, w_kv_b, w_o, b_q_a, b_kv_a, b_o):
+        a = node.attrs
+        _expect_rank(x, 3, node, "x")
+        h, n = x.shape[2], a["heads"]
+        dqk = a["qk_nope_head_dim"] + a["qk_rope_head_dim"]
+        r, rope = a["kv_lora_rank"], a["qk_rope_head_dim"]
+        _expect(rope % 2 == 0, node, f"RoPE needs an even qk_rope_head_dim, found {rope}")
+        if w_q is not None:
+            _expect(w_q_a is None and q_a_norm is None and w_q_b is None and b_q_a is None, node,
+                    "give either w_q or the low-rank w_q_a / q_a_norm / w_q_b, not both")
+            _expect_linear(node, w_q, n * dqk, h, "w_q")
+        else:
+            _expect(w_q_a is not None and q_a_norm is not None and w_q_b is not None, node,
+                    "without w_q the low-rank query needs w_q_a, q_a_norm and w_q_b")
+            rank = w_q_a.shape[0]
+            _expect_linear(node, w_q_a, rank, h, "w_q_a")
+            _expect_vector(node, q_a_norm, rank, "q_a_norm")
+            _expect_linear(node, w_q_b, n * dqk, rank, "w_q_b")
+            _expect_vector(node, b_q_a, rank, "b_q_a")
+        _expect_linear(node, w_kv_a, r + rope, h, "w_kv_a")
+        _expect_vector(node, b_kv_a, r + rope, "b_kv_a")
+        _expect_vector(node, kv_a_norm, r, "kv_a_norm")
+        _expect_linear(node, w_kv_b, n * (a["qk_nope_head_dim"] + a["v_head_dim"]), r, "w_kv_b")
+        _expect_dim(w_o.shape[1], n * a["v_head_dim"], node, "w_o columns vs heads*v_head_dim")
+        _expect_vector(node, b_o, w_o.shape[0], "b_o")
+        return [TensorType(x.shape[:2] + (w_o.shape[0],), x.dtype)]
+
+    def reference(self, attrs, x, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, w_kv_b, w_o, b_q_a, b_kv_a, b_o):
+        n, eps = attrs["heads"], attrs["norm_eps"]
+        nope, rope, dv, r = attrs["qk_nope_head_dim"], attrs["qk_rope_head_dim"], attrs["v_head_dim"], attrs["kv_lora_rank"]
+        if w_q is not None:
+            q = F.linear(x, w_q)
+        else:
+            q = F.linear(rms_norm_math(F.linear(x, w_q_a, b_q_a), q_a_norm, eps), w_q_b)
+        q_nope, q_rot = _heads(q, n).split([nope, rope], dim=-1)
+        c_kv, k_rot = F.linear(x, w_kv_a, b_kv_a).split([r, rope], dim=-1)
+        kv = _heads(F.linear(rms_norm_math(c_kv, kv_a_norm, eps), w_kv_b), n)  # [B, n, S, nope + dv]
+        k_nope, v = kv.split([nope, dv], dim=-1)
+        cos, sin = rope_cos_sin(x.shape[1], rope, attrs["rope_theta"], x)
+        q_rot = apply_rope(q_rot, cos, sin, attrs["rope_layout"])
+        k_rot = apply_rope(k_rot.unsqueeze(1), cos, sin, attrs["rope_layout"]).expand(-1, n, -1, -1)
+        q = torch.cat([q_nope, q_rot], dim=-1)
+        k = torch.cat([k_nope, k_rot], dim=-1)
+        return (F.linear(causal_attention(q, k, v, (nope + rope) ** -0.5), w_o, b_o),)

@@ -1,0 +1,276 @@
+"""The typed whole-model spec: a decoder-only transformer whose FFNs are dense or MoE.
+
+A model spec is a YAML document with two sections:
+
+    model:            vocabulary, hidden size, layers, which layers are MoE, dense FFN width,
+                      attention (MHA / GQA with RoPE, or DeepSeek's multi-head latent attention), RMSNorm
+    moe:              the MoE layer spec (moe_ir.spec.LayerSpec) every MoE layer uses; `hidden` and `dtype`
+                      are taken from `model:` and may be omitted
+
+Layer i (0-based) is MoE when i >= first_dense and (i - first_dense) % moe_every == 0; the others use a
+dense FFN of width `dense_width`. Every decoder layer is pre-norm:
+    h = x + attn(rms_norm(x));  y = h + ffn(rms_norm(h))
+and the model is embed -> layers -> rms_norm -> lm_head (tied to the embedding when `tied_embeddings`).
+
+Parsing reuses the layer spec's generic parser (types, bounds, did-you-mean, YAML lines); the `moe`
+section is parsed as a layer spec in a context that prefixes its key paths with `moe.`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .errors import SpecError
+from .spec import (Activation, DType, LayerSpec, _Ctx, _describe, _join, _parse_section, _suggest, schema_of_section,
+                   spec_field, spec_to_dict)
+
+__all__ = ["AttentionKind", "AttentionSpec", "ModelSection", "ModelSpec", "QKNorm", "RopeLayout", "model_json_schema",
+           "model_spec_from_dict", "model_spec_to_dict"]
+
+
+class AttentionKind(enum.StrEnum):
+    MHA = "mha"  # multi-head: as many key/value heads as query heads
+    GQA = "gqa"  # grouped-query: kv_heads < heads, each kv head shared by heads / kv_heads query heads
+    MLA = "mla"  # DeepSeek-V2/V3 multi-head latent attention (low-rank q/kv, decoupled RoPE dims)
+
+
+class QKNorm(enum.StrEnum):
+    NONE = "none"
+    HEAD = "head"  # RMSNorm over each head's head_dim (Qwen3 style), weights [head_dim]
+    FULL = "full"  # RMSNorm over the whole q / k projection (OLMoE), weights [heads*head_dim] / [kv_heads*head_dim]
+
+
+class RopeLayout(enum.StrEnum):
+    HALF = "half"                # rotate_half: dim j pairs with j + d/2 (Llama, Mixtral, Qwen, OLMoE)
+    INTERLEAVED = "interleaved"  # dim 2j pairs with 2j+1 (DeepSeek-V2/V3 checkpoints)
+
+
+_MLA_FIELDS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionSpec:
+    """Self-attention of every layer: causal, RoPE on positions 0..S-1, softmax scale 1/sqrt(q head dim)."""
+
+    kind: AttentionKind = spec_field(AttentionKind.MHA, doc="mha, gqa or mla")
+    heads: int = spec_field(doc="query heads", minimum=1)
+    kv_heads: int | None = spec_field(None, doc="key/value heads (gqa; mha: equal to heads)", minimum=1)
+    head_dim: int | None = spec_field(None, doc="per-head dim for mha/gqa; default: hidden / heads", minimum=1)
+    rope_theta: float = spec_field(10000.0, doc="RoPE base", exclusive_minimum=0.0)
+    rope_layout: RopeLayout | None = spec_field(
+        None, doc="which dims RoPE rotates together; default: interleaved for mla (DeepSeek), half otherwise")
+    qkv_bias: bool = spec_field(False, doc="q/k/v projections carry biases (mla: the q_a and kv_a down-projections)")
+    out_bias: bool = spec_field(False, doc="the output projection carries a bias")
+    qk_norm: QKNorm = spec_field(QKNorm.NONE, doc="RMSNorm on queries and keys before RoPE")
+    q_lora_rank: int | None = spec_field(None, doc="mla: rank of the query down-projection; absent: a full q_proj",
+                                         minimum=1)
+    kv_lora_rank: int | None = spec_field(None, doc="mla: rank of the compressed key/value latent", minimum=1)
+    qk_nope_head_dim: int | None = spec_field(None, doc="mla: per-head query/key dims without RoPE", minimum=1)
+    qk_rope_head_dim: int | None = spec_field(None, doc="mla: per-head query/key dims with RoPE (key part shared)",
+                                              minimum=2)
+    v_head_dim: int | None = spec_field(None, doc="mla: per-head value dim", minimum=1)
+
+    def check(self, ctx: _Ctx, path: str) -> None:
+        if self.kind == AttentionKind.MLA:
+            for name in _MLA_FIELDS:
+                if getattr(self, name) is None:
+                    ctx.fail(_join(path, name), f"kind mla needs {name}")
+            for name in ("kv_heads", "head_dim"):
+                if getattr(self, name) is not None:
+                    ctx.fail(_join(path, name), f"kind mla has no {name}: its head dims are qk_nope_head_dim + "
+                                                "qk_rope_head_dim (queries, keys) and v_head_dim (values)")
+            if self.qk_norm != QKNorm.NONE:
+                ctx.fail(_join(path, "qk_norm"), "kind mla normalises its latents instead; qk_norm must be none")
+            if self.qk_rope_head_dim % 2:
+                ctx.fail(_join(path, "qk_rope_head_dim"), f"RoPE rotates pairs of dims; {self.qk_rope_head_dim} is odd")
+            return
+        for name in ("q_lora_rank",) + _MLA_FIELDS:
+            if getattr(self, name) is not None:
+                ctx.fail(_join(path, name), f"{name} belongs to kind mla; this attention is {self.kind.value}")
+        if self.kind == AttentionKind.MHA:
+            if self.kv_heads is not None and self.kv_heads != self.heads:
+                ctx.fail(_join(path, "kv_heads"), f"mha has kv_heads == heads ({self.heads}); for {self.kv_heads} "
+                                                  "key/value heads use kind: gqa")
+        else:
+            if self.kv_heads is None:
+                ctx.fail(_join(path, "kv_heads"), "kind gqa needs kv_heads")
+            if self.kv_heads >= self.heads:
+                ctx.fail(_join(path, "kv_heads"), f"gqa needs fewer kv_heads than heads ({self.heads}); with "
+                                                  f"{self.kv_heads} use kind: mha")
+            if self.heads % self.kv_heads:
+                ctx.fail(_join(path, "kv_heads"), f"kv_heads={self.kv_heads} must divide heads={self.heads}")
+
+    # -- derived sizes ---------------------------------------------------------------------------
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.kv_heads if self.kv_heads is not None else self.heads
+
+    def dim(self, hidden: int) -> int:
+        """mha/gqa head dim (given, or hidden / heads)."""
+        return self.head_dim if self.head_dim is not None else hidden // self.heads
+
+    def qk_head_dim(self, hidden: int) -> int:
+        if self.kind == AttentionKind.MLA:
+            return self.qk_nope_head_dim + self.qk_rope_head_dim
+        return self.dim(hidden)
+
+    def value_head_dim(self, hidden: int) -> int:
+        return self.v_head_dim if self.kind == AttentionKind.MLA else self.dim(hidden)
+
+    def rope_dim(self, hidden: int) -> int:
+        return self.qk_rope_head_dim if self.kind == AttentionKind.MLA else self.dim(hidden)
+
+    @property
+    def layout(self) -> RopeLayout:
+        if self.rope_layout is not None:
+            return self.rope_layout
+        return RopeLayout.INTERLEAVED if self.kind == AttentionKind.MLA else RopeLayout.HALF
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSection:
+    """The decoder: embedding, layers (attention + dense or MoE FFN), final norm, LM head."""
+
+    name: str = spec_field("model", doc="a name for the model, used in artifact names")
+    source: str = spec_field("", doc="where the settings come from (paper, config)")
+    vocab_size: int = spec_field(doc="vocabulary size", minimum=1)
+    hidden: int = spec_field(doc="hidden size", minimum=1)
+    layers: int = spec_field(doc="decoder layers", minimum=1)
+    tied_embeddings: bool = spec_field(False, doc="the LM head reuses the embedding matrix")
+    first_dense: int = spec_field(0, doc="the first k layers use a dense FFN", minimum=0)
+    moe_every: int = spec_field(1, doc="from layer first_dense on, every n-th layer is MoE, starting with the first",
+                                minimum=1)
+    dense_width: int | None = spec_field(None, doc="FFN width of the dense layers (needed when there are any)",
+                                         minimum=1)
+    dense_activation: Activation = spec_field(Activation.SWIGLU, doc="activation of the dense FFNs")
+    attention: AttentionSpec = spec_field(doc="self-attention")
+    rms_norm_eps: float = spec_field(1e-6, doc="epsilon of every RMSNorm", exclusive_minimum=0.0)
+    dtype: DType = spec_field(DType.FLOAT32, doc="dtype of activations and weights")
+
+    def check(self, ctx: _Ctx, path: str) -> None:
+        a = self.attention
+        if a.kind != AttentionKind.MLA and a.head_dim is None and self.hidden % a.heads:
+            ctx.fail(_join(path, "attention.heads"), f"{a.heads} heads do not divide hidden={self.hidden}; give "
+                                                     "attention.head_dim")
+        if self.first_dense >= self.layers:
+            ctx.fail(_join(path, "first_dense"), f"first_dense={self.first_dense} leaves no MoE layer among "
+                                                 f"{self.layers} layers")
+        has_dense = any(not self.is_moe_layer(i) for i in range(self.layers))
+        if has_dense and self.dense_width is None:
+            ctx.fail(_join(path, "dense_width"), f"layers {_ranges(self.dense_layers)} are dense; give their FFN "
+                                                 "width as dense_width")
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i >= self.first_dense and (i - self.first_dense) % self.moe_every == 0
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.layers) if self.is_moe_layer(i))
+
+    @property
+    def dense_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.layers) if not self.is_moe_layer(i))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """A whole model: the `model:` section and the MoE layer every MoE layer uses."""
+
+    model: ModelSection = spec_field(doc="the decoder")
+    moe: LayerSpec = spec_field(doc="the MoE layer spec (hidden and dtype default to the model's)")
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+
+def _ranges(indices: tuple[int, ...]) -> str:
+    parts, start = [], None
+    for j, i in enumerate(indices):
+        if start is None:
+            start = i
+        if j + 1 == len(indices) or indices[j + 1] != i + 1:
+            parts.append(str(start) if start == i else f"{start}-{i}")
+            start = None
+    return ",".join(parts)
+
+
+class _NestedCtx(_Ctx):
+    """Parses a section as if it were a document of its own (so a LayerSpec's checks, which name keys
+    relative to the layer, stay right) and reports paths and lines under `prefix`."""
+
+    def __init__(self, parent: _Ctx, prefix: str):
+        lead = prefix + "."
+        lines = {k[len(lead):]: v for k, v in parent.lines.items() if k.startswith(lead)}
+        lines[""] = parent.line_of(prefix)
+        super().__init__(lines, parent.file)
+        self.prefix = prefix
+
+    def fail(self, path: str, message: str):
+        raise SpecError(message, path=_join(self.prefix, path), line=self.line_of(path), file=self.file)
+
+
+_TOP_KEYS = ("model", "moe")
+# Keys of the moe section the model supplies: absent -> the model's value; present -> must agree.
+_INHERITED = ("hidden", "dtype")
+
+
+def model_spec_from_dict(data: Any, *, lines: Mapping[str, int] | None = None, file: str | None = None) -> ModelSpec:
+    """Parse and check a model spec given as plain data (`lines`: key path -> YAML line, for errors)."""
+    ctx = _Ctx(lines, file)
+    if not isinstance(data, dict):
+        ctx.fail("", f"a model spec must be a mapping at the top level, found {_describe(data)}")
+    for key in data:
+        if key not in _TOP_KEYS:
+            ctx.fail(str(key), f"unknown top-level key '{key}'{_suggest(str(key), list(_TOP_KEYS))}; a model spec "
+                               f"has: {', '.join(_TOP_KEYS)}")
+    for key in _TOP_KEYS:
+        if key not in data:
+            what = "the decoder (vocab_size, hidden, layers, attention, ...)" if key == "model" else \
+                "the MoE layer spec (experts, router, ...)"
+            ctx.fail(key, f"missing required section '{key}' ({what})")
+    model = _parse_section(ModelSection, data["model"], "model", ctx)
+    moe_data = data["moe"]
+    if not isinstance(moe_data, dict):
+        ctx.fail("moe", f"expected a mapping, found {_describe(moe_data)}")
+    moe_data = dict(moe_data)
+    inherited = {"hidden": model.hidden, "dtype": model.dtype.value}
+    for key, value in inherited.items():
+        if key not in moe_data:
+            moe_data[key] = value
+        elif moe_data[key] != value:
+            ctx.fail(f"moe.{key}", f"moe.{key}={moe_data[key]!r} disagrees with model.{key}={value!r}; omit it "
+                                   "(the MoE layers take the model's)")
+    moe_data.setdefault("name", f"{model.name}.moe")
+    moe = _parse_section(LayerSpec, moe_data, "", _NestedCtx(ctx, "moe"))
+    return ModelSpec(model=model, moe=moe)
+
+
+def model_spec_to_dict(spec: ModelSpec) -> dict:
+    """Canonical plain data; the moe section leaves out what it inherits from the model."""
+    moe = spec_to_dict(spec.moe)
+    for key in _INHERITED:
+        moe.pop(key, None)
+    if moe.get("name") == f"{spec.model.name}.moe":
+        moe.pop("name")
+    return {"model": spec_to_dict(spec.model), "moe": moe}
+
+
+def model_json_schema() -> dict:
+    """JSON Schema of the model spec (draft 2020-12); the moe section's hidden/dtype are optional."""
+    schema = schema_of_section(ModelSpec, title="moe-ir model spec", schema_id="https://moe-ir/model-spec.schema.json")
+    defs = schema["$defs"]
+    moe = dict(defs["LayerSpec"])
+    moe["required"] = [k for k in moe.get("required", []) if k not in _INHERITED]
+    moe["description"] = "the MoE layer spec; hidden and dtype default to the model's"
+    defs["ModelMoE"] = moe
+    schema["properties"]["moe"] = {**schema["properties"]["moe"], "$ref": "#/$defs/ModelMoE"}
+    return schema
+
+
+def replace_model(spec: ModelSpec, **changes: Any) -> ModelSpec:
+    """The spec with model-section fields changed (a small convenience for tests and tools)."""
+    return dataclasses.replace(spec, model=dataclasses.replace(spec.model, **changes))
