@@ -246,17 +246,17 @@ class Graph:
         return value
 
     def _unique_node_name(self, base: str) -> str:
-        if base not in self._nodes:
-            return base
-        i = 1
-        while f"{base}_{i}" in self._nodes:
-            i += 1
-        return f"{base}_{i}"
+        return _unique(base, self._nodes)
 
     def _unique_value_name(self, base: str) -> str:
-        if base not in self._values:
-            return base
-        i = 1
-        while f"{base}_{i}" in self._values:
-            i += 1
-        return f"{base}_{i}"
+        return _unique(base, self._values)
+
+
+def _unique(base: str, taken: Mapping[str, Any]) -> str:
+    """`base`, or `base_1`, `base_2`, ... : the first name not in `taken`."""
+    if base not in taken:
+        return base
+    i = 1
+    while f"{base}_{i}" in taken:
+        i += 1
+    return f"{base}_{i}"
