@@ -56,6 +56,12 @@ class Backend(abc.ABC):
 # name -> "module:Class" relative to moe_ir.backends; one line per backend.
 _BACKENDS: dict[str, str] = {
     "reference": "reference:ReferenceBackend",
+    "torch": "torch_eager:TorchBackend",
+    "compile": "compile:CompileBackend",
+    "onnx": "onnx:OnnxBackend",
+    "aoti": "aoti:AotiBackend",
+    "tensorrt": "tensorrt:TensorRTBackend",
+    "triton": "triton.backend:TritonBackend",
 }
 
 

@@ -1,0 +1,323 @@
+"""The `aoti` backend: torch.export of the layer with dynamic batch/sequence dims, compiled by
+AOTInductor into one `.pt2` package that runs with torch alone (`torch._inductor.aoti_load_package`,
+no moe-ir import), on CPU here and on GPU where the package is built there.
+
+The exported module (`ExportableMoE`) is lowered from the IR graph like the eager backend, but every op
+is written so `torch.export` sees no data-dependent Python control flow: dispatch counts with
+scatter_add (bincount's output length depends on the data), the expert FFNs split the sorted rows by
+the group sizes as unbacked sizes (one GEMM chain per expert on a slice of any length, including 0),
+and nothing branches on a size. The eager backend's grouped FFN skips empty experts with a Python `if`
+on `.tolist()` values, which is right for eager speed and is exactly what export cannot trace, hence a
+module of its own here. Weight-only subgraphs from the fusion passes (CONCAT/ADD on weights) are
+evaluated once into buffers, so the package computes nothing on weights per call.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import BackendError
+from ..interpreter import check_weights
+from ..ir import Graph, OpCode, Value, from_json, op_def, to_json
+from ..ir.ops import activate, route_topk, scale_weights
+from ..passes import run_pipeline
+from ..spec import DropRule, LayerSpec
+from .base import Backend, BuildResult, Runner
+
+PIPELINE = ("strip-training-outputs", "fuse-shared-experts", "fuse-gate-up", "dce")
+OUTPUTS = ("out", "expert_idx", "weights", "rows")
+Progress = Callable[[str, int, int], None]
+
+
+# ------------------------------------------------------------------------------------------------
+# export-friendly op implementations (same semantics as the reference in moe_ir.ir.ops)
+
+
+def _bincount(keys: torch.Tensor, length: int) -> torch.Tensor:
+    return torch.zeros(length, dtype=torch.int64, device=keys.device).scatter_add(0, keys, torch.ones_like(keys))
+
+
+def _dispatch(attrs, expert_idx, weights):
+    t, k = expert_idx.shape
+    n_exp = attrs["num_experts"]
+    flat_e = expert_idx.reshape(-1)
+    flat_w = weights.reshape(-1)
+    arange = torch.arange(flat_e.shape[0], device=flat_e.device)
+    key = flat_e
+    kept = None
+    if attrs["capacity_factor"] is not None:
+        a = flat_e.shape[0]
+        capacity = torch.clamp(torch.ceil(torch.tensor(attrs["capacity_factor"], dtype=torch.float64)
+                                          * a / n_exp), min=1).to(torch.int64)
+        if attrs["drop_rule"] == DropRule.POSITION:
+            rank = (arange % k) * t + arange // k  # slot-major priority (GShard)
+            order = torch.argsort(flat_e * a + rank, stable=True)
+        else:
+            by_weight = torch.argsort(-flat_w, stable=True)
+            order = by_weight[torch.argsort(flat_e[by_weight], stable=True)]
+        sorted_e = flat_e[order]
+        starts = torch.cumsum(_bincount(flat_e, n_exp), 0) - _bincount(flat_e, n_exp)
+        position = arange - starts[sorted_e]
+        kept = torch.zeros_like(flat_e, dtype=torch.bool).scatter(0, order, position < capacity)
+        key = torch.where(kept, flat_e, torch.full_like(flat_e, n_exp))
+    order = torch.argsort(key, stable=True)
+    row_w = flat_w[order]
+    if kept is not None:
+        row_w = torch.where(kept[order], row_w, torch.zeros_like(row_w))
+    return order // k, row_w, _bincount(key, n_exp + 1)[:n_exp]
+
+
+def _expert_choice(attrs, scores):
+    t, n_exp = scores.shape
+    c = min(t, max(1, math.ceil(attrs["capacity_factor"] * t * attrs["top_k"] / n_exp)))
+    weights, tokens = scores.t().topk(c, dim=-1)
+    return tokens.reshape(-1), weights.reshape(-1), torch.full((n_exp,), c, dtype=torch.int64)
+
+
+def _ffn(attrs, x, w_up, w_down, w_gate, b_up, b_down, b_gate):
+    act = attrs["activation"]
+    if act.gated and w_gate is None:  # gate_up_fused: one GEMM, gate columns first
+        gate, up = F.linear(x, w_up, b_up).chunk(2, dim=-1)
+    else:
+        up = F.linear(x, w_up, b_up)
+        gate = F.linear(x, w_gate, b_gate) if act.gated else None
+    return F.linear(activate(act, gate, up), w_down, b_down)
+
+
+def _grouped_ffn(attrs, x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate):
+    n_exp = w_up.shape[0]
+    xs = x.index_select(0, rows)
+    # Group sizes become unbacked sizes; the checks tell export they are valid split sizes.
+    sizes = group_sizes.tolist()
+    for s in sizes:
+        torch._check(s >= 0)
+    tail = rows.shape[0] - sum(sizes)
+    torch._check(tail >= 0)
+    parts = torch.split(xs, sizes + [tail])
+    pick = lambda w, e: None if w is None else w[e]  # noqa: E731
+    ys = [_ffn(attrs, parts[e], w_up[e], w_down[e], pick(w_gate, e), pick(b_up, e), pick(b_down, e),
+               pick(b_gate, e)) for e in range(n_exp)]
+    ys.append(parts[n_exp] * 0)  # dropped rows: zeros, as in the reference
+    return torch.cat(ys)
+
+
+def _combine(y, rows, row_w, like):
+    return torch.zeros(like.shape[0], y.shape[1], dtype=y.dtype, device=y.device).index_add(
+        0, rows, y * row_w.to(y.dtype).unsqueeze(-1))
+
+
+def _route(attrs, scores, bias):
+    return route_topk(scores, bias, attrs["k"], attrs["groups"], attrs["kept"], attrs["group_score"])
+
+
+def _fused_moe(attrs, x, w_router, bias, w_up, w_down, w_gate, b_up, b_down, b_gate):
+    logits = F.linear(x.to(attrs["router_dtype"].torch), w_router)
+    scores = torch.softmax(logits, -1) if attrs["score"] == "softmax" else torch.sigmoid(logits)
+    idx, w = _route(attrs, scores, bias)
+    w = scale_weights(w, attrs["normalize"], attrs["scale"])
+    rows, row_w, sizes = _dispatch({"num_experts": w_up.shape[0], **attrs}, idx, w)
+    y = _grouped_ffn(attrs, x, rows, sizes, w_up, w_down, w_gate, b_up, b_down, b_gate)
+    return _combine(y, rows, row_w, x), idx, w
+
+
+_OPS: dict[OpCode, Callable[..., Any]] = {
+    OpCode.FLATTEN_TOKENS: lambda a, x: x.reshape(-1, x.shape[-1]),
+    OpCode.RESTORE_TOKENS: lambda a, y, like: y.reshape(like.shape[0], like.shape[1], y.shape[-1]),
+    OpCode.LINEAR: lambda a, x, w, b: F.linear(x.to(a["out_dtype"].torch), w, b),
+    OpCode.ROUTER_NOISE: lambda a, logits, x, w: logits,  # inference: noise is training-only
+    OpCode.SCORE: lambda a, logits: torch.softmax(logits, -1) if a["fn"] == "softmax" else torch.sigmoid(logits),
+    OpCode.TOPK_ROUTE: _route,
+    OpCode.SCALE_WEIGHTS: lambda a, w: scale_weights(w, a["normalize"], a["scale"]),
+    OpCode.DISPATCH: _dispatch,
+    OpCode.EXPERT_CHOICE_ROUTE: _expert_choice,
+    OpCode.GROUPED_FFN: _grouped_ffn,
+    OpCode.COMBINE: lambda a, y, rows, rw, like: _combine(y, rows, rw, like),
+    OpCode.FFN: _ffn,
+    OpCode.SIGMOID_GATE: lambda a, y, x, w: y * torch.sigmoid(F.linear(x, w)),
+    OpCode.ADD: lambda a, x, y: x + y,
+    OpCode.CONCAT: lambda a, *parts: torch.cat(parts, dim=a["axis"]),
+    OpCode.FUSED_MOE: _fused_moe,
+}
+
+
+class ExportableMoE(nn.Module):
+    """The inference layer as an export-friendly module: forward(x [B,S,H]) -> {"out", routing record}."""
+
+    def __init__(self, graph: Graph, weights: Mapping[str, torch.Tensor]):
+        super().__init__()
+        check_weights(graph, weights)
+        missing = sorted({n.op.value for n in graph.nodes if n.op not in _OPS})
+        if missing:
+            raise BackendError(f"aoti: no exportable implementation of op(s) {', '.join(missing)}")
+        folded = _weight_only(graph)
+        env_names: dict[str, str] = {}
+        # Folded values (and plain weights) become buffers: constants of the package.
+        for i, value in enumerate(v for v in _values_read(graph) if v.name in folded):
+            with torch.no_grad():
+                tensor = _evaluate(value, weights)
+            attr = f"w{i}"
+            self.register_buffer(attr, tensor.detach().clone().contiguous())
+            env_names[value.name] = attr
+        self._env_names = env_names
+        self._plan = [(_OPS[n.op], n.attrs, tuple(None if v is None else v.name for v in n.inputs),
+                       tuple(v.name for v in n.outputs)) for n in graph.nodes
+                      if not all(v.name in folded for v in n.outputs)]
+        self._input = graph.inputs[0].name
+        self._outputs = [(k, v.name) for k, v in graph.outputs.items() if k in OUTPUTS]
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        env: dict[str, Any] = {self._input: x}
+        for name, attr in self._env_names.items():
+            env[name] = getattr(self, attr)
+        for fn, attrs, inputs, outputs in self._plan:
+            result = fn(attrs, *[None if i is None else env[i] for i in inputs])
+            for name, value in zip(outputs, result if isinstance(result, tuple) else (result,)):
+                env[name] = value
+        return {key: env[name] for key, name in self._outputs}
+
+
+def _weight_only(graph: Graph) -> set[str]:
+    names = set(graph.weights)
+    for node in graph.nodes:
+        operands = [v for v in node.inputs if v is not None]
+        if operands and all(v.name in names for v in operands):
+            names.update(v.name for v in node.outputs)
+    return names
+
+
+def _values_read(graph: Graph) -> list[Value]:
+    """Values read by nodes that are not themselves folded, in first-use order."""
+    folded = _weight_only(graph)
+    seen: dict[str, Value] = {}
+    for node in graph.nodes:
+        if all(v.name in folded for v in node.outputs):
+            continue
+        for v in node.inputs:
+            if v is not None and v.name not in seen:
+                seen[v.name] = v
+    return list(seen.values())
+
+
+def _evaluate(value: Value, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    if value.producer is None:
+        return weights[value.name]
+    node = value.producer
+    args = [None if v is None else _evaluate(v, weights) for v in node.inputs]
+    return op_def(node.op).reference(node.attrs, *args)[value.index]
+
+
+# ------------------------------------------------------------------------------------------------
+# export, compile, load
+
+
+def _lowered(graph: Graph) -> Graph:
+    return run_pipeline(from_json(to_json(graph)), PIPELINE)
+
+
+def export_program(graph: Graph, weights: Mapping[str, torch.Tensor]) -> torch.export.ExportedProgram:
+    """torch.export of the layer with B and S dynamic."""
+    module = ExportableMoE(_lowered(graph), weights).eval()
+    hidden = graph.inputs[0].type.shape[-1]
+    dtype = graph.inputs[0].type.dtype.torch
+    # Example sizes above 1: export specialises dims whose example size is 0 or 1.
+    example = torch.randn(2, 3, hidden, dtype=dtype)
+    dims = {"x": {0: torch.export.Dim("B", min=1, max=1 << 20), 1: torch.export.Dim("S", min=1, max=1 << 20)}}
+    try:
+        with torch.no_grad():
+            return torch.export.export(module, (example,), dynamic_shapes=dims, strict=False)
+    except Exception as err:
+        raise BackendError(f"aoti: torch.export failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}") from None
+
+
+def compile_package(graph: Graph, weights: Mapping[str, torch.Tensor], path: Path,
+                    progress: Progress | None = None) -> Path:
+    """Export and compile to `path` (.pt2) through a temp file renamed into place."""
+    from ..params import atomic_write
+
+    if progress is not None:
+        progress("export", 0, 2)
+    program = export_program(graph, weights)
+    if progress is not None:
+        progress("compile", 1, 2)
+
+    def write(tmp: str) -> None:
+        # aoti_compile_and_package insists on a .pt2 suffix; compile next to the target, then move.
+        staged = tmp + ".pt2"
+        try:
+            torch._inductor.aoti_compile_and_package(program, package_path=staged)
+            os.replace(staged, tmp)
+        finally:
+            if os.path.exists(staged):
+                os.unlink(staged)
+
+    try:
+        out = atomic_write(path, write)
+    except BackendError:
+        raise
+    except Exception as err:
+        raise BackendError(f"aoti: compilation failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}") from None
+    if progress is not None:
+        progress("done", 2, 2)
+    return out
+
+
+def load_runner(path: str | Path) -> Runner:
+    """Run a .pt2 package: x [B,S,H] -> outputs by name."""
+    path = Path(path)
+    if not path.exists():
+        raise BackendError(f"{path}: no such AOTInductor package")
+    try:
+        compiled = torch._inductor.aoti_load_package(str(path))
+    except Exception as err:
+        raise BackendError(f"{path}: not a loadable AOTInductor package ({type(err).__name__}); rebuild it with "
+                           f"`moe-ir build --backend aoti`") from None
+
+    def run(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.dim() != 3:
+            raise BackendError(f"aoti runner: x must be [B, S, H], got {list(x.shape)}")
+        try:
+            with torch.no_grad():
+                return dict(compiled(x.contiguous()))
+        except Exception as err:
+            raise BackendError(f"aoti runner failed on x {list(x.shape)}: {str(err).strip()[:300]}") from None
+
+    return run
+
+
+class AotiBackend(Backend):
+    name = "aoti"
+    summary = "torch.export + AOTInductor: one .pt2 package (dynamic B,S) that runs with torch alone"
+    pipeline = PIPELINE
+
+    def supports(self, graph: Graph) -> tuple[bool, str]:
+        if any(n.op == OpCode.BALANCE_LOSS for n in _lowered(graph).nodes):
+            return False, "balance losses are training outputs; aoti packages inference graphs"
+        missing = sorted({n.op.value for n in graph.nodes if n.op not in _OPS and n.op != OpCode.BALANCE_LOSS})
+        if missing:
+            return False, f"no exportable implementation of op(s) {', '.join(missing)}"
+        return True, ""
+
+    def prepare(self, graph: Graph, weights: Mapping[str, torch.Tensor], *, package: str | Path | None = None,
+                **options: Any) -> Runner:
+        """Compile to a temp package and load it (~25 s on CPU); `package=` reuses an existing .pt2."""
+        if package is not None:
+            return load_runner(package)
+        with tempfile.TemporaryDirectory(prefix="moe-ir-aoti-") as tmp:
+            path = compile_package(graph, weights, Path(tmp) / "layer.pt2")
+            return load_runner(path)
+
+    def build(self, spec: LayerSpec, graph: Graph, weights: Mapping[str, torch.Tensor], out_dir: Path, *,
+              progress: Progress | None = None, **options: Any) -> BuildResult:
+        ok, reason = self.supports(graph)
+        if not ok:
+            raise BackendError(f"aoti cannot package spec '{spec.name}': {reason}")
+        path = compile_package(graph, weights, Path(out_dir) / f"{spec.name}.pt2", progress)
+        return BuildResult(files=[path], notes=["load with torch._inductor.aoti_load_package(path) (torch only); "
+                                                "call it with x [B, S, H]; returns {'out', routing record}"])

@@ -1,0 +1,626 @@
+"""IR graph -> ONNX model, emitted node by node from the IR (no tracing), in three flavours.
+
+Each IR node becomes one or more ONNX nodes. The ONNX node that produces an IR value carries the IR
+node's name; helper nodes are named `<ir node>/<part>`, so every ONNX node maps back to the IR node it
+came from by the text before the first '/'. Tensor names are the IR value names; graph outputs are
+named by the IR's output keys (`out`, `expert_idx`, `weights`, `rows`).
+
+Weights: graph weights become initializers under their canonical names. Weight-only subgraphs that
+passes leave behind (CONCAT/ADD nodes on weights from fuse-shared-experts and fuse-gate-up) are folded
+here: they are evaluated once with the reference semantics and written as one initializer named by the
+IR value, so the exported model computes nothing on weights at run time. Initializers are produced
+lazily (one at a time) so that writing external data never holds more than the given weights plus the
+largest folded tensor.
+
+Flavours:
+  portable  standard ONNX (opset 18) only. Routing with TopK/GatherElements/ScatterElements. Dispatch is
+            a stable sort of the T*k assignments by expert, done with TopK(largest=0) on the unique
+            int64 key `expert * A + assignment` (ONNX TopK has no stable sort of equal keys, unique keys
+            make it unnecessary). Capacity dropping follows the reference (score or position rule).
+            Expert FFNs are unrolled per expert: Split the gathered rows by the dynamic group sizes
+            (plus one trailing group of dropped rows), one Gemm chain per expert, Concat back. Each
+            expert's weights are their own initializers, named `<stacked weight>[e]` (e.g.
+            `experts.w_down[3]`), sliced at export: a Gather on the stacked initializer would either
+            copy the expert's weights on every run or, folded by ONNX Runtime at session creation,
+            take minutes and twice the memory for a 2 GB layer (measured: 286 s to load).
+            Unrolled rather than Loop because every slice keeps a static weight and a dynamic row
+            count, which ONNX Runtime runs with no per-run copies; at 256 experts this is ~2.5k
+            nodes, which loads in seconds.
+            Combine is ScatterND(reduction=add) of the weighted rows into zeros [T, H]. Expert-choice
+            routing is TopK over tokens per expert with a dynamic k. Nothing builds a tokens x experts
+            x hidden tensor.
+  ort       as portable, except that dispatch -> expert FFNs -> combine becomes ONNX Runtime's
+            com.microsoft.MoE. The routing is computed with ordinary ops (so sigmoid scores, bias
+            correction, group limits and scaling all work) and fed to the op as router_probs =
+            log(w) at the chosen experts and -inf elsewhere with normalize_routing_weights=1: the op's
+            softmax over those gives w / sum(w), and the output is multiplied back by sum(w). SwiGLU
+            weights are stored interleaved (gate row, up row, ...) with swiglu_fusion=1, the only
+            layout the CPU kernel implements.
+  plugin    the FUSED_MOE node becomes one `moe_ir::FusedMoE` node (see plugin_op.py); everything
+            else as portable.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from ...errors import BackendError
+from ...ir import ElemType, Graph, Node, OpCode, Value, WeightLayout, op_def
+from ...spec import Activation, DropRule, GroupScore, ScoreFn
+from . import plugin_op
+
+OPSET = 18  # Split(num_outputs), ReduceMax with axes as input; ONNX Runtime, TensorRT and onnx 1.14+ take it
+MS_DOMAIN = "com.microsoft"
+CONTRIB_DOMAIN = "ai.onnx.contrib"  # the only domain onnxruntime-extensions' Python ops register in
+
+
+class Flavour(enum.StrEnum):
+    PORTABLE = "portable"
+    ORT = "ort"
+    PLUGIN = "plugin"
+
+
+PIPELINES: dict[Flavour, tuple[str, ...]] = {
+    Flavour.PORTABLE: ("strip-training-outputs", "fuse-shared-experts", "fuse-gate-up", "dce"),
+    Flavour.ORT: ("strip-training-outputs", "fuse-shared-experts", "fuse-gate-up", "dce"),
+    Flavour.PLUGIN: ("strip-training-outputs", "fuse-shared-experts", "fuse-moe", "fuse-gate-up", "dce"),
+}
+
+_ONNX_DTYPE = {ElemType.FLOAT32: TensorProto.FLOAT, ElemType.INT64: TensorProto.INT64,
+               ElemType.FLOAT16: TensorProto.FLOAT16, ElemType.BFLOAT16: TensorProto.BFLOAT16,
+               ElemType.FLOAT64: TensorProto.DOUBLE}
+_ORT_ACTIVATIONS = {Activation.SWIGLU: "swiglu", Activation.RELU: "relu"}
+
+
+# ------------------------------------------------------------------------------------------------
+# support
+
+
+def supports(graph: Graph, flavour: Flavour | str) -> tuple[bool, str]:
+    """(ok, reason) for a graph that already went through PIPELINES[flavour]."""
+    flavour = Flavour(flavour)
+    for v in list(graph.inputs) + list(graph.weights.values()):
+        if v.type.dtype != ElemType.FLOAT32:
+            return False, (f"the onnx backend exports float32 graphs only ({v.name} is {v.type.dtype.value}; "
+                           f"ONNX Runtime's CPU kernels lack bf16/f16 MatMul and TopK)")
+    for node in graph.nodes:
+        if node.op == OpCode.BALANCE_LOSS:
+            return False, "balance losses are training outputs; the onnx backend exports inference graphs"
+        if node.op == OpCode.FUSED_MOE and flavour != Flavour.PLUGIN:
+            return False, f"node {node.name}: fused_moe lowers only in the plugin flavour"
+    if flavour == Flavour.ORT:
+        return _ort_supports(graph)
+    if flavour == Flavour.PLUGIN:
+        fused = graph.find(OpCode.FUSED_MOE)
+        if len(fused) != 1:
+            routed = graph.find(OpCode.EXPERT_CHOICE_ROUTE) or graph.find(OpCode.ROUTER_NOISE)
+            why = (f"{routed[0].op.value} is not fusable" if routed else "fuse-moe did not apply")
+            return False, f"the plugin flavour needs the routed path as one fused_moe node ({why})"
+        return plugin_op.plugin_supports(fused[0])
+    return True, ""
+
+
+def _ort_supports(graph: Graph) -> tuple[bool, str]:
+    if graph.find(OpCode.EXPERT_CHOICE_ROUTE):
+        return False, "com.microsoft.MoE routes tokens to experts; expert-choice routing does not fit it"
+    for combine in graph.find(OpCode.COMBINE):
+        try:
+            disp, ffn = _moe_chain(graph, combine)
+        except BackendError as err:
+            return False, str(err)
+        if disp.attrs["capacity_factor"] is not None:
+            return False, (f"com.microsoft.MoE is dropless; capacity factor {disp.attrs['capacity_factor']} "
+                           f"is not supported")
+        act = ffn.attrs["activation"]
+        if act == Activation.GEGLU:
+            return False, "com.microsoft.MoE implements GEGLU on CUDA only (the CPU kernel has SwiGLU)"
+        if act == Activation.GELU:
+            return False, ("com.microsoft.MoE's CPU gelu is an approximation (max error ~2e-4 against the erf "
+                           "GELU of the spec), beyond the float32 tolerance")
+        if act.gated and ffn.attrs["weight_layout"] != WeightLayout.GATE_UP_FUSED:
+            return False, "com.microsoft.MoE takes gate/up fused weights; run fuse-gate-up before lowering"
+    return True, ""
+
+
+def _moe_chain(graph: Graph, combine: Node) -> tuple[Node, Node]:
+    """(dispatch, grouped_ffn) feeding `combine`, when nothing else reads the dispatched rows."""
+    ffn, disp = combine.inputs[0].producer, combine.inputs[1].producer
+    if ffn is None or ffn.op != OpCode.GROUPED_FFN or disp is None or disp.op != OpCode.DISPATCH:
+        raise BackendError(f"node {combine.name}: com.microsoft.MoE needs dispatch -> grouped_ffn -> combine")
+    for v in (*disp.outputs, ffn.outputs[0]):
+        if graph.is_graph_output(v) or any(u is not ffn and u is not combine for u in graph.users(v)):
+            raise BackendError(f"node {combine.name}: {v.name} is used outside the routed path, which "
+                               f"com.microsoft.MoE hides")
+    return disp, ffn
+
+
+# ------------------------------------------------------------------------------------------------
+# lowering
+
+
+Thunk = Callable[[], torch.Tensor]
+
+
+@dataclass
+class LoweredModel:
+    """An ONNX model without initializer data, plus one thunk per initializer (called when written)."""
+
+    model: onnx.ModelProto
+    initializers: dict[str, Thunk] = field(default_factory=dict)
+
+    def initializer_bytes(self) -> int:
+        return sum(_nbytes(t) for t in self.initializers.values())
+
+
+def _nbytes(thunk: Thunk) -> int:
+    return getattr(thunk, "nbytes", 0)
+
+
+class _Emitter:
+    """Collects ONNX nodes and small constants; hands out unique tensor names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.constants: dict[str, np.ndarray] = {}
+        self._used: set[str] = set()
+        self.prefix = ""
+
+    def _fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self._used:
+            i += 1
+            name = f"{base}_{i}"
+        self._used.add(name)
+        return name
+
+    def const(self, value, dtype=np.int64, hint: str = "c") -> str:
+        name = self._fresh(f"{self.prefix}/{hint}")
+        self.constants[name] = np.asarray(value, dtype=dtype)
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, *, out: list[str] | str | None = None,
+           domain: str = "", name: str | None = None, **attrs) -> list[str] | str:
+        if out is None:
+            outs = [self._fresh(f"{self.prefix}/{op_type}") for _ in range(n_out)]
+        else:
+            outs = [out] if isinstance(out, str) else list(out)
+            self._used.update(outs)
+        node_name = name or self._fresh(f"{self.prefix}/{op_type}#node")
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=node_name, domain=domain, **attrs))
+        return outs[0] if len(outs) == 1 and n_out == 1 and not isinstance(out, list) else outs
+
+
+def lower(graph: Graph, weights: Mapping[str, torch.Tensor], flavour: Flavour | str) -> LoweredModel:
+    """The ONNX model for a graph that went through PIPELINES[flavour] (supports() must hold)."""
+    flavour = Flavour(flavour)
+    ok, reason = supports(graph, flavour)
+    if not ok:
+        raise BackendError(f"onnx/{flavour.value}: {reason}")
+    lowering = _Lowering(graph, weights, flavour)
+    return lowering.run()
+
+
+class _Lowering:
+    def __init__(self, graph: Graph, weights: Mapping[str, torch.Tensor], flavour: Flavour):
+        self.graph = graph
+        self.weights = weights
+        self.flavour = flavour
+        self.em = _Emitter()
+        self.thunks: dict[str, Thunk] = {}
+        self.folded = self._weight_only_values()
+
+    # -- weights --------------------------------------------------------------------------------
+
+    def _weight_only_values(self) -> set[str]:
+        """Names of values computed from weights alone (graph weights included)."""
+        names = set(self.graph.weights)
+        for node in self.graph.nodes:
+            operands = [v for v in node.inputs if v is not None]
+            if operands and all(v.name in names for v in operands):
+                names.update(v.name for v in node.outputs)
+        return names
+
+    def _evaluate(self, value: Value) -> torch.Tensor:
+        if value.producer is None:
+            if value.name not in self.weights:
+                raise BackendError(f"weight {value.name!r} was not given")
+            return self.weights[value.name].detach().to(torch.float32).cpu()
+        node = value.producer
+        args = [None if v is None else self._evaluate(v) for v in node.inputs]
+        with torch.no_grad():
+            return op_def(node.op).reference(node.attrs, *args)[value.index]
+
+    def _evaluate_slice(self, value: Value, e: int) -> torch.Tensor:
+        """value[e] for a stacked expert weight, without building the whole folded tensor."""
+        node = value.producer
+        if node is None:
+            return self._evaluate(value)[e].contiguous()
+        if node.op == OpCode.CONCAT and node.attrs["axis"] >= 1:
+            parts = [self._evaluate_slice(v, e) for v in node.inputs]
+            return torch.cat(parts, dim=node.attrs["axis"] - 1)
+        if node.op == OpCode.ADD:
+            return self._evaluate_slice(node.inputs[0], e) + self._evaluate_slice(node.inputs[1], e)
+        return self._evaluate(value)[e].contiguous()
+
+    def _evaluate_gate_up(self, value: Value) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The fused gate/up weight, as its (gate, up) parts when it is a two-part concat (saves a copy)."""
+        node = value.producer
+        if node is not None and node.op == OpCode.CONCAT and len(node.inputs) == 2 and node.attrs["axis"] == 1:
+            return self._evaluate(node.inputs[0]), self._evaluate(node.inputs[1])
+        return self._evaluate(value)
+
+    def weight(self, value: Value, transform: Callable | None = None, name: str | None = None,
+               evaluate: Callable | None = None) -> str:
+        """Name of an initializer holding `value` (folded when computed), optionally transformed."""
+        name = name or value.name
+        if name not in self.thunks:
+            def thunk(value=value, transform=transform, evaluate=evaluate or self._evaluate):
+                t = evaluate(value)
+                return transform(t) if transform is not None else t
+
+            shape = value.type.shape[1:] if name.endswith("]") else value.type.shape  # "name[e]": one slice
+            thunk.nbytes = math.prod(int(d) for d in shape) * 4  # float32 only (supports())
+            self.thunks[name] = thunk
+        return name
+
+    def operand(self, value: Value | None) -> str:
+        if value is None:
+            return ""
+        if value.name in self.folded:
+            return self.weight(value)
+        return value.name
+
+    # -- driver ---------------------------------------------------------------------------------
+
+    def run(self) -> LoweredModel:
+        g = self.graph
+        for node in g.nodes:
+            if all(v.name in self.folded for v in node.outputs):
+                continue  # folded into an initializer where it is used
+            self.em.prefix = node.name
+            lower_fn = getattr(self, f"_lower_{node.op.value}", None)
+            if lower_fn is None:
+                raise BackendError(f"node {node.name}: op {node.op.value} has no ONNX lowering")
+            lower_fn(node)
+        outputs = []
+        for key, value in g.outputs.items():
+            src = self.operand(value)
+            if src != key:
+                self.em.prefix = key
+                self.em.op("Identity", [src], out=key, name=f"{key}/output")
+            outputs.append(helper.make_tensor_value_info(key, _ONNX_DTYPE[value.type.dtype], _dims(value.type.shape)))
+        x = g.inputs[0]
+        inputs = [helper.make_tensor_value_info(v.name, _ONNX_DTYPE[v.type.dtype], _dims(v.type.shape))
+                  for v in g.inputs]
+        consts = [onnx.numpy_helper.from_array(arr, name) for name, arr in self.em.constants.items()]
+        onnx_graph = helper.make_graph(self.em.nodes, g.name, inputs, outputs, initializer=consts)
+        opsets = [helper.make_opsetid("", OPSET)]
+        if any(n.domain == MS_DOMAIN for n in self.em.nodes):
+            opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
+        if any(n.domain == plugin_op.DOMAIN for n in self.em.nodes):
+            opsets.append(helper.make_opsetid(plugin_op.DOMAIN, 1))
+        model = helper.make_model(onnx_graph, opset_imports=opsets, producer_name="moe-ir")
+        model.ir_version = 9  # readable by onnxruntime >= 1.16 and the TensorRT parser
+        meta = {"moe_ir.flavour": self.flavour.value, "moe_ir.pipeline": str(g.meta.get("pipeline", "")),
+                "moe_ir.spec_hash": str(g.meta.get("spec_hash", "")), "moe_ir.hidden": str(x.type.shape[-1])}
+        for k, v in meta.items():
+            model.metadata_props.add(key=k, value=v)
+        used = {i for n in self.em.nodes for i in n.input}
+        return LoweredModel(model, {k: t for k, t in self.thunks.items() if k in used})
+
+    # -- shape helpers --------------------------------------------------------------------------
+
+    def rows_of(self, tensor: str) -> str:
+        """[1] int64: the leading (dynamic) dimension of `tensor`."""
+        return self.em.op("Shape", [tensor], start=0, end=1)
+
+    def scalar(self, vec1: str) -> str:
+        return self.em.op("Squeeze", [vec1])
+
+    def zeros(self, shape: str, dtype=TensorProto.FLOAT, fill: float = 0.0) -> str:
+        return self.em.op("ConstantOfShape", [shape], value=helper.make_tensor("v", dtype, [1], [fill]))
+
+    # -- ops ------------------------------------------------------------------------------------
+
+    def _lower_flatten_tokens(self, node: Node) -> None:
+        h = node.outputs[0].type.shape[1]
+        self.em.op("Reshape", [self.operand(node.inputs[0]), self.em.const([-1, h])], out=node.outputs[0].name,
+                   name=node.name)
+
+    def _lower_restore_tokens(self, node: Node) -> None:
+        y, like = node.inputs
+        lead = self.em.op("Shape", [self.operand(like)], start=0, end=2)
+        shape = self.em.op("Concat", [lead, self.em.const([y.type.shape[1]])], axis=0)
+        self.em.op("Reshape", [self.operand(y), shape], out=node.outputs[0].name, name=node.name)
+
+    def _lower_linear(self, node: Node) -> None:
+        x, w, b = node.inputs
+        ins = [self.operand(x), self.operand(w)] + ([self.operand(b)] if b is not None else [])
+        self.em.op("Gemm", ins, out=node.outputs[0].name, name=node.name, transB=1)
+
+    def _lower_router_noise(self, node: Node) -> None:
+        # Noise is a training-time perturbation; an inference export is the identity (as the reference).
+        self.em.op("Identity", [self.operand(node.inputs[0])], out=node.outputs[0].name, name=node.name)
+
+    def _lower_score(self, node: Node) -> None:
+        op = "Softmax" if node.attrs["fn"] == ScoreFn.SOFTMAX else "Sigmoid"
+        kw = {"axis": -1} if op == "Softmax" else {}
+        self.em.op(op, [self.operand(node.inputs[0])], out=node.outputs[0].name, name=node.name, **kw)
+
+    def _lower_topk_route(self, node: Node) -> None:
+        em, a = self.em, node.attrs
+        scores, bias = node.inputs
+        scores_n = self.operand(scores)
+        select = em.op("Add", [scores_n, self.operand(bias)]) if bias is not None else scores_n
+        e = scores.type.shape[1]
+        if a["groups"] > 1:
+            groups = a["groups"]
+            grouped = em.op("Reshape", [select, em.const([0, groups, e // groups])])
+            if a["group_score"] == GroupScore.MAX:
+                gscore = em.op("ReduceMax", [grouped, em.const([-1])], keepdims=0)
+            else:
+                top2 = em.op("TopK", [grouped, em.const([2])], 2, axis=-1)[0]
+                gscore = em.op("ReduceSum", [top2, em.const([-1])], keepdims=0)
+            keep = em.op("TopK", [gscore, em.const([a["kept"]])], 2, axis=-1)[1]
+            ones = em.op("ConstantOfShape", [em.op("Shape", [keep])],
+                         value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0]))
+            mask = em.op("ScatterElements", [self.zeros(em.op("Shape", [gscore])), keep, ones], axis=1)
+            keep_mask = em.op("Cast", [em.op("Unsqueeze", [mask, em.const([-1])])], to=TensorProto.BOOL)
+            # -inf, not 0: a biased score can be negative and must still lose to every kept expert.
+            masked = em.op("Where", [keep_mask, grouped, em.const(-np.inf, np.float32, "neg_inf")])
+            select = em.op("Reshape", [masked, em.const([0, e])])
+        idx = em.op("TopK", [select, em.const([a["k"]])], 2, axis=-1, largest=1, sorted=1)[1]
+        em.op("Identity", [idx], out=node.outputs[0].name, name=node.name)
+        em.op("GatherElements", [scores_n, idx], out=node.outputs[1].name, axis=1)
+
+    def _lower_scale_weights(self, node: Node) -> None:
+        em, a = self.em, node.attrs
+        w = self.operand(node.inputs[0])
+        if a["normalize"]:
+            total = em.op("ReduceSum", [w, em.const([-1])], keepdims=1)
+            w = em.op("Div", [w, em.op("Add", [total, em.const(1e-20, np.float32)])])
+        em.op("Mul", [w, em.const(a["scale"], np.float32, "scale")], out=node.outputs[0].name, name=node.name)
+
+    def _lower_dispatch(self, node: Node) -> None:
+        if self.flavour == Flavour.ORT:
+            return  # com.microsoft.MoE dispatches internally; the combine node emits it
+        em, a = self.em, node.attrs
+        idx, w = (self.operand(v) for v in node.inputs)
+        k = node.inputs[0].type.shape[1]
+        n_exp = a["num_experts"]
+        flat_e = em.op("Reshape", [idx, em.const([-1])])
+        flat_w = em.op("Reshape", [w, em.const([-1])])
+        n_assign = em.op("Shape", [flat_e])                   # [1]: A = T*k
+        n_assign_s = self.scalar(n_assign)
+        arange = em.op("Range", [em.const(0), n_assign_s, em.const(1)])
+
+        def sort_by(key: str) -> str:
+            """Permutation sorting int64 `key` ascending; keys are unique, so the order is total."""
+            return em.op("TopK", [key, n_assign], 2, axis=0, largest=0, sorted=1)[1]
+
+        def unique_key(major: str, minor: str) -> str:
+            return em.op("Add", [em.op("Mul", [major, n_assign_s]), minor])
+
+        if a["capacity_factor"] is None:
+            key = flat_e
+            kept_sorted = None
+            order = sort_by(unique_key(flat_e, arange))
+        else:
+            if a["drop_rule"] == DropRule.POSITION:
+                # GShard priority: slot-major, then token: rank of assignment t*k+j is j*T + t.
+                n_tok = em.op("Div", [n_assign_s, em.const(k)])
+                rank = em.op("Add", [em.op("Mul", [em.op("Mod", [arange, em.const(k)]), n_tok]),
+                                     em.op("Div", [arange, em.const(k)])])
+                by_priority = sort_by(unique_key(flat_e, rank))
+            else:
+                # Highest weight first within each expert (TopK keeps lower indices first on ties,
+                # the reference's stable order), then regroup by expert keeping that order.
+                by_weight = em.op("TopK", [flat_w, n_assign], 2, axis=0, largest=1, sorted=1)[1]
+                regroup = sort_by(unique_key(em.op("Gather", [flat_e, by_weight]), arange))
+                by_priority = em.op("Gather", [by_weight, regroup])
+            capacity = self._capacity(n_assign, a["capacity_factor"], n_exp)
+            sorted_e = em.op("Gather", [flat_e, by_priority])
+            counts = self._bincount(flat_e, n_assign, n_exp)
+            starts = em.op("CumSum", [counts, em.const(0)], exclusive=1)
+            position = em.op("Sub", [arange, em.op("Gather", [starts, sorted_e])])
+            kept_by_priority = em.op("Cast", [em.op("Less", [position, capacity])], to=TensorProto.INT64)
+            kept = em.op("ScatterElements", [self.zeros(n_assign, TensorProto.INT64), by_priority, kept_by_priority],
+                         axis=0)
+            kept_b = em.op("Cast", [kept], to=TensorProto.BOOL)
+            # Dropped assignments sort after every expert's group (key E), as in the reference.
+            key = em.op("Where", [kept_b, flat_e, em.const(n_exp)])
+            order = sort_by(unique_key(key, arange))
+            kept_sorted = em.op("Gather", [kept_b, order])
+        em.op("Div", [order, em.const(k)], out=node.outputs[0].name, name=node.name)
+        row_w = em.op("Gather", [flat_w, order])
+        if kept_sorted is not None:
+            row_w = em.op("Where", [kept_sorted, row_w, em.const(0.0, np.float32)])
+        em.op("Identity", [row_w], out=node.outputs[1].name)
+        sizes = self._bincount(key, n_assign, n_exp + 1)
+        em.op("Slice", [sizes, em.const([0]), em.const([n_exp])], out=node.outputs[2].name)
+
+    def _capacity(self, n_assign: str, factor: float, n_exp: int) -> str:
+        """[1] int64: max(1, ceil(factor * A / E)), computed in double as the reference does."""
+        em = self.em
+        a = em.op("Cast", [n_assign], to=TensorProto.DOUBLE)
+        cap = em.op("Ceil", [em.op("Div", [em.op("Mul", [a, em.const(factor, np.float64)]),
+                                           em.const(float(n_exp), np.float64)])])
+        return em.op("Max", [em.op("Cast", [cap], to=TensorProto.INT64), em.const([1])])
+
+    def _bincount(self, keys: str, n_assign: str, length: int) -> str:
+        em = self.em
+        ones = em.op("ConstantOfShape", [n_assign], value=helper.make_tensor("v", TensorProto.INT64, [1], [1]))
+        return em.op("ScatterElements", [self.zeros(em.const([length]), TensorProto.INT64), keys, ones], axis=0,
+                     reduction="add")
+
+    def _lower_expert_choice_route(self, node: Node) -> None:
+        em, a = self.em, node.attrs
+        scores = self.operand(node.inputs[0])
+        n_exp = node.inputs[0].type.shape[1]
+        n_tok = self.rows_of(scores)
+        tk = em.op("Cast", [em.op("Mul", [n_tok, em.const([a["top_k"]])])], to=TensorProto.DOUBLE)
+        cap = em.op("Ceil", [em.op("Div", [em.op("Mul", [tk, em.const(a["capacity_factor"], np.float64)]),
+                                           em.const(float(n_exp), np.float64)])])
+        cap = em.op("Min", [em.op("Max", [em.op("Cast", [cap], to=TensorProto.INT64), em.const([1])]), n_tok])
+        by_expert = em.op("Transpose", [scores], perm=[1, 0])
+        values, tokens = em.op("TopK", [by_expert, cap], 2, axis=-1, largest=1, sorted=1)
+        em.op("Reshape", [tokens, em.const([-1])], out=node.outputs[0].name, name=node.name)
+        em.op("Reshape", [values, em.const([-1])], out=node.outputs[1].name)
+        em.op("Expand", [cap, em.const([n_exp])], out=node.outputs[2].name)
+
+    def _ffn(self, x: str, node: Node, w: dict[str, str | None], out: str | None = None) -> str:
+        """One FFN on rows `x` with [F,H]/[H,F] weights (names of tensors; None = absent)."""
+        em = self.em
+        act = node.attrs["activation"]
+        fused = act.gated and node.attrs["weight_layout"] == WeightLayout.GATE_UP_FUSED
+
+        def linear(inp: str, weight: str, bias: str | None) -> str:
+            return em.op("Gemm", [inp, weight] + ([bias] if bias else []), transB=1)
+
+        if fused:
+            gate, up = em.op("Split", [linear(x, w["w_up"], w["b_up"])], 2, axis=1, num_outputs=2)
+        else:
+            up = linear(x, w["w_up"], w["b_up"])
+            gate = linear(x, w["w_gate"], w["b_gate"]) if act.gated else None
+        if act == Activation.SWIGLU:
+            hidden = em.op("Mul", [em.op("Mul", [gate, em.op("Sigmoid", [gate])]), up])
+        elif act == Activation.GEGLU:
+            hidden = em.op("Mul", [self._gelu(gate), up])
+        elif act == Activation.GELU:
+            hidden = self._gelu(up)
+        else:
+            hidden = em.op("Relu", [up])
+        ins = [hidden, w["w_down"]] + ([w["b_down"]] if w["b_down"] else [])
+        return em.op("Gemm", ins, transB=1, **({"out": out} if out else {}))
+
+    def _gelu(self, x: str) -> str:
+        # Erf form: the spec's GELU is PyTorch's exact one (opset 20's Gelu would pin a newer opset).
+        em = self.em
+        erf = em.op("Erf", [em.op("Mul", [x, em.const(1 / math.sqrt(2), np.float32)])])
+        return em.op("Mul", [em.op("Mul", [x, em.const(0.5, np.float32)]), em.op("Add", [erf, em.const(1.0, np.float32)])])
+
+    def _weight_operands(self, node: Node) -> dict[str, Value | None]:
+        return {k: node.input(k) for k in ("w_up", "w_down", "w_gate", "b_up", "b_down", "b_gate")}
+
+    def _lower_ffn(self, node: Node) -> None:
+        w = {k: (self.operand(v) if v is not None else None) for k, v in self._weight_operands(node).items()}
+        self._ffn(self.operand(node.inputs[0]), node, w, out=node.outputs[0].name)
+
+    def _lower_grouped_ffn(self, node: Node) -> None:
+        if self.flavour == Flavour.ORT:
+            return  # part of com.microsoft.MoE, emitted at the combine node
+        em = self.em
+        x, rows, sizes = (self.operand(v) for v in node.inputs[:3])
+        weights = self._weight_operands(node)
+        n_exp = int(weights["w_up"].type.shape[0])
+        gathered = em.op("Gather", [x, rows], axis=0)                 # [A, H]
+        n_rows = self.rows_of(gathered)
+        dropped = em.op("Sub", [n_rows, em.op("ReduceSum", [sizes, em.const([0])], keepdims=1)])
+        split = em.op("Concat", [sizes, dropped], axis=0)              # E groups, then dropped rows
+        parts = em.op("Split", [gathered, split], n_exp + 1, axis=0)
+        outs = []
+        for e in range(n_exp):
+            em.prefix = f"{node.name}/expert{e}"
+            w = {}
+            for key, value in weights.items():
+                w[key] = None if value is None else self.weight(
+                    value, name=f"{value.name}[{e}]", evaluate=lambda v, e=e: self._evaluate_slice(v, e))
+            outs.append(self._ffn(parts[e], node, w))
+        em.prefix = node.name
+        # Dropped rows (past every group) are zeros, as in the reference.
+        tail = em.op("Mul", [parts[n_exp], em.const(0.0, np.float32)])
+        em.op("Concat", outs + [tail], axis=0, out=node.outputs[0].name, name=node.name)
+
+    def _lower_combine(self, node: Node) -> None:
+        em = self.em
+        if self.flavour == Flavour.ORT:
+            self._lower_ort_moe(node)
+            return
+        y, rows, row_w, like = (self.operand(v) for v in node.inputs)
+        hidden = node.outputs[0].type.shape[1]
+        shape = em.op("Concat", [self.rows_of(like), em.const([hidden])], axis=0)
+        weighted = em.op("Mul", [y, em.op("Unsqueeze", [row_w, em.const([1])])])
+        em.op("ScatterND", [self.zeros(shape), em.op("Unsqueeze", [rows, em.const([1])]), weighted],
+              out=node.outputs[0].name, name=node.name, reduction="add")
+
+    def _lower_ort_moe(self, combine: Node) -> None:
+        em = self.em
+        disp, ffn = _moe_chain(self.graph, combine)
+        idx, w = (self.operand(v) for v in disp.inputs)
+        tokens = self.operand(ffn.inputs[0])
+        k = disp.inputs[0].type.shape[1]
+        n_exp = disp.attrs["num_experts"]
+        act = ffn.attrs["activation"]
+        em.prefix = ffn.name
+        # log(w) at the chosen experts, -inf elsewhere: the op's softmax over them gives w / sum(w).
+        probs_shape = em.op("Concat", [self.rows_of(tokens), em.const([n_exp])], axis=0)
+        neg_inf = self.zeros(probs_shape, fill=-np.inf)
+        log_w = em.op("Log", [em.op("Max", [w, em.const(1e-30, np.float32)])])
+        probs = em.op("ScatterElements", [neg_inf, idx, log_w], axis=1)
+        ops = self._weight_operands(ffn)
+        if act.gated:
+            fc1 = self.weight(ops["w_up"], _interleave_gate_up, name=f"{ffn.name}.fc1_interleaved",
+                              evaluate=self._evaluate_gate_up)
+            fc1_b = (self.weight(ops["b_up"], _interleave_gate_up, name=f"{ffn.name}.fc1_bias_interleaved")
+                     if ops["b_up"] is not None else "")
+            attrs = {"activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0,
+                     "activation_beta": 0.0}
+        else:
+            fc1 = self.operand(ops["w_up"])
+            fc1_b = self.operand(ops["b_up"])
+            attrs = {"activation_type": _ORT_ACTIVATIONS[act]}
+        ins = [tokens, probs, fc1, fc1_b, self.operand(ops["w_down"]), self.operand(ops["b_down"])]
+        while ins[-1] == "":
+            ins.pop()
+        moe = em.op("MoE", ins, domain=MS_DOMAIN, name=ffn.name, k=k, normalize_routing_weights=1, **attrs)
+        em.prefix = combine.name
+        total = em.op("ReduceSum", [w, em.const([-1])], keepdims=1)
+        em.op("Mul", [moe, total], out=combine.outputs[0].name, name=combine.name)
+
+    def _lower_sigmoid_gate(self, node: Node) -> None:
+        em = self.em
+        y, x, w = (self.operand(v) for v in node.inputs)
+        gate = em.op("Sigmoid", [em.op("Gemm", [x, w], transB=1)])
+        em.op("Mul", [y, gate], out=node.outputs[0].name, name=node.name)
+
+    def _lower_add(self, node: Node) -> None:
+        self.em.op("Add", [self.operand(v) for v in node.inputs], out=node.outputs[0].name, name=node.name)
+
+    def _lower_concat(self, node: Node) -> None:
+        self.em.op("Concat", [self.operand(v) for v in node.inputs], out=node.outputs[0].name, name=node.name,
+                   axis=node.attrs["axis"])
+
+    def _lower_fused_moe(self, node: Node) -> None:
+        em = self.em
+        attrs = plugin_op.FusedMoEAttrs.from_node(node).encode()
+        bias = node.input("bias")
+        if bias is not None:
+            bias_name = self.operand(bias)
+        else:
+            n_exp = int(node.input("w_router").type.shape[0])
+            bias_name = em.const(np.zeros(n_exp, np.float32), np.float32, "bias_zeros")
+        ins = [self.operand(node.input("x")), self.operand(node.input("w_router")), bias_name,
+               self.operand(node.input("w_up")), self.operand(node.input("w_down"))]
+        out, idx32, w = node.outputs[0].name, f"{node.outputs[1].name}.i32", node.outputs[2].name
+        em.op(plugin_op.OP_TYPE, ins, out=[out, idx32, w], domain=plugin_op.DOMAIN, name=node.name, **attrs)
+        # The plugin gives int32 indices (TensorRT's native type); the IR's routing record is int64.
+        em.op("Cast", [idx32], out=node.outputs[1].name, to=TensorProto.INT64)
+
+
+def _interleave_gate_up(t: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """[E, 2F, ...] gate rows then up rows (or the (gate, up) pair) -> rows g0, u0, g1, u1, ...
+    (com.microsoft.MoE swiglu_fusion=1)."""
+    axis = 1
+    gate, up = t if isinstance(t, tuple) else t.chunk(2, dim=axis)
+    return torch.stack([gate, up], dim=axis + 1).flatten(axis, axis + 1).contiguous()
+
+
+def _dims(shape) -> list[int | str]:
+    return [d if isinstance(d, int) else str(d) for d in shape]

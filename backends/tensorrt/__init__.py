@@ -1,0 +1,218 @@
+"""TensorRT backend: the plugin-flavour ONNX, a `moe_ir::FusedMoE` plugin, an engine and its manifest.
+
+    moe-ir build spec.yaml --backend tensorrt -o OUT [--profile 1,256,4096] [--precision bf16]
+
+writes into OUT:
+  <name>.plugin.onnx            the ONNX backend's plugin flavour (one moe_ir::FusedMoE node + shared experts)
+  moe_ir_fused_moe_plugin.py    a standalone copy of plugin.py (registers the plugin; needs torch, triton)
+  <name>.tensorrt.json          bundle manifest: spec hash, precision, profile, files, the finishing command
+  <name>.engine, <name>.engine.json   the engine and its manifest (only where TensorRT and a GPU exist)
+
+Honest absence: without TensorRT or a CUDA GPU the first three files are still written, complete, and the
+build stops with one BackendError naming what is missing and the exact command that finishes the build on
+a machine that has them. `supports()` therefore judges the graph only; a missing TensorRT is reported as a
+note on a supported graph, so `moe-ir build` reaches the bundle. `prepare()` (validate) needs both.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ...builder import build_graph, spec_hash
+from ...errors import BackendError
+from ...ir import ElemType, Graph, OpCode
+from ...params import atomic_write
+from ...passes import run_pipeline
+from ...spec import DType, LayerSpec
+from ..base import Backend, BuildResult, Runner, get_backend
+from . import plugin as plugin_source
+
+# engine.py is imported inside functions: it is also run as `python -m moe_ir.backends.tensorrt.engine`,
+# which warns when the package has already imported the module it is about to execute.
+
+PLUGIN_BUNDLE_NAME = "moe_ir_fused_moe_plugin.py"
+PRECISIONS = {"fp32": DType.FLOAT32, "fp16": DType.FLOAT16, "bf16": DType.BFLOAT16}
+
+
+def environment_problems() -> list[str]:
+    """What this machine lacks for building or running engines (empty when nothing)."""
+    version = plugin_source.tensorrt_version()
+    if version is None:
+        return [plugin_source.NOT_INSTALLED]
+    problems = []
+    try:
+        plugin_source.implementation_for(version)
+    except plugin_source.PluginError as err:
+        problems.append(str(err))
+    if not torch.cuda.is_available():
+        problems.append("no CUDA GPU: a GPU with a CUDA build of torch is not installed on this machine")
+    return problems
+
+
+def _profile(value: Any):
+    from .engine import DEFAULT_PROFILE, TokenProfile
+
+    if value is None:
+        return TokenProfile(*DEFAULT_PROFILE)
+    if isinstance(value, TokenProfile):
+        return value
+    if isinstance(value, (tuple, list)):
+        return TokenProfile(*(int(v) for v in value))
+    return TokenProfile.parse(str(value))
+
+
+def _write_text(path: Path, text: str) -> Path:
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text)
+        os.chmod(tmp, 0o644)  # a bundle is copied to other machines and users; mkstemp makes files 0600
+
+    return atomic_write(path, write)
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+    summary = "TensorRT engine with the moe_ir::FusedMoE plugin (Python/AOT Triton, IPluginV3 fallback)"
+    # The ONNX plugin flavour's pipeline: the engine is built from that export.
+    pipeline = ("strip-training-outputs", "fuse-shared-experts", "fuse-moe", "fuse-gate-up", "dce")
+
+    def supports_graph(self, graph: Graph) -> tuple[bool, str]:
+        """Whether the graph lowers to the plugin-flavour ONNX: the structural half of supports. The ONNX
+        backend's own check also demands float32 (for ONNX Runtime on CPU); TensorRT takes fp16/bf16 too."""
+        from ..onnx import plugin_op
+
+        for value in list(graph.inputs) + list(graph.weights.values()):
+            if value.type.dtype not in (ElemType.FLOAT32, ElemType.FLOAT16, ElemType.BFLOAT16):
+                return False, f"{value.name} is {value.type.dtype.value}; TensorRT takes f32, f16 or bf16"
+        if graph.find(OpCode.BALANCE_LOSS):
+            return False, "balance losses are training outputs; TensorRT engines are inference graphs"
+        fused = graph.find(OpCode.FUSED_MOE)
+        if len(fused) != 1:
+            routed = graph.find(OpCode.EXPERT_CHOICE_ROUTE) or graph.find(OpCode.ROUTER_NOISE)
+            why = f"{routed[0].op.value} is not fusable" if routed else "fuse-moe did not apply"
+            return False, f"the moe_ir::FusedMoE plugin needs the routed path as one fused_moe node ({why})"
+        return plugin_op.plugin_supports(fused[0])
+
+    def supports(self, graph: Graph) -> tuple[bool, str]:
+        ok, reason = self.supports_graph(graph)
+        if not ok:
+            return ok, reason
+        problems = environment_problems()
+        if problems:
+            return True, f"{'; '.join(problems)}: build writes the ONNX + plugin bundle only"
+        return True, ""
+
+    # -- validate
+
+    def prepare(self, graph: Graph, weights: Mapping[str, torch.Tensor], *, profile: Any = None,
+                aot: bool = True, **options: Any) -> Runner:
+        """Export, build an engine in a temporary folder and load it (needs TensorRT and a GPU)."""
+        problems = environment_problems()
+        if problems:
+            raise BackendError(f"tensorrt: {'; '.join(problems)}")
+        ok, reason = self.supports_graph(graph)
+        if not ok:
+            raise BackendError(f"tensorrt: {reason}")
+        from .engine import build_engine
+        from .runner import EngineRunner
+
+        from ..onnx import EXTERNAL_DATA_THRESHOLD, lower, write_model
+
+        work = Path(tempfile.mkdtemp(prefix="moe_ir_trt_"))
+        model = lower(graph, weights, "plugin")
+        onnx_path = write_model(model, work / f"{graph.name}.plugin.onnx",
+                                external_data=model.initializer_bytes() > EXTERNAL_DATA_THRESHOLD)
+        engine_path = work / f"{graph.name}.engine"
+        build_engine(onnx_path, engine_path, profile=_profile(profile), spec_hash=graph.meta.get("spec_hash") or None,
+                     aot=aot, progress=False)
+        engine = EngineRunner(engine_path)
+
+        def run(x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {k: v.to(x.device) for k, v in engine(x).items()}  # results where the caller's x lives
+
+        return run
+
+    # -- build
+
+    def build(self, spec: LayerSpec, graph: Graph, weights: Mapping[str, torch.Tensor], out_dir: Path, *,
+              profile: Any = None, precision: str | None = None, flavour: str | None = None, aot: bool = True,
+              **options: Any) -> BuildResult:
+        from .engine import build_engine, finish_command, manifest_path
+
+        if flavour not in (None, "plugin"):
+            raise BackendError(f"the tensorrt backend builds from the ONNX plugin flavour, not '{flavour}'")
+        token_profile = _profile(profile)
+        spec, graph, weights = self._retyped(spec, graph, weights, precision)
+        ok, reason = self.supports_graph(graph)
+        if not ok:
+            raise BackendError(f"tensorrt cannot build spec '{spec.name}': {reason}")
+        out_dir = Path(out_dir)
+        exported = self._export_onnx(spec, graph, weights, out_dir)
+        onnx_path = exported.files[0]
+        plugin_copy = self._write_plugin_module(out_dir)
+        engine_path = out_dir / f"{spec.name}.engine"
+        digest = spec_hash(spec)
+        command = finish_command(onnx_path, engine_path, token_profile, plugin_copy, digest)
+        problems = environment_problems()
+        bundle = self._write_bundle_manifest(out_dir, spec, digest, token_profile, onnx_path, exported.files,
+                                             plugin_copy, engine_path, command, problems)
+        files = [*exported.files, plugin_copy, bundle]
+        if problems:
+            raise BackendError(f"tensorrt: {'; '.join(problems)}. Wrote the plugin ONNX and plugin module to "
+                               f"{out_dir}/ (see {bundle.name}); finish the build on a machine with TensorRT "
+                               f">= 10.6 and a CUDA GPU: {command}")
+        manifest = build_engine(onnx_path, engine_path, profile=token_profile, spec_hash=digest, aot=aot)
+        files += [engine_path, manifest_path(engine_path)]
+        return BuildResult(files=files, notes=[
+            f"TensorRT {manifest.tensorrt_version}, plugin implementation {manifest.plugin['implementation']}, "
+            f"{manifest.dtype}, tokens {token_profile.text()}"])
+
+    @staticmethod
+    def _export_onnx(spec: LayerSpec, graph: Graph, weights: Mapping[str, torch.Tensor], out_dir: Path) -> BuildResult:
+        """OUT/<name>.plugin.onnx through the ONNX backend (it owns the lowering; fp16/bf16 need its support)."""
+        return get_backend("onnx").build(spec, graph, weights, out_dir, flavour="plugin")
+
+    def _retyped(self, spec: LayerSpec, graph: Graph, weights: Mapping[str, torch.Tensor], precision: str | None):
+        """Precision is chosen through the network's types: re-type the spec, rebuild the graph and cast
+        the weights to its types (the router and its bias keep their own dtype)."""
+        if precision is None or PRECISIONS.get(precision) == spec.dtype:
+            return spec, graph, weights
+        if precision not in PRECISIONS:
+            raise BackendError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+        retyped = dataclasses.replace(spec, dtype=PRECISIONS[precision])
+        new_graph = run_pipeline(build_graph(retyped), self.pipeline)
+        cast = {name: weights[name].to(value.type.dtype.torch) for name, value in new_graph.weights.items()
+                if name in weights}
+        return retyped, new_graph, cast
+
+    @staticmethod
+    def _write_plugin_module(out_dir: Path) -> Path:
+        return _write_text(out_dir / PLUGIN_BUNDLE_NAME, Path(plugin_source.__file__).read_text())
+
+    @staticmethod
+    def _write_bundle_manifest(out_dir: Path, spec: LayerSpec, digest: str, profile: Any, onnx_path: Path,
+                               onnx_files: list[Path], plugin_copy: Path, engine_path: Path, command: str,
+                               problems: list[str]) -> Path:
+        data = {
+            "spec": spec.name, "spec_hash": digest, "dtype": str(spec.dtype),
+            "profile": {"min": profile.min, "opt": profile.opt, "max": profile.max},
+            "onnx": [p.name for p in onnx_files], "plugin": {
+                "name": plugin_source.PLUGIN_OP, "namespace": plugin_source.PLUGIN_NAMESPACE,
+                "module": plugin_copy.name, "implementations": {
+                    "aot": f"TensorRT >= {'.'.join(map(str, plugin_source.AOT_PLUGINS_SINCE))}",
+                    "python": f"TensorRT >= {'.'.join(map(str, plugin_source.PYTHON_PLUGINS_SINCE))}",
+                    "v3": "TensorRT 8.6-10.5 (needs moe-ir installed)"}},
+            "engine": engine_path.name, "engine_status": "missing" if problems else "built",
+            "missing": problems, "finish_command": command,
+            "run": "python -c \"from moe_ir.backends.tensorrt.runner import load_engine; "
+                   f"r = load_engine('{engine_path}')\"",
+        }
+        return _write_text(out_dir / f"{spec.name}.tensorrt.json", json.dumps(data, indent=2) + "\n")
+
+
+__all__ = ["PLUGIN_BUNDLE_NAME", "TensorRTBackend", "environment_problems"]

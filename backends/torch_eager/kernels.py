@@ -1,0 +1,221 @@
+"""Fast, autograd-friendly torch implementations of the MoE ops, depending on torch alone.
+
+Each function has the semantics of the op of the same name in moe_ir/ir/ops.py (the reference), written
+for speed: routing stays vectorised, expert FFNs run as one GEMM per expert on contiguous rows of a
+token array sorted by expert (never a tokens x experts x hidden tensor), and the un-permute is an
+index_add over the sorted rows.
+
+This module imports nothing but torch and math on purpose: the code generator copies the functions a
+spec needs verbatim into the standalone `model.py` it writes, so the generated layer and the eager
+module run the same instructions and agree bitwise. Options are therefore plain strings, ints and bools
+here, not moe_ir enums.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def router_logits(x, w, out_dtype):
+    """x @ w.T in the router dtype; float64 inputs stay float64 (that is how the oracle is compared)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else out_dtype
+    return F.linear(x.to(dtype), w.to(dtype))
+
+
+def router_noise(logits, x, w_noise, std, generator=None):
+    """Noisy top-k gating (Shazeer et al. 2017): logits + std * N(0,1) * softplus(x w_noise^T), training only."""
+    noise = torch.randn(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    return logits + std * noise * F.softplus(F.linear(x.to(logits.dtype), w_noise.to(logits.dtype)))
+
+
+def score(logits, fn):
+    return torch.softmax(logits, dim=-1) if fn == "softmax" else torch.sigmoid(logits)
+
+
+def route_topk(scores, bias, k, groups, kept, group_score):
+    """(expert_idx [T,k], weights [T,k]): select on scores + bias, weigh by the unbiased scores."""
+    select = scores if bias is None else scores + bias
+    if groups > 1:
+        t, e = select.shape
+        grouped = select.view(t, groups, e // groups)
+        if group_score == "max":
+            gscore = grouped.amax(dim=-1)
+        else:
+            gscore = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        keep = torch.zeros(t, groups, dtype=torch.bool, device=select.device)
+        keep.scatter_(1, gscore.topk(kept, dim=-1).indices, True)
+        # -inf, not 0: a biased score can be negative and must still lose to every kept expert.
+        select = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(t, e)
+    expert_idx = select.topk(k, dim=-1).indices
+    return expert_idx, scores.gather(1, expert_idx)
+
+
+def scale_weights(weights, normalize, scale):
+    if normalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scale if scale != 1.0 else weights
+
+
+def dispatch(expert_idx, weights, num_experts):
+    """Dropless dispatch: the T*k assignments sorted by expert (stable, so token order within an expert).
+
+    Returns rows (token of each sorted assignment), row_weights and group_sizes [E]."""
+    k = expert_idx.shape[1]
+    order = torch.argsort(expert_idx.reshape(-1), stable=True)
+    rows = order // k
+    row_weights = weights.reshape(-1)[order]
+    group_sizes = torch.bincount(expert_idx.reshape(-1), minlength=num_experts)
+    return rows, row_weights, group_sizes
+
+
+def dispatch_capacity(expert_idx, weights, num_experts, capacity_factor, drop_rule):
+    """Dispatch with capacity ceil(factor*T*k/E) per expert; assignments over it move to the tail with
+    weight 0, so the dropped token keeps only its residual (and its other experts).
+
+    drop_rule "score": an expert keeps its highest-weight assignments; "position": slot-major order
+    (every token's first choice before any second choice), then token order, as in GShard/Switch."""
+    t, k = expert_idx.shape
+    a = t * k
+    flat_expert = expert_idx.reshape(-1)
+    flat_weight = weights.reshape(-1)
+    capacity = max(1, math.ceil(capacity_factor * t * k / num_experts))
+    arange = torch.arange(a, device=flat_expert.device)
+    if drop_rule == "position":
+        # rank of assignment (token i, slot j) in slot-major order is j*T + i
+        slot_major_rank = arange.view(t, k).t().reshape(-1)
+        rank = torch.empty_like(slot_major_rank)
+        rank[slot_major_rank] = arange
+        order = torch.argsort(flat_expert * a + rank, stable=True)
+    else:
+        by_weight = torch.argsort(-flat_weight.detach(), stable=True)
+        order = by_weight[torch.argsort(flat_expert[by_weight], stable=True)]
+    sorted_expert = flat_expert[order]
+    position = arange - torch.searchsorted(sorted_expert, sorted_expert, right=False)
+    kept = torch.empty_like(position, dtype=torch.bool)
+    kept[order] = position < capacity
+    key = torch.where(kept, flat_expert, torch.full_like(flat_expert, num_experts))
+    final = torch.argsort(key, stable=True)
+    rows = final // k
+    row_weights = flat_weight[final] * kept[final].to(flat_weight.dtype)
+    group_sizes = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    return rows, row_weights, group_sizes
+
+
+def expert_choice(scores, capacity_factor, top_k):
+    """Each expert takes its top-C tokens by score, C = min(T, ceil(factor*T*top_k/E)) (Zhou et al. 2022)."""
+    t, e = scores.shape
+    c = min(t, max(1, math.ceil(capacity_factor * t * top_k / e)))
+    row_weights, rows = scores.t().topk(c, dim=-1)
+    group_sizes = torch.full((e,), c, dtype=torch.int64, device=scores.device)
+    return rows.reshape(-1), row_weights.reshape(-1), group_sizes
+
+
+def activate(activation, gate, up):
+    if activation == "swiglu":
+        return F.silu(gate) * up
+    if activation == "geglu":
+        return F.gelu(gate) * up
+    if activation == "gelu":
+        return F.gelu(up)
+    return F.relu(up)
+
+
+def ffn(x, w_up, w_down, w_gate, b_up, b_down, b_gate, activation):
+    """One FFN on rows x [n, H]: weights [F, H] (up, gate) and [H, F] (down), biases optional."""
+    up = F.linear(x, w_up, b_up)
+    gate = F.linear(x, w_gate, b_gate) if w_gate is not None else None
+    return F.linear(activate(activation, gate, up), w_down, b_down)
+
+
+def grouped_ffn(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation):
+    """y [A, H]: row r is FFN_e(x[rows[r]]) for r in expert e's group; rows past every group are 0.
+
+    One gather of the kept rows, then one GEMM chain per expert on a contiguous slice (empty experts
+    are skipped); per-expert GEMMs with ~T*k/E rows run at the dense GEMM rate on CPU, and unlike
+    grouped_mm they backpropagate on CPU."""
+    sizes = group_sizes.tolist()
+    kept = sum(sizes)
+    xs = x.index_select(0, rows[:kept])
+    pieces = []
+    start = 0
+    for e, size in enumerate(sizes):
+        if size:
+            pieces.append(ffn(xs[start:start + size], w_up[e], w_down[e],
+                              None if w_gate is None else w_gate[e], None if b_up is None else b_up[e],
+                              None if b_down is None else b_down[e], None if b_gate is None else b_gate[e],
+                              activation))
+            start += size
+    if kept < rows.shape[0]:
+        pieces.append(x.new_zeros(rows.shape[0] - kept, x.shape[1]))
+    if not pieces:
+        return x.new_zeros(rows.shape[0], x.shape[1])
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def combine(y, rows, row_weights, tokens):
+    """out[t] = Σ_{r: rows[r]=t} row_weights[r] * y[r]."""
+    out = y.new_zeros(tokens, y.shape[1])
+    return out.index_add(0, rows, y * row_weights.to(y.dtype).unsqueeze(-1))
+
+
+def sigmoid_gate(y, x, w):
+    return y * torch.sigmoid(F.linear(x, w))
+
+
+# ---------------------------------------------------------------------------------------------------
+# balance losses (REFERENCE.md); each returns alpha * loss as a 0-d tensor, differentiable in scores
+
+
+def selection_counts(expert_idx, num_experts, dtype):
+    return torch.bincount(expert_idx.reshape(-1), minlength=num_experts).to(dtype)
+
+
+def switch_loss(alpha, scores, expert_idx):
+    """Switch Transformer: α·N·Σ f_i·P_i, f_i = share of tokens whose top-1 is i, P_i = mean score."""
+    t, e = scores.shape
+    f = selection_counts(expert_idx[:, 0], e, scores.dtype) / t
+    return alpha * e * torch.sum(f * scores.mean(dim=0))
+
+
+def expert_loss(alpha, scores, expert_idx, top_k):
+    """DeepSeekMoE expert level: α1·Σ f_i·P_i, f_i = N'/(K'T)·#selections of i."""
+    t, e = scores.shape
+    f = selection_counts(expert_idx, e, scores.dtype) * (e / (top_k * t))
+    return alpha * torch.sum(f * scores.mean(dim=0))
+
+
+def device_loss(alpha, scores, expert_idx, top_k, devices):
+    """DeepSeekMoE device level: α2·Σ_d f'_d·P'_d over D contiguous expert groups."""
+    t, e = scores.shape
+    f = selection_counts(expert_idx, e, scores.dtype) * (e / (top_k * t))
+    p = scores.mean(dim=0)
+    return alpha * torch.sum(f.view(devices, -1).mean(dim=-1) * p.view(devices, -1).sum(dim=-1))
+
+
+def sequence_loss(alpha, scores, expert_idx, top_k, seq_len):
+    """DeepSeek-V3 sequence-wise: the expert-level loss per sequence on per-token normalised scores."""
+    t, e = scores.shape
+    b = t // seq_len
+    s = (scores / scores.sum(dim=-1, keepdim=True)).view(b, seq_len, e)
+    counts = torch.zeros(b, seq_len, e, dtype=scores.dtype, device=scores.device)
+    counts.scatter_add_(2, expert_idx.view(b, seq_len, -1),
+                        torch.ones(b, seq_len, top_k, dtype=scores.dtype, device=scores.device))
+    f = counts.sum(dim=1) * (e / (top_k * seq_len))
+    return alpha * (f * s.mean(dim=1)).sum(dim=-1).mean()
+
+
+def z_loss(alpha, logits):
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2 (at least float32)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return alpha * torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+def update_bias(bias, tokens_per_expert, gamma):
+    """Aux-loss-free balancing (arXiv 2408.15664): b_i += γ·sign(mean load − load_i), outside autograd."""
+    with torch.no_grad():
+        load = tokens_per_expert.to(bias.device, torch.float64)
+        bias.add_(torch.sign(load.mean() - load).to(bias.dtype), alpha=gamma)
+    return bias

@@ -1,0 +1,371 @@
+"""Cross-validation: the same weights and input through backends, each compared with the reference.
+
+`validate(spec, backends)` builds the graph, initialises seeded weights (unless given), draws a seeded
+input, runs the reference interpreter in float64 (the oracle) and every backend on its own pipeline,
+and compares:
+  * outputs `out` and `weights` (weights aligned by expert id, so a different order of equal-score
+    experts is not an error): max abs error and max relative error, where relative means
+    abs error / max(1, max |reference|). A value passes when
+        |got - ref| <= atol * max(1, max |ref|) + rtol * |ref|
+    with (atol, rtol) from TOLERANCES for the dtype (the one place tolerances are stated);
+  * routing: the chosen experts per token as sets (token choice), or the tokens per expert as sets
+    (expert choice). Every flip is reported with its score margin in the reference: the gap between
+    the k-th and (k+1)-th selection score (score + bias) at that token (or, for expert choice, the gap
+    between the C-th and (C+1)-th token score of that expert). A flip whose margin is below
+    NEAR_TIE[dtype] is a near-tie: the backend may legitimately pick either expert, so the affected
+    tokens are left out of the output comparison (the report counts them). A flip with a larger margin
+    is a mismatch.
+
+Unsupported backends: a backend whose supports() says no gets a "skipped" row with the reason. That is
+not a failure when the backend list was the default (every backend, every ONNX flavour); when the
+caller named the backends (`strict_support=True`, which the CLI sets for `--backends`), a named backend
+that cannot run the spec fails the run, since the user asked for that target specifically.
+
+Backends are named like the registry ("torch", "aoti", "reference") with an optional variant after a
+colon: "onnx:portable", "onnx:ort", "onnx:plugin" ("onnx" alone is portable). Backend instances are
+accepted too (tests inject deliberately broken ones).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .errors import BackendError, MoeIRError
+from .spec import DType, LayerSpec
+
+# (atol, rtol) per dtype; atol is scaled by max(1, max |reference|) of the output compared.
+TOLERANCES: dict[str, tuple[float, float]] = {
+    "float64": (1e-10, 1e-10),
+    "float32": (1e-4, 1e-4),
+    "float16": (1e-2, 1e-2),
+    "bfloat16": (2e-2, 2e-2),
+}
+# A routing flip whose reference score margin is below this is a near-tie, not an error.
+NEAR_TIE: dict[str, float] = {"float64": 1e-9, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
+
+ONNX_FLAVOURS = ("onnx:portable", "onnx:ort", "onnx:plugin")
+
+
+def default_backends() -> list[str]:
+    """Every registered backend, the onnx one once per flavour."""
+    from .backends import backend_names
+
+    names: list[str] = []
+    for name in backend_names():
+        names.extend(ONNX_FLAVOURS if name == "onnx" else (name,))
+    return names
+
+COMPARED_OUTPUTS = ("out", "weights")
+
+
+@dataclass
+class OutputError:
+    max_abs: float
+    max_rel: float
+    atol: float
+    rtol: float
+    ok: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RoutingCheck:
+    units: int                       # tokens (token choice) or experts (expert choice) compared
+    flips: int = 0
+    near_ties: int = 0               # flips under the near-tie margin
+    excluded_tokens: int = 0         # tokens left out of the output comparison because of near-ties
+    margins: list[float] = field(default_factory=list)  # reference margin of each flip (first 20)
+
+    @property
+    def ok(self) -> bool:
+        return self.flips == self.near_ties
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "ok": self.ok}
+
+
+@dataclass
+class BackendResult:
+    backend: str
+    status: str                      # "ok" | "mismatch" | "skipped" | "error"
+    reason: str = ""
+    outputs: dict[str, OutputError] = field(default_factory=dict)
+    routing: RoutingCheck | None = None
+    seconds: float = 0.0
+    required: bool = False           # a skip counts as a failure (the caller named this backend)
+
+    @property
+    def ok(self) -> bool:
+        if self.status == "skipped":
+            return not self.required
+        return self.status == "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "status": self.status, "ok": self.ok, "reason": self.reason,
+                "outputs": {k: v.to_dict() for k, v in self.outputs.items()},
+                "routing": self.routing.to_dict() if self.routing else None, "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class ValidationReport:
+    spec: str
+    tokens: int
+    batch: int
+    dtype: str
+    seed: int
+    results: list[BackendResult]
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.results)
+
+    def to_json(self) -> str:
+        return json.dumps({"spec": self.spec, "tokens": self.tokens, "batch": self.batch, "dtype": self.dtype,
+                           "seed": self.seed, "ok": self.ok, "tolerance": dict(zip(("atol", "rtol"),
+                                                                                 TOLERANCES[self.dtype])),
+                           "results": [r.to_dict() for r in self.results]}, indent=2)
+
+    def to_table(self) -> str:
+        atol, rtol = TOLERANCES[self.dtype]
+        head = (f"validate {self.spec}: {self.batch}x{self.tokens} tokens, {self.dtype}, seed {self.seed}; "
+                f"oracle: reference interpreter (float64); tolerance atol {atol:g}*max(1,|ref|) + rtol {rtol:g}*|ref|")
+        cols = ("backend", "status", "out abs", "out rel", "weights abs", "routing", "time", "note")
+        rows = []
+        for r in self.results:
+            def err(key: str, attr: str) -> str:
+                e = r.outputs.get(key)
+                return f"{getattr(e, attr):.2e}" if e is not None else "-"
+
+            routing = "-"
+            if r.routing is not None:
+                rc = r.routing
+                routing = f"{rc.units - rc.flips}/{rc.units} agree"
+                if rc.flips:
+                    routing += f", {rc.flips} flip(s) (near-tie {rc.near_ties}, min margin {min(rc.margins):.1e})"
+            status = r.status if r.ok or r.status != "skipped" else "FAILED (skipped)"
+            if r.status in ("mismatch", "error"):
+                status = r.status.upper()
+            note = r.reason
+            if r.routing is not None and r.routing.excluded_tokens:
+                note = (note + "; " if note else "") + f"{r.routing.excluded_tokens} near-tie token(s) excluded"
+            rows.append((r.backend, status, err("out", "max_abs"), err("out", "max_rel"), err("weights", "max_abs"),
+                         routing, f"{r.seconds:.1f}s" if r.status not in ("skipped",) else "-", note))
+        widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
+        widths[-1] = 0
+        lines = [head, "  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]
+        for row in rows:
+            lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        lines.append("OK" if self.ok else "FAILED: mismatch beyond tolerance (or a named backend could not run)")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def resolve_backend(item: Any):
+    """A Backend from "name" or "name:variant" (onnx flavours), or the instance itself."""
+    from .backends import get_backend
+
+    if not isinstance(item, str):
+        return item
+    name, _, variant = item.partition(":")
+    if name == "onnx":
+        from .backends.onnx import OnnxBackend
+
+        return OnnxBackend(variant or "portable")
+    if variant:
+        raise BackendError(f"backend '{name}' has no variants (got '{item}')")
+    return get_backend(name)
+
+
+def _label(item: Any) -> str:
+    if isinstance(item, str):
+        return "onnx:portable" if item == "onnx" else item
+    flavour = getattr(item, "flavour", None)
+    return f"{item.name}:{flavour.value}" if flavour is not None else item.name
+
+
+def validate(spec: LayerSpec, backends: Sequence[Any] | None = None, *, tokens: int = 16, batch: int = 1,
+             dtype: str = "float32", seed: int = 0, weights: Mapping[str, torch.Tensor] | None = None,
+             strict_support: bool = False) -> ValidationReport:
+    """Run every backend on one seeded input and compare with the float64 reference (module docstring)."""
+    from .builder import build_graph
+    from .interpreter import interpret
+    from .params import init_weights
+    from .passes import run_pipeline
+
+    backends = default_backends() if backends is None else list(backends)
+    if dtype not in TOLERANCES:
+        raise BackendError(f"dtype '{dtype}' has no tolerance; choose one of {', '.join(TOLERANCES)}")
+    spec = dataclasses.replace(spec, dtype=DType(dtype))
+    graph = build_graph(spec)
+    if weights is None:
+        weights = init_weights(graph, seed)
+    torch_dtype = DType(dtype).torch
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, tokens, spec.hidden, generator=gen, dtype=torch.float64).to(torch_dtype)
+    env = interpret(graph, {"x": x}, weights, dtype=torch.float64, keep_all=True)
+    ref = {key: env[v.name] for key, v in graph.outputs.items()}
+    margins = _reference_margins(graph, env)
+
+    results = []
+    for item in backends:
+        label = _label(item)
+        start = time.perf_counter()
+        try:
+            backend = resolve_backend(item)
+            piped = run_pipeline(build_graph(spec), backend.pipeline)
+            ok, reason = backend.supports(piped)
+            if not ok:
+                results.append(BackendResult(label, "skipped", reason, required=strict_support))
+                continue
+            runner = backend.prepare(piped, {k: v for k, v in weights.items() if k in piped.weights})
+            got = runner(x)
+        except MoeIRError as err:
+            skipped = isinstance(err, BackendError) and "not installed" in str(err)
+            results.append(BackendResult(label, "skipped" if skipped else "error", str(err).splitlines()[0],
+                                         required=strict_support or not skipped, seconds=time.perf_counter() - start))
+            continue
+        result = _compare(label, got, ref, margins, dtype)
+        result.seconds = time.perf_counter() - start
+        results.append(result)
+    return ValidationReport(spec.name, tokens, batch, dtype, seed, results)
+
+
+def _reference_margins(graph, env) -> dict[str, torch.Tensor]:
+    """Per token (or expert) gap between the last selected and the first unselected selection score."""
+    from .ir import OpCode
+
+    out = {}
+    for node in graph.nodes:
+        if node.op == OpCode.TOPK_ROUTE:
+            select = env[node.inputs[0].name]
+            if node.inputs[1] is not None:
+                select = select + env[node.inputs[1].name]
+            k = node.attrs["k"]
+            top = select.topk(min(k + 1, select.shape[1]), dim=-1).values
+            out["token"] = (top[:, k - 1] - top[:, k]) if top.shape[1] > k else torch.full_like(top[:, 0], float("inf"))
+        if node.op == OpCode.EXPERT_CHOICE_ROUTE:
+            scores = env[node.inputs[0].name].t()
+            c = int(env[node.outputs[2].name][0])
+            top = scores.topk(min(c + 1, scores.shape[1]), dim=-1).values
+            out["expert"] = (top[:, c - 1] - top[:, c]) if top.shape[1] > c else torch.full_like(top[:, 0], float("inf"))
+    return out
+
+
+def _compare(label: str, got: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor],
+             margins: Mapping[str, torch.Tensor], dtype: str) -> BackendResult:
+    atol, rtol = TOLERANCES[dtype]
+    near = NEAR_TIE[dtype]
+    result = BackendResult(label, "ok")
+    if "out" not in got:
+        return BackendResult(label, "error", "runner returned no 'out'")
+    hidden = ref["out"].shape[-1]
+    token_ok = torch.ones(ref["out"].numel() // hidden, dtype=torch.bool)
+    bad_flip = False
+    if "expert_idx" in ref and "expert_idx" in got:
+        r_idx, g_idx = ref["expert_idx"], got["expert_idx"].to(torch.int64).reshape(ref["expert_idx"].shape)
+        differs = (r_idx.sort(dim=-1).values != g_idx.sort(dim=-1).values).any(dim=-1)
+        check = RoutingCheck(units=r_idx.shape[0])
+        for t in differs.nonzero().flatten().tolist():
+            m = float(margins["token"][t])
+            check.flips += 1
+            check.margins.append(m) if len(check.margins) < 20 else None
+            if m < near:
+                check.near_ties += 1
+                token_ok[t] = False
+            else:
+                bad_flip = True
+        check.excluded_tokens = int((~token_ok).sum())
+        result.routing = check
+    elif "rows" in ref and "rows" in got:
+        n_exp = margins["expert"].shape[0]
+        r_rows, g_rows = ref["rows"].view(n_exp, -1), got["rows"].to(torch.int64).view(n_exp, -1)
+        check = RoutingCheck(units=n_exp)
+        for e in range(n_exp):
+            a, b = set(r_rows[e].tolist()), set(g_rows[e].tolist())
+            if a != b:
+                m = float(margins["expert"][e])
+                check.flips += 1
+                check.margins.append(m) if len(check.margins) < 20 else None
+                if m < near:
+                    check.near_ties += 1
+                    token_ok[list(a ^ b)] = False
+                else:
+                    bad_flip = True
+        check.excluded_tokens = int((~token_ok).sum())
+        result.routing = check
+    for key in COMPARED_OUTPUTS:
+        if key not in ref or key not in got:
+            continue
+        r, g = ref[key].double(), got[key].double().reshape(ref[key].shape)
+        if key == "weights" and "expert_idx" in got:
+            # Align by expert id: equal-score experts may come in either order.
+            r = r.gather(-1, ref["expert_idx"].argsort(dim=-1))
+            g = g.gather(-1, got["expert_idx"].to(torch.int64).reshape(ref["expert_idx"].shape).argsort(dim=-1))
+        rows_r, rows_g = r.reshape(token_ok.shape[0], -1)[token_ok], g.reshape(token_ok.shape[0], -1)[token_ok]
+        diff = (rows_g - rows_r).abs()
+        scale = max(1.0, float(rows_r.abs().max())) if rows_r.numel() else 1.0
+        finite = bool(torch.isfinite(rows_g).all())
+        within = finite and bool((diff <= atol * scale + rtol * rows_r.abs()).all())
+        max_abs = float(diff.max()) if diff.numel() else 0.0
+        result.outputs[key] = OutputError(max_abs, max_abs / scale, atol, rtol, within)
+    if bad_flip or not all(e.ok for e in result.outputs.values()):
+        result.status = "mismatch"
+        if bad_flip:
+            result.reason = "routing differs beyond near-ties"
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI: `moe-ir validate SPEC [--backends ...] [--tokens N] [--batch B] [--dtype ...] [--seed S] [--json]`
+
+
+def add_command(subparsers) -> None:
+    p = subparsers.add_parser("validate", help="run backends on the same weights and input; compare with the reference",
+                              description="exit 1 on any mismatch beyond the per-dtype tolerance, 0 otherwise")
+    p.add_argument("spec")
+    p.add_argument("--backends", nargs="+", metavar="NAME",
+                   help="backends (onnx:portable|ort|plugin for ONNX flavours); default: every registered backend")
+    p.add_argument("--tokens", type=int, default=16, help="tokens per sequence (default 16)")
+    p.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
+    p.add_argument("--dtype", default="float32", choices=tuple(TOLERANCES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", metavar="FILE", help="safetensors weights (default: seeded random init)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_command)
+
+
+add_validate_command = add_command
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from .builder import build_graph
+    from .frontends import load_spec
+    from .params import load_weights
+
+    spec = load_spec(args.spec)
+    backends = [b for item in args.backends for b in item.split(",") if b] if args.backends else None
+    weights = None
+    if args.weights:
+        weights = load_weights(args.weights, build_graph(dataclasses.replace(spec, dtype=DType(args.dtype))))
+    report = validate(spec, backends, tokens=args.tokens, batch=args.batch, dtype=args.dtype, seed=args.seed,
+                      weights=weights, strict_support=bool(args.backends))
+    print(report.to_json() if args.json else report.to_table())
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    parser = argparse.ArgumentParser(prog="moe-ir")
+    add_command(parser.add_subparsers(dest="command", required=True))
+    ns = parser.parse_args()
+    sys.exit(ns.func(ns))

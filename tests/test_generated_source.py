@@ -1,0 +1,97 @@
+"""`moe-ir build --backend torch`: the generated model.py is standalone (torch only) and equals the
+in-memory eager module (outputs, routing record and losses), and the bundle is written all or nothing."""
+from __future__ import annotations
+
+import ast
+import importlib.util
+
+import pytest
+import torch
+import yaml
+
+from moe_ir.backends import get_backend
+from moe_ir.backends.torch_eager import MoELayer
+from moe_ir.builder import build_graph
+from moe_ir.errors import WeightsError
+from moe_ir.spec import spec_from_dict, spec_to_dict
+
+BASE = {"hidden": 10, "experts": {"routed": 8, "width": 6, "top_k": 2}}
+CASES = {
+    "deepseek-moe": {"experts": {"routed": 8, "width": 6, "top_k": 2, "shared": 2}, "balance": {"expert": 0.01,
+                     "device": {"alpha": 0.05, "devices": 2}}},
+    "deepseek-v3": {"experts": {"routed": 8, "width": 6, "top_k": 2, "shared": 1},
+                    "router": {"score": "sigmoid", "group_limit": {"groups": 4, "kept": 2, "score": "top2_sum"},
+                               "normalize": True, "scaling": 2.5},
+                    "balance": {"aux_free": {"gamma": 0.001}, "sequence": 1e-4}},
+    "qwen-gated-shared": {"experts": {"routed": 8, "width": 6, "top_k": 2, "shared": 1, "shared_width": 12,
+                                      "shared_gate": True}, "balance": {"switch": 0.01, "z_loss": 1e-3}},
+    "capacity-noise-bias": {"experts": {"routed": 8, "width": 6, "top_k": 2, "bias": True, "activation": "geglu"},
+                            "router": {"noise": {"std": 1.0}}, "capacity": {"factor": 1.0, "drop": "position"}},
+    "expert-choice-relu": {"experts": {"routed": 8, "width": 6, "top_k": 2, "activation": "relu"},
+                           "router": {"choice": "expert"}, "balance": {"z_loss": 1e-3}},
+}
+
+
+def import_model(path):
+    spec = importlib.util.spec_from_file_location(f"generated_{path.parent.name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_generated_source_equals_module(name, tmp_path):
+    spec = spec_from_dict({**BASE, **CASES[name]})
+    graph = build_graph(spec, training=True)
+    module = MoELayer.from_spec(spec, seed=3)
+    out_dir = tmp_path / name
+    result = get_backend("torch").build(spec, graph, module.canonical_weights(), out_dir)
+    assert sorted(p.name for p in result.files) == ["model.py", "spec.yaml", "weights.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no staging folder left behind
+
+    source = (out_dir / "model.py").read_text()
+    imported = {a.name.split(".")[0] for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Import)
+                for a in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(ast.parse(source))
+                 if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"torch", "math"}
+    # Only the options the spec uses are in the file.
+    assert ("dispatch_capacity" in source) == (spec.capacity.factor is not None and spec.router.choice == "token")
+    assert ("router_noise" in source) == (spec.router.noise is not None)
+    assert ("update_bias" in source) == (spec.balance.aux_free is not None)
+    assert yaml.safe_load((out_dir / "spec.yaml").read_text()) == spec_to_dict(spec)
+
+    from safetensors.torch import load_file
+
+    generated = import_model(out_dir / "model.py").MoELayer()
+    generated.load_state_dict(load_file(str(out_dir / "weights.safetensors")), strict=True)
+    x = torch.randn(2, 7, 10, generator=torch.Generator().manual_seed(0))
+    for train in (False, True):
+        module.train(train)
+        generated.train(train)
+        seed = 5
+        module.generator = torch.Generator().manual_seed(seed)
+        out, routing, losses = generated(x, generator=torch.Generator().manual_seed(seed))
+        res = module(x)
+        assert torch.equal(out, res.out)
+        assert routing.keys() == res.routing.keys() and losses.keys() == res.losses.keys()
+        for key in routing:
+            assert torch.equal(routing[key], res.routing[key]), key
+        for key in losses:
+            assert torch.equal(losses[key], res.losses[key]), key
+    if spec.balance.aux_free is not None:
+        load = routing["tokens_per_expert"]
+        generated.update_bias(load)
+        module.update_bias(load)
+        assert torch.equal(generated.router.bias, module.router.bias) and generated.router.bias.abs().sum() > 0
+
+
+def test_build_writes_nothing_on_bad_weights(tmp_path):
+    spec = spec_from_dict(BASE)
+    graph = build_graph(spec)
+    weights = MoELayer(graph).canonical_weights()
+    weights = {k: v.detach() for k, v in weights.items()}
+    weights["experts.w_up"] = torch.zeros(8, 5, 10)
+    with pytest.raises(WeightsError, match="experts.w_up"):
+        get_backend("torch").build(spec, graph, weights, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,244 @@
+"""Eager-backend throughput on the DeepSeekMoE-16B layer shape, against transformers' DeepseekV2Moe.
+
+Shape: hidden 2048, 64 routed experts of width 1408, 2 shared, top-6, softmax, float32, 1024 tokens.
+Compared in one run, interleaved (each repeat times every contender once, in turn), median of repeats:
+  - moe-ir eager module (forward, and forward+backward of out.sum())
+  - transformers DeepseekV2Moe, experts implementation "eager" (loop over hit experts, index_add) and
+    "grouped_mm" (torch grouped GEMM), selected through config._experts_implementation, same weights
+  - a dense SwiGLU FFN doing the same FLOPs (width (top_k + shared) * 1408 on every token): the
+    practical GEMM ceiling on a CPU
+  - with --compile: the `compile` backend (torch.compile, inductor, dynamic=True), with its compile time
+
+Peak memory is the peak of live torch CPU allocations made during one call (tracked per storage with a
+TorchDispatchMode; weights and the input, allocated before the call, are not counted).
+
+    python tools/bench_eager.py [--tokens 1024] [--repeats 5] [--threads 2] [--compile]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from moe_ir.backends.torch_eager import MoELayer
+from moe_ir.builder import build_graph
+from moe_ir.spec import spec_from_dict
+
+HIDDEN, ROUTED, WIDTH, SHARED, TOP_K = 2048, 64, 1408, 2, 6
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of tensor storages created by ops while active (views share their base's storage)."""
+
+    def __init__(self, existing=()):
+        super().__init__()
+        self.live = self.peak = 0
+        self.refs: dict[int, int] = {}
+        # Storages that exist before the call (weights, input): views of them (w_up[e]) allocate nothing.
+        self.existing = {t.untyped_storage().data_ptr() for t in existing}
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self.refs[key] -= 1
+        if self.refs[key] == 0:
+            del self.refs[key]
+            self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                if key in self.existing:
+                    continue
+                if key not in self.refs:
+                    self.refs[key] = 0
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                self.refs[key] += 1
+                weakref.finalize(t, self._release, key, nbytes)
+        return out
+
+
+def peak_mib(fn, existing=()) -> float:
+    tracker = LiveBytes(existing)
+    with tracker:
+        fn()
+    return tracker.peak / 2**20
+
+
+def make_spec():
+    return spec_from_dict({"name": "deepseek-moe-16b", "hidden": HIDDEN,
+                           "experts": {"routed": ROUTED, "width": WIDTH, "top_k": TOP_K, "shared": SHARED},
+                           "router": {"score": "softmax"}})
+
+
+def make_hf(module: MoELayer):
+    """transformers' DeepseekV2Moe with the module's weights (gate and up concatenated as HF stores them)."""
+    from transformers.models.deepseek_v2.configuration_deepseek_v2 import DeepseekV2Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
+
+    config = DeepseekV2Config(hidden_size=HIDDEN, moe_intermediate_size=WIDTH, n_routed_experts=ROUTED,
+                              n_shared_experts=SHARED, num_experts_per_tok=TOP_K, topk_method="greedy",
+                              routed_scaling_factor=1.0, norm_topk_prob=False, hidden_act="silu",
+                              num_hidden_layers=1, vocab_size=128)
+    config._experts_implementation = "eager"
+    hf = DeepseekV2Moe(config)
+    w = {k: v.detach() for k, v in module.canonical_weights().items()}
+    with torch.no_grad():
+        hf.gate.weight.copy_(w["router.weight"])
+        hf.experts.gate_up_proj.copy_(torch.cat([w["experts.w_gate"], w["experts.w_up"]], dim=1))
+        hf.experts.down_proj.copy_(w["experts.w_down"])
+        shared = [f"shared.{i}" for i in range(SHARED)]
+        hf.shared_experts.gate_proj.weight.copy_(torch.cat([w[f"{s}.w_gate"] for s in shared]))
+        hf.shared_experts.up_proj.weight.copy_(torch.cat([w[f"{s}.w_up"] for s in shared]))
+        hf.shared_experts.down_proj.weight.copy_(torch.cat([w[f"{s}.w_down"] for s in shared], dim=1))
+    return hf, config
+
+
+def make_dense(seed: int = 0):
+    """SwiGLU FFN of width (top_k + shared) * WIDTH: the same GEMM FLOPs per token as the MoE layer's experts."""
+    width = (TOP_K + SHARED) * WIDTH
+    gen = torch.Generator().manual_seed(seed)
+    w_gate = torch.randn(width, HIDDEN, generator=gen) * HIDDEN ** -0.5
+    w_up = torch.randn(width, HIDDEN, generator=gen) * HIDDEN ** -0.5
+    w_down = torch.randn(HIDDEN, width, generator=gen) * width ** -0.5
+
+    def dense(x):
+        t = x.reshape(-1, HIDDEN)
+        return F.linear(F.silu(F.linear(t, w_gate)) * F.linear(t, w_up), w_down)
+
+    return dense
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true", help="also time the compile backend")
+    parser.add_argument("--no-backward", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    spec = make_spec()
+    t0 = time.perf_counter()
+    module = MoELayer(build_graph(spec), seed=0).eval()
+    hf, hf_config = make_hf(module)
+    dense = make_dense()
+    print(f"setup {time.perf_counter() - t0:.1f}s; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{args.tokens} tokens, hidden {HIDDEN}, {ROUTED} routed x {WIDTH} top-{TOP_K} + {SHARED} shared, float32",
+          flush=True)
+    x = torch.randn(1, args.tokens, HIDDEN, generator=torch.Generator().manual_seed(1)) * 0.5
+
+    def hf_forward(impl):
+        def run():
+            hf_config._experts_implementation = impl
+            return hf(x)
+        return run
+
+    fwd = {
+        "moe-ir eager": lambda: module(x).out,
+        "HF DeepseekV2Moe eager": hf_forward("eager"),
+        "HF DeepseekV2Moe grouped_mm": hf_forward("grouped_mm"),
+        "dense SwiGLU, same FLOPs": lambda: dense(x),
+    }
+    # Same numbers before timing anything (the two implementations and the oracle agree).
+    with torch.no_grad():
+        ours = module(x).out
+        for impl in ("eager", "grouped_mm"):
+            diff = (hf_forward(impl)() - ours).abs().max().item()
+            print(f"max |moe-ir - HF {impl}| = {diff:.2e} (output max {ours.abs().max().item():.2e})")
+
+    compile_seconds = None
+    if args.compile:
+        from moe_ir.backends.compile import CompiledRunner
+
+        runner = CompiledRunner(module)
+        runner(x)
+        compile_seconds = runner.compile_seconds
+        print(f"torch.compile (inductor, dynamic=True): first call {compile_seconds:.1f}s", flush=True)
+        fwd["moe-ir compile"] = lambda: runner.compiled(x).out
+
+    bwd = {}
+    if not args.no_backward:
+        x_grad = x.clone().requires_grad_(True)
+
+        def ours_train():
+            module.zero_grad(set_to_none=True)
+            module(x_grad).out.sum().backward()
+
+        def hf_train():
+            hf.zero_grad(set_to_none=True)
+            hf_config._experts_implementation = "eager"
+            hf(x_grad).sum().backward()
+
+        bwd = {"moe-ir eager fwd+bwd": ours_train, "HF eager fwd+bwd": hf_train}
+
+    times: dict[str, list[float]] = {name: [] for name in [*fwd, *bwd]}
+    memory: dict[str, float] = {}
+    existing = [x, *module.parameters(), *module.buffers(), *hf.parameters()]
+
+    def warm_up(name, fn):
+        start = time.perf_counter()
+        fn()
+        memory[name] = peak_mib(fn, existing)
+        print(f"warm-up {name}: {time.perf_counter() - start:.1f}s (incl. memory pass), peak {memory[name]:.0f} MiB",
+              file=sys.stderr, flush=True)
+
+    with torch.no_grad():
+        for name, fn in fwd.items():
+            warm_up(name, fn)
+    for name, fn in bwd.items():
+        warm_up(name, fn)
+    for rep in range(args.repeats):
+        for name, fn in fwd.items():
+            with torch.no_grad():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+        for name, fn in bwd.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+        print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{n} {t[-1] * 1e3:.0f}ms" for n, t in times.items()),
+              file=sys.stderr, flush=True)
+
+    med = {name: statistics.median(t) for name, t in times.items()}
+    ours_f = med["moe-ir eager"]
+    print()
+    print(f"| {'implementation':<30} | {'median ms':>9} | {'tokens/s':>9} | {'moe-ir eager speed-up':>21} | "
+          f"{'peak alloc MiB':>14} |")
+    print(f"|{'-' * 32}|{'-' * 11}|{'-' * 11}|{'-' * 23}|{'-' * 16}|")
+    for name, t in med.items():
+        ref = med["moe-ir eager fwd+bwd"] if "fwd+bwd" in name else ours_f
+        print(f"| {name:<30} | {t * 1e3:>9.0f} | {args.tokens / t:>9.0f} | {t / ref:>20.2f}x | {memory[name]:>14.0f} |")
+    print()
+    targets = [
+        ("fwd vs HF eager", med["HF DeepseekV2Moe eager"] / ours_f, 1.5),
+        ("fwd vs HF grouped_mm", med["HF DeepseekV2Moe grouped_mm"] / ours_f, 1.0),
+        ("fwd vs dense (throughput ratio)", med["dense SwiGLU, same FLOPs"] / ours_f, 0.75),
+    ]
+    if bwd:
+        targets.append(("fwd+bwd vs HF eager", med["HF eager fwd+bwd"] / med["moe-ir eager fwd+bwd"], 1.5))
+    if args.compile:
+        targets.append(("compile vs eager fwd", ours_f / med["moe-ir compile"], 1.2))
+    for label, ratio, target in targets:
+        print(f"{label:<34} {ratio:5.2f}x  (target >= {target}x: {'met' if ratio >= target else 'NOT met'})")
+    if compile_seconds is not None:
+        print(f"compile time (first call): {compile_seconds:.1f}s")
+    gflop = 2 * 3 * HIDDEN * WIDTH * (TOP_K + SHARED) * args.tokens / 1e9
+    print(f"expert GEMM work {gflop:.0f} GFLOP per forward: moe-ir eager runs at {gflop / ours_f:.0f} GFLOP/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
