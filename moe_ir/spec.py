@@ -337,6 +337,26 @@ class LayerSpec:
 Spec = LayerSpec
 
 
+def miniature(spec: LayerSpec, hidden: int) -> LayerSpec:
+    """The same layer at hidden size `hidden`: every expert count, top-k, router, balance, capacity and
+    placement setting is kept, and expert widths shrink with the hidden size (never below 2). Used to
+    check a published layer's routing semantics on machines that cannot hold its weights."""
+    e = spec.experts
+    ratio = hidden / spec.hidden
+
+    def shrink(width: int) -> int:
+        return max(2, round(width * ratio / 2) * 2)
+
+    experts = dataclasses.replace(e, width=shrink(e.width), paper=None,
+                                  shared_width=None if e.shared_width is None else shrink(e.shared_width))
+    if spec.parallel is not None and spec.parallel.shared.value == "tensor_parallel":
+        ep = spec.parallel.expert_parallel
+        experts = dataclasses.replace(experts, width=-(-experts.width // ep) * ep,
+                                      shared_width=None if experts.shared_width is None
+                                      else -(-experts.shared_width // ep) * ep)
+    return dataclasses.replace(spec, hidden=hidden, experts=experts, name=f"{spec.name}-h{hidden}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Generic parsing
 

@@ -37,7 +37,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .errors import BackendError, MoeIRError
+from .errors import BackendError, MoeIRError, SpecError
 from .spec import DType, LayerSpec
 
 # (atol, rtol) per dtype; atol is scaled by max(1, max |reference|) of the output compared.
@@ -341,6 +341,9 @@ def add_command(subparsers) -> None:
     p.add_argument("--dtype", default="float32", choices=tuple(TOLERANCES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", metavar="FILE", help="safetensors weights (default: seeded random init)")
+    p.add_argument("--shrink", type=int, metavar="HIDDEN",
+                   help="validate the same layer at hidden size HIDDEN (expert counts, top-k, routing, balance and "
+                        "capacity kept; widths scaled): for published layers too large for this machine")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_command)
 
@@ -351,13 +354,27 @@ add_validate_command = add_command
 def run_command(args: argparse.Namespace) -> int:
     from .builder import build_graph
     from .frontends import load_spec
-    from .params import load_weights
+    from .errors import WeightsError
+    from .params import ensure_memory_for, load_weights
+    from .spec import miniature
 
     spec = load_spec(args.spec)
+    if args.shrink is not None:
+        if args.weights:
+            raise SpecError("--shrink changes the weight shapes; it cannot be combined with --weights")
+        if args.shrink < 2:
+            raise SpecError(f"--shrink {args.shrink}: the hidden size must be at least 2")
+        spec = miniature(spec, args.shrink)
     backends = [b for item in args.backends for b in item.split(",") if b] if args.backends else None
+    graph = build_graph(dataclasses.replace(spec, dtype=DType(args.dtype)))
+    try:
+        # Each backend holds its own copy of the weights, plus the reference's float64 one.
+        ensure_memory_for(graph, "validating", factor=3.0)
+    except WeightsError as err:
+        raise WeightsError(f"{err}; or check the routing at a smaller size with --shrink 64") from None
     weights = None
     if args.weights:
-        weights = load_weights(args.weights, build_graph(dataclasses.replace(spec, dtype=DType(args.dtype))))
+        weights = load_weights(args.weights, graph)
     report = validate(spec, backends, tokens=args.tokens, batch=args.batch, dtype=args.dtype, seed=args.seed,
                       weights=weights, strict_support=bool(args.backends))
     print(report.to_json() if args.json else report.to_table())

@@ -86,3 +86,16 @@ def test_weights_nbytes_counts_declared_dtypes():
     assert weights_nbytes(g) == 4 * sum(v.type.shape[0] * (v.type.shape[1] if len(v.type.shape) > 1 else 1)
                                         * (v.type.shape[2] if len(v.type.shape) > 2 else 1)
                                         for v in g.weights.values())
+
+
+def test_validate_cli_runs_triton_after_torch_compile_in_one_process():
+    """A fresh process without TRITON_INTERPRET: torch.compile imports triton first, and the Triton backend
+    must still run its kernels in the interpreter afterwards (moe_ir chooses the mode at import)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "moe_ir.cli", "validate", str(SPECS / "tiny.yaml"), "--tokens", "4",
+                           "--backends", "compile", "triton", "--json"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert [r["status"] for r in report["results"]] == ["ok", "ok"]
