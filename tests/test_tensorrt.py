@@ -282,8 +282,9 @@ print(name, warps, len(params), ".entry " + name in ptx, const["SCALE"])
 @pytest.mark.skipif(P.triton is None, reason="triton is not installed")
 def test_aot_kernel_compiles_to_ptx_without_a_gpu():
     """What @aot_impl hands TensorRT: PTX for sm_90 plus launch facts. Compiled in a subprocess because
-    the test session runs Triton in interpreter mode, which cannot compile."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    the test session runs Triton in interpreter mode, which cannot compile. TRITON_INTERPRET=0 is explicit
+    because moe_ir otherwise picks the interpreter on a machine without a GPU."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     done = subprocess.run([sys.executable, "-c", _PTX_SCRIPT.format(repo=str(REPO))], capture_output=True,
                           text=True, env=env, timeout=300)

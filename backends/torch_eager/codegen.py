@@ -17,7 +17,7 @@ from . import kernels as K
 
 # kernel -> kernels it calls
 _DEPENDS = {
-    "grouped_ffn": ["ffn"],
+    "grouped_ffn": ["ffn", "_use_grouped_mm"],
     "ffn": ["activate"],
     "switch_loss": ["selection_counts"],
     "expert_loss": ["selection_counts"],

@@ -129,6 +129,21 @@ def ffn(x, w_up, w_down, w_gate, b_up, b_down, b_gate, activation):
     return F.linear(activate(activation, gate, up), w_down, b_down)
 
 
+def _use_grouped_mm(xs, w_up, w_down, w_gate, b_up, b_down, b_gate):
+    """grouped_mm serves CPU inference without biases; under torch.compile only bfloat16 passes its
+    meta check, and it has no CPU backward."""
+    if not hasattr(F, "grouped_mm") or xs.device.type != "cpu" or xs.shape[0] == 0:
+        return False
+    if xs.dtype not in (torch.float32, torch.bfloat16) or any(b is not None for b in (b_up, b_down, b_gate)):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if any((w.shape[-1] * w.element_size()) % 16 for w in (w_up, w_down)):
+        return False  # its kernels need 16-byte aligned row strides (hidden and width)
+    weights = [w for w in (xs, w_up, w_down, w_gate) if w is not None]
+    return not (torch.is_grad_enabled() and any(w.requires_grad for w in weights))
+
+
 def grouped_ffn(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation):
     """y [A, H]: row r is FFN_e(x[rows[r]]) for r in expert e's group; rows past every group are 0.
 
@@ -138,15 +153,25 @@ def grouped_ffn(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate
     sizes = group_sizes.tolist()
     kept = sum(sizes)
     xs = x.index_select(0, rows[:kept])
+    if _use_grouped_mm(xs, w_up, w_down, w_gate, b_up, b_down, b_gate):
+        # Inference on CPU: torch's grouped GEMM runs all experts in one call (no per-expert dispatch);
+        # it has no CPU backward, so training takes the per-expert loop below.
+        offs = torch.cumsum(group_sizes, 0).to(torch.int32)
+        up = F.grouped_mm(xs, w_up.transpose(1, 2), offs=offs)
+        gate = F.grouped_mm(xs, w_gate.transpose(1, 2), offs=offs) if w_gate is not None else None
+        y = F.grouped_mm(activate(activation, gate, up), w_down.transpose(1, 2), offs=offs)
+        if kept < rows.shape[0]:
+            y = torch.cat([y, x.new_zeros(rows.shape[0] - kept, x.shape[1])])
+        return y
+    # unbind, not w[e]: the backward of one unbind stacks the per-expert gradients once, where each
+    # w[e] would allocate and accumulate a zero-filled gradient of the whole [E, ...] stack.
+    per_expert = [None if w is None else w.unbind(0) for w in (w_up, w_down, w_gate, b_up, b_down, b_gate)]
+    # split, not xs[a:b]: likewise one backward concatenation instead of a zero-filled [A, H] per expert.
+    experts = [e for e, size in enumerate(sizes) if size]
     pieces = []
-    start = 0
-    for e, size in enumerate(sizes):
-        if size:
-            pieces.append(ffn(xs[start:start + size], w_up[e], w_down[e],
-                              None if w_gate is None else w_gate[e], None if b_up is None else b_up[e],
-                              None if b_down is None else b_down[e], None if b_gate is None else b_gate[e],
-                              activation))
-            start += size
+    for e, rows_e in zip(experts, xs.split([sizes[e] for e in experts])):
+        wu, wd, wg, bu, bd, bg = (None if w is None else w[e] for w in per_expert)
+        pieces.append(ffn(rows_e, wu, wd, wg, bu, bd, bg, activation))
     if kept < rows.shape[0]:
         pieces.append(x.new_zeros(rows.shape[0] - kept, x.shape[1]))
     if not pieces:
