@@ -99,3 +99,15 @@ def test_validate_cli_runs_triton_after_torch_compile_in_one_process():
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     assert [r["status"] for r in report["results"]] == ["ok", "ok"]
+
+
+def test_atomic_write_gives_artifacts_normal_permissions(tmp_path):
+    import os
+
+    from moe_ir.params import atomic_write
+
+    path = atomic_write(tmp_path / "a.txt", lambda tmp: open(tmp, "w").write("x"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -68,11 +67,7 @@ def _profile(value: Any):
 
 
 def _write_text(path: Path, text: str) -> Path:
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(text)
-        os.chmod(tmp, 0o644)  # a bundle is copied to other machines and users; mkstemp makes files 0600
-
-    return atomic_write(path, write)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 class TensorRTBackend(Backend):
