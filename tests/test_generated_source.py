@@ -27,6 +27,9 @@ CASES = {
                                       "shared_gate": True}, "balance": {"switch": 0.01, "z_loss": 1e-3}},
     "capacity-noise-bias": {"experts": {"routed": 8, "width": 6, "top_k": 2, "bias": True, "activation": "geglu"},
                             "router": {"noise": {"std": 1.0}}, "capacity": {"factor": 1.0, "drop": "position"}},
+    # Device-limited routing (parallel.device_limit) is a group limit the generated source must apply too.
+    "device-limited": {"experts": {"routed": 8, "width": 6, "top_k": 3},
+                       "parallel": {"expert_parallel": 4, "device_limit": 2}},
     "expert-choice-relu": {"experts": {"routed": 8, "width": 6, "top_k": 2, "activation": "relu"},
                            "router": {"choice": "expert"}, "balance": {"z_loss": 1e-3}},
 }
@@ -59,6 +62,9 @@ def test_generated_source_equals_module(name, tmp_path):
     assert ("dispatch_capacity" in source) == (spec.capacity.factor is not None and spec.router.choice == "token")
     assert ("router_noise" in source) == (spec.router.noise is not None)
     assert ("update_bias" in source) == (spec.balance.aux_free is not None)
+    if spec.routing_group_limit is not None:
+        gl = spec.routing_group_limit
+        assert f"{gl.groups}, {gl.kept}, {gl.score.value!r}" in source
     assert yaml.safe_load((out_dir / "spec.yaml").read_text()) == spec_to_dict(spec)
 
     from safetensors.torch import load_file

@@ -154,7 +154,7 @@ def generate_source(spec: LayerSpec) -> str:
     out.append(f"        scores = score(logits, {r.score.value!r})")
     if r.choice == Choice.TOKEN:
         bias = "self.router.bias.to(scores.dtype)" if b.aux_free is not None else "None"
-        gl = r.group_limit
+        gl = spec.routing_group_limit  # router.group_limit, or parallel.device_limit read as one
         groups = f"{gl.groups}, {gl.kept}, {gl.score.value!r}" if gl else "1, 1, 'max'"
         out.append(f"        expert_idx, weights = route_topk(scores, {bias}, {e.top_k}, {groups})")
         out.append(f"        weights = scale_weights(weights, {r.normalize!r}, {r.scaling!r})")
