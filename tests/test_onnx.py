@@ -1,6 +1,8 @@
 """ONNX lowering (portable | ort | plugin) against the reference interpreter, run in ONNX Runtime (CPU)."""
 from __future__ import annotations
 
+import dataclasses
+
 import onnx
 import pytest
 import torch
@@ -13,8 +15,11 @@ from moe_ir.spec import spec_from_dict
 
 pytest.importorskip("onnxruntime")
 from moe_ir.backends.onnx import Flavour, OnnxBackend, load_runner, lower, lowered_graph, write_model  # noqa: E402
+from moe_ir.backends.onnx import verify  # noqa: E402
+from moe_ir.backends.onnx.lower import to_numpy  # noqa: E402
 from moe_ir.backends.onnx.plugin_op import DOMAIN, OP_TYPE, FusedMoEAttrs  # noqa: E402
-from moe_ir.spec import Activation, GroupScore, ScoreFn  # noqa: E402
+from moe_ir.spec import Activation, DType, GroupScore, ScoreFn  # noqa: E402
+from moe_ir.validate import TOLERANCES  # noqa: E402
 
 HIDDEN, EXPERTS = 32, 8
 ATOL = RTOL = 1e-4  # float32, as moe_ir.validate.TOLERANCES
@@ -228,10 +233,15 @@ def test_wrong_input_shape_is_a_clear_error(built):
 def test_unknown_flavour_and_bad_dtype():
     with pytest.raises(BackendError, match="unknown onnx flavour"):
         OnnxBackend("tflite")
-    graph = build_graph(spec_from_dict({"hidden": HIDDEN, "dtype": "bfloat16",
-                                        "experts": {"routed": EXPERTS, "width": 16, "top_k": 2}}))
-    ok, reason = OnnxBackend().supports(graph)
+    def graph_in(dtype):
+        return build_graph(spec_from_dict({"hidden": HIDDEN, "dtype": dtype,
+                                           "experts": {"routed": EXPERTS, "width": 16, "top_k": 2}}))
+
+    # bf16 exports in the portable and plugin flavours (tests below); the ort flavour stays float32.
+    ok, reason = OnnxBackend("ort").supports(graph_in("bfloat16"))
     assert not ok and "float32" in reason
+    ok, reason = OnnxBackend().supports(graph_in("float64"))
+    assert not ok and "f64" in reason
 
 
 def test_lowering_does_not_mutate_the_graph():
@@ -239,3 +249,192 @@ def test_lowering_does_not_mutate_the_graph():
     before = [n.name for n in graph.nodes]
     OnnxBackend("plugin").prepare(graph, _weights(graph))
     assert [n.name for n in graph.nodes] == before
+
+
+# ------------------------------------------------------------------------------------------------
+# float16 / bfloat16 exports (portable and plugin flavours)
+#
+# What runs where: fp16 files run in ONNX Runtime on CPU (prepare/load_runner); bf16 files do not (no
+# bf16 arithmetic kernels on ORT's CPU provider, no numpy bf16 in its Python API), so prepare refuses
+# with the reason while build writes them. Every low-precision file is checked structurally (types of
+# every initializer, input and output; onnx's strict type inference with the FusedMoE schema) and
+# numerically through onnx's reference evaluator (verify.evaluate), against the reference interpreter
+# in float64 on the same rounded weights, with the per-dtype tolerance of moe-ir validate.
+
+LOW = {"float16": onnx.TensorProto.FLOAT16, "bfloat16": onnx.TensorProto.BFLOAT16}
+F32, I64, I32 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.INT32
+LOW_CASES = ("sigmoid_v3", "shared_gate_geglu")
+
+
+def _low_spec(case, dtype):
+    return dataclasses.replace(make_spec(f"{case}-{dtype}", **SPECS[case][0]), dtype=DType(dtype))
+
+
+@pytest.fixture(scope="module")
+def low_built(tmp_path_factory):
+    """(spec, graph, weights, {flavour: path}) per (case, dtype), built once."""
+    out = tmp_path_factory.mktemp("onnx_low")
+    built = {}
+    for case in LOW_CASES:
+        for dtype in LOW:
+            spec = _low_spec(case, dtype)
+            graph = build_graph(spec)
+            weights = _weights(graph)
+            files = {f: OnnxBackend(f).build(spec, graph, weights, out).files[0] for f in ("portable", "plugin")}
+            built[case, dtype] = (spec, graph, weights, files)
+    return built
+
+
+def _close(got, ref, dtype):
+    atol, rtol = TOLERANCES[dtype]
+    r, g = ref.double(), got.double()
+    assert g.shape == r.shape
+    bound = atol * max(1.0, float(r.abs().max())) + rtol * r.abs()
+    assert bool(((g - r).abs() <= bound).all()), float((g - r).abs().max())
+
+
+def _types(model):
+    """Element type of every tensor: initializers, graph inputs/outputs, inferred values."""
+    inferred = verify.infer_strict(model)
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        types.setdefault(v.name, v.type.tensor_type.elem_type)
+    return types
+
+
+@pytest.mark.parametrize("dtype", list(LOW))
+@pytest.mark.parametrize("flavour", ["portable", "plugin"])
+@pytest.mark.parametrize("case", LOW_CASES)
+def test_low_precision_graph_types(low_built, case, dtype, flavour):
+    spec, graph, weights, files = low_built[case, dtype]
+    model = onnx.load(str(files[flavour]))
+    onnx.checker.check_model(model, full_check=True)
+    types = _types(model)  # strict: raises on any type or shape inconsistency
+    low = LOW[dtype]
+    # Weights (named by IR values; lowering constants are "<node>/<hint>"): the router's in float32,
+    # every expert/shared weight in the spec dtype.
+    weight_inits = [t for t in model.graph.initializer if "/" not in t.name]
+    assert {t.name.split("[")[0] for t in weight_inits} >= {"router.weight", "experts.w_down"}
+    for t in weight_inits:
+        assert t.data_type == (F32 if t.name.startswith("router.") else low), (t.name, t.data_type)
+    assert {t.data_type for t in model.graph.initializer} <= {F32, low, I64}
+    assert [(i.name, i.type.tensor_type.elem_type) for i in model.graph.input] == [("x", low)]
+    assert [(o.name, o.type.tensor_type.elem_type) for o in model.graph.output] == \
+        [("out", low), ("expert_idx", I64), ("weights", F32)]
+    # Selection runs on float32 scores (TopK on int64 keys sorts dispatch in portable).
+    for node in model.graph.node:
+        if node.op_type == "TopK":
+            assert types[node.input[0]] in (F32, I64), node.name
+    # The router projection reads the tokens through an explicit Cast to float32.
+    router = next(n for n in model.graph.node if n.name == "router_logits") if flavour == "portable" else None
+    if router is not None:
+        cast = next(n for n in model.graph.node if n.output[0] == router.input[0])
+        assert cast.op_type == "Cast" and types[cast.input[0]] == low and router.input[1] == "router.weight"
+    if flavour == "plugin":
+        fused = [n for n in model.graph.node if n.op_type == OP_TYPE]
+        assert len(fused) == 1 and fused[0].domain == DOMAIN
+        node = fused[0]
+        assert [types[i] for i in node.input] == [low, F32, F32, low, low]
+        bias = "router.bias" if spec.balance.aux_free else "moe.fused/bias_zeros"  # the contract's fixed signature
+        assert list(node.input[1:]) == ["router.weight", bias, "moe.w_gate_up", "experts.w_down"]
+        assert [types[o] for o in node.output] == [low, I32, F32]
+        assert not [n for n in model.graph.node if n.op_type in ("TopK", "ScatterND")]  # all inside the plugin
+
+
+@pytest.mark.parametrize("dtype", list(LOW))
+@pytest.mark.parametrize("flavour", ["portable", "plugin"])
+@pytest.mark.parametrize("case", LOW_CASES)
+def test_low_precision_graph_matches_reference(low_built, case, dtype, flavour):
+    """The exported f16/bf16 graph, run op by op in its own types by onnx's reference evaluator."""
+    spec, graph, weights, files = low_built[case, dtype]
+    model = onnx.load(str(files[flavour]))
+    for shape in [(1, 1), (2, 7)]:
+        x = torch.randn(*shape, HIDDEN, generator=torch.Generator().manual_seed(sum(shape))).to(spec.dtype.torch)
+        got = verify.evaluate(model, x)
+        ref = interpret(graph, {"x": x}, weights, dtype=torch.float64)
+        assert got["out"].dtype == spec.dtype.torch and got["weights"].dtype == torch.float32
+        _close(got["out"], ref["out"], dtype)
+        _close(got["weights"], ref["weights"], "float32")  # the router is float32 end to end
+        assert torch.equal(got["expert_idx"].sort(dim=-1).values, ref["expert_idx"].sort(dim=-1).values)
+
+
+@pytest.mark.parametrize("case", [c for c, (_, refused) in SPECS.items() if "portable" not in refused])
+def test_every_portable_case_in_bfloat16(case):
+    """Every routing option's lowering (capacity drops, expert choice, gelu, biases) type-checks in bf16
+    and means what the IR means, through the reference evaluator."""
+    spec = _low_spec(case, "bfloat16")
+    graph = build_graph(spec)
+    weights = _weights(graph)
+    lowered = lower(lowered_graph(graph, "portable"), weights, "portable")
+    model = onnx.ModelProto()
+    model.CopyFrom(lowered.model)
+    model.graph.initializer.extend(onnx.numpy_helper.from_array(to_numpy(t()), n)
+                                   for n, t in lowered.initializers.items())
+    verify.infer_strict(model)
+    x = torch.randn(3, 11, HIDDEN, generator=torch.Generator().manual_seed(1)).bfloat16()
+    got, ref = verify.evaluate(model, x), interpret(graph, {"x": x}, weights, dtype=torch.float64)
+    _close(got["out"], ref["out"], "bfloat16")
+    for key in ("expert_idx", "rows"):
+        if key in ref:
+            assert torch.equal(got[key].sort(dim=-1).values, ref[key].sort(dim=-1).values), key
+    if "weights" in ref:
+        _close(got["weights"], ref["weights"], "float32")
+
+
+def test_low_precision_checks_can_fail(low_built):
+    """A type slip the exporter could make (an expert weight left in float32, a bf16 router) is caught by
+    the strict inference the tests above rely on."""
+    _, _, _, files = low_built["sigmoid_v3", "bfloat16"]
+    portable = onnx.load(str(files["portable"]))
+    w = next(t for t in portable.graph.initializer if t.name == "experts.w_down[0]")
+    w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w).astype("float32"), w.name))
+    with pytest.raises(onnx.shape_inference.InferenceError):
+        verify.infer_strict(portable)
+    plugin = onnx.load(str(files["plugin"]))
+    r = next(t for t in plugin.graph.initializer if t.name == "router.weight")
+    r.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(r).astype("float16"), r.name))
+    with pytest.raises(onnx.shape_inference.InferenceError):
+        verify.infer_strict(plugin)
+
+
+@pytest.mark.parametrize("flavour", ["portable", "plugin"])
+def test_float16_runs_in_onnxruntime(low_built, flavour):
+    spec, graph, weights, files = low_built["sigmoid_v3", "float16"]
+    run = load_runner(files[flavour])
+    prepared = OnnxBackend(flavour).prepare(graph, weights)
+    for shape in [(1, 1), (1, 7), (4, 250)]:
+        x = torch.randn(*shape, HIDDEN, generator=torch.Generator().manual_seed(sum(shape))).half()
+        ref = interpret(graph, {"x": x}, weights, dtype=torch.float64)
+        for got in (run(x), prepared(x)):
+            _close(got["out"], ref["out"], "float16")
+            _close(got["weights"], ref["weights"], "float32")
+            assert torch.equal(got["expert_idx"].sort(dim=-1).values, ref["expert_idx"].sort(dim=-1).values)
+    assert prepared(x)["out"].dtype == torch.float16
+
+
+@pytest.mark.parametrize("flavour", ["portable", "plugin"])
+def test_bfloat16_is_exported_but_not_run_here(low_built, flavour):
+    from moe_ir.validate import validate
+
+    spec, graph, weights, files = low_built["sigmoid_v3", "bfloat16"]
+    with pytest.raises(BackendError, match="bfloat16 models do not run in ONNX Runtime.*not installed"):
+        OnnxBackend(flavour).prepare(graph, weights)
+    with pytest.raises(BackendError, match=f"{files[flavour].name}: bfloat16 models do not run"):
+        load_runner(files[flavour])
+    # validate reports it as skipped with that reason; the float16 run of the same spec passes.
+    (row,) = validate(spec, [f"onnx:{flavour}"], dtype="bfloat16", tokens=4).results
+    assert row.status == "skipped" and "bfloat16 models do not run" in row.reason
+    (row,) = validate(spec, [f"onnx:{flavour}"], dtype="float16", tokens=4).results
+    assert row.status == "ok", row
+
+
+def test_bfloat16_external_data_round_trip(low_built, tmp_path):
+    spec, graph, weights, files = low_built["shared_gate_geglu", "bfloat16"]
+    result = OnnxBackend("portable").build(spec, graph, weights, tmp_path, external_data=True)
+    external = onnx.load(str(result.files[0]))
+    embedded = onnx.load(str(files["portable"]))
+    ext = {t.name: onnx.numpy_helper.to_array(t) for t in external.graph.initializer}
+    emb = {t.name: onnx.numpy_helper.to_array(t) for t in embedded.graph.initializer}
+    assert ext.keys() == emb.keys()
+    for name in emb:
+        assert ext[name].dtype == emb[name].dtype and ext[name].tobytes() == emb[name].tobytes(), name

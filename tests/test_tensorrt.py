@@ -313,12 +313,7 @@ def _export(tmp_path, spec_name="tiny-v3", precision=None):
     graph = run_pipeline(full, backend.pipeline)
     spec, graph, weights = backend._retyped(spec, graph, {k: v for k, v in weights.items() if k in graph.weights},
                                             precision)
-    try:
-        result = backend._export_onnx(spec, graph, weights, tmp_path)
-    except BackendError as err:
-        if precision is not None and "float32 graphs only" in str(err):
-            pytest.skip(f"the ONNX backend does not export {precision} plugin models yet: {err}")
-        raise
+    result = backend._export_onnx(spec, graph, weights, tmp_path)
     return spec, result.files[0]
 
 
@@ -352,6 +347,30 @@ def test_parser_sees_one_plugin_node(tmp_path, precision, onnx_type):
     on_disk = onnx.load(str(path), load_external_data=False)
     disk_node = next(n for n in on_disk.graph.node if n.op_type == "FusedMoE")
     assert "plugin_namespace" not in {a.name for a in disk_node.attribute}
+
+
+@pytest.mark.parametrize("precision", [None, "fp16", "bf16"])
+def test_plugin_type_logic_agrees_with_the_exported_onnx(tmp_path, precision):
+    """The plugin's dtype function, given the types the parser will hand it, gives the types the rest of
+    the exported graph expects from the node (onnx's strict inference, with the FusedMoE schema, checks
+    every other op against them)."""
+    import onnx
+    from onnx import TensorProto
+
+    from moe_ir.backends.onnx.verify import infer_strict
+
+    _, path = _export(tmp_path, precision=precision)
+    model = onnx.load(str(path))
+    inferred = infer_strict(model)
+    names = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16",
+             TensorProto.INT32: "int32"}
+    types = {t.name: names.get(t.data_type) for t in model.graph.initializer}
+    for v in (*inferred.graph.input, *inferred.graph.value_info):
+        types.setdefault(v.name, names.get(v.type.tensor_type.elem_type))
+    node = next(n for n in model.graph.node if n.op_type == "FusedMoE")
+    expected = P.output_dtypes(*(types[i] for i in node.input))
+    assert tuple(types[o] for o in node.output) == expected
+    assert expected[0] == {None: "float32", "fp16": "float16", "bf16": "bfloat16"}[precision]
 
 
 def test_parser_model_refuses_a_model_without_the_plugin(tmp_path):
@@ -459,6 +478,30 @@ def test_build_without_tensorrt_writes_the_bundle_and_says_how_to_finish(tmp_pat
     assert "TensorRT is not installed" in bundle["missing"][0]
     assert onnx_facts(parser_model(out / "tiny-v3.plugin.onnx", aot=True))["dtype"] == "float32"
     assert (out / PLUGIN_BUNDLE_NAME).read_text() == Path(P.__file__).read_text()
+
+
+@HONEST_ABSENCE
+def test_bf16_build_without_tensorrt_writes_a_bf16_bundle(tmp_path, capsys):
+    """`--precision bf16`: the precision is the ONNX's types (strongly typed networks), so the bundle's
+    model is the bf16 plugin export; then the same clear stop as in float32."""
+    import onnx
+
+    from moe_ir.cli import main
+
+    out = tmp_path / "out"
+    code = main(["build", str(REPO / "specs" / "tiny-v3.yaml"), "--backend", "tensorrt", "--precision", "bf16",
+                 "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "TensorRT is not installed" in err and err.count("moe-ir: error:") == 1
+    assert sorted(p.name for p in out.iterdir()) == sorted(["tiny-v3.plugin.onnx", PLUGIN_BUNDLE_NAME,
+                                                            "tiny-v3.tensorrt.json"])
+    bundle = json.loads((out / "tiny-v3.tensorrt.json").read_text())
+    assert bundle["dtype"] == "bfloat16" and bundle["engine_status"] == "missing"
+    model = onnx.load(str(out / "tiny-v3.plugin.onnx"))
+    assert onnx_facts(parser_model(out / "tiny-v3.plugin.onnx", aot=True))["dtype"] == "bfloat16"
+    init = {t.name: t.data_type for t in model.graph.initializer}
+    assert init["router.weight"] == init["router.bias"] == onnx.TensorProto.FLOAT
+    assert init["moe.w_gate_up"] == init["experts.w_down"] == init["shared.0.w_down"] == onnx.TensorProto.BFLOAT16
 
 
 def test_bundled_plugin_module_is_standalone(tmp_path):

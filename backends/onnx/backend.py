@@ -5,6 +5,15 @@ One backend with a `flavour` option (portable | ort | plugin). Each flavour has 
 that already went through it is fine), which lets callers hand over either the raw or the lowered graph.
 Providers: CUDA (and TensorRT when asked for) where onnxruntime has them, else CPU. The plugin flavour
 runs on CPU only, through onnxruntime-extensions (extensions.py).
+
+Precision (what runs where; `build` writes every supported dtype, `prepare`/`load_runner` refuse with a
+BackendError naming the reason where ONNX Runtime cannot run the file):
+  float32   every flavour, CPU (and CUDA for portable/ort);
+  float16   portable: CPU (onnxruntime inserts float32 casts around fp16 nodes its CPU provider has no
+            kernel for), CUDA; plugin: CPU, the FusedMoE stand-in computing in float32 (extensions.py);
+  bfloat16  exported only (for TensorRT, or onnxruntime-gpu in the user's own code): onnxruntime's CPU
+            provider has no bfloat16 arithmetic kernels (MatMul, Gemm, Add, Mul, Sigmoid, ...), and its
+            Python API has no numpy type to hand bfloat16 tensors in or out.
 """
 from __future__ import annotations
 
@@ -23,7 +32,7 @@ from ...passes import run_pipeline
 from ...spec import LayerSpec
 from ..base import Backend, BuildResult, Runner
 from . import extensions
-from .lower import PIPELINES, Flavour, LoweredModel, lower, supports
+from .lower import PIPELINES, Flavour, LoweredModel, lower, supports, to_numpy
 
 # Above this many initializer bytes a model is written with external data (protobuf's hard limit is 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1_500_000_000
@@ -32,6 +41,7 @@ _ALIGN = 4096  # external tensors start on page boundaries so ONNX Runtime can m
 Progress = Callable[[str, int, int], None]  # (step, done, total): e.g. ("weights", bytes written, bytes)
 
 _ORT_TYPES = {"tensor(float)": torch.float32, "tensor(int64)": torch.int64, "tensor(int32)": torch.int32}
+_FEED_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 def _copy(graph: Graph) -> Graph:
@@ -64,7 +74,11 @@ class OnnxBackend(Backend):
     def prepare(self, graph: Graph, weights: Mapping[str, torch.Tensor], *, flavour: Flavour | str | None = None,
                 providers: Sequence[str] | None = None, threads: int | None = None, **options: Any) -> Runner:
         flavour = _flavour(flavour or self.flavour)
-        lowered = lower(lowered_graph(graph, flavour), weights, flavour)
+        piped = lowered_graph(graph, flavour)
+        refusal = runtime_refusal({v.type.dtype.value for v in (*piped.inputs, *piped.weights.values())}, flavour)
+        if refusal:
+            raise BackendError(f"onnx/{flavour.value}: {refusal}")
+        lowered = lower(piped, weights, flavour)
         with tempfile.TemporaryDirectory(prefix="moe-ir-onnx-") as tmp:
             if lowered.initializer_bytes() > EXTERNAL_DATA_THRESHOLD:
                 # Too big for one protobuf: write with external data, load, then drop the files
@@ -93,7 +107,11 @@ class OnnxBackend(Backend):
         files = [write_model(lowered, path, external_data=external_data, progress=progress)]
         if external_data:
             files.append(path.with_name(path.name + ".data"))
-        notes = [f"opset 18, dynamic dims B,S; flavour {flavour.value}"]
+        dtypes = sorted({v.type.dtype.value for v in (*piped.inputs, *piped.weights.values())})
+        notes = [f"opset 18, dynamic dims B,S; flavour {flavour.value}; {'/'.join(dtypes)}"]
+        refusal = runtime_refusal(dtypes, flavour)
+        if refusal:
+            notes.append(f"not runnable by moe-ir's ONNX Runtime runner: {refusal}")
         if flavour == Flavour.ORT:
             notes.append("needs onnxruntime (com.microsoft.MoE contrib op)")
         if flavour == Flavour.PLUGIN:
@@ -118,7 +136,7 @@ def _embedded(lowered: LoweredModel, *, for_runtime: bool = False) -> onnx.Model
     model = onnx.ModelProto()
     model.CopyFrom(lowered.model)
     for name, thunk in lowered.initializers.items():
-        model.graph.initializer.append(onnx.numpy_helper.from_array(thunk().numpy(), name))
+        model.graph.initializer.append(onnx.numpy_helper.from_array(to_numpy(thunk()), name))
     return extensions.to_contrib_domain(model) if for_runtime else model
 
 
@@ -144,13 +162,13 @@ def write_model(lowered: LoweredModel, path: Path, *, external_data: bool, progr
             with os.fdopen(fd, "wb") as f:
                 offset = 0
                 for name, thunk in lowered.initializers.items():
-                    arr = np.ascontiguousarray(thunk().numpy())
+                    arr = np.ascontiguousarray(to_numpy(thunk()))
                     tensor = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(arr.dtype),
                                               dims=arr.shape, data_location=onnx.TensorProto.EXTERNAL)
                     for key, value in (("location", data_path.name), ("offset", str(offset)),
                                        ("length", str(arr.nbytes))):
                         tensor.external_data.add(key=key, value=value)
-                    f.write(memoryview(arr).cast("B"))
+                    f.write(memoryview(arr.reshape(-1).view(np.uint8)))  # bytes: bf16 has no buffer format
                     pad = -(offset + arr.nbytes) % _ALIGN
                     f.write(b"\0" * pad)
                     offset += arr.nbytes + pad
@@ -160,7 +178,7 @@ def write_model(lowered: LoweredModel, path: Path, *, external_data: bool, progr
                         progress("weights", min(offset, total), total)
         else:
             for name, thunk in lowered.initializers.items():
-                model.graph.initializer.append(onnx.numpy_helper.from_array(thunk().numpy(), name))
+                model.graph.initializer.append(onnx.numpy_helper.from_array(to_numpy(thunk()), name))
         if for_runtime:
             model = extensions.to_contrib_domain(model)
         fd, model_tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -212,6 +230,20 @@ def _without_data(model: onnx.ModelProto) -> onnx.ModelProto:
 # running
 
 
+def runtime_refusal(dtypes, flavour: Flavour) -> str:
+    """Why moe-ir cannot run an export with these IR dtypes ('f32', 'f16', 'bf16') in ONNX Runtime here
+    ('' when it can). Judged from the types, not by trying: a session that fails half-way through
+    loading says less than this."""
+    if "bf16" not in dtypes:
+        return ""
+    import onnxruntime as ort
+
+    where = " (the plugin flavour runs there only on CPU)" if flavour == Flavour.PLUGIN else ""
+    return (f"bfloat16 models do not run in ONNX Runtime from moe-ir{where}: bf16 MatMul/Gemm/Add/Mul kernels are "
+            f"not installed in onnxruntime {ort.__version__}'s CPU provider, and its Python API has no bf16 numpy "
+            f"type; `moe-ir build` still writes the file (for TensorRT or onnxruntime-gpu)")
+
+
 def default_providers(flavour: Flavour) -> list[str]:
     import onnxruntime as ort
 
@@ -249,12 +281,18 @@ def make_runner(session, graph: Graph | None = None) -> Runner:
     if graph is not None:
         out_dtypes = {k: v.type.dtype.torch for k, v in graph.outputs.items()}
 
+    if x_info.type not in _FEED_TYPES:
+        raise BackendError(f"onnx runner: input {x_info.name} is {x_info.type}, which onnxruntime's Python API "
+                           f"cannot be fed (float and float16 can)")
+    feed_type = _FEED_TYPES[x_info.type]
+
     def run(x: torch.Tensor) -> dict[str, torch.Tensor]:
         if x.dim() != 3 or (isinstance(hidden, int) and x.shape[-1] != hidden):
             raise BackendError(f"onnx runner: x must be [B, S, {hidden}], got {list(x.shape)}")
         if not x.is_floating_point():
             raise BackendError(f"onnx runner: x must be floating point, got {x.dtype}")
-        feed = {x_info.name: x.detach().to(torch.float32).cpu().contiguous().numpy()}
+        # In the model's input type (float32 upcast first: numpy cannot take bfloat16 tensors).
+        feed = {x_info.name: x.detach().to(torch.float32).cpu().contiguous().numpy().astype(feed_type, copy=False)}
         try:
             results = session.run(out_names, feed)
         except Exception as err:
@@ -285,6 +323,10 @@ def load_runner(path: str | Path, *, providers: Sequence[str] | None = None, thr
                            f"re-export it with `moe-ir build --backend onnx`") from None
     meta = {p.key: p.value for p in proto.metadata_props}
     flavour = Flavour(meta.get("moe_ir.flavour", "portable"))
+    bf16 = onnx.TensorProto.BFLOAT16
+    if any(v.type.tensor_type.elem_type == bf16 for v in proto.graph.input) or \
+            any(t.data_type == bf16 for t in proto.graph.initializer):
+        raise BackendError(f"{path}: {runtime_refusal({'bf16'}, flavour)}")
     if flavour == Flavour.PLUGIN:
         onnx.load_external_data_for_model(proto, str(path.parent))
         model: str | bytes = extensions.to_contrib_domain(proto).SerializeToString()

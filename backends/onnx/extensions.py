@@ -1,7 +1,10 @@
 """CPU implementation of `moe_ir::FusedMoE` for ONNX Runtime, through onnxruntime-extensions.
 
 onnxruntime-extensions runs Python custom ops only in the domain `ai.onnx.contrib`, so a plugin-flavour
-model runs here with that node's domain rewritten (nothing else changes). The implementation is the
+model runs here with that node's domain rewritten. Its Python ops take float32 only (a float16 signature
+aborts the process inside the extensions library, and bfloat16 has no numpy type), so in an f16/bf16
+model the runtime copy also casts the node's low-precision inputs to float32 and its output back: the
+op then computes in float32, which is what the reference interpreter does too. The implementation is the
 reference math of the fused_moe op (moe_ir.ir.ops), decoded from the node's integer/float attributes
 exactly as the TensorRT plugin decodes its fields. It is slow (outputs cross into Python lists) and
 meant for validation, not serving.
@@ -13,15 +16,17 @@ import functools
 import numpy as np
 import onnx
 import torch
+from onnx import TensorProto
 
 from ...ir import ElemType, OpCode, WeightLayout, op_def
 from .lower import CONTRIB_DOMAIN
 from .plugin_op import DOMAIN, OP_TYPE, FusedMoEAttrs
 
 
-def fused_moe_reference(x: np.ndarray, w_router: np.ndarray, bias: np.ndarray, w_gate_up: np.ndarray,
-                        w_down: np.ndarray, **fields) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The op's contract in numpy in/out: (out [T,H], expert_idx int32 [T,k], weights float32 [T,k])."""
+def fused_moe_torch(x: torch.Tensor, w_router: torch.Tensor, bias: torch.Tensor, w_gate_up: torch.Tensor,
+                    w_down: torch.Tensor, **fields) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op's contract on torch tensors, each computed in the type it comes in (router in float32,
+    experts in x's type): (out [T,H] x's type, expert_idx int32 [T,k], weights float32 [T,k])."""
     a = FusedMoEAttrs.decode(fields)
     gated = a.activation.gated
     attrs = {"score": a.score_fn, "k": a.top_k, "groups": a.n_group, "kept": a.topk_group,
@@ -29,12 +34,19 @@ def fused_moe_reference(x: np.ndarray, w_router: np.ndarray, bias: np.ndarray, w
              "capacity_factor": None, "drop_rule": op_def(OpCode.FUSED_MOE).attrs["drop_rule"].default,
              "router_dtype": ElemType.FLOAT32, "activation": a.activation,
              "weight_layout": WeightLayout.GATE_UP_FUSED if gated else WeightLayout.SEPARATE}
-    t = torch.from_numpy
-    b = t(bias) if np.any(bias) else None  # zeros mean "no bias" in the contract; adding them is exact anyway
+    b = bias if bool(bias.any()) else None  # zeros mean "no bias" in the contract; adding them is exact anyway
     with torch.no_grad():
-        out, idx, w = op_def(OpCode.FUSED_MOE).reference(attrs, t(x), t(w_router), b, t(w_gate_up), t(w_down),
+        out, idx, w = op_def(OpCode.FUSED_MOE).reference(attrs, x, w_router, b, w_gate_up, w_down,
                                                          None, None, None, None)
-    return out.numpy(), idx.to(torch.int32).numpy(), w.to(torch.float32).numpy()
+    return out, idx.to(torch.int32), w.to(torch.float32)
+
+
+def fused_moe_reference(x: np.ndarray, w_router: np.ndarray, bias: np.ndarray, w_gate_up: np.ndarray,
+                        w_down: np.ndarray, **fields) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The op's contract in numpy in/out: (out [T,H], expert_idx int32 [T,k], weights float32 [T,k])."""
+    t = torch.from_numpy
+    out, idx, w = fused_moe_torch(t(x), t(w_router), t(bias), t(w_gate_up), t(w_down), **fields)
+    return out.numpy(), idx.numpy(), w.numpy()
 
 
 @functools.cache
@@ -51,13 +63,44 @@ def register() -> str:
 
 
 def to_contrib_domain(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of a plugin-flavour model whose FusedMoE nodes sit in the extensions' domain."""
+    """A copy of a plugin-flavour model whose FusedMoE nodes sit in the extensions' domain, with float32
+    inputs and outputs (Casts around them where the model's types are f16/bf16)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    types = _tensor_types(out)
+    nodes = []
     for node in out.graph.node:
-        if node.domain == DOMAIN and node.op_type == OP_TYPE:
-            node.domain = CONTRIB_DOMAIN
+        if node.domain != DOMAIN or node.op_type != OP_TYPE:
+            nodes.append(node)
+            continue
+        node.domain = CONTRIB_DOMAIN
+        x_type = types.get(node.input[0], TensorProto.FLOAT)
+        for i, name in enumerate(node.input):
+            if types.get(name, TensorProto.FLOAT) != TensorProto.FLOAT:
+                cast = f"{node.name}/runtime_f32_in{i}"
+                nodes.append(onnx.helper.make_node("Cast", [name], [cast], name=cast, to=TensorProto.FLOAT))
+                node.input[i] = cast
+        nodes.append(node)
+        if x_type != TensorProto.FLOAT:  # output 0 has x's type in the contract
+            real, node.output[0] = node.output[0], f"{node.name}/runtime_f32_out0"
+            nodes.append(onnx.helper.make_node("Cast", [node.output[0]], [real], name=f"{node.name}/runtime_out0",
+                                               to=x_type))
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
     opsets = [o for o in out.opset_import if o.domain != DOMAIN]
     del out.opset_import[:]
     out.opset_import.extend(opsets + [onnx.helper.make_opsetid(CONTRIB_DOMAIN, 1)])
     return out
+
+
+def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """ONNX element type of the initializers and graph inputs, and of the FusedMoE node's x: that is the
+    activation input reshaped to tokens, so it has the activation input's type (no shape inference,
+    which would copy a model of up to 2 GiB)."""
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    activation = [v for v in model.graph.input if v.name not in types]
+    types.update({v.name: v.type.tensor_type.elem_type for v in model.graph.input})
+    for node in model.graph.node:
+        if node.domain == DOMAIN and node.op_type == OP_TYPE and node.input[0] not in types and activation:
+            types[node.input[0]] = activation[0].type.tensor_type.elem_type
+    return types

@@ -38,6 +38,16 @@ Flavours:
             layout the CPU kernel implements.
   plugin    the FUSED_MOE node becomes one `moe_ir::FusedMoE` node (see plugin_op.py); everything
             else as portable.
+
+Precision: the portable and plugin flavours export float32, float16 and bfloat16 graphs; every tensor
+has the IR value's type, so activations and expert weights are in the spec dtype and the router runs
+in its own dtype (float32). Where the two meet there is an explicit Cast, placed as the reference
+semantics place it: tokens are cast to the router dtype before the router projection; in combine the
+expert rows are cast to float32, weighted by the (float32) routing weights and summed there, and the
+sum is rounded once to the activation type (ONNX Runtime's CPU ScatterND has no fp16 add, and this
+is the more accurate sum). Selection (TopK) always runs on float32 scores, so routing does not depend
+on a backend's low-precision TopK. Folded weights are computed in float32 and rounded once to their
+type. The ort flavour is float32 only.
 """
 from __future__ import annotations
 
@@ -46,6 +56,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
+import ml_dtypes
 import numpy as np
 import onnx
 import torch
@@ -76,7 +87,29 @@ PIPELINES: dict[Flavour, tuple[str, ...]] = {
 _ONNX_DTYPE = {ElemType.FLOAT32: TensorProto.FLOAT, ElemType.INT64: TensorProto.INT64,
                ElemType.FLOAT16: TensorProto.FLOAT16, ElemType.BFLOAT16: TensorProto.BFLOAT16,
                ElemType.FLOAT64: TensorProto.DOUBLE}
+# numpy storage of each float type (numpy has no bfloat16; onnx reads and writes ml_dtypes' one)
+_NP_DTYPE = {ElemType.FLOAT32: np.float32, ElemType.FLOAT16: np.float16, ElemType.BFLOAT16: ml_dtypes.bfloat16,
+             ElemType.FLOAT64: np.float64}
+EXPORT_DTYPES = (ElemType.FLOAT32, ElemType.FLOAT16, ElemType.BFLOAT16)
 _ORT_ACTIVATIONS = {Activation.SWIGLU: "swiglu", Activation.RELU: "relu"}
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as numpy (bfloat16 as ml_dtypes.bfloat16, which torch cannot hand over directly)."""
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def from_numpy(a: np.ndarray) -> torch.Tensor:
+    """Inverse of to_numpy."""
+    a = np.ascontiguousarray(a)
+    if not a.flags.writeable:  # torch warns on read-only memory (e.g. onnx.reference's constants)
+        a = a.copy()
+    if a.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -87,9 +120,11 @@ def supports(graph: Graph, flavour: Flavour | str) -> tuple[bool, str]:
     """(ok, reason) for a graph that already went through PIPELINES[flavour]."""
     flavour = Flavour(flavour)
     for v in list(graph.inputs) + list(graph.weights.values()):
-        if v.type.dtype != ElemType.FLOAT32:
-            return False, (f"the onnx backend exports float32 graphs only ({v.name} is {v.type.dtype.value}; "
-                           f"ONNX Runtime's CPU kernels lack bf16/f16 MatMul and TopK)")
+        if v.type.dtype not in EXPORT_DTYPES:
+            return False, (f"the onnx backend exports f32, f16 and bf16 graphs ({v.name} is {v.type.dtype.value})")
+        if flavour == Flavour.ORT and v.type.dtype != ElemType.FLOAT32:
+            return False, (f"the ort flavour exports float32 graphs only ({v.name} is {v.type.dtype.value}); "
+                           f"the portable and plugin flavours export f16 and bf16")
     for node in graph.nodes:
         if node.op == OpCode.BALANCE_LOSS:
             return False, "balance losses are training outputs; the onnx backend exports inference graphs"
@@ -103,7 +138,14 @@ def supports(graph: Graph, flavour: Flavour | str) -> tuple[bool, str]:
             routed = graph.find(OpCode.EXPERT_CHOICE_ROUTE) or graph.find(OpCode.ROUTER_NOISE)
             why = (f"{routed[0].op.value} is not fusable" if routed else "fuse-moe did not apply")
             return False, f"the plugin flavour needs the routed path as one fused_moe node ({why})"
-        return plugin_op.plugin_supports(fused[0])
+        ok, reason = plugin_op.plugin_supports(fused[0])
+        if ok:
+            for port in ("w_router", "bias"):
+                v = fused[0].input(port)
+                if v is not None and v.type.dtype != ElemType.FLOAT32:
+                    return False, (f"{plugin_op.PLUGIN_NAME} takes {port} in float32 ({v.name} is "
+                                   f"{v.type.dtype.value}; spec router.dtype must be float32)")
+        return ok, reason
     return True, ""
 
 
@@ -227,11 +269,20 @@ class _Lowering:
                 names.update(v.name for v in node.outputs)
         return names
 
+    def _given(self, value: Value) -> torch.Tensor:
+        """A graph weight as given (its own dtype)."""
+        if value.name not in self.weights:
+            raise BackendError(f"weight {value.name!r} was not given")
+        return self.weights[value.name].detach().cpu()
+
+    def _evaluate_stored(self, value: Value) -> torch.Tensor:
+        """What an initializer holds before rounding to its type: a given weight as is (no float32 copy of a
+        large bf16 tensor), a folded one computed in float32."""
+        return self._given(value) if value.producer is None else self._evaluate(value)
+
     def _evaluate(self, value: Value) -> torch.Tensor:
         if value.producer is None:
-            if value.name not in self.weights:
-                raise BackendError(f"weight {value.name!r} was not given")
-            return self.weights[value.name].detach().to(torch.float32).cpu()
+            return self._given(value).to(torch.float32)
         node = value.producer
         args = [None if v is None else self._evaluate(v) for v in node.inputs]
         with torch.no_grad():
@@ -241,12 +292,13 @@ class _Lowering:
         """value[e] for a stacked expert weight, without building the whole folded tensor."""
         node = value.producer
         if node is None:
-            return self._evaluate(value)[e].contiguous()
+            return self._given(value)[e].contiguous()  # sliced before any cast: one expert, not all of them
         if node.op == OpCode.CONCAT and node.attrs["axis"] >= 1:
-            parts = [self._evaluate_slice(v, e) for v in node.inputs]
+            parts = [self._evaluate_slice(v, e).to(torch.float32) for v in node.inputs]
             return torch.cat(parts, dim=node.attrs["axis"] - 1)
         if node.op == OpCode.ADD:
-            return self._evaluate_slice(node.inputs[0], e) + self._evaluate_slice(node.inputs[1], e)
+            return (self._evaluate_slice(node.inputs[0], e).to(torch.float32)
+                    + self._evaluate_slice(node.inputs[1], e).to(torch.float32))
         return self._evaluate(value)[e].contiguous()
 
     def _evaluate_gate_up(self, value: Value) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -261,12 +313,16 @@ class _Lowering:
         """Name of an initializer holding `value` (folded when computed), optionally transformed."""
         name = name or value.name
         if name not in self.thunks:
-            def thunk(value=value, transform=transform, evaluate=evaluate or self._evaluate):
+            dtype = value.type.dtype.torch
+
+            def thunk(value=value, transform=transform, evaluate=evaluate or self._evaluate_stored, dtype=dtype):
                 t = evaluate(value)
-                return transform(t) if transform is not None else t
+                # Folds computed in float32, rounded once to the value's type (given weights: a no-op
+                # when they come in it).
+                return (transform(t) if transform is not None else t).to(dtype)
 
             shape = value.type.shape[1:] if name.endswith("]") else value.type.shape  # "name[e]": one slice
-            thunk.nbytes = math.prod(int(d) for d in shape) * 4  # float32 only (supports())
+            thunk.nbytes = math.prod(int(d) for d in shape) * dtype.itemsize
             self.thunks[name] = thunk
         return name
 
@@ -327,6 +383,25 @@ class _Lowering:
     def zeros(self, shape: str, dtype=TensorProto.FLOAT, fill: float = 0.0) -> str:
         return self.em.op("ConstantOfShape", [shape], value=helper.make_tensor("v", dtype, [1], [fill]))
 
+    # -- type helpers ---------------------------------------------------------------------------
+
+    def fconst(self, value, dtype: ElemType, hint: str = "c") -> str:
+        """A float constant in `dtype` (the type of the tensor it meets: ONNX does not promote)."""
+        return self.em.const(value, _NP_DTYPE[dtype], hint)
+
+    def cast(self, tensor: str, src: ElemType, dst: ElemType) -> str:
+        """`tensor` (of type src) as dst: an explicit Cast where the types differ, else the tensor."""
+        if src == dst:
+            return tensor
+        return self.em.op("Cast", [tensor], to=_ONNX_DTYPE[dst])
+
+    def cast_operand(self, value: Value, dst: ElemType) -> str:
+        return self.cast(self.operand(value), value.type.dtype, dst)
+
+    def as_float32(self, value: Value) -> str:
+        """A score tensor as float32 for selection: TopK always runs on float32."""
+        return self.cast_operand(value, ElemType.FLOAT32)
+
     # -- ops ------------------------------------------------------------------------------------
 
     def _lower_flatten_tokens(self, node: Node) -> None:
@@ -341,8 +416,9 @@ class _Lowering:
         self.em.op("Reshape", [self.operand(y), shape], out=node.outputs[0].name, name=node.name)
 
     def _lower_linear(self, node: Node) -> None:
-        x, w, b = node.inputs
-        ins = [self.operand(x), self.operand(w)] + ([self.operand(b)] if b is not None else [])
+        # Computed in out_dtype (the router's): the activation is cast to it first, as the reference does.
+        dt = node.attrs["out_dtype"]
+        ins = [self.cast_operand(v, dt) for v in node.inputs if v is not None]
         self.em.op("Gemm", ins, out=node.outputs[0].name, name=node.name, transB=1)
 
     def _lower_router_noise(self, node: Node) -> None:
@@ -358,7 +434,10 @@ class _Lowering:
         em, a = self.em, node.attrs
         scores, bias = node.inputs
         scores_n = self.operand(scores)
-        select = em.op("Add", [scores_n, self.operand(bias)]) if bias is not None else scores_n
+        # Selection on float32 (scores + a float32 bias promote to it in the reference too).
+        select = self.as_float32(scores)
+        if bias is not None:
+            select = em.op("Add", [select, self.as_float32(bias)])
         e = scores.type.shape[1]
         if a["groups"] > 1:
             groups = a["groups"]
@@ -378,15 +457,16 @@ class _Lowering:
             select = em.op("Reshape", [masked, em.const([0, e])])
         idx = em.op("TopK", [select, em.const([a["k"]])], 2, axis=-1, largest=1, sorted=1)[1]
         em.op("Identity", [idx], out=node.outputs[0].name, name=node.name)
-        em.op("GatherElements", [scores_n, idx], out=node.outputs[1].name, axis=1)
+        em.op("GatherElements", [scores_n, idx], out=node.outputs[1].name, axis=1)  # weights in the scores' type
 
     def _lower_scale_weights(self, node: Node) -> None:
         em, a = self.em, node.attrs
         w = self.operand(node.inputs[0])
+        dt = node.inputs[0].type.dtype
         if a["normalize"]:
             total = em.op("ReduceSum", [w, em.const([-1])], keepdims=1)
-            w = em.op("Div", [w, em.op("Add", [total, em.const(1e-20, np.float32)])])
-        em.op("Mul", [w, em.const(a["scale"], np.float32, "scale")], out=node.outputs[0].name, name=node.name)
+            w = em.op("Div", [w, em.op("Add", [total, self.fconst(1e-20, dt)])])
+        em.op("Mul", [w, self.fconst(a["scale"], dt, "scale")], out=node.outputs[0].name, name=node.name)
 
     def _lower_dispatch(self, node: Node) -> None:
         if self.flavour == Flavour.ORT:
@@ -441,7 +521,7 @@ class _Lowering:
         em.op("Div", [order, em.const(k)], out=node.outputs[0].name, name=node.name)
         row_w = em.op("Gather", [flat_w, order])
         if kept_sorted is not None:
-            row_w = em.op("Where", [kept_sorted, row_w, em.const(0.0, np.float32)])
+            row_w = em.op("Where", [kept_sorted, row_w, self.fconst(0.0, node.inputs[1].type.dtype)])
         em.op("Identity", [row_w], out=node.outputs[1].name)
         sizes = self._bincount(key, n_assign, n_exp + 1)
         em.op("Slice", [sizes, em.const([0]), em.const([n_exp])], out=node.outputs[2].name)
@@ -462,7 +542,7 @@ class _Lowering:
 
     def _lower_expert_choice_route(self, node: Node) -> None:
         em, a = self.em, node.attrs
-        scores = self.operand(node.inputs[0])
+        scores = self.as_float32(node.inputs[0])
         n_exp = node.inputs[0].type.shape[1]
         n_tok = self.rows_of(scores)
         tk = em.op("Cast", [em.op("Mul", [n_tok, em.const([a["top_k"]])])], to=TensorProto.DOUBLE)
@@ -472,6 +552,7 @@ class _Lowering:
         by_expert = em.op("Transpose", [scores], perm=[1, 0])
         values, tokens = em.op("TopK", [by_expert, cap], 2, axis=-1, largest=1, sorted=1)
         em.op("Reshape", [tokens, em.const([-1])], out=node.outputs[0].name, name=node.name)
+        values = self.cast(values, ElemType.FLOAT32, node.outputs[1].type.dtype)  # exact: they came from it
         em.op("Reshape", [values, em.const([-1])], out=node.outputs[1].name)
         em.op("Expand", [cap, em.const([n_exp])], out=node.outputs[2].name)
 
@@ -489,22 +570,23 @@ class _Lowering:
         else:
             up = linear(x, w["w_up"], w["b_up"])
             gate = linear(x, w["w_gate"], w["b_gate"]) if act.gated else None
+        dt = node.inputs[0].type.dtype
         if act == Activation.SWIGLU:
             hidden = em.op("Mul", [em.op("Mul", [gate, em.op("Sigmoid", [gate])]), up])
         elif act == Activation.GEGLU:
-            hidden = em.op("Mul", [self._gelu(gate), up])
+            hidden = em.op("Mul", [self._gelu(gate, dt), up])
         elif act == Activation.GELU:
-            hidden = self._gelu(up)
+            hidden = self._gelu(up, dt)
         else:
             hidden = em.op("Relu", [up])
         ins = [hidden, w["w_down"]] + ([w["b_down"]] if w["b_down"] else [])
         return em.op("Gemm", ins, transB=1, **({"out": out} if out else {}))
 
-    def _gelu(self, x: str) -> str:
+    def _gelu(self, x: str, dt: ElemType) -> str:
         # Erf form: the spec's GELU is PyTorch's exact one (opset 20's Gelu would pin a newer opset).
         em = self.em
-        erf = em.op("Erf", [em.op("Mul", [x, em.const(1 / math.sqrt(2), np.float32)])])
-        return em.op("Mul", [em.op("Mul", [x, em.const(0.5, np.float32)]), em.op("Add", [erf, em.const(1.0, np.float32)])])
+        erf = em.op("Erf", [em.op("Mul", [x, self.fconst(1 / math.sqrt(2), dt)])])
+        return em.op("Mul", [em.op("Mul", [x, self.fconst(0.5, dt)]), em.op("Add", [erf, self.fconst(1.0, dt)])])
 
     def _weight_operands(self, node: Node) -> dict[str, Value | None]:
         return {k: node.input(k) for k in ("w_up", "w_down", "w_gate", "b_up", "b_down", "b_gate")}
@@ -535,7 +617,7 @@ class _Lowering:
             outs.append(self._ffn(parts[e], node, w))
         em.prefix = node.name
         # Dropped rows (past every group) are zeros, as in the reference.
-        tail = em.op("Mul", [parts[n_exp], em.const(0.0, np.float32)])
+        tail = em.op("Mul", [parts[n_exp], self.fconst(0.0, node.inputs[0].type.dtype)])
         em.op("Concat", outs + [tail], axis=0, out=node.outputs[0].name, name=node.name)
 
     def _lower_combine(self, node: Node) -> None:
@@ -543,12 +625,21 @@ class _Lowering:
         if self.flavour == Flavour.ORT:
             self._lower_ort_moe(node)
             return
-        y, rows, row_w, like = (self.operand(v) for v in node.inputs)
+        _, rows, _, like = (self.operand(v) for v in node.inputs)
+        dt = node.inputs[0].type.dtype
+        # f16/bf16 rows are weighted and summed in float32, then rounded once to their type: ONNX
+        # Runtime's CPU ScatterND has no fp16 add (and bf16 ConstantOfShape needs opset 20), and a float32
+        # sum of the k rows of a token is the more accurate one.
+        y = self.cast_operand(node.inputs[0], ElemType.FLOAT32)
+        row_w = self.cast_operand(node.inputs[2], ElemType.FLOAT32)
         hidden = node.outputs[0].type.shape[1]
         shape = em.op("Concat", [self.rows_of(like), em.const([hidden])], axis=0)
         weighted = em.op("Mul", [y, em.op("Unsqueeze", [row_w, em.const([1])])])
-        em.op("ScatterND", [self.zeros(shape), em.op("Unsqueeze", [rows, em.const([1])]), weighted],
-              out=node.outputs[0].name, name=node.name, reduction="add")
+        low = dt != ElemType.FLOAT32
+        summed = em.op("ScatterND", [self.zeros(shape), em.op("Unsqueeze", [rows, em.const([1])]), weighted],
+                       reduction="add", **({} if low else {"out": node.outputs[0].name, "name": node.name}))
+        if low:
+            em.op("Cast", [summed], out=node.outputs[0].name, name=node.name, to=_ONNX_DTYPE[dt])
 
     def _lower_ort_moe(self, combine: Node) -> None:
         em = self.em
@@ -586,12 +677,15 @@ class _Lowering:
 
     def _lower_sigmoid_gate(self, node: Node) -> None:
         em = self.em
-        y, x, w = (self.operand(v) for v in node.inputs)
-        gate = em.op("Sigmoid", [em.op("Gemm", [x, w], transB=1)])
-        em.op("Mul", [y, gate], out=node.outputs[0].name, name=node.name)
+        y, x, w = node.inputs
+        dt = x.type.dtype
+        gate = em.op("Sigmoid", [em.op("Gemm", [self.operand(x), self.cast_operand(w, dt)], transB=1)])
+        em.op("Mul", [self.operand(y), self.cast(gate, dt, y.type.dtype)], out=node.outputs[0].name, name=node.name)
 
     def _lower_add(self, node: Node) -> None:
-        self.em.op("Add", [self.operand(v) for v in node.inputs], out=node.outputs[0].name, name=node.name)
+        a, b = node.inputs
+        self.em.op("Add", [self.operand(a), self.cast_operand(b, a.type.dtype)], out=node.outputs[0].name,
+                   name=node.name)
 
     def _lower_concat(self, node: Node) -> None:
         self.em.op("Concat", [self.operand(v) for v in node.inputs], out=node.outputs[0].name, name=node.name,

@@ -77,8 +77,8 @@ class TensorRTBackend(Backend):
     pipeline = ("strip-training-outputs", "fuse-shared-experts", "fuse-moe", "fuse-gate-up", "dce")
 
     def supports_graph(self, graph: Graph) -> tuple[bool, str]:
-        """Whether the graph lowers to the plugin-flavour ONNX: the structural half of supports. The ONNX
-        backend's own check also demands float32 (for ONNX Runtime on CPU); TensorRT takes fp16/bf16 too."""
+        """Whether the graph lowers to the plugin-flavour ONNX: the structural half of supports (the ONNX
+        backend exports f32, f16 and bf16 plugin models; the precision is their types)."""
         from ..onnx import plugin_op
 
         for value in list(graph.inputs) + list(graph.weights.values()):
@@ -169,7 +169,7 @@ class TensorRTBackend(Backend):
 
     @staticmethod
     def _export_onnx(spec: LayerSpec, graph: Graph, weights: Mapping[str, torch.Tensor], out_dir: Path) -> BuildResult:
-        """OUT/<name>.plugin.onnx through the ONNX backend (it owns the lowering; fp16/bf16 need its support)."""
+        """OUT/<name>.plugin.onnx through the ONNX backend (it owns the lowering, in the graph's types)."""
         return get_backend("onnx").build(spec, graph, weights, out_dir, flavour="plugin")
 
     def _retyped(self, spec: LayerSpec, graph: Graph, weights: Mapping[str, torch.Tensor], precision: str | None):
