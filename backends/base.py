@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 
-from ..errors import BackendError
+from ..errors import BackendError, BackendUnavailable
 from ..ir import Graph
 from ..spec import LayerSpec
 
@@ -80,6 +80,6 @@ def get_backend(name: str) -> Backend:
     try:
         module = importlib.import_module(f"moe_ir.backends.{module_name}")
     except ImportError as err:
-        raise BackendError(f"backend '{name}' needs a package that is not installed: {err.name or err} "
+        raise BackendUnavailable(f"backend '{name}' needs a package that is not installed: {err.name or err} "
                            f"(install the extra: pip install 'moe-ir[all]')") from None
     return getattr(module, cls_name)()

@@ -55,5 +55,10 @@ class BackendError(MoeIRError):
     """A backend cannot lower or run this graph (unsupported option, missing dependency, bad artifact)."""
 
 
+class BackendUnavailable(BackendError):
+    """This machine cannot run the backend (a package, the hardware or a runtime kernel is missing), as
+    opposed to the backend rejecting the graph. `moe-ir validate` reports it as skipped with the reason."""
+
+
 class WeightsError(MoeIRError):
     """Weights that do not match the graph's parameters: lists missing, unexpected and mis-shaped names."""

@@ -37,7 +37,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .errors import BackendError, MoeIRError, SpecError
+from .errors import BackendError, BackendUnavailable, MoeIRError, SpecError
 from .spec import DType, LayerSpec
 
 # (atol, rtol) per dtype; atol is scaled by max(1, max |reference|) of the output compared.
@@ -231,7 +231,7 @@ def validate(spec: LayerSpec, backends: Sequence[Any] | None = None, *, tokens: 
             runner = backend.prepare(piped, {k: v for k, v in weights.items() if k in piped.weights})
             got = runner(x)
         except MoeIRError as err:
-            skipped = isinstance(err, BackendError) and "not installed" in str(err)
+            skipped = isinstance(err, BackendUnavailable)
             results.append(BackendResult(label, "skipped" if skipped else "error", str(err).splitlines()[0],
                                          required=strict_support or not skipped, seconds=time.perf_counter() - start))
             continue

@@ -97,3 +97,30 @@ def test_cli_exit_codes(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(v, "resolve_backend", lambda item: PerturbedBackend() if item == "torch" else real(item))
     assert main(["validate", str(spec_path), "--backends", "reference", "torch", "--tokens", "8"]) == 1
     assert "FAILED" in capsys.readouterr().out
+
+
+def test_unavailable_backend_is_skipped_but_a_failing_one_is_an_error():
+    """BackendUnavailable (this machine lacks something) skips; any other BackendError is a failure."""
+    from moe_ir.backends.base import Backend
+    from moe_ir.errors import BackendError, BackendUnavailable
+    from moe_ir.frontends import load_spec
+    from moe_ir.validate import validate
+
+    from conftest import SPECS
+
+    class Raising(Backend):
+        summary = "raises in prepare (test only)"
+
+        def __init__(self, name, error):
+            self.name = name
+            self.error = error
+
+        def prepare(self, graph, weights, **options):
+            raise self.error
+
+    spec = load_spec(SPECS / "tiny.yaml")
+    report = validate(spec, [Raising("absent", BackendUnavailable("needs a GPU that is not installed")),
+                             Raising("broken", BackendError("lowering failed"))], tokens=4)
+    status = {r.backend: (r.status, r.ok) for r in report.results}
+    assert status == {"absent": ("skipped", True), "broken": ("error", False)}
+    assert not report.ok

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import torch
 
-from ...errors import BackendError, MoeIRError
+from ...errors import BackendError, BackendUnavailable, MoeIRError
 from ...ir import Graph, from_json, to_json
 from ...passes import run_pipeline
 from ...spec import LayerSpec
@@ -77,7 +77,7 @@ class OnnxBackend(Backend):
         piped = lowered_graph(graph, flavour)
         refusal = runtime_refusal({v.type.dtype.value for v in (*piped.inputs, *piped.weights.values())}, flavour)
         if refusal:
-            raise BackendError(f"onnx/{flavour.value}: {refusal}")
+            raise BackendUnavailable(f"onnx/{flavour.value}: {refusal}")
         lowered = lower(piped, weights, flavour)
         with tempfile.TemporaryDirectory(prefix="moe-ir-onnx-") as tmp:
             if lowered.initializer_bytes() > EXTERNAL_DATA_THRESHOLD:
@@ -326,7 +326,7 @@ def load_runner(path: str | Path, *, providers: Sequence[str] | None = None, thr
     bf16 = onnx.TensorProto.BFLOAT16
     if any(v.type.tensor_type.elem_type == bf16 for v in proto.graph.input) or \
             any(t.data_type == bf16 for t in proto.graph.initializer):
-        raise BackendError(f"{path}: {runtime_refusal({'bf16'}, flavour)}")
+        raise BackendUnavailable(f"{path}: {runtime_refusal({'bf16'}, flavour)}")
     if flavour == Flavour.PLUGIN:
         onnx.load_external_data_for_model(proto, str(path.parent))
         model: str | bytes = extensions.to_contrib_domain(proto).SerializeToString()

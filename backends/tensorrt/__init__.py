@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import torch
 
 from ...builder import build_graph, spec_hash
-from ...errors import BackendError
+from ...errors import BackendError, BackendUnavailable
 from ...ir import ElemType, Graph, OpCode
 from ...params import atomic_write
 from ...passes import run_pipeline
@@ -109,7 +109,7 @@ class TensorRTBackend(Backend):
         """Export, build an engine in a temporary folder and load it (needs TensorRT and a GPU)."""
         problems = environment_problems()
         if problems:
-            raise BackendError(f"tensorrt: {'; '.join(problems)}")
+            raise BackendUnavailable(f"tensorrt: {'; '.join(problems)}")
         ok, reason = self.supports_graph(graph)
         if not ok:
             raise BackendError(f"tensorrt: {reason}")
@@ -158,7 +158,7 @@ class TensorRTBackend(Backend):
                                              plugin_copy, engine_path, command, problems)
         files = [*exported.files, plugin_copy, bundle]
         if problems:
-            raise BackendError(f"tensorrt: {'; '.join(problems)}. Wrote the plugin ONNX and plugin module to "
+            raise BackendUnavailable(f"tensorrt: {'; '.join(problems)}. Wrote the plugin ONNX and plugin module to "
                                f"{out_dir}/ (see {bundle.name}); finish the build on a machine with TensorRT "
                                f">= 10.6 and a CUDA GPU: {command}")
         manifest = build_engine(onnx_path, engine_path, profile=token_profile, spec_hash=digest, aot=aot)
