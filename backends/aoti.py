@@ -302,6 +302,12 @@ class AotiBackend(Backend):
         missing = sorted({n.op.value for n in graph.nodes if n.op not in _OPS and n.op != OpCode.BALANCE_LOSS})
         if missing:
             return False, f"no exportable implementation of op(s) {', '.join(missing)}"
+        low = sorted({v.type.dtype.value for v in graph.inputs if v.type.dtype.value in ("bf16", "f16")})
+        if low and not torch.cuda.is_available():
+            # Measured with torch 2.13 on CPU: the package compiles, then a fallback kernel call fails at run
+            # time ("Mismatch between ints consumed and num_ints"); refuse up front rather than ship it.
+            return False, (f"{'/'.join(low)} packages built by AOTInductor (torch {torch.__version__}) fail at run "
+                           "time on CPU in a fallback kernel call; use float32 on CPU")
         return True, ""
 
     def prepare(self, graph: Graph, weights: Mapping[str, torch.Tensor], *, package: str | Path | None = None,

@@ -129,3 +129,24 @@ def test_training_graph_is_packaged_as_inference():
     graph = build_graph(make_spec(balance={"expert": 0.01}), training=True)
     ok, reason = AotiBackend().supports(graph)
     assert ok, reason  # strip-training-outputs drops the losses: the inference layer is packaged
+
+
+def test_low_precision_on_cpu_is_refused_with_the_reason():
+    import dataclasses
+
+    import torch
+
+    from moe_ir.backends import get_backend
+    from moe_ir.builder import build_graph
+    from moe_ir.frontends import load_spec
+    from moe_ir.passes import run_pipeline
+    from moe_ir.spec import DType
+
+    from conftest import SPECS
+
+    if torch.cuda.is_available():
+        pytest.skip("the refusal applies to CPU-only machines")
+    backend = get_backend("aoti")
+    spec = dataclasses.replace(load_spec(SPECS / "tiny.yaml"), dtype=DType.BFLOAT16)
+    ok, reason = backend.supports(run_pipeline(build_graph(spec), backend.pipeline))
+    assert not ok and "bf16 packages built by AOTInductor" in reason and "use float32 on CPU" in reason
