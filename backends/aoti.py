@@ -236,10 +236,20 @@ def export_program(graph: Graph, weights: Mapping[str, torch.Tensor]) -> torch.e
         raise BackendError(f"aoti: torch.export failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}") from None
 
 
+# Package metadata (plain strings, readable without moe-ir through `get_metadata()`): the input contract,
+# which the runner checks because the compiled package itself does not (x with a wrong hidden size runs and
+# returns garbage unless AOTI_RUNTIME_CHECK_INPUTS=1 is set in the environment).
+META_HIDDEN = "moe_ir.hidden"
+META_DTYPE = "moe_ir.dtype"
+
+
 def compile_package(graph: Graph, weights: Mapping[str, torch.Tensor], path: Path,
                     progress: Progress | None = None) -> Path:
     """Export and compile to `path` (.pt2) through a temp file renamed into place."""
     from ..params import atomic_write
+
+    x_type = graph.inputs[0].type
+    metadata = {META_HIDDEN: str(int(x_type.shape[-1])), META_DTYPE: str(x_type.dtype.torch).removeprefix("torch.")}
 
     if progress is not None:
         progress("export", 0, 2)
@@ -251,7 +261,8 @@ def compile_package(graph: Graph, weights: Mapping[str, torch.Tensor], path: Pat
         # aoti_compile_and_package insists on a .pt2 suffix; compile next to the target, then move.
         staged = tmp + ".pt2"
         try:
-            torch._inductor.aoti_compile_and_package(program, package_path=staged)
+            torch._inductor.aoti_compile_and_package(program, package_path=staged,
+                                                     inductor_configs={"aot_inductor.metadata": metadata})
             os.replace(staged, tmp)
         finally:
             if os.path.exists(staged):
@@ -278,10 +289,17 @@ def load_runner(path: str | Path) -> Runner:
     except Exception as err:
         raise BackendError(f"{path}: not a loadable AOTInductor package ({type(err).__name__}); rebuild it with "
                            f"`moe-ir build --backend aoti`") from None
+    meta = compiled.get_metadata()
+    hidden = int(meta[META_HIDDEN]) if META_HIDDEN in meta else None  # None: a package from before the metadata
+    dtype = getattr(torch, meta[META_DTYPE]) if META_DTYPE in meta else None
 
     def run(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if x.dim() != 3:
-            raise BackendError(f"aoti runner: x must be [B, S, H], got {list(x.shape)}")
+        if x.dim() != 3 or (hidden is not None and x.shape[-1] != hidden):
+            raise BackendError(f"aoti runner: x must be [B, S, {hidden or 'H'}], got {list(x.shape)}")
+        if not x.is_floating_point():
+            raise BackendError(f"aoti runner: x must be floating point, got {x.dtype}")
+        if dtype is not None:
+            x = x.to(dtype)  # the package's input type, as the ONNX runner feeds the model's type
         try:
             with torch.no_grad():
                 return dict(compiled(x.contiguous()))
@@ -321,6 +339,10 @@ class AotiBackend(Backend):
 
     def build(self, spec: LayerSpec, graph: Graph, weights: Mapping[str, torch.Tensor], out_dir: Path, *,
               progress: Progress | None = None, **options: Any) -> BuildResult:
+        given = sorted(k for k, v in options.items() if v is not None)
+        if given:  # e.g. --flavour or --precision, which would otherwise be silently ignored
+            raise BackendError(f"aoti: {', '.join('--' + k.replace('_', '-') for k in given)} does not apply to this "
+                               f"backend (it packages the spec's `dtype:` with dynamic B and S)")
         ok, reason = self.supports(graph)
         if not ok:
             raise BackendError(f"aoti cannot package spec '{spec.name}': {reason}")

@@ -110,6 +110,25 @@ def _human_size(n: int) -> str:
     return f"{n} B"
 
 
+def _progress_printer(stream=None) -> Callable[[str, int, int], None]:
+    """A backend's build progress callback (step, done, total): one line when a step starts and, for the
+    weights, one per tenth written. Backends that do not report progress never call it."""
+    shown: dict[str, int] = {}
+
+    def report(step: str, done: int, total: int) -> None:
+        tenth = 10 * done // total if total else 10
+        if step == "done" or shown.get(step) == tenth:
+            return
+        shown[step] = tenth
+        out = stream or sys.stderr  # looked up per call: tests and callers may swap sys.stderr
+        if step == "weights":
+            print(f"  weights: {_human_size(done)} of {_human_size(total)} ({10 * tenth}%)", file=out, flush=True)
+        else:
+            print(f"  {step} ...", file=out, flush=True)
+
+    return report
+
+
 def prepare_for_backend(spec, backend, *, seed: int = 0, weights_path: str | None = None):
     """(graph after the backend's pipeline, weights for it): what build and validate lower."""
     from .builder import build_graph
@@ -134,6 +153,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         raise BackendError(f"backend '{backend.name}' cannot build {args.spec}: {reason}")
     options = {k: v for k, v in {"flavour": args.flavour, "profile": args.profile, "precision": args.precision,
                                  "external_data": args.external_data or None}.items() if v is not None}
+    options["progress"] = _progress_printer()  # export/compile and weight writing take minutes on large layers
     out_dir = Path(args.output)
     print(f"building {spec.name} for {backend.name} ({backend.summary}) -> {out_dir}/", file=sys.stderr)
     start = time.perf_counter()

@@ -206,6 +206,8 @@ def validate(spec: LayerSpec, backends: Sequence[Any] | None = None, *, tokens: 
     backends = default_backends() if backends is None else list(backends)
     if dtype not in TOLERANCES:
         raise BackendError(f"dtype '{dtype}' has no tolerance; choose one of {', '.join(TOLERANCES)}")
+    if tokens < 1 or batch < 1:  # an empty input compares nothing; torch would fail deep in the comparison
+        raise SpecError(f"--tokens and --batch must be at least 1, got tokens {tokens}, batch {batch}")
     spec = dataclasses.replace(spec, dtype=DType(dtype))
     graph = build_graph(spec)
     if weights is None:

@@ -230,6 +230,47 @@ def test_wrong_input_shape_is_a_clear_error(built):
         run(torch.randn(4, HIDDEN))
 
 
+@pytest.mark.parametrize("flavour", [f.value for f in Flavour])
+def test_empty_batch_runs(built, flavour):
+    """B or S = 0 puts a 0 in the restore-tokens shape, which Reshape read as "copy this dim" (allowzero=0):
+    x [1, 0, H] failed in onnxruntime with "cannot reshape {0,32} to {1,32,32}"."""
+    graph, weights, files = built
+    run = load_runner(files[flavour][0])
+    for shape in [(1, 0), (0, 3)]:
+        x = torch.randn(*shape, HIDDEN)
+        got = run(x)
+        ref = interpret(graph, {"x": x}, weights, dtype=torch.float64)
+        assert {k: tuple(got[k].shape) for k in ref} == {k: tuple(v.shape) for k, v in ref.items()}
+        assert got["out"].shape == x.shape
+
+
+def test_missing_external_data_is_a_clear_error(tmp_path):
+    graph = build_graph(BUILD_SPEC)
+    weights = _weights(graph)
+    for flavour in ("portable", "plugin"):
+        model_path, data_path = OnnxBackend(flavour).build(BUILD_SPEC, graph, weights, tmp_path,
+                                                           external_data=True).files
+        data_path.unlink()
+        # the plugin flavour loads the data itself (onnxruntime-extensions needs the model in memory)
+        with pytest.raises(BackendError, match=f"dyn.{flavour}.onnx"):
+            load_runner(model_path)
+
+
+def test_cli_build_shows_progress_and_refuses_options_it_does_not_take(tmp_path, capsys):
+    from conftest import SPECS
+    from moe_ir.cli import main
+
+    assert main(["build", str(SPECS / "tiny.yaml"), "--backend", "onnx", "-o", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "  weights: " in err and "(100%)" in err
+    for option, value in (("--precision", "bf16"), ("--profile", "1,2,3")):
+        code = main(["build", str(SPECS / "tiny.yaml"), "--backend", "onnx", option, value, "-o",
+                     str(tmp_path / "b")])
+        err = capsys.readouterr().err
+        assert code == 1 and f"onnx: {option} does not apply" in err and err.count("moe-ir: error:") == 1
+        assert not (tmp_path / "b").exists()
+
+
 def test_unknown_flavour_and_bad_dtype():
     with pytest.raises(BackendError, match="unknown onnx flavour"):
         OnnxBackend("tflite")

@@ -94,10 +94,12 @@ def test_implementation_by_version_compares_numbers_not_strings():
     assert P.implementation_for(P.parse_version("10.9.0"), prefer_aot=False) == "python"
     assert P.implementation_for(P.parse_version("10.6.0")) == "python"
     assert P.implementation_for(P.parse_version("10.5.0")) == "v3"
-    assert P.implementation_for(P.parse_version("9.2.0")) == "v3"
-    assert P.implementation_for(P.parse_version("8.6.1")) == "v3"
-    with pytest.raises(P.PluginError, match="too old"):
-        P.implementation_for(P.parse_version("8.5.3"))
+    assert P.implementation_for(P.parse_version("10.0.1")) == "v3"
+    # IPluginV3 (and its Python bindings) first shipped in TensorRT 10.0 (its release notes); 9.x and 8.6
+    # have no trt.IPluginV3, so plugin_v3.py would fail on import there instead of saying the version is too old.
+    for old in ("9.3.0", "9.2.0", "8.6.1", "8.5.3"):
+        with pytest.raises(P.PluginError, match="too old.*TensorRT >= 10.0"):
+            P.implementation_for(P.parse_version(old))
     with pytest.raises(P.PluginError, match="not installed"):
         P.implementation_for(None)
     with pytest.raises(P.PluginError, match="version"):
@@ -548,6 +550,56 @@ def test_supports_and_prepare_without_tensorrt():
     assert ok and "TensorRT is not installed" in reason and "bundle" in reason
     with pytest.raises(BackendError, match="TensorRT is not installed"):
         backend.prepare(graph, {})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU: only TensorRT can be missing")
+def test_missing_gpu_is_reported_even_when_tensorrt_is_missing():
+    """Installing TensorRT alone would not let the build finish on a machine without a GPU: say both."""
+    problems = environment_problems()
+    assert any("no CUDA GPU" in p for p in problems), problems
+    if P.tensorrt_version() is None:
+        assert problems[0] == TRT_MISSING_REASON and len(problems) == 2
+
+
+def test_prepare_leaves_no_engine_or_onnx_behind(tmp_path, monkeypatch):
+    """validate's tensorrt runner builds the ONNX and the engine in a temporary folder (tens of GB for a
+    published layer); once the engine is deserialised that folder must be gone. TensorRT itself is
+    replaced by stand-ins that write and read the engine file, so the file handling runs for real."""
+    import tempfile
+
+    from moe_ir.backends.tensorrt import engine as engine_module
+    from moe_ir.backends.tensorrt import runner as runner_module
+    from moe_ir.builder import build_graph
+    from moe_ir.frontends.yaml_spec import load_spec
+    from moe_ir.params import init_weights
+    from moe_ir.passes import run_pipeline
+
+    built = {}
+
+    def fake_build_engine(onnx_path, engine_path, **kwargs):
+        assert Path(onnx_path).is_file()
+        Path(engine_path).write_bytes(b"engine:" + Path(onnx_path).name.encode())
+        built["dir"] = Path(engine_path).parent
+
+    class FakeEngineRunner:
+        def __init__(self, engine_path):
+            self.payload = Path(engine_path).read_bytes()  # what TensorRT deserialises
+
+        def __call__(self, x):
+            return {"out": torch.zeros_like(x)}
+
+    monkeypatch.setattr(sys.modules["moe_ir.backends.tensorrt"], "environment_problems", lambda: [])
+    monkeypatch.setattr(engine_module, "build_engine", fake_build_engine)
+    monkeypatch.setattr(runner_module, "EngineRunner", FakeEngineRunner)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    backend = TensorRTBackend()
+    full = build_graph(load_spec(REPO / "specs" / "tiny-v3.yaml"))
+    graph = run_pipeline(full, backend.pipeline)
+    weights = {k: v for k, v in init_weights(full, 0).items() if k in graph.weights}
+    run = backend.prepare(graph, weights)
+    assert built["dir"].parent == tmp_path and not built["dir"].exists()
+    assert list(tmp_path.iterdir()) == []
+    assert run(torch.ones(1, 3, 32))["out"].shape == (1, 3, 32)
 
 
 def test_unsupported_graph_has_a_reason():

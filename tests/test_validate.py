@@ -124,3 +124,13 @@ def test_unavailable_backend_is_skipped_but_a_failing_one_is_an_error():
     status = {r.backend: (r.status, r.ok) for r in report.results}
     assert status == {"absent": ("skipped", True), "broken": ("error", False)}
     assert not report.ok
+
+
+def test_empty_input_is_a_usage_error(tmp_path, capsys):
+    """--tokens 0 (or a negative count) used to end in a torch traceback from the comparison."""
+    spec_path = tmp_path / "tiny.yaml"
+    spec_path.write_text(SPEC_YAML)
+    for flag, value in (("--tokens", "0"), ("--tokens", "-3"), ("--batch", "0")):
+        assert main(["validate", str(spec_path), "--backends", "reference", flag, value]) == 2
+        err = capsys.readouterr().err
+        assert err.count("moe-ir: error:") == 1 and "must be at least 1" in err and "Traceback" not in err

@@ -95,6 +95,10 @@ class OnnxBackend(Backend):
               flavour: Flavour | str | None = None, external_data: bool | None = None,
               progress: Progress | None = None, **options: Any) -> BuildResult:
         """Write OUT/<name>.<flavour>.onnx (and .onnx.data when external), atomically."""
+        given = sorted(k for k, v in options.items() if v is not None)
+        if given:  # e.g. --precision or --profile, which would otherwise be silently ignored
+            raise BackendError(f"onnx: {', '.join('--' + k.replace('_', '-') for k in given)} does not apply to this "
+                               f"backend (it exports in the spec's `dtype:`; --profile and --precision are tensorrt's)")
         flavour = _flavour(flavour or self.flavour)
         piped = lowered_graph(graph, flavour)
         ok, reason = supports(piped, flavour)
@@ -177,8 +181,13 @@ def write_model(lowered: LoweredModel, path: Path, *, external_data: bool, progr
                     if progress is not None:
                         progress("weights", min(offset, total), total)
         else:
+            done = 0
             for name, thunk in lowered.initializers.items():
-                model.graph.initializer.append(onnx.numpy_helper.from_array(to_numpy(thunk()), name))
+                tensor = onnx.numpy_helper.from_array(to_numpy(thunk()), name)
+                model.graph.initializer.append(tensor)
+                done += len(tensor.raw_data)
+                if progress is not None:
+                    progress("weights", min(done, total), total)
         if for_runtime:
             model = extensions.to_contrib_domain(model)
         fd, model_tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -322,13 +331,17 @@ def load_runner(path: str | Path, *, providers: Sequence[str] | None = None, thr
         raise BackendError(f"{path}: not a readable ONNX model ({type(err).__name__}: {str(err)[:120]}); "
                            f"re-export it with `moe-ir build --backend onnx`") from None
     meta = {p.key: p.value for p in proto.metadata_props}
-    flavour = Flavour(meta.get("moe_ir.flavour", "portable"))
+    flavour = _flavour(meta.get("moe_ir.flavour", "portable"))
     bf16 = onnx.TensorProto.BFLOAT16
     if any(v.type.tensor_type.elem_type == bf16 for v in proto.graph.input) or \
             any(t.data_type == bf16 for t in proto.graph.initializer):
         raise BackendUnavailable(f"{path}: {runtime_refusal({'bf16'}, flavour)}")
     if flavour == Flavour.PLUGIN:
-        onnx.load_external_data_for_model(proto, str(path.parent))
+        try:
+            onnx.load_external_data_for_model(proto, str(path.parent))
+        except (OSError, onnx.checker.ValidationError) as err:  # a missing or unreadable .data file
+            raise BackendError(f"{path}: cannot read its external weights ({str(err).strip()[:200]}); keep the "
+                               f"model's .data file beside it, or re-export with `moe-ir build --backend onnx`") from None
         model: str | bytes = extensions.to_contrib_domain(proto).SerializeToString()
     else:
         model = str(path)

@@ -413,7 +413,9 @@ class _Lowering:
         y, like = node.inputs
         lead = self.em.op("Shape", [self.operand(like)], start=0, end=2)
         shape = self.em.op("Concat", [lead, self.em.const([y.type.shape[1]])], axis=0)
-        self.em.op("Reshape", [self.operand(y), shape], out=node.outputs[0].name, name=node.name)
+        # allowzero: an empty batch (B or S = 0) puts a 0 in `shape`, which Reshape would otherwise read as
+        # "copy this dim from the input" ([0, H] -> [1, H, H] for x [1, 0, H]) and fail.
+        self.em.op("Reshape", [self.operand(y), shape], out=node.outputs[0].name, name=node.name, allowzero=1)
 
     def _lower_linear(self, node: Node) -> None:
         # Computed in out_dtype (the router's): the activation is cast to it first, as the reference does.

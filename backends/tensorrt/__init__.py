@@ -42,13 +42,15 @@ PRECISIONS = {"fp32": DType.FLOAT32, "fp16": DType.FLOAT16, "bf16": DType.BFLOAT
 def environment_problems() -> list[str]:
     """What this machine lacks for building or running engines (empty when nothing)."""
     version = plugin_source.tensorrt_version()
-    if version is None:
-        return [plugin_source.NOT_INSTALLED]
     problems = []
-    try:
-        plugin_source.implementation_for(version)
-    except plugin_source.PluginError as err:
-        problems.append(str(err))
+    if version is None:
+        problems.append(plugin_source.NOT_INSTALLED)
+    else:
+        try:
+            plugin_source.implementation_for(version)
+        except plugin_source.PluginError as err:
+            problems.append(str(err))
+    # Reported with a missing TensorRT too: installing TensorRT alone would not finish the build here.
     if not torch.cuda.is_available():
         problems.append("no CUDA GPU: a GPU with a CUDA build of torch is not installed on this machine")
     return problems
@@ -118,14 +120,17 @@ class TensorRTBackend(Backend):
 
         from ..onnx import EXTERNAL_DATA_THRESHOLD, lower, write_model
 
-        work = Path(tempfile.mkdtemp(prefix="moe_ir_trt_"))
-        model = lower(graph, weights, "plugin")
-        onnx_path = write_model(model, work / f"{graph.name}.plugin.onnx",
-                                external_data=model.initializer_bytes() > EXTERNAL_DATA_THRESHOLD)
-        engine_path = work / f"{graph.name}.engine"
-        build_engine(onnx_path, engine_path, profile=_profile(profile), spec_hash=graph.meta.get("spec_hash") or None,
-                     aot=aot, progress=False)
-        engine = EngineRunner(engine_path)
+        # The ONNX (with its weights) and the engine are only needed until the engine is deserialised; for a
+        # published layer they are tens of GB, so they must not stay behind in /tmp after every validate.
+        with tempfile.TemporaryDirectory(prefix="moe_ir_trt_") as tmp:
+            work = Path(tmp)
+            model = lower(graph, weights, "plugin")
+            onnx_path = write_model(model, work / f"{graph.name}.plugin.onnx",
+                                    external_data=model.initializer_bytes() > EXTERNAL_DATA_THRESHOLD)
+            engine_path = work / f"{graph.name}.engine"
+            build_engine(onnx_path, engine_path, profile=_profile(profile),
+                         spec_hash=graph.meta.get("spec_hash") or None, aot=aot, progress=False)
+            engine = EngineRunner(engine_path)
 
         def run(x: torch.Tensor) -> dict[str, torch.Tensor]:
             return {k: v.to(x.device) for k, v in engine(x).items()}  # results where the caller's x lives
@@ -147,7 +152,7 @@ class TensorRTBackend(Backend):
         if not ok:
             raise BackendError(f"tensorrt cannot build spec '{spec.name}': {reason}")
         out_dir = Path(out_dir)
-        exported = self._export_onnx(spec, graph, weights, out_dir)
+        exported = self._export_onnx(spec, graph, weights, out_dir, options.get("progress"))
         onnx_path = exported.files[0]
         plugin_copy = self._write_plugin_module(out_dir)
         engine_path = out_dir / f"{spec.name}.engine"
@@ -168,9 +173,10 @@ class TensorRTBackend(Backend):
             f"{manifest.dtype}, tokens {token_profile.text()}"])
 
     @staticmethod
-    def _export_onnx(spec: LayerSpec, graph: Graph, weights: Mapping[str, torch.Tensor], out_dir: Path) -> BuildResult:
+    def _export_onnx(spec: LayerSpec, graph: Graph, weights: Mapping[str, torch.Tensor], out_dir: Path,
+                     progress: Any = None) -> BuildResult:
         """OUT/<name>.plugin.onnx through the ONNX backend (it owns the lowering, in the graph's types)."""
-        return get_backend("onnx").build(spec, graph, weights, out_dir, flavour="plugin")
+        return get_backend("onnx").build(spec, graph, weights, out_dir, flavour="plugin", progress=progress)
 
     def _retyped(self, spec: LayerSpec, graph: Graph, weights: Mapping[str, torch.Tensor], precision: str | None):
         """Precision is chosen through the network's types: re-type the spec, rebuild the graph and cast
@@ -201,7 +207,7 @@ class TensorRTBackend(Backend):
                 "module": plugin_copy.name, "implementations": {
                     "aot": f"TensorRT >= {'.'.join(map(str, plugin_source.AOT_PLUGINS_SINCE))}",
                     "python": f"TensorRT >= {'.'.join(map(str, plugin_source.PYTHON_PLUGINS_SINCE))}",
-                    "v3": "TensorRT 8.6-10.5 (needs moe-ir installed)"}},
+                    "v3": "TensorRT 10.0-10.5 (needs moe-ir installed)"}},
             "engine": engine_path.name, "engine_status": "missing" if problems else "built",
             "missing": problems, "finish_command": command,
             "run": "python -c \"from moe_ir.backends.tensorrt.runner import load_engine; "

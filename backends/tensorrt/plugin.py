@@ -54,7 +54,7 @@ ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
 # First TensorRT versions with the features used here.
 PYTHON_PLUGINS_SINCE = (10, 6)   # tensorrt.plugin: register / impl
 AOT_PLUGINS_SINCE = (10, 9)      # tensorrt.plugin.aot_impl, the ONNX parser's `aot` attribute
-PLUGIN_V3_SINCE = (8, 6)         # IPluginV3 through the Python bindings (plugin_v3.py)
+PLUGIN_V3_SINCE = (10, 0)        # IPluginV3 (C++ and Python bindings, plugin_v3.py) first shipped in TensorRT 10.0
 NOT_INSTALLED = "TensorRT is not installed on this machine (see DESIGN.md)"
 
 
