@@ -9,11 +9,18 @@ exactly: a key with behaviour the spec cannot express is a SpecError naming it, 
 takes is a WeightsError listing it.
 
 Attention per family (transformers 5.23):
-  deepseek (remote code), mixtral   Llama attention; attention_bias puts biases on q, k, v and o
+  deepseek (remote code)            Llama attention; attention_bias puts biases on q, k, v and o
+  mixtral                           Llama attention without biases (MixtralAttention ignores attention_bias,
+                                    so attention_bias=true is refused as ambiguous)
   qwen2_moe                         biases on q, k, v only (qkv_bias); sliding windows are refused
   olmoe                             RMSNorm over the whole q and k projections; clip_qkv is refused
   deepseek_v2, deepseek_v3          MLA; attention_bias on q_a, kv_a and o; DeepseekV2's complex RoPE and
                                     V3's rope_interleave are the interleaved layout, V3 without it the half one
+
+Keys a config.json omits take the defaults of the family's config class (MODEL_DEFAULTS, checked against
+the installed transformers by tests/test_models.py), as the layer importer does for the MoE keys. For the
+remote-code family `deepseek` the decoder sizes have no checked default: a missing one is a SpecError.
+The dense FFNs use the experts' activation (the families build every MLP from hidden_act).
 """
 from __future__ import annotations
 
@@ -21,89 +28,149 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import SpecError, WeightsError
+from ..errors import WeightsError
 from ..interpreter import check_weights
 from ..model_builder import build_model_graph
 from ..model_spec import AttentionKind, ModelSpec, model_spec_from_dict
 from ..spec import spec_to_dict
-from .hf.config import _as_dict, describe_hf_config
+from .hf.config import FAMILY_DEFAULTS, _as_dict, _Config, describe_hf_config
 from .hf.weights import weights_from_hf
 
-__all__ = ["model_spec_from_hf_config", "weights_from_hf_model"]
+__all__ = ["MODEL_DEFAULTS", "model_spec_from_hf_config", "weights_from_hf_model"]
 
 _LLAMA_ATTENTION = ("deepseek", "mixtral", "qwen2_moe", "olmoe")
 _MLA = ("deepseek_v2", "deepseek_v3")
 
 
-def _fail(key: str, message: str, model_type: str, file: str | None) -> SpecError:
-    return SpecError(f"{message} (Hugging Face {model_type} config)", path=key, file=file)
+# Decoder keys' defaults as each family's config class sets them (transformers 5.23), for keys a
+# config.json leaves out. rope_theta is the class's default_theta (transformers 5 keeps it in
+# rope_parameters). `deepseek` (remote code) lists only keys whose absence has one meaning.
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "deepseek": {"tie_word_embeddings": False, "attention_bias": False, "rope_theta": 10000.0},
+    "deepseek_v2": {"vocab_size": 102400, "num_attention_heads": 32, "num_key_value_heads": 32,
+                    "intermediate_size": 11008, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                    "attention_bias": False, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_nope_head_dim": 128,
+                    "qk_rope_head_dim": 64, "v_head_dim": 128, "rope_theta": 10000.0},
+    "deepseek_v3": {"vocab_size": 129280, "num_attention_heads": 128, "num_key_value_heads": 128,
+                    "intermediate_size": 18432, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                    "attention_bias": False, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_nope_head_dim": 128,
+                    "qk_rope_head_dim": 64, "v_head_dim": 128, "rope_interleave": True, "rope_theta": 10000.0},
+    "mixtral": {"vocab_size": 32000, "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
+                "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "head_dim": None, "sliding_window": None,
+                "rope_theta": 1e6},
+    "qwen2_moe": {"vocab_size": 151936, "num_attention_heads": 16, "num_key_value_heads": 16,
+                  "intermediate_size": 5632, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "qkv_bias": True,
+                  "use_sliding_window": False, "rope_theta": 10000.0},
+    "olmoe": {"vocab_size": 50304, "num_attention_heads": 16, "num_key_value_heads": 16, "intermediate_size": 2048,
+              "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "attention_bias": False, "clip_qkv": None,
+              "rope_theta": 10000.0},
+}
 
 
-def _rope_theta(data: Mapping[str, Any], model_type: str, file: str | None) -> float:
-    params = data.get("rope_parameters") or {}
-    scaling = data.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        key = "rope_parameters" if params.get("rope_type") else "rope_scaling"
-        raise _fail(key, f"RoPE scaling '{rope_type}' is not modelled yet (it changes the rotary frequencies and, "
-                         "for YaRN, the softmax scale); only plain RoPE is", model_type, file)
-    theta = params.get("rope_theta", data.get("rope_theta", 10000.0))
-    return float(theta)
+def _config(data: Mapping[str, Any], model_type: str, file: str | None) -> _Config:
+    """The layer importer's typed key access, with the decoder keys' defaults added."""
+    c = _Config(data, model_type, file)
+    c.defaults = {**FAMILY_DEFAULTS[model_type], **MODEL_DEFAULTS[model_type]}
+    return c
 
 
-def _layer_schedule(moe_layers: tuple[int, ...], num_layers: int, model_type: str, file: str | None) -> dict:
+def _rope_theta(c: _Config) -> float:
+    # Both spellings are read: transformers 5 writes rope_parameters, older and hub configs rope_scaling,
+    # and transformers honours a scaled rope_scaling even next to a default rope_parameters.
+    for key in ("rope_parameters", "rope_scaling"):
+        section = c.data.get(key) or {}
+        if not isinstance(section, Mapping):
+            raise c.fail(key, f"expected a mapping, found {section!r}")
+        rope_type = section.get("rope_type") or section.get("type") or "default"
+        if rope_type != "default":
+            raise c.fail(key, f"RoPE scaling '{rope_type}' is not modelled yet (it changes the rotary frequencies "
+                              "and, for YaRN, the softmax scale); only plain RoPE is")
+    params = c.data.get("rope_parameters") or {}
+    if "rope_theta" in params:
+        return float(params["rope_theta"])
+    return c.get("rope_theta", float)
+
+
+def _layer_schedule(moe_layers: tuple[int, ...], num_layers: int, c: _Config) -> dict:
     first = moe_layers[0]
     every = moe_layers[1] - moe_layers[0] if len(moe_layers) > 1 else num_layers
     expected = tuple(range(first, num_layers, every))
     if moe_layers != expected:
-        raise _fail("num_hidden_layers", f"MoE layers {list(moe_layers)} do not follow 'first k dense, then every "
-                                         "n-th' (first_dense / moe_every)", model_type, file)
+        raise c.fail("num_hidden_layers", f"MoE layers {list(moe_layers)} do not follow 'first k dense, then every "
+                                          "n-th' (first_dense / moe_every)")
     return {"first_dense": first, "moe_every": every if len(moe_layers) > 1 else 1}
 
 
+def _stated(c: _Config, key: str) -> None:
+    """The remote-code family must state its decoder sizes: moe-ir checks no default for them."""
+    if c.model_type == "deepseek" and key not in c.data:
+        raise c.fail(key, f"'{key}' is missing; moe-ir checks no default of the deepseek remote-code config "
+                          "for it, so the config must give it")
+
+
+def _positive(c: _Config, key: str) -> int:
+    _stated(c, key)
+    return c.positive(key)
+
+
 def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str | None = None) -> ModelSpec:
-    """ModelSpec of a transformers config object or config.json dict of a supported MoE family."""
+    """ModelSpec of a transformers config object or config.json dict of a supported MoE family.
+
+    Keys the spec cannot express exactly are SpecErrors naming the key; absent keys take the family's
+    defaults (MODEL_DEFAULTS)."""
     data = _as_dict(config)
     layer_spec, info = describe_hf_config(data, file=file)
     t = info.model_type
-    hidden, heads = int(data["hidden_size"]), int(data["num_attention_heads"])
-    kv_heads = int(data.get("num_key_value_heads") or heads)
+    c = _config(data, t, file)
+    hidden, heads = layer_spec.hidden, _positive(c, "num_attention_heads")
+    _stated(c, "num_key_value_heads")
+    kv_heads = c.get("num_key_value_heads", int, optional=True) or heads  # null: as many as query heads
     model_name = name or str(data.get("_name_or_path") or t).rstrip("/").split("/")[-1] or t
-    attention: dict[str, Any] = {"heads": heads, "rope_theta": _rope_theta(data, t, file)}
-    bias = bool(data.get("attention_bias", False))
+    attention: dict[str, Any] = {"heads": heads, "rope_theta": _rope_theta(c)}
+    layer_types = c.get("layer_types", list, optional=True) or []
+    if any(kind != "full_attention" for kind in layer_types):
+        raise c.fail("layer_types", f"only full_attention layers are modelled, found {sorted(set(layer_types))}")
+    if t == "mixtral" and c.data.get("attention_bias"):
+        raise c.fail("attention_bias", "attention_bias=true: transformers' Mixtral ignores it (its attention has no "
+                                       "biases), so the config is ambiguous")
+    # Qwen2-MoE reads qkv_bias instead (below); Mixtral has no attention biases.
+    bias = c.get("attention_bias", bool) if t not in ("mixtral", "qwen2_moe") else False
     if t in _MLA:
-        attention.update(kind=AttentionKind.MLA.value, q_lora_rank=data.get("q_lora_rank"),
-                         kv_lora_rank=data["kv_lora_rank"], qk_nope_head_dim=data["qk_nope_head_dim"],
-                         qk_rope_head_dim=data["qk_rope_head_dim"], v_head_dim=data["v_head_dim"],
+        attention.update(kind=AttentionKind.MLA.value, q_lora_rank=c.get("q_lora_rank", int, optional=True),
+                         kv_lora_rank=c.positive("kv_lora_rank"), qk_nope_head_dim=c.positive("qk_nope_head_dim"),
+                         qk_rope_head_dim=c.positive("qk_rope_head_dim"), v_head_dim=c.positive("v_head_dim"),
                          qkv_bias=bias, out_bias=bias)
-        interleaved = t == "deepseek_v2" or bool(data.get("rope_interleave", True))
+        interleaved = t == "deepseek_v2" or c.get("rope_interleave", bool)
         attention["rope_layout"] = "interleaved" if interleaved else "half"
     else:
         attention["kind"] = AttentionKind.MHA.value if kv_heads == heads else AttentionKind.GQA.value
         if kv_heads != heads:
             attention["kv_heads"] = kv_heads
-        head_dim = data.get("head_dim")
-        if head_dim and int(head_dim) != hidden // heads:
-            attention["head_dim"] = int(head_dim)
+        head_dim = c.get("head_dim", int, optional=True)
+        if head_dim and head_dim != hidden // heads:
+            attention["head_dim"] = head_dim
         if t == "qwen2_moe":
-            if data.get("use_sliding_window"):
-                raise _fail("use_sliding_window", "sliding-window attention is not modelled", t, file)
-            attention["qkv_bias"] = bool(data.get("qkv_bias", True))
+            if c.get("use_sliding_window", bool):
+                raise c.fail("use_sliding_window", "sliding-window attention is not modelled")
+            attention["qkv_bias"] = c.get("qkv_bias", bool)
         else:
             attention.update(qkv_bias=bias, out_bias=bias)
         if t == "olmoe":
-            if data.get("clip_qkv") is not None:
-                raise _fail("clip_qkv", "clipping q/k/v is not modelled", t, file)
+            if c.get("clip_qkv", float, optional=True) is not None:
+                raise c.fail("clip_qkv", "clipping q/k/v is not modelled")
             attention["qk_norm"] = "full"
-        if t == "mixtral" and data.get("sliding_window") is not None:
-            raise _fail("sliding_window", "sliding-window attention is not modelled; set it to null", t, file)
+        if t == "mixtral" and c.get("sliding_window", int, optional=True) is not None:
+            raise c.fail("sliding_window", "sliding-window attention is not modelled; set it to null")
+    _stated(c, "rms_norm_eps")
+    eps = c.get("rms_norm_eps", float)
     model = {"name": model_name, "source": layer_spec.source.rsplit(", layer", 1)[0],
-             "vocab_size": int(data["vocab_size"]), "hidden": hidden, "layers": info.num_layers,
-             "tied_embeddings": bool(data.get("tie_word_embeddings", False)),
-             **_layer_schedule(info.moe_layers, info.num_layers, t, file), "attention": attention,
-             "rms_norm_eps": float(data.get("rms_norm_eps", 1e-6)), "dtype": layer_spec.dtype.value}
+             "vocab_size": _positive(c, "vocab_size"), "hidden": hidden, "layers": info.num_layers,
+             "tied_embeddings": c.get("tie_word_embeddings", bool),
+             **_layer_schedule(info.moe_layers, info.num_layers, c), "attention": attention,
+             "rms_norm_eps": eps, "dtype": layer_spec.dtype.value}
     if len(info.moe_layers) < info.num_layers:
-        model["dense_width"] = int(data["intermediate_size"])
+        model["dense_width"] = _positive(c, "intermediate_size")
+        model["dense_activation"] = layer_spec.experts.activation.value
     moe = spec_to_dict(layer_spec)
     for key in ("hidden", "dtype", "name", "source"):
         moe.pop(key, None)

@@ -19,6 +19,10 @@ Conventions (the same as the layer analysis in analysis.py):
   Attention scores (q.k and p.v) depend on the context: with `context=L`, attention_flops_per_token
   adds 2 * heads * L * (qk_head_dim + v_head_dim) per layer for a token attending to L positions
   (a prefill of S tokens averages L = (S + 1) / 2 under the causal mask).
+- parallel (when the moe section sets `parallel:`): expert parallelism alone, i.e. every device holds
+  everything except the routed experts (and, tensor-parallel, the shared experts) of each MoE layer,
+  which the layer analysis splits (analysis.py); params_per_device is the model total less what each
+  MoE layer keeps off a device, and the all-to-all bytes per token are the layer's times the MoE layers.
 """
 from __future__ import annotations
 
@@ -69,12 +73,15 @@ class ModelAnalysis:
     dense_layers: tuple[int, ...]
     layers: tuple[LayerBreakdown, ...]
     moe: LayerAnalysis
+    parallel: dict | None = None  # per-device numbers of the whole model (see the module docstring)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["moe_layers"] = list(self.moe_layers)
         d["dense_layers"] = list(self.dense_layers)
         d["kind"] = "model"
+        if d["parallel"] is None:
+            del d["parallel"]  # models without placement keep their JSON as it was
         return d
 
 
@@ -131,6 +138,7 @@ def analyse_model(spec: ModelSpec, *, context: int | None = None) -> ModelAnalys
         per_layer = 2 * a.heads * context * (a.qk_head_dim(h) + a.value_head_dim(h))
         attention_flops = per_layer * m.layers
     return ModelAnalysis(
+        parallel=_model_parallel(moe, total, len(m.moe_layers)),
         name=m.name, total_params=total, trainable_params=total - buffer_total, buffer_params=buffer_total,
         activated_params=embedding + head + final_norm + activated_layers,
         # Tied: the embedding matrix is the LM head, which every token reads in full.
@@ -139,6 +147,21 @@ def analyse_model(spec: ModelSpec, *, context: int | None = None) -> ModelAnalys
         embedding_params=embedding, lm_head_params=head, final_norm_params=final_norm, flops_per_token=flops,
         context=context, attention_flops_per_token=attention_flops, moe_layers=m.moe_layers,
         dense_layers=m.dense_layers, layers=tuple(layers), moe=moe)
+
+
+def _model_parallel(moe: LayerAnalysis, total: int, moe_layers: int) -> dict | None:
+    q = moe.parallel
+    if q is None:
+        return None
+    off_device = moe.total_params - q["params_per_device"]  # what one MoE layer keeps on other devices
+    return {"expert_parallel": q["expert_parallel"], "device_limit": q["device_limit"], "shared": q["shared"],
+            "moe_layers": moe_layers, "experts_per_device": q["experts_per_device"],
+            "expert_params_per_device": moe_layers * q["expert_params_per_device"],
+            "params_per_device": total - moe_layers * off_device,
+            "a2a_bytes_per_token_max": moe_layers * q["a2a_bytes_per_token_max"],
+            "a2a_bytes_per_token_expected": round(moe_layers * q["a2a_bytes_per_token_expected"], 1),
+            "a2a_assumption": q["a2a_assumption"] + "; summed over the MoE layers",
+            "assumption": "expert parallelism only: all but the split experts is replicated on every device"}
 
 
 def _layer_groups(layers: tuple[LayerBreakdown, ...]) -> list[tuple[int, int, LayerBreakdown]]:
@@ -188,6 +211,19 @@ def format_model_analysis(r: ModelAnalysis, spec: ModelSpec | None = None) -> st
     ]
     if r.context is not None:
         rows.append(("  + attention scores", count(r.attention_flops_per_token) + f" at {r.context:,} positions"))
+    if r.parallel is not None:
+        q = r.parallel
+        limit = f", device limit M={q['device_limit']}" if q["device_limit"] is not None else ""
+        rows += [
+            ("expert parallel", f"EP={q['expert_parallel']}{limit}, shared experts {q['shared']}; nothing else "
+                                "split"),
+            ("  per device", f"{q['experts_per_device']} routed experts of each of {q['moe_layers']} MoE layers, "
+                             f"{count(q['expert_params_per_device'])} expert params; {count(q['params_per_device'])} "
+                             "params in all"),
+            ("  all-to-all/token", f"{q['a2a_bytes_per_token_expected']:,.0f} B expected (uniform routing), "
+                                   f"{q['a2a_bytes_per_token_max']:,} B at most, over the {q['moe_layers']} MoE "
+                                   "layers"),
+        ]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
     lines.append("")

@@ -279,3 +279,50 @@ def test_inspect_reports_per_device_numbers():
     # Uniform routing over the M=2 kept devices of 2 experts each: P(both experts on one device) = 2/C(4,2).
     distinct = 2 * (1 - math.comb(2, 2) / math.comb(4, 2))
     assert a["a2a_bytes_per_token_expected"] == pytest.approx(distinct * 3 / 4 * 2 * 16 * 4)
+
+
+# -- tools/ep_train_step.py refuses a spec before starting processes ------------------------------
+
+
+def _ep_tool():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "ep_train_step.py"
+    module_spec = importlib.util.spec_from_file_location("ep_train_step", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def test_check_spec_needs_no_process_group():
+    from moe_ir.backends.expert_parallel import ExpertParallelMoE
+    from moe_ir.errors import BackendError
+
+    spec = spec_from_dict(_spec_data("dropless", 2))
+    assert ExpertParallelMoE.check_spec(spec, 2).local_experts == E // 2
+    with pytest.raises(BackendError, match="process group has 4 ranks"):
+        ExpertParallelMoE.check_spec(spec, 4)
+    expert_choice = spec_from_dict({"hidden": H, "experts": {"routed": E, "width": F_, "top_k": 2},
+                                    "router": {"choice": "expert"}, "parallel": {"expert_parallel": 2}})
+    with pytest.raises(BackendError, match="token-choice"):
+        ExpertParallelMoE.check_spec(expert_choice, 2)
+
+
+@pytest.mark.parametrize("argv, code, words", [
+    (["--procs", "1,3"], 2, "parallel.expert_parallel: EP degree 3 must divide the 16 routed experts"),
+    (["--spec", "no/such/spec.yaml"], 2, "no such spec file"),
+    (["--spec", "EXPERT_CHOICE"], 1, "supports token-choice routing"),
+])
+def test_ep_tool_errors_are_one_line_before_any_process(argv, code, words, tmp_path, capsys, monkeypatch):
+    tool = _ep_tool()
+    spawned = []
+    monkeypatch.setattr(tool, "spawn_local", lambda *a, **k: spawned.append(a))
+    if "EXPERT_CHOICE" in argv:
+        path = tmp_path / "ec.yaml"
+        path.write_text("hidden: 8\nexperts: {routed: 8, width: 4, top_k: 2}\nrouter: {choice: expert}\n")
+        argv = ["--spec", str(path)]
+    assert tool.main(argv + ["--steps", "1", "--warmup", "0"]) == code
+    err = capsys.readouterr().err
+    assert err.startswith("ep_train_step: error: ") and words in err and err.count("\n") == 1
+    assert not spawned  # refused before the world of 1 was started too

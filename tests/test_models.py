@@ -289,6 +289,11 @@ def _tiny_configs():
             n_routed_experts=8, kv_lora_rank=8, q_lora_rank=None, qk_rope_head_dim=4, v_head_dim=6,
             qk_nope_head_dim=8, num_experts_per_tok=3, first_k_dense_replace=1,
             topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=2.0),
+        # hidden_act gelu: the dense first layer's MLP must use it as the experts do.
+        "deepseek_v2_gelu_dense": lambda: t.DeepseekV2Config(
+            **common, intermediate_size=48, moe_intermediate_size=16, num_key_value_heads=4, n_shared_experts=1,
+            n_routed_experts=8, kv_lora_rank=8, q_lora_rank=12, qk_rope_head_dim=4, v_head_dim=6,
+            qk_nope_head_dim=8, num_experts_per_tok=2, first_k_dense_replace=1, hidden_act="gelu"),
         "mixtral": lambda: t.MixtralConfig(**common, intermediate_size=24, num_key_value_heads=2,
                                            num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6),
         "qwen2_moe": lambda: t.Qwen2MoeConfig(
@@ -366,6 +371,12 @@ def test_weight_mapping_refuses_leftover_tensors():
                                     "scoring_func": "softmax", "aux_loss_alpha": 0.001, "seq_aux": True,
                                     "rms_norm_eps": 1e-6, "rope_theta": 10000, "tie_word_embeddings": False,
                                     "torch_dtype": "bfloat16"}),
+    # dtype left out: the shipped spec keeps float32 (see its header).
+    ("olmoe-1b-7b.yaml", {"model_type": "olmoe", "vocab_size": 50304, "hidden_size": 2048, "intermediate_size": 1024,
+                          "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16,
+                          "num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False,
+                          "router_aux_loss_coef": 0.01, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+                          "clip_qkv": None, "attention_bias": False, "tie_word_embeddings": False}),
 ])
 def test_import_of_released_config_gives_the_spec(spec_file, config):
     from moe_ir.frontends.hf_model import model_spec_from_hf_config
@@ -376,6 +387,29 @@ def test_import_of_released_config_gives_the_spec(spec_file, config):
     assert strip(model_spec_to_dict(imported)) == strip(model_spec_to_dict(ours))
 
 
+def test_import_hf_model_command_writes_the_shipped_spec(tmp_path, capsys):
+    """`moe-ir import-hf --model` on a config.json saved from transformers' class with the published sizes
+    gives specs/models/mixtral-8x7b.yaml, and `inspect` of it the transformers model's parameter count."""
+    import transformers
+
+    config = tmp_path / "config.json"
+    transformers.MixtralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                               num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                               num_experts_per_tok=2, router_aux_loss_coef=0.02, rope_theta=1e6, rms_norm_eps=1e-5,
+                               dtype="bfloat16").to_json_file(str(config))
+    out = tmp_path / "model.yaml"
+    assert main(["import-hf", str(config), "--model", "--name", "mixtral-8x7b", "-o", str(out)]) == 0
+    assert out.read_text().startswith("# Imported by `moe-ir import-hf --model`")
+    strip = lambda d: {**d, "model": {k: v for k, v in d["model"].items() if k != "source"}}  # noqa: E731
+    assert strip(model_spec_to_dict(load_model_spec(out))) == \
+        strip(model_spec_to_dict(load_model_spec(MODELS / "mixtral-8x7b.yaml")))
+    capsys.readouterr()
+    assert main(["inspect", "--json", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["total_params"] == EXPECTED_TOTALS["mixtral-8x7b.yaml"][0]
+    assert main(["import-hf", str(config), "--model", "--layer", "3"]) == 1
+    assert "leave out --layer" in capsys.readouterr().err
+
+
 def test_import_refuses_rope_scaling():
     from moe_ir.frontends.hf_model import model_spec_from_hf_config
 
@@ -384,6 +418,91 @@ def test_import_refuses_rope_scaling():
     cfg.pop("rope_parameters", None)
     with pytest.raises(SpecError, match="RoPE scaling 'yarn'"):
         model_spec_from_hf_config(cfg)
+
+
+def _model_config_classes():
+    import transformers as t
+
+    return {"mixtral": t.MixtralConfig, "qwen2_moe": t.Qwen2MoeConfig, "olmoe": t.OlmoeConfig,
+            "deepseek_v2": t.DeepseekV2Config, "deepseek_v3": t.DeepseekV3Config}
+
+
+def test_model_defaults_match_installed_transformers():
+    """A config.json may omit keys; the importer's table must be the config classes' own defaults."""
+    from moe_ir.frontends.hf_model import MODEL_DEFAULTS
+
+    for model_type, cls in _model_config_classes().items():
+        defaults = cls().to_dict()
+        for key, value in MODEL_DEFAULTS[model_type].items():
+            theirs = defaults["rope_parameters"]["rope_theta"] if key == "rope_theta" else defaults.get(key)
+            assert theirs == value, (model_type, key, theirs, value)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "olmoe", "deepseek_v2", "deepseek_v3"])
+def test_minimal_config_imports_as_the_config_class_builds_it(model_type):
+    """{"model_type": ...} alone means the class defaults, as transformers reads it (Mixtral: 8 kv heads,
+    eps 1e-5, theta 1e6; V3: q_lora_rank 1536), not a KeyError or generic defaults."""
+    from moe_ir.frontends.hf_model import model_spec_from_hf_config
+
+    extra = {"num_experts_per_tok": 2} if model_type == "deepseek_v2" else {}  # the class has no default k
+    cls = _model_config_classes()[model_type]
+    want = model_spec_to_dict(model_spec_from_hf_config(cls(**extra), name="m"))
+    got = model_spec_to_dict(model_spec_from_hf_config({"model_type": model_type, **extra}, name="m"))
+    for d in (want, got):
+        d["model"].pop("source")
+    assert got == want
+
+
+def test_deepseek_remote_config_must_state_decoder_sizes():
+    from moe_ir.frontends.hf_model import model_spec_from_hf_config
+
+    config = {"model_type": "deepseek", "vocab_size": 102400, "hidden_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 4, "rms_norm_eps": 1e-6, "n_routed_experts": 8,
+              "num_experts_per_tok": 2, "moe_intermediate_size": 16, "first_k_dense_replace": 1,
+              "intermediate_size": 96}
+    assert model_spec_from_hf_config(config).model.dense_width == 96
+    for key in ("vocab_size", "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "intermediate_size"):
+        with pytest.raises(SpecError) as err:
+            model_spec_from_hf_config({k: v for k, v in config.items() if k != key}, file="config.json")
+        assert err.value.path == key and "must give it" in str(err.value)
+
+
+@pytest.mark.parametrize("family, changes, key", [
+    # transformers honours rope_scaling even beside a default rope_parameters
+    ("deepseek_v2", {"rope_scaling": {"type": "yarn", "factor": 40}}, "rope_scaling"),
+    ("mixtral", {"attention_bias": True}, "attention_bias"),
+    ("qwen2_moe", {"layer_types": ["full_attention", "sliding_attention", "full_attention"]}, "layer_types"),
+    ("olmoe", {"num_attention_heads": "4"}, "num_attention_heads"),
+])
+def test_model_import_refusals_name_the_key(family, changes, key):
+    from moe_ir.frontends.hf_model import model_spec_from_hf_config
+
+    cfg = {**_tiny_configs()[family]().to_dict(), **changes}
+    with pytest.raises(SpecError) as err:
+        model_spec_from_hf_config(cfg)
+    assert err.value.path == key
+
+
+def test_inspect_model_reports_expert_parallel_numbers(tmp_path, capsys):
+    text = (MODELS / "deepseekmoe-145b.yaml").read_text().replace(
+        "    device: {alpha: 0.05, devices: 8}\n",
+        "    device: {alpha: 0.05, devices: 8}\n  parallel: {expert_parallel: 8, device_limit: 3}\n")
+    path = tmp_path / "145b-ep8.yaml"
+    path.write_text(text)
+    spec = load_model_spec(path)
+    a = analyse_model(spec)
+    per_expert, h = 3 * 4096 * 1408, 4096
+    # 61 MoE layers; each keeps 16 of its 128 routed experts on a device (shared experts replicated).
+    assert a.parallel["expert_params_per_device"] == 61 * 16 * per_expert
+    assert a.parallel["params_per_device"] == a.total_params - 61 * 112 * per_expert
+    # At most min(top_k=12, M=3, EP-1=7) remote devices per token and layer, hidden rows both ways, float32.
+    assert a.parallel["a2a_bytes_per_token_max"] == 61 * 2 * 3 * h * 4
+    layer_expected = a.moe.parallel["a2a_bytes_per_token_expected"]
+    assert a.parallel["a2a_bytes_per_token_expected"] == pytest.approx(61 * layer_expected)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "EP=8, device limit M=3" in out and f"{a.parallel['params_per_device']:,}" in out
+    assert "parallel" not in analyse_model(load_model_spec(MODELS / "deepseekmoe-145b.yaml")).to_dict()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -29,6 +30,7 @@ import torch.distributed as dist
 
 from moe_ir.backends.expert_parallel import ExpertParallelMoE, init_from_env, spawn_local
 from moe_ir.builder import build_graph
+from moe_ir.errors import MoeIRError
 from moe_ir.frontends import load_spec
 from moe_ir.params import init_weights
 from moe_ir.spec import LayerSpec, spec_from_dict, spec_to_dict
@@ -119,7 +121,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torchrun", action="store_true", help="run as one rank of a torchrun launch")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
+    if args.torchrun:
+        worlds = [int(os.environ.get("WORLD_SIZE", "1"))]  # torchrun decides the world; --procs is unused
+    else:
+        try:
+            worlds = [int(p) for p in args.procs.split(",")]
+        except ValueError:
+            parser.error(f"--procs takes comma-separated process counts, found {args.procs!r}")
+        if any(w < 1 for w in worlds):
+            parser.error(f"--procs takes positive process counts, found {args.procs!r}")
+    try:
+        # Refuse a spec before any process starts: an error inside spawned ranks is a traceback per rank.
+        for world in worlds:
+            ExpertParallelMoE.check_spec(layer_spec(args, world), world)
+        return _run(args, worlds)
+    except MoeIRError as err:
+        print(f"ep_train_step: error: {err}", file=sys.stderr)
+        return err.exit_code
 
+
+def _run(args: argparse.Namespace, worlds: list[int]) -> int:
     if args.torchrun:
         rank, world = init_from_env()
         row = run_rank(rank, world, args, None)
@@ -131,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     rows = []
-    for world in [int(p) for p in args.procs.split(",")]:
+    for world in worlds:
         with tempfile.TemporaryDirectory() as tmp:
             spawn_local(_spawned, world, args, tmp)
             rows += [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]

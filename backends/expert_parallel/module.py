@@ -97,16 +97,11 @@ class ExpertParallelMoE(nn.Module):
         if not dist.is_initialized():
             raise BackendError("ExpertParallelMoE needs torch.distributed: call dist.init_process_group first "
                                "(torchrun, or backends.expert_parallel.launch.spawn_local)")
-        if spec.router.choice != Choice.TOKEN:
-            raise BackendError("the expert-parallel layer supports token-choice routing; expert-choice needs every "
-                               "token of the batch in one place per expert")
-        if not spec.dropless:
-            raise BackendError("the expert-parallel layer is dropless; remove capacity.factor from the spec")
         self.spec = spec
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
-        self.placement = Placement.of(spec, self.world)
+        self.placement = self.check_spec(spec, self.world)
         self.generator = generator
         graph = build_graph(spec)
         if weights is None:
@@ -143,6 +138,17 @@ class ExpertParallelMoE(nn.Module):
             if shared_group is group or dist.get_world_size(shared_group) != self.world:
                 raise BackendError("shared_group must be a second group over the same ranks as the EP group")
             self._shared_group = shared_group
+
+    @staticmethod
+    def check_spec(spec: LayerSpec, world: int) -> Placement:
+        """The placement of `spec` on `world` ranks, or the BackendError the layer would raise; needs no
+        process group, so launchers can refuse a spec before starting any process."""
+        if spec.router.choice != Choice.TOKEN:
+            raise BackendError("the expert-parallel layer supports token-choice routing; expert-choice needs every "
+                               "token of the batch in one place per expert")
+        if not spec.dropless:
+            raise BackendError("the expert-parallel layer is dropless; remove capacity.factor from the spec")
+        return Placement.of(spec, world)
 
     @classmethod
     def from_global(cls, spec: LayerSpec, weights: Mapping[str, torch.Tensor], *, group=None,

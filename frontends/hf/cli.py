@@ -25,6 +25,9 @@ def add_import_hf_command(subparsers: argparse._SubParsersAction) -> argparse.Ar
                     "weights under moe-ir's canonical names.")
     p.add_argument("config", help="config.json, or a model folder holding one")
     p.add_argument("-o", "--output", help="spec YAML to write (default: print to stdout)")
+    p.add_argument("--model", action="store_true",
+                   help="write the whole-model spec (model: and moe: sections, as specs/models/) instead of one "
+                        "MoE layer's")
     p.add_argument("--layer", type=int, default=None, help="decoder layer to import (default: the first MoE layer)")
     p.add_argument("--name", default=None, help="spec name (default: <model_type>_layer<N>)")
     p.add_argument("--weights", nargs="+", default=None, metavar="PATH",
@@ -38,6 +41,8 @@ def add_import_hf_command(subparsers: argparse._SubParsersAction) -> argparse.Ar
 
 
 def run_import_hf(args: argparse.Namespace) -> int:
+    if getattr(args, "model", False):
+        return _import_model(args)
     if (args.weights is None) != (args.weights_out is None):
         raise MoeIRError("--weights and --weights-out go together: give both to import weights, or neither")
     spec, info = describe_hf_config_file(args.config, layer=args.layer, name=args.name)
@@ -64,6 +69,40 @@ def run_import_hf(args: argparse.Namespace) -> int:
         print(f"wrote {args.output}: {spec.experts.routed} routed experts (top-{spec.experts.top_k}), "
               f"{spec.experts.shared} shared, layer {info.layer} of {info.model_type}"
               + (f"; weights -> {args.weights_out}" if args.weights_out else ""), file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _import_model(args: argparse.Namespace) -> int:
+    """`import-hf --model`: the whole decoder's spec (frontends/hf_model.py), written like a layer spec."""
+    layer_flags = (("--layer", args.layer), ("--weights", args.weights), ("--weights-out", args.weights_out),
+                   ("--prefix", args.prefix))
+    given = [flag for flag, value in layer_flags if value is not None]
+    if given:
+        raise MoeIRError(f"--model writes the whole model's spec: leave out {', '.join(given)}, which pick one "
+                         "layer's spec or weights (or drop --model)")
+    import yaml
+
+    from ...model_spec import model_spec_to_dict
+    from ..hf_model import model_spec_from_hf_config
+    from .config import _read_config_json, describe_hf_config
+
+    data, file = _read_config_json(args.config)
+    spec = model_spec_from_hf_config(data, name=args.name, file=file)
+    info = describe_hf_config(data, file=file)[1]
+    lines = [f"Imported by `moe-ir import-hf --model` from {args.config} (model_type {info.model_type}).",
+             f"MoE layers: {len(spec.model.moe_layers)} of {spec.model.layers}. Notes on the moe section:"]
+    lines += [f"- {note}" for note in info.notes]
+    header = "".join(f"# {ln}".rstrip() + "\n" for ln in lines)
+    text = header + yaml.safe_dump(model_spec_to_dict(spec), sort_keys=False, default_flow_style=False,
+                                   allow_unicode=True)
+    if args.output:
+        from ...params import atomic_write
+
+        atomic_write(args.output, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        print(f"wrote {args.output}: model {spec.name}, {spec.model.layers} layers "
+              f"({len(spec.model.moe_layers)} MoE) of {info.model_type}", file=sys.stderr)
     else:
         sys.stdout.write(text)
     return 0

@@ -8,7 +8,7 @@ shared experts, an unknown top-k method...) raise SpecError naming the key; noth
 silently. What the import decides that the config does not state is written into `LayerSpec.source`
 and the YAML header (`spec_yaml_text`).
 
-Semantics checked against transformers 5.23 by tests/test_hf_equivalence.py:
+Semantics checked against transformers 5.23 by tests/test_hf_modules.py:
   deepseek     (deepseek-moe-16b remote code) softmax greedy top-k, optional renormalisation (k > 1)
   deepseek_v2  DeepseekV2Moe: softmax; greedy or group_limited_greedy (group score = max); x routed_scaling_factor
   deepseek_v3  DeepseekV3MoE: sigmoid; noaux_tc (selection on s + e_score_correction_bias, group score =
