@@ -17,7 +17,9 @@ class ReferenceBackend(Backend):
 
     def prepare(self, graph: Graph, weights: Mapping[str, torch.Tensor], *, dtype: torch.dtype = torch.float64,
                 **options: Any) -> Runner:
+        name = graph.inputs[0].name  # x [B, S, H] for a layer, input_ids [B, S] for a model
+
         def run(x: torch.Tensor) -> dict[str, torch.Tensor]:
-            return interpret(graph, {"x": x}, weights, dtype=dtype)
+            return interpret(graph, {name: x}, weights, dtype=dtype)
 
         return run

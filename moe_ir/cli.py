@@ -22,9 +22,10 @@ _COMMAND_MODULES = ("moe_ir.validate", "moe_ir.frontends.hf", "moe_ir.maxvio")
 
 
 def _load_spec(path: str):
-    from .frontends import load_spec
+    """A layer spec or a model spec (a document with `model:` and `moe:`)."""
+    from .frontends import load_any
 
-    return load_spec(path)
+    return load_any(path)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -70,9 +71,17 @@ def _pipeline_for(args: argparse.Namespace) -> list[str]:
 def _cmd_graph(args: argparse.Namespace) -> int:
     from .builder import build_graph
     from .ir import to_dot, to_json, to_text
+    from .model_spec import ModelSpec
     from .passes import run_pipeline
 
-    graph = run_pipeline(build_graph(_load_spec(args.spec), training=args.training), _pipeline_for(args))
+    spec = _load_spec(args.spec)
+    if isinstance(spec, ModelSpec):
+        if args.training:
+            raise SpecError(f"{args.spec}: --training shows a layer's training graph; give a layer spec")
+        graph = spec_graph(spec)
+    else:
+        graph = build_graph(spec, training=args.training)
+    graph = run_pipeline(graph, _pipeline_for(args))
     render = {"text": to_text, "dot": to_dot, "json": to_json}[args.format]
     sys.stdout.write(render(graph))
     if args.format == "json":
@@ -129,13 +138,21 @@ def _progress_printer(stream=None) -> Callable[[str, int, int], None]:
     return report
 
 
-def prepare_for_backend(spec, backend, *, seed: int = 0, weights_path: str | None = None):
-    """(graph after the backend's pipeline, weights for it): what build and validate lower."""
+def spec_graph(spec):
+    """The IR graph of a layer spec (x in, out) or a model spec (input_ids in, logits out)."""
     from .builder import build_graph
+    from .model_builder import build_model_graph
+    from .model_spec import ModelSpec
+
+    return build_model_graph(spec) if isinstance(spec, ModelSpec) else build_graph(spec)
+
+
+def prepare_for_backend(spec, backend, *, seed: int = 0, weights_path: str | None = None):
+    """(graph after the backend's pipeline, weights for it): what build lowers, for a layer or a model spec."""
     from .params import ensure_memory_for, init_weights, load_weights
     from .passes import run_pipeline
 
-    full = build_graph(spec, training=getattr(backend, "training_graph", False))
+    full = spec_graph(spec)
     ensure_memory_for(full, f"loading {weights_path}" if weights_path else "initialising random weights")
     weights = load_weights(weights_path, full) if weights_path else init_weights(full, seed)
     graph = run_pipeline(full, backend.pipeline)
@@ -187,8 +204,10 @@ def _cmd_backends(args: argparse.Namespace) -> int:
         row = {"backend": name, "available": True, "summary": backend.summary}
         if spec is not None:
             try:
-                graph, _ = prepare_for_backend(spec, backend)
-                ok, reason = backend.supports(graph)
+                # Support is a property of the lowered graph: no weights are made for this question.
+                from .passes import run_pipeline
+
+                ok, reason = backend.supports(run_pipeline(spec_graph(spec), backend.pipeline))
             except MoeIRError as err:
                 ok, reason = False, str(err)
             row.update(supported=ok, reason=reason)

@@ -274,3 +274,39 @@ def model_json_schema() -> dict:
 def replace_model(spec: ModelSpec, **changes: Any) -> ModelSpec:
     """The spec with model-section fields changed (a small convenience for tests and tools)."""
     return dataclasses.replace(spec, model=dataclasses.replace(spec.model, **changes))
+
+
+# Latent sizes of a miniature MLA: the published ranks (512 / 1536) scaled to a hidden size of 64 would
+# fall to single digits, so a miniature keeps the structure (low-rank q or not, decoupled RoPE dims) at
+# fixed small sizes instead.
+_MINI_MLA = {"kv_lora_rank": 32, "q_lora_rank": 48, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16}
+
+
+def miniature_model(spec: ModelSpec, hidden: int, *, vocab_size: int = 128, heads: int = 4) -> ModelSpec:
+    """The same decoder at hidden size `hidden`, small enough to validate on a laptop: attention kind, q/k
+    norm, biases, RoPE layout and theta, tied embeddings, dense/MoE schedule (at most one leading dense
+    layer, then two MoE layers) and the whole MoE layer spec (through `miniature`) are kept; head counts
+    keep their query:kv ratio; widths scale with the hidden size."""
+    from .spec import miniature
+
+    m, a = spec.model, spec.model.attention
+    ratio = hidden / m.hidden
+    group = max(1, a.heads // a.num_kv_heads)  # query heads per kv head
+    heads = max(heads, group if a.kind == AttentionKind.GQA and group > 1 else 1)
+    changes: dict[str, Any] = {"heads": heads, "head_dim": None}
+    if a.kind == AttentionKind.GQA:
+        kv = max(1, heads // group)
+        changes["kv_heads"] = kv if kv < heads else heads // 2
+    elif a.kind == AttentionKind.MLA:
+        changes.update({k: v for k, v in _MINI_MLA.items() if k != "q_lora_rank"}, head_dim=None)
+        changes["q_lora_rank"] = None if a.q_lora_rank is None else _MINI_MLA["q_lora_rank"]
+    if a.kind != AttentionKind.MLA and hidden % heads:
+        raise SpecError(f"miniature of {m.name}: hidden {hidden} must be a multiple of {heads} heads")
+    first_dense = min(m.first_dense, 1)
+    layers = min(m.layers, first_dense + m.moe_every + 1)  # two MoE layers (with the dense ones between)
+    dense_width = None if m.dense_width is None else max(2, round(m.dense_width * ratio / 2) * 2)
+    model = dataclasses.replace(m, name=f"{m.name}-h{hidden}", hidden=hidden, vocab_size=min(vocab_size, m.vocab_size),
+                                layers=layers, first_dense=first_dense, dense_width=dense_width,
+                                attention=dataclasses.replace(a, **changes))
+    moe = dataclasses.replace(miniature(spec.moe, hidden), name=f"{model.name}.moe")
+    return ModelSpec(model=model, moe=moe)

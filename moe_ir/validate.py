@@ -33,11 +33,12 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from .errors import BackendError, BackendUnavailable, MoeIRError, SpecError
+from .model_spec import ModelSpec
 from .spec import DType, LayerSpec
 
 # (atol, rtol) per dtype; atol is scaled by max(1, max |reference|) of the output compared.
@@ -123,6 +124,7 @@ class ValidationReport:
     dtype: str
     seed: int
     results: list[BackendResult]
+    primary: str = "out"             # the output the table shows first: `out` (layers) or `logits` (models)
 
     @property
     def ok(self) -> bool:
@@ -138,7 +140,7 @@ class ValidationReport:
         atol, rtol = TOLERANCES[self.dtype]
         head = (f"validate {self.spec}: {self.batch}x{self.tokens} tokens, {self.dtype}, seed {self.seed}; "
                 f"oracle: reference interpreter (float64); tolerance atol {atol:g}*max(1,|ref|) + rtol {rtol:g}*|ref|")
-        cols = ("backend", "status", "out abs", "out rel", "weights abs", "routing", "time", "note")
+        cols = ("backend", "status", f"{self.primary} abs", f"{self.primary} rel", "weights abs", "routing", "time", "note")
         rows = []
         for r in self.results:
             def err(key: str, attr: str) -> str:
@@ -148,7 +150,7 @@ class ValidationReport:
             routing = "-"
             if r.routing is not None:
                 rc = r.routing
-                routing = f"{rc.units - rc.flips}/{rc.units} agree"
+                routing = f"{rc.units - rc.flips}/{rc.units} agree"  # units: tokens x MoE layers for models
                 if rc.flips:
                     routing += f", {rc.flips} flip(s) (near-tie {rc.near_ties}, min margin {min(rc.margins):.1e})"
             status = r.status if r.ok or r.status != "skipped" else "FAILED (skipped)"
@@ -157,7 +159,7 @@ class ValidationReport:
             note = r.reason
             if r.routing is not None and r.routing.excluded_tokens:
                 note = (note + "; " if note else "") + f"{r.routing.excluded_tokens} near-tie token(s) excluded"
-            rows.append((r.backend, status, err("out", "max_abs"), err("out", "max_rel"), err("weights", "max_abs"),
+            rows.append((r.backend, status, err(self.primary, "max_abs"), err(self.primary, "max_rel"), err("weights", "max_abs"),
                          routing, f"{r.seconds:.1f}s" if r.status not in ("skipped",) else "-", note))
         widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
         widths[-1] = 0
@@ -201,13 +203,9 @@ def validate(spec: LayerSpec, backends: Sequence[Any] | None = None, *, tokens: 
     from .builder import build_graph
     from .interpreter import interpret
     from .params import init_weights
-    from .passes import run_pipeline
 
     backends = default_backends() if backends is None else list(backends)
-    if dtype not in TOLERANCES:
-        raise BackendError(f"dtype '{dtype}' has no tolerance; choose one of {', '.join(TOLERANCES)}")
-    if tokens < 1 or batch < 1:  # an empty input compares nothing; torch would fail deep in the comparison
-        raise SpecError(f"--tokens and --batch must be at least 1, got tokens {tokens}, batch {batch}")
+    _check_run(dtype, tokens, batch)
     spec = dataclasses.replace(spec, dtype=DType(dtype))
     graph = build_graph(spec)
     if weights is None:
@@ -218,6 +216,23 @@ def validate(spec: LayerSpec, backends: Sequence[Any] | None = None, *, tokens: 
     env = interpret(graph, {"x": x}, weights, dtype=torch.float64, keep_all=True)
     ref = {key: env[v.name] for key, v in graph.outputs.items()}
     margins = _reference_margins(graph, env)
+    results = _run_backends(backends, lambda: build_graph(spec), weights, x,
+                            lambda label, got: _compare(label, got, ref, margins, dtype), strict_support)
+    return ValidationReport(spec.name, tokens, batch, dtype, seed, results)
+
+
+def _check_run(dtype: str, tokens: int, batch: int) -> None:
+    if dtype not in TOLERANCES:
+        raise BackendError(f"dtype '{dtype}' has no tolerance; choose one of {', '.join(TOLERANCES)}")
+    if tokens < 1 or batch < 1:  # an empty input compares nothing; torch would fail deep in the comparison
+        raise SpecError(f"--tokens and --batch must be at least 1, got tokens {tokens}, batch {batch}")
+
+
+def _run_backends(backends: Sequence[Any], fresh_graph: Callable[[], Any], weights: Mapping[str, torch.Tensor],
+                  inputs: torch.Tensor, compare: Callable[[str, Mapping[str, torch.Tensor]], BackendResult],
+                  strict_support: bool) -> list[BackendResult]:
+    """Each backend on its own pipeline over a fresh graph, run on `inputs`, compared by `compare`."""
+    from .passes import run_pipeline
 
     results = []
     for item in backends:
@@ -225,22 +240,34 @@ def validate(spec: LayerSpec, backends: Sequence[Any] | None = None, *, tokens: 
         start = time.perf_counter()
         try:
             backend = resolve_backend(item)
-            piped = run_pipeline(build_graph(spec), backend.pipeline)
+            piped = run_pipeline(fresh_graph(), backend.pipeline)
             ok, reason = backend.supports(piped)
             if not ok:
                 results.append(BackendResult(label, "skipped", reason, required=strict_support))
                 continue
             runner = backend.prepare(piped, {k: v for k, v in weights.items() if k in piped.weights})
-            got = runner(x)
+            got = runner(inputs)
         except MoeIRError as err:
             skipped = isinstance(err, BackendUnavailable)
             results.append(BackendResult(label, "skipped" if skipped else "error", str(err).splitlines()[0],
                                          required=strict_support or not skipped, seconds=time.perf_counter() - start))
             continue
-        result = _compare(label, got, ref, margins, dtype)
+        result = compare(label, got)
         result.seconds = time.perf_counter() - start
         results.append(result)
-    return ValidationReport(spec.name, tokens, batch, dtype, seed, results)
+    return results
+
+
+def _selection_margin(select: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row of `select`, the gap between its k-th and (k+1)-th largest value (inf when nothing is left out)."""
+    top = select.topk(min(k + 1, select.shape[1]), dim=-1).values
+    return (top[:, k - 1] - top[:, k]) if top.shape[1] > k else torch.full_like(top[:, 0], float("inf"))
+
+
+def _topk_selection(node, env) -> torch.Tensor:
+    """The scores a TOPK_ROUTE node selects on (score + bias)."""
+    select = env[node.inputs[0].name]
+    return select if node.inputs[1] is None else select + env[node.inputs[1].name]
 
 
 def _reference_margins(graph, env) -> dict[str, torch.Tensor]:
@@ -250,23 +277,14 @@ def _reference_margins(graph, env) -> dict[str, torch.Tensor]:
     out = {}
     for node in graph.nodes:
         if node.op == OpCode.TOPK_ROUTE:
-            select = env[node.inputs[0].name]
-            if node.inputs[1] is not None:
-                select = select + env[node.inputs[1].name]
-            k = node.attrs["k"]
-            top = select.topk(min(k + 1, select.shape[1]), dim=-1).values
-            out["token"] = (top[:, k - 1] - top[:, k]) if top.shape[1] > k else torch.full_like(top[:, 0], float("inf"))
+            out["token"] = _selection_margin(_topk_selection(node, env), node.attrs["k"])
         if node.op == OpCode.EXPERT_CHOICE_ROUTE:
-            scores = env[node.inputs[0].name].t()
-            c = int(env[node.outputs[2].name][0])
-            top = scores.topk(min(c + 1, scores.shape[1]), dim=-1).values
-            out["expert"] = (top[:, c - 1] - top[:, c]) if top.shape[1] > c else torch.full_like(top[:, 0], float("inf"))
+            out["expert"] = _selection_margin(env[node.inputs[0].name].t(), int(env[node.outputs[2].name][0]))
     return out
 
 
 def _compare(label: str, got: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor],
              margins: Mapping[str, torch.Tensor], dtype: str) -> BackendResult:
-    atol, rtol = TOLERANCES[dtype]
     near = NEAR_TIE[dtype]
     result = BackendResult(label, "ok")
     if "out" not in got:
@@ -309,23 +327,129 @@ def _compare(label: str, got: Mapping[str, torch.Tensor], ref: Mapping[str, torc
     for key in COMPARED_OUTPUTS:
         if key not in ref or key not in got:
             continue
-        r, g = ref[key].double(), got[key].double().reshape(ref[key].shape)
         if key == "weights" and "expert_idx" in got:
-            # Align by expert id: equal-score experts may come in either order.
-            r = r.gather(-1, ref["expert_idx"].argsort(dim=-1))
-            g = g.gather(-1, got["expert_idx"].to(torch.int64).reshape(ref["expert_idx"].shape).argsort(dim=-1))
-        rows_r, rows_g = r.reshape(token_ok.shape[0], -1)[token_ok], g.reshape(token_ok.shape[0], -1)[token_ok]
-        diff = (rows_g - rows_r).abs()
-        scale = max(1.0, float(rows_r.abs().max())) if rows_r.numel() else 1.0
-        finite = bool(torch.isfinite(rows_g).all())
-        within = finite and bool((diff <= atol * scale + rtol * rows_r.abs()).all())
-        max_abs = float(diff.max()) if diff.numel() else 0.0
-        result.outputs[key] = OutputError(max_abs, max_abs / scale, atol, rtol, within)
+            r, g = _weights_by_expert(ref["weights"], got["weights"], ref["expert_idx"], got["expert_idx"])
+        else:
+            r, g = ref[key], got[key]
+        result.outputs[key] = _output_error(r, g, token_ok, dtype)
     if bad_flip or not all(e.ok for e in result.outputs.values()):
         result.status = "mismatch"
         if bad_flip:
             result.reason = "routing differs beyond near-ties"
     return result
+
+
+def _weights_by_expert(ref_w, got_w, ref_idx, got_idx) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing weights reordered by expert id: equal-score experts may come in either order."""
+    got_idx = got_idx.to(torch.int64).reshape(ref_idx.shape)
+    return (ref_w.gather(-1, ref_idx.argsort(dim=-1)),
+            got_w.reshape(ref_w.shape).to(ref_w.dtype).gather(-1, got_idx.argsort(dim=-1)))
+
+
+def _output_error(ref: torch.Tensor, got: torch.Tensor, token_ok: torch.Tensor, dtype: str) -> OutputError:
+    """The TOLERANCES check of one output on the tokens still compared (rows of token_ok)."""
+    atol, rtol = TOLERANCES[dtype]
+    r, g = ref.double(), got.double().reshape(ref.shape)
+    rows_r, rows_g = r.reshape(token_ok.shape[0], -1)[token_ok], g.reshape(token_ok.shape[0], -1)[token_ok]
+    diff = (rows_g - rows_r).abs()
+    scale = max(1.0, float(rows_r.abs().max())) if rows_r.numel() else 1.0
+    finite = bool(torch.isfinite(rows_g).all())
+    within = finite and bool((diff <= atol * scale + rtol * rows_r.abs()).all())
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    return OutputError(max_abs, max_abs / scale, atol, rtol, within)
+
+
+# ------------------------------------------------------------------------------------------------
+# whole models
+
+
+def _model_margins(graph, env) -> dict[str, torch.Tensor]:
+    """Selection margin per token for every `layers.{i}.expert_idx` output of a model graph."""
+    from .ir import OpCode
+
+    out = {}
+    for key, value in graph.outputs.items():
+        node = value.producer
+        if key.endswith("expert_idx") and node is not None and node.op == OpCode.TOPK_ROUTE:
+            out[key] = _selection_margin(_topk_selection(node, env), node.attrs["k"])
+    return out
+
+
+def _layer_index(key: str) -> int:
+    return int(key.split(".")[1])
+
+
+def _compare_model(label: str, got: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor],
+                   margins: Mapping[str, torch.Tensor], dtype: str, seq_len: int) -> BackendResult:
+    """Logits and every MoE layer's routing of a whole model, against the reference.
+
+    A near-tie flip at token t of a sequence changes that token's hidden state and, through causal
+    attention, those of every later token of the sequence in later layers; so positions t.. of that
+    sequence are left out of the comparisons that follow (later layers' routing and the logits)."""
+    near = NEAR_TIE[dtype]
+    result = BackendResult(label, "ok")
+    missing = [key for key in ref if key not in got]
+    if missing:
+        return BackendResult(label, "error", f"runner returned no {', '.join(missing[:3])}")
+    token_ok = torch.ones(ref["logits"].numel() // ref["logits"].shape[-1], dtype=torch.bool)
+    check = RoutingCheck(units=0)
+    bad_flip = False
+    weight_errors = []
+    for key in sorted(margins, key=_layer_index):
+        r_idx = ref[key]
+        g_idx = got[key].to(torch.int64).reshape(r_idx.shape)
+        compared = token_ok.clone()
+        check.units += int(compared.sum())
+        differs = (r_idx.sort(dim=-1).values != g_idx.sort(dim=-1).values).any(dim=-1) & compared
+        for t in differs.nonzero().flatten().tolist():
+            m = float(margins[key][t])
+            check.flips += 1
+            if len(check.margins) < 20:
+                check.margins.append(m)
+            if m < near:
+                check.near_ties += 1
+                token_ok[t:(t // seq_len + 1) * seq_len] = False  # t and the rest of its sequence
+            else:
+                bad_flip = True
+        w_key = key.removesuffix("expert_idx") + "weights"
+        if w_key in ref:
+            r_w, g_w = _weights_by_expert(ref[w_key], got[w_key], r_idx, g_idx)
+            weight_errors.append(_output_error(r_w, g_w, compared & ~differs, dtype))
+    check.excluded_tokens = int((~token_ok).sum())
+    result.routing = check if margins else None
+    result.outputs["logits"] = _output_error(ref["logits"], got["logits"], token_ok, dtype)
+    if weight_errors:  # the worst layer stands for all
+        worst = max(weight_errors, key=lambda e: (not e.ok, e.max_rel))
+        result.outputs["weights"] = worst
+    if bad_flip or not all(e.ok for e in result.outputs.values()):
+        result.status = "mismatch"
+        if bad_flip:
+            result.reason = "routing differs beyond near-ties"
+    return result
+
+
+def validate_model(spec: ModelSpec, backends: Sequence[Any] | None = None, *, tokens: int = 16, batch: int = 1,
+                   dtype: str = "float32", seed: int = 0, weights: Mapping[str, torch.Tensor] | None = None,
+                   strict_support: bool = False) -> ValidationReport:
+    """`validate` for a whole model: seeded token ids in, logits and every MoE layer's routing compared."""
+    from .interpreter import interpret
+    from .model_builder import build_model_graph
+    from .params import init_weights
+
+    backends = default_backends() if backends is None else list(backends)
+    _check_run(dtype, tokens, batch)
+    spec = ModelSpec(model=dataclasses.replace(spec.model, dtype=DType(dtype)),
+                     moe=dataclasses.replace(spec.moe, dtype=DType(dtype)))
+    graph = build_model_graph(spec, routing=True)
+    if weights is None:
+        weights = init_weights(graph, seed)
+    ids = torch.randint(0, spec.model.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(seed + 1))
+    env = interpret(graph, {"input_ids": ids}, weights, dtype=torch.float64, keep_all=True)
+    ref = {key: env[v.name] for key, v in graph.outputs.items()}
+    margins = _model_margins(graph, env)
+    results = _run_backends(backends, lambda: build_model_graph(spec, routing=True), weights, ids,
+                            lambda label, got: _compare_model(label, got, ref, margins, dtype, tokens), strict_support)
+    return ValidationReport(spec.name, tokens, batch, dtype, seed, results, primary="logits")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -334,7 +458,10 @@ def _compare(label: str, got: Mapping[str, torch.Tensor], ref: Mapping[str, torc
 
 def add_command(subparsers) -> None:
     p = subparsers.add_parser("validate", help="run backends on the same weights and input; compare with the reference",
-                              description="exit 1 on any mismatch beyond the per-dtype tolerance, 0 otherwise")
+                              description="A layer spec is fed random activations and its output and routing are "
+                                          "compared; a model spec (model: + moe:) is fed random token ids and its "
+                                          "logits and every MoE layer's routing are compared. Exit 1 on any mismatch "
+                                          "beyond the per-dtype tolerance, 0 otherwise.")
     p.add_argument("spec")
     p.add_argument("--backends", nargs="+", metavar="NAME",
                    help="backends (onnx:portable|ort|plugin for ONNX flavours); default: every registered backend")
@@ -345,7 +472,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--weights", metavar="FILE", help="safetensors weights (default: seeded random init)")
     p.add_argument("--shrink", type=int, metavar="HIDDEN",
                    help="validate the same layer at hidden size HIDDEN (expert counts, top-k, routing, balance and "
-                        "capacity kept; widths scaled): for published layers too large for this machine")
+                        "capacity kept; widths scaled): for published layers too large for this machine; a model "
+                        "also keeps its attention kind and dense/MoE schedule at 2-3 layers (model_spec.miniature_model)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_command)
 
@@ -355,20 +483,27 @@ add_validate_command = add_command
 
 def run_command(args: argparse.Namespace) -> int:
     from .builder import build_graph
-    from .frontends import load_spec
+    from .frontends import load_any
     from .errors import WeightsError
+    from .model_builder import build_model_graph
+    from .model_spec import miniature_model
     from .params import ensure_memory_for, load_weights
     from .spec import miniature
 
-    spec = load_spec(args.spec)
+    spec = load_any(args.spec)
+    is_model = isinstance(spec, ModelSpec)
     if args.shrink is not None:
         if args.weights:
             raise SpecError("--shrink changes the weight shapes; it cannot be combined with --weights")
         if args.shrink < 2:
             raise SpecError(f"--shrink {args.shrink}: the hidden size must be at least 2")
-        spec = miniature(spec, args.shrink)
+        spec = miniature_model(spec, args.shrink) if is_model else miniature(spec, args.shrink)
     backends = [b for item in args.backends for b in item.split(",") if b] if args.backends else None
-    graph = build_graph(dataclasses.replace(spec, dtype=DType(args.dtype)))
+    if is_model:
+        graph = build_model_graph(ModelSpec(model=dataclasses.replace(spec.model, dtype=DType(args.dtype)),
+                                            moe=dataclasses.replace(spec.moe, dtype=DType(args.dtype))), routing=True)
+    else:
+        graph = build_graph(dataclasses.replace(spec, dtype=DType(args.dtype)))
     try:
         # Each backend holds its own copy of the weights, plus the reference's float64 one.
         ensure_memory_for(graph, "validating", factor=3.0)
@@ -377,7 +512,7 @@ def run_command(args: argparse.Namespace) -> int:
     weights = None
     if args.weights:
         weights = load_weights(args.weights, graph)
-    report = validate(spec, backends, tokens=args.tokens, batch=args.batch, dtype=args.dtype, seed=args.seed,
+    report = (validate_model if is_model else validate)(spec, backends, tokens=args.tokens, batch=args.batch, dtype=args.dtype, seed=args.seed,
                       weights=weights, strict_support=bool(args.backends))
     print(report.to_json() if args.json else report.to_table())
     return 0 if report.ok else 1
