@@ -3,6 +3,9 @@
 One backend with a `flavour` option (portable | ort | plugin). Each flavour has its own pass pipeline;
 `prepare` and `build` run it on a copy of the graph they are given (the passes are idempotent, so a graph
 that already went through it is fine), which lets callers hand over either the raw or the lowered graph.
+Runners: a layer file runs x [B,S,H] -> {"out", routing record}; a whole-model file (build_model_graph) runs
+input_ids int64 [B,S] -> {"logits", "layers.{i}.expert_idx", "layers.{i}.weights"}, the graph's output keys,
+telling the two apart by the file's input type (metadata `moe_ir.kind` says it too).
 Providers: CUDA (and TensorRT when asked for) where onnxruntime has them, else CPU. The plugin flavour
 runs on CPU only, through onnxruntime-extensions (extensions.py).
 
@@ -28,11 +31,12 @@ import torch
 
 from ...errors import BackendError, BackendUnavailable, MoeIRError
 from ...ir import Graph, from_json, to_json
+from ...model_spec import ModelSpec
 from ...passes import run_pipeline
 from ...spec import LayerSpec
 from ..base import Backend, BuildResult, Runner
 from . import extensions
-from .lower import PIPELINES, Flavour, LoweredModel, lower, supports, to_numpy
+from .lower import PIPELINES, Flavour, LoweredModel, lower, stored_values, supports, to_numpy
 
 # Above this many initializer bytes a model is written with external data (protobuf's hard limit is 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1_500_000_000
@@ -75,7 +79,7 @@ class OnnxBackend(Backend):
                 providers: Sequence[str] | None = None, threads: int | None = None, **options: Any) -> Runner:
         flavour = _flavour(flavour or self.flavour)
         piped = lowered_graph(graph, flavour)
-        refusal = runtime_refusal({v.type.dtype.value for v in (*piped.inputs, *piped.weights.values())}, flavour)
+        refusal = runtime_refusal({v.type.dtype.value for v in stored_values(piped)}, flavour)
         if refusal:
             raise BackendUnavailable(f"onnx/{flavour.value}: {refusal}")
         lowered = lower(piped, weights, flavour)
@@ -91,10 +95,11 @@ class OnnxBackend(Backend):
             session = make_session(model, flavour, providers=providers, threads=threads)
         return make_runner(session, graph)
 
-    def build(self, spec: LayerSpec, graph: Graph, weights: Mapping[str, torch.Tensor], out_dir: Path, *,
+    def build(self, spec: LayerSpec | ModelSpec, graph: Graph, weights: Mapping[str, torch.Tensor], out_dir: Path, *,
               flavour: Flavour | str | None = None, external_data: bool | None = None,
               progress: Progress | None = None, **options: Any) -> BuildResult:
-        """Write OUT/<name>.<flavour>.onnx (and .onnx.data when external), atomically."""
+        """Write OUT/<name>.<flavour>.onnx (and .onnx.data when external), atomically. `spec` is the layer's
+        or, for a whole-model graph (build_model_graph), the model's; only its name is used here."""
         given = sorted(k for k, v in options.items() if v is not None)
         if given:  # e.g. --precision or --profile, which would otherwise be silently ignored
             raise BackendError(f"onnx: {', '.join('--' + k.replace('_', '-') for k in given)} does not apply to this "
@@ -111,7 +116,7 @@ class OnnxBackend(Backend):
         files = [write_model(lowered, path, external_data=external_data, progress=progress)]
         if external_data:
             files.append(path.with_name(path.name + ".data"))
-        dtypes = sorted({v.type.dtype.value for v in (*piped.inputs, *piped.weights.values())})
+        dtypes = sorted({v.type.dtype.value for v in stored_values(piped)})
         notes = [f"opset 18, dynamic dims B,S; flavour {flavour.value}; {'/'.join(dtypes)}"]
         refusal = runtime_refusal(dtypes, flavour)
         if refusal:
@@ -282,7 +287,10 @@ def make_session(model: str | bytes, flavour: Flavour, *, providers: Sequence[st
 
 
 def make_runner(session, graph: Graph | None = None) -> Runner:
-    """A runner over a session: x [B,S,H] -> {"out", routing record} as torch tensors."""
+    """A runner over a session: x [B,S,H] -> {"out", routing record} as torch tensors; for a whole model
+    input_ids [B,S] -> {"logits", "layers.{i}.expert_idx", "layers.{i}.weights"} (make_model_runner)."""
+    if session.get_inputs()[0].type == "tensor(int64)":
+        return make_model_runner(session, graph)
     x_info = session.get_inputs()[0]
     hidden = x_info.shape[-1]
     out_names = [o.name for o in session.get_outputs()]
@@ -314,6 +322,43 @@ def make_runner(session, graph: Graph | None = None) -> Runner:
             elif name == "expert_idx":
                 t = t.to(torch.int64)
             out[name] = t
+        return out
+
+    return run
+
+
+def make_model_runner(session, graph: Graph | None = None) -> Runner:
+    """run(input_ids int64 [B, S]) -> every output of the model by its graph key, as torch tensors.
+
+    Token ids are checked against the vocabulary here: ONNX Gather wraps negative indices around, so an id
+    of -1 would silently read the last row where the reference (and transformers) refuse it."""
+    ids_info = session.get_inputs()[0]
+    meta = session.get_modelmeta().custom_metadata_map
+    vocab = int(meta["moe_ir.vocab_size"]) if meta.get("moe_ir.vocab_size", "").isdigit() else None
+    out_names = [o.name for o in session.get_outputs()]
+    out_dtypes = {k: v.type.dtype.torch for k, v in graph.outputs.items()} if graph is not None else {}
+    where = f"onnx runner ({ids_info.name})"
+
+    def run(input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.int64 or input_ids.dim() != 2:
+            got = (f"{input_ids.dtype} {list(input_ids.shape)}" if isinstance(input_ids, torch.Tensor)
+                   else type(input_ids).__name__)
+            raise BackendError(f"{where}: token ids must be an int64 tensor [B, S], got {got}")
+        if vocab is not None and input_ids.numel():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= vocab:
+                raise BackendError(f"{where}: token ids must be in [0, {vocab}), found "
+                                   f"{low if low < 0 else high}")
+        feed = {ids_info.name: input_ids.detach().cpu().contiguous().numpy()}
+        try:
+            results = session.run(out_names, feed)
+        except Exception as err:  # onnxruntime raises its own pybind exception types
+            raise BackendError(f"{where} failed on input_ids {list(input_ids.shape)}: "
+                               f"{str(err).strip()[:300]}") from None
+        out = {}
+        for name, arr in zip(out_names, results):
+            t = torch.from_numpy(np.ascontiguousarray(arr))
+            out[name] = t.to(out_dtypes[name]) if name in out_dtypes else t
         return out
 
     return run

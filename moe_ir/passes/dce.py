@@ -1,6 +1,7 @@
 """dce: remove nodes whose outputs reach no graph output, then weights nothing reads."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ..ir import Graph
@@ -26,17 +27,23 @@ class DeadCodeElimination(Pass):
         return graph, modified
 
 
+_LAYER_PREFIX = re.compile(r"^layers\.\d+\.")  # model_builder.layer_prefix
+
+
 @register_pass
 @dataclass(frozen=True)
 class StripTrainingOutputs(Pass):
-    """Inference targets export `out` and the routing record only."""
+    """Inference targets export `out` (a model: `logits`) and the routing record only.
+
+    A model's per-layer keys are judged without their `layers.{i}.` prefix, so `layers.3.expert_idx` is kept
+    like a layer's `expert_idx` and `layers.3.router_logits` dropped like `router_logits`."""
 
     name = "strip-training-outputs"
     summary = "drop router logits, load counts and losses from the outputs (then run dce)"
-    keep: tuple[str, ...] = ("out", "expert_idx", "weights", "rows")
+    keep: tuple[str, ...] = ("out", "logits", "expert_idx", "weights", "rows")
 
     def __call__(self, graph: Graph) -> tuple[Graph, bool]:
-        dropped = [k for k in graph.outputs if k not in self.keep]
+        dropped = [k for k in graph.outputs if _LAYER_PREFIX.sub("", k) not in self.keep]
         for key in dropped:
             del graph.outputs[key]
         return graph, bool(dropped)
