@@ -2,10 +2,13 @@
 
 PyYAML's SafeLoader builds only plain data (no `!!python/object` tags), and we walk the composed node
 tree ourselves to record where each key sits and to reject duplicate keys, which PyYAML would
-otherwise resolve silently by keeping the last one.
+otherwise resolve silently by keeping the last one. Anchors and aliases are allowed, but an aliased
+node is walked once (a YAML "billion laughs" document stays linear, a self-referencing alias ends), and
+nesting deeper than Python's recursion limit is refused as a SpecError rather than a RecursionError.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -15,7 +18,23 @@ from ..model_spec import ModelSpec, model_spec_from_dict
 from ..spec import LayerSpec, spec_from_dict
 
 
-def _record_lines(node: yaml.Node, path: str, lines: dict[str, int], file: str) -> None:
+class _SpecLoader(yaml.SafeLoader):
+    """SafeLoader that also reads exponent floats such as `1e-3` and `2.5e3` as numbers, as YAML 1.2 does.
+    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so `gamma: 1e-3` would fail
+    as "expected a number, found string". Subclassed so the global SafeLoader is left as it is."""
+
+
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(\.[0-9]+|[0-9][0-9_]*(\.[0-9_]*)?)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
+
+
+def _record_lines(node: yaml.Node, path: str, lines: dict[str, int], file: str, seen_nodes: set[int]) -> None:
+    # An alias is the same node object as its anchor: its keys already have their lines (a key path
+    # below the alias falls back to the alias's own key), and walking it again would be exponential.
+    if id(node) in seen_nodes:
+        return
+    seen_nodes.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: set = set()
         for key_node, value_node in node.value:
@@ -25,23 +44,23 @@ def _record_lines(node: yaml.Node, path: str, lines: dict[str, int], file: str) 
                 raise SpecError(f"duplicate key '{key}'", path=sub, line=key_node.start_mark.line + 1, file=file)
             seen.add(key)
             lines[sub] = key_node.start_mark.line + 1
-            _record_lines(value_node, sub, lines, file)
+            _record_lines(value_node, sub, lines, file, seen_nodes)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             sub = f"{path}[{i}]"
             lines[sub] = item.start_mark.line + 1
-            _record_lines(item, sub, lines, file)
+            _record_lines(item, sub, lines, file, seen_nodes)
 
 
 def parse_yaml(text: str, file: str = "<spec>") -> tuple[object, dict[str, int]]:
     """Plain data and the key-path -> line table of one YAML document."""
-    loader = yaml.SafeLoader(text)
+    loader = _SpecLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:
             raise SpecError("the spec is empty; expected a mapping with at least 'hidden' and 'experts'", file=file)
         lines: dict[str, int] = {"": node.start_mark.line + 1}
-        _record_lines(node, "", lines, file)
+        _record_lines(node, "", lines, file, set())
         data = loader.construct_document(node)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
@@ -49,9 +68,13 @@ def parse_yaml(text: str, file: str = "<spec>") -> tuple[object, dict[str, int]]
         problem = err.problem or err.context or "invalid YAML"
         if "could not determine a constructor" in str(err):
             problem = f"YAML tag not allowed in a spec ({problem.strip()}); specs hold plain data only"
+        elif "but found another document" in str(err):
+            problem = "a spec file holds one YAML document; remove the second '---' and what follows it"
         raise SpecError(f"YAML error: {problem}", line=line, file=file) from None
     except yaml.YAMLError as err:
         raise SpecError(f"YAML error: {err}", file=file) from None
+    except RecursionError:
+        raise SpecError("YAML error: the document nests too deeply to be a spec", file=file) from None
     finally:
         loader.dispose()
     return data, lines
@@ -59,6 +82,11 @@ def parse_yaml(text: str, file: str = "<spec>") -> tuple[object, dict[str, int]]
 
 def load_spec_text(text: str, file: str = "<spec>") -> LayerSpec:
     data, lines = parse_yaml(text, file)
+    if isinstance(data, dict) and "model" in data:
+        # Otherwise the layer parser reports "unknown key 'model'", which hides what the file is.
+        raise SpecError("this is a model spec (it has a top-level 'model' section) and a layer spec is needed "
+                        "here; read it with load_model_spec or load_any, or take the layer from its 'moe' section",
+                        path="model", line=lines.get("model"), file=file)
     return spec_from_dict(data, lines=lines, file=file)
 
 

@@ -7,13 +7,15 @@ tokens-per-expert; `MaxVioTracker` accumulates per layer over the steps of a run
 step's value, the run mean per layer, and MaxVio_global (the measure applied to the load summed over
 the whole run, as the paper's "global" variant).
 
-Command line: `python -m moe_ir.maxvio LOADS.json` where the file maps layer name -> list of per-step
-tokens-per-expert lists (the format `MaxVioTracker.to_json` writes).
+Command line: `moe-ir maxvio LOADS.json [--last N] [--json]` (or `python -m moe_ir.maxvio`), where the
+file maps layer name -> list of per-step tokens-per-expert lists (the format `MaxVioTracker.to_json`
+writes). `--json` prints {layer: {"batch_mean", "global", "steps"}} (the keys of `summary`).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -28,6 +30,8 @@ def maxvio(load: torch.Tensor | Sequence[float]) -> float:
     t = torch.as_tensor(load, dtype=torch.float64).reshape(-1)
     if t.numel() == 0:
         raise ValueError("maxvio needs the load of at least one expert")
+    if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+        raise ValueError(f"loads are token counts (finite, >= 0), found {t.tolist()}")
     mean = t.mean()
     if mean <= 0:
         return 0.0
@@ -73,12 +77,36 @@ class MaxVioTracker:
 
     @classmethod
     def from_json(cls, text: str) -> "MaxVioTracker":
+        """Parse a loads file; a malformed one raises ValueError naming the layer and step."""
         tracker = cls()
         data = json.loads(text)
         if not isinstance(data, dict):
             raise ValueError("a loads file maps layer name -> list of per-step tokens-per-expert lists")
-        tracker.loads = {str(k): [list(map(float, s)) for s in v] for k, v in data.items()}
+        for layer, steps in data.items():
+            if not isinstance(steps, list) or not steps:
+                raise ValueError(f"layer {layer!r}: expected a non-empty list of per-step loads")
+            rows: list[list[float]] = []
+            for i, step in enumerate(steps):
+                counts = [_count(v) for v in step] if isinstance(step, list) else []
+                if not counts or any(c is None for c in counts):
+                    raise ValueError(f"layer {layer!r}, step {i}: expected a non-empty list of token counts "
+                                     f"(numbers >= 0), found {json.dumps(step)[:60]}")
+                if rows and len(counts) != len(rows[0]):
+                    raise ValueError(f"layer {layer!r}, step {i}: {len(counts)} experts, step 0 has {len(rows[0])}")
+                rows.append(counts)
+            tracker.loads[str(layer)] = rows
         return tracker
+
+
+def _count(value: object) -> float | None:
+    """A token count read from JSON as a float, or None when it is not a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        count = float(value)
+    except OverflowError:  # an integer literal too large for a float
+        return None
+    return count if math.isfinite(count) and count >= 0 else None
 
 
 def format_summary(summary: Mapping[str, Mapping[str, float]]) -> Iterable[str]:
@@ -87,19 +115,42 @@ def format_summary(summary: Mapping[str, Mapping[str, float]]) -> Iterable[str]:
         yield f"{layer:<16} {int(s['steps']):>6} {s['batch_mean']:>24.4f} {s['global']:>16.4f}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moe_ir.maxvio", description=__doc__.split("\n\n")[0])
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("loads", type=Path, help="JSON: layer -> list of per-step tokens-per-expert lists")
-    parser.add_argument("--last", type=int, default=None, help="only the last N steps")
-    args = parser.parse_args(argv)
+    parser.add_argument("--last", type=int, default=None, metavar="N", help="only the last N steps")
+    parser.add_argument("--json", action="store_true", help="print {layer: {batch_mean, global, steps}}")
+
+
+def _run(args: argparse.Namespace, prog: str) -> int:
+    if args.last is not None and args.last < 1:
+        print(f"{prog}: error: --last must be at least 1, found {args.last}", file=sys.stderr)
+        return 2
     try:
         tracker = MaxVioTracker.from_json(args.loads.read_text())
-    except (OSError, ValueError) as err:
-        print(f"error: {args.loads}: {err}", file=sys.stderr)
+    except (OSError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+        print(f"{prog}: error: {args.loads}: {err}", file=sys.stderr)
         return 1
-    for line in format_summary(tracker.summary(args.last)):
+    summary = tracker.summary(args.last)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    for line in format_summary(summary):
         print(line)
     return 0
+
+
+def add_command(subparsers) -> None:
+    """`moe-ir maxvio`: the same report as `python -m moe_ir.maxvio`."""
+    p = subparsers.add_parser("maxvio", help="MaxVio per layer and over a run, from a loads JSON file",
+                              description=__doc__.split("\n\n")[0])
+    _add_arguments(p)
+    p.set_defaults(func=lambda args: _run(args, "moe-ir"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moe_ir.maxvio", description=__doc__.split("\n\n")[0])
+    _add_arguments(parser)
+    return _run(parser.parse_args(argv), "python -m moe_ir.maxvio")
 
 
 if __name__ == "__main__":

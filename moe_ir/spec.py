@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import enum
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -73,10 +74,11 @@ class DType(enum.StrEnum):
 
 
 def spec_field(default: Any = dataclasses.MISSING, *, doc: str, minimum: float | None = None,
-               exclusive_minimum: float | None = None, maximum: float | None = None,
+               exclusive_minimum: float | None = None, maximum: float | None = None, pattern: str | None = None,
                default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with the metadata the parser and the JSON Schema read."""
-    meta = {"doc": doc, "minimum": minimum, "exclusive_minimum": exclusive_minimum, "maximum": maximum}
+    """A dataclass field with the metadata the parser and the JSON Schema read (`pattern`: strings only)."""
+    meta = {"doc": doc, "minimum": minimum, "exclusive_minimum": exclusive_minimum, "maximum": maximum,
+            "pattern": pattern}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -241,7 +243,8 @@ class LayerSpec:
 
     hidden: int = spec_field(doc="model hidden size", minimum=1)
     experts: ExpertsSpec = spec_field(doc="expert configuration (paper or explicit form)")
-    name: str = spec_field("moe", doc="a name for the layer, used in artifact names")
+    name: str = spec_field("moe", doc="a name for the layer, used in artifact names (letters, digits, '.', '_', "
+                                      "'-'; starts with a letter or digit)", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     source: str = spec_field("", doc="where the settings come from (paper, config)")
     router: RouterSpec = spec_field(default_factory=RouterSpec, doc="router")
     balance: BalanceSpec = spec_field(default_factory=BalanceSpec, doc="balance policy")
@@ -282,6 +285,12 @@ class LayerSpec:
                 ctx.fail("router.scaling", "expert-choice gate weights are the raw scores; scaling needs token-choice")
             if r.normalize:
                 ctx.fail("router.normalize", "expert-choice gives a token a variable number of experts; normalize needs token-choice")
+            # These losses score each token's top-k choice, which expert-choice routing does not make; only
+            # the z-loss (on the router logits) applies. Refused here rather than silently left out.
+            for name in ("switch", "expert", "device", "sequence"):
+                if getattr(b, name) is not None:
+                    ctx.fail(f"balance.{name}", f"the {name} balance loss needs token-choice routing; expert-choice "
+                                                "is balanced by construction (only z_loss applies)")
         if b.device is not None and e.routed % b.device.devices:
             ctx.fail("balance.device.devices", f"{b.device.devices} devices must divide the {e.routed} routed experts")
 
@@ -433,6 +442,9 @@ def _parse_value(tp: Any, value: Any, path: str, ctx: _Ctx, meta: Mapping[str, A
     elif tp is str:
         if not isinstance(value, str):
             ctx.fail(path, f"expected a string, found {_describe(value)}")
+        # A pattern guards strings that end up in file names and generated source (the layer name).
+        if meta.get("pattern") is not None and not re.fullmatch(meta["pattern"], value):
+            ctx.fail(path, f"{value!r} does not match {meta['pattern']} ({meta.get('doc', '')})")
         return value
     else:  # pragma: no cover - a spec declaration error, not a user error
         raise TypeError(f"unsupported spec field type {tp!r} at {path}")
@@ -476,7 +488,7 @@ def _parse_section(cls: type, data: Any, path: str, ctx: _Ctx) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if not isinstance(key, str):
-            ctx.fail(path, f"keys must be strings, found {_describe(key)}")
+            ctx.fail(_join(path, str(key)), f"keys must be strings, found {_describe(key)}")
         if key not in fields:
             ctx.fail(_join(path, key), f"unknown key '{key}'{_suggest(key, list(fields))}; "
                                        f"allowed: {', '.join(fields)}")
@@ -498,7 +510,7 @@ _EXPLICIT_KEYS = ("routed", "width", "top_k", "shared")
 
 def _experts_to_canonical(data: dict, path: str, ctx: _Ctx) -> dict:
     """Fill the explicit keys from `paper:` when given, checking any explicit key that disagrees."""
-    if "paper" not in data or not isinstance(data["paper"], dict):
+    if data.get("paper") is None:
         return data
     paper = _parse_section(PaperExperts, data["paper"], _join(path, "paper"), ctx)
     derived = {
@@ -508,9 +520,13 @@ def _experts_to_canonical(data: dict, path: str, ctx: _Ctx) -> dict:
         "shared": paper.shared,
     }
     out = dict(data)
+    fields = {f.name: f for f in dataclasses.fields(ExpertsSpec)}
     for key, value in derived.items():
-        if key in data and data[key] != value:
-            ctx.fail(_join(path, key), f"{key}={data[key]!r} disagrees with the paper form, which gives {value}")
+        if key in data:
+            # Type and bounds first: `routed: "63"` is a wrong type, not a disagreement with 63.
+            given = _parse_value(int, data[key], _join(path, key), ctx, fields[key].metadata)
+            if given != value:
+                ctx.fail(_join(path, key), f"{key}={given!r} disagrees with the paper form, which gives {value}")
         out[key] = value
     return out
 
@@ -559,7 +575,8 @@ def schema_of_section(root: type, *, title: str, schema_id: str) -> dict:
             s = {"type": "string", "enum": [m.value for m in tp]}
         else:
             s = {"type": {int: "integer", float: "number", bool: "boolean", str: "string"}[tp]}
-            for key, js in (("minimum", "minimum"), ("exclusive_minimum", "exclusiveMinimum"), ("maximum", "maximum")):
+            for key, js in (("minimum", "minimum"), ("exclusive_minimum", "exclusiveMinimum"), ("maximum", "maximum"),
+                            ("pattern", "pattern")):
                 if meta.get(key) is not None:
                     s[js] = meta[key]
         if optional:

@@ -118,3 +118,65 @@ def test_interpreter_matches_hand_computed_layer():
         g_i = torch.where(s.topk(spec.experts.top_k, dim=-1).indices.eq(i).any(-1), s[:, i], torch.zeros_like(s[:, i]))
         expected = expected + g_i.unsqueeze(-1) * ffn("experts", i)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda n: n.attrs.update(k="two"), "attribute k='two' has the wrong type"),
+    (lambda n: n.attrs.update(bogus=1), "has no attribute 'bogus'"),
+    (lambda n: n.attrs.pop("group_score"), "lacks attribute(s) group_score"),
+])
+def test_verifier_checks_attributes_naming_the_node(edit, message):
+    """A pass that edits node.attrs in place gets an IRError from the verifier, not a TypeError from inference."""
+    g = _tiny_graph()
+    edit(g.node("route"))
+    with pytest.raises(IRError) as info:
+        verify(g)
+    assert info.value.node == "route" and message in info.value.message
+
+
+def test_verifier_checks_fused_moe_bias_and_k():
+    from moe_ir.frontends import load_spec_text
+    from moe_ir.passes import PIPELINES, run_pipeline
+
+    spec = load_spec_text("hidden: 16\nexperts: {routed: 8, width: 8, top_k: 2}\nrouter: {score: sigmoid}\n"
+                          "balance: {aux_free: {}}\n")
+    g = run_pipeline(build_graph(spec), PIPELINES["fused"])
+    moe = g.node("moe")
+    moe.attrs["k"] = 9
+    with pytest.raises(IRError, match="k=9 exceeds 8 experts") as info:
+        verify(g)
+    assert info.value.node == "moe"
+    moe.attrs["k"] = 2
+    g.weights["router.bias"].type = TensorType((7,), ElemType.FLOAT32)
+    with pytest.raises(IRError, match=r"bias must be \[8\], found f32\[7\]"):
+        verify(g)
+
+
+@pytest.mark.parametrize("path", SPEC_FILES, ids=lambda p: p.stem)
+def test_json_round_trip_after_every_pipeline(path):
+    """Pass outputs (concat on weights, fused_moe with enum and None attributes) survive JSON too."""
+    from moe_ir.passes import PIPELINES, run_pipeline
+
+    for name, passes in PIPELINES.items():
+        g = run_pipeline(build_graph(load_spec(path)), list(passes) + ["fuse-gate-up"])
+        back = from_json(to_json(g))
+        verify(back)
+        assert to_text(back) == to_text(g), name
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.pop("nodes"), "missing key 'nodes'"),
+    (lambda d: d["inputs"][0]["type"].update(dtype="f99"), "'f99' is not a valid ElemType"),
+    (lambda d: d["nodes"][2]["attrs"].update(fn="softmx"), "'softmx' is not a valid ScoreFn"),
+    (lambda d: d["outputs"].update(out="nope"), "missing key 'nope'"),
+    (lambda d: d.update(weights=5), "not iterable"),
+])
+def test_json_rejects_damaged_documents_with_ir_errors(edit, message):
+    import json
+
+    doc = json.loads(to_json(_tiny_graph()))
+    assert doc["nodes"][2]["op"] == "score"
+    edit(doc)
+    with pytest.raises(IRError, match="malformed moe-ir graph JSON") as info:
+        from_json(json.dumps(doc))
+    assert message in str(info.value)

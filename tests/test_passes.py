@@ -134,3 +134,19 @@ def test_manager_names_the_failing_pass_and_what_ran_before():
 def test_unknown_pass():
     with pytest.raises(PassError, match="unknown pass 'nope'"):
         run_pipeline(build_graph(load_spec_text(GELU_NO_SHARED)), ["nope"])
+
+
+@dataclass(frozen=True)
+class _ForgetfulPass(Pass):
+    name = "forgetful"
+    summary = "returns the graph alone (test only)"
+
+    def __call__(self, graph: Graph):
+        return graph
+
+
+def test_manager_checks_the_pass_contract():
+    g = build_graph(load_spec_text(GELU_NO_SHARED))
+    with pytest.raises(PassError, match=r"pass 'forgetful' broke the pass contract after \['dce'\]: it must return "
+                                         r"\(graph, modified: bool\), returned Graph"):
+        run_pipeline(g, ["dce", _ForgetfulPass()])

@@ -217,3 +217,41 @@ def test_maxvio_formula_and_tracker(tmp_path, capsys):
     assert json.loads(path.read_text())["l0"] == [[6.0, 2.0], [2.0, 6.0]]
     assert maxvio_main([str(path)]) == 0
     assert "l0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"l": 5}', "layer 'l': expected a non-empty list of per-step loads"),
+    ('{"l": []}', "layer 'l': expected a non-empty list of per-step loads"),
+    ('{"l": [[]]}', "layer 'l', step 0: expected a non-empty list of token counts"),
+    ('{"l": [[1, null]]}', "layer 'l', step 0: expected a non-empty list of token counts"),
+    ('{"l": [[1, -5]]}', "layer 'l', step 0: expected a non-empty list of token counts"),
+    ('{"l": [[1, 2], [1, 2, 3]]}', "layer 'l', step 1: 3 experts, step 0 has 2"),
+    ("[1, 2]", "a loads file maps layer name"),
+    ("{bad", "Expecting property name"),
+])
+def test_maxvio_cli_reports_bad_loads_files_in_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "loads.json"
+    path.write_text(content)
+    assert maxvio_main([str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{path}: {message}" in err[0], err
+
+
+def test_maxvio_rejects_loads_that_are_not_counts():
+    with pytest.raises(ValueError, match="token counts"):
+        maxvio([3, -1, 2])
+    with pytest.raises(ValueError, match="token counts"):
+        maxvio([3, float("nan")])
+
+
+def test_moe_ir_maxvio_json(tmp_path, capsys):
+    from moe_ir.cli import main as cli_main
+
+    path = tmp_path / "loads.json"
+    path.write_text(json.dumps({"l0": [[6, 2], [2, 6]], "l1": [[4, 4], [5, 3]]}))
+    assert cli_main(["maxvio", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["l0"] == {"batch_mean": 0.5, "global": 0.0, "steps": 2.0}  # (6-4)/4 each step; 8 and 8 in all
+    assert report["l1"] == {"batch_mean": pytest.approx(0.125), "global": pytest.approx(0.125), "steps": 2.0}  # 9, 7
+    assert cli_main(["maxvio", str(path), "--last", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["l1"]["batch_mean"] == pytest.approx(0.25)

@@ -180,3 +180,97 @@ def test_random_yaml_text_only_raises_spec_errors(text):
         load_spec_text(text)
     except SpecError:
         pass
+
+
+# -- YAML documents that used to escape as other exceptions or hang, and misleading messages --
+
+def _laughs(levels: int) -> str:
+    """A "billion laughs" document: each level lists the previous one 9 times, so 9**levels leaves."""
+    text = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+    names = "abcdefghijkl"[:levels]
+    text += "".join(f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip(names, names[1:]))
+    return text + "hidden: 32\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("hidden: &a [*a]\nexperts: {routed: 8, width: 16, top_k: 2}\n", "hidden: expected an integer, found a list"),
+    ("hidden: 32\nexperts: {routed: 8, width: 16, top_k: 2}\nsource: " + "[" * 3000 + "]" * 3000 + "\n",
+     "nests too deeply"),
+    (_laughs(9), "unknown key 'a'"),  # 9**9 list items if the aliases were walked as copies
+    ("a: b\n---\nc: d\n", "holds one YAML document"),
+])
+def test_yaml_aliases_and_nesting_give_spec_errors(text, message):
+    with pytest.raises(SpecError, match=message):
+        load_spec_text(text)
+
+
+def test_aliased_nodes_are_walked_once():
+    # Small enough that walking aliases as copies (59,049 leaves) fails fast instead of hanging.
+    from moe_ir.frontends.yaml_spec import parse_yaml
+
+    _, lines = parse_yaml(_laughs(5))
+    assert len(lines) < 100
+
+
+def test_aliases_still_work_and_errors_at_an_alias_name_its_key():
+    spec = load_spec_text("hidden: 32\nexperts:\n  routed: &n 8\n  width: 16\n  top_k: *n\nrouter: {scaling: *n}\n")
+    assert (spec.experts.top_k, spec.router.scaling) == (8, 8.0)
+    with pytest.raises(SpecError) as info:
+        load_spec_text("hidden: &h 32\nexperts:\n  routed: 8\n  width: 16\n  top_k: *h\n")
+    assert (info.value.path, info.value.line) == ("experts.top_k", 5)
+
+
+@pytest.mark.parametrize("text, path, line, message", [
+    ("hidden: 32\nexperts:\n  paper: [1, 2]\n", "experts.paper", 3, "expected a mapping, found a list"),
+    ("hidden: 32\nexperts:\n  paper: {num_experts: 8, expert_width: 64, segmentation: 4, top_k: 2, shared: 2}\n"
+     "  routed: '30'\n", "experts.routed", 4, "expected an integer, found string '30'"),
+    ("hidden: 32\nexperts:\n  paper: {num_experts: 8, expert_width: 64, segmentation: 4, top_k: 2, shared: 1}\n"
+     "  shared: true\n", "experts.shared", 4, "expected an integer, found boolean true"),
+    ("hidden: 32\nexperts: {routed: 8, width: 16, top_k: 2}\n1: 2\n", "1", 3, "keys must be strings"),
+    ("hidden: 32\nexperts: {routed: 8, width: 16, top_k: 2}\nrouter: {choice: expert}\nbalance: {switch: 0.01}\n",
+     "balance.switch", 4, "needs token-choice"),
+    ("hidden: 32\nexperts: {routed: 8, width: 16, top_k: 2}\nrouter: {choice: expert}\n"
+     "balance:\n  z_loss: 0.001\n  sequence: 0.001\n", "balance.sequence", 6, "needs token-choice"),
+    ("name: ../../out/x\nhidden: 32\nexperts: {routed: 8, width: 16, top_k: 2}\n", "name", 1, "does not match"),
+    ("name: 'a\"\"\"b'\nhidden: 32\nexperts: {routed: 8, width: 16, top_k: 2}\n", "name", 1, "does not match"),
+    ("model: {vocab_size: 8}\nmoe: {experts: {routed: 8, width: 16, top_k: 2}}\n", "model", 1, "this is a model spec"),
+])
+def test_more_spec_errors_name_path_and_line(text, path, line, message):
+    with pytest.raises(SpecError) as info:
+        load_spec_text(text, "spec.yaml")
+    assert (info.value.path, info.value.line) == (path, line)
+    assert message in str(info.value) and str(info.value).startswith(f"spec.yaml:{line}: {path}:")
+
+
+def test_expert_choice_keeps_the_z_loss():
+    spec = load_spec_text("hidden: 32\nexperts: {routed: 8, width: 16, top_k: 2}\nrouter: {choice: expert}\n"
+                          "balance: {z_loss: 0.001}\n")
+    assert spec.balance.losses == {"z_loss": 0.001}
+
+
+def test_json_schema_accepts_shipped_specs_and_rejects_what_the_parser_rejects():
+    import jsonschema  # the `test` extra installs it
+    schema = json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    for path in SPEC_FILES:
+        data = yaml.safe_load(path.read_text())
+        assert not list(validator.iter_errors(data)), path.name
+    for bad in ({**BASE, "routr": {}}, {**BASE, "hidden": "32"}, {**BASE, "name": "a/b"},
+                {**BASE, "router": {"score": "softmx"}}, {"hidden": 32, "experts": {"width": 16}}):
+        assert list(validator.iter_errors(bad)), bad
+        with pytest.raises(SpecError):
+            spec_from_dict(bad)
+
+
+def test_exponent_floats_read_as_numbers():
+    """`1e-3` is a string under PyYAML's YAML 1.1 rules; specs read it as YAML 1.2 does."""
+    spec = load_spec_text("hidden: 32\nexperts: {routed: 8, width: 16, top_k: 2}\n"
+                          "balance: {aux_free: {gamma: 1e-3}, z_loss: 2.5E-4, expert: .5e-2}\nrouter: {scaling: 25e-1}\n")
+    assert (spec.balance.aux_free.gamma, spec.balance.z_loss, spec.balance.expert) == (1e-3, 2.5e-4, 5e-3)
+    assert spec.router.scaling == 2.5
+    assert yaml.safe_load("a: 1e-3") == {"a": "1e-3"}  # the global SafeLoader is left alone
+    with pytest.raises(SpecError, match="hidden: expected an integer, found number 1000.0"):
+        load_spec_text("hidden: 1e3\nexperts: {routed: 8, width: 16, top_k: 2}\n")
+    with pytest.raises(SpecError, match="name: expected a string, found number 100.0"):
+        load_spec_text("name: 1e2\nhidden: 32\nexperts: {routed: 8, width: 16, top_k: 2}\n")

@@ -199,6 +199,16 @@ def _expect_dim(a: Dim, b: Dim, node: Node, what: str) -> None:
     _expect(_dims_match(a, b), node, f"{what}: dimension {a} does not match {b}")
 
 
+def _check_topk_attrs(node: Node, e: Dim) -> None:
+    """k, groups and kept of a top-k routing node (topk_route, fused_moe) against its expert count e."""
+    a = node.attrs
+    _expect(1 <= a["k"] <= (e if isinstance(e, int) else a["k"]), node, f"k={a['k']} exceeds {e} experts")
+    if a["groups"] > 1:
+        _expect(isinstance(e, int) and e % a["groups"] == 0, node, f"{a['groups']} groups must divide {e} experts")
+        _expect(1 <= a["kept"] <= a["groups"], node, f"kept={a['kept']} must be in 1..{a['groups']}")
+        _expect(a["kept"] * (e // a["groups"]) >= a["k"], node, "kept groups hold fewer than k experts")
+
+
 # ------------------------------------------------------------------------------------------------
 # activation and FFN math shared by the FFN-like ops
 
@@ -516,11 +526,7 @@ class TopkRoute(OpDef):
         a = node.attrs
         if bias is not None:
             _expect(bias.shape == (e,), node, f"bias must be [{e}], found {bias}")
-        _expect(1 <= a["k"] <= (e if isinstance(e, int) else a["k"]), node, f"k={a['k']} exceeds {e} experts")
-        if a["groups"] > 1:
-            _expect(isinstance(e, int) and e % a["groups"] == 0, node, f"{a['groups']} groups must divide {e} experts")
-            _expect(1 <= a["kept"] <= a["groups"], node, f"kept={a['kept']} must be in 1..{a['groups']}")
-            _expect(a["kept"] * (e // a["groups"]) >= a["k"], node, "kept groups hold fewer than k experts")
+        _check_topk_attrs(node, e)
         return [TensorType((t, a["k"]), ElemType.INT64), TensorType((t, a["k"]), scores.dtype)]
 
     def reference(self, attrs, scores, bias):
@@ -734,9 +740,12 @@ class FusedMoE(OpDef):
     def infer_types(self, node, x, w_router, bias, w_up, w_down, w_gate, b_up, b_down, b_gate):
         _expect_rank(x, 2, node, "x")
         _expect(w_router.rank == 2 and w_router.shape[1] == x.shape[1], node, f"w_router {w_router} vs x {x}")
+        if bias is not None:
+            _expect(bias.shape == (w_router.shape[0],), node, f"bias must be [{w_router.shape[0]}], found {bias}")
         _, hidden = _ffn_widths(node, w_up, w_down, w_gate, stacked=True)
         _expect_dim(hidden, x.shape[1], node, "expert hidden size vs x")
         _expect_dim(w_up.shape[0], w_router.shape[0], node, "expert count vs router rows")
+        _check_topk_attrs(node, w_router.shape[0])
         k = node.attrs["k"]
         t = x.shape[0]
         return [x, TensorType((t, k), ElemType.INT64), TensorType((t, k), node.attrs["router_dtype"])]

@@ -61,6 +61,15 @@ def from_json(text: str) -> Graph:
         raise IRError("not a moe-ir graph JSON document (missing \"format\": \"moe-ir-graph\")")
     if doc.get("version") != FORMAT_VERSION:
         raise IRError(f"graph JSON version {doc.get('version')} is not supported (expected {FORMAT_VERSION})")
+    try:
+        return _graph_from_doc(doc)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        # A missing field, a wrong type or an unknown enum value: a damaged or hand-edited document.
+        what = f"missing key {err}" if isinstance(err, KeyError) else str(err)
+        raise IRError(f"malformed moe-ir graph JSON: {what}") from None
+
+
+def _graph_from_doc(doc: dict) -> Graph:
     g = Graph(doc["name"])
     g.meta = dict(doc.get("meta", {}))
     for v in doc["inputs"]:

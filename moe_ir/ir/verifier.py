@@ -1,4 +1,4 @@
-"""Graph verifier: structure, operand ownership, re-inferred types, acyclicity and outputs.
+"""Graph verifier: structure, operand ownership, attributes, re-inferred types, acyclicity and outputs.
 
 Errors name the offending node and carry the printed graph, so a broken pass shows where it broke.
 """
@@ -23,7 +23,16 @@ def verify(graph: Graph) -> None:
         if v.kind != ValueKind.INPUT:
             fail(f"graph input {v.name!r} has kind {v.kind.value}")
     for node in graph.nodes:
-        definition = op_def(node.op)
+        try:
+            definition = op_def(node.op)
+            # Attributes are checked when a node is added; a pass that edits node.attrs in place must not
+            # slip an unknown, missing or mistyped one past the type inference below.
+            completed = definition.complete_attrs(node.attrs, node.name)
+        except IRError as err:
+            fail(err.message, node.name)
+        missing = sorted(set(completed) - set(node.attrs))
+        if missing:
+            fail(f"{definition.opcode.value} node lacks attribute(s) {', '.join(missing)}", node.name)
         for i, v in enumerate(node.inputs):
             if v is None:
                 continue

@@ -43,7 +43,12 @@ def run_pipeline(graph: Graph, passes: Iterable[str | Pass], *, debug: bool = Tr
     for item in passes:
         p = get_pass(item) if isinstance(item, str) else item
         try:
-            graph, modified = p(graph)
+            result = p(graph)
+            if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], Graph)
+                    and isinstance(result[1], bool)):
+                raise PassError(f"pass '{p.name}' broke the pass contract after {done}: it must return "
+                                f"(graph, modified: bool), returned {type(result).__name__} {result!r:.80}")
+            graph, modified = result
             if debug:
                 verify(graph)
         except IRError as err:
