@@ -27,7 +27,9 @@ Flavours:
             Unrolled rather than Loop because every slice keeps a static weight and a dynamic row
             count, which ONNX Runtime runs with no per-run copies; at 256 experts this is ~2.5k
             nodes, which loads in seconds.
-            Combine is ScatterND(reduction=add) of the weighted rows into zeros [T, H]. Expert-choice
+            Combine regroups the weighted rows by token (a stable sort) and sums each token's k rows
+            with ReduceSum (expert choice: differences of a float64 running sum), never ScatterND with
+            reduction=add, which ONNX Runtime's CPU kernel computes racily on duplicate indices. Expert-choice
             routing is TopK over tokens per expert with a dynamic k. Nothing builds a tokens x experts
             x hidden tensor.
   ort       as portable, except that dispatch -> expert FFNs -> combine becomes ONNX Runtime's
@@ -668,23 +670,48 @@ class _Lowering:
         em.op("Concat", outs + [tail], axis=0, out=node.outputs[0].name, name=node.name)
 
     def _lower_combine(self, node: Node) -> None:
+        # Not ScatterND(reduction=add): ONNX Runtime's CPU kernel adds the update rows of duplicate indices
+        # from several threads without synchronisation, so with intra-op threads a token summed from k rows
+        # now and then loses one (measured on the DeepSeekMoE-16B layer at 1024 tokens: 1-2 tokens wrong by
+        # ~1e-2 in most runs; onnxruntime issues 18048, 23396). The rows are regrouped by token instead and
+        # summed with ordinary reductions, which is deterministic on every runtime.
         em = self.em
         if self.flavour == Flavour.ORT:
             self._lower_ort_moe(node)
             return
         _, rows, _, like = (self.operand(v) for v in node.inputs)
         dt = node.inputs[0].type.dtype
-        # f16/bf16 rows are weighted and summed in float32, then rounded once to their type: ONNX
-        # Runtime's CPU ScatterND has no fp16 add (and bf16 ConstantOfShape needs opset 20), and a float32
-        # sum of the k rows of a token is the more accurate one.
+        # f16/bf16 rows are weighted and summed in float32, then rounded once to their type: the float32 sum
+        # of a token's rows is the more accurate one.
         y = self.cast_operand(node.inputs[0], ElemType.FLOAT32)
         row_w = self.cast_operand(node.inputs[2], ElemType.FLOAT32)
         hidden = node.outputs[0].type.shape[1]
-        shape = em.op("Concat", [self.rows_of(like), em.const([hidden])], axis=0)
         weighted = em.op("Mul", [y, em.op("Unsqueeze", [row_w, em.const([1])])])
+        n_assign = em.op("Shape", [rows])
+        n_assign_s = self.scalar(n_assign)
+        arange = em.op("Range", [em.const(0), n_assign_s, em.const(1)])
+        # Stable order of the rows by token (unique keys token*A + position, as dispatch sorts).
+        by_token = em.op("TopK", [em.op("Add", [em.op("Mul", [rows, n_assign_s]), arange]), n_assign], 2, axis=0,
+                         largest=0, sorted=1)[1]
+        grouped = em.op("Gather", [weighted, by_token])
+        k = _rows_per_token(node)
         low = dt != ElemType.FLOAT32
-        summed = em.op("ScatterND", [self.zeros(shape), em.op("Unsqueeze", [rows, em.const([1])]), weighted],
-                       reduction="add", **({} if low else {"out": node.outputs[0].name, "name": node.name}))
+        result = {} if low else {"out": node.outputs[0].name, "name": node.name}
+        if k is not None:
+            # Token choice: every token owns exactly k rows (dropped ones included, with weight 0).
+            summed = em.op("ReduceSum", [em.op("Reshape", [grouped, em.const([-1, k, hidden])]), em.const([1])],
+                           keepdims=0, **result)
+        else:
+            # Expert choice: a token owns any number of rows. Its sum is the difference of a running sum at
+            # the ends of its segment, in float64 so that the subtraction loses nothing a float32 sum keeps.
+            counts = em.op("ScatterElements", [self.zeros(self.rows_of(like), TensorProto.INT64), rows,
+                                               self.zeros(n_assign, TensorProto.INT64, 1)], axis=0, reduction="add")
+            ends = em.op("CumSum", [counts, em.const(0)])
+            running = em.op("CumSum", [em.op("Cast", [grouped], to=TensorProto.DOUBLE), em.const(0)])
+            running = em.op("Concat", [self.zeros(em.const([1, hidden]), TensorProto.DOUBLE), running], axis=0)
+            total = em.op("Sub", [em.op("Gather", [running, ends]),
+                                  em.op("Gather", [running, em.op("Sub", [ends, counts])])])
+            summed = em.op("Cast", [total], to=TensorProto.FLOAT, **result)
         if low:
             em.op("Cast", [summed], out=node.outputs[0].name, name=node.name, to=_ONNX_DTYPE[dt])
 
@@ -925,6 +952,14 @@ class _Lowering:
         em.op(plugin_op.OP_TYPE, ins, out=[out, idx32, w], domain=plugin_op.DOMAIN, name=node.name, **attrs)
         # The plugin gives int32 indices (TensorRT's native type); the IR's routing record is int64.
         em.op("Cast", [idx32], out=node.outputs[1].name, to=TensorProto.INT64)
+
+
+def _rows_per_token(combine: Node) -> int | None:
+    """k when every token owns exactly k of the combined rows (token-choice dispatch), else None."""
+    dispatch = combine.inputs[1].producer
+    if dispatch is not None and dispatch.op == OpCode.DISPATCH:
+        return int(dispatch.inputs[0].type.shape[1])
+    return None
 
 
 def _interleave_gate_up(t: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
