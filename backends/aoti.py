@@ -10,6 +10,13 @@ and nothing branches on a size. The eager backend's grouped FFN skips empty expe
 on `.tolist()` values, which is right for eager speed and is exactly what export cannot trace, hence a
 module of its own here. Weight-only subgraphs from the fusion passes (CONCAT/ADD on weights) are
 evaluated once into buffers, so the package computes nothing on weights per call.
+
+Model graphs (moe_ir.model_builder: input_ids -> logits) export the same way, with B and S of input_ids
+dynamic: the model ops (embedding, RMSNorm, attention, MLA) call the eager backend's kernels, which read
+only shapes and options, never data, so they trace as they are (one implementation of attention for
+every torch backend). The package returns `logits` and each MoE layer's `layers.{i}.expert_idx` /
+`layers.{i}.weights`; its metadata records the input contract (input_ids, vocabulary size), which the
+runner checks.
 """
 from __future__ import annotations
 
@@ -27,12 +34,17 @@ from ..errors import BackendError
 from ..interpreter import check_weights
 from ..ir import Graph, OpCode, Value, from_json, op_def, to_json
 from ..ir.ops import activate, route_topk, scale_weights
+from ..model_spec import ModelSpec
 from ..passes import run_pipeline
 from ..spec import DropRule, LayerSpec
 from .base import Backend, BuildResult, Runner
+from .torch_eager import kernels as K
+from .torch_eager.module import MODEL_INPUT, MODEL_OUTPUT, graph_contract_problem, is_model_graph
 
 PIPELINE = ("strip-training-outputs", "fuse-shared-experts", "fuse-gate-up", "dce")
 OUTPUTS = ("out", "expert_idx", "weights", "rows")
+# Per MoE layer of a model graph, the package returns `layers.{i}.<one of these>` beside the logits.
+MODEL_ROUTING = ("expert_idx", "weights", "rows")
 Progress = Callable[[str, int, int], None]
 
 
@@ -144,11 +156,28 @@ _OPS: dict[OpCode, Callable[..., Any]] = {
     OpCode.ADD: lambda a, x, y: x + y,
     OpCode.CONCAT: lambda a, *parts: torch.cat(parts, dim=a["axis"]),
     OpCode.FUSED_MOE: _fused_moe,
+    OpCode.EMBEDDING: lambda a, ids, w: K.embedding(ids, w),
+    OpCode.RMS_NORM: lambda a, x, w: K.rms_norm(x, w, a["eps"]),
+    OpCode.ATTENTION: lambda a, x, *w: K.attention(x, *w, a["heads"], a["kv_heads"], a["head_dim"], a["qk_norm"].value,
+                                                   a["rope_theta"], a["rope_layout"].value, a["norm_eps"]),
+    OpCode.MLA_ATTENTION: lambda a, x, *w: K.mla_attention(
+        x, *w, a["heads"], a["kv_lora_rank"], a["qk_nope_head_dim"], a["qk_rope_head_dim"], a["v_head_dim"],
+        a["rope_theta"], a["rope_layout"].value, a["norm_eps"]),
 }
 
 
+def _package_outputs(graph: Graph) -> list[str]:
+    """Output keys the package returns: a layer's `out` and routing record, or a model's logits and the
+    routing record of each MoE layer."""
+    if is_model_graph(graph):
+        return [k for k in graph.outputs if k == MODEL_OUTPUT or
+                (k.startswith("layers.") and k.rsplit(".", 1)[-1] in MODEL_ROUTING)]
+    return [k for k in graph.outputs if k in OUTPUTS]
+
+
 class ExportableMoE(nn.Module):
-    """The inference layer as an export-friendly module: forward(x [B,S,H]) -> {"out", routing record}."""
+    """The inference layer as an export-friendly module: forward(x [B,S,H]) -> {"out", routing record};
+    for a model graph forward(input_ids [B,S] int64) -> {"logits", "layers.{i}.expert_idx", ...}."""
 
     def __init__(self, graph: Graph, weights: Mapping[str, torch.Tensor]):
         super().__init__()
@@ -170,7 +199,7 @@ class ExportableMoE(nn.Module):
                        tuple(v.name for v in n.outputs)) for n in graph.nodes
                       if not all(v.name in folded for v in n.outputs)]
         self._input = graph.inputs[0].name
-        self._outputs = [(k, v.name) for k, v in graph.outputs.items() if k in OUTPUTS]
+        self._outputs = [(k, graph.outputs[k].name) for k in _package_outputs(graph)]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         env: dict[str, Any] = {self._input: x}
@@ -221,13 +250,22 @@ def _lowered(graph: Graph) -> Graph:
     return run_pipeline(from_json(to_json(graph)), PIPELINE)
 
 
-def export_program(graph: Graph, weights: Mapping[str, torch.Tensor]) -> torch.export.ExportedProgram:
-    """torch.export of the layer with B and S dynamic."""
-    module = ExportableMoE(_lowered(graph), weights).eval()
-    hidden = graph.inputs[0].type.shape[-1]
-    dtype = graph.inputs[0].type.dtype.torch
+def _example_input(graph: Graph) -> torch.Tensor:
     # Example sizes above 1: export specialises dims whose example size is 0 or 1.
-    example = torch.randn(2, 3, hidden, dtype=dtype)
+    if is_model_graph(graph):
+        return torch.randint(0, _vocab_size(graph), (2, 3), dtype=torch.int64)
+    x_type = graph.inputs[0].type
+    return torch.randn(2, 3, x_type.shape[-1], dtype=x_type.dtype.torch)
+
+
+def _vocab_size(graph: Graph) -> int:
+    return int(graph.weights["embed.weight"].type.shape[0])
+
+
+def export_program(graph: Graph, weights: Mapping[str, torch.Tensor]) -> torch.export.ExportedProgram:
+    """torch.export of the layer (x [B, S, H]) or the model (input_ids [B, S]) with B and S dynamic."""
+    module = ExportableMoE(_lowered(graph), weights).eval()
+    example = _example_input(graph)
     dims = {"x": {0: torch.export.Dim("B", min=1, max=1 << 20), 1: torch.export.Dim("S", min=1, max=1 << 20)}}
     try:
         with torch.no_grad():
@@ -241,6 +279,16 @@ def export_program(graph: Graph, weights: Mapping[str, torch.Tensor]) -> torch.e
 # returns garbage unless AOTI_RUNTIME_CHECK_INPUTS=1 is set in the environment).
 META_HIDDEN = "moe_ir.hidden"
 META_DTYPE = "moe_ir.dtype"
+# Model packages: the input's name ("input_ids"; absent for layer packages) and the vocabulary size.
+META_INPUT = "moe_ir.input"
+META_VOCAB = "moe_ir.vocab_size"
+
+
+def _package_metadata(graph: Graph) -> dict[str, str]:
+    if is_model_graph(graph):
+        return {META_INPUT: MODEL_INPUT, META_VOCAB: str(_vocab_size(graph))}
+    x_type = graph.inputs[0].type
+    return {META_HIDDEN: str(int(x_type.shape[-1])), META_DTYPE: str(x_type.dtype.torch).removeprefix("torch.")}
 
 
 def compile_package(graph: Graph, weights: Mapping[str, torch.Tensor], path: Path,
@@ -248,8 +296,7 @@ def compile_package(graph: Graph, weights: Mapping[str, torch.Tensor], path: Pat
     """Export and compile to `path` (.pt2) through a temp file renamed into place."""
     from ..params import atomic_write
 
-    x_type = graph.inputs[0].type
-    metadata = {META_HIDDEN: str(int(x_type.shape[-1])), META_DTYPE: str(x_type.dtype.torch).removeprefix("torch.")}
+    metadata = _package_metadata(graph)
 
     if progress is not None:
         progress("export", 0, 2)
@@ -280,7 +327,7 @@ def compile_package(graph: Graph, weights: Mapping[str, torch.Tensor], path: Pat
 
 
 def load_runner(path: str | Path) -> Runner:
-    """Run a .pt2 package: x [B,S,H] -> outputs by name."""
+    """Run a .pt2 package: x [B,S,H] (layer) or input_ids int64 [B,S] (model) -> outputs by name."""
     path = Path(path)
     if not path.exists():
         raise BackendError(f"{path}: no such AOTInductor package")
@@ -290,6 +337,8 @@ def load_runner(path: str | Path) -> Runner:
         raise BackendError(f"{path}: not a loadable AOTInductor package ({type(err).__name__}); rebuild it with "
                            f"`moe-ir build --backend aoti`") from None
     meta = compiled.get_metadata()
+    if meta.get(META_INPUT) == MODEL_INPUT:
+        return _model_runner(compiled, int(meta[META_VOCAB]), path)
     hidden = int(meta[META_HIDDEN]) if META_HIDDEN in meta else None  # None: a package from before the metadata
     dtype = getattr(torch, meta[META_DTYPE]) if META_DTYPE in meta else None
 
@@ -309,18 +358,46 @@ def load_runner(path: str | Path) -> Runner:
     return run
 
 
+def _model_runner(compiled: Any, vocab: int, path: Path) -> Runner:
+    def run(input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        # The package reads the buffer as int64 [B, S] whatever it is given; wrong ids would index out of
+        # the embedding silently, so shape, dtype and range are checked here.
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.int64:
+            got = f"{input_ids.dtype} {list(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else \
+                type(input_ids).__name__
+            raise BackendError(f"aoti runner: input_ids must be int64 [B, S], got {got}")
+        if input_ids.numel() == 0:
+            raise BackendError(f"aoti runner: input_ids {list(input_ids.shape)} is empty")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab:
+            raise BackendError(f"aoti runner: token ids must be in [0, {vocab}), got {low}..{high}")
+        try:
+            with torch.no_grad():
+                return dict(compiled(input_ids.contiguous()))
+        except Exception as err:
+            raise BackendError(f"aoti runner failed on input_ids {list(input_ids.shape)} ({path.name}): "
+                               f"{str(err).strip()[:300]}") from None
+
+    return run
+
+
 class AotiBackend(Backend):
     name = "aoti"
     summary = "torch.export + AOTInductor: one .pt2 package (dynamic B,S) that runs with torch alone"
     pipeline = PIPELINE
 
     def supports(self, graph: Graph) -> tuple[bool, str]:
+        problem = graph_contract_problem(graph)
+        if problem:
+            return False, problem
         if any(n.op == OpCode.BALANCE_LOSS for n in _lowered(graph).nodes):
             return False, "balance losses are training outputs; aoti packages inference graphs"
         missing = sorted({n.op.value for n in graph.nodes if n.op not in _OPS and n.op != OpCode.BALANCE_LOSS})
         if missing:
             return False, f"no exportable implementation of op(s) {', '.join(missing)}"
-        low = sorted({v.type.dtype.value for v in graph.inputs if v.type.dtype.value in ("bf16", "f16")})
+        # A model's input is token ids: its activations take the weights' dtype.
+        typed = graph.weights.values() if is_model_graph(graph) else graph.inputs
+        low = sorted({v.type.dtype.value for v in typed if v.type.dtype.value in ("bf16", "f16")})
         if low and not torch.cuda.is_available():
             # Measured with torch 2.13 on CPU: the package compiles, then a fallback kernel call fails at run
             # time ("Mismatch between ints consumed and num_ints"); refuse up front rather than ship it.
@@ -337,15 +414,16 @@ class AotiBackend(Backend):
             path = compile_package(graph, weights, Path(tmp) / "layer.pt2")
             return load_runner(path)
 
-    def build(self, spec: LayerSpec, graph: Graph, weights: Mapping[str, torch.Tensor], out_dir: Path, *,
+    def build(self, spec: LayerSpec | ModelSpec, graph: Graph, weights: Mapping[str, torch.Tensor], out_dir: Path, *,
               progress: Progress | None = None, **options: Any) -> BuildResult:
-        given = sorted(k for k, v in options.items() if v is not None)
-        if given:  # e.g. --flavour or --precision, which would otherwise be silently ignored
-            raise BackendError(f"aoti: {', '.join('--' + k.replace('_', '-') for k in given)} does not apply to this "
-                               f"backend (it packages the spec's `dtype:` with dynamic B and S)")
         ok, reason = self.supports(graph)
         if not ok:
             raise BackendError(f"aoti cannot package spec '{spec.name}': {reason}")
+        if isinstance(spec, ModelSpec) != is_model_graph(graph):
+            raise BackendError(f"aoti: spec '{spec.name}' and graph '{graph.name}' are not both a model or both a "
+                               "layer; build the graph from the same spec")
         path = compile_package(graph, weights, Path(out_dir) / f"{spec.name}.pt2", progress)
-        return BuildResult(files=[path], notes=["load with torch._inductor.aoti_load_package(path) (torch only); "
-                                                "call it with x [B, S, H]; returns {'out', routing record}"])
+        call = "input_ids int64 [B, S]; returns {'logits', 'layers.{i}.expert_idx', 'layers.{i}.weights'}" \
+            if is_model_graph(graph) else "x [B, S, H]; returns {'out', routing record}"
+        return BuildResult(files=[path], notes=[f"load with torch._inductor.aoti_load_package(path) (torch only); "
+                                                f"call it with {call}"])

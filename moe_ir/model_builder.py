@@ -19,7 +19,10 @@ canonical names under it. Weight names:
 
 Matrices are in PyTorch Linear layout [out, in], as in the transformers checkpoints.
 Outputs: `logits`; with `routing=True` also `layers.{i}.expert_idx` / `layers.{i}.weights` of every
-token-choice MoE layer (what validation compares for routing flips).
+token-choice MoE layer (what validation compares for routing flips). With `training=True` every MoE layer
+adds all of its training outputs under `layers.{i}.` (the names `builder.build_graph` gives a layer):
+`expert_idx`, `weights` (or `rows` for expert-choice), `router_logits`, `tokens_per_expert`, `loss.<kind>`,
+`aux_loss`; training implies the routing record, since the balance losses are computed from it.
 """
 from __future__ import annotations
 
@@ -97,8 +100,9 @@ def _dense_ffn(g: Graph, spec: ModelSpec, x: Value, p: str, dtype: ElemType) -> 
     return g.add_node(OpCode.RESTORE_TOKENS, [y, x], name=f"{p}out").outputs[0]
 
 
-def build_model_graph(spec: ModelSpec, *, routing: bool = False) -> Graph:
-    """The whole decoder as one IR graph (inference/prefill)."""
+def build_model_graph(spec: ModelSpec, *, routing: bool = False, training: bool = False) -> Graph:
+    """The whole decoder as one IR graph (prefill); `training` adds every MoE layer's losses, router
+    logits and loads as outputs (module docstring)."""
     m = spec.model
     dtype = ElemType.from_name(m.dtype)
     eps = {"eps": m.rms_norm_eps}
@@ -117,11 +121,11 @@ def build_model_graph(spec: ModelSpec, *, routing: bool = False) -> Graph:
         norm_w = g.add_weight(f"{p}ffn_norm.weight", TensorType((m.hidden,), dtype))
         f = g.add_node(OpCode.RMS_NORM, [x, norm_w], eps, name=f"{p}ffn_norm").outputs[0]
         if m.is_moe_layer(i):
-            layer = add_moe_layer(g, spec.moe, f, prefix=f"{p}moe.")
-            f = layer["out"]
-            for key in ("expert_idx", "weights"):
-                if key in layer:
-                    routing_outputs[f"{p}{key}"] = layer[key]
+            layer = add_moe_layer(g, spec.moe, f, prefix=f"{p}moe.", training=training)
+            f = layer.pop("out")
+            for key, value in layer.items():
+                if training or key in ("expert_idx", "weights"):
+                    routing_outputs[f"{p}{key}"] = value
         else:
             f = _dense_ffn(g, spec, f, f"{p}ffn.", dtype)
         x = g.add_node(OpCode.ADD, [x, f], name=f"{p}ffn_residual").outputs[0]
@@ -131,7 +135,7 @@ def build_model_graph(spec: ModelSpec, *, routing: bool = False) -> Graph:
     tokens = g.add_node(OpCode.FLATTEN_TOKENS, [x], name="lm_head.tokens").outputs[0]
     logits = g.add_node(OpCode.LINEAR, [tokens, head, None], {"out_dtype": dtype}, name="lm_head").outputs[0]
     g.set_output("logits", g.add_node(OpCode.RESTORE_TOKENS, [logits, x], name="logits").outputs[0])
-    if routing:
+    if routing or training:
         for key, value in routing_outputs.items():
             g.set_output(key, value)
     return g

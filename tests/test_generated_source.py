@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import textwrap
 
 import pytest
 import torch
@@ -101,3 +102,15 @@ def test_build_writes_nothing_on_bad_weights(tmp_path):
     with pytest.raises(WeightsError, match="experts.w_up"):
         get_backend("torch").build(spec, graph, weights, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_generated_docstring_survives_quotes_and_backslashes(tmp_path):
+    """`source` is free text; it must neither break model.py nor end its docstring and become code."""
+    source = 'notes at C:\\xdocs\\Nfile """\nraise SystemExit("escaped the docstring")\n"""'
+    spec = spec_from_dict({**BASE, "source": source})
+    module = MoELayer.from_spec(spec, seed=1)
+    get_backend("torch").build(spec, build_graph(spec, training=True), module.canonical_weights(), tmp_path / "o")
+    generated = import_model(tmp_path / "o" / "model.py")
+    embedded = textwrap.dedent(generated.__doc__.split("\n\n", 2)[2])  # the spec, as YAML
+    assert yaml.safe_load(embedded)["source"] == source
+    assert hasattr(generated, "MoELayer")

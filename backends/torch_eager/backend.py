@@ -1,4 +1,8 @@
-"""The `torch` backend: the eager module in-process, and a standalone model.py bundle as the artifact."""
+"""The `torch` backend: the eager module in-process, and a standalone model.py bundle as the artifact.
+
+Layer graphs lower to `MoELayer` (runner: x [B, S, H] -> {"out", routing record}); model graphs to
+`MoEModel` (runner: input_ids int64 [B, S] -> {"logits", "layers.{i}.expert_idx", "layers.{i}.weights"}).
+"""
 from __future__ import annotations
 
 import os
@@ -11,25 +15,48 @@ import torch
 import yaml
 
 from ...builder import spec_hash
+from ...errors import BackendError
 from ...ir import Graph
+from ...model_builder import model_spec_hash
+from ...model_spec import ModelSpec, model_spec_to_dict
 from ...params import save_weights
 from ...spec import LayerSpec, spec_to_dict
 from ..base import Backend, BuildResult, Runner
 from .codegen import generate_source
-from .module import MoELayer, unsupported_ops
+from .model_codegen import generate_model_source
+from .module import (GraphModule, ModelOutput, MoELayer, MoEModel, graph_contract_problem, is_model_graph,
+                     unsupported_ops)
 
 # Outputs a runner passes on: the layer output and the routing record validation compares.
 RUNNER_OUTPUTS = ("out", "expert_idx", "weights", "rows")
+# A model runner passes `logits` and, per MoE layer, `layers.{i}.<one of these>`.
+ROUTING_RECORD = ("expert_idx", "weights", "rows")
+
+
+def runner_outputs(result: Any) -> dict[str, torch.Tensor]:
+    """A module's forward result -> the runner's outputs by name (the layer's or the model's contract)."""
+    if isinstance(result, ModelOutput):
+        record = {k: v for k, v in result.routing.items() if k.rsplit(".", 1)[-1] in ROUTING_RECORD}
+        return {"logits": result.logits, **record}
+    found = {"out": result.out, **result.routing}
+    return {key: found[key] for key in RUNNER_OUTPUTS if key in found}
+
+
+def lower(graph: Graph, weights: Mapping[str, torch.Tensor] | None = None, **options: Any) -> GraphModule:
+    """The eager module of a layer graph (MoELayer) or a model graph (MoEModel)."""
+    return (MoEModel if is_model_graph(graph) else MoELayer)(graph, weights, **options)
 
 
 def make_runner(module: torch.nn.Module) -> Runner:
     module.eval()
+    check = module.check_input_ids if isinstance(module, MoEModel) else None
 
     def run(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if check is not None:
+            check(x)
         with torch.no_grad():
             res = module(x)
-        found = {"out": res.out, **res.routing}
-        return {key: found[key] for key in RUNNER_OUTPUTS if key in found}
+        return runner_outputs(res)
 
     return run
 
@@ -43,28 +70,41 @@ class TorchBackend(Backend):
         missing = unsupported_ops(graph)
         if missing:
             return False, f"no eager implementation of op(s) {', '.join(missing)}"
+        problem = graph_contract_problem(graph)
+        if problem:
+            return False, problem
         return True, ""
 
     def prepare(self, graph: Graph, weights: Mapping[str, torch.Tensor], **options: Any) -> Runner:
-        return make_runner(MoELayer(graph, weights, **options))
+        return make_runner(lower(graph, weights, **options))
 
-    def build(self, spec: LayerSpec, graph: Graph, weights: Mapping[str, torch.Tensor], out_dir: Path,
+    def build(self, spec: LayerSpec | ModelSpec, graph: Graph, weights: Mapping[str, torch.Tensor], out_dir: Path,
               **options: Any) -> BuildResult:
-        """Write OUT/model.py, OUT/weights.safetensors and OUT/spec.yaml, all or nothing.
+        """Write OUT/model.py, OUT/weights.safetensors and OUT/spec.yaml, all or nothing (a layer spec with
+        its layer graph, or a model spec with its model graph).
 
         The bundle is assembled in a sibling temp folder and each file is moved into place only once all
         three exist, so a failure leaves no half-written file in OUT."""
+        model = isinstance(spec, ModelSpec)
+        if model != is_model_graph(graph):
+            raise BackendError(f"torch build: spec '{spec.name}' is a {'model' if model else 'layer'} spec but graph "
+                               f"'{graph.name}' is a {'model' if is_model_graph(graph) else 'layer'} graph; build "
+                               "the graph from the same spec")
+        if model:
+            source, digest, spec_data = generate_model_source(spec), model_spec_hash(spec), model_spec_to_dict(spec)
+        else:
+            source, digest, spec_data = generate_source(spec), spec_hash(spec), spec_to_dict(spec)
         # The module checks names and shapes (one WeightsError listing every mismatch) before anything is written.
-        module = MoELayer(graph, weights)
+        module = lower(graph, weights)
         out_dir = Path(out_dir)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
         names = ("model.py", "weights.safetensors", "spec.yaml")
         try:
-            (staging / "model.py").write_text(generate_source(spec))
+            (staging / "model.py").write_text(source)
             save_weights(module.canonical_weights(), staging / "weights.safetensors",
-                         {"spec_hash": spec_hash(spec), "format": "moe-ir canonical"})
-            (staging / "spec.yaml").write_text(yaml.safe_dump(spec_to_dict(spec), sort_keys=False))
+                         {"spec_hash": digest, "format": "moe-ir canonical"})
+            (staging / "spec.yaml").write_text(yaml.safe_dump(spec_data, sort_keys=False))
             out_dir.mkdir(parents=True, exist_ok=True)
             for name in names:
                 os.replace(staging / name, out_dir / name)

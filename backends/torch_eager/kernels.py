@@ -1,9 +1,11 @@
-"""Fast, autograd-friendly torch implementations of the MoE ops, depending on torch alone.
+"""Fast, autograd-friendly torch implementations of the MoE ops and the whole-model ops (embedding,
+RMSNorm, RoPE, causal attention, MLA), depending on torch alone.
 
-Each function has the semantics of the op of the same name in moe_ir/ir/ops.py (the reference), written
-for speed: routing stays vectorised, expert FFNs run as one GEMM per expert on contiguous rows of a
-token array sorted by expert (never a tokens x experts x hidden tensor), and the un-permute is an
-index_add over the sorted rows.
+Each function has the semantics of the op of the same name in moe_ir/ir/ops.py or model_ops.py (the
+reference), written for speed: routing stays vectorised, expert FFNs run as one GEMM per expert on
+contiguous rows of a token array sorted by expert (never a tokens x experts x hidden tensor), the
+un-permute is an index_add over the sorted rows, and attention runs through the fused
+scaled_dot_product_attention kernel rather than a materialised [S, S] score matrix.
 
 This module imports nothing but torch and math on purpose: the code generator copies the functions a
 spec needs verbatim into the standalone `model.py` it writes, so the generated layer and the eager
@@ -244,3 +246,96 @@ def update_bias(bias, tokens_per_expert, gamma):
         load = tokens_per_expert.to(bias.device, torch.float64)
         bias.add_(torch.sign(load.mean() - load).to(bias.dtype), alpha=gamma)
     return bias
+
+
+# ---------------------------------------------------------------------------------------------------
+# whole-model ops (moe_ir/ir/model_ops.py): embedding, RMSNorm, RoPE and causal self-attention.
+# Nothing here branches on data: the branches read shapes of weights and string options only, so the
+# same functions serve eager, torch.compile (dynamic B, S) and torch.export.
+
+
+def embedding(ids, weight):
+    """ids [B, S] int64 -> rows of weight [V, H]: [B, S, H]."""
+    return F.embedding(ids, weight)
+
+
+def rms_norm(x, weight, eps):
+    """x * rsqrt(mean(x^2) + eps) * weight over the last dim; the statistics in float32 even for
+    bfloat16/float16 activations (as transformers computes them), float64 stays float64."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(compute)
+    normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def rope_cos_sin(seq_len, dim, theta, like):
+    """cos, sin [S, dim/2] of positions 0..S-1; angles in float32 (float64 stays), then like's dtype."""
+    compute = torch.float64 if like.dtype == torch.float64 else torch.float32
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=like.device).to(compute) / dim))
+    freqs = torch.arange(seq_len, device=like.device, dtype=compute)[:, None] * inv_freq[None, :]
+    return freqs.cos().to(like.dtype), freqs.sin().to(like.dtype)
+
+
+def apply_rope(x, cos, sin, layout):
+    """x [..., S, d] rotated by cos/sin [S, d/2]. layout "half": dim j pairs with j + d/2; "interleaved":
+    dim 2j pairs with 2j+1, and the result comes out de-interleaved ([even, odd]) as DeepSeek-V3 writes it
+    (queries and keys alike, so q.k is the same as with the complex form)."""
+    if layout == "half":
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+    else:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def causal_attention(q, k, v, scale):
+    """q [B, h, S, d], k [B, hk, S, d], v [B, hk, S, dv] -> [B, S, h*dv]; query head i reads kv head
+    i // (h / hk). The kv heads are expanded before the fused kernel rather than passed with enable_gqa,
+    which not every SDPA backend (nor torch.export on every torch) takes."""
+    b, h, s, _ = q.shape
+    rep = h // k.shape[1]
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return y.transpose(1, 2).reshape(b, s, h * v.shape[-1])
+
+
+def attention(x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm, heads, kv_heads, head_dim, qk_norm,
+              rope_theta, rope_layout, norm_eps):
+    """Causal MHA/GQA self-attention with RoPE on x [B, S, H]; qk_norm "full" normalises the whole q/k
+    projection (OLMoE), "head" each head (Qwen3), "none" neither."""
+    b, s, _ = x.shape
+    q, k, v = F.linear(x, w_q, b_q), F.linear(x, w_k, b_k), F.linear(x, w_v, b_v)
+    if qk_norm == "full":
+        q, k = rms_norm(q, q_norm, norm_eps), rms_norm(k, k_norm, norm_eps)
+    q = q.view(b, s, heads, head_dim).transpose(1, 2)
+    k = k.view(b, s, kv_heads, head_dim).transpose(1, 2)
+    v = v.view(b, s, kv_heads, head_dim).transpose(1, 2)
+    if qk_norm == "head":
+        q, k = rms_norm(q, q_norm, norm_eps), rms_norm(k, k_norm, norm_eps)
+    cos, sin = rope_cos_sin(s, head_dim, rope_theta, x)
+    q, k = apply_rope(q, cos, sin, rope_layout), apply_rope(k, cos, sin, rope_layout)
+    return F.linear(causal_attention(q, k, v, head_dim ** -0.5), w_o, b_o)
+
+
+def mla_attention(x, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, w_kv_b, w_o, b_q_a, b_kv_a, b_o, heads,
+                  kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, rope_theta, rope_layout, norm_eps):
+    """DeepSeek multi-head latent attention on x [B, S, H]: q from w_q or the low-rank w_q_b(norm(w_q_a x));
+    [c_kv, k_rope] = w_kv_a x; [k_nope, v] = w_kv_b(norm(c_kv)) per head; one rotary key shared by every head."""
+    b, s, _ = x.shape
+    nope, rope = qk_nope_head_dim, qk_rope_head_dim
+    if w_q is not None:
+        q = F.linear(x, w_q)
+    else:
+        q = F.linear(rms_norm(F.linear(x, w_q_a, b_q_a), q_a_norm, norm_eps), w_q_b)
+    q_nope, q_rot = q.view(b, s, heads, nope + rope).transpose(1, 2).split([nope, rope], dim=-1)
+    c_kv, k_rot = F.linear(x, w_kv_a, b_kv_a).split([kv_lora_rank, rope], dim=-1)
+    kv = F.linear(rms_norm(c_kv, kv_a_norm, norm_eps), w_kv_b).view(b, s, heads, nope + v_head_dim).transpose(1, 2)
+    k_nope, v = kv.split([nope, v_head_dim], dim=-1)
+    cos, sin = rope_cos_sin(s, rope, rope_theta, x)
+    q_rot = apply_rope(q_rot, cos, sin, rope_layout)
+    k_rot = apply_rope(k_rot.unsqueeze(1), cos, sin, rope_layout).expand(-1, heads, -1, -1)
+    q = torch.cat([q_nope, q_rot], dim=-1)
+    k = torch.cat([k_nope, k_rot], dim=-1)
+    return F.linear(causal_attention(q, k, v, (nope + rope) ** -0.5), w_o, b_o)
