@@ -38,6 +38,9 @@ class Backend(abc.ABC):
     summary: ClassVar[str]
     # Pass pipeline the backend lowers (names from moe_ir.passes); the default: clean up only.
     pipeline: ClassVar[tuple[str, ...]] = ("dce",)
+    # The `moe-ir build` options (keyword arguments of build(), besides progress) this backend takes; the CLI
+    # refuses any other it is given, so an option never silently does nothing.
+    build_options: ClassVar[frozenset[str]] = frozenset()
 
     def supports(self, graph: Graph) -> tuple[bool, str]:
         """(True, "") or (False, reason) for the graph after this backend's pipeline."""

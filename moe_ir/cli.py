@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import BackendError, MoeIRError, SpecError
+from .errors import BackendError, MoeIRError, SpecError, UsageError
 
 # Modules that contribute sub-commands with `add_command(subparsers)`; they import their heavy
 # dependencies lazily so `moe-ir --help` stays fast and works without the optional extras.
@@ -160,16 +160,23 @@ def prepare_for_backend(spec, backend, *, seed: int = 0, weights_path: str | Non
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from .backends import get_backend
+    from .backends import backend_names, get_backend
 
-    spec = _load_spec(args.spec)
+    if args.backend not in backend_names():
+        raise UsageError(f"unknown backend '{args.backend}'; available: {', '.join(backend_names())}")
     backend = get_backend(args.backend)
+    options = {k: v for k, v in {"flavour": args.flavour, "profile": args.profile, "precision": args.precision,
+                                 "external_data": args.external_data or None}.items() if v is not None}
+    foreign = sorted(set(options) - backend.build_options)
+    if foreign:  # checked before any weight is made: an option that does nothing is a mistake worth hearing about
+        takes = ", ".join("--" + k.replace("_", "-") for k in sorted(backend.build_options)) or "no options"
+        raise UsageError(f"backend '{backend.name}' does not take {', '.join('--' + k.replace('_', '-') for k in foreign)} "
+                         f"(it takes {takes})")
+    spec = _load_spec(args.spec)
     graph, weights = prepare_for_backend(spec, backend, seed=args.seed, weights_path=args.weights)
     ok, reason = backend.supports(graph)
     if not ok:
         raise BackendError(f"backend '{backend.name}' cannot build {args.spec}: {reason}")
-    options = {k: v for k, v in {"flavour": args.flavour, "profile": args.profile, "precision": args.precision,
-                                 "external_data": args.external_data or None}.items() if v is not None}
     options["progress"] = _progress_printer()  # export/compile and weight writing take minutes on large layers
     out_dir = Path(args.output)
     print(f"building {spec.name} for {backend.name} ({backend.summary}) -> {out_dir}/", file=sys.stderr)
@@ -300,6 +307,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moe-ir: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`moe-ir schema | head`): not an error of ours. Point stdout at devnull so the
+        # interpreter's final flush does not raise again.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -34,6 +34,13 @@ class SpecError(MoeIRError):
                          file=file or self.file)
 
 
+class UsageError(MoeIRError):
+    """A command line that cannot be carried out as written (unknown backend, an option the backend does not
+    take): exit 2, like argparse's own usage errors."""
+
+    exit_code = 2
+
+
 class IRError(MoeIRError):
     """A malformed graph: names the node and carries the printed graph for context."""
 

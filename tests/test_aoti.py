@@ -138,7 +138,7 @@ def test_options_the_backend_does_not_take_are_refused_before_compiling(tmp_path
     out = tmp_path / "out"
     code = main(["build", str(SPECS / "tiny.yaml"), "--backend", "aoti", "--flavour", "plugin", "-o", str(out)])
     err = capsys.readouterr().err
-    assert code == 1 and "aoti: --flavour does not apply" in err and err.count("moe-ir: error:") == 1
+    assert code == 2 and "backend 'aoti' does not take --flavour" in err and err.count("moe-ir: error:") == 1
     assert not out.exists()
 
 

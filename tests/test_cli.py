@@ -62,7 +62,7 @@ def test_bad_spec_exits_2_with_one_line(tmp_path):
 def test_unknown_backend_lists_the_known_ones(tmp_path, capsys):
     code, _, err = run_cli("build", str(SPECS / "tiny.yaml"), "--backend", "nope", "-o", str(tmp_path / "o"),
                            capsys=capsys)
-    assert code == 1 and "unknown backend 'nope'; available: reference" in err
+    assert code == 2 and "unknown backend 'nope'; available: reference" in err
     assert not (tmp_path / "o").exists()
 
 
@@ -111,3 +111,15 @@ def test_atomic_write_gives_artifacts_normal_permissions(tmp_path):
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+@pytest.mark.parametrize("backend, option, value", [("torch", "--precision", "fp16"), ("torch", "--flavour", "ort"),
+                                                    ("tensorrt", "--external-data", None)])
+def test_build_refuses_options_the_backend_does_not_take(tmp_path, capsys, backend, option, value):
+    out = tmp_path / "out"
+    argv = ["build", str(SPECS / "tiny.yaml"), "--backend", backend, option, *([value] if value else []), "-o", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"backend '{backend}' does not take {option}" in err and err.count("\n") == 1
+    assert not out.exists()
+

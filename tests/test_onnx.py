@@ -268,7 +268,7 @@ def test_cli_build_shows_progress_and_refuses_options_it_does_not_take(tmp_path,
         code = main(["build", str(SPECS / "tiny.yaml"), "--backend", "onnx", option, value, "-o",
                      str(tmp_path / "b")])
         err = capsys.readouterr().err
-        assert code == 1 and f"onnx: {option} does not apply" in err and err.count("moe-ir: error:") == 1
+        assert code == 2 and f"backend 'onnx' does not take {option}" in err and err.count("moe-ir: error:") == 1
         assert not (tmp_path / "b").exists()
 
 

@@ -60,6 +60,7 @@ def lowered_graph(graph: Graph, flavour: Flavour | str) -> Graph:
 class OnnxBackend(Backend):
     name = "onnx"
     summary = "ONNX (opset 18): portable standard ops | ort (com.microsoft.MoE) | plugin (moe_ir::FusedMoE); runs in ONNX Runtime"
+    build_options = frozenset({"flavour", "external_data"})
 
     def __init__(self, flavour: Flavour | str = Flavour.PORTABLE):
         self.flavour = _flavour(flavour)
@@ -100,10 +101,6 @@ class OnnxBackend(Backend):
               progress: Progress | None = None, **options: Any) -> BuildResult:
         """Write OUT/<name>.<flavour>.onnx (and .onnx.data when external), atomically. `spec` is the layer's
         or, for a whole-model graph (build_model_graph), the model's; only its name is used here."""
-        given = sorted(k for k, v in options.items() if v is not None)
-        if given:  # e.g. --precision or --profile, which would otherwise be silently ignored
-            raise BackendError(f"onnx: {', '.join('--' + k.replace('_', '-') for k in given)} does not apply to this "
-                               f"backend (it exports in the spec's `dtype:`; --profile and --precision are tensorrt's)")
         flavour = _flavour(flavour or self.flavour)
         piped = lowered_graph(graph, flavour)
         ok, reason = supports(piped, flavour)

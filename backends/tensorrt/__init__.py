@@ -75,6 +75,7 @@ def _write_text(path: Path, text: str) -> Path:
 class TensorRTBackend(Backend):
     name = "tensorrt"
     summary = "TensorRT engine with the moe_ir::FusedMoE plugin (Python/AOT Triton, IPluginV3 fallback)"
+    build_options = frozenset({"profile", "precision", "flavour"})
     # The ONNX plugin flavour's pipeline: the engine is built from that export.
     pipeline = ("strip-training-outputs", "fuse-shared-experts", "fuse-moe", "fuse-gate-up", "dce")
 
