@@ -1,9 +1,9 @@
-"""Cross-validation matrix: every shipped layer spec (as its miniature) against every backend.
+"""Cross-validation matrix: every shipped layer and model spec (as its miniature) against every backend.
 
     python tools/validate_matrix.py [--hidden 64] [--tokens 16] [--backends ...] [--specs specs/a.yaml ...] [--json]
 
 Each cell is the backend's status against the reference interpreter on the same weights and input:
-`ok` (max abs error), `MISMATCH`, `ERROR` or `-` (unsupported, with the reason listed below the table).
+`ok` (max abs error of the layer's `out` or the model's `logits`), `MISMATCH`, `ERROR` or `-` (unsupported, with the reason listed below the table).
 Exit status 1 if any cell mismatched or errored.
 """
 from __future__ import annotations
@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 from moe_ir.backends import backend_names
-from moe_ir.frontends import load_spec
+from moe_ir.frontends import load_any
+from moe_ir.model_spec import ModelSpec, miniature_model
 from moe_ir.spec import miniature
-from moe_ir.validate import validate
+from moe_ir.validate import validate, validate_model
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BACKENDS = ["torch", "compile", "triton", "onnx:portable", "onnx:ort", "onnx:plugin", "aoti", "tensorrt"]
@@ -25,7 +26,7 @@ DEFAULT_BACKENDS = ["torch", "compile", "triton", "onnx:portable", "onnx:ort", "
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--specs", nargs="+", type=Path, default=sorted((REPO / "specs").glob("*.yaml")))
+    p.add_argument("--specs", nargs="+", type=Path, default=sorted((REPO / "specs").glob("*.yaml")) + sorted((REPO / "specs" / "models").glob("*.yaml")))
     p.add_argument("--backends", nargs="+", default=[b for b in DEFAULT_BACKENDS if b.split(":")[0] in backend_names()])
     p.add_argument("--hidden", type=int, default=64, help="miniature hidden size (default 64)")
     p.add_argument("--tokens", type=int, default=16)
@@ -35,14 +36,16 @@ def main(argv=None) -> int:
 
     rows, reasons, failed = [], {}, False
     for path in args.specs:
-        spec = miniature(load_spec(path), args.hidden)
+        spec = load_any(path)
+        is_model = isinstance(spec, ModelSpec)
+        spec = miniature_model(spec, args.hidden) if is_model else miniature(spec, args.hidden)
         start = time.perf_counter()
-        report = validate(spec, args.backends, tokens=args.tokens, seed=args.seed)
+        report = (validate_model if is_model else validate)(spec, args.backends, tokens=args.tokens, seed=args.seed)
         print(f"{path.stem}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
         cells = {}
         for r in report.results:
             if r.status == "ok":
-                err = r.outputs.get("out")
+                err = r.outputs.get(report.primary)
                 cells[r.backend] = f"ok {err.max_abs:.0e}" if err is not None else "ok"
             elif r.status == "skipped":
                 cells[r.backend] = "-"
@@ -51,7 +54,7 @@ def main(argv=None) -> int:
                 cells[r.backend] = r.status.upper()
                 reasons.setdefault(r.reason, set()).add(f"{path.stem}/{r.backend}")
                 failed = True
-        rows.append((path.stem, cells))
+        rows.append((f"models/{path.stem}" if is_model else path.stem, cells))
 
     if args.json:
         print(json.dumps({"rows": {name: cells for name, cells in rows},
