@@ -35,6 +35,14 @@ if TYPE_CHECKING:
     from ...model_spec import ModelSpec
 
 
+def _sum_losses(losses: Mapping[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The sum of the balance losses; 0 (on like's device and dtype) when there are none."""
+    total = None
+    for loss in losses.values():
+        total = loss if total is None else total + loss
+    return total if total is not None else like.new_zeros(())
+
+
 class MoEOutput(NamedTuple):
     out: torch.Tensor
     routing: dict[str, torch.Tensor]
@@ -43,10 +51,7 @@ class MoEOutput(NamedTuple):
     @property
     def aux_loss(self) -> torch.Tensor:
         """Sum of the balance losses (0 when the spec has none)."""
-        total = None
-        for loss in self.losses.values():
-            total = loss if total is None else total + loss
-        return total if total is not None else self.out.new_zeros(())
+        return _sum_losses(self.losses, self.out)
 
 
 class ModelOutput(NamedTuple):
@@ -57,10 +62,7 @@ class ModelOutput(NamedTuple):
     @property
     def aux_loss(self) -> torch.Tensor:
         """Sum of every MoE layer's balance losses (0 when the spec has none)."""
-        total = None
-        for loss in self.losses.values():
-            total = loss if total is None else total + loss
-        return total if total is not None else self.logits.new_zeros(())
+        return _sum_losses(self.losses, self.logits)
 
 
 class _RunContext(NamedTuple):
