@@ -206,7 +206,7 @@ def validate(spec: LayerSpec, backends: Sequence[Any] | None = None, *, tokens: 
 
     backends = default_backends() if backends is None else list(backends)
     _check_run(dtype, tokens, batch)
-    spec = dataclasses.replace(spec, dtype=DType(dtype))
+    spec = with_dtype(spec, dtype)
     graph = build_graph(spec)
     if weights is None:
         weights = init_weights(graph, seed)
@@ -219,6 +219,14 @@ def validate(spec: LayerSpec, backends: Sequence[Any] | None = None, *, tokens: 
     results = _run_backends(backends, lambda: build_graph(spec), weights, x,
                             lambda label, got: _compare(label, got, ref, margins, dtype), strict_support)
     return ValidationReport(spec.name, tokens, batch, dtype, seed, results)
+
+
+def with_dtype(spec: LayerSpec | ModelSpec, dtype: str) -> LayerSpec | ModelSpec:
+    """The spec validated in `dtype`: a layer's dtype, or a model's (its model section and its MoE layers')."""
+    if isinstance(spec, ModelSpec):
+        return ModelSpec(model=dataclasses.replace(spec.model, dtype=DType(dtype)),
+                         moe=dataclasses.replace(spec.moe, dtype=DType(dtype)))
+    return dataclasses.replace(spec, dtype=DType(dtype))
 
 
 def _check_run(dtype: str, tokens: int, batch: int) -> None:
@@ -438,8 +446,7 @@ def validate_model(spec: ModelSpec, backends: Sequence[Any] | None = None, *, to
 
     backends = default_backends() if backends is None else list(backends)
     _check_run(dtype, tokens, batch)
-    spec = ModelSpec(model=dataclasses.replace(spec.model, dtype=DType(dtype)),
-                     moe=dataclasses.replace(spec.moe, dtype=DType(dtype)))
+    spec = with_dtype(spec, dtype)
     graph = build_model_graph(spec, routing=True)
     if weights is None:
         weights = init_weights(graph, seed)
@@ -500,10 +507,9 @@ def run_command(args: argparse.Namespace) -> int:
         spec = miniature_model(spec, args.shrink) if is_model else miniature(spec, args.shrink)
     backends = [b for item in args.backends for b in item.split(",") if b] if args.backends else None
     if is_model:
-        graph = build_model_graph(ModelSpec(model=dataclasses.replace(spec.model, dtype=DType(args.dtype)),
-                                            moe=dataclasses.replace(spec.moe, dtype=DType(args.dtype))), routing=True)
+        graph = build_model_graph(with_dtype(spec, args.dtype), routing=True)
     else:
-        graph = build_graph(dataclasses.replace(spec, dtype=DType(args.dtype)))
+        graph = build_graph(with_dtype(spec, args.dtype))
     try:
         # Each backend holds its own copy of the weights, plus the reference's float64 one.
         ensure_memory_for(graph, "validating", factor=3.0)

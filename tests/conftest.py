@@ -1,5 +1,6 @@
 """Shared fixtures. TRITON_INTERPRET must be set before triton is first imported, so it is set here:
 on machines without a GPU every Triton kernel in the suite runs in the interpreter (slow, exact)."""
+import importlib.util
 import os
 from pathlib import Path
 
@@ -17,3 +18,11 @@ SPEC_FILES = sorted(SPECS.glob("*.yaml"))
 @pytest.fixture(scope="session")
 def spec_dir() -> Path:
     return SPECS
+
+
+def import_file(path: Path, name: str):
+    """Import a standalone source file (a generated model.py) as a module of its own, outside moe_ir."""
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module

@@ -3,7 +3,6 @@ in-memory eager module (outputs, routing record and losses), and the bundle is w
 from __future__ import annotations
 
 import ast
-import importlib.util
 import textwrap
 
 import pytest
@@ -15,6 +14,8 @@ from moe_ir.backends.torch_eager import MoELayer
 from moe_ir.builder import build_graph
 from moe_ir.errors import WeightsError
 from moe_ir.spec import spec_from_dict, spec_to_dict
+
+from conftest import import_file
 
 BASE = {"hidden": 10, "experts": {"routed": 8, "width": 6, "top_k": 2}}
 CASES = {
@@ -37,10 +38,7 @@ CASES = {
 
 
 def import_model(path):
-    spec = importlib.util.spec_from_file_location(f"generated_{path.parent.name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return import_file(path, f"generated_{path.parent.name}")
 
 
 @pytest.mark.parametrize("name", list(CASES))

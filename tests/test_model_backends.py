@@ -10,7 +10,6 @@ checked against transformers in test_models.py.
 from __future__ import annotations
 
 import ast
-import importlib.util
 import subprocess
 import sys
 
@@ -29,6 +28,8 @@ from moe_ir.model_builder import build_model_graph
 from moe_ir.model_spec import model_spec_from_dict
 from moe_ir.params import init_weights
 from moe_ir.spec import spec_from_dict
+
+from conftest import import_file
 
 VOCAB, HIDDEN = 80, 32
 MLA = {"kind": "mla", "heads": 4, "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 6}
@@ -243,10 +244,7 @@ def test_bad_inputs_and_mismatched_graphs_are_clear_errors():
 
 
 def import_generated(path):
-    mod_spec = importlib.util.spec_from_file_location(f"generated_model_{path.parent.name.replace('-', '_')}", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod
+    return import_file(path, f"generated_model_{path.parent.name.replace('-', '_')}")
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
