@@ -26,7 +26,8 @@ class SpecError(MoeIRError):
         if self.line is not None:
             where += f":{self.line}"
         key = f" {self.path}:" if self.path else ""
-        return f"{where}:{key} {self.message}"
+        # One line by contract (the CLI prints it as is): a key or value quoted from the spec may hold a newline.
+        return f"{where}:{key} {self.message}".replace("\r", "\\r").replace("\n", "\\n")
 
     def located(self, *, file: str | None = None, line: int | None = None) -> "SpecError":
         """The same error with a file and (if it had none) a line filled in."""

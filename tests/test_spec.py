@@ -274,3 +274,10 @@ def test_exponent_floats_read_as_numbers():
         load_spec_text("hidden: 1e3\nexperts: {routed: 8, width: 16, top_k: 2}\n")
     with pytest.raises(SpecError, match="name: expected a string, found number 100.0"):
         load_spec_text("name: 1e2\nhidden: 32\nexperts: {routed: 8, width: 16, top_k: 2}\n")
+
+
+def test_key_with_a_newline_still_gives_a_one_line_error():
+    # found by the hypothesis test above: a key quoted in the message used to split it over lines
+    with pytest.raises(SpecError) as info:
+        spec_from_dict({"name": "x", "hidden": 8, "experts": {"routed": 4, "width": 4, "top_k": 1, "\n": 0}})
+    assert "\n" not in str(info.value) and "unknown key '\\n'" in str(info.value)
