@@ -3,13 +3,13 @@ AOTInductor into one `.pt2` package that runs with torch alone (`torch._inductor
 no moe-ir import), on CPU here and on GPU where the package is built there.
 
 The exported module (`ExportableMoE`) is lowered from the IR graph like the eager backend, but every op
-is written so `torch.export` sees no data-dependent Python control flow: dispatch counts with
-scatter_add (bincount's output length depends on the data), the expert FFNs split the sorted rows by
-the group sizes as unbacked sizes (one GEMM chain per expert on a slice of any length, including 0),
-and nothing branches on a size. The eager backend's grouped FFN skips empty experts with a Python `if`
-on `.tolist()` values, which is right for eager speed and is exactly what export cannot trace, hence a
-module of its own here. Weight-only subgraphs from the fusion passes (CONCAT/ADD on weights) are
-evaluated once into buffers, so the package computes nothing on weights per call.
+is written so `torch.export` sees no data-dependent Python control flow: dispatch counts have a fixed
+length (`count_ids`, not bincount), the expert FFNs split the sorted rows by the group sizes as unbacked
+sizes (one GEMM chain per expert on a slice of any length, including 0), and nothing branches on a size.
+The eager grouped FFN follows the same rules (the compile backend traces it as one graph); this module
+keeps its own because it runs on the inference pipeline's fused gate/up weights and evaluates
+weight-only subgraphs from the fusion passes (CONCAT/ADD on weights) once into buffers, so the package
+computes nothing on weights per call.
 
 Model graphs (moe_ir.model_builder: input_ids -> logits) export the same way, with B and S of input_ids
 dynamic: the model ops (embedding, RMSNorm, attention, MLA) call the eager backend's kernels, which read
@@ -52,10 +52,6 @@ Progress = Callable[[str, int, int], None]
 # export-friendly op implementations (same semantics as the reference in moe_ir.ir.ops)
 
 
-def _bincount(keys: torch.Tensor, length: int) -> torch.Tensor:
-    return torch.zeros(length, dtype=torch.int64, device=keys.device).scatter_add(0, keys, torch.ones_like(keys))
-
-
 def _dispatch(attrs, expert_idx, weights):
     t, k = expert_idx.shape
     n_exp = attrs["num_experts"]
@@ -75,7 +71,7 @@ def _dispatch(attrs, expert_idx, weights):
             by_weight = torch.argsort(-flat_w, stable=True)
             order = by_weight[torch.argsort(flat_e[by_weight], stable=True)]
         sorted_e = flat_e[order]
-        starts = torch.cumsum(_bincount(flat_e, n_exp), 0) - _bincount(flat_e, n_exp)
+        starts = torch.cumsum(K.count_ids(flat_e, n_exp), 0) - K.count_ids(flat_e, n_exp)
         position = arange - starts[sorted_e]
         kept = torch.zeros_like(flat_e, dtype=torch.bool).scatter(0, order, position < capacity)
         key = torch.where(kept, flat_e, torch.full_like(flat_e, n_exp))
@@ -83,7 +79,7 @@ def _dispatch(attrs, expert_idx, weights):
     row_w = flat_w[order]
     if kept is not None:
         row_w = torch.where(kept[order], row_w, torch.zeros_like(row_w))
-    return order // k, row_w, _bincount(key, n_exp + 1)[:n_exp]
+    return order // k, row_w, K.count_ids(key, n_exp + 1)[:n_exp]
 
 
 def _expert_choice(attrs, scores):

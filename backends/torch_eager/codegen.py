@@ -15,17 +15,21 @@ from ...builder import spec_hash
 from ...spec import Choice, LayerSpec, spec_to_dict
 from . import kernels as K
 
-# kernel -> kernels it calls
-_DEPENDS = {
-    "grouped_ffn": ["ffn", "_use_grouped_mm"],
-    "ffn": ["activate"],
-    "switch_loss": ["selection_counts"],
-    "expert_loss": ["selection_counts"],
-    "device_loss": ["selection_counts"],
-    "attention": ["rms_norm", "rope_cos_sin", "apply_rope", "causal_attention"],
-    "mla_attention": ["rms_norm", "rope_cos_sin", "apply_rope", "causal_attention"],
-}
 _KERNEL_ORDER = [name for name, obj in vars(K).items() if inspect.isfunction(obj) and obj.__module__ == K.__name__]
+
+
+def _global_names(code) -> set[str]:
+    """Global names a function's code refers to, nested comprehensions and lambdas included."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            names |= _global_names(const)
+    return names
+
+
+# kernel -> the kernels it calls, read from their code (a hand-kept table went stale when one changed)
+_DEPENDS = {name: sorted(_global_names(getattr(K, name).__code__) & set(_KERNEL_ORDER) - {name})
+            for name in _KERNEL_ORDER}
 
 
 def kernel_closure(names: set[str]) -> list[str]:
@@ -33,7 +37,7 @@ def kernel_closure(names: set[str]) -> list[str]:
     need = set(names)
     stack = list(need)
     while stack:
-        for dep in _DEPENDS.get(stack.pop(), []):
+        for dep in _DEPENDS[stack.pop()]:
             if dep not in need:
                 need.add(dep)
                 stack.append(dep)

@@ -60,6 +60,12 @@ def scale_weights(weights, normalize, scale):
     return weights * scale if scale != 1.0 else weights
 
 
+def count_ids(ids, bins):
+    """counts [bins] int64 of ids (each in [0, bins)): torch.bincount with a length known before the run
+    (bincount's output length depends on the data, which torch.compile must break its graph for)."""
+    return torch.zeros(bins, dtype=torch.int64, device=ids.device).scatter_add(0, ids, torch.ones_like(ids))
+
+
 def dispatch(expert_idx, weights, num_experts):
     """Dropless dispatch: the T*k assignments sorted by expert (stable, so token order within an expert).
 
@@ -68,7 +74,7 @@ def dispatch(expert_idx, weights, num_experts):
     order = torch.argsort(expert_idx.reshape(-1), stable=True)
     rows = order // k
     row_weights = weights.reshape(-1)[order]
-    group_sizes = torch.bincount(expert_idx.reshape(-1), minlength=num_experts)
+    group_sizes = count_ids(expert_idx.reshape(-1), num_experts)
     return rows, row_weights, group_sizes
 
 
@@ -101,7 +107,7 @@ def dispatch_capacity(expert_idx, weights, num_experts, capacity_factor, drop_ru
     final = torch.argsort(key, stable=True)
     rows = final // k
     row_weights = flat_weight[final] * kept[final].to(flat_weight.dtype)
-    group_sizes = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    group_sizes = count_ids(key, num_experts + 1)[:num_experts]
     return rows, row_weights, group_sizes
 
 
@@ -134,11 +140,11 @@ def ffn(x, w_up, w_down, w_gate, b_up, b_down, b_gate, activation):
 def _use_grouped_mm(xs, w_up, w_down, w_gate, b_up, b_down, b_gate):
     """grouped_mm serves CPU inference without biases; under torch.compile only bfloat16 passes its
     meta check, and it has no CPU backward."""
+    if torch.compiler.is_compiling():  # first: under compile xs.shape[0] is an unbacked size, not to branch on
+        return False
     if not hasattr(F, "grouped_mm") or xs.device.type != "cpu" or xs.shape[0] == 0:
         return False
     if xs.dtype not in (torch.float32, torch.bfloat16) or any(b is not None for b in (b_up, b_down, b_gate)):
-        return False
-    if torch.compiler.is_compiling():
         return False
     if any((w.shape[-1] * w.element_size()) % 16 for w in (w_up, w_down)):
         return False  # its kernels need 16-byte aligned row strides (hidden and width)
@@ -149,11 +155,13 @@ def _use_grouped_mm(xs, w_up, w_down, w_gate, b_up, b_down, b_gate):
 def grouped_ffn(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation):
     """y [A, H]: row r is FFN_e(x[rows[r]]) for r in expert e's group; rows past every group are 0.
 
-    One gather of the kept rows, then one GEMM chain per expert on a contiguous slice (empty experts
-    are skipped); per-expert GEMMs with ~T*k/E rows run at the dense GEMM rate on CPU, and unlike
+    One gather of the kept rows, then one GEMM chain per expert on a contiguous slice; per-expert GEMMs with ~T*k/E rows run at the dense GEMM rate on CPU, and unlike
     grouped_mm they backpropagate on CPU."""
     sizes = group_sizes.tolist()
+    for size in sizes:
+        torch._check(size >= 0)  # a fact for torch.compile, which sees the sizes as unbacked symbols
     kept = sum(sizes)
+    torch._check(kept <= rows.shape[0])
     xs = x.index_select(0, rows[:kept])
     if _use_grouped_mm(xs, w_up, w_down, w_gate, b_up, b_down, b_gate):
         # Inference on CPU: torch's grouped GEMM runs all experts in one call (no per-expert dispatch);
@@ -162,23 +170,17 @@ def grouped_ffn(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate
         up = F.grouped_mm(xs, w_up.transpose(1, 2), offs=offs)
         gate = F.grouped_mm(xs, w_gate.transpose(1, 2), offs=offs) if w_gate is not None else None
         y = F.grouped_mm(activate(activation, gate, up), w_down.transpose(1, 2), offs=offs)
-        if kept < rows.shape[0]:
-            y = torch.cat([y, x.new_zeros(rows.shape[0] - kept, x.shape[1])])
-        return y
+        return torch.cat([y, x.new_zeros(rows.shape[0] - kept, x.shape[1])])
     # unbind, not w[e]: the backward of one unbind stacks the per-expert gradients once, where each
     # w[e] would allocate and accumulate a zero-filled gradient of the whole [E, ...] stack.
     per_expert = [None if w is None else w.unbind(0) for w in (w_up, w_down, w_gate, b_up, b_down, b_gate)]
     # split, not xs[a:b]: likewise one backward concatenation instead of a zero-filled [A, H] per expert.
-    experts = [e for e, size in enumerate(sizes) if size]
-    pieces = []
-    for e, rows_e in zip(experts, xs.split([sizes[e] for e in experts])):
-        wu, wd, wg, bu, bd, bg = (None if w is None else w[e] for w in per_expert)
-        pieces.append(ffn(rows_e, wu, wd, wg, bu, bd, bg, activation))
-    if kept < rows.shape[0]:
-        pieces.append(x.new_zeros(rows.shape[0] - kept, x.shape[1]))
-    if not pieces:
-        return x.new_zeros(rows.shape[0], x.shape[1])
-    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    # Every expert runs, empty ones on 0 rows (a no-op GEMM): no branch on a group size, so under
+    # torch.compile the sizes stay unbacked symbols and one graph serves every routing.
+    pieces = [ffn(rows_e, *(None if w is None else w[e] for w in per_expert), activation)
+              for e, rows_e in enumerate(xs.split(sizes))]
+    pieces.append(x.new_zeros(rows.shape[0] - kept, x.shape[1]))  # dropped assignments (0 rows when dropless)
+    return torch.cat(pieces)
 
 
 def combine(y, rows, row_weights, tokens):
@@ -196,7 +198,7 @@ def sigmoid_gate(y, x, w):
 
 
 def selection_counts(expert_idx, num_experts, dtype):
-    return torch.bincount(expert_idx.reshape(-1), minlength=num_experts).to(dtype)
+    return count_ids(expert_idx.reshape(-1), num_experts).to(dtype)
 
 
 def switch_loss(alpha, scores, expert_idx):
