@@ -41,6 +41,8 @@ from .errors import BackendError, BackendUnavailable, MoeIRError, SpecError
 from .model_spec import ModelSpec
 from .spec import DType, LayerSpec
 
+Progress = Callable[[str], None]  # one line of progress (the CLI prints it on stderr)
+
 # (atol, rtol) per dtype; atol is scaled by max(1, max |reference|) of the output compared.
 TOLERANCES: dict[str, tuple[float, float]] = {
     "float64": (1e-10, 1e-10),
@@ -198,8 +200,9 @@ def _label(item: Any) -> str:
 
 def validate(spec: LayerSpec, backends: Sequence[Any] | None = None, *, tokens: int = 16, batch: int = 1,
              dtype: str = "float32", seed: int = 0, weights: Mapping[str, torch.Tensor] | None = None,
-             strict_support: bool = False) -> ValidationReport:
-    """Run every backend on one seeded input and compare with the float64 reference (module docstring)."""
+             strict_support: bool = False, progress: Progress | None = None) -> ValidationReport:
+    """Run every backend on one seeded input and compare with the float64 reference (module docstring).
+    `progress(line)` hears when each backend starts and how it ended (the CLI prints it on stderr)."""
     from .builder import build_graph
     from .interpreter import interpret
     from .params import init_weights
@@ -217,7 +220,7 @@ def validate(spec: LayerSpec, backends: Sequence[Any] | None = None, *, tokens: 
     ref = {key: env[v.name] for key, v in graph.outputs.items()}
     margins = _reference_margins(graph, env)
     results = _run_backends(backends, lambda: build_graph(spec), weights, x,
-                            lambda label, got: _compare(label, got, ref, margins, dtype), strict_support)
+                            lambda label, got: _compare(label, got, ref, margins, dtype), strict_support, progress)
     return ValidationReport(spec.name, tokens, batch, dtype, seed, results)
 
 
@@ -238,31 +241,39 @@ def _check_run(dtype: str, tokens: int, batch: int) -> None:
 
 def _run_backends(backends: Sequence[Any], fresh_graph: Callable[[], Any], weights: Mapping[str, torch.Tensor],
                   inputs: torch.Tensor, compare: Callable[[str, Mapping[str, torch.Tensor]], BackendResult],
-                  strict_support: bool) -> list[BackendResult]:
+                  strict_support: bool, progress: Progress | None = None) -> list[BackendResult]:
     """Each backend on its own pipeline over a fresh graph, run on `inputs`, compared by `compare`."""
     from .passes import run_pipeline
 
-    results = []
-    for item in backends:
+    results: list[BackendResult] = []
+
+    def report(result: BackendResult) -> None:
+        results.append(result)
+        if progress is not None:
+            progress(f"{result.backend}: {result.status} in {result.seconds:.1f}s")
+
+    for i, item in enumerate(backends):
         label = _label(item)
+        if progress is not None:  # a compile or an export of a large graph takes minutes: say what runs
+            progress(f"{label}: running ({i + 1}/{len(backends)})")
         start = time.perf_counter()
         try:
             backend = resolve_backend(item)
             piped = run_pipeline(fresh_graph(), backend.pipeline)
             ok, reason = backend.supports(piped)
             if not ok:
-                results.append(BackendResult(label, "skipped", reason, required=strict_support))
+                report(BackendResult(label, "skipped", reason, required=strict_support))
                 continue
             runner = backend.prepare(piped, {k: v for k, v in weights.items() if k in piped.weights})
             got = runner(inputs)
         except MoeIRError as err:
             skipped = isinstance(err, BackendUnavailable)
-            results.append(BackendResult(label, "skipped" if skipped else "error", str(err).splitlines()[0],
-                                         required=strict_support or not skipped, seconds=time.perf_counter() - start))
+            report(BackendResult(label, "skipped" if skipped else "error", str(err).splitlines()[0],
+                                 required=strict_support or not skipped, seconds=time.perf_counter() - start))
             continue
         result = compare(label, got)
         result.seconds = time.perf_counter() - start
-        results.append(result)
+        report(result)
     return results
 
 
@@ -438,7 +449,7 @@ def _compare_model(label: str, got: Mapping[str, torch.Tensor], ref: Mapping[str
 
 def validate_model(spec: ModelSpec, backends: Sequence[Any] | None = None, *, tokens: int = 16, batch: int = 1,
                    dtype: str = "float32", seed: int = 0, weights: Mapping[str, torch.Tensor] | None = None,
-                   strict_support: bool = False) -> ValidationReport:
+                   strict_support: bool = False, progress: Progress | None = None) -> ValidationReport:
     """`validate` for a whole model: seeded token ids in, logits and every MoE layer's routing compared."""
     from .interpreter import interpret
     from .model_builder import build_model_graph
@@ -455,7 +466,8 @@ def validate_model(spec: ModelSpec, backends: Sequence[Any] | None = None, *, to
     ref = {key: env[v.name] for key, v in graph.outputs.items()}
     margins = _model_margins(graph, env)
     results = _run_backends(backends, lambda: build_model_graph(spec, routing=True), weights, ids,
-                            lambda label, got: _compare_model(label, got, ref, margins, dtype, tokens), strict_support)
+                            lambda label, got: _compare_model(label, got, ref, margins, dtype, tokens), strict_support,
+                            progress)
     return ValidationReport(spec.name, tokens, batch, dtype, seed, results, primary="logits")
 
 
@@ -519,7 +531,8 @@ def run_command(args: argparse.Namespace) -> int:
     if args.weights:
         weights = load_weights(args.weights, graph)
     report = (validate_model if is_model else validate)(spec, backends, tokens=args.tokens, batch=args.batch, dtype=args.dtype, seed=args.seed,
-                      weights=weights, strict_support=bool(args.backends))
+                      weights=weights, strict_support=bool(args.backends),
+                      progress=lambda line: print(f"validate: {line}", file=sys.stderr, flush=True))
     print(report.to_json() if args.json else report.to_table())
     return 0 if report.ok else 1
 

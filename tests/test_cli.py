@@ -1,6 +1,7 @@
 """The CLI end to end: reports, JSON keys, and one-line errors with the documented exit codes."""
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -99,6 +100,11 @@ def test_validate_cli_runs_triton_after_torch_compile_in_one_process():
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     assert [r["status"] for r in report["results"]] == ["ok", "ok"]
+    # Progress on stderr (stdout stays pure JSON): each backend when it starts and how it ended.
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("validate: ")]
+    assert lines[0] == "validate: compile: running (1/2)" and lines[2] == "validate: triton: running (2/2)"
+    assert re.fullmatch(r"validate: compile: ok in \d+\.\ds", lines[1]), lines
+    assert re.fullmatch(r"validate: triton: ok in \d+\.\ds", lines[3]), lines
 
 
 def test_atomic_write_gives_artifacts_normal_permissions(tmp_path):

@@ -170,7 +170,7 @@ def grouped_ffn(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate
         up = F.grouped_mm(xs, w_up.transpose(1, 2), offs=offs)
         gate = F.grouped_mm(xs, w_gate.transpose(1, 2), offs=offs) if w_gate is not None else None
         y = F.grouped_mm(activate(activation, gate, up), w_down.transpose(1, 2), offs=offs)
-        return torch.cat([y, x.new_zeros(rows.shape[0] - kept, x.shape[1])])
+        return torch.cat([y, x.new_zeros(rows.shape[0] - kept, x.shape[1])]) if kept < rows.shape[0] else y
     # unbind, not w[e]: the backward of one unbind stacks the per-expert gradients once, where each
     # w[e] would allocate and accumulate a zero-filled gradient of the whole [E, ...] stack.
     per_expert = [None if w is None else w.unbind(0) for w in (w_up, w_down, w_gate, b_up, b_down, b_gate)]
