@@ -6,7 +6,7 @@ The exported module (`ExportableMoE`) is lowered from the IR graph like the eage
 is written so `torch.export` sees no data-dependent Python control flow: dispatch counts have a fixed
 length (`count_ids`, not bincount), the expert FFNs split the sorted rows by the group sizes as unbacked
 sizes (one GEMM chain per expert on a slice of any length, including 0), and nothing branches on a size.
-The eager grouped FFN follows the same rules (the compile backend traces it as one graph); this module
+The eager grouped FFN, when compiled, follows the same rules (kernels.grouped_ffn_traced); this module
 keeps its own because it runs on the inference pipeline's fused gate/up weights and evaluates
 weight-only subgraphs from the fusion passes (CONCAT/ADD on weights) once into buffers, so the package
 computes nothing on weights per call.

@@ -1,62 +1,100 @@
 """The `compile` backend: the eager module through torch.compile (inductor, dynamic token count, one graph).
 
 torch.compile traces the eager module's whole forward as one graph (`fullgraph=True`: a break is an
-error): the dispatch counts have a fixed length (no bincount), and the grouped FFN's group sizes
-(`.tolist()`) become unbacked symbols under `capture_scalar_outputs`, so every expert's GEMM chain is in
-the graph with a size that may be 0 and nothing branches on it. One compilation serves every routing and
-every token count of 2 or more (1 token is a shape of its own: dynamo specialises sizes 0 and 1).
+error). Dispatch counts have a fixed length (`count_ids`, not bincount), and the grouped expert FFN is
+one opaque custom op, `moe_ir::expert_ffns`, whose output shape [A, H] is known without the data: the
+graph is the same for 8 or 256 experts, compiles in seconds, and serves every routing and every token
+count of 2 or more without recompiling (1 token is a shape of its own: dynamo specialises sizes 0 and 1).
+Inductor fuses the work around it (routing, softmax/top-k, combine, shared experts, losses).
 
-The runner serves inference, so inductor runs with `freezing`: the weights are constants, each expert's
-weight slice is folded and packed once into oneDNN's blocked layout, and the GEMMs run as oneDNN
-matmuls on the packed weights. On the 2-core AMD EPYC (AVX2) CI machine that is what makes compile
-faster than eager: an expert GEMM of ~96 rows (DeepSeekMoE-16B at 1024 tokens) costs 18.9 ms/GFLOP
-through ATen's MKL sgemm and 14.5 ms/GFLOP through oneDNN on packed weights (tools/bench_eager.py
---compile gives the layer figure). Compilation happens on the first call; `CompiledRunner.compile_seconds`
-records how long it took.
+The runner serves inference, so inductor runs with `freezing` (weights are constants of the graph; the
+router's and shared experts' GEMM weights are packed for oneDNN) and the expert op runs its GEMMs
+through oneDNN as well. On the 2-core AMD EPYC (AVX2) CI machine that is what makes compile faster
+than eager, whose expert GEMMs go through ATen (grouped_mm / MKL sgemm): a ~96-row expert GEMM
+(DeepSeekMoE-16B at 1024 tokens) costs 18.9 ms/GFLOP through F.linear and 15.5 through oneDNN
+(`python tools/bench_eager.py --compile` gives the layer figure). Compilation happens on the first
+call; `CompiledRunner.compile_seconds` records how long it took.
 
 Model graphs (input_ids -> logits) compile the eager `MoEModel` the same way, as one graph over every
 layer; the runner takes input_ids int64 [B, S] and returns logits and each MoE layer's routing record.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import BackendError
 from ..ir import Graph
 from .base import Backend, Runner
+from .torch_eager import kernels as K
 from .torch_eager.backend import lower, runner_outputs
 from .torch_eager.module import GraphModule, MoEModel, graph_contract_problem, unsupported_ops
 
 
-def compile_settings():
-    """The dynamo/inductor settings every call of a compiled runner runs under (recompiles included).
+def _onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x @ w.T + b through oneDNN's matmul where it takes the dtype (CPU float32; bfloat16 where the CPU has
+    it), else F.linear. On this CI machine's AMD EPYC (AVX2) a ~96-row expert GEMM costs 15.5 ms/GFLOP
+    here and 18.9 through ATen's MKL sgemm (tools/bench_eager.py shows the layer figure)."""
+    if x.device.type == "cpu" and torch.backends.mkldnn.is_available() and (
+            x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())):
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    return F.linear(x, w, b)
 
-    - capture_scalar_outputs: the grouped FFN's group sizes (`.tolist()`) become unbacked symbols inside
-      the graph instead of a graph break, so one graph covers routing, every expert and combine, for any
-      routing (no guard on which experts are empty, hence no recompile per routing).
-    - freezing: the runner serves inference, so inductor may treat the weights as constants: it folds
-      the per-expert weight slices and packs each expert's GEMM weights once into oneDNN's blocked layout
-      (mkldnn._linear_pointwise). The packed copies cost one extra copy of the weights' memory, and
-      weights changed after the first call are not seen (the runner is built from fixed weights).
+
+@torch.library.custom_op("moe_ir::expert_ffns", mutates_args=())
+def expert_ffns(x: torch.Tensor, rows: torch.Tensor, group_sizes: torch.Tensor, w_up: torch.Tensor,
+                w_down: torch.Tensor, w_gate: torch.Tensor | None, b_up: torch.Tensor | None,
+                b_down: torch.Tensor | None, b_gate: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """kernels.grouped_ffn as one opaque op of the compiled graph (inference: no autograd).
+
+    Inside the graph every expert's GEMM chain would be nodes of its own with a data-dependent row count:
+    compile time grows with experts x layers (measured: 78 s for one 64-expert layer at hidden 32, where
+    this op's graph compiles in seconds) and the graph carries a symbol per expert. As one op the graph
+    is the same for 8 or 256 experts and its output shape [A, H] is known without the data. The
+    GEMMs run through oneDNN (`_onednn_linear`)."""
+    sizes = group_sizes.tolist()
+    y = x.new_zeros(rows.shape[0], x.shape[1])  # rows past every group (dropped assignments) stay 0
+    start = 0
+    for e, size in enumerate(sizes):
+        if size:
+            rows_e = x.index_select(0, rows[start:start + size])
+            pick = (lambda w: None if w is None else w[e])  # noqa: E731
+            up = _onednn_linear(rows_e, w_up[e], pick(b_up))
+            gate = _onednn_linear(rows_e, w_gate[e], pick(b_gate)) if w_gate is not None else None
+            y[start:start + size] = _onednn_linear(K.activate(activation, gate, up), w_down[e], pick(b_down))
+        start += size
+    return y
+
+
+@expert_ffns.register_fake
+def _expert_ffns_shape(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation):
+    return x.new_empty(rows.shape[0], x.shape[1])
+
+
+def compile_settings():
+    """The inductor settings every call of a compiled runner runs under (recompiles included): `freezing`.
+
+    The runner serves inference, so inductor may treat the weights as constants: it packs the router's
+    and shared experts' GEMM weights once into oneDNN's blocked layout (a copy of those weights only; the
+    routed experts' weights are read in place by `moe_ir::expert_ffns`). Weights changed after the first
+    call are not seen: the runner is built from fixed weights.
     """
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch._dynamo.config.patch(capture_scalar_outputs=True))
-    stack.enter_context(torch._inductor.config.patch(freezing=True))
-    return stack
+    return torch._inductor.config.patch(freezing=True)
 
 
 class CompiledRunner:
     """x (a layer's activations) or input_ids (a model's tokens) -> outputs by name; the first call
-    compiles (timed in `compile_seconds`)."""
+    compiles (timed in `compile_seconds`). The runner takes `module` over: its grouped expert FFN becomes
+    the `moe_ir::expert_ffns` op, and the weights are frozen into the compiled graph."""
 
     def __init__(self, module: GraphModule, *, dynamic: bool = True, mode: str | None = None):
         self.module = module.eval()
-        # fullgraph: a graph break would split the layer and leave the expert loop to run op by op (and,
-        # frozen, each piece would hold its own packed weights); it is an error, not a slowdown.
+        module.grouped_ffn_kernel = torch.ops.moe_ir.expert_ffns
+        # fullgraph: a graph break would split the layer into pieces compiled apart (and, frozen, each
+        # holding its own constants); it is an error, not a slowdown.
         self.compiled = torch.compile(module, backend="inductor", fullgraph=True, dynamic=dynamic, mode=mode)
         self.compile_seconds: float | None = None
         # The token range check reads the ids, so it runs here, outside the compiled graph.

@@ -171,7 +171,8 @@ def main(argv=None) -> int:
     if args.compile:
         from moe_ir.backends.compile import CompiledRunner
 
-        runner = CompiledRunner(module)
+        # The runner takes its module over (it swaps the expert FFN kernel), so it gets a module of its own.
+        runner = CompiledRunner(MoELayer(module.graph, module.canonical_weights()))
         rss_before = resident_gib()
         runner(x)
         compile_seconds = runner.compile_seconds

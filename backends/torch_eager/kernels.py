@@ -187,14 +187,15 @@ def grouped_ffn(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate
 
 
 def grouped_ffn_traced(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation):
-    """`grouped_ffn` as torch.compile traces it: one graph for every routing (inference; no grouped_mm).
+    """`grouped_ffn` as torch.compile traces it, when a user compiles the eager module itself
+    (`torch._dynamo.config.capture_scalar_outputs = True` for fullgraph; the compile backend swaps in one
+    opaque op instead, see backends/compile.py): one graph for every routing, no grouped_mm.
 
-    The group ends (`.tolist()` of the cumulative sizes) are unbacked symbols under
-    capture_scalar_outputs; every expert runs on rows ends[e-1]:ends[e] (0 rows is a no-op GEMM), and
-    nothing branches on a size, so no guard ties the graph to one routing. Slices, not split: a slice's
-    size is a 2-symbol difference, where split's checks sum every expert's size (measured: half the
-    compile time at 64 experts); the slices' zero-filled backward does not matter, this path serves
-    inference."""
+    The group ends (`.tolist()` of the cumulative sizes) are unbacked symbols; every expert runs on rows
+    ends[e-1]:ends[e] (0 rows is a no-op GEMM), and nothing branches on a size, so no guard ties the graph
+    to one routing. The graph holds a GEMM chain per expert, so compile time grows with the expert count.
+    Slices, not split: a slice's size is a 2-symbol difference, where split's checks sum every expert's
+    size (measured: half the compile time at 64 experts)."""
     ends = torch.cumsum(group_sizes, 0).tolist()
     kept = ends[-1]
     torch._check(kept <= rows.shape[0])

@@ -69,6 +69,7 @@ class _RunContext(NamedTuple):
     training: bool
     generator: torch.Generator | None
     concat_cache: dict
+    grouped_ffn: Callable[..., torch.Tensor]  # the expert FFN kernel (kernels.grouped_ffn unless a backend swaps it)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -117,8 +118,8 @@ def _op_dispatch(attrs, ctx, expert_idx, weights):
 
 def _op_grouped_ffn(attrs, ctx, x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate):
     w_up, w_gate, b_up, b_gate = _gated_weights(attrs, w_up, w_gate, b_up, b_gate)
-    return (K.grouped_ffn(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate,
-                          attrs["activation"].value),)
+    return (ctx.grouped_ffn(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate,
+                            attrs["activation"].value),)
 
 
 def _op_ffn(attrs, ctx, x, w_up, w_down, w_gate, b_up, b_down, b_gate):
@@ -270,6 +271,9 @@ class GraphModule(nn.Module):
                        tuple(v.name for v in n.outputs)) for n in graph.nodes]
         self._outputs = [(key, v.name) for key, v in graph.outputs.items()]
         self._concat_cache: dict = {}
+        # The grouped expert FFN's kernel, same signature as kernels.grouped_ffn; the compile backend puts
+        # an opaque custom op here so that its graph does not unroll one GEMM chain per expert.
+        self.grouped_ffn_kernel: Callable[..., torch.Tensor] = K.grouped_ffn
 
     def canonical_weights(self) -> dict[str, torch.Tensor]:
         return {name: getattr(owner, leaf) for name, owner, leaf in self._weight_slots}
@@ -279,7 +283,7 @@ class GraphModule(nn.Module):
         env: dict[str, Any] = dict(inputs)
         for name, owner, leaf in self._weight_slots:
             env[name] = getattr(owner, leaf)
-        ctx = _RunContext(self.training, self.generator, self._concat_cache)
+        ctx = _RunContext(self.training, self.generator, self._concat_cache, self.grouped_ffn_kernel)
         for fn, attrs, names, outputs in self._plan:
             results = fn(attrs, ctx, *[None if i is None else env[i] for i in names])
             for name, value in zip(outputs, results):
