@@ -71,7 +71,8 @@ def _dispatch(attrs, expert_idx, weights):
             by_weight = torch.argsort(-flat_w, stable=True)
             order = by_weight[torch.argsort(flat_e[by_weight], stable=True)]
         sorted_e = flat_e[order]
-        starts = torch.cumsum(K.count_ids(flat_e, n_exp), 0) - K.count_ids(flat_e, n_exp)
+        counts = K.count_ids(flat_e, n_exp)
+        starts = torch.cumsum(counts, 0) - counts
         position = arange - starts[sorted_e]
         kept = torch.zeros_like(flat_e, dtype=torch.bool).scatter(0, order, position < capacity)
         key = torch.where(kept, flat_e, torch.full_like(flat_e, n_exp))

@@ -8,11 +8,11 @@ Compared in one run, interleaved (each repeat times every contender once, in tur
   - a dense SwiGLU FFN doing the same FLOPs (width (top_k + shared) * 1408 on every token): the
     practical GEMM ceiling on a CPU
   - with --compile: the `compile` backend (torch.compile, inductor, one graph, dynamic token count, frozen
-    weights packed for oneDNN), with its compile time and the resident memory its constants add
+    weights, expert GEMMs through oneDNN), with its compile time and the resident memory its constants add
 
 Peak memory is the peak of live torch CPU allocations made during one call (tracked per storage with a
-TorchDispatchMode; weights and the input, allocated before the call, are not counted); for the compiled
-module, whose kernels allocate outside the dispatcher, the resident memory its compilation adds instead).
+TorchDispatchMode; weights and the input, allocated before the call, are not counted). For the compiled
+module, whose kernels allocate outside the dispatcher, it is the resident memory its compilation adds.
 
     python tools/bench_eager.py [--tokens 1024] [--repeats 5] [--threads 2] [--compile]
 """

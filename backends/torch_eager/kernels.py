@@ -138,13 +138,12 @@ def ffn(x, w_up, w_down, w_gate, b_up, b_down, b_gate, activation):
 
 
 def _use_grouped_mm(xs, w_up, w_down, w_gate, b_up, b_down, b_gate):
-    """grouped_mm serves CPU inference without biases; under torch.compile only bfloat16 passes its
-    meta check, and it has no CPU backward."""
+    """grouped_mm serves eager CPU inference without biases; it has no CPU backward. (Under torch.compile
+    grouped_ffn never gets here: it takes grouped_ffn_traced, as only bfloat16 passes grouped_mm's meta
+    check there.)"""
     if not hasattr(F, "grouped_mm") or xs.device.type != "cpu" or xs.shape[0] == 0:
         return False
     if xs.dtype not in (torch.float32, torch.bfloat16) or any(b is not None for b in (b_up, b_down, b_gate)):
-        return False
-    if torch.compiler.is_compiling():
         return False
     if any((w.shape[-1] * w.element_size()) % 16 for w in (w_up, w_down)):
         return False  # its kernels need 16-byte aligned row strides (hidden and width)
