@@ -30,15 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import BackendError
-from ..interpreter import check_weights
-from ..ir import Graph, OpCode, Value, from_json, op_def, to_json
-from ..ir.ops import activate, route_topk, scale_weights
-from ..model_spec import ModelSpec
-from ..passes import run_pipeline
-from ..spec import DropRule, LayerSpec
+from moe_ir.errors import BackendError
+from moe_ir.interpreter import check_weights
+from moe_ir.ir import Graph, OpCode, Value, from_json, op_def, to_json
+from moe_ir.ir.ops import activate, route_topk, scale_weights
+from moe_ir.model_spec import ModelSpec
+from moe_ir.passes import run_pipeline
+from moe_ir.spec import DropRule, LayerSpec
 from .base import Backend, BuildResult, Runner
-from .torch_eager import kernels as K
+from . import torch_kernels as K
 from .torch_eager.module import MODEL_INPUT, MODEL_OUTPUT, graph_contract_problem, is_model_graph
 
 PIPELINE = ("strip-training-outputs", "fuse-shared-experts", "fuse-gate-up", "dce")
@@ -291,7 +291,7 @@ def _package_metadata(graph: Graph) -> dict[str, str]:
 def compile_package(graph: Graph, weights: Mapping[str, torch.Tensor], path: Path,
                     progress: Progress | None = None) -> Path:
     """Export and compile to `path` (.pt2) through a temp file renamed into place."""
-    from ..params import atomic_write
+    from moe_ir.params import atomic_write
 
     metadata = _package_metadata(graph)
 

@@ -5,22 +5,35 @@ support matrix and a user gets a reason instead of a crash deep inside a compile
 graph with given weights to something runnable in-process (used by `moe-ir validate`); `build` writes a
 deployable artifact into a folder (used by `moe-ir build`), atomically.
 
-Backends are imported lazily by name so a missing optional dependency (onnxruntime, triton, tensorrt)
-only matters when that backend is asked for, and then gives one clear BackendError.
+The registry (name -> backend class, imported lazily) is in registry.py.
 """
 from __future__ import annotations
 
 import abc
-import importlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 
-from ..errors import BackendError, BackendUnavailable
-from ..ir import Graph
-from ..spec import LayerSpec
+from moe_ir.errors import BackendError, BackendUnavailable
+from moe_ir.ir import Graph
+from moe_ir.spec import LayerSpec
+
+
+
+def select_triton_mode() -> None:
+    """Run Triton kernels in Triton's interpreter on a machine without CUDA.
+
+    Triton decides once, when triton.language is first imported, whether kernels run compiled or in its
+    interpreter, and torch.compile imports it long before the Triton backend runs. Every backend imports
+    this module first, so the choice is made here; an explicit TRITON_INTERPRET from the user wins."""
+    if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+select_triton_mode()
 
 # A runner takes x [B, S, H] and returns outputs by name: at least "out", plus the routing record
 # ("expert_idx" and "weights" for token-choice, "rows" for expert-choice) where the backend exposes it.
@@ -41,6 +54,18 @@ class Backend(abc.ABC):
     # The `moe-ir build` options (keyword arguments of build(), besides progress) this backend takes; the CLI
     # refuses any other it is given, so an option never silently does nothing.
     build_options: ClassVar[frozenset[str]] = frozenset()
+    # Variants the registry name may carry after a colon ("onnx:ort", "expert_parallel:2"); the default
+    # backend list (`moe-ir validate` without --backends) runs each of `default_variants`.
+    default_variants: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, variant: str | None = None):
+        if variant is not None:
+            raise BackendError(f"backend '{self.name}' has no variants (got '{self.name}:{variant}')")
+
+    @property
+    def label(self) -> str:
+        """The name this backend answers to in reports and on the command line ("onnx:ort")."""
+        return self.name
 
     def supports(self, graph: Graph) -> tuple[bool, str]:
         """(True, "") or (False, reason) for the graph after this backend's pipeline."""
@@ -56,33 +81,24 @@ class Backend(abc.ABC):
                            f"(use it with `moe-ir validate`)")
 
 
-# name -> "module:Class" relative to moe_ir.backends; one line per backend.
-_BACKENDS: dict[str, str] = {
-    "reference": "reference:ReferenceBackend",
-    "torch": "torch_eager:TorchBackend",
-    "compile": "compile:CompileBackend",
-    "onnx": "onnx:OnnxBackend",
-    "aoti": "aoti:AotiBackend",
-    "tensorrt": "tensorrt:TensorRTBackend",
-    "triton": "triton.backend:TritonBackend",
-}
+class Unavailable(Backend):
+    """Stands in for a backend this machine cannot load (a missing package): every question is answered
+    with the reason, as a BackendUnavailable, so reports list it as skipped with that reason."""
 
+    summary = "not available on this machine"
+    pipeline = ()
 
-def register_backend(name: str, target: str) -> None:
-    _BACKENDS[name] = target
+    def __init__(self, label: str, reason: str):
+        self.name = label.partition(":")[0]
+        self._label = label
+        self.reason = reason
 
+    @property
+    def label(self) -> str:
+        return self._label
 
-def backend_names() -> list[str]:
-    return list(_BACKENDS)
+    def supports(self, graph: Graph) -> tuple[bool, str]:
+        raise BackendUnavailable(self.reason)
 
-
-def get_backend(name: str) -> Backend:
-    if name not in _BACKENDS:
-        raise BackendError(f"unknown backend '{name}'; available: {', '.join(_BACKENDS)}")
-    module_name, cls_name = _BACKENDS[name].split(":")
-    try:
-        module = importlib.import_module(f"moe_ir.backends.{module_name}")
-    except ImportError as err:
-        raise BackendUnavailable(f"backend '{name}' needs a package that is not installed: {err.name or err} "
-                           f"(install the extra: pip install 'moe-ir[all]')") from None
-    return getattr(module, cls_name)()
+    def prepare(self, graph: Graph, weights: Mapping[str, torch.Tensor], **options: Any) -> Runner:
+        raise BackendUnavailable(self.reason)

@@ -26,10 +26,10 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
-from ..errors import BackendError
-from ..ir import Graph
+from moe_ir.errors import BackendError
+from moe_ir.ir import Graph
 from .base import Backend, Runner
-from .torch_eager import kernels as K
+from . import torch_kernels as K
 from .torch_eager.backend import lower, runner_outputs
 from .torch_eager.module import GraphModule, MoEModel, graph_contract_problem, unsupported_ops
 

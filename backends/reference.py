@@ -5,8 +5,8 @@ from typing import Any, Mapping
 
 import torch
 
-from ..interpreter import interpret
-from ..ir import Graph
+from moe_ir.interpreter import interpret
+from moe_ir.ir import Graph
 from .base import Backend, Runner
 
 

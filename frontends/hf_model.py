@@ -28,11 +28,11 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import WeightsError
-from ..interpreter import check_weights
-from ..model_builder import build_model_graph
-from ..model_spec import AttentionKind, ModelSpec, model_spec_from_dict
-from ..spec import spec_to_dict
+from moe_ir.errors import WeightsError
+from moe_ir.interpreter import check_weights
+from moe_ir.model_builder import build_model_graph
+from moe_ir.model_spec import AttentionKind, ModelSpec, model_spec_from_dict
+from moe_ir.spec import spec_to_dict
 from .hf.config import FAMILY_DEFAULTS, _as_dict, _Config, describe_hf_config
 from .hf.weights import weights_from_hf
 

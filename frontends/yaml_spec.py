@@ -13,9 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import SpecError
-from ..model_spec import ModelSpec, model_spec_from_dict
-from ..spec import LayerSpec, spec_from_dict
+from moe_ir.errors import SpecError
+from moe_ir.model_spec import ModelSpec, model_spec_from_dict
+from moe_ir.spec import LayerSpec, spec_from_dict
 
 
 class _SpecLoader(yaml.SafeLoader):

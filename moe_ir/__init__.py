@@ -1,41 +1,48 @@
-"""moe-ir: a compiler for DeepSeekMoE-style Mixture-of-Experts layers.
+"""moe-ir: a compiler for DeepSeekMoE-style Mixture-of-Experts layers and models.
 
-The public surface is what `__all__` lists; tests/test_public_api.py pins it.
+The public surface is what `__all__` lists; tests/test_public_api.py pins it. Names are loaded on first
+use, so `import moe_ir` (and `moe-ir --help`) imports neither torch nor any backend. This module and the
+CLI are the two places that join the layers: the core (spec, IR, passes, interpreter, analysis,
+validation harness) knows no frontend and no backend (pyproject.toml's import contracts).
 """
-import os as _os
+from __future__ import annotations
 
-import torch as _torch
+import importlib
+from typing import Any
 
-# Triton decides once, when triton.language is first imported, whether kernels run compiled or in its
-# interpreter; torch.compile or a backend may import it long before the Triton backend runs. Without a
-# GPU only the interpreter can run a kernel, so choose it here, before anything imports triton. An
-# explicit TRITON_INTERPRET from the user wins.
-if not _torch.cuda.is_available():
-    _os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from .analysis import analyse  # noqa: E402
-from .builder import build_graph  # noqa: E402
-from .errors import BackendError, IRError, MoeIRError, PassError, SpecError, WeightsError  # noqa: E402
-from .interpreter import interpret  # noqa: E402
-from .params import init_weights, load_weights, save_weights  # noqa: E402
-from .passes import PIPELINES, run_pipeline  # noqa: E402
-from .spec import LayerSpec, json_schema, spec_from_dict, spec_to_dict  # noqa: E402
+from .errors import BackendError, IRError, MoeIRError, PassError, SpecError, WeightsError
 
 __version__ = "0.1.0"
 
+# public name -> the module that defines it
+_LAZY = {
+    "analyse": "moe_ir.analysis",
+    "build_graph": "moe_ir.builder",
+    "interpret": "moe_ir.interpreter",
+    "init_weights": "moe_ir.params",
+    "load_weights": "moe_ir.params",
+    "save_weights": "moe_ir.params",
+    "PIPELINES": "moe_ir.passes",
+    "run_pipeline": "moe_ir.passes",
+    "LayerSpec": "moe_ir.spec",
+    "json_schema": "moe_ir.spec",
+    "spec_from_dict": "moe_ir.spec",
+    "spec_to_dict": "moe_ir.spec",
+    "load_spec": "moe_ir.frontends",
+    "get_backend": "moe_ir.backends",
+}
 
-def load_spec(path):
-    """Read and check a YAML spec (see moe_ir.frontends.load_spec)."""
-    from .frontends import load_spec as _load
 
-    return _load(path)
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def get_backend(name: str):
-    """A backend by name (see `moe-ir backends`)."""
-    from .backends import get_backend as _get
-
-    return _get(name)
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [

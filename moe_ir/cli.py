@@ -18,7 +18,7 @@ from .errors import BackendError, MoeIRError, SpecError, UsageError
 
 # Modules that contribute sub-commands with `add_command(subparsers)`; they import their heavy
 # dependencies lazily so `moe-ir --help` stays fast and works without the optional extras.
-_COMMAND_MODULES = ("moe_ir.validate", "moe_ir.frontends.hf", "moe_ir.maxvio")
+_COMMAND_MODULES = ("moe_ir.frontends.hf", "moe_ir.maxvio")
 
 
 def _load_spec(path: str):
@@ -57,6 +57,8 @@ def _pipeline_for(args: argparse.Namespace) -> list[str]:
     if args.passes:
         names = [p.strip() for p in args.passes.split(",") if p.strip()]
     else:
+        if args.pipeline not in PIPELINES:  # not argparse choices: listing them would import torch for --help
+            raise UsageError(f"unknown pipeline '{args.pipeline}'; choose one of {', '.join(PIPELINES)}")
         names = list(PIPELINES[args.pipeline])
     for n in names:
         if n not in PASSES:
@@ -231,6 +233,49 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    """Resolve the backend names (the registry's job) and run the validation harness on them."""
+    from .backends import default_backend_labels, resolve_backends
+    from .builder import build_graph
+    from .errors import WeightsError
+    from .model_builder import build_model_graph
+    from .model_spec import ModelSpec, miniature_model
+    from .params import ensure_memory_for, load_weights
+    from .spec import miniature
+    from .validate import validate, validate_model, with_dtype
+
+    spec = _load_spec(args.spec)
+    is_model = isinstance(spec, ModelSpec)
+    if args.shrink is not None:
+        if args.weights:
+            raise SpecError("--shrink changes the weight shapes; it cannot be combined with --weights")
+        if args.shrink < 2:
+            raise SpecError(f"--shrink {args.shrink}: the hidden size must be at least 2")
+        spec = miniature_model(spec, args.shrink) if is_model else miniature(spec, args.shrink)
+    labels = [b for item in args.backends for b in item.split(",") if b] if args.backends else default_backend_labels()
+    backends = resolve_backends(labels)  # unknown names fail here, before any weight is made
+    if is_model:
+        graph = build_model_graph(with_dtype(spec, args.dtype), routing=True)
+    else:
+        graph = build_graph(with_dtype(spec, args.dtype))
+    try:
+        # Each backend holds its own copy of the weights, plus the reference's float64 one.
+        ensure_memory_for(graph, "validating", factor=3.0)
+    except WeightsError as err:
+        raise WeightsError(f"{err}; or check the routing at a smaller size with --shrink 64") from None
+    weights = load_weights(args.weights, graph) if args.weights else None
+    report = (validate_model if is_model else validate)(
+        spec, backends, tokens=args.tokens, batch=args.batch, dtype=args.dtype, seed=args.seed, weights=weights,
+        strict_support=bool(args.backends), progress=lambda line: print(f"validate: {line}", file=sys.stderr, flush=True))
+    print(report.to_json() if args.json else report.to_table())
+    return 0 if report.ok else 1
+
+
+# validate's dtypes, stated here so that `moe-ir --help` need not import the harness (and torch);
+# tests/test_cli.py checks they are validate.TOLERANCES' keys.
+VALIDATE_DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-ir", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -243,12 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_inspect)
 
-    from .passes import PIPELINES
-
     p = sub.add_parser("graph", help="print the IR graph (after a pipeline) as text, DOT or JSON")
     p.add_argument("spec")
     p.add_argument("--format", choices=("text", "dot", "json"), default="text")
-    p.add_argument("--pipeline", choices=list(PIPELINES), default="none", help="named pipeline to run first")
+    p.add_argument("--pipeline", default="none", metavar="NAME",
+                   help="named pipeline to run first (`moe-ir passes` lists them; default: none)")
     p.add_argument("--passes", help="comma-separated passes to run instead of --pipeline")
     p.add_argument("--after", metavar="PASS", help="stop after this pass of the pipeline (dump that stage)")
     p.add_argument("--training", action="store_true", help="the training graph (losses, router logits, loads)")
@@ -282,6 +326,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external-data", action="store_true", help="ONNX weights in a .data file beside the model")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("validate", help="run backends on the same weights and input; compare with the reference",
+                       description="A layer spec is fed random activations and its output and routing are "
+                                   "compared; a model spec (model: + moe:) is fed random token ids and its "
+                                   "logits and every MoE layer's routing are compared. Exit 1 on any mismatch "
+                                   "beyond the per-dtype tolerance, 0 otherwise.")
+    p.add_argument("spec")
+    p.add_argument("--backends", nargs="+", metavar="NAME",
+                   help="backends, a variant after a colon (onnx:portable|ort|plugin); default: every registered "
+                        "backend and its default variants")
+    p.add_argument("--tokens", type=int, default=16, help="tokens per sequence (default 16)")
+    p.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
+    p.add_argument("--dtype", default="float32", choices=VALIDATE_DTYPES)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", metavar="FILE", help="safetensors weights (default: seeded random init)")
+    p.add_argument("--shrink", type=int, metavar="HIDDEN",
+                   help="validate the same layer at hidden size HIDDEN (expert counts, top-k, routing, balance and "
+                        "capacity kept; widths scaled): for published layers too large for this machine; a model "
+                        "also keeps its attention kind and dense/MoE schedule at 2-3 layers (model_spec.miniature_model)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_validate)
 
     for module_name in _COMMAND_MODULES:
         try:

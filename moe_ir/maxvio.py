@@ -18,24 +18,30 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
-
-import torch
+from typing import Any, Iterable, Mapping, Sequence
 
 __all__ = ["maxvio", "MaxVioTracker", "main"]
 
 
-def maxvio(load: torch.Tensor | Sequence[float]) -> float:
+def _floats(load: Any) -> list[float]:
+    """A load [E] as floats: a list, or a tensor/array of any shape (flattened). Plain Python, so the
+    `moe-ir maxvio` command needs no torch."""
+    if hasattr(load, "reshape") and hasattr(load, "tolist"):
+        load = load.reshape(-1).tolist()
+    return [float(v) for v in load]
+
+
+def maxvio(load: Any) -> float:
     """(max load − mean load) / mean load of one layer's tokens-per-expert [E] (0.0 for no tokens)."""
-    t = torch.as_tensor(load, dtype=torch.float64).reshape(-1)
-    if t.numel() == 0:
+    t = _floats(load)
+    if not t:
         raise ValueError("maxvio needs the load of at least one expert")
-    if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-        raise ValueError(f"loads are token counts (finite, >= 0), found {t.tolist()}")
-    mean = t.mean()
+    if not all(math.isfinite(v) and v >= 0 for v in t):
+        raise ValueError(f"loads are token counts (finite, >= 0), found {t}")
+    mean = math.fsum(t) / len(t)
     if mean <= 0:
         return 0.0
-    return float((t.max() - mean) / mean)
+    return (max(t) - mean) / mean
 
 
 class MaxVioTracker:
@@ -44,11 +50,11 @@ class MaxVioTracker:
     def __init__(self) -> None:
         self.loads: dict[str, list[list[float]]] = {}
 
-    def update(self, loads: Mapping[str, torch.Tensor | Sequence[float]]) -> dict[str, float]:
+    def update(self, loads: Mapping[str, Any]) -> dict[str, float]:
         """Record one step (layer name -> tokens per expert); returns that step's MaxVio per layer."""
         out = {}
         for layer, load in loads.items():
-            values = torch.as_tensor(load, dtype=torch.float64).reshape(-1).tolist()
+            values = _floats(load)
             self.loads.setdefault(layer, []).append(values)
             out[layer] = maxvio(values)
         return out
@@ -67,7 +73,7 @@ class MaxVioTracker:
         for layer, steps in self.loads.items():
             window = steps[-last:] if last else steps
             per_step = [maxvio(s) for s in window]
-            total = torch.tensor(window, dtype=torch.float64).sum(dim=0)
+            total = [math.fsum(column) for column in zip(*window)]
             out[layer] = {"batch_mean": sum(per_step) / len(per_step), "global": maxvio(total),
                           "steps": float(len(window))}
         return out

@@ -21,19 +21,17 @@ not a failure when the backend list was the default (every backend, every ONNX f
 caller named the backends (`strict_support=True`, which the CLI sets for `--backends`), a named backend
 that cannot run the spec fails the run, since the user asked for that target specifically.
 
-Backends are named like the registry ("torch", "aoti", "reference") with an optional variant after a
-colon: "onnx:portable", "onnx:ort", "onnx:plugin" ("onnx" alone is portable). Backend instances are
-accepted too (tests inject deliberately broken ones).
+The harness receives backend objects (anything with `label`, `pipeline`, `supports` and `prepare`); it
+knows no target by name. Turning command-line names such as "onnx:ort" into backends is the registry's
+job (moe_ir.backends.registry); the `moe-ir validate` command (moe_ir/cli.py) joins the two.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -53,17 +51,18 @@ TOLERANCES: dict[str, tuple[float, float]] = {
 # A routing flip whose reference score margin is below this is a near-tie, not an error.
 NEAR_TIE: dict[str, float] = {"float64": 1e-9, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
 
-ONNX_FLAVOURS = ("onnx:portable", "onnx:ort", "onnx:plugin")
 
 
-def default_backends() -> list[str]:
-    """Every registered backend, the onnx one once per flavour."""
-    from .backends import backend_names
+class CheckedBackend(Protocol):
+    """What the harness needs of a backend (moe_ir.backends.base.Backend has it)."""
 
-    names: list[str] = []
-    for name in backend_names():
-        names.extend(ONNX_FLAVOURS if name == "onnx" else (name,))
-    return names
+    label: str
+    pipeline: Sequence[str]
+
+    def supports(self, graph: Any) -> tuple[bool, str]: ...
+
+    def prepare(self, graph: Any, weights: Mapping[str, torch.Tensor], **options: Any) -> Callable: ...
+
 
 COMPARED_OUTPUTS = ("out", "weights")
 
@@ -175,30 +174,7 @@ class ValidationReport:
 # ------------------------------------------------------------------------------------------------
 
 
-def resolve_backend(item: Any):
-    """A Backend from "name" or "name:variant" (onnx flavours), or the instance itself."""
-    from .backends import get_backend
-
-    if not isinstance(item, str):
-        return item
-    name, _, variant = item.partition(":")
-    if name == "onnx":
-        from .backends.onnx import OnnxBackend
-
-        return OnnxBackend(variant or "portable")
-    if variant:
-        raise BackendError(f"backend '{name}' has no variants (got '{item}')")
-    return get_backend(name)
-
-
-def _label(item: Any) -> str:
-    if isinstance(item, str):
-        return "onnx:portable" if item == "onnx" else item
-    flavour = getattr(item, "flavour", None)
-    return f"{item.name}:{flavour.value}" if flavour is not None else item.name
-
-
-def validate(spec: LayerSpec, backends: Sequence[Any] | None = None, *, tokens: int = 16, batch: int = 1,
+def validate(spec: LayerSpec, backends: Sequence[CheckedBackend], *, tokens: int = 16, batch: int = 1,
              dtype: str = "float32", seed: int = 0, weights: Mapping[str, torch.Tensor] | None = None,
              strict_support: bool = False, progress: Progress | None = None) -> ValidationReport:
     """Run every backend on one seeded input and compare with the float64 reference (module docstring).
@@ -207,7 +183,6 @@ def validate(spec: LayerSpec, backends: Sequence[Any] | None = None, *, tokens: 
     from .interpreter import interpret
     from .params import init_weights
 
-    backends = default_backends() if backends is None else list(backends)
     _check_run(dtype, tokens, batch)
     spec = with_dtype(spec, dtype)
     graph = build_graph(spec)
@@ -239,7 +214,7 @@ def _check_run(dtype: str, tokens: int, batch: int) -> None:
         raise SpecError(f"--tokens and --batch must be at least 1, got tokens {tokens}, batch {batch}")
 
 
-def _run_backends(backends: Sequence[Any], fresh_graph: Callable[[], Any], weights: Mapping[str, torch.Tensor],
+def _run_backends(backends: Sequence[CheckedBackend], fresh_graph: Callable[[], Any], weights: Mapping[str, torch.Tensor],
                   inputs: torch.Tensor, compare: Callable[[str, Mapping[str, torch.Tensor]], BackendResult],
                   strict_support: bool, progress: Progress | None = None) -> list[BackendResult]:
     """Each backend on its own pipeline over a fresh graph, run on `inputs`, compared by `compare`."""
@@ -252,13 +227,12 @@ def _run_backends(backends: Sequence[Any], fresh_graph: Callable[[], Any], weigh
         if progress is not None:
             progress(f"{result.backend}: {result.status} in {result.seconds:.1f}s")
 
-    for i, item in enumerate(backends):
-        label = _label(item)
+    for i, backend in enumerate(backends):
+        label = backend.label
         if progress is not None:  # a compile or an export of a large graph takes minutes: say what runs
             progress(f"{label}: running ({i + 1}/{len(backends)})")
         start = time.perf_counter()
         try:
-            backend = resolve_backend(item)
             piped = run_pipeline(fresh_graph(), backend.pipeline)
             ok, reason = backend.supports(piped)
             if not ok:
@@ -447,7 +421,7 @@ def _compare_model(label: str, got: Mapping[str, torch.Tensor], ref: Mapping[str
     return result
 
 
-def validate_model(spec: ModelSpec, backends: Sequence[Any] | None = None, *, tokens: int = 16, batch: int = 1,
+def validate_model(spec: ModelSpec, backends: Sequence[CheckedBackend], *, tokens: int = 16, batch: int = 1,
                    dtype: str = "float32", seed: int = 0, weights: Mapping[str, torch.Tensor] | None = None,
                    strict_support: bool = False, progress: Progress | None = None) -> ValidationReport:
     """`validate` for a whole model: seeded token ids in, logits and every MoE layer's routing compared."""
@@ -455,7 +429,6 @@ def validate_model(spec: ModelSpec, backends: Sequence[Any] | None = None, *, to
     from .model_builder import build_model_graph
     from .params import init_weights
 
-    backends = default_backends() if backends is None else list(backends)
     _check_run(dtype, tokens, batch)
     spec = with_dtype(spec, dtype)
     graph = build_model_graph(spec, routing=True)
@@ -469,76 +442,3 @@ def validate_model(spec: ModelSpec, backends: Sequence[Any] | None = None, *, to
                             lambda label, got: _compare_model(label, got, ref, margins, dtype, tokens), strict_support,
                             progress)
     return ValidationReport(spec.name, tokens, batch, dtype, seed, results, primary="logits")
-
-
-# ------------------------------------------------------------------------------------------------
-# CLI: `moe-ir validate SPEC [--backends ...] [--tokens N] [--batch B] [--dtype ...] [--seed S] [--json]`
-
-
-def add_command(subparsers) -> None:
-    p = subparsers.add_parser("validate", help="run backends on the same weights and input; compare with the reference",
-                              description="A layer spec is fed random activations and its output and routing are "
-                                          "compared; a model spec (model: + moe:) is fed random token ids and its "
-                                          "logits and every MoE layer's routing are compared. Exit 1 on any mismatch "
-                                          "beyond the per-dtype tolerance, 0 otherwise.")
-    p.add_argument("spec")
-    p.add_argument("--backends", nargs="+", metavar="NAME",
-                   help="backends (onnx:portable|ort|plugin for ONNX flavours); default: every registered backend")
-    p.add_argument("--tokens", type=int, default=16, help="tokens per sequence (default 16)")
-    p.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
-    p.add_argument("--dtype", default="float32", choices=tuple(TOLERANCES))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--weights", metavar="FILE", help="safetensors weights (default: seeded random init)")
-    p.add_argument("--shrink", type=int, metavar="HIDDEN",
-                   help="validate the same layer at hidden size HIDDEN (expert counts, top-k, routing, balance and "
-                        "capacity kept; widths scaled): for published layers too large for this machine; a model "
-                        "also keeps its attention kind and dense/MoE schedule at 2-3 layers (model_spec.miniature_model)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=run_command)
-
-
-add_validate_command = add_command
-
-
-def run_command(args: argparse.Namespace) -> int:
-    from .builder import build_graph
-    from .frontends import load_any
-    from .errors import WeightsError
-    from .model_builder import build_model_graph
-    from .model_spec import miniature_model
-    from .params import ensure_memory_for, load_weights
-    from .spec import miniature
-
-    spec = load_any(args.spec)
-    is_model = isinstance(spec, ModelSpec)
-    if args.shrink is not None:
-        if args.weights:
-            raise SpecError("--shrink changes the weight shapes; it cannot be combined with --weights")
-        if args.shrink < 2:
-            raise SpecError(f"--shrink {args.shrink}: the hidden size must be at least 2")
-        spec = miniature_model(spec, args.shrink) if is_model else miniature(spec, args.shrink)
-    backends = [b for item in args.backends for b in item.split(",") if b] if args.backends else None
-    if is_model:
-        graph = build_model_graph(with_dtype(spec, args.dtype), routing=True)
-    else:
-        graph = build_graph(with_dtype(spec, args.dtype))
-    try:
-        # Each backend holds its own copy of the weights, plus the reference's float64 one.
-        ensure_memory_for(graph, "validating", factor=3.0)
-    except WeightsError as err:
-        raise WeightsError(f"{err}; or check the routing at a smaller size with --shrink 64") from None
-    weights = None
-    if args.weights:
-        weights = load_weights(args.weights, graph)
-    report = (validate_model if is_model else validate)(spec, backends, tokens=args.tokens, batch=args.batch, dtype=args.dtype, seed=args.seed,
-                      weights=weights, strict_support=bool(args.backends),
-                      progress=lambda line: print(f"validate: {line}", file=sys.stderr, flush=True))
-    print(report.to_json() if args.json else report.to_table())
-    return 0 if report.ok else 1
-
-
-if __name__ == "__main__":  # pragma: no cover
-    parser = argparse.ArgumentParser(prog="moe-ir")
-    add_command(parser.add_subparsers(dest="command", required=True))
-    ns = parser.parse_args()
-    sys.exit(ns.func(ns))

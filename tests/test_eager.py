@@ -264,7 +264,7 @@ def test_no_tokens_by_experts_by_hidden_tensor():
 def test_inference_grouped_mm_path_matches_reference(capacity):
     """Hidden and width with 16-byte rows take torch's grouped GEMM at inference (empty experts and
     dropped rows included); the training path is the per-expert loop."""
-    from moe_ir.backends.torch_eager import kernels
+    from moe_ir.backends import torch_kernels as kernels
 
     spec = make_spec(hidden=16, experts={"routed": 16, "width": 8, "top_k": 2, "shared": 1},
                      **({"capacity__factor": capacity} if capacity else {}))

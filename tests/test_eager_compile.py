@@ -63,7 +63,7 @@ def test_users_own_compile_of_the_eager_layer_is_one_graph():
 def test_expert_ffns_op_equals_the_eager_grouped_ffn(dtype, gated, biases):
     """The custom op (oneDNN GEMMs for float32, F.linear for float64) against kernels.grouped_ffn, with idle
     experts and dropped rows (rows past every group stay 0); opcheck checks its registration and fake."""
-    from moe_ir.backends.torch_eager import kernels as K
+    from moe_ir.backends import torch_kernels as K
 
     gen = torch.Generator().manual_seed(0)
     e, h, f, tokens, k = 6, 16, 8, 7, 2

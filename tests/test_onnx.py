@@ -464,9 +464,9 @@ def test_bfloat16_is_exported_but_not_run_here(low_built, flavour):
     with pytest.raises(BackendError, match=f"{files[flavour].name}: bfloat16 models do not run"):
         load_runner(files[flavour])
     # validate reports it as skipped with that reason; the float16 run of the same spec passes.
-    (row,) = validate(spec, [f"onnx:{flavour}"], dtype="bfloat16", tokens=4).results
+    (row,) = validate(spec, [OnnxBackend(flavour)], dtype="bfloat16", tokens=4).results
     assert row.status == "skipped" and "bfloat16 models do not run" in row.reason
-    (row,) = validate(spec, [f"onnx:{flavour}"], dtype="float16", tokens=4).results
+    (row,) = validate(spec, [OnnxBackend(flavour)], dtype="float16", tokens=4).results
     assert row.status == "ok", row
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from moe_ir.frontends import load_spec
 from moe_ir.spec import miniature
+from moe_ir.backends import resolve_backends
 from moe_ir.validate import validate
 
 from conftest import SPEC_FILES, SPECS
@@ -23,7 +24,7 @@ ALWAYS = {"reference", "torch", "onnx:portable"}
 @pytest.mark.parametrize("path", SPEC_FILES, ids=lambda p: p.stem)
 def test_shipped_spec_validates_on_every_fast_backend(path):
     spec = miniature(load_spec(path), 64)
-    report = validate(spec, FAST_BACKENDS, tokens=24, batch=2, seed=1)
+    report = validate(spec, resolve_backends(FAST_BACKENDS), tokens=24, batch=2, seed=1)
     assert report.ok, report.to_table()
     ran = {r.backend for r in report.results if r.status == "ok"}
     assert ALWAYS <= ran, report.to_table()
@@ -35,5 +36,5 @@ def test_shipped_spec_validates_on_every_fast_backend(path):
 @pytest.mark.parametrize("name", ["tiny-v3", "gshard-top2"])
 def test_compiled_backends_on_representative_specs(name):
     spec = miniature(load_spec(SPECS / f"{name}.yaml"), 64)
-    report = validate(spec, ["aoti", "compile"], tokens=16, seed=2, strict_support=True)
+    report = validate(spec, resolve_backends(["aoti", "compile"]), tokens=16, seed=2, strict_support=True)
     assert report.ok, report.to_table()

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from moe_ir.backends import get_backend, resolve_backends
 from moe_ir.backends.base import Backend
 from moe_ir.backends.reference import ReferenceBackend
 from moe_ir.cli import main
@@ -44,7 +45,7 @@ class Unsupported(ReferenceBackend):
 
 
 def test_report_ok_for_agreeing_backends():
-    report = validate(SPEC, ["reference", "torch", "onnx:portable", "onnx:ort"], tokens=32, seed=3)
+    report = validate(SPEC, resolve_backends(["reference", "torch", "onnx:portable", "onnx:ort"]), tokens=32, seed=3)
     assert report.ok, report.to_table()
     assert [r.backend for r in report.results] == ["reference", "torch", "onnx:portable", "onnx:ort"]
     for r in report.results:
@@ -56,7 +57,7 @@ def test_report_ok_for_agreeing_backends():
 
 
 def test_perturbed_weight_is_a_mismatch():
-    report = validate(SPEC, ["reference", PerturbedBackend()], tokens=32)
+    report = validate(SPEC, [get_backend("reference"), PerturbedBackend()], tokens=32)
     assert not report.ok
     ref, bad = report.results
     assert ref.ok and bad.status == "mismatch" and not bad.outputs["out"].ok
@@ -65,8 +66,8 @@ def test_perturbed_weight_is_a_mismatch():
 
 
 def test_unsupported_is_skipped_unless_named():
-    assert validate(SPEC, ["reference", Unsupported()], tokens=4).ok
-    strict = validate(SPEC, ["reference", Unsupported()], tokens=4, strict_support=True)
+    assert validate(SPEC, [get_backend("reference"), Unsupported()], tokens=4).ok
+    strict = validate(SPEC, [get_backend("reference"), Unsupported()], tokens=4, strict_support=True)
     assert not strict.ok and strict.results[1].status == "skipped"
     assert "supports nothing" in strict.to_table()
 
@@ -91,17 +92,16 @@ def test_cli_exit_codes(tmp_path, capsys, monkeypatch):
     assert "onnx:plugin" in capsys.readouterr().out
     assert main(["validate", str(spec_path), "--backends", "torch", "--tokens", "8", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ok"] is True
-    import moe_ir.validate as v
+    import moe_ir.backends.registry as registry
 
-    real = v.resolve_backend
-    monkeypatch.setattr(v, "resolve_backend", lambda item: PerturbedBackend() if item == "torch" else real(item))
+    real = registry.get_backend
+    monkeypatch.setattr(registry, "get_backend", lambda label: PerturbedBackend() if label == "torch" else real(label))
     assert main(["validate", str(spec_path), "--backends", "reference", "torch", "--tokens", "8"]) == 1
     assert "FAILED" in capsys.readouterr().out
 
 
 def test_unavailable_backend_is_skipped_but_a_failing_one_is_an_error():
     """BackendUnavailable (this machine lacks something) skips; any other BackendError is a failure."""
-    from moe_ir.backends.base import Backend
     from moe_ir.errors import BackendError, BackendUnavailable
     from moe_ir.frontends import load_spec
     from moe_ir.validate import validate

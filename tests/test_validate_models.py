@@ -14,6 +14,7 @@ from moe_ir.cli import main
 from moe_ir.frontends import load_model_spec
 from moe_ir.model_builder import build_model_graph
 from moe_ir.model_spec import AttentionKind, miniature_model
+from moe_ir.backends import get_backend
 from moe_ir.validate import TOLERANCES, _compare_model, validate_model
 
 MODEL_SPECS = sorted(Path(__file__).resolve().parents[1].joinpath("specs", "models").glob("*.yaml"))
@@ -69,7 +70,7 @@ def test_miniature_keeps_the_structure(spec_file):
 
 def test_reference_agrees_with_itself_and_reports_every_layer():
     spec = _mini("deepseek-v3.yaml")
-    report = validate_model(spec, ["reference"], tokens=12, batch=2, seed=1)
+    report = validate_model(spec, [get_backend("reference")], tokens=12, batch=2, seed=1)
     assert report.ok, report.to_table()
     (r,) = report.results
     # two MoE layers x 24 tokens compared
@@ -81,7 +82,7 @@ def test_reference_agrees_with_itself_and_reports_every_layer():
 
 
 def test_perturbed_head_is_a_logits_mismatch_with_routing_intact():
-    report = validate_model(_mini("mixtral-8x7b.yaml"), ["reference", PerturbedHead()], tokens=8)
+    report = validate_model(_mini("mixtral-8x7b.yaml"), [get_backend("reference"), PerturbedHead()], tokens=8)
     ref, bad = report.results
     assert ref.ok and not report.ok
     assert bad.status == "mismatch" and not bad.outputs["logits"].ok and bad.routing.flips == 0

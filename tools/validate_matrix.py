@@ -14,20 +14,20 @@ import sys
 import time
 from pathlib import Path
 
-from moe_ir.backends import backend_names
+from moe_ir.backends import default_backend_labels, resolve_backends
 from moe_ir.frontends import load_any
 from moe_ir.model_spec import ModelSpec, miniature_model
 from moe_ir.spec import miniature
 from moe_ir.validate import validate, validate_model
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_BACKENDS = ["torch", "compile", "triton", "onnx:portable", "onnx:ort", "onnx:plugin", "aoti", "tensorrt"]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--specs", nargs="+", type=Path, default=sorted((REPO / "specs").glob("*.yaml")) + sorted((REPO / "specs" / "models").glob("*.yaml")))
-    p.add_argument("--backends", nargs="+", default=[b for b in DEFAULT_BACKENDS if b.split(":")[0] in backend_names()])
+    p.add_argument("--backends", nargs="+", default=[b for b in default_backend_labels() if b != "reference"],
+                   help="backend labels (default: every registered backend but the reference, each default variant)")
     p.add_argument("--hidden", type=int, default=64, help="miniature hidden size (default 64)")
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         is_model = isinstance(spec, ModelSpec)
         spec = miniature_model(spec, args.hidden) if is_model else miniature(spec, args.hidden)
         start = time.perf_counter()
-        report = (validate_model if is_model else validate)(spec, args.backends, tokens=args.tokens, seed=args.seed)
+        report = (validate_model if is_model else validate)(spec, resolve_backends(args.backends), tokens=args.tokens, seed=args.seed)
         print(f"{path.stem}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
         cells = {}
         for r in report.results:

@@ -34,12 +34,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ...builder import ROUTER_BIAS, ROUTER_NOISE_WEIGHT, SHARED_GATE_WEIGHT, build_graph
-from ...errors import BackendError, WeightsError
-from ...ir import LossKind, ValueKind, WeightLayout
-from ...ir.ops import balance_loss_math, ffn_math, route_topk, scale_weights
-from ...params import init_weights
-from ...spec import Choice, LayerSpec, ScoreFn
+from moe_ir.builder import ROUTER_BIAS, ROUTER_NOISE_WEIGHT, SHARED_GATE_WEIGHT, build_graph
+from moe_ir.errors import BackendError, WeightsError
+from moe_ir.ir import LossKind, ValueKind, WeightLayout
+from moe_ir.ir.ops import balance_loss_math, ffn_math, route_topk, scale_weights
+from moe_ir.params import init_weights
+from moe_ir.spec import Choice, LayerSpec, ScoreFn
 from .comm import all_to_all_rows, exchange_counts, gather_counts
 from .losses import communication_balance_loss, device_balance_loss, z_loss
 from .placement import Placement, shard_weights, unshard_weights

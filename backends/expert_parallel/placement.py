@@ -22,9 +22,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ...builder import build_graph
-from ...errors import BackendError, WeightsError
-from ...spec import LayerSpec, SharedPlacement
+from moe_ir.builder import build_graph
+from moe_ir.errors import BackendError, WeightsError
+from moe_ir.spec import LayerSpec, SharedPlacement
 
 __all__ = ["Placement", "shard_weights", "unshard_weights"]
 

@@ -29,11 +29,11 @@ import numpy as np
 import onnx
 import torch
 
-from ...errors import BackendError, BackendUnavailable, MoeIRError
-from ...ir import Graph, from_json, to_json
-from ...model_spec import ModelSpec
-from ...passes import run_pipeline
-from ...spec import LayerSpec
+from moe_ir.errors import BackendError, BackendUnavailable, MoeIRError
+from moe_ir.ir import Graph, from_json, to_json
+from moe_ir.model_spec import ModelSpec
+from moe_ir.passes import run_pipeline
+from moe_ir.spec import LayerSpec
 from ..base import Backend, BuildResult, Runner
 from . import extensions
 from .lower import PIPELINES, Flavour, LoweredModel, lower, stored_values, supports, to_numpy
@@ -61,9 +61,14 @@ class OnnxBackend(Backend):
     name = "onnx"
     summary = "ONNX (opset 18): portable standard ops | ort (com.microsoft.MoE) | plugin (moe_ir::FusedMoE); runs in ONNX Runtime"
     build_options = frozenset({"flavour", "external_data"})
+    default_variants = tuple(f.value for f in Flavour)
 
-    def __init__(self, flavour: Flavour | str = Flavour.PORTABLE):
-        self.flavour = _flavour(flavour)
+    def __init__(self, flavour: Flavour | str | None = None):
+        self.flavour = _flavour(flavour or Flavour.PORTABLE)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{self.flavour.value}"
 
     @property
     def pipeline(self) -> tuple[str, ...]:  # type: ignore[override]

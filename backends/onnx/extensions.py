@@ -18,7 +18,7 @@ import onnx
 import torch
 from onnx import TensorProto
 
-from ...ir import ElemType, OpCode, WeightLayout, op_def
+from moe_ir.ir import ElemType, OpCode, WeightLayout, op_def
 from .lower import CONTRIB_DOMAIN
 from .plugin_op import DOMAIN, OP_TYPE, FusedMoEAttrs
 

@@ -75,10 +75,10 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from ...errors import BackendError
-from ...ir import ElemType, Graph, Node, OpCode, Value, WeightLayout, op_def
-from ...model_spec import QKNorm, RopeLayout
-from ...spec import Activation, DropRule, GroupScore, ScoreFn
+from moe_ir.errors import BackendError
+from moe_ir.ir import ElemType, Graph, Node, OpCode, Value, WeightLayout, op_def
+from moe_ir.model_spec import QKNorm, RopeLayout
+from moe_ir.spec import Activation, DropRule, GroupScore, ScoreFn
 from . import plugin_op
 
 OPSET = 18  # Split(num_outputs), ReduceMax with axes as input; ONNX Runtime, TensorRT and onnx 1.14+ take it

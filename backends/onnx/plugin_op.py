@@ -29,9 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ...errors import BackendError
-from ...ir import Node, OpCode, WeightLayout
-from ...spec import Activation, GroupScore, ScoreFn
+from moe_ir.errors import BackendError
+from moe_ir.ir import Node, OpCode, WeightLayout
+from moe_ir.spec import Activation, GroupScore, ScoreFn
 
 DOMAIN = "moe_ir"
 OP_TYPE = "FusedMoE"

@@ -23,13 +23,14 @@ from typing import Any, Mapping
 
 import torch
 
-from ...builder import build_graph, spec_hash
-from ...errors import BackendError, BackendUnavailable
-from ...ir import ElemType, Graph, OpCode
-from ...params import atomic_write
-from ...passes import run_pipeline
-from ...spec import DType, LayerSpec
-from ..base import Backend, BuildResult, Runner, get_backend
+from moe_ir.builder import build_graph, spec_hash
+from moe_ir.errors import BackendError, BackendUnavailable
+from moe_ir.ir import ElemType, Graph, OpCode
+from moe_ir.params import atomic_write
+from moe_ir.passes import run_pipeline
+from moe_ir.spec import DType, LayerSpec
+from ..base import Backend, BuildResult, Runner
+from ..registry import get_backend
 from . import plugin as plugin_source
 
 # engine.py is imported inside functions: it is also run as `python -m moe_ir.backends.tensorrt.engine`,

@@ -29,8 +29,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Sequence
 
-from ...errors import BackendError, MoeIRError
-from ...params import atomic_write
+from moe_ir.errors import BackendError, MoeIRError
+from moe_ir.params import atomic_write
 from . import plugin as plugin_module_default
 
 MANIFEST_FORMAT = 1

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ...errors import BackendError
+from moe_ir.errors import BackendError
 from .engine import EngineManifest, load_manifest, load_plugin_module, require_cuda, require_tensorrt
 
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,

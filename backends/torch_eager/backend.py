@@ -14,13 +14,13 @@ from typing import Any, Mapping
 import torch
 import yaml
 
-from ...builder import spec_hash
-from ...errors import BackendError
-from ...ir import Graph
-from ...model_builder import model_spec_hash
-from ...model_spec import ModelSpec, model_spec_to_dict
-from ...params import save_weights
-from ...spec import LayerSpec, spec_to_dict
+from moe_ir.builder import spec_hash
+from moe_ir.errors import BackendError
+from moe_ir.ir import Graph
+from moe_ir.model_builder import model_spec_hash
+from moe_ir.model_spec import ModelSpec, model_spec_to_dict
+from moe_ir.params import save_weights
+from moe_ir.spec import LayerSpec, spec_to_dict
 from ..base import Backend, BuildResult, Runner
 from .codegen import generate_source
 from .model_codegen import generate_model_source

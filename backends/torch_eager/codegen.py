@@ -11,9 +11,9 @@ import inspect
 
 import yaml
 
-from ...builder import spec_hash
-from ...spec import Choice, LayerSpec, spec_to_dict
-from . import kernels as K
+from moe_ir.builder import spec_hash
+from moe_ir.spec import Choice, LayerSpec, spec_to_dict
+from moe_ir.backends import torch_kernels as K
 
 _KERNEL_ORDER = [name for name, obj in vars(K).items() if inspect.isfunction(obj) and obj.__module__ == K.__name__]
 

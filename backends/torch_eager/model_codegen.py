@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import yaml
 
-from ...model_builder import MLA_LATENT_NORM_EPS, model_spec_hash
-from ...model_spec import AttentionKind, ModelSpec, QKNorm, model_spec_to_dict
+from moe_ir.model_builder import MLA_LATENT_NORM_EPS, model_spec_hash
+from moe_ir.model_spec import AttentionKind, ModelSpec, QKNorm, model_spec_to_dict
 from .codegen import (PARAMS_CLASS_LINES, _docstring_text, _dtype, _needed_kernels, kernel_closure,
                       kernel_source_lines, moe_layer_class_lines)
 

@@ -23,16 +23,16 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 import torch
 from torch import nn
 
-from ...builder import ROUTER_BIAS, build_graph
-from ...errors import BackendError, WeightsError
-from ...interpreter import check_weights
-from ...ir import Graph, LossKind, OpCode, ValueKind, WeightLayout
-from ...params import init_weights, load_weights, save_weights
-from ...spec import LayerSpec
-from . import kernels as K
+from moe_ir.builder import ROUTER_BIAS, build_graph
+from moe_ir.errors import BackendError, WeightsError
+from moe_ir.interpreter import check_weights
+from moe_ir.ir import Graph, LossKind, OpCode, ValueKind, WeightLayout
+from moe_ir.params import init_weights, load_weights, save_weights
+from moe_ir.spec import LayerSpec
+from moe_ir.backends import torch_kernels as K
 
 if TYPE_CHECKING:
-    from ...model_spec import ModelSpec
+    from moe_ir.model_spec import ModelSpec
 
 
 def _sum_losses(losses: Mapping[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -401,7 +401,7 @@ class MoEModel(GraphModule):
     @classmethod
     def from_spec(cls, spec: "ModelSpec", *, training: bool = True, seed: int = 0,
                   weights: Mapping[str, torch.Tensor] | None = None, **kwargs: Any) -> "MoEModel":
-        from ...model_builder import build_model_graph
+        from moe_ir.model_builder import build_model_graph
 
         aux_free = spec.moe.balance.aux_free
         return cls(build_model_graph(spec, routing=True, training=training), weights, seed=seed,

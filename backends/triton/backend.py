@@ -27,9 +27,9 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from ...errors import BackendError
-from ...interpreter import check_weights
-from ...ir import ElemType, Graph, OpCode, ValueKind, WeightLayout, op_def
+from moe_ir.errors import BackendError
+from moe_ir.interpreter import check_weights
+from moe_ir.ir import ElemType, Graph, OpCode, ValueKind, WeightLayout, op_def
 from ..base import Backend
 from . import kernels as K
 from . import ops

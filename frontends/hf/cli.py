@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ...errors import MoeIRError
+from moe_ir.errors import MoeIRError
 from .config import describe_hf_config_file, info_comment, spec_yaml_text
 
 __all__ = ["add_import_hf_command", "run_import_hf"]
@@ -49,7 +49,7 @@ def run_import_hf(args: argparse.Namespace) -> int:
     text = spec_yaml_text(spec, info_comment(info, str(args.config)))
     if args.weights is not None:
         # torch and safetensors only when weights are asked for.
-        from ...params import save_weights
+        from moe_ir.params import save_weights
         from .weights import HFLayout, hf_layer_prefix, read_hf_tensors, weights_from_hf
 
         prefix = args.prefix
@@ -63,7 +63,7 @@ def run_import_hf(args: argparse.Namespace) -> int:
         weights = weights_from_hf(args.weights, spec, prefix)
         save_weights(weights, args.weights_out, metadata={"source": spec.source, "hf_prefix": prefix})
     if args.output:
-        from ...params import atomic_write
+        from moe_ir.params import atomic_write
 
         atomic_write(args.output, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         print(f"wrote {args.output}: {spec.experts.routed} routed experts (top-{spec.experts.top_k}), "
@@ -84,7 +84,7 @@ def _import_model(args: argparse.Namespace) -> int:
                          "layer's spec or weights (or drop --model)")
     import yaml
 
-    from ...model_spec import model_spec_to_dict
+    from moe_ir.model_spec import model_spec_to_dict
     from ..hf_model import model_spec_from_hf_config
     from .config import _read_config_json, describe_hf_config
 
@@ -98,7 +98,7 @@ def _import_model(args: argparse.Namespace) -> int:
     text = header + yaml.safe_dump(model_spec_to_dict(spec), sort_keys=False, default_flow_style=False,
                                    allow_unicode=True)
     if args.output:
-        from ...params import atomic_write
+        from moe_ir.params import atomic_write
 
         atomic_write(args.output, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         print(f"wrote {args.output}: model {spec.name}, {spec.model.layers} layers "

@@ -39,8 +39,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ...errors import SpecError
-from ...spec import Activation, AuxFree, DType, GroupScore, LayerSpec, spec_from_dict, spec_to_dict
+from moe_ir.errors import SpecError
+from moe_ir.spec import Activation, AuxFree, DType, GroupScore, LayerSpec, spec_from_dict, spec_to_dict
 
 __all__ = ["FAMILY_DEFAULTS", "SUPPORTED_MODEL_TYPES", "HFLayerInfo", "describe_hf_config", "describe_hf_config_file",
            "import_hf_config_file", "info_comment", "moe_layer_indices", "spec_from_hf_config", "spec_yaml_text"]

@@ -26,10 +26,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from ...builder import ROUTER_BIAS, ROUTER_WEIGHT, SHARED_GATE_WEIGHT, build_graph
-from ...errors import WeightsError
-from ...interpreter import check_weights
-from ...spec import LayerSpec
+from moe_ir.builder import ROUTER_BIAS, ROUTER_WEIGHT, SHARED_GATE_WEIGHT, build_graph
+from moe_ir.errors import WeightsError
+from moe_ir.interpreter import check_weights
+from moe_ir.spec import LayerSpec
 
 __all__ = ["HFLayout", "hf_layer_prefix", "read_hf_tensors", "weights_from_hf", "weights_to_hf", "detect_layout"]
 
