@@ -54,6 +54,9 @@ class Backend(abc.ABC):
     # The `moe-ir build` options (keyword arguments of build(), besides progress) this backend takes; the CLI
     # refuses any other it is given, so an option never silently does nothing.
     build_options: ClassVar[frozenset[str]] = frozenset()
+    # `build` lowers the training graph (balance losses, router logits, loads) rather than the inference one:
+    # the torch backend's model.py is a module people train.
+    lowers_training_graph: ClassVar[bool] = False
     # Variants the registry name may carry after a colon ("onnx:ort", "expert_parallel:2"); the default
     # backend list (`moe-ir validate` without --backends) runs each of `default_variants`.
     default_variants: ClassVar[tuple[str, ...]] = ()

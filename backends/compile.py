@@ -31,7 +31,8 @@ from moe_ir.ir import Graph
 from .base import Backend, Runner
 from . import torch_kernels as K
 from .torch_eager.backend import lower, runner_outputs
-from .torch_eager.module import GraphModule, MoEModel, graph_contract_problem, unsupported_ops
+from .torch_eager.module import GraphModule, MoEModel
+from .torch_ops import unsupported_ops
 
 
 def _onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -48,7 +49,7 @@ def _onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
 def expert_ffns(x: torch.Tensor, rows: torch.Tensor, group_sizes: torch.Tensor, w_up: torch.Tensor,
                 w_down: torch.Tensor, w_gate: torch.Tensor | None, b_up: torch.Tensor | None,
                 b_down: torch.Tensor | None, b_gate: torch.Tensor | None, activation: str) -> torch.Tensor:
-    """kernels.grouped_ffn as one opaque op of the compiled graph (inference: no autograd).
+    """torch_kernels.grouped_ffn as one opaque op of the compiled graph (inference: no autograd).
 
     Inside the graph every expert's GEMM chain would be nodes of its own with a data-dependent row count:
     compile time grows with experts x layers (measured: 78 s for one 64-expert layer at hidden 32, where
@@ -87,8 +88,9 @@ def compile_settings():
 
 class CompiledRunner:
     """x (a layer's activations) or input_ids (a model's tokens) -> outputs by name; the first call
-    compiles (timed in `compile_seconds`). The runner takes `module` over: its grouped expert FFN becomes
-    the `moe_ir::expert_ffns` op, and the weights are frozen into the compiled graph."""
+    compiles (timed in `compile_seconds`). The runner takes `module` over: its grouped expert FFN kernel
+    (the op table's `expert_kernel`) becomes the `moe_ir::expert_ffns` op, and the weights are frozen into
+    the compiled graph."""
 
     def __init__(self, module: GraphModule, *, dynamic: bool = True, mode: str | None = None):
         self.module = module.eval()
@@ -121,7 +123,7 @@ class CompileBackend(Backend):
         missing = unsupported_ops(graph)
         if missing:
             return False, f"no eager implementation of op(s) {', '.join(missing)} to compile"
-        problem = graph_contract_problem(graph)
+        problem = graph.contract_problem()
         if problem:
             return False, problem
         if not hasattr(torch, "compile"):

@@ -24,6 +24,7 @@ _BACKENDS: dict[str, str] = {
     "aoti": "aoti:AotiBackend",
     "tensorrt": "tensorrt:TensorRTBackend",
     "triton": "triton.backend:TritonBackend",
+    "expert_parallel": "expert_parallel.backend:ExpertParallelBackend",
 }
 
 

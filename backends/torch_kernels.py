@@ -78,6 +78,12 @@ def dispatch(expert_idx, weights, num_experts):
     return rows, row_weights, group_sizes
 
 
+def expert_capacity(tokens, top_k, num_experts, capacity_factor):
+    """Assignments one expert takes under a capacity factor: ceil(factor * T * k / E), at least 1 (the
+    capacity rule of every torch backend; `tokens` may be a symbolic size under torch.export)."""
+    return max(1, math.ceil(capacity_factor * tokens * top_k / num_experts))
+
+
 def dispatch_capacity(expert_idx, weights, num_experts, capacity_factor, drop_rule):
     """Dispatch with capacity ceil(factor*T*k/E) per expert; assignments over it move to the tail with
     weight 0, so the dropped token keeps only its residual (and its other experts).
@@ -88,7 +94,7 @@ def dispatch_capacity(expert_idx, weights, num_experts, capacity_factor, drop_ru
     a = t * k
     flat_expert = expert_idx.reshape(-1)
     flat_weight = weights.reshape(-1)
-    capacity = max(1, math.ceil(capacity_factor * t * k / num_experts))
+    capacity = expert_capacity(t, k, num_experts, capacity_factor)
     arange = torch.arange(a, device=flat_expert.device)
     if drop_rule == "position":
         # rank of assignment (token i, slot j) in slot-major order is j*T + i
@@ -114,7 +120,7 @@ def dispatch_capacity(expert_idx, weights, num_experts, capacity_factor, drop_ru
 def expert_choice(scores, capacity_factor, top_k):
     """Each expert takes its top-C tokens by score, C = min(T, ceil(factor*T*top_k/E)) (Zhou et al. 2022)."""
     t, e = scores.shape
-    c = min(t, max(1, math.ceil(capacity_factor * t * top_k / e)))
+    c = min(t, expert_capacity(t, top_k, e, capacity_factor))
     row_weights, rows = scores.t().topk(c, dim=-1)
     group_sizes = torch.full((e,), c, dtype=torch.int64, device=scores.device)
     return rows.reshape(-1), row_weights.reshape(-1), group_sizes
@@ -128,6 +134,21 @@ def activate(activation, gate, up):
     if activation == "gelu":
         return F.gelu(up)
     return F.relu(up)
+
+
+def split_gate_up(w_up, w_gate, b_up, b_gate, activation, layout):
+    """(w_up, w_gate, b_up, b_gate) in the separate layout the FFN kernels take. layout "gate_up_fused": w_up
+    [..., 2F, H] holds the gate rows first, then the up rows (b_up likewise); the halves are views, no copy.
+    A non-gated activation has no gate."""
+    if activation not in ("swiglu", "geglu"):
+        return w_up, None, b_up, None
+    if layout != "gate_up_fused":
+        return w_up, w_gate, b_up, b_gate
+    half = w_up.shape[-2] // 2
+    w_gate, w_up = w_up[..., :half, :], w_up[..., half:, :]
+    if b_up is not None:
+        b_gate, b_up = b_up[..., :half], b_up[..., half:]
+    return w_up, w_gate, b_up, b_gate
 
 
 def ffn(x, w_up, w_down, w_gate, b_up, b_down, b_gate, activation):

@@ -109,7 +109,7 @@ def _parallel(spec: LayerSpec, total: int, routed: int, shared: int, per_expert:
             "a2a_assumption": "deduplicated dispatch, hidden vector only, both directions; expected: uniform routing"}
 
 
-def _human(n: int) -> str:
+def human_count(n: int) -> str:
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
             return f"{n / scale:.2f}{unit}"
@@ -124,12 +124,12 @@ def format_analysis(a: LayerAnalysis) -> str:
         ("explicit form", f"{x['routed']} routed + {x['shared']} shared experts of width {x['width']}"
                           + (f" (shared width {x['shared_width']})" if x['shared_width'] != x['width'] else "")
                           + f", top-{x['top_k']} routed active ({x['choice']}-choice)"),
-        ("total params", f"{a.total_params:,} ({_human(a.total_params)})"),
-        ("activated params", f"{a.activated_params:,} ({_human(a.activated_params)}) per token"),
+        ("total params", f"{a.total_params:,} ({human_count(a.total_params)})"),
+        ("activated params", f"{a.activated_params:,} ({human_count(a.activated_params)}) per token"),
         ("  router", f"{a.router_params:,}"),
         ("  routed experts", f"{a.routed_expert_params:,} ({a.params_per_routed_expert:,} each)"),
         ("  shared experts", f"{a.shared_params:,}"),
-        ("FLOPs per token", f"{a.flops_per_token:,} ({_human(a.flops_per_token)}, forward, 2 per MAC)"),
+        ("FLOPs per token", f"{a.flops_per_token:,} ({human_count(a.flops_per_token)}, forward, 2 per MAC)"),
         ("expert combinations", f"C({x['routed']},{x['top_k']}) = {a.combinations:,}"),
     ]
     if a.parallel is not None:

@@ -1,4 +1,4 @@
-"""Spec -> IR graph at the op level of DESIGN.md.
+"""Spec -> IR graph at the level where backends differ (README: "IR and passes").
 
 The graph takes x [B, S, H] and returns, by name:
   out                 [B, S, H]  routed + shared experts (the residual add is the caller's)
@@ -12,11 +12,9 @@ names in safetensors files, the eager module's state dict and the ONNX initializ
 """
 from __future__ import annotations
 
-import hashlib
-import json
 
-from .ir import ElemType, Graph, LossKind, OpCode, TensorType, Value
-from .spec import Choice, LayerSpec, spec_to_dict
+from .ir import ElemType, Graph, GraphKind, LossKind, OpCode, TensorType, Value
+from .spec import Choice, LayerSpec, canonical_spec_hash, spec_to_dict
 
 # The names every backend and the weight files agree on.
 ROUTER_WEIGHT = "router.weight"
@@ -27,8 +25,9 @@ EXPERT_WEIGHTS = ("w_up", "w_down", "w_gate", "b_up", "b_down", "b_gate")
 
 
 def spec_hash(spec: LayerSpec) -> str:
-    """Stable hash of the canonical spec (artifacts record it to refuse mismatched weights/engines)."""
-    return hashlib.sha256(json.dumps(spec_to_dict(spec), sort_keys=True).encode()).hexdigest()[:16]
+    """Hash of what the spec computes (artifacts record it to refuse mismatched weights and engines);
+    see spec.canonical_spec_hash for what it covers."""
+    return canonical_spec_hash(spec_to_dict(spec))
 
 
 def _ffn_weights(g: Graph, prefix: str, lead: tuple[int, ...], width: int, hidden: int, spec: LayerSpec,
@@ -49,7 +48,7 @@ def _ffn_weights(g: Graph, prefix: str, lead: tuple[int, ...], width: int, hidde
 
 def build_graph(spec: LayerSpec, *, training: bool = False) -> Graph:
     """The layer as an IR graph. `training` adds the router logits, load counts and balance losses."""
-    g = Graph(spec.name)
+    g = Graph(spec.name, GraphKind.LAYER)
     g.meta["spec_hash"] = spec_hash(spec)
     x = g.add_input("x", TensorType(("B", "S", spec.hidden), ElemType.from_name(spec.dtype)))
     for name, value in add_moe_layer(g, spec, x, training=training).items():
@@ -137,10 +136,10 @@ def _add_losses(g: Graph, spec: LayerSpec, scores: Value, expert_idx: Value | No
     b = spec.balance
     total = None
     outputs: dict[str, Value] = {}
+    # Expert choice takes only the z-loss (the spec refuses the others: it is balanced by construction),
+    # which reads no routing; the op's index port then carries the expert-choice rows.
     for name, alpha in b.losses.items():
         kind = LossKind(name)
-        if expert_idx is None and kind != LossKind.Z:
-            continue  # expert-choice routing is balanced by construction; only the z-loss applies
         attrs = {"kind": kind, "alpha": alpha, "top_k": spec.experts.top_k,
                  "devices": b.device.devices if kind == LossKind.DEVICE else 1}
         idx = expert_idx if expert_idx is not None else rows

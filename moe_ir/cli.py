@@ -140,13 +140,16 @@ def _progress_printer(stream=None) -> Callable[[str, int, int], None]:
     return report
 
 
-def spec_graph(spec):
-    """The IR graph of a layer spec (x in, out) or a model spec (input_ids in, logits out)."""
+def spec_graph(spec, *, training: bool = False):
+    """The IR graph of a layer spec (x in, out) or a model spec (input_ids in, logits out); `training` adds
+    the routing record, router logits, loads and balance losses."""
     from .builder import build_graph
     from .model_builder import build_model_graph
     from .model_spec import ModelSpec
 
-    return build_model_graph(spec) if isinstance(spec, ModelSpec) else build_graph(spec)
+    if isinstance(spec, ModelSpec):
+        return build_model_graph(spec, routing=training, training=training)
+    return build_graph(spec, training=training)
 
 
 def prepare_for_backend(spec, backend, *, seed: int = 0, weights_path: str | None = None):
@@ -154,7 +157,7 @@ def prepare_for_backend(spec, backend, *, seed: int = 0, weights_path: str | Non
     from .params import ensure_memory_for, init_weights, load_weights
     from .passes import run_pipeline
 
-    full = spec_graph(spec)
+    full = spec_graph(spec, training=backend.lowers_training_graph)
     ensure_memory_for(full, f"loading {weights_path}" if weights_path else "initialising random weights")
     weights = load_weights(weights_path, full) if weights_path else init_weights(full, seed)
     graph = run_pipeline(full, backend.pipeline)
@@ -200,11 +203,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 def _cmd_backends(args: argparse.Namespace) -> int:
     """Support matrix: each backend against a spec (or just the list without one)."""
-    from .backends import backend_names, get_backend
+    from .backends import default_backend_labels, get_backend
 
     spec = _load_spec(args.spec) if args.spec else None
     rows = []
-    for name in backend_names():
+    for name in default_backend_labels():  # "onnx:portable", "onnx:ort", ...: support differs per variant
         try:
             backend = get_backend(name)
         except BackendError as err:
@@ -229,7 +232,7 @@ def _cmd_backends(args: argparse.Namespace) -> int:
         if not r["available"]:
             status = "missing"
         detail = r.get("reason") or r.get("summary", "")
-        print(f"{r['backend']:12} {status:10} {detail}")
+        print(f"{r['backend']:18} {status:10} {detail}")
     return 0
 
 

@@ -29,10 +29,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from .analysis import LayerAnalysis, _human, analyse
+from .analysis import LayerAnalysis, human_count, analyse
 from .ir import ValueKind
 from .model_builder import build_model_graph, layer_prefix
-from .model_spec import ModelSpec, _ranges
+from .model_spec import ModelSpec, index_ranges
 
 __all__ = ["LayerBreakdown", "ModelAnalysis", "analyse_model", "format_model_analysis"]
 
@@ -177,7 +177,7 @@ def _layer_groups(layers: tuple[LayerBreakdown, ...]) -> list[tuple[int, int, La
 
 def format_model_analysis(r: ModelAnalysis, spec: ModelSpec | None = None) -> str:
     def count(n: int) -> str:
-        return f"{n:,} ({_human(n)})"
+        return f"{n:,} ({human_count(n)})"
 
     rows = [("model", r.name)]
     if spec is not None:
@@ -194,7 +194,7 @@ def format_model_analysis(r: ModelAnalysis, spec: ModelSpec | None = None) -> st
                            f"{', tied embeddings' if m.tied_embeddings else ''}"),
                  ("attention", attn),
                  ("MoE layers", f"{len(r.moe_layers)} of {m.layers}"
-                                + (f" (dense: {_ranges(tuple(r.dense_layers))}, width {m.dense_width})" if r.dense_layers else "")),
+                                + (f" (dense: {index_ranges(tuple(r.dense_layers))}, width {m.dense_width})" if r.dense_layers else "")),
                  ("MoE layer", f"{spec.moe.experts.routed} routed + {spec.moe.experts.shared} shared experts of width "
                                f"{spec.moe.experts.width}, top-{spec.moe.experts.top_k}")]
     rows += [

@@ -26,12 +26,11 @@ adds all of its training outputs under `layers.{i}.` (the names `builder.build_g
 """
 from __future__ import annotations
 
-import hashlib
-import json
 
 from .builder import add_moe_layer
-from .ir import ElemType, Graph, OpCode, TensorType, Value
+from .ir import ElemType, Graph, GraphKind, OpCode, TensorType, Value
 from .model_spec import AttentionKind, ModelSpec, QKNorm, model_spec_to_dict
+from .spec import canonical_spec_hash
 
 __all__ = ["build_model_graph", "model_spec_hash", "layer_prefix"]
 
@@ -40,7 +39,8 @@ MLA_LATENT_NORM_EPS = 1e-6
 
 
 def model_spec_hash(spec: ModelSpec) -> str:
-    return hashlib.sha256(json.dumps(model_spec_to_dict(spec), sort_keys=True).encode()).hexdigest()[:16]
+    """The model's spec hash (spec.canonical_spec_hash: names and source notes do not count)."""
+    return canonical_spec_hash(model_spec_to_dict(spec))
 
 
 def layer_prefix(i: int) -> str:
@@ -106,7 +106,7 @@ def build_model_graph(spec: ModelSpec, *, routing: bool = False, training: bool 
     m = spec.model
     dtype = ElemType.from_name(m.dtype)
     eps = {"eps": m.rms_norm_eps}
-    g = Graph(m.name)
+    g = Graph(m.name, GraphKind.MODEL)
     g.meta["spec_hash"] = model_spec_hash(spec)
     ids = g.add_input("input_ids", TensorType(("B", "S"), ElemType.INT64))
     embed = g.add_weight("embed.weight", TensorType((m.vocab_size, m.hidden), dtype))

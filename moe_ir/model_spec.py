@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .errors import SpecError
-from .spec import (Activation, DType, LayerSpec, _Ctx, _describe, _join, _parse_section, _suggest, schema_of_section,
+from .spec import (Activation, DType, LayerSpec, ParseContext, describe_value, join_key_path, parse_section, suggest_key, schema_of_section,
                    spec_field, spec_to_dict)
 
 __all__ = ["AttentionKind", "AttentionSpec", "ModelSection", "ModelSpec", "QKNorm", "RopeLayout", "model_json_schema",
@@ -72,35 +72,35 @@ class AttentionSpec:
                                               minimum=2)
     v_head_dim: int | None = spec_field(None, doc="mla: per-head value dim", minimum=1)
 
-    def check(self, ctx: _Ctx, path: str) -> None:
+    def check(self, ctx: ParseContext, path: str) -> None:
         if self.kind == AttentionKind.MLA:
             for name in _MLA_FIELDS:
                 if getattr(self, name) is None:
-                    ctx.fail(_join(path, name), f"kind mla needs {name}")
+                    ctx.fail(join_key_path(path, name), f"kind mla needs {name}")
             for name in ("kv_heads", "head_dim"):
                 if getattr(self, name) is not None:
-                    ctx.fail(_join(path, name), f"kind mla has no {name}: its head dims are qk_nope_head_dim + "
+                    ctx.fail(join_key_path(path, name), f"kind mla has no {name}: its head dims are qk_nope_head_dim + "
                                                 "qk_rope_head_dim (queries, keys) and v_head_dim (values)")
             if self.qk_norm != QKNorm.NONE:
-                ctx.fail(_join(path, "qk_norm"), "kind mla normalises its latents instead; qk_norm must be none")
+                ctx.fail(join_key_path(path, "qk_norm"), "kind mla normalises its latents instead; qk_norm must be none")
             if self.qk_rope_head_dim % 2:
-                ctx.fail(_join(path, "qk_rope_head_dim"), f"RoPE rotates pairs of dims; {self.qk_rope_head_dim} is odd")
+                ctx.fail(join_key_path(path, "qk_rope_head_dim"), f"RoPE rotates pairs of dims; {self.qk_rope_head_dim} is odd")
             return
         for name in ("q_lora_rank",) + _MLA_FIELDS:
             if getattr(self, name) is not None:
-                ctx.fail(_join(path, name), f"{name} belongs to kind mla; this attention is {self.kind.value}")
+                ctx.fail(join_key_path(path, name), f"{name} belongs to kind mla; this attention is {self.kind.value}")
         if self.kind == AttentionKind.MHA:
             if self.kv_heads is not None and self.kv_heads != self.heads:
-                ctx.fail(_join(path, "kv_heads"), f"mha has kv_heads == heads ({self.heads}); for {self.kv_heads} "
+                ctx.fail(join_key_path(path, "kv_heads"), f"mha has kv_heads == heads ({self.heads}); for {self.kv_heads} "
                                                   "key/value heads use kind: gqa")
         else:
             if self.kv_heads is None:
-                ctx.fail(_join(path, "kv_heads"), "kind gqa needs kv_heads")
+                ctx.fail(join_key_path(path, "kv_heads"), "kind gqa needs kv_heads")
             if self.kv_heads >= self.heads:
-                ctx.fail(_join(path, "kv_heads"), f"gqa needs fewer kv_heads than heads ({self.heads}); with "
+                ctx.fail(join_key_path(path, "kv_heads"), f"gqa needs fewer kv_heads than heads ({self.heads}); with "
                                                   f"{self.kv_heads} use kind: mha")
             if self.heads % self.kv_heads:
-                ctx.fail(_join(path, "kv_heads"), f"kv_heads={self.kv_heads} must divide heads={self.heads}")
+                ctx.fail(join_key_path(path, "kv_heads"), f"kv_heads={self.kv_heads} must divide heads={self.heads}")
 
     # -- derived sizes ---------------------------------------------------------------------------
 
@@ -150,17 +150,17 @@ class ModelSection:
     rms_norm_eps: float = spec_field(1e-6, doc="epsilon of every RMSNorm", exclusive_minimum=0.0)
     dtype: DType = spec_field(DType.FLOAT32, doc="dtype of activations and weights")
 
-    def check(self, ctx: _Ctx, path: str) -> None:
+    def check(self, ctx: ParseContext, path: str) -> None:
         a = self.attention
         if a.kind != AttentionKind.MLA and a.head_dim is None and self.hidden % a.heads:
-            ctx.fail(_join(path, "attention.heads"), f"{a.heads} heads do not divide hidden={self.hidden}; give "
+            ctx.fail(join_key_path(path, "attention.heads"), f"{a.heads} heads do not divide hidden={self.hidden}; give "
                                                      "attention.head_dim")
         if self.first_dense >= self.layers:
-            ctx.fail(_join(path, "first_dense"), f"first_dense={self.first_dense} leaves no MoE layer among "
+            ctx.fail(join_key_path(path, "first_dense"), f"first_dense={self.first_dense} leaves no MoE layer among "
                                                  f"{self.layers} layers")
         has_dense = any(not self.is_moe_layer(i) for i in range(self.layers))
         if has_dense and self.dense_width is None:
-            ctx.fail(_join(path, "dense_width"), f"layers {_ranges(self.dense_layers)} are dense; give their FFN "
+            ctx.fail(join_key_path(path, "dense_width"), f"layers {index_ranges(self.dense_layers)} are dense; give their FFN "
                                                  "width as dense_width")
 
     def is_moe_layer(self, i: int) -> bool:
@@ -187,7 +187,7 @@ class ModelSpec:
         return self.model.name
 
 
-def _ranges(indices: tuple[int, ...]) -> str:
+def index_ranges(indices: tuple[int, ...]) -> str:
     parts, start = [], None
     for j, i in enumerate(indices):
         if start is None:
@@ -198,11 +198,11 @@ def _ranges(indices: tuple[int, ...]) -> str:
     return ",".join(parts)
 
 
-class _NestedCtx(_Ctx):
+class _NestedCtx(ParseContext):
     """Parses a section as if it were a document of its own (so a LayerSpec's checks, which name keys
     relative to the layer, stay right) and reports paths and lines under `prefix`."""
 
-    def __init__(self, parent: _Ctx, prefix: str):
+    def __init__(self, parent: ParseContext, prefix: str):
         lead = prefix + "."
         lines = {k[len(lead):]: v for k, v in parent.lines.items() if k.startswith(lead)}
         lines[""] = parent.line_of(prefix)
@@ -210,7 +210,7 @@ class _NestedCtx(_Ctx):
         self.prefix = prefix
 
     def fail(self, path: str, message: str):
-        raise SpecError(message, path=_join(self.prefix, path), line=self.line_of(path), file=self.file)
+        raise SpecError(message, path=join_key_path(self.prefix, path), line=self.line_of(path), file=self.file)
 
 
 _TOP_KEYS = ("model", "moe")
@@ -220,22 +220,22 @@ _INHERITED = ("hidden", "dtype")
 
 def model_spec_from_dict(data: Any, *, lines: Mapping[str, int] | None = None, file: str | None = None) -> ModelSpec:
     """Parse and check a model spec given as plain data (`lines`: key path -> YAML line, for errors)."""
-    ctx = _Ctx(lines, file)
+    ctx = ParseContext(lines, file)
     if not isinstance(data, dict):
-        ctx.fail("", f"a model spec must be a mapping at the top level, found {_describe(data)}")
+        ctx.fail("", f"a model spec must be a mapping at the top level, found {describe_value(data)}")
     for key in data:
         if key not in _TOP_KEYS:
-            ctx.fail(str(key), f"unknown top-level key '{key}'{_suggest(str(key), list(_TOP_KEYS))}; a model spec "
+            ctx.fail(str(key), f"unknown top-level key '{key}'{suggest_key(str(key), list(_TOP_KEYS))}; a model spec "
                                f"has: {', '.join(_TOP_KEYS)}")
     for key in _TOP_KEYS:
         if key not in data:
             what = "the decoder (vocab_size, hidden, layers, attention, ...)" if key == "model" else \
                 "the MoE layer spec (experts, router, ...)"
             ctx.fail(key, f"missing required section '{key}' ({what})")
-    model = _parse_section(ModelSection, data["model"], "model", ctx)
+    model = parse_section(ModelSection, data["model"], "model", ctx)
     moe_data = data["moe"]
     if not isinstance(moe_data, dict):
-        ctx.fail("moe", f"expected a mapping, found {_describe(moe_data)}")
+        ctx.fail("moe", f"expected a mapping, found {describe_value(moe_data)}")
     moe_data = dict(moe_data)
     inherited = {"hidden": model.hidden, "dtype": model.dtype.value}
     for key, value in inherited.items():
@@ -245,7 +245,7 @@ def model_spec_from_dict(data: Any, *, lines: Mapping[str, int] | None = None, f
             ctx.fail(f"moe.{key}", f"moe.{key}={moe_data[key]!r} disagrees with model.{key}={value!r}; omit it "
                                    "(the MoE layers take the model's)")
     moe_data.setdefault("name", f"{model.name}.moe")
-    moe = _parse_section(LayerSpec, moe_data, "", _NestedCtx(ctx, "moe"))
+    moe = parse_section(LayerSpec, moe_data, "", _NestedCtx(ctx, "moe"))
     return ModelSpec(model=model, moe=moe)
 
 
@@ -269,11 +269,6 @@ def model_json_schema() -> dict:
     defs["ModelMoE"] = moe
     schema["properties"]["moe"] = {**schema["properties"]["moe"], "$ref": "#/$defs/ModelMoE"}
     return schema
-
-
-def replace_model(spec: ModelSpec, **changes: Any) -> ModelSpec:
-    """The spec with model-section fields changed (a small convenience for tests and tools)."""
-    return dataclasses.replace(spec, model=dataclasses.replace(spec.model, **changes))
 
 
 # Latent sizes of a miniature MLA: the published ranks (512 / 1536) scaled to a hidden size of 64 would

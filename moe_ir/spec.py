@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import hashlib
+import json
 import math
 import re
 import types
@@ -98,7 +100,7 @@ class PaperExperts:
     top_k: int = spec_field(doc="K: conventional experts active per token, shared ones included", minimum=1)
     shared: int = spec_field(0, doc="Ks: fine-grained experts every token uses", minimum=0)
 
-    def check(self, ctx: "_Ctx", path: str) -> None:
+    def check(self, ctx: "ParseContext", path: str) -> None:
         if self.expert_width % self.segmentation:
             ctx.fail(f"{path}.segmentation", f"m={self.segmentation} must divide expert_width F={self.expert_width}")
         total, active = self.segmentation * self.num_experts, self.segmentation * self.top_k
@@ -136,7 +138,7 @@ class ExpertsSpec:
         return {"N": self.routed + self.shared, "F": self.width, "m": 1, "K": self.top_k + self.shared,
                 "Ks": self.shared}
 
-    def check(self, ctx: "_Ctx", path: str) -> None:
+    def check(self, ctx: "ParseContext", path: str) -> None:
         if self.top_k > self.routed:
             ctx.fail(f"{path}.top_k", f"top_k={self.top_k} exceeds the {self.routed} routed experts")
         if self.shared_gate and self.shared == 0:
@@ -260,7 +262,7 @@ class LayerSpec:
             return self.router.group_limit
         return self.parallel.group_limit if self.parallel is not None else None
 
-    def check(self, ctx: "_Ctx", path: str) -> None:
+    def check(self, ctx: "ParseContext", path: str) -> None:
         e, r, b = self.experts, self.router, self.balance
         if self.parallel is not None:
             self._check_parallel(ctx)
@@ -294,7 +296,7 @@ class LayerSpec:
         if b.device is not None and e.routed % b.device.devices:
             ctx.fail("balance.device.devices", f"{b.device.devices} devices must divide the {e.routed} routed experts")
 
-    def _check_parallel(self, ctx: "_Ctx") -> None:
+    def _check_parallel(self, ctx: "ParseContext") -> None:
         e, r, b, p = self.experts, self.router, self.balance, self.parallel
         ep = p.expert_parallel
         if e.routed % ep:
@@ -336,14 +338,11 @@ class LayerSpec:
         cf = self.capacity_factor
         if cf is None:
             return None
-        return max(1, math.ceil(cf * tokens * self.experts.top_k / self.experts.routed))
+        return capacity_per_expert(tokens, cf, self.experts.top_k, self.experts.routed)
 
     @property
     def dropless(self) -> bool:
         return self.capacity_factor is None
-
-
-Spec = LayerSpec
 
 
 def miniature(spec: LayerSpec, hidden: int) -> LayerSpec:
@@ -370,7 +369,7 @@ def miniature(spec: LayerSpec, hidden: int) -> LayerSpec:
 # Generic parsing
 
 
-class _Ctx:
+class ParseContext:
     """Key path -> YAML line table and the error constructor that uses it."""
 
     def __init__(self, lines: Mapping[str, int] | None, file: str | None):
@@ -390,7 +389,7 @@ class _Ctx:
         raise SpecError(message, path=path, line=self.line_of(path), file=self.file)
 
 
-def _describe(value: Any) -> str:
+def describe_value(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -414,34 +413,34 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _parse_value(tp: Any, value: Any, path: str, ctx: _Ctx, meta: Mapping[str, Any]) -> Any:
+def _parse_value(tp: Any, value: Any, path: str, ctx: ParseContext, meta: Mapping[str, Any]) -> Any:
     tp, optional = _unwrap_optional(tp)
     if value is None:
         if optional:
             return None
         ctx.fail(path, f"expected {_type_name(tp)}, found null")
     if dataclasses.is_dataclass(tp):
-        return _parse_section(tp, value, path, ctx)
+        return parse_section(tp, value, path, ctx)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         choices = [m.value for m in tp]
         if not isinstance(value, str) or value not in choices:
-            hint = _suggest(str(value), choices) if isinstance(value, str) else ""
-            ctx.fail(path, f"expected one of {', '.join(choices)}, found {_describe(value)}{hint}")
+            hint = suggest_key(str(value), choices) if isinstance(value, str) else ""
+            ctx.fail(path, f"expected one of {', '.join(choices)}, found {describe_value(value)}{hint}")
         return tp(value)
     if tp is bool:
         if not isinstance(value, bool):
-            ctx.fail(path, f"expected true or false, found {_describe(value)}")
+            ctx.fail(path, f"expected true or false, found {describe_value(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            ctx.fail(path, f"expected an integer, found {_describe(value)}")
+            ctx.fail(path, f"expected an integer, found {describe_value(value)}")
     elif tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            ctx.fail(path, f"expected a finite number, found {_describe(value)}")
+            ctx.fail(path, f"expected a finite number, found {describe_value(value)}")
         value = float(value)
     elif tp is str:
         if not isinstance(value, str):
-            ctx.fail(path, f"expected a string, found {_describe(value)}")
+            ctx.fail(path, f"expected a string, found {describe_value(value)}")
         # A pattern guards strings that end up in file names and generated source (the layer name).
         if meta.get("pattern") is not None and not re.fullmatch(meta["pattern"], value):
             ctx.fail(path, f"{value!r} does not match {meta['pattern']} ({meta.get('doc', '')})")
@@ -452,7 +451,7 @@ def _parse_value(tp: Any, value: Any, path: str, ctx: _Ctx, meta: Mapping[str, A
     return value
 
 
-def _check_bounds(value: float, path: str, ctx: _Ctx, meta: Mapping[str, Any]) -> None:
+def _check_bounds(value: float, path: str, ctx: ParseContext, meta: Mapping[str, Any]) -> None:
     if meta.get("minimum") is not None and value < meta["minimum"]:
         ctx.fail(path, f"expected a value >= {meta['minimum']}, found {value!r}")
     if meta.get("exclusive_minimum") is not None and value <= meta["exclusive_minimum"]:
@@ -470,31 +469,31 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
-def _suggest(key: str, options: list[str]) -> str:
+def suggest_key(key: str, options: list[str]) -> str:
     close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _join(path: str, key: str) -> str:
+def join_key_path(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _parse_section(cls: type, data: Any, path: str, ctx: _Ctx) -> Any:
+def parse_section(cls: type, data: Any, path: str, ctx: ParseContext) -> Any:
     if not isinstance(data, dict):
-        ctx.fail(path, f"expected a mapping, found {_describe(data)}")
+        ctx.fail(path, f"expected a mapping, found {describe_value(data)}")
     if cls is ExpertsSpec:
         data = _experts_to_canonical(data, path, ctx)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if not isinstance(key, str):
-            ctx.fail(_join(path, str(key)), f"keys must be strings, found {_describe(key)}")
+            ctx.fail(join_key_path(path, str(key)), f"keys must be strings, found {describe_value(key)}")
         if key not in fields:
-            ctx.fail(_join(path, key), f"unknown key '{key}'{_suggest(key, list(fields))}; "
+            ctx.fail(join_key_path(path, key), f"unknown key '{key}'{suggest_key(key, list(fields))}; "
                                        f"allowed: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
-        sub = _join(path, name)
+        sub = join_key_path(path, name)
         if name in data:
             kwargs[name] = _parse_value(hints[name], data[name], sub, ctx, f.metadata)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -508,11 +507,11 @@ def _parse_section(cls: type, data: Any, path: str, ctx: _Ctx) -> Any:
 _EXPLICIT_KEYS = ("routed", "width", "top_k", "shared")
 
 
-def _experts_to_canonical(data: dict, path: str, ctx: _Ctx) -> dict:
+def _experts_to_canonical(data: dict, path: str, ctx: ParseContext) -> dict:
     """Fill the explicit keys from `paper:` when given, checking any explicit key that disagrees."""
     if data.get("paper") is None:
         return data
-    paper = _parse_section(PaperExperts, data["paper"], _join(path, "paper"), ctx)
+    paper = parse_section(PaperExperts, data["paper"], join_key_path(path, "paper"), ctx)
     derived = {
         "routed": paper.segmentation * paper.num_experts - paper.shared,
         "width": paper.expert_width // paper.segmentation,
@@ -524,19 +523,19 @@ def _experts_to_canonical(data: dict, path: str, ctx: _Ctx) -> dict:
     for key, value in derived.items():
         if key in data:
             # Type and bounds first: `routed: "63"` is a wrong type, not a disagreement with 63.
-            given = _parse_value(int, data[key], _join(path, key), ctx, fields[key].metadata)
+            given = _parse_value(int, data[key], join_key_path(path, key), ctx, fields[key].metadata)
             if given != value:
-                ctx.fail(_join(path, key), f"{key}={given!r} disagrees with the paper form, which gives {value}")
+                ctx.fail(join_key_path(path, key), f"{key}={given!r} disagrees with the paper form, which gives {value}")
         out[key] = value
     return out
 
 
 def spec_from_dict(data: Any, *, lines: Mapping[str, int] | None = None, file: str | None = None) -> LayerSpec:
     """Parse and check a spec given as plain data. `lines` maps key paths to YAML lines for errors."""
-    ctx = _Ctx(lines, file)
+    ctx = ParseContext(lines, file)
     if not isinstance(data, dict):
-        ctx.fail("", f"a spec must be a mapping at the top level, found {_describe(data)}")
-    return _parse_section(LayerSpec, data, "", ctx)
+        ctx.fail("", f"a spec must be a mapping at the top level, found {describe_value(data)}")
+    return parse_section(LayerSpec, data, "", ctx)
 
 
 def spec_to_dict(spec: Any) -> dict:
@@ -552,6 +551,37 @@ def spec_to_dict(spec: Any) -> dict:
             value = value.value
         out[f.name] = value
     return out
+
+
+def capacity_per_expert(tokens: int, factor: float, top_k: int, experts: int) -> int:
+    """ceil(factor * tokens * top_k / experts), at least 1: the assignments one expert may take (GShard,
+    Switch; expert choice with top_k = the average experts per token). The core's one statement of the rule;
+    the torch kernels (backends/torch_kernels.py) carry their own copy, since generated sources copy them."""
+    return max(1, math.ceil(factor * tokens * top_k / experts))
+
+
+# Fields that describe a spec rather than define what it computes: renaming a layer or editing its source
+# note keeps its weights and engines valid, so the spec hash leaves them out.
+DESCRIPTIVE_FIELDS = frozenset({"name", "source"})
+
+
+def canonical_spec_hash(data: Mapping[str, Any]) -> str:
+    """The spec hash of canonical plain data (spec_to_dict / model_spec_to_dict): sha256 of its JSON with
+    sorted keys, after leaving out the descriptive fields at every level and the paper form of the experts
+    (the explicit form it normalises to is already there). So the paper and explicit parametrisations of
+    one layer hash the same, and so do specs that differ only in name or source; every field that changes
+    the computation (shapes, routing, balance, capacity, dtype, a model's attention and schedule) counts."""
+
+    def semantic(value: Any, key: str = "") -> Any:
+        if isinstance(value, Mapping):
+            return {k: semantic(v, k) for k, v in value.items()
+                    if k not in DESCRIPTIVE_FIELDS and not (key == "experts" and k == "paper")}
+        if isinstance(value, (list, tuple)):
+            return [semantic(v) for v in value]
+        return value
+
+    text = json.dumps(semantic(data), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def json_schema() -> dict:

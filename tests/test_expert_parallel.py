@@ -1,27 +1,43 @@
-"""Expert parallelism on gloo over loopback: 2 and 4 local processes against the single-process eager
-module (float64) on the same global weights and inputs.
+"""Expert parallelism on gloo over loopback, lowered from the layer graph.
 
-Four processes are launched ONCE (a module-scoped fixture): every case runs with EP=4 on the world and
-with EP=2 on the subgroups {0,1} and {2,3}; each rank saves out / routing / losses / gradients for its
-slice of the batch, and the parent compares them with the eager module run on the whole batch. The objective on rank r is sum(out_r * G_r) + aux_loss_r, so the
-single-process equivalent is sum(out * G) + Σ_r aux_loss(x_r) (balance losses are per-rank statistics),
-with the communication loss written out by hand here from the eager routing record.
+1. Training (4 local processes, launched ONCE by a module-scoped fixture): every case runs with EP=4 on the
+   world and with EP=2 on the subgroups {0,1} and {2,3}; each rank saves out / routing / losses / gradients
+   for its slice of the batch, and the parent compares them with the single-process eager module (float64)
+   run on the whole batch with the same global weights. The objective on rank r is sum(out_r * G_r) +
+   aux_loss_r, so the single-process equivalent is sum(out * G) + Σ_r aux_loss(x_r) (balance losses are
+   per-rank statistics), with the communication loss written out by hand here from the eager routing record.
+2. The registered backend: `moe-ir validate --backends reference expert_parallel:2` passes, a pass
+   (fuse-gate-up) reaches the lowering, and validation catches a deliberately wrong expert-parallel result.
+3. The launcher: no socket listens beyond loopback, and a rank that dies or stops fails the run within the
+   bounded timeout with a one-line error.
+Results come back from the ranks as safetensors and JSON (no pickle).
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
+import time
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from moe_ir.backends.expert_parallel import shard_weights, spawn_local, unshard_weights
+from moe_ir.backends import get_backend
+from moe_ir.backends.expert_parallel import (ExpertParallelBackend, ExpertParallelMoE, Placement, check_graph,
+                                             shard_weights, spawn_local, unshard_weights)
+from moe_ir.backends.expert_parallel.launch import STOP_GRACE
 from moe_ir.backends.torch_eager import MoELayer
 from moe_ir.builder import build_graph
-from moe_ir.errors import SpecError
+from moe_ir.errors import BackendError, SpecError
 from moe_ir.params import init_weights
-from moe_ir.spec import spec_from_dict, spec_to_dict
+from moe_ir.passes import run_pipeline
+from moe_ir.spec import SharedPlacement, spec_from_dict, spec_to_dict
 
 H, E, F_, BATCH_PER_RANK, SEQ = 8, 8, 6, 2, 3
+SPECS = Path(__file__).resolve().parent.parent / "specs"
 
 
 def _spec_data(case: str, world: int) -> dict:
@@ -69,41 +85,94 @@ def _inputs(case: str, world: int):
     return spec, weights, x, g
 
 
+def _placement(spec, world: int) -> Placement:
+    return Placement.of(build_graph(spec), world, spec.parallel.shared)
+
+
+def _listening_sockets(pid: int) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp* writes them) of the TCP sockets `pid` listens on."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # state 0A: LISTEN
+                found.append(fields[1])
+    return found
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.split(":")[0]
+    if len(host) == 8:  # IPv4, little-endian hex: 127.x.x.x ends with 7F
+        return host.endswith("7F")
+    return host in ("00000000000000000000000001000000", "0000000000000000FFFF00000100007F")  # ::1, ::ffff:127.0.0.1
+
+
 def _ep_worker(rank: int, world: int, path: str) -> None:
     """On 4 processes: every case with EP=4 on the whole world, and with EP=2 on the subgroups {0,1}
     and {2,3} at once (so group ranks differ from global ranks on the second pair)."""
     import torch.distributed as dist
 
-    from moe_ir.backends.expert_parallel import ExpertParallelMoE
-
     # new_group is collective over the world: every process creates every group, in the same order.
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     shared_pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     shared_all = dist.new_group(list(range(world)))
-    results = {}
+    tensors, meta = {}, {"listening": _listening_sockets(os.getpid()) if os.path.exists("/proc/net/tcp") else None}
     for ep, group, shared_group in ((2, pairs[rank // 2], shared_pairs[rank // 2]), (4, None, shared_all)):
         group_rank = dist.get_rank(group)
         for case in CASES:
             spec, weights, x, g = _inputs(case, ep)
-            layer = ExpertParallelMoE.from_global(spec, weights, group=group, shared_group=shared_group)
+            layer = ExpertParallelMoE.from_spec(spec, weights, group=group, shared_group=shared_group)
             rows = slice(group_rank * BATCH_PER_RANK, (group_rank + 1) * BATCH_PER_RANK)
             xr = x[rows].clone().requires_grad_(True)
             res = layer(xr)
             ((res.out * g[rows]).sum() + res.aux_loss).backward()
-            grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
-                     for n, p in layer.named_parameters()}
-            results[ep, case] = {"out": res.out.detach(), "expert_idx": res.routing["expert_idx"],
-                                 "losses": {k: v.detach() for k, v in res.losses.items()}, "grads": grads,
-                                 "x_grad": xr.grad.detach(), "comm": res.comm._asdict(),
-                                 "state": {k: v.detach().clone() for k, v in layer.state_dict().items()}}
-    torch.save(results, f"{path}/rank{rank}.pt")
+            key = f"{ep}/{case}"
+            tensors[f"{key}/out"] = res.out.detach()
+            tensors[f"{key}/expert_idx"] = res.routing["expert_idx"]
+            tensors[f"{key}/x_grad"] = xr.grad.detach()
+            for kind, value in res.losses.items():
+                tensors[f"{key}/loss/{kind}"] = value.detach()
+            for name, p in layer.named_parameters():
+                tensors[f"{key}/grad/{name}"] = (p.grad if p.grad is not None else torch.zeros_like(p)).detach()
+            for name, value in layer.state_dict().items():
+                tensors[f"{key}/state/{name}"] = value.detach()
+            meta[key] = {"comm": res.comm._asdict()}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, f"{path}/rank{rank}.safetensors")
+    Path(path, f"rank{rank}.json").write_text(json.dumps(meta))
+
+
+def _unflatten(tensors: dict, meta: dict) -> dict:
+    """{(ep, case): {"out", "expert_idx", "x_grad", "losses": {}, "grads": {}, "state": {}, "comm": {}}}."""
+    results: dict = {}
+    for key, value in tensors.items():
+        ep, case, field, *rest = key.split("/")
+        entry = results.setdefault((int(ep), case), {"losses": {}, "grads": {}, "state": {}})
+        if rest:
+            entry[{"loss": "losses", "grad": "grads", "state": "state"}[field]]["/".join(rest)] = value
+        else:
+            entry[field] = value
+    for (ep, case), entry in results.items():
+        entry["comm"] = meta[f"{ep}/{case}"]["comm"]
+    results["listening"] = meta["listening"]
+    return results
 
 
 @pytest.fixture(scope="module")
 def ep_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ep")
     spawn_local(_ep_worker, 4, str(out))
-    return [torch.load(out / f"rank{r}.pt") for r in range(4)]
+    return [_unflatten(load_file(out / f"rank{r}.safetensors"), json.loads((out / f"rank{r}.json").read_text()))
+            for r in range(4)]
 
 
 @pytest.fixture(params=[2, 4], ids=["ep2", "ep4"])
@@ -163,7 +232,7 @@ def _check_against_oracle(world, spec, got, full, x_grad, grads, losses):
     torch.testing.assert_close(torch.cat([r["expert_idx"] for r in got]), full.routing["expert_idx"])
     torch.testing.assert_close(torch.cat([r["out"] for r in got]), full.out.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(torch.cat([r["x_grad"] for r in got]), x_grad, rtol=1e-11, atol=1e-12)
-    ep_grads = unshard_weights([r["grads"] for r in got], spec, replicated="sum")
+    ep_grads = unshard_weights([r["grads"] for r in got], _placement(spec, world), replicated="sum")
     assert set(ep_grads) == set(grads)
     for name, want in grads.items():
         want = want if want is not None else torch.zeros_like(ep_grads[name])
@@ -180,13 +249,14 @@ def test_state_dicts_are_canonical_shards(ep_runs):
     ranks = groups[-1]
     for case in ("dropless", "shared_tensor_parallel"):
         spec, weights, _, _ = _inputs(case, world)
+        placement = _placement(spec, world)
         for r in range(world):
             state = ranks[case][r]["state"]
-            want = shard_weights(weights, spec, r)
+            want = shard_weights(weights, placement, r)
             assert set(state) == set(weights)
             for name in want:
                 torch.testing.assert_close(state[name], want[name], rtol=0, atol=0)
-        merged = unshard_weights([ranks[case][r]["state"] for r in range(world)], spec)
+        merged = unshard_weights([ranks[case][r]["state"] for r in range(world)], placement)
         for name in weights:
             torch.testing.assert_close(merged[name], weights[name], rtol=0, atol=0)
     # The expert block is the rank's slice: rank 1 holds experts [E/D, 2E/D).
@@ -235,6 +305,199 @@ def test_comm_bytes_count_remote_rows(ep_runs):
         in_rows = sum(c["recv_rows"]) - c["recv_rows"][r]
         assert c["bytes_sent"] == out_rows * payload_row + in_rows * H * 8
         assert c["bytes_received"] == in_rows * payload_row + out_rows * H * 8
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads the listening sockets from Linux's /proc")
+def test_ranks_listen_on_loopback_only(ep_results):
+    """The ranks meet through a file store (a TCP store would listen on every interface) and gloo's own
+    sockets are bound to the loopback interface: nothing a rank listens on is reachable from the network."""
+    for rank, result in enumerate(ep_results):
+        listening = result["listening"]
+        assert listening, f"rank {rank} listens on nothing: gloo's pair sockets should show here"
+        assert all(_is_loopback(a) for a in listening), (rank, listening)
+
+
+def test_loopback_check_tells_a_listener_on_every_interface_apart():
+    """The check above would catch torch's TCP store, which listens on [::] (every interface)."""
+    assert _is_loopback("0100007F:8D57") and _is_loopback("00000000000000000000000001000000:1F90")
+    assert not _is_loopback("00000000000000000000000000000000:73AB")  # [::]:29611, the TCP store of env://
+    assert not _is_loopback("00000000:1F90") and not _is_loopback("0200000A:1F90")  # 0.0.0.0, 10.0.0.2
+
+
+# -- the registered backend: moe-ir validate -------------------------------------------------------
+
+
+def test_moe_ir_validate_checks_expert_parallel(capsys):
+    from moe_ir.cli import main
+
+    assert main(["validate", str(SPECS / "tiny.yaml"), "--backends", "reference", "expert_parallel:2",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    ep = report["results"][1]
+    assert ep["backend"] == "expert_parallel:2" and ep["status"] == "ok"
+    assert ep["routing"]["flips"] == 0 and ep["outputs"]["out"]["max_abs"] < 1e-5
+    # tiny has 7 routed experts: 2 ranks hold blocks of 4 and 3.
+    placement = check_graph(build_graph(spec_from_dict(_tiny_data())), 2)
+    assert [placement.expert_range(r) for r in (0, 1)] == [range(0, 4), range(4, 7)]
+
+
+def _tiny_data() -> dict:
+    import yaml
+
+    return yaml.safe_load((SPECS / "tiny.yaml").read_text())
+
+
+class _GateUpFusedExpertParallel(ExpertParallelBackend):
+    """The backend with one more pass: gate and up projections concatenated into one weight."""
+
+    pipeline = ("fuse-shared-experts", "fuse-gate-up", "dce")
+
+
+def test_a_pass_reaches_the_expert_parallel_lowering():
+    """Tensor-parallel shared experts (two, fused into one wider ffn) and fused gate/up weights, on 7
+    experts over 2 ranks: still the reference's numbers."""
+    from moe_ir.validate import validate
+
+    spec = spec_from_dict({"name": "ep-fused", "hidden": 16, "experts": {
+        "routed": 7, "width": 8, "top_k": 2, "shared": 2, "shared_gate": True, "bias": True}})
+    backend = _GateUpFusedExpertParallel("2-tp")
+    piped = run_pipeline(build_graph(spec), backend.pipeline)
+    assert {n.attrs["weight_layout"].value for n in piped.nodes if "weight_layout" in n.attrs} == {"gate_up_fused"}
+    assert len([n for n in piped.nodes if n.op.value == "ffn"]) == 1
+    report = validate(spec, [backend], tokens=12, batch=2, dtype="float64")
+    (result,) = report.results
+    assert result.backend == "expert_parallel:2-tp" and result.status == "ok", report.to_table()
+    assert result.outputs["out"].max_abs < 1e-10
+
+
+def _rank_with_misrouted_results(rank: int, world: int, folder: str, shared: str) -> None:
+    """A deliberately wrong expert-parallel rank: the rows coming back from the experts are added to the
+    wrong tokens (the combine's all-to-all result reversed), as an off-by-one in an exchange would."""
+    from moe_ir.backends.expert_parallel import backend, module
+
+    exchange = module.all_to_all_rows
+    calls = []
+
+    def reversed_results(rows, out_splits, in_splits, group=None):
+        calls.append(None)
+        got = exchange(rows, out_splits, in_splits, group)
+        return got.flip(0) if len(calls) % 2 == 0 else got  # the 2nd all-to-all of each exchange: results
+
+    module.all_to_all_rows = reversed_results
+    backend.run_rank(rank, world, folder, shared)
+
+
+class _WrongExpertParallel(ExpertParallelBackend):
+    rank_main = staticmethod(_rank_with_misrouted_results)
+
+
+def test_validate_catches_a_wrong_expert_parallel_result():
+    from moe_ir.validate import validate
+
+    report = validate(spec_from_dict(_tiny_data()), [get_backend("reference"), _WrongExpertParallel("2")])
+    reference, wrong = report.results
+    assert reference.status == "ok" and not report.ok
+    assert wrong.status == "mismatch" and not wrong.outputs["out"].ok and wrong.outputs["out"].max_abs > 1e-2
+    assert wrong.routing.flips == 0  # the routing itself was right: only the exchange was wrong
+
+
+# -- the launcher: bounded failures ------------------------------------------------------------------
+
+
+def _rank_that_dies(rank: int, world: int, folder: str, how: str) -> None:
+    import torch.distributed as dist
+
+    Path(folder, f"start{rank}").write_text(str(time.time()))
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+    dist.all_reduce(torch.ones(4))
+
+
+@pytest.mark.parametrize("how, words", [
+    ("killed", "rank 1 was killed by SIGKILL"),
+    ("stopped", "rank 0: a collective did not complete within the 3 s timeout: another rank stopped, hung or died"),
+])
+def test_a_rank_that_dies_or_stops_fails_the_run_within_the_timeout(how, words, tmp_path):
+    timeout = 3.0
+    with pytest.raises(BackendError) as err:
+        spawn_local(_rank_that_dies, 2, str(tmp_path), how, timeout=timeout)
+    failed_after = time.time() - float((tmp_path / "start0").read_text())
+    message = str(err.value)
+    assert message.startswith("expert-parallel run on 2 processes failed: ") and words in message
+    assert "\n" not in message
+    # From the moment the ranks met at the collective: the timeout, the others' grace and slack for a loaded
+    # machine; without the bounded timeout a stopped rank would hold the run for torch's default 30 minutes.
+    assert failed_after < timeout + STOP_GRACE + 10, failed_after
+    if how == "stopped":
+        assert failed_after >= timeout - 0.5  # rank 0 waited for the collective's timeout, no longer
+
+
+def test_a_rank_error_is_one_line(tmp_path):
+    with pytest.raises(BackendError, match=r"^expert-parallel run on 2 processes failed: rank \d: "
+                                           r"ZeroDivisionError: division by zero$"):
+        spawn_local(_rank_that_raises, 2)
+
+
+def _rank_that_raises(rank: int, world: int) -> None:
+    1 / 0
+
+
+# -- support and variants (no processes) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data, words", [
+    ({"router": {"choice": "expert"}}, "supports token-choice routing"),
+    ({"capacity": {"factor": 1.25}}, "expert parallelism is dropless; the dispatch has capacity factor 1.25"),
+    ({"experts": {"routed": 3, "width": 4, "top_k": 2}}, "4 ranks for 3 routed experts"),
+])
+def test_supports_gives_reasons(data, words):
+    spec = spec_from_dict({"hidden": 8, "experts": {"routed": 8, "width": 4, "top_k": 2}, **data})
+    backend = get_backend("expert_parallel:4")
+    ok, reason = backend.supports(run_pipeline(build_graph(spec), backend.pipeline))
+    assert not ok and words in reason
+
+
+def test_supports_refuses_model_graphs_and_fused_layers():
+    from moe_ir.model_builder import build_model_graph
+    from moe_ir.model_spec import model_spec_from_dict
+
+    backend = get_backend("expert_parallel")
+    assert backend.label == "expert_parallel:2"
+    layer = {"hidden": 16, "experts": {"routed": 4, "width": 8, "top_k": 2}}
+    model = model_spec_from_dict({"model": {"name": "m", "vocab_size": 32, "hidden": 16, "layers": 1,
+                                            "attention": {"kind": "mha", "heads": 2}},
+                                  "moe": {"experts": layer["experts"]}})
+    ok, reason = backend.supports(build_model_graph(model))
+    assert not ok and "model graph; expert parallelism runs one MoE layer" in reason
+    fused = run_pipeline(build_graph(spec_from_dict(layer)), ("fuse-moe", "dce"))
+    ok, reason = backend.supports(fused)
+    assert not ok and "fused_moe op hides the dispatch" in reason
+    tp = get_backend("expert_parallel:2-tp")
+    ok, reason = tp.supports(build_graph(spec_from_dict(layer)))
+    assert not ok and "tensor-parallel shared experts need a shared expert" in reason
+
+
+@pytest.mark.parametrize("variant", ["0", "two", "2-pp", "-tp"])
+def test_bad_variants_are_clear_errors(variant):
+    with pytest.raises(BackendError, match="the variant is the number of local processes"):
+        get_backend(f"expert_parallel:{variant}")
+
+
+def test_uneven_placement_round_trips():
+    spec = spec_from_dict({"hidden": 8, "experts": {"routed": 7, "width": 6, "top_k": 2, "shared": 1},
+                           "parallel": {"expert_parallel": 1}})
+    graph = build_graph(spec)
+    placement = Placement.of(graph, 3, SharedPlacement.TENSOR_PARALLEL)
+    assert [placement.expert_range(r) for r in range(3)] == [range(0, 3), range(3, 5), range(5, 7)]
+    assert placement.expert_slots().tolist() == [0, 1, 2, 3, 4, 7, 5, 6, 7]
+    assert placement.shard_dim("shared.0.w_down") == 1 and placement.shard_dim("shared.0.w_up") == 0
+    assert placement.shard_dim("router.weight") is None
+    weights = init_weights(graph, 0)
+    shards = [shard_weights(weights, placement, r) for r in range(3)]
+    assert [s["experts.w_up"].shape[0] for s in shards] == [3, 2, 2]
+    assert [s["shared.0.w_up"].shape[0] for s in shards] == [2, 2, 2]  # shared width 6 over 3 ranks
+    merged = unshard_weights(shards, placement)
+    assert all(torch.equal(merged[name], weights[name]) for name in weights)
 
 
 # -- spec checks (no processes) -------------------------------------------------------------------
@@ -286,7 +549,6 @@ def test_inspect_reports_per_device_numbers():
 
 def _ep_tool():
     import importlib.util
-    from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "tools" / "ep_train_step.py"
     module_spec = importlib.util.spec_from_file_location("ep_train_step", path)
@@ -296,11 +558,10 @@ def _ep_tool():
 
 
 def test_check_spec_needs_no_process_group():
-    from moe_ir.backends.expert_parallel import ExpertParallelMoE
-    from moe_ir.errors import BackendError
-
     spec = spec_from_dict(_spec_data("dropless", 2))
-    assert ExpertParallelMoE.check_spec(spec, 2).local_experts == E // 2
+    options = ExpertParallelMoE.check_spec(spec, 2)
+    assert options == {"shared": SharedPlacement.REPLICATED, "communication": 0.02, "gamma": None}
+    assert check_graph(build_graph(spec), 2).max_local_experts == E // 2
     with pytest.raises(BackendError, match="process group has 4 ranks"):
         ExpertParallelMoE.check_spec(spec, 4)
     expert_choice = spec_from_dict({"hidden": H, "experts": {"routed": E, "width": F_, "top_k": 2},

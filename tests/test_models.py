@@ -308,7 +308,7 @@ def _tiny_configs():
 def test_logits_match_transformers(family):
     from transformers import AutoModelForCausalLM
 
-    from moe_ir.frontends.hf_model import model_spec_from_hf_config, weights_from_hf_model
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config, weights_from_hf_model
 
     cfg = _tiny_configs()[family]()
     cfg._attn_implementation = "eager"
@@ -338,7 +338,7 @@ def test_weight_mapping_refuses_leftover_tensors():
     from transformers import AutoModelForCausalLM
 
     from moe_ir.errors import WeightsError
-    from moe_ir.frontends.hf_model import model_spec_from_hf_config, weights_from_hf_model
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config, weights_from_hf_model
 
     cfg = _tiny_configs()["mixtral"]()
     hf = AutoModelForCausalLM.from_config(cfg)
@@ -379,7 +379,7 @@ def test_weight_mapping_refuses_leftover_tensors():
                           "clip_qkv": None, "attention_bias": False, "tie_word_embeddings": False}),
 ])
 def test_import_of_released_config_gives_the_spec(spec_file, config):
-    from moe_ir.frontends.hf_model import model_spec_from_hf_config
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config
 
     ours = load_model_spec(MODELS / spec_file)
     imported = model_spec_from_hf_config(config, name=ours.model.name)
@@ -411,7 +411,7 @@ def test_import_hf_model_command_writes_the_shipped_spec(tmp_path, capsys):
 
 
 def test_import_refuses_rope_scaling():
-    from moe_ir.frontends.hf_model import model_spec_from_hf_config
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config
 
     cfg = _tiny_configs()["deepseek_v2"]().to_dict()
     cfg["rope_scaling"] = {"type": "yarn", "factor": 40}
@@ -429,7 +429,7 @@ def _model_config_classes():
 
 def test_model_defaults_match_installed_transformers():
     """A config.json may omit keys; the importer's table must be the config classes' own defaults."""
-    from moe_ir.frontends.hf_model import MODEL_DEFAULTS
+    from moe_ir.frontends.hf.model import MODEL_DEFAULTS
 
     for model_type, cls in _model_config_classes().items():
         defaults = cls().to_dict()
@@ -442,7 +442,7 @@ def test_model_defaults_match_installed_transformers():
 def test_minimal_config_imports_as_the_config_class_builds_it(model_type):
     """{"model_type": ...} alone means the class defaults, as transformers reads it (Mixtral: 8 kv heads,
     eps 1e-5, theta 1e6; V3: q_lora_rank 1536), not a KeyError or generic defaults."""
-    from moe_ir.frontends.hf_model import model_spec_from_hf_config
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config
 
     extra = {"num_experts_per_tok": 2} if model_type == "deepseek_v2" else {}  # the class has no default k
     cls = _model_config_classes()[model_type]
@@ -454,7 +454,7 @@ def test_minimal_config_imports_as_the_config_class_builds_it(model_type):
 
 
 def test_deepseek_remote_config_must_state_decoder_sizes():
-    from moe_ir.frontends.hf_model import model_spec_from_hf_config
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config
 
     config = {"model_type": "deepseek", "vocab_size": 102400, "hidden_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 4, "rms_norm_eps": 1e-6, "n_routed_experts": 8,
@@ -475,7 +475,7 @@ def test_deepseek_remote_config_must_state_decoder_sizes():
     ("olmoe", {"num_attention_heads": "4"}, "num_attention_heads"),
 ])
 def test_model_import_refusals_name_the_key(family, changes, key):
-    from moe_ir.frontends.hf_model import model_spec_from_hf_config
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config
 
     cfg = {**_tiny_configs()[family]().to_dict(), **changes}
     with pytest.raises(SpecError) as err:

@@ -17,7 +17,7 @@ from moe_ir.spec import spec_from_dict
 pytest.importorskip("onnxruntime")
 from moe_ir.backends.onnx import Flavour, OnnxBackend, load_runner, lower, lowered_graph, write_model  # noqa: E402
 from moe_ir.backends.onnx import verify  # noqa: E402
-from moe_ir.backends.onnx.lower import to_numpy  # noqa: E402
+from moe_ir.backends.onnx.emit import to_numpy  # noqa: E402
 from moe_ir.backends.onnx.plugin_op import DOMAIN, OP_TYPE, FusedMoEAttrs  # noqa: E402
 from moe_ir.spec import Activation, DType, GroupScore, ScoreFn  # noqa: E402
 from moe_ir.validate import TOLERANCES  # noqa: E402

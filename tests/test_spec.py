@@ -1,4 +1,5 @@
 """The spec: both parametrisations, shipped specs, and that malformed specs only ever raise SpecError."""
+import dataclasses
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from moe_ir.errors import SpecError
 from moe_ir.frontends import load_spec, load_spec_text
 from moe_ir.spec import Activation, ScoreFn, json_schema, spec_from_dict, spec_to_dict
 
-from conftest import SPEC_FILES
+from conftest import SPEC_FILES, SPECS
 
 BASE = {"hidden": 32, "experts": {"routed": 8, "width": 16, "top_k": 2}}
 
@@ -281,3 +282,27 @@ def test_key_with_a_newline_still_gives_a_one_line_error():
     with pytest.raises(SpecError) as info:
         spec_from_dict({"name": "x", "hidden": 8, "experts": {"routed": 4, "width": 4, "top_k": 1, "\n": 0}})
     assert "\n" not in str(info.value) and "unknown key '\\n'" in str(info.value)
+
+
+def test_spec_hash_is_canonical():
+    """Both parametrisations of one layer hash the same; name and source do not count; anything that changes
+    the computation does (the hash gates TensorRT engines and weight files)."""
+    from moe_ir.builder import spec_hash
+    from moe_ir.model_builder import model_spec_hash
+    from moe_ir.frontends import load_model_spec, load_spec_text
+
+    paper = load_spec_text("name: a\nhidden: 64\nexperts: {paper: {num_experts: 16, expert_width: 128, "
+                           "segmentation: 4, top_k: 2, shared: 2}}\n")
+    explicit = load_spec_text("name: b\nsource: another note\nhidden: 64\n"
+                              "experts: {routed: 62, width: 32, top_k: 6, shared: 2}\n")
+    assert spec_hash(paper) == spec_hash(explicit)
+    for change in ("experts: {routed: 62, width: 32, top_k: 5, shared: 2}",
+                   "experts: {routed: 62, width: 32, top_k: 6, shared: 2}\nrouter: {score: sigmoid}",
+                   "experts: {routed: 62, width: 32, top_k: 6, shared: 2}\ncapacity: {factor: 1.25}",
+                   "experts: {routed: 62, width: 32, top_k: 6, shared: 2}\ndtype: bfloat16"):
+        assert spec_hash(load_spec_text(f"name: b\nhidden: 64\n{change}\n")) != spec_hash(explicit), change
+    model = load_model_spec(SPECS / "models" / "mixtral-8x7b.yaml")
+    renamed = dataclasses.replace(model, model=dataclasses.replace(model.model, name="other", source="x"))
+    assert model_spec_hash(renamed) == model_spec_hash(model)
+    wider = dataclasses.replace(model, model=dataclasses.replace(model.model, vocab_size=model.model.vocab_size + 1))
+    assert model_spec_hash(wider) != model_spec_hash(model)

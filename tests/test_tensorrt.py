@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from moe_ir.backends.onnx import plugin_op
-from moe_ir.backends.tensorrt import PLUGIN_BUNDLE_NAME, TensorRTBackend, environment_problems
+from moe_ir.backends.tensorrt import PLUGIN_BUNDLE_NAME, TensorRTBackend, environment_problems, plugin_bundle_source
 from moe_ir.backends.tensorrt import plugin as P
 from moe_ir.backends.tensorrt.engine import (
     EngineManifest,
@@ -39,7 +39,7 @@ from moe_ir.ir import ElemType, OpCode, WeightLayout, op_def
 from moe_ir.spec import Activation, GroupScore, ScoreFn
 
 REPO = Path(__file__).resolve().parent.parent
-TRT_MISSING_REASON = "TensorRT is not installed on this machine (see DESIGN.md)"
+TRT_MISSING_REASON = "TensorRT is not installed on this machine (pip install tensorrt on a machine with an NVIDIA GPU)"
 NEEDS_TRT_GPU = pytest.mark.skipif(bool(environment_problems()),
                                    reason=f"{TRT_MISSING_REASON}; also needs a CUDA GPU")
 HONEST_ABSENCE = pytest.mark.skipif(not environment_problems(),
@@ -479,7 +479,7 @@ def test_build_without_tensorrt_writes_the_bundle_and_says_how_to_finish(tmp_pat
     assert bundle["dtype"] == "float32" and bundle["profile"] == {"min": 1, "opt": 64, "max": 1024}
     assert "TensorRT is not installed" in bundle["missing"][0]
     assert onnx_facts(parser_model(out / "tiny-v3.plugin.onnx", aot=True))["dtype"] == "float32"
-    assert (out / PLUGIN_BUNDLE_NAME).read_text() == Path(P.__file__).read_text()
+    assert (out / PLUGIN_BUNDLE_NAME).read_text() == plugin_bundle_source()
 
 
 @HONEST_ABSENCE
@@ -507,15 +507,17 @@ def test_bf16_build_without_tensorrt_writes_a_bf16_bundle(tmp_path, capsys):
 
 
 def test_bundled_plugin_module_is_standalone(tmp_path):
-    """The copy in a bundle must import without moe_ir: no relative or moe_ir imports at module level."""
-    tree = ast.parse(Path(P.__file__).read_text())
+    """The copy in a bundle must import without moe_ir: no relative or moe_ir imports at module level (the
+    repository's plugin.py imports the shared torch kernels; the bundle carries their source instead)."""
+    text = plugin_bundle_source()
+    tree = ast.parse(text)
     for node in tree.body:
         if isinstance(node, ast.ImportFrom):
             assert node.level == 0 and not (node.module or "").startswith("moe_ir"), ast.dump(node)
         if isinstance(node, ast.Import):
             assert all(not a.name.startswith("moe_ir") for a in node.names)
     copy = tmp_path / PLUGIN_BUNDLE_NAME
-    copy.write_text(Path(P.__file__).read_text())
+    copy.write_text(text)
     spec = importlib.util.spec_from_file_location("bundled_plugin_under_test", copy)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -526,6 +528,24 @@ def test_bundled_plugin_module_is_standalone(tmp_path):
     cfg = module.MoEConfig("softmax", 2, 1, 1, "max", False, 1.0, "swiglu")
     args = _inputs(CONFIGS[0], seed=4)
     _assert_matches(module.fused_moe_torch(*args, cfg), _reference(*args, CONFIGS[0]), atol=1e-5, rtol=1e-5)
+
+
+def test_bundled_plugin_carries_the_shared_kernels_verbatim():
+    """One source of truth: every function the bundle defines beyond plugin.py is a torch kernel, textually
+    identical to moe_ir/backends/torch_kernels.py, and the bundle runs no other routing code."""
+    import inspect
+
+    from moe_ir.backends import torch_kernels
+
+    text = plugin_bundle_source()
+    plugin_defs = {n.name for n in ast.parse(Path(P.__file__).read_text()).body if isinstance(n, ast.FunctionDef)}
+    copied = [n for n in ast.parse(text).body if isinstance(n, ast.FunctionDef) and n.name not in plugin_defs]
+    assert {n.name for n in copied} >= {"route_topk", "scale_weights", "score", "dispatch", "grouped_ffn", "combine",
+                                        "split_gate_up"}
+    for node in copied:
+        assert ast.get_source_segment(text, node) == inspect.getsource(getattr(torch_kernels, node.name)).rstrip(), \
+            node.name
+    assert not plugin_defs & {"_route", "_activate"}  # the plugin's former copies of the routing rules
 
 
 @HONEST_ABSENCE

@@ -1,6 +1,8 @@
 """Expert-parallel training steps on N local CPU processes (gloo over loopback), N = 1, 2, 4 by default.
 
-Each rank holds routed/N experts and its own batch of tokens; a step is forward, backward of
+The layer is lowered from the spec's training graph (ExpertParallelMoE.from_spec: the graph after the
+backend's passes, with the spec's placement options). Each rank holds routed/N experts and its own batch of
+tokens; a step is forward, backward of
 sum(out²)/T + aux losses, the sum of the replicated gradients over the group, and an SGD update. The
 table shows, per world size and rank, the token rows it dispatched and served, the all-to-all bytes it
 sent and received to/from other ranks (both all-to-alls of the routed path, as CommStats counts them)
@@ -13,11 +15,15 @@ and the median step time over the timed steps (after warm-up), the slowest rank'
 The same step under torchrun (one process per rank, gloo on CPU or NCCL on GPUs):
 
     torchrun --standalone --nproc-per-node 4 tools/ep_train_step.py --torchrun
+
+Local processes meet through a file store and listen on loopback only; a collective waits at most
+--timeout seconds (default 60), so a rank that dies or stops ends the run with one error line.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -28,11 +34,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moe_ir.backends.expert_parallel import ExpertParallelMoE, init_from_env, spawn_local
-from moe_ir.builder import build_graph
+from moe_ir.backends.expert_parallel import DEFAULT_TIMEOUT, ExpertParallelMoE, init_from_env, spawn_local
 from moe_ir.errors import MoeIRError
 from moe_ir.frontends import load_spec
-from moe_ir.params import init_weights
 from moe_ir.spec import LayerSpec, spec_from_dict, spec_to_dict
 
 DEFAULT_SPEC = {"name": "ep-demo", "hidden": 128, "experts": {"routed": 16, "width": 64, "top_k": 4, "shared": 1},
@@ -63,10 +67,14 @@ def layer_spec(args: argparse.Namespace, world: int) -> LayerSpec:
     return spec_from_dict(data)
 
 
+# The numbers a rank reports, in the order the torchrun path gathers them as one float64 tensor per rank.
+ROW_FIELDS = ("world", "rank", "tokens", "sent_rows", "served_rows", "bytes_sent", "bytes_received", "step_ms",
+              "device_limit")
+
+
 def run_rank(rank: int, world: int, args: argparse.Namespace, out_dir: str | None) -> dict:
     spec = layer_spec(args, world)
-    weights = init_weights(build_graph(spec), seed=0)
-    layer = ExpertParallelMoE.from_global(spec, weights)
+    layer = ExpertParallelMoE.from_spec(spec, seed=0)  # the same seeded global init on every rank
     opt = torch.optim.SGD(layer.parameters(), lr=1e-2)
     tokens = args.tokens // world  # the global batch is split over the ranks
     gen = torch.Generator().manual_seed(1000 + rank)
@@ -94,8 +102,14 @@ def run_rank(rank: int, world: int, args: argparse.Namespace, out_dir: str | Non
     return row
 
 
-def _spawned(rank: int, world: int, args: argparse.Namespace, out_dir: str) -> None:
-    run_rank(rank, world, args, out_dir)
+def _spawned(rank: int, world: int, args: dict, out_dir: str) -> None:
+    run_rank(rank, world, argparse.Namespace(**args), out_dir)
+
+
+def _row_from_tensor(values: torch.Tensor) -> dict:
+    """A rank's row back from its ROW_FIELDS vector: counts as ints, NaN (no device limit) as None."""
+    return {key: value if key == "step_ms" else (None if math.isnan(value) else int(value))
+            for key, value in zip(ROW_FIELDS, values.tolist())}
 
 
 def print_table(rows: list[dict]) -> None:
@@ -118,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device-limit", type=int, help="M of device-limited routing where the world exceeds it")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                        help=f"seconds a collective may wait for the other ranks (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--torchrun", action="store_true", help="run as one rank of a torchrun launch")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
@@ -130,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--procs takes comma-separated process counts, found {args.procs!r}")
         if any(w < 1 for w in worlds):
             parser.error(f"--procs takes positive process counts, found {args.procs!r}")
+    if not args.timeout > 0:
+        parser.error(f"--timeout takes a positive number of seconds, found {args.timeout}")
     try:
         # Refuse a spec before any process starts: an error inside spawned ranks is a traceback per rank.
         for world in worlds:
@@ -142,11 +160,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, worlds: list[int]) -> int:
     if args.torchrun:
-        rank, world = init_from_env()
+        rank, world = init_from_env(timeout=args.timeout)
         row = run_rank(rank, world, args, None)
-        rows = [None] * world
-        dist.all_gather_object(rows, row)
+        # Rows travel as tensors (no pickled objects): one float64 vector per rank, in ROW_FIELDS order.
+        mine = torch.tensor([float(row[k]) if row[k] is not None else float("nan") for k in ROW_FIELDS],
+                            dtype=torch.float64)
+        everyone = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(everyone, mine)
         if rank == 0:
+            rows = [_row_from_tensor(t) for t in everyone]
             print(json.dumps(rows, indent=2)) if args.json else print_table(rows)
         dist.destroy_process_group()
         return 0
@@ -154,7 +176,7 @@ def _run(args: argparse.Namespace, worlds: list[int]) -> int:
     rows = []
     for world in worlds:
         with tempfile.TemporaryDirectory() as tmp:
-            spawn_local(_spawned, world, args, tmp)
+            spawn_local(_spawned, world, vars(args), tmp, timeout=args.timeout)
             rows += [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
     if args.json:
         print(json.dumps(rows, indent=2))

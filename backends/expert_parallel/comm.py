@@ -4,6 +4,8 @@
 the backward pass is the reverse all-to-all (the gradient of the rows rank r received from rank s goes
 back to rank s). Every rank of the group must call it in forward and therefore in backward: a rank with
 no rows to send or receive still takes part with empty tensors.
+
+Everything that crosses between ranks is a tensor (rows, counts); no Python object is pickled.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_to_all_rows", "exchange_counts", "gather_counts"]
+__all__ = ["all_to_all_rows", "exchange_counts", "gather_counts", "gather_rows"]
 
 
 def _all_to_all(rows: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[int], group) -> torch.Tensor:
@@ -55,3 +57,16 @@ def gather_counts(count: int, world: int, device: torch.device, group=None) -> l
     """Every rank's `count` (token counts may differ per rank)."""
     mine = torch.full((world,), count, dtype=torch.int64, device=device)
     return exchange_counts(mine, group).tolist()
+
+
+def gather_rows(rows: torch.Tensor, dst: int = 0, group=None) -> torch.Tensor | None:
+    """Every rank's rows [n_r, ...] concatenated in rank order on group rank `dst` (None on the others).
+
+    The row counts may differ per rank (they go first, as tensors), so this is an all-to-all in which
+    every rank sends all its rows to `dst` and nothing elsewhere."""
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    counts = gather_counts(rows.shape[0], world, rows.device, group)
+    in_splits = [rows.shape[0] if d == dst else 0 for d in range(world)]
+    out_splits = counts if me == dst else [0] * world
+    gathered = _all_to_all(rows, out_splits, in_splits, group)
+    return gathered if me == dst else None

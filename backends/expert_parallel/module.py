@@ -1,50 +1,61 @@
-"""An expert-parallel MoE layer on torch.distributed: each rank holds a block of routed experts.
+"""An expert-parallel MoE layer on torch.distributed, lowered from a layer graph: each rank holds a block
+of routed experts.
 
 Every rank runs the layer on its own tokens x [B, S, H] (the ranks of the EP group are data-parallel
-outside the layer). Forward, per rank:
+outside the layer). The module walks the graph's nodes like the eager module, through the one torch op
+table (backends/torch_ops.py), except for what placement changes (lower.py):
 
-1. route locally with replicated router weights: the reference semantics exactly (projection in the
-   router dtype, softmax/sigmoid, aux-free bias for selection only, group limit or DeepSeek-V2 device
-   limit through `moe_ir.ir.ops.route_topk`, normalise, scale);
-2. dispatch: a token goes ONCE to each rank that holds at least one of its chosen experts (deduplicated
-   per rank, so device-limited routing really bounds the traffic). The row sent is the token's hidden
-   vector followed by its gate weights and a chosen-mask for that rank's L experts ([H + 2L] values in
-   the activation dtype, which is where the reference applies the weights too). Split sizes go first in
-   an all-to-all of counts, then the rows in one `all_to_all_single` with variable splits;
-3. the receiving rank runs each local expert over the rows that chose it and sums the weighted results
-   per row (one row back per row received);
-4. combine: the reverse all-to-all brings one [H] row per (token, rank) back, summed into the token.
+1. routing runs locally on replicated router weights, exactly as the graph says (projection in the
+   router dtype, score, noise, bias, group limit -- with groups = ranks that is DeepSeek-V2's device
+   limit --, normalisation, scaling);
+2. the routed path (dispatch -> grouped_ffn -> combine) becomes an exchange: a token goes ONCE to each
+   rank holding at least one of its chosen experts (deduplicated per rank, so device-limited routing
+   really bounds the traffic). The row sent is the token's hidden vector followed by its gate weights
+   and a chosen-mask for that rank's L experts ([H + 2L] values in the activation dtype, which is where
+   the reference applies the weights too). Split sizes go first in an all-to-all of counts, then the
+   rows in one `all_to_all_single` with variable splits. The receiving rank lays the rows out as the
+   dispatch does (sorted by its local expert) and runs the shared grouped-FFN and combine kernels on
+   them; the reverse all-to-all brings one [H] row per (token, rank) back, summed into the token;
+3. shared experts (ffn nodes) run locally on replicated weights, or tensor-parallel: every rank's tokens
+   are gathered (all-to-all), each rank applies its 1/EP slice of the ffn's width to all of them, and
+   the partial outputs go back to their tokens' rank and are summed there (an all-to-all reduce-scatter:
+   the ranks hold different tokens, so a plain all_reduce would not do); b_down is added once, after.
 
 Dropless (every assignment is computed). Backward runs through the same all-to-alls in reverse
-(`comm.all_to_all_rows`). Shared experts run locally on replicated weights, or tensor-parallel: every
-rank's tokens are gathered (all-to-all), each rank applies its 1/EP slice of each shared expert's
-width to all of them, and the partial outputs go back to their tokens' rank and are summed there (an
-all-to-all reduce-scatter: the ranks hold different tokens, so a plain all_reduce would not do).
-
-forward returns `EPOutput(out, routing, losses, comm)`; losses are computed from this rank's tokens and
-the actual placement and returned, never stored. Gradients of replicated parameters cover this rank's
-tokens; `sync_replicated_grads()` sums them over the group (what the global batch's gradient is).
+(`comm.all_to_all_rows`). forward returns `EPOutput(out, routing, losses, comm)`: the graph's outputs
+(routing record, `loss.<kind>` as losses[kind]) on this rank's tokens, plus the communication balance
+loss when asked for, and what this rank moved; nothing is stored on the side. Gradients of replicated
+parameters cover this rank's tokens; `sync_replicated_grads()` sums them over the group.
 """
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from moe_ir.builder import ROUTER_BIAS, ROUTER_NOISE_WEIGHT, SHARED_GATE_WEIGHT, build_graph
+from moe_ir.builder import build_graph
 from moe_ir.errors import BackendError, WeightsError
-from moe_ir.ir import LossKind, ValueKind, WeightLayout
-from moe_ir.ir.ops import balance_loss_math, ffn_math, route_topk, scale_weights
+from moe_ir.ir import Graph, Node, OpCode, Value, ValueKind
 from moe_ir.params import init_weights
-from moe_ir.spec import Choice, LayerSpec, ScoreFn
+from moe_ir.passes import run_pipeline
+from moe_ir.spec import LayerSpec, SharedPlacement
+from .. import torch_kernels as K
+from ..torch_ops import dense_ffn, expert_ffns, lower_node, node_results
 from .comm import all_to_all_rows, exchange_counts, gather_counts
-from .losses import communication_balance_loss, device_balance_loss, z_loss
-from .placement import Placement, shard_weights, unshard_weights
+from .losses import communication_balance_loss
+from .lower import RoutedPath, check_graph, routed_path
+from .placement import shard_weights, unshard_weights
 
-__all__ = ["CommStats", "EPOutput", "ExpertParallelMoE"]
+__all__ = ["CommStats", "EPOutput", "ExpertParallelMoE", "PIPELINE"]
+
+# The passes the expert-parallel lowering runs (the backend's pipeline): shared experts fused into one
+# wider ffn, so tensor-parallel shared experts gather the tokens and reduce the partial sums once.
+PIPELINE = ("fuse-shared-experts", "dce")
+
+_LOSS_PREFIX = "loss."
+_NOT_ROUTING = ("out", "aux_loss")
 
 
 class CommStats(NamedTuple):
@@ -60,8 +71,8 @@ class CommStats(NamedTuple):
 
 class EPOutput(NamedTuple):
     out: torch.Tensor                   # [B, S, H] for this rank's tokens
-    routing: dict[str, torch.Tensor]    # expert_idx, weights [T,k]; router_logits [T,E]; tokens_per_expert [E]
-    losses: dict[str, torch.Tensor]     # by kind: switch, expert, device, sequence, z_loss, communication
+    routing: dict[str, torch.Tensor]    # the graph's routing outputs: expert_idx, weights [T,k]; router_logits...
+    losses: dict[str, torch.Tensor]     # by kind: the graph's losses, and communication when asked for
     comm: CommStats
 
     @property
@@ -72,20 +83,37 @@ class EPOutput(NamedTuple):
         return total
 
 
+class _Step(NamedTuple):
+    run: Callable[[list, Mapping[str, Any]], tuple]   # (operands, run-time arguments) -> one value per output
+    inputs: tuple[str | None, ...]
+    outputs: tuple[str, ...]
+
+
 class _Params(nn.Module):
     """A namespace in the parameter tree (`router`, `experts`, `shared.0`, ...)."""
 
 
-_FFN_LEAVES = ("w_up", "w_down", "w_gate", "b_up", "b_down", "b_gate")
+def _stored_source(value: Value) -> Value:
+    """A stored weight `value` is made of (itself, or the first part of a concat/add of weights)."""
+    while not value.is_weight:
+        value = next(v for v in value.producer.inputs if v is not None)
+    return value
 
 
 class ExpertParallelMoE(nn.Module):
-    """One rank's part of an expert-parallel MoE layer; see the module docstring and placement.py."""
+    """One rank's part of an expert-parallel MoE layer lowered from a layer graph; see the module docstring."""
 
-    def __init__(self, spec: LayerSpec, weights: Mapping[str, torch.Tensor] | None = None, *, group=None,
-                 shared_group=None, seed: int = 0, generator: torch.Generator | None = None):
-        """`weights`: this rank's shard (canonical names, shapes of placement.py). None: the shard of the
-        seeded global init, so every rank agrees without communication.
+    def __init__(self, graph: Graph, weights: Mapping[str, torch.Tensor] | None = None, *, group=None,
+                 shared_group=None, shared: SharedPlacement = SharedPlacement.REPLICATED,
+                 communication: float | None = None, gamma: float | None = None, seed: int = 0,
+                 generator: torch.Generator | None = None):
+        """`graph`: a layer graph, after the passes (PIPELINE, or any the lowering supports: check_graph).
+        `weights`: this rank's shard (the graph's weight names, shapes of placement.py). None: the shard of
+        the seeded global init, so every rank agrees without communication.
+
+        Placement facts the graph does not carry are options: `shared` (replicated or tensor_parallel
+        shared experts), `communication` (α3 of the communication balance loss, computed only here since
+        it depends on the placement) and `gamma` (γ of aux-loss-free balancing, for update_bias).
 
         `group`: the EP process group (default: the whole world). `shared_group`: a second group over the
         same ranks for tensor-parallel shared experts. It must be distinct from `group` because autograd
@@ -96,40 +124,20 @@ class ExpertParallelMoE(nn.Module):
         super().__init__()
         if not dist.is_initialized():
             raise BackendError("ExpertParallelMoE needs torch.distributed: call dist.init_process_group first "
-                               "(torchrun, or backends.expert_parallel.launch.spawn_local)")
-        self.spec = spec
+                               "(torchrun, or moe_ir.backends.expert_parallel.spawn_local)")
+        self.graph = graph
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
-        self.placement = self.check_spec(spec, self.world)
-        self.generator = generator
-        graph = build_graph(spec)
+        shared = SharedPlacement(shared)
+        self.placement = check_graph(graph, self.world, shared)
+        self.path: RoutedPath = routed_path(graph)
+        self.communication = communication
+        self.gamma = gamma
+        self.generator = generator  # for the router noise; None: the global RNG
         if weights is None:
-            weights = shard_weights(init_weights(graph, seed), spec, self.rank, self.world)
-        self._names: list[str] = []
-        for name, value in graph.weights.items():
-            want = [int(d) for d in value.type.shape]
-            dim = self.placement.shard_dim(name)
-            if dim is not None:
-                want[dim] //= self.world
-            if name not in weights:
-                raise WeightsError(f"rank {self.rank}: weight {name} is missing from the shard")
-            tensor = weights[name]
-            if list(tensor.shape) != want:
-                raise WeightsError(f"rank {self.rank}: weight {name} has shape {list(tensor.shape)}; this rank's "
-                                   f"shard needs {want} (see backends/expert_parallel/placement.py)")
-            *path, leaf = name.split(".")
-            owner: nn.Module = self
-            for part in path:
-                if part not in owner._modules:
-                    owner.add_module(part, _Params())
-                owner = owner._modules[part]
-            tensor = tensor.detach().clone()
-            if value.kind == ValueKind.BUFFER:
-                owner.register_buffer(leaf, tensor)
-            else:
-                owner.register_parameter(leaf, nn.Parameter(tensor))
-            self._names.append(name)
+            weights = shard_weights(init_weights(graph, seed), self.placement, self.rank)
+        self._register_weights(weights)
         self._shared_group = None
         if self.placement.shared_tp and self.world > 1:
             if shared_group is None:
@@ -138,42 +146,121 @@ class ExpertParallelMoE(nn.Module):
             if shared_group is group or dist.get_world_size(shared_group) != self.world:
                 raise BackendError("shared_group must be a second group over the same ranks as the EP group")
             self._shared_group = shared_group
+        self._plan = [step for node in graph.nodes if (step := self._lower(node)) is not None]
+        self._input = graph.inputs[0].name
+        self._outputs = [(key, v.name) for key, v in graph.outputs.items()]
+        self._compute_weight = _stored_source(self.path.experts.input("w_up")).name
+        self._scores = self.path.route.inputs[0].name
+        bias = self.path.route.input("bias")
+        self._bias = bias.name if bias is not None and bias.is_weight else None
+        self._expert_slots = self.placement.expert_slots()
 
-    @staticmethod
-    def check_spec(spec: LayerSpec, world: int) -> Placement:
-        """The placement of `spec` on `world` ranks, or the BackendError the layer would raise; needs no
-        process group, so launchers can refuse a spec before starting any process."""
-        if spec.router.choice != Choice.TOKEN:
-            raise BackendError("the expert-parallel layer supports token-choice routing; expert-choice needs every "
-                               "token of the batch in one place per expert")
-        if not spec.dropless:
-            raise BackendError("the expert-parallel layer is dropless; remove capacity.factor from the spec")
-        return Placement.of(spec, world)
+    def _register_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        missing = sorted(set(self.graph.weights) - set(weights))
+        local_shape = lambda name: self.placement.local_shape(name, self.rank)  # noqa: E731
+        wrong = [f"{name}: expected {list(local_shape(name))}, found {list(weights[name].shape)}"
+                 for name in self.graph.weights if name in weights and tuple(weights[name].shape) != local_shape(name)]
+        if missing or wrong:
+            raise WeightsError(f"rank {self.rank}: the weight shard does not match the placement (see "
+                               f"backends/expert_parallel/placement.py): missing {missing}"
+                               + (f", wrong shape: {'; '.join(wrong)}" if wrong else ""))
+        self._slots: list[tuple[str, nn.Module, str]] = []
+        for name, value in self.graph.weights.items():
+            *path, leaf = name.split(".")
+            owner: nn.Module = self
+            for part in path:
+                if part not in owner._modules:
+                    owner.add_module(part, _Params())
+                owner = owner._modules[part]
+            tensor = weights[name].detach().clone()
+            if value.kind == ValueKind.BUFFER:
+                owner.register_buffer(leaf, tensor)
+            else:
+                owner.register_parameter(leaf, nn.Parameter(tensor))
+            self._slots.append((name, owner, leaf))
+
+    # -- lowering ---------------------------------------------------------------------------------------
+
+    def _lower(self, node: Node) -> _Step | None:
+        inputs = tuple(None if v is None else v.name for v in node.inputs)
+        outputs = tuple(v.name for v in node.outputs)
+        path = self.path
+        if node is path.dispatch or node is path.experts:
+            return None  # part of the exchange, which runs where the combine was
+        if node is path.combine:
+            experts = path.experts
+            operands = (experts.input("x"), path.dispatch.input("expert_idx"), path.dispatch.input("weights"),
+                        *experts.inputs[3:])
+            attrs = (experts.attrs["activation"].value, experts.attrs["weight_layout"].value)
+            return _Step(lambda ops, rt: self._exchange(*ops, *attrs, record=rt["record"]),
+                         tuple(None if v is None else v.name for v in operands),
+                         (node.outputs[0].name, path.dispatch.outputs[2].name))
+        if node.op == OpCode.FFN and self._shared_group is not None:
+            attrs = (node.attrs["activation"].value, node.attrs["weight_layout"].value)
+            return _Step(lambda ops, rt: (self._tensor_parallel_ffn(*ops, *attrs),), inputs, outputs)
+        call = lower_node(node)
+        if node.op == OpCode.BALANCE_LOSS:
+            def loss(ops, rt, call=call):
+                if ops[0].shape[0] == 0:
+                    return (ops[0].new_zeros(()),)  # no tokens on this rank: nothing to balance
+                return (call(ops, rt),)
+            return _Step(loss, inputs, outputs)
+        return _Step(lambda ops, rt, call=call, node=node: node_results(node, call(ops, rt)), inputs, outputs)
+
+    # -- construction helpers ---------------------------------------------------------------------------
 
     @classmethod
-    def from_global(cls, spec: LayerSpec, weights: Mapping[str, torch.Tensor], *, group=None,
-                    **kwargs) -> "ExpertParallelMoE":
-        """This rank's layer from the global canonical weights (every rank passes the same dict)."""
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        return cls(spec, shard_weights(weights, spec, rank, world), group=group, **kwargs)
+    def from_global(cls, graph: Graph, weights: Mapping[str, torch.Tensor], *, group=None,
+                    shared: SharedPlacement = SharedPlacement.REPLICATED, **kwargs) -> "ExpertParallelMoE":
+        """This rank's layer from the global weights of the graph (every rank passes the same dict)."""
+        placement = check_graph(graph, dist.get_world_size(group), shared)
+        return cls(graph, shard_weights(weights, placement, dist.get_rank(group)), group=group, shared=shared,
+                   **kwargs)
 
-    # -- weights --------------------------------------------------------------------------------
+    @classmethod
+    def from_spec(cls, spec: LayerSpec, weights: Mapping[str, torch.Tensor] | None = None, *, group=None,
+                  seed: int = 0, **kwargs) -> "ExpertParallelMoE":
+        """This rank's layer of `spec`: its training graph after PIPELINE, with the spec's placement options
+        (parallel.shared, parallel.communication, balance.aux_free.gamma). `weights`: the global weights
+        (every rank the same), or None for the seeded init. The graph decides everything else."""
+        world = dist.get_world_size(group)
+        options = cls.check_spec(spec, world)
+        graph = run_pipeline(build_graph(spec, training=True), PIPELINE)
+        if weights is None:
+            weights = init_weights(graph, seed)
+        return cls.from_global(graph, {k: v for k, v in weights.items() if k in graph.weights}, group=group,
+                               **options, **kwargs)
+
+    @staticmethod
+    def check_spec(spec: LayerSpec, world: int) -> dict[str, Any]:
+        """The placement options of `spec` on `world` ranks, or the BackendError the layer would raise;
+        needs no process group, so launchers can refuse a spec before starting any process."""
+        p = spec.parallel
+        ep = p.expert_parallel if p is not None else world
+        if world != ep:
+            raise BackendError(f"spec '{spec.name}' sets parallel.expert_parallel={ep} but the process group has "
+                               f"{world} ranks; launch {ep} processes or change the spec")
+        shared = p.shared if p is not None else SharedPlacement.REPLICATED
+        check_graph(build_graph(spec), world, shared)
+        aux_free = spec.balance.aux_free
+        return {"shared": shared, "communication": p.communication if p is not None else None,
+                "gamma": aux_free.gamma if aux_free is not None else None}
+
+    # -- weights ----------------------------------------------------------------------------------------
 
     def canonical_weights(self) -> dict[str, torch.Tensor]:
-        """This rank's shard by canonical name (the state dict, parameters and buffers)."""
-        return {name: self.get_parameter(name) if name != ROUTER_BIAS else self.get_buffer(name)
-                for name in self._names}
+        """This rank's shard by stored name (the state dict, parameters and buffers)."""
+        return {name: getattr(owner, leaf) for name, owner, leaf in self._slots}
 
     def gather_global_weights(self) -> dict[str, torch.Tensor]:
-        """The global canonical weights, assembled on every rank (all_gather of the equal-sized shards)."""
-        local = self.canonical_weights()
+        """The global weights, assembled on every rank (all_gather of the equal-sized shards)."""
         shards: list[dict[str, torch.Tensor]] = [{} for _ in range(self.world)]
-        for name, tensor in local.items():
+        for name, tensor in self.canonical_weights().items():
             parts = [torch.empty_like(tensor) for _ in range(self.world)]
             dist.all_gather(parts, tensor.detach().contiguous(), group=self.group)
             for r, part in enumerate(parts):
                 shards[r][name] = part
-        return unshard_weights(shards, self.spec)
+        return unshard_weights(shards, self.placement)
 
     def replicated_parameters(self) -> dict[str, nn.Parameter]:
         return {name: p for name, p in self.named_parameters() if self.placement.shard_dim(name) is None}
@@ -191,161 +278,114 @@ class ExpertParallelMoE(nn.Module):
     def update_bias(self, tokens_per_expert: torch.Tensor, gamma: float | None = None) -> torch.Tensor:
         """Aux-loss-free balancing after a step: b_i += γ·sign(mean load − load_i) on the GLOBAL load
         (the local counts are summed over the group first, so every replica of the bias stays equal)."""
-        if ROUTER_BIAS not in self._names:
+        if self._bias is None:
             raise BackendError("update_bias needs a router bias: the spec has no balance.aux_free")
+        gamma = gamma if gamma is not None else self.gamma
         if gamma is None:
-            gamma = self.spec.balance.aux_free.gamma
+            raise BackendError("update_bias needs γ: build the layer with from_spec(...) or pass gamma=")
         load = tokens_per_expert.detach().to(torch.float64).clone()
         dist.all_reduce(load, group=self.group)
-        bias = self.get_buffer(ROUTER_BIAS)
-        bias += (gamma * torch.sign(load.mean() - load)).to(bias.dtype)
-        return bias
+        return K.update_bias(self.get_buffer(self._bias), load, gamma)
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return self.experts.w_up.dtype
+        """The activations' dtype: that of the expert weights (follows .double() / .to(dtype))."""
+        return self.get_parameter(self._compute_weight).dtype
 
-    # -- forward --------------------------------------------------------------------------------
+    # -- forward ----------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> EPOutput:
-        spec, e, r = self.spec, self.spec.experts, self.spec.router
-        if x.dim() != 3 or x.shape[-1] != spec.hidden:
-            raise ValueError(f"expected x [B, S, {spec.hidden}], got {list(x.shape)}")
-        tokens = x.reshape(-1, spec.hidden).to(self.compute_dtype)
+        hidden = self.graph.inputs[0].type.shape[-1]
+        if x.dim() != 3 or x.shape[-1] != hidden:
+            raise ValueError(f"expected x [B, S, {hidden}], got {list(x.shape)}")
+        env: dict[str, Any] = {self._input: x.to(self.compute_dtype)}
+        for name, owner, leaf in self._slots:
+            env[name] = getattr(owner, leaf)
+        record: dict[str, CommStats] = {}
+        runtime = {"training": self.training, "generator": self.generator, "expert_kernel": K.grouped_ffn,
+                   "record": record}
+        for step in self._plan:
+            results = step.run([None if name is None else env[name] for name in step.inputs], runtime)
+            env.update(zip(step.outputs, results))
+        routing, losses = {}, {}
+        for key, name in self._outputs:
+            if key.startswith(_LOSS_PREFIX):
+                losses[key[len(_LOSS_PREFIX):]] = env[name]
+            elif key not in _NOT_ROUTING:
+                routing[key] = env[name]
+        comm = record["comm"]
+        if self.communication is not None:
+            scores = env[self._scores]
+            sent = torch.tensor(comm.send_rows, dtype=scores.dtype, device=scores.device)
+            losses["communication"] = communication_balance_loss(self.communication, scores, sent,
+                                                                 self.device_limit, self._expert_slots)
+        return EPOutput(env[self.graph.outputs["out"].name], routing, losses, comm)
 
-        logits, scores = self._router(tokens)
-        bias = self.get_buffer(ROUTER_BIAS).to(scores.dtype) if ROUTER_BIAS in self._names else None
-        gl = spec.routing_group_limit
-        groups = (gl.groups, gl.kept, gl.score) if gl is not None else (1, 1, None)
-        expert_idx, weights = route_topk(scores, bias, e.top_k, *groups)
-        weights = scale_weights(weights, r.normalize, r.scaling)
+    @property
+    def device_limit(self) -> int:
+        """M, the most ranks a token is sent to: the kept groups when the top-k's groups are the ranks
+        (DeepSeek-V2's device-limited routing), else min(top_k, ranks)."""
+        groups, kept = self.path.device_limit_groups
+        return kept if groups == self.world else min(self.path.route.attrs["k"], self.world)
 
-        routed, chosen, comm = self._routed(tokens, expert_idx, weights)
-        out = routed
-        if e.shared:
-            out = out + self._shared(tokens)
-
-        tokens_per_expert = chosen.sum(dim=0)
-        routing = {"expert_idx": expert_idx, "weights": weights, "router_logits": logits,
-                   "tokens_per_expert": tokens_per_expert}
-        sent_to = torch.tensor(comm.send_rows, dtype=scores.dtype, device=scores.device)
-        losses = self._losses(scores, expert_idx, logits, x.shape[1], tokens_per_expert, sent_to)
-        return EPOutput(out.view(x.shape[0], x.shape[1], spec.hidden), routing, losses, comm)
-
-    def _router(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r = self.spec.router
-        # As the reference Linear: the router dtype, except that float64 activations stay float64.
-        rdt = torch.float64 if tokens.dtype == torch.float64 else r.dtype.torch
-        logits = F.linear(tokens.to(rdt), self.router.weight.to(rdt))
-        if r.noise is not None and self.training:
-            w_noise = self.get_parameter(ROUTER_NOISE_WEIGHT).to(rdt)
-            noise = torch.randn(logits.shape, generator=self.generator, dtype=rdt, device=logits.device)
-            logits = logits + r.noise.std * noise * F.softplus(F.linear(tokens.to(rdt), w_noise))
-        scores = torch.softmax(logits, dim=-1) if r.score == ScoreFn.SOFTMAX else torch.sigmoid(logits)
-        return logits, scores
-
-    def _routed(self, tokens: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor):
+    def _exchange(self, tokens, expert_idx, weights, w_up, w_down, w_gate, b_up, b_down, b_gate, activation, layout,
+                  *, record):
+        """The routed path across ranks: (out [T, H], tokens per expert [E] of this rank's tokens)."""
         t, h = tokens.shape
-        d, local = self.world, self.placement.local_experts
-        n = self.spec.experts.routed
+        d, local, n = self.world, self.placement.max_local_experts, self.placement.experts
         dev = tokens.device
-        chosen = torch.zeros(t, n, dtype=torch.bool, device=dev).scatter_(1, expert_idx, True)
-        gate = torch.zeros(t, n, dtype=weights.dtype, device=dev).scatter(1, expert_idx, weights)
-        chosen_by_rank = chosen.view(t, d, local)
+        # [T, D, L]: each rank's block of experts side by side (padding slots of a smaller block never chosen).
+        slots = self._expert_slots.to(dev)
+        chosen_by_rank = torch.zeros(t, n + 1, dtype=torch.bool, device=dev).scatter_(1, expert_idx, True)[:, slots]
+        gate_by_rank = torch.zeros(t, n + 1, dtype=weights.dtype, device=dev).scatter(1, expert_idx, weights)[:, slots]
+        chosen_by_rank, gate_by_rank = chosen_by_rank.view(t, d, local), gate_by_rank.view(t, d, local)
         # One row per (token, destination rank), ordered by rank then token: all_to_all_single's layout.
         dest, token_of_row = chosen_by_rank.any(dim=-1).t().nonzero(as_tuple=True)
-        send_counts = torch.bincount(dest, minlength=d)
+        send_counts = K.count_ids(dest, d)
         recv_counts = exchange_counts(send_counts, self.group)
         send, recv = send_counts.tolist(), recv_counts.tolist()
 
         payload = torch.cat([tokens[token_of_row],
-                             gate.view(t, d, local)[token_of_row, dest].to(tokens.dtype),
+                             gate_by_rank[token_of_row, dest].to(tokens.dtype),
                              chosen_by_rank[token_of_row, dest].to(tokens.dtype)], dim=1)
         arrived = all_to_all_rows(payload, recv, send, self.group)
         rx, rgate, rmask = arrived.split([h, local, local], dim=1)
-        y = self._local_experts(rx, rgate, rmask > 0.5)
+        mine = w_down.shape[0]  # this rank's experts: the first `mine` slots of its block
+        y = self._local_experts(rx, rgate[:, :mine], rmask[:, :mine] > 0.5,
+                                (w_up, w_down, w_gate, b_up, b_down, b_gate), activation, layout)
         back = all_to_all_rows(y, send, recv, self.group)
-        routed = tokens.new_zeros(t, h).index_add(0, token_of_row, back)
+        # Each row back is one rank's weighted sum for its token: the rows add up with weight 1.
+        out = K.combine(back, token_of_row, back.new_ones(back.shape[0]), t)
 
         row_bytes = payload.shape[1] * payload.element_size()
         back_bytes = h * tokens.element_size()
-        me = self.rank
-        sent_rows = sum(send) - send[me]
-        recv_rows = sum(recv) - recv[me]
-        comm = CommStats(send_rows=send, recv_rows=recv,
-                         bytes_sent=sent_rows * row_bytes + recv_rows * back_bytes,
-                         bytes_received=recv_rows * row_bytes + sent_rows * back_bytes)
-        return routed, chosen, comm
+        sent_rows = sum(send) - send[self.rank]
+        recv_rows = sum(recv) - recv[self.rank]
+        record["comm"] = CommStats(send_rows=send, recv_rows=recv,
+                                   bytes_sent=sent_rows * row_bytes + recv_rows * back_bytes,
+                                   bytes_received=recv_rows * row_bytes + sent_rows * back_bytes)
+        return out, K.count_ids(expert_idx.reshape(-1), n)
 
-    def _local_experts(self, rx: torch.Tensor, rgate: torch.Tensor, rmask: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _local_experts(rx, rgate, rmask, expert_weights, activation, layout):
         """y[r] = Σ_{j chosen by row r} gate[r, j] · FFN_j(rx[r]) over this rank's experts."""
         if rx.shape[0] == 0:
             # Keep the empty result attached to the autograd graph: every rank must run the reverse
             # all-to-all in backward, including one that served no token.
             return rx.clone()
-        act = self.spec.experts.activation
-        ex = self.experts
-        pick = lambda leaf, j: getattr(ex, leaf)[j] if hasattr(ex, leaf) else None  # noqa: E731
-        y = torch.zeros_like(rx)
-        for j in range(self.placement.local_experts):
-            sel = rmask[:, j].nonzero(as_tuple=True)[0]
-            if sel.numel() == 0:
-                continue
-            out = ffn_math(rx[sel], *(pick(leaf, j) for leaf in _FFN_LEAVES), act, WeightLayout.SEPARATE)
-            y = y.index_add(0, sel, out * rgate[sel, j].unsqueeze(-1))
-        return y
+        # The received rows as the dispatch lays out assignments: sorted by (local) expert, row order within.
+        expert_of, rows = rmask.t().nonzero(as_tuple=True)
+        group_sizes = K.count_ids(expert_of, rmask.shape[1])
+        y = expert_ffns(rx, rows, group_sizes, *expert_weights, activation, layout, K.grouped_ffn)
+        return K.combine(y, rows, rgate[rows, expert_of], rx.shape[0])
 
-    def _shared(self, tokens: torch.Tensor) -> torch.Tensor:
-        e = self.spec.experts
-        act = e.activation
-
-        def weights_of(i: int, with_b_down: bool):
-            mod = self.shared._modules[str(i)]
-            w = [getattr(mod, leaf, None) for leaf in _FFN_LEAVES]
-            if not with_b_down:
-                w[4] = None
-            return w
-
-        if self._shared_group is None:
-            total = None
-            for i in range(e.shared):
-                y = ffn_math(tokens, *weights_of(i, True), act, WeightLayout.SEPARATE)
-                total = y if total is None else total + y
-        else:
-            t, d = tokens.shape[0], self.world
-            counts = gather_counts(t, d, tokens.device, self._shared_group)
-            everyone = all_to_all_rows(tokens.repeat(d, 1), counts, [t] * d, self._shared_group)
-            partial = None
-            for i in range(e.shared):
-                y = ffn_math(everyone, *weights_of(i, False), act, WeightLayout.SEPARATE)
-                partial = y if partial is None else partial + y
-            # Each rank's partial sums for rank s's tokens go to rank s, which adds the D partials.
-            parts = all_to_all_rows(partial, [t] * d, counts, self._shared_group)
-            total = parts.view(d, t, tokens.shape[1]).sum(dim=0)
-            for i in range(e.shared):
-                b_down = getattr(self.shared._modules[str(i)], "b_down", None)
-                if b_down is not None:
-                    total = total + b_down
-        if e.shared_gate:
-            total = total * torch.sigmoid(F.linear(tokens, self.get_parameter(SHARED_GATE_WEIGHT)))
-        return total
-
-    def _losses(self, scores, expert_idx, logits, seq_len, tokens_per_expert, sent_to) -> dict[str, torch.Tensor]:
-        spec, b = self.spec, self.spec.balance
-        k, t = spec.experts.top_k, scores.shape[0]
-        out: dict[str, torch.Tensor] = {}
-        if t == 0:
-            return out  # no tokens: nothing to balance on this rank
-        for name, alpha in b.losses.items():
-            kind = LossKind(name)
-            if kind == LossKind.DEVICE:
-                out[name] = device_balance_loss(alpha, scores, tokens_per_expert, k, self.world)
-            elif kind == LossKind.Z:
-                out[name] = z_loss(alpha, logits)
-            else:
-                out[name] = balance_loss_math(kind, alpha, 1, k, scores, expert_idx, logits, seq_len)
-        p = spec.parallel
-        if p is not None and p.communication is not None:
-            limit = p.device_limit if p.device_limit is not None else min(k, self.world)
-            out["communication"] = communication_balance_loss(p.communication, scores, sent_to, limit, self.world)
-        return out
+    def _tensor_parallel_ffn(self, tokens, w_up, w_down, w_gate, b_up, b_down, b_gate, activation, layout):
+        """An ffn whose width is split over the ranks, on this rank's tokens [T, H]."""
+        t, d, group = tokens.shape[0], self.world, self._shared_group
+        counts = gather_counts(t, d, tokens.device, group)
+        everyone = all_to_all_rows(tokens.repeat(d, 1), counts, [t] * d, group)
+        partial = dense_ffn(everyone, w_up, w_down, w_gate, b_up, None, b_gate, activation, layout)
+        # Each rank's partial sums for rank s's tokens go to rank s, which adds the D partials.
+        parts = all_to_all_rows(partial, [t] * d, counts, group)
+        total = parts.view(d, t, tokens.shape[1]).sum(dim=0)
+        return total if b_down is None else total + b_down

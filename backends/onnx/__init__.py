@@ -1,6 +1,12 @@
 """ONNX export (portable | ort | plugin flavours) lowered from the IR, and ONNX Runtime runners."""
-from .backend import EXTERNAL_DATA_THRESHOLD, OnnxBackend, load_runner, lowered_graph, write_model
-from .lower import OPSET, PIPELINES, Flavour, LoweredModel, lower, supports
+from .backend import OnnxBackend, lowered_graph
+from .emit import OPSET
+from .flavours import LOWERINGS, PIPELINES, OrtLowering, PluginLowering, PortableLowering, lower, supports
+from .lowering import Flavour, Lowering
+from .runtime import load_runner
+from .weights import LoweredModel
+from .writer import EXTERNAL_DATA_THRESHOLD, write_model
 
-__all__ = ["EXTERNAL_DATA_THRESHOLD", "OPSET", "PIPELINES", "Flavour", "LoweredModel", "OnnxBackend", "load_runner",
-           "lower", "lowered_graph", "supports", "write_model"]
+__all__ = ["EXTERNAL_DATA_THRESHOLD", "LOWERINGS", "OPSET", "PIPELINES", "Flavour", "LoweredModel", "Lowering",
+           "OnnxBackend", "OrtLowering", "PluginLowering", "PortableLowering", "load_runner", "lower",
+           "lowered_graph", "supports", "write_model"]

@@ -19,7 +19,7 @@ import torch
 from onnx import TensorProto
 
 from moe_ir.ir import ElemType, OpCode, WeightLayout, op_def
-from .lower import CONTRIB_DOMAIN
+from .emit import CONTRIB_DOMAIN
 from .plugin_op import DOMAIN, OP_TYPE, FusedMoEAttrs
 
 

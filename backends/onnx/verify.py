@@ -21,7 +21,7 @@ from onnx import TensorProto
 
 from . import plugin_op
 from .extensions import fused_moe_torch
-from .lower import from_numpy, to_numpy
+from .emit import from_numpy, to_numpy
 
 _ATTRIBUTES = ("score_fn", "top_k", "n_group", "topk_group", "group_score", "normalize", "scale", "activation")
 _LOW_TYPES = ("tensor(float)", "tensor(float16)", "tensor(bfloat16)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,6 +32,7 @@ from moe_ir.passes import run_pipeline
 from moe_ir.spec import DType, LayerSpec
 from ..base import Backend, BuildResult, Runner
 from ..registry import get_backend
+from .. import torch_source
 from . import plugin as plugin_source
 
 # engine.py is imported inside functions: it is also run as `python -m moe_ir.backends.tensorrt.engine`,
@@ -38,6 +40,24 @@ from . import plugin as plugin_source
 
 PLUGIN_BUNDLE_NAME = "moe_ir_fused_moe_plugin.py"
 PRECISIONS = {"fp32": DType.FLOAT32, "fp16": DType.FLOAT16, "bf16": DType.BFLOAT16}
+
+
+# plugin.py's one import of the shared torch kernels, which the bundled copy replaces by their source.
+_KERNEL_IMPORT = re.compile(r"^from moe_ir\.backends\.torch_kernels import ([\w, ]+?)\s*(#.*)?$", re.M)
+
+
+def plugin_bundle_source() -> str:
+    """The text of the bundled plugin module: plugin.py with its import of the torch kernels replaced by the
+    kernels' source (and every kernel they call), copied verbatim, so the bundle runs without moe_ir."""
+    text = Path(plugin_source.__file__).read_text()
+    match = _KERNEL_IMPORT.search(text)
+    if match is None:
+        raise BackendError(f"{plugin_source.__file__}: no `from moe_ir.backends.torch_kernels import ...` line to "
+                           "inline; the bundled plugin would need moe_ir")
+    names = [name.strip() for name in match.group(1).split(",")]
+    copied = "\n".join(torch_source.source_lines(torch_source.closure(names))).strip("\n")
+    note = "# The shared torch kernels (moe_ir/backends/torch_kernels.py), copied verbatim by `moe-ir build`.\n\n"
+    return text[:match.start()] + note + copied + "\n" + text[match.end():]
 
 
 def environment_problems() -> list[str]:
@@ -195,7 +215,7 @@ class TensorRTBackend(Backend):
 
     @staticmethod
     def _write_plugin_module(out_dir: Path) -> Path:
-        return _write_text(out_dir / PLUGIN_BUNDLE_NAME, Path(plugin_source.__file__).read_text())
+        return _write_text(out_dir / PLUGIN_BUNDLE_NAME, plugin_bundle_source())
 
     @staticmethod
     def _write_bundle_manifest(out_dir: Path, spec: LayerSpec, digest: str, profile: Any, onnx_path: Path,

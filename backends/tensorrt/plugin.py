@@ -1,9 +1,10 @@
 """The TensorRT plugin `moe_ir::FusedMoE`, written with TensorRT's Python plugin API (`tensorrt.plugin`).
 
-This file is deliberately standalone (torch, optionally triton and numpy; tensorrt only inside
-`register_plugin`): `moe-ir build --backend tensorrt` copies it into the output bundle, so a machine with
-TensorRT can build and run the engine from the bundle alone. `moe_ir` is used when it is installed (the Triton
-MoE kernels of `moe_ir.backends.triton`), never required.
+The bundled copy of this file is standalone (torch, optionally triton and numpy; tensorrt only inside
+`register_plugin`): `moe-ir build --backend tensorrt` writes it into the output bundle with the one line that
+imports the shared torch kernels replaced by their source, copied verbatim (`bundle_source`), so a machine
+with TensorRT can build and run the engine from the bundle alone. `moe_ir` is used there when it is
+installed (the Triton MoE kernels of `moe_ir.backends.triton`), never required.
 
 The op contract (inputs, outputs, attribute codes) is `moe_ir/backends/onnx/plugin_op.py`; the tables here
 repeat it because this file must run without moe_ir, and a test pins both to the same values.
@@ -17,8 +18,9 @@ Weights enter as tensor inputs (ONNX initializers), not plugin fields: TensorRT 
 refittable engine weights, while plugin fields would be copied into every serialised plugin blob.
 
 Three implementations, one semantics:
-  * `fused_moe_torch`: torch ops, any device. What `@impl` runs where no Triton kernel applies, and what
-    the tests compare with the moe_ir reference on CPU.
+  * `fused_moe_torch`: the shared torch kernels (routing, dispatch, grouped FFN, combine of
+    `moe_ir.backends.torch_kernels`), any device. What `@impl` runs where no Triton kernel applies, and
+    what the tests compare with the moe_ir reference on CPU.
   * `compute_fused_moe`: what `@impl` calls: moe_ir's Triton MoE kernels on CUDA when moe_ir is importable,
     otherwise `fused_moe_torch`.
   * `fused_moe_token_kernel`: one Triton kernel for the whole op, one program per (token, hidden tile).
@@ -35,6 +37,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+
+# The op's torch semantics are the kernel set every torch backend runs. The bundled copy has this line
+# replaced by those functions' source (and the ones they call), so it does not need moe_ir.
+from moe_ir.backends.torch_kernels import combine, dispatch, grouped_ffn, route_topk, scale_weights, score, split_gate_up  # noqa: E501  (bundle: inline)
 
 PLUGIN_NAMESPACE = "moe_ir"
 PLUGIN_OP = "FusedMoE"
@@ -55,7 +61,7 @@ ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
 PYTHON_PLUGINS_SINCE = (10, 6)   # tensorrt.plugin: register / impl
 AOT_PLUGINS_SINCE = (10, 9)      # tensorrt.plugin.aot_impl, the ONNX parser's `aot` attribute
 PLUGIN_V3_SINCE = (10, 0)        # IPluginV3 (C++ and Python bindings, plugin_v3.py) first shipped in TensorRT 10.0
-NOT_INSTALLED = "TensorRT is not installed on this machine (see DESIGN.md)"
+NOT_INSTALLED = "TensorRT is not installed on this machine (pip install tensorrt on a machine with an NVIDIA GPU)"
 
 
 class PluginError(ValueError):
@@ -228,61 +234,18 @@ def output_dtypes(x_dtype: str, w_router: str = "float32", bias: str = "float32"
 # torch implementation
 
 
-def _route(logits: torch.Tensor, bias: torch.Tensor, cfg: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(expert_idx int64 [T,k], weights fp32 [T,k]) from fp32 router logits."""
-    scores = torch.softmax(logits, dim=-1) if cfg.score_fn == "softmax" else torch.sigmoid(logits)
-    select = scores + bias.float()
-    t, e = select.shape
-    if cfg.n_group > 1:
-        grouped = select.view(t, cfg.n_group, e // cfg.n_group)
-        if cfg.group_score == "max":
-            group_value = grouped.amax(dim=-1)
-        else:
-            group_value = grouped.topk(2, dim=-1).values.sum(dim=-1)
-        kept = torch.zeros(t, cfg.n_group, dtype=torch.bool, device=select.device)
-        kept.scatter_(1, group_value.topk(cfg.topk_group, dim=-1).indices, True)
-        # -inf, not 0: a biased score may be negative and must still lose to every kept expert.
-        select = grouped.masked_fill(~kept.unsqueeze(-1), float("-inf")).view(t, e)
-    expert_idx = select.topk(cfg.top_k, dim=-1).indices
-    weights = scores.gather(1, expert_idx)
-    if cfg.normalize:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return expert_idx, weights * cfg.scale
-
-
-def _activate(name: str, gate: torch.Tensor | None, up: torch.Tensor) -> torch.Tensor:
-    if name == "swiglu":
-        return F.silu(gate) * up
-    if name == "geglu":
-        return F.gelu(gate) * up
-    if name == "gelu":
-        return F.gelu(up)
-    return F.relu(up)
-
-
 def fused_moe_torch(x: torch.Tensor, w_router: torch.Tensor, bias: torch.Tensor, w_gate_up: torch.Tensor,
                     w_down: torch.Tensor, cfg: MoEConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op in torch: (out [T,H] x.dtype, expert_idx [T,k] int32, weights [T,k] fp32).
 
-    Expert FFNs run in x's dtype (as the reference does); the combine accumulates in fp32."""
-    logits = F.linear(x.float(), w_router.float())
-    expert_idx, weights = _route(logits, bias, cfg)
-    t, k = expert_idx.shape
-    width = w_down.shape[2]
-    flat_expert = expert_idx.reshape(-1)
-    order = torch.argsort(flat_expert, stable=True)
-    counts = torch.bincount(flat_expert, minlength=w_down.shape[0]).tolist()
-    out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
-    start = 0
-    for expert, count in enumerate(counts):
-        if count:
-            assignment = order[start:start + count]
-            rows = assignment // k
-            proj = F.linear(x[rows], w_gate_up[expert])
-            gate, up = (proj[:, :width], proj[:, width:]) if cfg.gated else (None, proj)
-            y = F.linear(_activate(cfg.activation, gate, up), w_down[expert])
-            out.index_add_(0, rows, y.float() * weights.reshape(-1)[assignment].unsqueeze(-1))
-        start += count
+    Routing in fp32; expert FFNs run in x's dtype (as the reference does); the combine accumulates in fp32."""
+    scores = score(F.linear(x.float(), w_router.float()), cfg.score_fn)
+    expert_idx, weights = route_topk(scores, bias.float(), cfg.top_k, cfg.n_group, cfg.topk_group, cfg.group_score)
+    weights = scale_weights(weights, cfg.normalize, cfg.scale)
+    rows, row_weights, group_sizes = dispatch(expert_idx, weights, w_down.shape[0])
+    w_up, w_gate, _, _ = split_gate_up(w_gate_up, None, None, None, cfg.activation, "gate_up_fused")
+    y = grouped_ffn(x, rows, group_sizes, w_up, w_down, w_gate, None, None, None, cfg.activation)
+    out = combine(y.float(), rows, row_weights, x.shape[0])
     return out.to(x.dtype), expert_idx.to(torch.int32), weights.float()
 
 
@@ -295,9 +258,7 @@ def compute_fused_moe(x: torch.Tensor, w_router: torch.Tensor, bias: torch.Tenso
         except ImportError:
             moe_forward = None
         if moe_forward is not None:
-            width = w_down.shape[2]
-            gate = w_gate_up[:, :width] if cfg.gated else None
-            up = w_gate_up[:, width:] if cfg.gated else w_gate_up
+            up, gate, _, _ = split_gate_up(w_gate_up, None, None, None, cfg.activation, "gate_up_fused")
             logits = F.linear(x.float(), w_router.float())
             out, weights, expert_idx = moe_forward(
                 x, logits, bias.float(), gate, up, w_down, activation=cfg.activation, score=cfg.score_fn,

@@ -2,8 +2,7 @@
 and standalone source generation."""
 from .backend import TorchBackend, make_runner
 from .codegen import generate_source
-from .model_codegen import generate_model_source
-from .module import OP_TABLE, GraphModule, ModelOutput, MoELayer, MoEModel, MoEOutput
+from .module import GraphModule, ModelOutput, MoELayer, MoEModel, MoEOutput
 
-__all__ = ["GraphModule", "ModelOutput", "MoELayer", "MoEModel", "MoEOutput", "OP_TABLE", "TorchBackend",
-           "generate_model_source", "generate_source", "make_runner"]
+__all__ = ["GraphModule", "ModelOutput", "MoELayer", "MoEModel", "MoEOutput", "TorchBackend",
+           "generate_source", "make_runner"]

@@ -16,16 +16,14 @@ import yaml
 
 from moe_ir.builder import spec_hash
 from moe_ir.errors import BackendError
-from moe_ir.ir import Graph
+from moe_ir.ir import Graph, GraphKind
 from moe_ir.model_builder import model_spec_hash
 from moe_ir.model_spec import ModelSpec, model_spec_to_dict
 from moe_ir.params import save_weights
 from moe_ir.spec import LayerSpec, spec_to_dict
 from ..base import Backend, BuildResult, Runner
 from .codegen import generate_source
-from .model_codegen import generate_model_source
-from .module import (GraphModule, ModelOutput, MoELayer, MoEModel, graph_contract_problem, is_model_graph,
-                     unsupported_ops)
+from .module import GraphModule, ModelOutput, MoELayer, MoEModel, unsupported_ops
 
 # Outputs a runner passes on: the layer output and the routing record validation compares.
 RUNNER_OUTPUTS = ("out", "expert_idx", "weights", "rows")
@@ -44,7 +42,7 @@ def runner_outputs(result: Any) -> dict[str, torch.Tensor]:
 
 def lower(graph: Graph, weights: Mapping[str, torch.Tensor] | None = None, **options: Any) -> GraphModule:
     """The eager module of a layer graph (MoELayer) or a model graph (MoEModel)."""
-    return (MoEModel if is_model_graph(graph) else MoELayer)(graph, weights, **options)
+    return (MoEModel if graph.kind == GraphKind.MODEL else MoELayer)(graph, weights, **options)
 
 
 def make_runner(module: torch.nn.Module) -> Runner:
@@ -65,12 +63,13 @@ class TorchBackend(Backend):
     name = "torch"
     summary = "eager PyTorch module (trainable, every routing and balance policy); builds a standalone model.py"
     pipeline = ("dce",)
+    lowers_training_graph = True
 
     def supports(self, graph: Graph) -> tuple[bool, str]:
         missing = unsupported_ops(graph)
         if missing:
             return False, f"no eager implementation of op(s) {', '.join(missing)}"
-        problem = graph_contract_problem(graph)
+        problem = graph.contract_problem()
         if problem:
             return False, problem
         return True, ""
@@ -86,14 +85,18 @@ class TorchBackend(Backend):
         The bundle is assembled in a sibling temp folder and each file is moved into place only once all
         three exist, so a failure leaves no half-written file in OUT."""
         model = isinstance(spec, ModelSpec)
-        if model != is_model_graph(graph):
+        if model != (graph.kind == GraphKind.MODEL):
             raise BackendError(f"torch build: spec '{spec.name}' is a {'model' if model else 'layer'} spec but graph "
-                               f"'{graph.name}' is a {'model' if is_model_graph(graph) else 'layer'} graph; build "
-                               "the graph from the same spec")
+                               f"'{graph.name}' is a {graph.kind.value} graph; build the graph from the same spec")
         if model:
-            source, digest, spec_data = generate_model_source(spec), model_spec_hash(spec), model_spec_to_dict(spec)
+            digest, spec_data, aux_free = model_spec_hash(spec), model_spec_to_dict(spec), spec.moe.balance.aux_free
         else:
-            source, digest, spec_data = generate_source(spec), spec_hash(spec), spec_to_dict(spec)
+            digest, spec_data, aux_free = spec_hash(spec), spec_to_dict(spec), spec.balance.aux_free
+        # model.py is emitted from the graph; the spec only supplies its docstring and the bias update rate γ
+        # (a training setting the graph does not carry).
+        spec_yaml = yaml.safe_dump(spec_data, sort_keys=False).rstrip().splitlines()
+        source = generate_source(graph, description=["    " + line for line in spec_yaml],
+                                 gamma=aux_free.gamma if aux_free is not None else None)
         # The module checks names and shapes (one WeightsError listing every mismatch) before anything is written.
         module = lower(graph, weights)
         out_dir = Path(out_dir)

@@ -1,245 +1,211 @@
-"""Generate a standalone, readable PyTorch source file for one spec's layer (`model.py`).
+"""Emit the standalone PyTorch source of a lowered graph (`model.py`), as torch.fx emits Python from its graph.
 
-The file depends on torch alone: the kernels it calls are copied verbatim from `kernels.py` (only
-those the spec's options need), and the forward is written out straight-line for this spec, with the
-routing and loss code of the options it uses and nothing else. Because the kernels are the same
-functions the eager module runs, in the same order, the two agree bitwise.
+The file depends on torch alone. Its forward walks the graph's nodes in order, one line per node, calling
+the function the torch op table (`torch_ops.lower_node`) gives that node, with the node's attributes as
+literals; those functions, and the kernels they call, are copied verbatim from `torch_kernels.py` and
+`torch_ops.py` (`torch_source`). Parameters carry the graph's weight names (`router.weight`,
+`layers.3.moe.experts.w_up`), so `load_state_dict` reads the safetensors written beside the file. The eager
+module runs the same functions in the same order, so the two agree bitwise, and a pass (fuse-gate-up,
+fuse-shared-experts, ...) changes this file as it changes every other backend's output.
+
+A layer graph gives `class MoELayer` (forward(x, generator=None) -> (out, routing, losses)); a model graph
+gives `class DecoderModel` (forward(input_ids, generator=None) -> (logits, routing, losses)).
 """
 from __future__ import annotations
 
-import inspect
+import builtins
+import keyword
+import re
+from typing import Any
 
-import yaml
+import torch
 
-from moe_ir.builder import spec_hash
-from moe_ir.spec import Choice, LayerSpec, spec_to_dict
-from moe_ir.backends import torch_kernels as K
+from moe_ir.builder import ROUTER_BIAS
+from moe_ir.ir import Graph, GraphKind, Value, ValueKind
+from .. import torch_source
+from ..torch_ops import lower_node
+from moe_ir.ir import MODEL_INPUT
+from .module import compute_dtype_weight, output_groups
 
-_KERNEL_ORDER = [name for name, obj in vars(K).items() if inspect.isfunction(obj) and obj.__module__ == K.__name__]
-
-
-def _global_names(code) -> set[str]:
-    """Global names a function's code refers to, nested comprehensions and lambdas included."""
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if inspect.iscode(const):
-            names |= _global_names(const)
-    return names
-
-
-# kernel -> the kernels it calls, read from their code (a hand-kept table went stale when one changed)
-_DEPENDS = {name: sorted(_global_names(getattr(K, name).__code__) & set(_KERNEL_ORDER) - {name})
-            for name in _KERNEL_ORDER}
+# What a node's run-time arguments are in the generated forward (torch_ops.RUNTIME_ARGS).
+RUNTIME_EXPRESSIONS = {"training": "self.training", "generator": "generator", "expert_kernel": "grouped_ffn"}
+# Functions a run-time expression names, copied like the ones the table names.
+RUNTIME_FUNCTIONS = {"expert_kernel": "grouped_ffn"}
+CLASS_NAMES = {GraphKind.LAYER: "MoELayer", GraphKind.MODEL: "DecoderModel"}
 
 
-def kernel_closure(names: set[str]) -> list[str]:
-    """`names` and every kernel they call, in kernels.py's order (so the copied file reads like it)."""
-    need = set(names)
-    stack = list(need)
-    while stack:
-        for dep in _DEPENDS[stack.pop()]:
-            if dep not in need:
-                need.add(dep)
-                stack.append(dep)
-    return [name for name in _KERNEL_ORDER if name in need]
-
-
-def kernel_source_lines(names: list[str]) -> list[str]:
-    """The kernels' source, copied verbatim from kernels.py (the eager module runs the same code)."""
-    out: list[str] = []
-    for name in names:
-        out.append("")
-        out.append(inspect.getsource(getattr(K, name)).rstrip())
-        out.append("")
-    return out
-
-
-def _needed_kernels(spec: LayerSpec) -> list[str]:
-    e, r, b = spec.experts, spec.router, spec.balance
-    need = {"router_logits", "score", "grouped_ffn", "combine"}
-    if r.noise is not None:
-        need.add("router_noise")
-    if r.choice == Choice.TOKEN:
-        need |= {"route_topk", "scale_weights", "dispatch" if spec.dropless else "dispatch_capacity"}
-        losses = {"switch": "switch_loss", "expert": "expert_loss", "device": "device_loss",
-                  "sequence": "sequence_loss", "z_loss": "z_loss"}
-        need |= {losses[name] for name in b.losses}
-        if b.aux_free is not None:
-            need.add("update_bias")
-    else:
-        need.add("expert_choice")
-        if b.z_loss is not None:
-            need.add("z_loss")
-    if e.shared:
-        need.add("ffn")
-    if e.shared_gate:
-        need.add("sigmoid_gate")
-    return kernel_closure(need)
-
-
-def _dtype(name: str) -> str:
-    return f"torch.{name}"
-
-
-def _ffn_params(lines: list[str], owner: str, lead: str, width: int, hidden: int, spec: LayerSpec) -> None:
-    e = spec.experts
-    dt = _dtype(spec.dtype.value)
-    lines.append(f"        {owner}.w_up = nn.Parameter(torch.empty({lead}{width}, {hidden}, dtype={dt}))")
-    lines.append(f"        {owner}.w_down = nn.Parameter(torch.empty({lead}{hidden}, {width}, dtype={dt}))")
-    if e.activation.gated:
-        lines.append(f"        {owner}.w_gate = nn.Parameter(torch.empty({lead}{width}, {hidden}, dtype={dt}))")
-    if e.bias:
-        lines.append(f"        {owner}.b_up = nn.Parameter(torch.zeros({lead}{width}, dtype={dt}))")
-        lines.append(f"        {owner}.b_down = nn.Parameter(torch.zeros({lead}{hidden}, dtype={dt}))")
-        if e.activation.gated:
-            lines.append(f"        {owner}.b_gate = nn.Parameter(torch.zeros({lead}{width}, dtype={dt}))")
-
-
-def _ffn_args(owner: str, spec: LayerSpec) -> str:
-    e = spec.experts
-    gate = f"{owner}.w_gate" if e.activation.gated else "None"
-    if e.bias:
-        b_gate = f"{owner}.b_gate" if e.activation.gated else "None"
-        biases = f"{owner}.b_up, {owner}.b_down, {b_gate}"
-    else:
-        biases = "None, None, None"
-    return f"{owner}.w_up, {owner}.w_down, {gate}, {biases}, {e.activation.value!r}"
-
-
-def _docstring_text(text: str) -> str:
+def docstring_text(text: str) -> str:
     """`text` escaped for a triple-quoted literal. Spec strings (`source` above all) are free text: a
     backslash in them would make model.py fail to compile (an invalid escape), and three double quotes
     would end the docstring early and turn the rest of the string into code."""
     return text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
 
 
-def generate_source(spec: LayerSpec) -> str:
-    """The text of model.py for `spec`."""
-    spec_yaml = yaml.safe_dump(spec_to_dict(spec), sort_keys=False).rstrip().splitlines()
-    doc = [f"MoE layer '{spec.name}', generated by moe-ir from the spec below (hash {spec_hash(spec)}).",
+def literal(value: Any) -> str:
+    """A plain attribute value as Python source."""
+    if isinstance(value, torch.dtype):
+        return str(value)  # torch.float32
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return repr(value)
+    raise TypeError(f"no literal for attribute value {value!r} ({type(value).__name__})")
+
+
+def weight_expression(name: str) -> str:
+    """`layers.3.moe.experts.w_up` -> `self.layers[3].moe.experts.w_up` (numbered children by index)."""
+    parts = ["self"]
+    for part in name.split("."):
+        if part.isdigit():
+            parts.append(f"[{part}]")
+        elif part.isidentifier() and not keyword.iskeyword(part):
+            parts.append(f".{part}")
+        else:
+            raise ValueError(f"weight name {name!r}: part {part!r} is neither an index nor an identifier")
+    return "".join(parts)
+
+
+class _LocalNames:
+    """Python names for graph values: the value name with dots as underscores, never shadowing a copied
+    function, an import, a builtin or another value."""
+
+    def __init__(self, reserved: set[str]):
+        self.taken = set(reserved)
+        self.names: dict[str, str] = {}
+
+    def __call__(self, value_name: str) -> str:
+        if value_name not in self.names:
+            base = re.sub(r"\W", "_", value_name)
+            if not base.isidentifier() or keyword.iskeyword(base):
+                base = f"v_{base}"
+            name = base
+            while name in self.taken:
+                name += "_"
+            self.taken.add(name)
+            self.names[value_name] = name
+        return self.names[value_name]
+
+
+def _forward_lines(graph: Graph, calls: list, local: _LocalNames) -> list[str]:
+    def operand(value: Value | None) -> str:
+        if value is None:
+            return "None"
+        if value.kind in (ValueKind.PARAM, ValueKind.BUFFER):
+            return weight_expression(value.name)
+        return local(value.name)
+
+    out: list[str] = []
+    section = None
+    for node, call in calls:
+        layer = re.match(r"layers\.(\d+)\.", node.name)
+        here = layer.group(1) if layer else None
+        if graph.kind == GraphKind.MODEL and here != section:
+            out.append(f"        # layer {here}" if here is not None else "        # head")
+            section = here
+        args = [operand(v) for v in node.inputs]
+        args += [literal(a) for a in call.attrs]
+        args += [RUNTIME_EXPRESSIONS[name] for name in call.runtime]
+        args += [f"{key}={literal(value)}" for key, value in call.keywords]
+        targets = ", ".join(local(v.name) for v in node.outputs)
+        out.append(f"        {targets} = {call.fn.__name__}({', '.join(args)})")
+    return out
+
+
+def _init_lines(graph: Graph) -> list[str]:
+    out: list[str] = []
+    made: set[str] = set()
+    for name, value in graph.weights.items():
+        *path, leaf = name.split(".")
+        for depth in range(1, len(path) + 1):
+            prefix = ".".join(path[:depth])
+            if prefix in made:
+                continue
+            made.add(prefix)
+            owner = weight_expression(".".join(path[:depth - 1])) if depth > 1 else "self"
+            part = path[depth - 1]
+            out.append(f"        {owner}.add_module({part!r}, _Params())" if part.isdigit() else
+                       f"        {owner}.{part} = _Params()")
+        owner = weight_expression(".".join(path)) if path else "self"
+        shape = ", ".join(str(d) for d in value.type.shape)
+        dtype = str(value.type.dtype.torch)
+        if value.kind == ValueKind.BUFFER:
+            out.append(f"        {owner}.register_buffer({leaf!r}, torch.zeros({shape}, dtype={dtype}))")
+        else:
+            out.append(f"        {owner}.{leaf} = nn.Parameter(torch.empty({shape}, dtype={dtype}))")
+    return out
+
+
+def _update_bias_lines(graph: Graph) -> list[str]:
+    """The aux-loss-free bias update (b_i += γ·sign(mean load − load_i)) of every biased MoE layer."""
+    biased = [name for name in graph.weights if name == ROUTER_BIAS or name.endswith("." + ROUTER_BIAS)]
+    if not biased:
+        return []
+    if graph.kind == GraphKind.LAYER:
+        return ["", "    @torch.no_grad()", "    def update_bias(self, tokens_per_expert):",
+                '        """Call after each optimiser step with routing["tokens_per_expert"]."""',
+                f"        return update_bias({weight_expression(biased[0])}, tokens_per_expert, self.gamma)"]
+    out = ["", "    @torch.no_grad()", "    def update_bias(self, routing):",
+           '        """Call after each optimiser step with the routing record of the forward."""']
+    for name in biased:
+        key = name[: -len(ROUTER_BIAS)].removesuffix("moe.") + "tokens_per_expert"
+        out.append(f"        update_bias({weight_expression(name)}, routing[{key!r}], self.gamma)")
+    return out
+
+
+def generate_source(graph: Graph, *, description: list[str] = (), gamma: float | None = None) -> str:
+    """The text of model.py for a lowered layer or model graph. `description`: lines for the docstring (the
+    spec it was built from); `gamma`: the aux-loss-free bias update rate, a training setting the graph
+    does not carry."""
+    calls = [(node, lower_node(node)) for node in graph.nodes]
+    needed = {call.fn.__name__ for _, call in calls}
+    needed |= {RUNTIME_FUNCTIONS[name] for _, call in calls for name in call.runtime if name in RUNTIME_FUNCTIONS}
+    update_bias = _update_bias_lines(graph)
+    if update_bias:
+        needed.add("update_bias")
+    functions = torch_source.closure(needed)
+    model = graph.kind == GraphKind.MODEL
+    class_name = CLASS_NAMES[graph.kind]
+    input_name = graph.inputs[0].name
+    reserved = set(torch_source.FUNCTIONS) | set(dir(builtins)) | {"self", "torch", "F", "nn", "math", "generator",
+                                                                    "routing", "losses", "_Params", class_name}
+    local = _LocalNames(reserved)
+    local.taken.add(input_name)
+    local.names[input_name] = input_name
+    main, routing, losses = output_groups(graph)
+
+    pipeline = graph.meta.get("pipeline") or "none"
+    doc = [f"{'Model' if model else 'MoE layer'} '{graph.name}', generated by moe-ir from its lowered IR graph "
+           f"(spec hash {graph.meta.get('spec_hash', '?')}, passes: {pipeline}).",
            "",
            "Standalone: depends on torch only. Parameter names match weights.safetensors, e.g.",
            "    from safetensors.torch import load_file",
-           "    layer = MoELayer(); layer.load_state_dict(load_file('weights.safetensors'))",
-           "    out, routing, losses = layer(x)  # x [batch, seq, hidden]; out excludes the residual",
-           "",
-           *("    " + line for line in spec_yaml)]
-    out: list[str] = ['"""' + _docstring_text("\n".join(doc)), '"""']
-    out.append("import math")
-    out.append("")
-    out.append("import torch")
-    out.append("import torch.nn.functional as F")
-    out.append("from torch import nn")
-    out.append("")
-    out.extend(kernel_source_lines(_needed_kernels(spec)))
-    out.extend(PARAMS_CLASS_LINES)
-    out.extend(moe_layer_class_lines(spec))
+           f"    {'model' if model else 'layer'} = {class_name}(); "
+           f"{'model' if model else 'layer'}.load_state_dict(load_file('weights.safetensors'))",
+           f"    {main}, routing, losses = {'model' if model else 'layer'}({input_name})  # "
+           + ("input_ids int64 [batch, seq]" if model else "x [batch, seq, hidden]; out excludes the residual"),
+           *(["", *description] if description else [])]
+    out = ['"""' + docstring_text("\n".join(doc)), '"""', *torch_source.HEADER_IMPORTS, "from torch import nn", ""]
+    out += torch_source.source_lines(functions)
+    out += ["", "class _Params(nn.Module):",
+            '    """A namespace in the parameter tree, so state_dict keys read as the graph\'s weight names; '
+            '[i] is child \'i\'."""',
+            "", "    def __getitem__(self, index):", "        return self._modules[str(index)]"]
+
+    out += ["", "", f"class {class_name}(nn.Module):"]
+    if update_bias:
+        out.append(f"    gamma = {gamma!r}  # aux-loss-free bias update rate")
+        out.append("")
+    out += ["    def __init__(self):", "        super().__init__()", *_init_lines(graph)]
+    out += ["", f"    def forward(self, {input_name}, generator=None):",
+            f'        """{input_name} -> ({main}, routing record, balance losses): one line per node of graph '
+            f"'{docstring_text(graph.name)}'.\"\"\""]
+    if not model:
+        out.append(f"        {input_name} = {input_name}.to({weight_expression(compute_dtype_weight(graph))}.dtype)")
+    out += _forward_lines(graph, calls, local)
+    values = local.names
+    routing_text = ", ".join(f"{key!r}: {values[name]}" for key, name in routing)
+    losses_text = ", ".join(f"{key!r}: {values[name]}" for key, name in losses)
+    out.append(f"        return {values[graph.outputs[main].name]}, {{{routing_text}}}, {{{losses_text}}}")
+    out += update_bias
     return "\n".join(out) + "\n"
 
 
-PARAMS_CLASS_LINES = [
-    "",
-    "class _Params(nn.Module):",
-    '    """A namespace in the parameter tree, so state_dict keys read router.weight, experts.w_up, ..."""',
-]
-
-
-def moe_layer_class_lines(spec: LayerSpec) -> list[str]:
-    """The generated `class MoELayer` for `spec` (after the kernels and _Params it uses)."""
-    e, r, b = spec.experts, spec.router, spec.balance
-    h, n = spec.hidden, e.routed
-    out: list[str] = []
-    out.append("")
-    out.append("")
-    out.append("class MoELayer(nn.Module):")
-    out.append(f"    hidden = {h}")
-    out.append(f"    routed_experts = {n}")
-    out.append(f"    top_k = {e.top_k}")
-    if b.aux_free is not None:
-        out.append(f"    gamma = {b.aux_free.gamma!r}  # aux-loss-free bias update rate")
-    out.append("")
-    out.append("    def __init__(self):")
-    out.append("        super().__init__()")
-    rdt = _dtype(r.dtype.value)
-    out.append("        self.router = _Params()")
-    out.append(f"        self.router.weight = nn.Parameter(torch.empty({n}, {h}, dtype={rdt}))")
-    if r.choice == Choice.TOKEN and b.aux_free is not None:
-        out.append("        # selection bias of aux-loss-free balancing: a buffer, moved by update_bias, not by gradients")
-        out.append(f"        self.router.register_buffer('bias', torch.zeros({n}, dtype=torch.float32))")
-    if r.noise is not None:
-        out.append(f"        self.router.noise_weight = nn.Parameter(torch.empty({n}, {h}, dtype={rdt}))")
-    out.append("        self.experts = _Params()")
-    _ffn_params(out, "self.experts", f"{n}, ", e.width, h, spec)
-    if e.shared:
-        out.append("        self.shared = _Params()")
-        for i in range(e.shared):
-            out.append(f"        self.shared.add_module('{i}', _Params())")
-            _ffn_params(out, f"self.shared.get_submodule('{i}')", "", e.shared_ffn_width, h, spec)
-    if e.shared_gate:
-        out.append("        self.shared_gate = _Params()")
-        out.append(f"        self.shared_gate.weight = nn.Parameter(torch.empty(1, {h}, dtype={_dtype(spec.dtype.value)}))")
-        out.append("")
-    out.append("")
-    out.append("    def forward(self, x, generator=None):")
-    out.append('        """x [B, S, H] -> (out [B, S, H], routing record, balance losses by kind)."""')
-    out.append("        batch, seq, hidden = x.shape")
-    out.append(f"        tokens = x.to(self.experts.w_down.dtype).reshape(-1, hidden)")
-    out.append(f"        logits = router_logits(tokens, self.router.weight, {rdt})")
-    if r.noise is not None:
-        out.append("        if self.training:  # noisy top-k gating is a training-time exploration aid")
-        out.append(f"            logits = router_noise(logits, tokens, self.router.noise_weight, {r.noise.std!r}, generator)")
-    out.append(f"        scores = score(logits, {r.score.value!r})")
-    if r.choice == Choice.TOKEN:
-        bias = "self.router.bias.to(scores.dtype)" if b.aux_free is not None else "None"
-        gl = spec.routing_group_limit  # router.group_limit, or parallel.device_limit read as one
-        groups = f"{gl.groups}, {gl.kept}, {gl.score.value!r}" if gl else "1, 1, 'max'"
-        out.append(f"        expert_idx, weights = route_topk(scores, {bias}, {e.top_k}, {groups})")
-        out.append(f"        weights = scale_weights(weights, {r.normalize!r}, {r.scaling!r})")
-        if spec.dropless:
-            out.append(f"        rows, row_weights, group_sizes = dispatch(expert_idx, weights, {n})")
-        else:
-            out.append(f"        # capacity {spec.capacity_factor!r}: assignments over capacity are dropped by "
-                       f"{spec.capacity.drop.value}")
-            out.append(f"        rows, row_weights, group_sizes = dispatch_capacity(expert_idx, weights, {n}, "
-                       f"{spec.capacity_factor!r}, {spec.capacity.drop.value!r})")
-    else:
-        out.append(f"        rows, row_weights, group_sizes = expert_choice(scores, {spec.capacity_factor!r}, {e.top_k})")
-    out.append(f"        y = grouped_ffn(tokens, rows, group_sizes, {_ffn_args('self.experts', spec)})")
-    out.append("        out = combine(y, rows, row_weights, tokens.shape[0])")
-    if e.shared:
-        for i in range(e.shared):
-            call = f"ffn(tokens, {_ffn_args(f'shared_{i}', spec)})"
-            out.append(f"        shared_{i} = self.shared.get_submodule('{i}')")
-            if i == 0:
-                out.append(f"        shared = {call}")
-            else:
-                out.append(f"        shared = shared + {call}")
-        if e.shared_gate:
-            out.append("        shared = sigmoid_gate(shared, tokens, self.shared_gate.weight)")
-        out.append("        out = out + shared")
-    if r.choice == Choice.TOKEN:
-        out.append("        routing = {'expert_idx': expert_idx, 'weights': weights, 'router_logits': logits,")
-    else:
-        out.append("        routing = {'rows': rows, 'router_logits': logits,")
-    out.append("                   'tokens_per_expert': group_sizes}")
-    out.append("        losses = {}")
-    for name, alpha in b.losses.items():
-        if r.choice == Choice.EXPERT and name != "z_loss":
-            continue
-        call = {
-            "switch": f"switch_loss({alpha!r}, scores, expert_idx)",
-            "expert": f"expert_loss({alpha!r}, scores, expert_idx, {e.top_k})",
-            "device": f"device_loss({alpha!r}, scores, expert_idx, {e.top_k}, "
-                      f"{b.device.devices if b.device else 1})",
-            "sequence": f"sequence_loss({alpha!r}, scores, expert_idx, {e.top_k}, seq)",
-            "z_loss": f"z_loss({alpha!r}, logits)",
-        }[name]
-        out.append(f"        losses[{name!r}] = {call}")
-    out.append("        return out.view(batch, seq, hidden), routing, losses")
-    if r.choice == Choice.TOKEN and b.aux_free is not None:
-        out.append("")
-        out.append("    @torch.no_grad()")
-        out.append("    def update_bias(self, tokens_per_expert):")
-        out.append('        """Call after each optimiser step with routing["tokens_per_expert"]."""')
-        out.append("        return update_bias(self.router.bias, tokens_per_expert, self.gamma)")
-    return out
+__all__ = ["generate_source"]

@@ -1,7 +1,7 @@
 """Lowering of an IR graph to a trainable torch.nn.Module.
 
-The module walks the graph's nodes in order and runs each through a table keyed by OpCode (`OP_TABLE`)
-whose entries call the fast kernels in `kernels.py`. Parameters live in nested sub-modules named after
+The module walks the graph's nodes in order and runs each as the torch backends' op table says
+(`moe_ir.backends.torch_ops`: one call of an op function or kernel of `torch_kernels.py` per node). Parameters live in nested sub-modules named after
 the canonical weight names, so `state_dict()` keys are exactly the names in the graph and in the
 safetensors files (`router.weight`, `experts.w_up`, `shared.0.w_gate`; `router.bias` is a buffer).
 
@@ -26,10 +26,11 @@ from torch import nn
 from moe_ir.builder import ROUTER_BIAS, build_graph
 from moe_ir.errors import BackendError, WeightsError
 from moe_ir.interpreter import check_weights
-from moe_ir.ir import Graph, LossKind, OpCode, ValueKind, WeightLayout
+from moe_ir.ir import MODEL_INPUT, MODEL_OUTPUT, Graph, GraphKind, ValueKind
 from moe_ir.params import init_weights, load_weights, save_weights
 from moe_ir.spec import LayerSpec
-from moe_ir.backends import torch_kernels as K
+from .. import torch_kernels as K
+from ..torch_ops import lower_node, unsupported_ops, weight_only_nodes
 
 if TYPE_CHECKING:
     from moe_ir.model_spec import ModelSpec
@@ -65,145 +66,6 @@ class ModelOutput(NamedTuple):
         return _sum_losses(self.losses, self.logits)
 
 
-class _RunContext(NamedTuple):
-    training: bool
-    generator: torch.Generator | None
-    concat_cache: dict
-    grouped_ffn: Callable[..., torch.Tensor]  # the expert FFN kernel (kernels.grouped_ffn unless a backend swaps it)
-
-
-# ---------------------------------------------------------------------------------------------------
-# op table: (attrs, context, *operands) -> tuple of outputs, same semantics as ops.py's reference
-
-
-def _split_gate_up(w_up, w_gate, b_up, b_gate, layout):
-    """A gate_up_fused w_up holds the gate rows first, then the up rows: slice views, no copy."""
-    if layout != WeightLayout.GATE_UP_FUSED:
-        return w_up, w_gate, b_up, b_gate
-    half = w_up.shape[-2] // 2
-    w_gate, w_up = w_up[..., :half, :], w_up[..., half:, :]
-    if b_up is not None:
-        b_gate, b_up = b_up[..., :half], b_up[..., half:]
-    return w_up, w_gate, b_up, b_gate
-
-
-def _gated_weights(attrs, w_up, w_gate, b_up, b_gate):
-    if not attrs["activation"].gated:
-        return w_up, None, b_up, None
-    return _split_gate_up(w_up, w_gate, b_up, b_gate, attrs["weight_layout"])
-
-
-def _op_linear(attrs, ctx, x, w, b):
-    y = K.router_logits(x, w, attrs["out_dtype"].torch)
-    return (y if b is None else y + b.to(y.dtype),)
-
-
-def _op_router_noise(attrs, ctx, logits, x, w_noise):
-    if not ctx.training:
-        return (logits,)
-    return (K.router_noise(logits, x, w_noise, attrs["std"], ctx.generator),)
-
-
-def _op_topk_route(attrs, ctx, scores, bias):
-    return K.route_topk(scores, None if bias is None else bias.to(scores.dtype), attrs["k"], attrs["groups"],
-                        attrs["kept"], attrs["group_score"].value)
-
-
-def _op_dispatch(attrs, ctx, expert_idx, weights):
-    if attrs["capacity_factor"] is None:
-        return K.dispatch(expert_idx, weights, attrs["num_experts"])
-    return K.dispatch_capacity(expert_idx, weights, attrs["num_experts"], attrs["capacity_factor"],
-                               attrs["drop_rule"].value)
-
-
-def _op_grouped_ffn(attrs, ctx, x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate):
-    w_up, w_gate, b_up, b_gate = _gated_weights(attrs, w_up, w_gate, b_up, b_gate)
-    return (ctx.grouped_ffn(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate,
-                            attrs["activation"].value),)
-
-
-def _op_ffn(attrs, ctx, x, w_up, w_down, w_gate, b_up, b_down, b_gate):
-    w_up, w_gate, b_up, b_gate = _gated_weights(attrs, w_up, w_gate, b_up, b_gate)
-    return (K.ffn(x, w_up, w_down, w_gate, b_up, b_down, b_gate, attrs["activation"].value),)
-
-
-def _op_concat(attrs, ctx, *parts):
-    # Weight-fusing passes concatenate parameters. With autograd off (inference) the result only
-    # changes when a part is written, so it is cached on the parts' identity and version counters.
-    if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
-        return (torch.cat(parts, dim=attrs["axis"]),)
-    key = (attrs["axis"],) + tuple((p.data_ptr(), p._version, tuple(p.shape), p.dtype) for p in parts)
-    cached = ctx.concat_cache.get(key)
-    if cached is None:
-        ctx.concat_cache.clear()
-        cached = ctx.concat_cache[key] = torch.cat(parts, dim=attrs["axis"])
-    return (cached,)
-
-
-def _op_balance_loss(attrs, ctx, scores, expert_idx, logits, like):
-    kind, alpha, top_k = attrs["kind"], attrs["alpha"], attrs["top_k"]
-    if kind == LossKind.Z:
-        return (K.z_loss(alpha, logits),)
-    if kind == LossKind.SWITCH:
-        return (K.switch_loss(alpha, scores, expert_idx),)
-    if kind == LossKind.EXPERT:
-        return (K.expert_loss(alpha, scores, expert_idx, top_k),)
-    if kind == LossKind.DEVICE:
-        return (K.device_loss(alpha, scores, expert_idx, top_k, attrs["devices"]),)
-    return (K.sequence_loss(alpha, scores, expert_idx, top_k, like.shape[1]),)
-
-
-def _op_fused_moe(attrs, ctx, x, w_router, bias, w_up, w_down, w_gate, b_up, b_down, b_gate):
-    logits = K.router_logits(x, w_router, attrs["router_dtype"].torch)
-    scores = K.score(logits, attrs["score"].value)
-    idx, w = K.route_topk(scores, None if bias is None else bias.to(scores.dtype), attrs["k"], attrs["groups"],
-                          attrs["kept"], attrs["group_score"].value)
-    w = K.scale_weights(w, attrs["normalize"], attrs["scale"])
-    rows, row_w, sizes = _op_dispatch({"num_experts": w_up.shape[0], **attrs}, ctx, idx, w)
-    (y,) = _op_grouped_ffn(attrs, ctx, x, rows, sizes, w_up, w_down, w_gate, b_up, b_down, b_gate)
-    return K.combine(y, rows, row_w, x.shape[0]), idx, w
-
-
-def _op_attention(attrs, ctx, x, *weights):
-    return (K.attention(x, *weights, attrs["heads"], attrs["kv_heads"], attrs["head_dim"], attrs["qk_norm"].value,
-                        attrs["rope_theta"], attrs["rope_layout"].value, attrs["norm_eps"]),)
-
-
-def _op_mla_attention(attrs, ctx, x, *weights):
-    return (K.mla_attention(x, *weights, attrs["heads"], attrs["kv_lora_rank"], attrs["qk_nope_head_dim"],
-                            attrs["qk_rope_head_dim"], attrs["v_head_dim"], attrs["rope_theta"],
-                            attrs["rope_layout"].value, attrs["norm_eps"]),)
-
-
-OP_TABLE: dict[OpCode, Callable[..., tuple]] = {
-    OpCode.FLATTEN_TOKENS: lambda attrs, ctx, x: (x.reshape(-1, x.shape[-1]),),
-    OpCode.RESTORE_TOKENS: lambda attrs, ctx, y, like: (y.view(like.shape[0], like.shape[1], y.shape[-1]),),
-    OpCode.LINEAR: _op_linear,
-    OpCode.ROUTER_NOISE: _op_router_noise,
-    OpCode.SCORE: lambda attrs, ctx, logits: (K.score(logits, attrs["fn"].value),),
-    OpCode.TOPK_ROUTE: _op_topk_route,
-    OpCode.SCALE_WEIGHTS: lambda attrs, ctx, w: (K.scale_weights(w, attrs["normalize"], attrs["scale"]),),
-    OpCode.DISPATCH: _op_dispatch,
-    OpCode.EXPERT_CHOICE_ROUTE: lambda attrs, ctx, s: K.expert_choice(s, attrs["capacity_factor"], attrs["top_k"]),
-    OpCode.GROUPED_FFN: _op_grouped_ffn,
-    OpCode.COMBINE: lambda attrs, ctx, y, rows, rw, like: (K.combine(y, rows, rw, like.shape[0]),),
-    OpCode.FFN: _op_ffn,
-    OpCode.SIGMOID_GATE: lambda attrs, ctx, y, x, w: (K.sigmoid_gate(y, x, w),),
-    OpCode.ADD: lambda attrs, ctx, a, b: (a + b,),
-    OpCode.CONCAT: _op_concat,
-    OpCode.BALANCE_LOSS: _op_balance_loss,
-    OpCode.FUSED_MOE: _op_fused_moe,
-    OpCode.EMBEDDING: lambda attrs, ctx, ids, w: (K.embedding(ids, w),),
-    OpCode.RMS_NORM: lambda attrs, ctx, x, w: (K.rms_norm(x, w, attrs["eps"]),),
-    OpCode.ATTENTION: _op_attention,
-    OpCode.MLA_ATTENTION: _op_mla_attention,
-}
-
-
-def unsupported_ops(graph: Graph) -> list[str]:
-    return sorted({n.op.value for n in graph.nodes if n.op not in OP_TABLE})
-
-
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -213,27 +75,46 @@ class _Params(nn.Module):
 
 _LOSS_PREFIX = "loss."
 _NOT_ROUTING = ("out", "aux_loss")
-MODEL_INPUT = "input_ids"
-MODEL_OUTPUT = "logits"
 
 
-def is_model_graph(graph: Graph) -> bool:
-    """A whole-model graph (input_ids in, logits out) rather than one MoE layer (x in, out out)."""
-    return [v.name for v in graph.inputs] == [MODEL_INPUT] and MODEL_OUTPUT in graph.outputs
+def is_loss_key(key: str) -> bool:
+    """`loss.expert` of a layer; `layers.3.loss.expert` and `layers.3.aux_loss` of a model (the layer's sum,
+    which ModelOutput.aux_loss redoes)."""
+    layer_key = key.split(".", 2)[-1] if key.startswith("layers.") else key
+    return layer_key.startswith(_LOSS_PREFIX) or layer_key == "aux_loss"
 
 
-def graph_contract_problem(graph: Graph) -> str:
-    """Why the graph is neither a layer graph (x -> out) nor a model graph (input_ids -> logits), or ""."""
-    inputs = [v.name for v in graph.inputs]
-    if inputs == [MODEL_INPUT]:
-        if MODEL_OUTPUT not in graph.outputs:
-            return (f"model graph '{graph.name}' has no '{MODEL_OUTPUT}' output (outputs: {list(graph.outputs)}); "
-                    "build it with moe_ir.model_builder.build_model_graph and keep the logits through the passes")
-        return ""
-    if len(inputs) != 1 or "out" not in graph.outputs:
-        return (f"graph '{graph.name}' has inputs {inputs} and outputs {list(graph.outputs)}; expected a layer graph "
-                f"(x -> out) or a model graph ({MODEL_INPUT} -> {MODEL_OUTPUT})")
-    return ""
+def output_groups(graph: Graph) -> tuple[str, list[tuple[str, str]], list[tuple[str, str]]]:
+    """How a module returns the graph's outputs: (the main output's key, [(routing key, value name)],
+    [(loss key, value name)]). A layer: `out`, its routing record, its losses by kind (`expert`, ...);
+    a model: `logits`, routing and losses under the graph's keys (`layers.3.expert_idx`,
+    `layers.3.loss.expert`), the per-layer `aux_loss` sums left out."""
+    routing, losses = [], []
+    if graph.kind == GraphKind.MODEL:
+        for key, value in graph.outputs.items():
+            if key == MODEL_OUTPUT:
+                continue
+            if is_loss_key(key):
+                if not key.endswith(".aux_loss"):
+                    losses.append((key, value.name))
+            else:
+                routing.append((key, value.name))
+        return MODEL_OUTPUT, routing, losses
+    for key, value in graph.outputs.items():
+        if key.startswith(_LOSS_PREFIX):
+            losses.append((key[len(_LOSS_PREFIX):], value.name))
+        elif key not in _NOT_ROUTING:
+            routing.append((key, value.name))
+    return "out", routing, losses
+
+
+def compute_dtype_weight(graph: Graph) -> str:
+    """The weight whose dtype a layer's activations take: the first one outside the router (the experts'),
+    so the module follows .double() / .to(dtype)."""
+    for name in graph.weights:
+        if not name.startswith("router."):
+            return name
+    return next(iter(graph.weights))
 
 
 class GraphModule(nn.Module):
@@ -246,7 +127,7 @@ class GraphModule(nn.Module):
         missing = unsupported_ops(graph)
         if missing:
             raise BackendError(f"the eager torch backend has no implementation of op(s) {', '.join(missing)} "
-                               f"in graph '{graph.name}'")
+                               f"in graph '{graph.name}'; it runs the ops of moe_ir.backends.torch_ops")
         self.graph = graph
         self.generator = generator  # for the router noise; None: the global RNG
         if weights is None:
@@ -267,12 +148,16 @@ class GraphModule(nn.Module):
             else:
                 owner.register_parameter(leaf, nn.Parameter(tensor))
             self._weight_slots.append((name, owner, leaf))
-        self._plan = [(OP_TABLE[n.op], n.attrs, tuple(None if v is None else v.name for v in n.inputs),
-                       tuple(v.name for v in n.outputs)) for n in graph.nodes]
-        self._outputs = [(key, v.name) for key, v in graph.outputs.items()]
-        self._concat_cache: dict = {}
-        # The grouped expert FFN's kernel, same signature as kernels.grouped_ffn; the compile backend puts
-        # an opaque custom op here so that its graph does not unroll one GEMM chain per expert.
+        weight_only = {n.name for n in weight_only_nodes(graph)}
+        self._plan = [(lower_node(n), tuple(None if v is None else v.name for v in n.inputs),
+                       tuple(v.name for v in n.outputs), n.name in weight_only) for n in graph.nodes]
+        self._main_output, self._routing, self._losses = output_groups(graph)
+        self._main_output = graph.outputs[self._main_output].name
+        # Results of weight-only nodes (weights concatenated by a fusion pass), kept while the weights are
+        # unchanged: see _weight_only_result.
+        self._folded: dict = {}
+        # The grouped expert FFN's kernel, same signature as torch_kernels.grouped_ffn; the compile backend
+        # puts an opaque custom op here so that its graph does not unroll one GEMM chain per expert.
         self.grouped_ffn_kernel: Callable[..., torch.Tensor] = K.grouped_ffn
 
     def canonical_weights(self) -> dict[str, torch.Tensor]:
@@ -283,12 +168,29 @@ class GraphModule(nn.Module):
         env: dict[str, Any] = dict(inputs)
         for name, owner, leaf in self._weight_slots:
             env[name] = getattr(owner, leaf)
-        ctx = _RunContext(self.training, self.generator, self._concat_cache, self.grouped_ffn_kernel)
-        for fn, attrs, names, outputs in self._plan:
-            results = fn(attrs, ctx, *[None if i is None else env[i] for i in names])
-            for name, value in zip(outputs, results):
-                env[name] = value
+        runtime = {"training": self.training, "generator": self.generator, "expert_kernel": self.grouped_ffn_kernel}
+        for call, names, outputs, weight_only in self._plan:
+            operands = [None if i is None else env[i] for i in names]
+            result = self._weight_only_result(call, operands, runtime) if weight_only else call(operands, runtime)
+            if len(outputs) == 1:
+                env[outputs[0]] = result
+            else:
+                for name, value in zip(outputs, result):
+                    env[name] = value
         return env
+
+    def _weight_only_result(self, call, operands, runtime):
+        """A node that reads only weights (a fusion pass's CONCAT of them). With autograd off (inference) its
+        result only changes when a weight is written, so it is kept, keyed on the operands' identity and
+        version counters; with autograd on it runs every time, so gradients reach the canonical weights."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in operands if p is not None):
+            return call(operands, runtime)
+        key = (id(call),) + tuple((p.data_ptr(), p._version, tuple(p.shape), p.dtype) for p in operands
+                                  if p is not None)
+        cached = self._folded.get(id(call))
+        if cached is None or cached[0] != key:
+            cached = self._folded[id(call)] = (key, call(operands, runtime))
+        return cached[1]
 
     # -- safetensors ------------------------------------------------------------------------------
 
@@ -308,7 +210,7 @@ class GraphModule(nn.Module):
                 if not source.is_floating_point():
                     raise WeightsError(f"weight {name} has dtype {source.dtype}; expected a floating dtype")
                 target.copy_(source.to(target.dtype))
-        self._concat_cache.clear()
+        self._folded.clear()
 
 
 class MoELayer(GraphModule):
@@ -319,14 +221,15 @@ class MoELayer(GraphModule):
         if len(graph.inputs) != 1:
             raise BackendError(f"graph '{graph.name}' has inputs {[v.name for v in graph.inputs]}; the eager "
                                f"module takes one input x [B, S, H]")
-        if is_model_graph(graph):
+        if graph.kind == GraphKind.MODEL:
             raise BackendError(f"graph '{graph.name}' is a model graph ({MODEL_INPUT} -> {MODEL_OUTPUT}); MoELayer "
                                "takes a layer graph x -> out: use MoEModel")
         super().__init__(graph, weights, seed=seed, generator=generator)
         # γ of aux-loss-free balancing (b_i += γ·sign(mean load − load_i)); set from the spec when known.
         self.gamma = gamma
         self._input = graph.inputs[0].name
-        self._out_name = graph.outputs["out"].name
+        dtype_weight = compute_dtype_weight(graph)
+        self._dtype_slot = next((owner, leaf) for name, owner, leaf in self._weight_slots if name == dtype_weight)
 
     # -- construction helpers ---------------------------------------------------------------------
 
@@ -339,10 +242,8 @@ class MoELayer(GraphModule):
     @property
     def compute_dtype(self) -> torch.dtype:
         """The activations' dtype: that of the expert weights (follows .double() / .to(dtype))."""
-        for name, owner, leaf in self._weight_slots:
-            if not name.startswith("router."):
-                return getattr(owner, leaf).dtype
-        return getattr(self._weight_slots[0][1], self._weight_slots[0][2]).dtype
+        owner, leaf = self._dtype_slot
+        return getattr(owner, leaf).dtype
 
     # -- run --------------------------------------------------------------------------------------
 
@@ -350,13 +251,8 @@ class MoELayer(GraphModule):
         if x.dim() != 3 or x.shape[-1] != self.graph.inputs[0].type.shape[-1]:
             raise ValueError(f"expected x [B, S, {self.graph.inputs[0].type.shape[-1]}], got {list(x.shape)}")
         env = self._run({self._input: x.to(self.compute_dtype)})
-        routing, losses = {}, {}
-        for key, name in self._outputs:
-            if key.startswith(_LOSS_PREFIX):
-                losses[key[len(_LOSS_PREFIX):]] = env[name]
-            elif key not in _NOT_ROUTING:
-                routing[key] = env[name]
-        return MoEOutput(env[self._out_name], routing, losses)
+        return MoEOutput(env[self._main_output], {key: env[name] for key, name in self._routing},
+                         {key: env[name] for key, name in self._losses})
 
     # -- aux-loss-free balancing ------------------------------------------------------------------
 
@@ -371,12 +267,6 @@ class MoELayer(GraphModule):
         return K.update_bias(self.router.bias, tokens_per_expert, gamma)
 
 
-def _is_loss_key(key: str) -> bool:
-    """`layers.3.loss.expert` and `layers.3.aux_loss` (the layer's sum, which ModelOutput.aux_loss redoes)."""
-    layer_key = key.split(".", 2)[-1] if key.startswith("layers.") else key
-    return layer_key.startswith(_LOSS_PREFIX) or layer_key == "aux_loss"
-
-
 class MoEModel(GraphModule):
     """A whole decoder lowered from a model graph (moe_ir.model_builder.build_model_graph).
 
@@ -386,14 +276,13 @@ class MoEModel(GraphModule):
 
     def __init__(self, graph: Graph, weights: Mapping[str, torch.Tensor] | None = None, *, seed: int = 0,
                  gamma: float | None = None, generator: torch.Generator | None = None):
-        if not is_model_graph(graph):
+        if graph.kind != GraphKind.MODEL:
             raise BackendError(f"graph '{graph.name}' has inputs {[v.name for v in graph.inputs]} and outputs "
                                f"{list(graph.outputs)}; MoEModel takes a model graph (input_ids in, logits out): "
                                "use MoELayer for a layer graph")
         super().__init__(graph, weights, seed=seed, generator=generator)
         self.gamma = gamma  # γ of aux-loss-free balancing, shared by every MoE layer (one moe spec)
         self.vocab_size = int(graph.weights["embed.weight"].type.shape[0])
-        self._logits_name = graph.outputs[MODEL_OUTPUT].name
         # MoE layers with an aux-loss-free selection bias: (layer prefix, bias owner module).
         self._biased_layers = [(name[: -len(ROUTER_BIAS)], owner) for name, owner, leaf in self._weight_slots
                                if name.endswith("." + ROUTER_BIAS)]
@@ -423,16 +312,8 @@ class MoEModel(GraphModule):
             raise BackendError(f"model '{self.graph.name}': input_ids must be int64 [B, S], got "
                                f"{input_ids.dtype} {list(input_ids.shape)}")
         env = self._run({MODEL_INPUT: input_ids})
-        routing, losses = {}, {}
-        for key, name in self._outputs:
-            if key == MODEL_OUTPUT:
-                continue
-            if _is_loss_key(key):
-                if not key.endswith(".aux_loss"):
-                    losses[key] = env[name]
-            else:
-                routing[key] = env[name]
-        return ModelOutput(env[self._logits_name], routing, losses)
+        return ModelOutput(env[self._main_output], {key: env[name] for key, name in self._routing},
+                           {key: env[name] for key, name in self._losses})
 
     @torch.no_grad()
     def update_bias(self, routing: Mapping[str, torch.Tensor], gamma: float | None = None) -> None:

@@ -4,9 +4,11 @@ Lowering (one screen):
   graph --("strip-training-outputs", "dce", "fuse-shared-experts", "fuse-moe", "dce")--> one FUSED_MOE node
   FUSED_MOE      -> router logits x @ w_router.T in the router dtype, then ``moe_forward``
                     (route -> dispatch -> grouped FFN -> combine custom ops, see ops.py)
-  anything else  -> the op's reference semantics (plain torch: FFN, SIGMOID_GATE, ADD, CONCAT, flatten/restore)
+  anything else  -> the torch op table every torch backend shares (``torch_ops``: FFN, SIGMOID_GATE, ADD,
+                    CONCAT, flatten/restore on the torch kernels)
   weight-only nodes (CONCAT/ADD of weights, made by fuse-shared-experts) are folded once at prepare time
-  unless ``fold_weights=False`` (then they run in forward, so gradients reach the canonical weights).
+  (``torch_ops.fold_weights``) unless ``fold_weights=False`` (then they run in forward, so gradients reach
+  the canonical weights).
 
 What runs where (``TritonMoELayer.path``):
   * "triton-cuda": CUDA tensors, the compiled Triton kernels. Chosen whenever CUDA is available.
@@ -29,8 +31,11 @@ from torch import nn
 
 from moe_ir.errors import BackendError
 from moe_ir.interpreter import check_weights
-from moe_ir.ir import ElemType, Graph, OpCode, ValueKind, WeightLayout, op_def
+from moe_ir.ir import ElemType, Graph, OpCode, ValueKind
 from ..base import Backend
+from ..torch_kernels import split_gate_up
+from ..torch_ops import INFERENCE_RUNTIME, lower_node, weight_only_nodes
+from ..torch_ops import fold_weights as folded_weights
 from . import kernels as K
 from . import ops
 
@@ -38,7 +43,7 @@ CPU_NOTE = ("Triton on CPU runs through the interpreter (TRITON_INTERPRET=1): fo
 COMPILE_CPU_NOTE = ("compile=True on CPU: torch.compile traces the ops' torch implementations "
                     "(interpreted Triton kernels cannot be captured into a graph); on CUDA it captures the kernels")
 
-# Ops lowered to their reference semantics: all plain torch, differentiable, free of host syncs.
+# Ops run through the torch op table: all plain torch, differentiable, free of host syncs.
 PLAIN_OPS = frozenset({OpCode.FLATTEN_TOKENS, OpCode.RESTORE_TOKENS, OpCode.LINEAR, OpCode.FFN,
                        OpCode.SIGMOID_GATE, OpCode.ADD, OpCode.CONCAT})
 KERNEL_DTYPES = (ElemType.FLOAT32, ElemType.FLOAT16, ElemType.BFLOAT16)
@@ -129,14 +134,6 @@ def graph_problem(graph: Graph) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- lowering
-def _split_gate_up(w_up: torch.Tensor, layout: WeightLayout, gated: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(w_gate, w_up) in the separate layout moe_forward takes; gate_up_fused [E, 2F, H] holds gate rows first."""
-    if not gated or layout != WeightLayout.GATE_UP_FUSED:
-        return None, w_up
-    width = w_up.shape[1] // 2
-    return w_up[:, :width], w_up[:, width:]
-
-
 def fused_moe_step(attrs: Mapping[str, Any]) -> Callable[..., tuple[torch.Tensor, ...]]:
     """The FUSED_MOE node as a function of its operands: router projection, then the Triton ops."""
     router_dtype = attrs["router_dtype"].torch
@@ -144,21 +141,26 @@ def fused_moe_step(attrs: Mapping[str, Any]) -> Callable[..., tuple[torch.Tensor
     kwargs = dict(activation=activation.value, score=attrs["score"].value, k=attrs["k"], n_group=attrs["groups"],
                   topk_group=attrs["kept"], group_score=attrs["group_score"].value, normalize=attrs["normalize"],
                   scale=float(attrs["scale"]))
-    layout = attrs["weight_layout"]
+    layout = attrs["weight_layout"].value
 
     def run(x, w_router, bias, w_up, w_down, w_gate, b_up, b_down, b_gate):
         logits = torch.nn.functional.linear(x.to(router_dtype), w_router.to(router_dtype))
-        if w_gate is None:
-            w_gate, w_up = _split_gate_up(w_up, layout, activation.gated)
+        w_up, w_gate, _, _ = split_gate_up(w_up, w_gate, None, None, activation.value, layout)
         out, weights, expert_idx = ops.moe_forward(x, logits, bias, w_gate, w_up, w_down, **kwargs)
         return out, expert_idx, weights.to(router_dtype)
 
     return run
 
 
-def _reference_step(node) -> Callable[..., tuple[torch.Tensor, ...]]:
-    definition, attrs = op_def(node.op), node.attrs
-    return lambda *args: definition.reference(attrs, *args)
+def _table_step(node) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """A node outside the fused layer, as the torch op table runs it (results as a tuple)."""
+    call, single = lower_node(node), len(node.outputs) == 1
+
+    def run(*operands):
+        result = call(list(operands), INFERENCE_RUNTIME)
+        return (result,) if single else tuple(result)
+
+    return run
 
 
 class _Params(nn.Module):
@@ -194,21 +196,18 @@ class TritonMoELayer(nn.Module):
             tensor = weights[name].detach().to(self.device, value.type.dtype.torch).clone()
             self._register(name, tensor, trainable=value.kind != ValueKind.BUFFER)
 
-        folded = self._weight_only_nodes(graph) if fold_weights else set()
-        env = self.canonical_weights()
+        folded = {n.name for n in weight_only_nodes(graph)} if fold_weights else set()
+        if folded:
+            for out_name, result in folded_weights(graph, self.canonical_weights()).items():
+                # Derived from the canonical weights: a buffer, so it is not trained separately.
+                self._register(out_name, result.contiguous(), trainable=None)
         self._plan: list[tuple[Callable, tuple[str | None, ...], tuple[str, ...]]] = []
         for node in graph.nodes:
+            if node.name in folded:
+                continue
             inputs = tuple(None if v is None else v.name for v in node.inputs)
             outputs = tuple(v.name for v in node.outputs)
-            step = fused_moe_step(node.attrs) if node.op == OpCode.FUSED_MOE else _reference_step(node)
-            if node.name in folded:
-                with torch.no_grad():
-                    results = step(*[None if i is None else env[i] for i in inputs])
-                for out_name, result in zip(outputs, results):
-                    env[out_name] = result
-                    # Derived from the canonical weights: a buffer, so it is not trained separately.
-                    self._register(out_name, result.contiguous(), trainable=None)
-                continue
+            step = fused_moe_step(node.attrs) if node.op == OpCode.FUSED_MOE else _table_step(node)
             self._plan.append((step, inputs, outputs))
 
     # -- construction helpers ----------------------------------------------------------------------------
@@ -225,19 +224,6 @@ class TritonMoELayer(nn.Module):
         else:
             owner.register_buffer(leaf, tensor)
         self._slots.append((name, owner, leaf))
-
-    @staticmethod
-    def _weight_only_nodes(graph: Graph) -> set[str]:
-        """Nodes whose operands are all weights or outputs of such nodes (CONCAT/ADD on weights)."""
-        constant = {name for name in graph.weights}
-        found = set()
-        for node in graph.nodes:
-            if node.op not in (OpCode.CONCAT, OpCode.ADD):
-                continue
-            if all(v is None or v.name in constant for v in node.inputs):
-                found.add(node.name)
-                constant.update(v.name for v in node.outputs)
-        return found
 
     def canonical_weights(self) -> dict[str, torch.Tensor]:
         """Every stored tensor by graph name: the canonical weights, plus folded ones."""

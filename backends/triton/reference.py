@@ -1,5 +1,8 @@
 """Pure-torch references of the Triton kernels, written to be obviously correct.
 
+Routing and the activations are the shared torch kernel set's (`moe_ir.backends.torch_kernels`: the rule
+every torch backend runs), here in fp32 as the kernels compute.
+
 Each ``*_reference`` takes the same arguments and returns the same layouts as the kernel it
 checks, so tests compare them element for element. ``moe_forward_reference`` does not use the
 dispatch layout at all (it loops over tokens' chosen experts), so it also checks that
@@ -15,15 +18,14 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
+from ..torch_kernels import activate, route_topk, scale_weights, score as score_fn
 from .kernels import GATED_ACTIVATIONS
 
 
 # ---------------------------------------------------------------------------------------- route
 def route_scores(logits: torch.Tensor, score: str) -> torch.Tensor:
-    logits = logits.float()
-    return torch.softmax(logits, dim=-1) if score == "softmax" else torch.sigmoid(logits)
+    return score_fn(logits.float(), score)
 
 
 def route_reference(
@@ -40,23 +42,9 @@ def route_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [T, k] fp32, expert_idx [T, k] int64), see ``ops.route``."""
     scores = route_scores(logits, score)
-    sel = scores if bias is None else scores + bias.float()
-    if n_group > 1:
-        num_tokens, num_experts = sel.shape
-        grouped = sel.view(num_tokens, n_group, num_experts // n_group)
-        if group_score == "max":
-            gscore = grouped.max(dim=-1).values
-        else:
-            gscore = grouped.topk(2, dim=-1).values.sum(dim=-1)
-        kept = gscore.topk(topk_group, dim=-1).indices
-        group_mask = torch.zeros_like(gscore, dtype=torch.bool).scatter(1, kept, True)
-        expert_mask = group_mask.repeat_interleave(num_experts // n_group, dim=1)
-        sel = sel.masked_fill(~expert_mask, float("-inf"))
-    expert_idx = sel.topk(k, dim=-1).indices
-    weights = scores.gather(1, expert_idx)
-    if normalize:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * scale, expert_idx
+    expert_idx, weights = route_topk(scores, None if bias is None else bias.float(), k, n_group, topk_group,
+                                     group_score)
+    return scale_weights(weights, normalize, scale), expert_idx
 
 
 # ------------------------------------------------------------------------------------- dispatch
@@ -100,25 +88,12 @@ def dispatch_reference(
 
 
 # ----------------------------------------------------------------------------------- expert FFN
-def activation_fn(name: str, x: torch.Tensor) -> torch.Tensor:
-    if name in ("swiglu",):
-        return F.silu(x)
-    if name in ("geglu", "gelu"):
-        return F.gelu(x)  # exact erf form
-    if name == "relu":
-        return torch.relu(x)
-    raise ValueError(f"unknown activation {name!r}")
-
-
 def expert_mlp(x, w_gate, w_up, w_down, activation: str) -> torch.Tensor:
     """One expert on rows x [N, H] with w_* [F, H] / w_down [H, F], computed in fp32."""
     x = x.float()
     up = x @ w_up.float().T
-    if activation in GATED_ACTIVATIONS:
-        h = activation_fn(activation, x @ w_gate.float().T) * up
-    else:
-        h = activation_fn(activation, up)
-    return h @ w_down.float().T
+    gate = x @ w_gate.float().T if activation in GATED_ACTIVATIONS else None
+    return activate(activation, gate, up) @ w_down.float().T
 
 
 def expert_ffn_reference(

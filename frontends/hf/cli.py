@@ -75,7 +75,7 @@ def run_import_hf(args: argparse.Namespace) -> int:
 
 
 def _import_model(args: argparse.Namespace) -> int:
-    """`import-hf --model`: the whole decoder's spec (frontends/hf_model.py), written like a layer spec."""
+    """`import-hf --model`: the whole decoder's spec (frontends/hf/model.py), written like a layer spec."""
     layer_flags = (("--layer", args.layer), ("--weights", args.weights), ("--weights-out", args.weights_out),
                    ("--prefix", args.prefix))
     given = [flag for flag, value in layer_flags if value is not None]
@@ -85,10 +85,10 @@ def _import_model(args: argparse.Namespace) -> int:
     import yaml
 
     from moe_ir.model_spec import model_spec_to_dict
-    from ..hf_model import model_spec_from_hf_config
-    from .config import _read_config_json, describe_hf_config
+    from .model import model_spec_from_hf_config
+    from .config import read_config_json, describe_hf_config
 
-    data, file = _read_config_json(args.config)
+    data, file = read_config_json(args.config)
     spec = model_spec_from_hf_config(data, name=args.name, file=file)
     info = describe_hf_config(data, file=file)[1]
     lines = [f"Imported by `moe-ir import-hf --model` from {args.config} (model_type {info.model_type}).",

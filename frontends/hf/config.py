@@ -110,7 +110,7 @@ class HFLayerInfo:
     notes: tuple[str, ...]
 
 
-class _Config:
+class FamilyConfig:
     """Typed access to one family's keys: given value, else the family default; errors name the key."""
 
     def __init__(self, data: Mapping[str, Any], model_type: str, file: str | None):
@@ -170,7 +170,7 @@ class _Mapped:
     notes: list[str]
 
 
-def _activation(c: _Config) -> Activation:
+def _activation(c: FamilyConfig) -> Activation:
     act = c.get("hidden_act", str)
     if act not in _ACTIVATIONS:
         raise c.fail("hidden_act", f"activation {act!r} is not modelled; supported: {', '.join(_ACTIVATIONS)} "
@@ -178,7 +178,7 @@ def _activation(c: _Config) -> Activation:
     return _ACTIVATIONS[act]
 
 
-def _deepseek_layers(c: _Config) -> tuple[Callable[[int], bool], Callable[[int], str]]:
+def _deepseek_layers(c: FamilyConfig) -> tuple[Callable[[int], bool], Callable[[int], str]]:
     # Remote code: MoE iff layer >= first_k_dense_replace and layer % moe_layer_freq == 0.
     # transformers' DeepseekV2/V3 read only first_k_dense_replace; a moe_layer_freq other than 1 would
     # make the two disagree on which layers are MoE.
@@ -200,7 +200,7 @@ def _deepseek_layers(c: _Config) -> tuple[Callable[[int], bool], Callable[[int],
     return is_moe, reason
 
 
-def _deepseek_balance(c: _Config, *, remote_defaults: bool) -> tuple[dict, list[str]]:
+def _deepseek_balance(c: FamilyConfig, *, remote_defaults: bool) -> tuple[dict, list[str]]:
     # aux_loss_alpha/seq_aux are remote-code keys. For model_type deepseek the remote code is the
     # implementation, so its defaults apply; transformers' DeepseekV2/V3 compute no aux loss, so for them
     # only a config that states aux_loss_alpha gets one.
@@ -216,14 +216,14 @@ def _deepseek_balance(c: _Config, *, remote_defaults: bool) -> tuple[dict, list[
     return {kind: alpha}, [f"aux_loss_alpha={alpha} with seq_aux={str(seq).lower()} -> balance.{kind}"]
 
 
-def _shared(c: _Config) -> dict:
+def _shared(c: FamilyConfig) -> dict:
     n_shared = c.get("n_shared_experts", int, optional=True) or 0
     if n_shared < 0:
         raise c.fail("n_shared_experts", f"expected a value >= 0, found {n_shared}")
     return {"shared": n_shared} if n_shared else {}
 
 
-def _map_deepseek(c: _Config) -> _Mapped:
+def _map_deepseek(c: FamilyConfig) -> _Mapped:
     """deepseek-moe-16b (remote code, model_type 'deepseek'): softmax, greedy top-k, no scaling."""
     c.require("scoring_func", ("softmax",), "the deepseek remote code implements softmax scoring only")
     if c.has("topk_method"):
@@ -247,7 +247,7 @@ def _map_deepseek(c: _Config) -> _Mapped:
                    {"score": "softmax", "normalize": normalize}, balance, is_moe, reason, notes)
 
 
-def _map_deepseek_v2(c: _Config) -> _Mapped:
+def _map_deepseek_v2(c: FamilyConfig) -> _Mapped:
     """DeepSeek-V2 / V2-Lite: softmax; greedy or group_limited_greedy; x routed_scaling_factor."""
     if c.has("scoring_func"):
         c.require("scoring_func", ("softmax",), "DeepSeek-V2 scores with softmax only")
@@ -273,7 +273,7 @@ def _map_deepseek_v2(c: _Config) -> _Mapped:
                    is_moe, reason, notes)
 
 
-def _map_deepseek_v3(c: _Config) -> _Mapped:
+def _map_deepseek_v3(c: FamilyConfig) -> _Mapped:
     """DeepSeek-V3: sigmoid; noaux_tc group-limited selection on biased scores; normalise; x scale."""
     if c.has("scoring_func"):
         c.require("scoring_func", ("sigmoid",), "DeepSeek-V3 scores with sigmoid only")
@@ -299,7 +299,7 @@ def _map_deepseek_v3(c: _Config) -> _Mapped:
                    is_moe, reason, notes)
 
 
-def _transformers_balance_loss(c: _Config, top_k: int) -> tuple[dict, list[str]]:
+def _transformers_balance_loss(c: FamilyConfig, top_k: int) -> tuple[dict, list[str]]:
     coef = c.get("router_aux_loss_coef", float)
     if coef < 0:
         raise c.fail("router_aux_loss_coef", f"expected a value >= 0, found {coef}")
@@ -315,7 +315,7 @@ def _all_layers(layer: int) -> bool:
     return True
 
 
-def _map_mixtral(c: _Config) -> _Mapped:
+def _map_mixtral(c: FamilyConfig) -> _Mapped:
     """Mixtral: softmax top-k renormalised over the chosen k."""
     jitter = c.get("router_jitter_noise", float)
     if jitter != 0:
@@ -327,7 +327,7 @@ def _map_mixtral(c: _Config) -> _Mapped:
                    {"score": "softmax", "normalize": True}, balance, _all_layers, lambda i: "", notes)
 
 
-def _map_qwen2_moe(c: _Config) -> _Mapped:
+def _map_qwen2_moe(c: FamilyConfig) -> _Mapped:
     """Qwen2-MoE / Qwen1.5-MoE: softmax top-k, one sigmoid-gated shared expert."""
     k = c.positive("num_experts_per_tok")
     routed = c.positive("num_experts")
@@ -350,7 +350,7 @@ def _map_qwen2_moe(c: _Config) -> _Mapped:
                    {"score": "softmax", "normalize": c.get("norm_topk_prob", bool)}, balance, is_moe, reason, notes)
 
 
-def _map_olmoe(c: _Config) -> _Mapped:
+def _map_olmoe(c: FamilyConfig) -> _Mapped:
     """OLMoE: softmax top-k (norm_topk_prob), every layer MoE."""
     k = c.positive("num_experts_per_tok")
     balance, notes = _transformers_balance_loss(c, k)
@@ -359,7 +359,7 @@ def _map_olmoe(c: _Config) -> _Mapped:
                    lambda i: "", notes)
 
 
-_FAMILIES: dict[str, Callable[[_Config], _Mapped]] = {
+_FAMILIES: dict[str, Callable[[FamilyConfig], _Mapped]] = {
     "deepseek": _map_deepseek, "deepseek_v2": _map_deepseek_v2, "deepseek_v3": _map_deepseek_v3,
     "mixtral": _map_mixtral, "qwen2_moe": _map_qwen2_moe, "olmoe": _map_olmoe,
 }
@@ -369,7 +369,7 @@ _FAMILIES: dict[str, Callable[[_Config], _Mapped]] = {
 # public API
 
 
-def _as_dict(config: Any) -> dict:
+def config_dict(config: Any) -> dict:
     if isinstance(config, Mapping):
         return dict(config)
     to_dict = getattr(config, "to_dict", None)  # a transformers PretrainedConfig
@@ -378,7 +378,7 @@ def _as_dict(config: Any) -> dict:
     raise SpecError(f"expected a config dict or a transformers PretrainedConfig, found {type(config).__name__}")
 
 
-def _dtype(c: _Config) -> tuple[DType, list[str]]:
+def _dtype(c: FamilyConfig) -> tuple[DType, list[str]]:
     # transformers 5 writes "dtype"; older configs "torch_dtype". Absent: transformers loads float32.
     key = "dtype" if c.data.get("dtype") is not None else "torch_dtype"
     value = c.data.get(key)
@@ -396,13 +396,13 @@ def describe_hf_config(config: Any, *, layer: int | None = None, name: str | Non
     `layer` picks the decoder layer (default: the first MoE layer); a dense layer is a SpecError saying
     which key makes it dense. Every MoE layer of these families has the same settings, so the layer only
     names the spec and selects which weights `weights_from_hf` reads."""
-    data = _as_dict(config)
+    data = config_dict(config)
     model_type = data.get("model_type")
     if model_type not in _FAMILIES:
         found = "no model_type" if model_type is None else f"model_type {model_type!r}"
         raise SpecError(f"{found}; supported Hugging Face MoE families: {', '.join(SUPPORTED_MODEL_TYPES)}",
                         path="model_type", file=file)
-    c = _Config(data, model_type, file)
+    c = FamilyConfig(data, model_type, file)
     mapped = _FAMILIES[model_type](c)
     hidden = c.positive("hidden_size")
     num_layers = c.positive("num_hidden_layers")
@@ -416,7 +416,7 @@ def describe_hf_config(config: Any, *, layer: int | None = None, name: str | Non
                         path="layer", file=file)
     elif layer not in moe_layers:
         raise SpecError(f"layer {layer} is a dense layer: {mapped.dense_reason(layer)}; MoE layers: "
-                        f"{_ranges(moe_layers)}", path="layer", file=file)
+                        f"{index_ranges(moe_layers)}", path="layer", file=file)
 
     dtype, dtype_notes = _dtype(c)
     notes = dtype_notes + mapped.notes
@@ -452,7 +452,7 @@ def moe_layer_indices(config: Any) -> tuple[int, ...]:
     return describe_hf_config(config)[1].moe_layers
 
 
-def _read_config_json(path: str | Path) -> tuple[dict, str]:
+def read_config_json(path: str | Path) -> tuple[dict, str]:
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
@@ -472,17 +472,17 @@ def _read_config_json(path: str | Path) -> tuple[dict, str]:
 
 def import_hf_config_file(path: str | Path, *, layer: int | None = None, name: str | None = None) -> LayerSpec:
     """LayerSpec from a config.json file (or a model folder holding one)."""
-    data, file = _read_config_json(path)
+    data, file = read_config_json(path)
     return spec_from_hf_config(data, layer=layer, name=name, file=file)
 
 
 def describe_hf_config_file(path: str | Path, *, layer: int | None = None,
                             name: str | None = None) -> tuple[LayerSpec, HFLayerInfo]:
-    data, file = _read_config_json(path)
+    data, file = read_config_json(path)
     return describe_hf_config(data, layer=layer, name=name, file=file)
 
 
-def _ranges(indices: tuple[int, ...]) -> str:
+def index_ranges(indices: tuple[int, ...]) -> str:
     parts, start = [], None
     for i, v in enumerate(indices):
         if start is None:
@@ -509,6 +509,6 @@ def info_comment(info: HFLayerInfo, config_path: str | None = None) -> list[str]
     """Header lines for `spec_yaml_text`: source, layer choice and every decision the import made."""
     src = config_path or "a Hugging Face config"
     lines = [f"Imported by `moe-ir import-hf` from {src} (model_type {info.model_type}).",
-             f"Layer {info.layer}; MoE layers of this model: {_ranges(info.moe_layers)} of {info.num_layers}."]
+             f"Layer {info.layer}; MoE layers of this model: {index_ranges(info.moe_layers)} of {info.num_layers}."]
     lines += [f"- {note}" for note in info.notes]
     return lines

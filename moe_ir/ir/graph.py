@@ -118,11 +118,23 @@ class Node:
         return f"<{self.op.value} {self.name}>"
 
 
+class GraphKind(enum.StrEnum):
+    """What a graph computes, set by the builder that made it; backends ask this, not the graph's shape."""
+    LAYER = "layer"  # one MoE layer: x [B, S, H] -> out (moe_ir.builder)
+    MODEL = "model"  # a whole decoder: input_ids [B, S] -> logits (moe_ir.model_builder)
+
+
+# The interface of each kind of graph (what builders make and every backend's runner takes and gives).
+LAYER_INPUT, LAYER_OUTPUT = "x", "out"            # x [B, S, H] -> out [B, S, H]
+MODEL_INPUT, MODEL_OUTPUT = "input_ids", "logits"  # input_ids [B, S] int64 -> logits [B, S, V]
+
+
 class Graph:
     """An MoE graph: inputs, weights (params and buffers), nodes in insertion order, named outputs."""
 
-    def __init__(self, name: str = "moe"):
+    def __init__(self, name: str = "moe", kind: GraphKind = GraphKind.LAYER):
         self.name = name
+        self.kind = GraphKind(kind)
         self.inputs: list[Value] = []
         self.weights: dict[str, Value] = {}
         self.outputs: dict[str, Value] = {}
@@ -133,6 +145,22 @@ class Graph:
 
     # -- construction -----------------------------------------------------------------------------
 
+
+    def contract_problem(self) -> str:
+        """Why the graph breaks the interface of its kind (layer: x -> out; model: input_ids -> logits), or ""."""
+        inputs = [v.name for v in self.inputs]
+        if self.kind == GraphKind.MODEL:
+            if inputs != [MODEL_INPUT]:
+                return (f"model graph '{self.name}' has inputs {inputs}; expected [{MODEL_INPUT}] "
+                        "(build it with moe_ir.model_builder.build_model_graph)")
+            if MODEL_OUTPUT not in self.outputs:
+                return (f"model graph '{self.name}' has no '{MODEL_OUTPUT}' output (outputs: {list(self.outputs)}); "
+                        "build it with moe_ir.model_builder.build_model_graph and keep the logits through the passes")
+            return ""
+        if len(inputs) != 1 or LAYER_OUTPUT not in self.outputs:
+            return (f"graph '{self.name}' has inputs {inputs} and outputs {list(self.outputs)}; expected a layer graph "
+                    f"({LAYER_INPUT} -> {LAYER_OUTPUT}) or a model graph ({MODEL_INPUT} -> {MODEL_OUTPUT})")
+        return ""
     def add_input(self, name: str, type: TensorType) -> Value:
         value = self._new_value(name, type, ValueKind.INPUT)
         self.inputs.append(value)

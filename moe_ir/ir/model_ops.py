@@ -16,12 +16,15 @@ keys are permuted alike, so q.k and the attention output are the same as with th
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from ..lazy import LazyModule
+
+# Reference semantics import torch on first use: the declarations alone (inspect, graph) need none.
+torch = LazyModule("torch")
+F = LazyModule("torch.nn.functional")
 
 from ..model_spec import QKNorm, RopeLayout
 from .graph import ElemType, TensorType
-from .ops import Attr, OpCode, OpDef, Port, _expect, _expect_dim, _expect_float, _expect_rank, register
+from .ops import Attr, OpCode, OpDef, Port, expect, expect_dim, expect_float, expect_rank, register
 
 
 def rms_norm_math(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -71,13 +74,13 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _expect_linear(node, w: TensorType | None, rows, cols, what: str) -> None:
-    _expect(w is not None and w.rank == 2, node, f"{what} must be a matrix, found {w}")
-    _expect(w.shape == (rows, cols), node, f"{what} must be [{rows}, {cols}], found {w}")
+    expect(w is not None and w.rank == 2, node, f"{what} must be a matrix, found {w}")
+    expect(w.shape == (rows, cols), node, f"{what} must be [{rows}, {cols}], found {w}")
 
 
 def _expect_vector(node, b: TensorType | None, size, what: str) -> None:
     if b is not None:
-        _expect(b.shape == (size,), node, f"{what} must be [{size}], found {b}")
+        expect(b.shape == (size,), node, f"{what} must be [{size}], found {b}")
 
 
 @register
@@ -88,8 +91,8 @@ class Embedding(OpDef):
     output_names = ("x",)
 
     def infer_types(self, node, ids, weight):
-        _expect(ids.dtype == ElemType.INT64 and ids.rank == 2, node, f"ids must be i64[B,S], found {ids}")
-        _expect_rank(weight, 2, node, "embedding weight")
+        expect(ids.dtype == ElemType.INT64 and ids.rank == 2, node, f"ids must be i64[B,S], found {ids}")
+        expect_rank(weight, 2, node, "embedding weight")
         return [TensorType(ids.shape + (weight.shape[1],), weight.dtype)]
 
     def reference(self, attrs, ids, weight):
@@ -105,8 +108,8 @@ class RMSNorm(OpDef):
     attrs = {"eps": Attr(float, 1e-6)}
 
     def infer_types(self, node, x, weight):
-        _expect_float(x, node, "x")
-        _expect(weight.shape == (x.shape[-1],), node, f"weight must be [{x.shape[-1]}], found {weight}")
+        expect_float(x, node, "x")
+        expect(weight.shape == (x.shape[-1],), node, f"weight must be [{x.shape[-1]}], found {weight}")
         return [x]
 
     def reference(self, attrs, x, weight):
@@ -130,25 +133,25 @@ class Attention(OpDef):
 
     def infer_types(self, node, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm):
         a = node.attrs
-        _expect_rank(x, 3, node, "x")
+        expect_rank(x, 3, node, "x")
         h = x.shape[2]
         nq, nkv, d = a["heads"] * a["head_dim"], a["kv_heads"] * a["head_dim"], a["head_dim"]
-        _expect(a["heads"] % a["kv_heads"] == 0, node, f"kv_heads={a['kv_heads']} must divide heads={a['heads']}")
-        _expect(d % 2 == 0, node, f"RoPE needs an even head_dim, found {d}")
+        expect(a["heads"] % a["kv_heads"] == 0, node, f"kv_heads={a['kv_heads']} must divide heads={a['heads']}")
+        expect(d % 2 == 0, node, f"RoPE needs an even head_dim, found {d}")
         _expect_linear(node, w_q, nq, h, "w_q")
         _expect_linear(node, w_k, nkv, h, "w_k")
         _expect_linear(node, w_v, nkv, h, "w_v")
-        _expect_dim(w_o.shape[1], nq, node, "w_o columns vs heads*head_dim")
+        expect_dim(w_o.shape[1], nq, node, "w_o columns vs heads*head_dim")
         for b, size, what in ((b_q, nq, "b_q"), (b_k, nkv, "b_k"), (b_v, nkv, "b_v"), (b_o, w_o.shape[0], "b_o")):
             _expect_vector(node, b, size, what)
         norm = a["qk_norm"]
         if norm == QKNorm.NONE:
-            _expect(q_norm is None and k_norm is None, node, "qk_norm none takes no q/k norm weights")
+            expect(q_norm is None and k_norm is None, node, "qk_norm none takes no q/k norm weights")
         else:
             qs, ks = (d, d) if norm == QKNorm.HEAD else (nq, nkv)
             _expect_vector(node, q_norm, qs, "q_norm")
             _expect_vector(node, k_norm, ks, "k_norm")
-            _expect(q_norm is not None and k_norm is not None, node, f"qk_norm {norm.value} needs q_norm and k_norm")
+            expect(q_norm is not None and k_norm is not None, node, f"qk_norm {norm.value} needs q_norm and k_norm")
         return [TensorType(x.shape[:2] + (w_o.shape[0],), x.dtype)]
 
     def reference(self, attrs, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm):
@@ -179,17 +182,17 @@ class MLAAttention(OpDef):
 
     def infer_types(self, node, x, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, w_kv_b, w_o, b_q_a, b_kv_a, b_o):
         a = node.attrs
-        _expect_rank(x, 3, node, "x")
+        expect_rank(x, 3, node, "x")
         h, n = x.shape[2], a["heads"]
         dqk = a["qk_nope_head_dim"] + a["qk_rope_head_dim"]
         r, rope = a["kv_lora_rank"], a["qk_rope_head_dim"]
-        _expect(rope % 2 == 0, node, f"RoPE needs an even qk_rope_head_dim, found {rope}")
+        expect(rope % 2 == 0, node, f"RoPE needs an even qk_rope_head_dim, found {rope}")
         if w_q is not None:
-            _expect(w_q_a is None and q_a_norm is None and w_q_b is None and b_q_a is None, node,
+            expect(w_q_a is None and q_a_norm is None and w_q_b is None and b_q_a is None, node,
                     "give either w_q or the low-rank w_q_a / q_a_norm / w_q_b, not both")
             _expect_linear(node, w_q, n * dqk, h, "w_q")
         else:
-            _expect(w_q_a is not None and q_a_norm is not None and w_q_b is not None, node,
+            expect(w_q_a is not None and q_a_norm is not None and w_q_b is not None, node,
                     "without w_q the low-rank query needs w_q_a, q_a_norm and w_q_b")
             rank = w_q_a.shape[0]
             _expect_linear(node, w_q_a, rank, h, "w_q_a")
@@ -200,7 +203,7 @@ class MLAAttention(OpDef):
         _expect_vector(node, b_kv_a, r + rope, "b_kv_a")
         _expect_vector(node, kv_a_norm, r, "kv_a_norm")
         _expect_linear(node, w_kv_b, n * (a["qk_nope_head_dim"] + a["v_head_dim"]), r, "w_kv_b")
-        _expect_dim(w_o.shape[1], n * a["v_head_dim"], node, "w_o columns vs heads*v_head_dim")
+        expect_dim(w_o.shape[1], n * a["v_head_dim"], node, "w_o columns vs heads*v_head_dim")
         _expect_vector(node, b_o, w_o.shape[0], "b_o")
         return [TensorType(x.shape[:2] + (w_o.shape[0],), x.dtype)]
 

@@ -14,15 +14,17 @@ graph exportable with a dynamic token count.
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
-import torch
-import torch.nn.functional as F
+from ..lazy import LazyModule
+
+# Reference semantics import torch on first use: the declarations alone (inspect, graph) need none.
+torch = LazyModule("torch")
+F = LazyModule("torch.nn.functional")
 
 from ..errors import IRError
-from ..spec import Activation, DropRule, GroupScore, ScoreFn
+from ..spec import Activation, DropRule, GroupScore, ScoreFn, capacity_per_expert
 from .graph import Dim, ElemType, Node, TensorType
 
 
@@ -49,6 +51,8 @@ class OpCode(enum.StrEnum):
     RMS_NORM = "rms_norm"
     ATTENTION = "attention"
     MLA_ATTENTION = "mla_attention"
+    CACHED_ATTENTION = "cached_attention"          # the decode form of ATTENTION: past K/V in, present out
+    CACHED_MLA_ATTENTION = "cached_mla_attention"  # the decode form of MLA_ATTENTION (expanded or latent cache)
 
 
 class WeightLayout(enum.StrEnum):
@@ -177,17 +181,17 @@ def all_ops() -> dict[OpCode, OpDef]:
 # type-checking helpers
 
 
-def _expect(cond: bool, node: Node, message: str) -> None:
+def expect(cond: bool, node: Node, message: str) -> None:
     if not cond:
         raise IRError(message, node=node.name)
 
 
-def _expect_rank(t: TensorType, rank: int, node: Node, what: str) -> None:
-    _expect(t.rank == rank, node, f"{what} must have rank {rank}, found {t}")
+def expect_rank(t: TensorType, rank: int, node: Node, what: str) -> None:
+    expect(t.rank == rank, node, f"{what} must have rank {rank}, found {t}")
 
 
-def _expect_float(t: TensorType, node: Node, what: str) -> None:
-    _expect(t.dtype.is_float, node, f"{what} must be floating point, found {t}")
+def expect_float(t: TensorType, node: Node, what: str) -> None:
+    expect(t.dtype.is_float, node, f"{what} must be floating point, found {t}")
 
 
 def _dims_match(a: Dim, b: Dim) -> bool:
@@ -195,18 +199,18 @@ def _dims_match(a: Dim, b: Dim) -> bool:
     return a == b
 
 
-def _expect_dim(a: Dim, b: Dim, node: Node, what: str) -> None:
-    _expect(_dims_match(a, b), node, f"{what}: dimension {a} does not match {b}")
+def expect_dim(a: Dim, b: Dim, node: Node, what: str) -> None:
+    expect(_dims_match(a, b), node, f"{what}: dimension {a} does not match {b}")
 
 
 def _check_topk_attrs(node: Node, e: Dim) -> None:
     """k, groups and kept of a top-k routing node (topk_route, fused_moe) against its expert count e."""
     a = node.attrs
-    _expect(1 <= a["k"] <= (e if isinstance(e, int) else a["k"]), node, f"k={a['k']} exceeds {e} experts")
+    expect(1 <= a["k"] <= (e if isinstance(e, int) else a["k"]), node, f"k={a['k']} exceeds {e} experts")
     if a["groups"] > 1:
-        _expect(isinstance(e, int) and e % a["groups"] == 0, node, f"{a['groups']} groups must divide {e} experts")
-        _expect(1 <= a["kept"] <= a["groups"], node, f"kept={a['kept']} must be in 1..{a['groups']}")
-        _expect(a["kept"] * (e // a["groups"]) >= a["k"], node, "kept groups hold fewer than k experts")
+        expect(isinstance(e, int) and e % a["groups"] == 0, node, f"{a['groups']} groups must divide {e} experts")
+        expect(1 <= a["kept"] <= a["groups"], node, f"kept={a['kept']} must be in 1..{a['groups']}")
+        expect(a["kept"] * (e // a["groups"]) >= a["k"], node, "kept groups hold fewer than k experts")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -243,23 +247,23 @@ def _ffn_widths(node: Node, w_up: TensorType, w_down: TensorType, w_gate: Tensor
     lead = 1 if stacked else 0
     act = node.attrs["activation"]
     layout = node.attrs["weight_layout"]
-    _expect_rank(w_up, 2 + lead, node, "w_up")
-    _expect_rank(w_down, 2 + lead, node, "w_down")
+    expect_rank(w_up, 2 + lead, node, "w_up")
+    expect_rank(w_down, 2 + lead, node, "w_down")
     rows_up, hidden = w_up.shape[lead], w_up.shape[lead + 1]
     width = w_down.shape[lead + 1]
-    _expect_dim(w_down.shape[lead], hidden, node, "w_down rows vs hidden")
+    expect_dim(w_down.shape[lead], hidden, node, "w_down rows vs hidden")
     if act.gated and layout == WeightLayout.GATE_UP_FUSED:
-        _expect(w_gate is None, node, "a gate_up_fused layout has no separate w_gate")
-        _expect(rows_up == 2 * width, node, f"fused w_up must have 2F={2 * width} rows, found {rows_up}")
+        expect(w_gate is None, node, "a gate_up_fused layout has no separate w_gate")
+        expect(rows_up == 2 * width, node, f"fused w_up must have 2F={2 * width} rows, found {rows_up}")
     else:
-        _expect_dim(rows_up, width, node, "w_up rows vs w_down columns")
+        expect_dim(rows_up, width, node, "w_up rows vs w_down columns")
         if act.gated:
-            _expect(w_gate is not None, node, f"{act.value} needs w_gate")
-            _expect(w_gate.shape == w_up.shape, node, f"w_gate {w_gate} must match w_up {w_up}")
+            expect(w_gate is not None, node, f"{act.value} needs w_gate")
+            expect(w_gate.shape == w_up.shape, node, f"w_gate {w_gate} must match w_up {w_up}")
         else:
-            _expect(w_gate is None, node, f"{act.value} is not gated; w_gate must be absent")
+            expect(w_gate is None, node, f"{act.value} is not gated; w_gate must be absent")
     if stacked:
-        _expect_dim(w_down.shape[0], w_up.shape[0], node, "expert count of w_down vs w_up")
+        expect_dim(w_down.shape[0], w_up.shape[0], node, "expert count of w_down vs w_up")
     return width, hidden
 
 
@@ -309,7 +313,7 @@ def dispatch_assignments(expert_idx: torch.Tensor, weights: torch.Tensor, num_ex
     flat_weight = weights.reshape(-1)
     kept = torch.ones_like(flat_expert, dtype=torch.bool)
     if capacity_factor is not None:
-        capacity = max(1, math.ceil(capacity_factor * t * k / num_experts))
+        capacity = capacity_per_expert(t, capacity_factor, k, num_experts)
         if drop_rule == DropRule.POSITION:
             # GShard order: slot-major (all first choices before any second choice), then token order.
             priority = torch.arange(t * k, device=flat_expert.device).view(t, k).t().reshape(-1)
@@ -366,7 +370,7 @@ def expert_choice(scores: torch.Tensor, capacity: int) -> tuple[torch.Tensor, ..
 
 
 def expert_choice_capacity(tokens: int, capacity_factor: float, top_k: int, num_experts: int) -> int:
-    return min(tokens, max(1, math.ceil(capacity_factor * tokens * top_k / num_experts)))
+    return min(tokens, capacity_per_expert(tokens, capacity_factor, top_k, num_experts))
 
 
 def selection_fraction(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -423,7 +427,7 @@ class FlattenTokens(OpDef):
     output_names = ("tokens",)
 
     def infer_types(self, node, x):
-        _expect_rank(x, 3, node, "x")
+        expect_rank(x, 3, node, "x")
         b, s, h = x.shape
         t = "T" if (b, s) == ("B", "S") else (b * s if isinstance(b, int) and isinstance(s, int) else f"{b}*{s}")
         return [TensorType((t, h), x.dtype)]
@@ -440,8 +444,8 @@ class RestoreTokens(OpDef):
     output_names = ("out",)
 
     def infer_types(self, node, y, like):
-        _expect_rank(y, 2, node, "y")
-        _expect_rank(like, 3, node, "like")
+        expect_rank(y, 2, node, "y")
+        expect_rank(like, 3, node, "like")
         return [TensorType(like.shape[:2] + (y.shape[1],), y.dtype)]
 
     def reference(self, attrs, y, like):
@@ -457,11 +461,11 @@ class Linear(OpDef):
     attrs = {"out_dtype": Attr(ElemType, ElemType.FLOAT32)}
 
     def infer_types(self, node, x, w, b):
-        _expect_rank(x, 2, node, "x")
-        _expect_rank(w, 2, node, "w")
-        _expect_dim(w.shape[1], x.shape[1], node, "w columns vs x features")
+        expect_rank(x, 2, node, "x")
+        expect_rank(w, 2, node, "w")
+        expect_dim(w.shape[1], x.shape[1], node, "w columns vs x features")
         if b is not None:
-            _expect(b.shape == (w.shape[0],), node, f"bias must be [{w.shape[0]}], found {b}")
+            expect(b.shape == (w.shape[0],), node, f"bias must be [{w.shape[0]}], found {b}")
         return [TensorType((x.shape[0], w.shape[0]), node.attrs["out_dtype"])]
 
     def reference(self, attrs, x, w, b):
@@ -479,7 +483,7 @@ class RouterNoise(OpDef):
     attrs = {"std": Attr(float, 1.0)}
 
     def infer_types(self, node, logits, x, w_noise):
-        _expect(w_noise.shape == (logits.shape[1], x.shape[1]), node,
+        expect(w_noise.shape == (logits.shape[1], x.shape[1]), node,
                 f"w_noise must be [{logits.shape[1]}, {x.shape[1]}], found {w_noise}")
         return [logits]
 
@@ -500,8 +504,8 @@ class Score(OpDef):
     attrs = {"fn": Attr(ScoreFn, ScoreFn.SOFTMAX)}
 
     def infer_types(self, node, logits):
-        _expect_rank(logits, 2, node, "logits")
-        _expect_float(logits, node, "logits")
+        expect_rank(logits, 2, node, "logits")
+        expect_float(logits, node, "logits")
         return [logits]
 
     def reference(self, attrs, logits):
@@ -521,11 +525,11 @@ class TopkRoute(OpDef):
              "group_score": Attr(GroupScore, GroupScore.MAX)}
 
     def infer_types(self, node, scores, bias):
-        _expect_rank(scores, 2, node, "scores")
+        expect_rank(scores, 2, node, "scores")
         t, e = scores.shape
         a = node.attrs
         if bias is not None:
-            _expect(bias.shape == (e,), node, f"bias must be [{e}], found {bias}")
+            expect(bias.shape == (e,), node, f"bias must be [{e}], found {bias}")
         _check_topk_attrs(node, e)
         return [TensorType((t, a["k"]), ElemType.INT64), TensorType((t, a["k"]), scores.dtype)]
 
@@ -542,7 +546,7 @@ class ScaleWeights(OpDef):
     attrs = {"normalize": Attr(bool, False), "scale": Attr(float, 1.0)}
 
     def infer_types(self, node, weights):
-        _expect_rank(weights, 2, node, "weights")
+        expect_rank(weights, 2, node, "weights")
         return [weights]
 
     def reference(self, attrs, weights):
@@ -560,8 +564,8 @@ class Dispatch(OpDef):
              "drop_rule": Attr(DropRule, DropRule.SCORE)}
 
     def infer_types(self, node, expert_idx, weights):
-        _expect(expert_idx.dtype == ElemType.INT64, node, f"expert_idx must be i64, found {expert_idx}")
-        _expect(expert_idx.shape == weights.shape, node, f"expert_idx {expert_idx} and weights {weights} differ")
+        expect(expert_idx.dtype == ElemType.INT64, node, f"expert_idx must be i64, found {expert_idx}")
+        expect(expert_idx.shape == weights.shape, node, f"expert_idx {expert_idx} and weights {weights} differ")
         t, k = expert_idx.shape
         a: Dim = f"{t}*{k}" if not isinstance(t, int) else t * k
         a = "A" if t == "T" else a
@@ -582,7 +586,7 @@ class ExpertChoiceRoute(OpDef):
     attrs = {"capacity_factor": Attr(float, 1.0), "top_k": Attr(int)}
 
     def infer_types(self, node, scores):
-        _expect_rank(scores, 2, node, "scores")
+        expect_rank(scores, 2, node, "scores")
         e = scores.shape[1]
         return [TensorType(("A",), ElemType.INT64), TensorType(("A",), scores.dtype),
                 TensorType((e,), ElemType.INT64)]
@@ -601,11 +605,11 @@ class GroupedFFN(OpDef):
     attrs = dict(_FFN_ATTRS)
 
     def infer_types(self, node, x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate):
-        _expect_rank(x, 2, node, "x")
-        _expect(rows.dtype == ElemType.INT64 and rows.rank == 1, node, f"rows must be i64[A], found {rows}")
+        expect_rank(x, 2, node, "x")
+        expect(rows.dtype == ElemType.INT64 and rows.rank == 1, node, f"rows must be i64[A], found {rows}")
         width, hidden = _ffn_widths(node, w_up, w_down, w_gate, stacked=True)
-        _expect_dim(hidden, x.shape[1], node, "expert hidden size vs x")
-        _expect(group_sizes.shape == (w_up.shape[0],), node,
+        expect_dim(hidden, x.shape[1], node, "expert hidden size vs x")
+        expect(group_sizes.shape == (w_up.shape[0],), node,
                 f"group_sizes {group_sizes} must have one entry per expert ({w_up.shape[0]})")
         return [TensorType((rows.shape[0], x.shape[1]), x.dtype)]
 
@@ -622,8 +626,8 @@ class Combine(OpDef):
     output_names = ("out",)
 
     def infer_types(self, node, y, rows, row_weights, like):
-        _expect_dim(y.shape[0], rows.shape[0], node, "y rows vs rows")
-        _expect_dim(row_weights.shape[0], rows.shape[0], node, "row_weights vs rows")
+        expect_dim(y.shape[0], rows.shape[0], node, "y rows vs rows")
+        expect_dim(row_weights.shape[0], rows.shape[0], node, "row_weights vs rows")
         return [TensorType((like.shape[0], y.shape[1]), y.dtype)]
 
     def reference(self, attrs, y, rows, row_weights, like):
@@ -639,9 +643,9 @@ class FFN(OpDef):
     attrs = dict(_FFN_ATTRS)
 
     def infer_types(self, node, x, w_up, w_down, w_gate, b_up, b_down, b_gate):
-        _expect_rank(x, 2, node, "x")
+        expect_rank(x, 2, node, "x")
         _, hidden = _ffn_widths(node, w_up, w_down, w_gate, stacked=False)
-        _expect_dim(hidden, x.shape[1], node, "FFN hidden size vs x")
+        expect_dim(hidden, x.shape[1], node, "FFN hidden size vs x")
         return [x]
 
     def reference(self, attrs, x, w_up, w_down, w_gate, b_up, b_down, b_gate):
@@ -656,7 +660,7 @@ class SigmoidGate(OpDef):
     output_names = ("y",)
 
     def infer_types(self, node, y, x, w):
-        _expect(w.shape == (1, x.shape[1]), node, f"gate weight must be [1, {x.shape[1]}], found {w}")
+        expect(w.shape == (1, x.shape[1]), node, f"gate weight must be [1, {x.shape[1]}], found {w}")
         return [y]
 
     def reference(self, attrs, y, x, w):
@@ -670,7 +674,7 @@ class Add(OpDef):
     output_names = ("sum",)
 
     def infer_types(self, node, a, b):
-        _expect(a.shape == b.shape, node, f"add of {a} and {b}: shapes differ")
+        expect(a.shape == b.shape, node, f"add of {a} and {b}: shapes differ")
         return [a]
 
     def reference(self, attrs, a, b):
@@ -688,13 +692,13 @@ class Concat(OpDef):
     def infer_types(self, node, *parts):
         axis = node.attrs["axis"]
         first = parts[0]
-        _expect(0 <= axis < first.rank, node, f"axis {axis} out of range for {first}")
+        expect(0 <= axis < first.rank, node, f"axis {axis} out of range for {first}")
         total: Dim = 0
         for p in parts:
-            _expect(p.rank == first.rank and p.dtype == first.dtype, node, f"concat parts differ: {first} vs {p}")
-            _expect(all(a == b for i, (a, b) in enumerate(zip(p.shape, first.shape)) if i != axis), node,
+            expect(p.rank == first.rank and p.dtype == first.dtype, node, f"concat parts differ: {first} vs {p}")
+            expect(all(a == b for i, (a, b) in enumerate(zip(p.shape, first.shape)) if i != axis), node,
                     f"concat parts {first} and {p} differ off axis {axis}")
-            _expect(isinstance(p.shape[axis], int), node, "concat axis must be static")
+            expect(isinstance(p.shape[axis], int), node, "concat axis must be static")
             total += p.shape[axis]
         shape = list(first.shape)
         shape[axis] = total
@@ -715,7 +719,7 @@ class BalanceLoss(OpDef):
     def infer_types(self, node, scores, expert_idx, logits, like):
         e = scores.shape[1]
         if node.attrs["kind"] == LossKind.DEVICE:
-            _expect(isinstance(e, int) and e % node.attrs["devices"] == 0, node,
+            expect(isinstance(e, int) and e % node.attrs["devices"] == 0, node,
                     f"{node.attrs['devices']} devices must divide {e} experts")
         return [TensorType((), scores.dtype)]
 
@@ -738,13 +742,13 @@ class FusedMoE(OpDef):
              **_FFN_ATTRS}
 
     def infer_types(self, node, x, w_router, bias, w_up, w_down, w_gate, b_up, b_down, b_gate):
-        _expect_rank(x, 2, node, "x")
-        _expect(w_router.rank == 2 and w_router.shape[1] == x.shape[1], node, f"w_router {w_router} vs x {x}")
+        expect_rank(x, 2, node, "x")
+        expect(w_router.rank == 2 and w_router.shape[1] == x.shape[1], node, f"w_router {w_router} vs x {x}")
         if bias is not None:
-            _expect(bias.shape == (w_router.shape[0],), node, f"bias must be [{w_router.shape[0]}], found {bias}")
+            expect(bias.shape == (w_router.shape[0],), node, f"bias must be [{w_router.shape[0]}], found {bias}")
         _, hidden = _ffn_widths(node, w_up, w_down, w_gate, stacked=True)
-        _expect_dim(hidden, x.shape[1], node, "expert hidden size vs x")
-        _expect_dim(w_up.shape[0], w_router.shape[0], node, "expert count vs router rows")
+        expect_dim(hidden, x.shape[1], node, "expert hidden size vs x")
+        expect_dim(w_up.shape[0], w_router.shape[0], node, "expert count vs router rows")
         _check_topk_attrs(node, w_router.shape[0])
         k = node.attrs["k"]
         t = x.shape[0]

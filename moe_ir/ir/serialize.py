@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from ..errors import IRError
-from .graph import ElemType, Graph, TensorType, ValueKind
+from .graph import ElemType, Graph, GraphKind, TensorType, ValueKind
 from .ops import op_def
 
 FORMAT_VERSION = 1
@@ -39,6 +39,7 @@ def to_json(graph: Graph) -> str:
         "format": "moe-ir-graph",
         "version": FORMAT_VERSION,
         "name": graph.name,
+        "kind": graph.kind.value,
         "meta": graph.meta,
         "inputs": [{"name": v.name, "type": _type_to_json(v.type)} for v in graph.inputs],
         "weights": [{"name": v.name, "type": _type_to_json(v.type), "kind": v.kind.value}
@@ -70,7 +71,7 @@ def from_json(text: str) -> Graph:
 
 
 def _graph_from_doc(doc: dict) -> Graph:
-    g = Graph(doc["name"])
+    g = Graph(doc["name"], GraphKind(doc.get("kind", GraphKind.LAYER)))
     g.meta = dict(doc.get("meta", {}))
     for v in doc["inputs"]:
         g.add_input(v["name"], _type_from_json(v["type"]))

@@ -33,8 +33,8 @@ from moe_ir.interpreter import check_weights
 from moe_ir.model_builder import build_model_graph
 from moe_ir.model_spec import AttentionKind, ModelSpec, model_spec_from_dict
 from moe_ir.spec import spec_to_dict
-from .hf.config import FAMILY_DEFAULTS, _as_dict, _Config, describe_hf_config
-from .hf.weights import weights_from_hf
+from .config import FAMILY_DEFAULTS, FamilyConfig, config_dict, describe_hf_config
+from .weights import weights_from_hf
 
 __all__ = ["MODEL_DEFAULTS", "model_spec_from_hf_config", "weights_from_hf_model"]
 
@@ -67,14 +67,14 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _config(data: Mapping[str, Any], model_type: str, file: str | None) -> _Config:
+def _config(data: Mapping[str, Any], model_type: str, file: str | None) -> FamilyConfig:
     """The layer importer's typed key access, with the decoder keys' defaults added."""
-    c = _Config(data, model_type, file)
+    c = FamilyConfig(data, model_type, file)
     c.defaults = {**FAMILY_DEFAULTS[model_type], **MODEL_DEFAULTS[model_type]}
     return c
 
 
-def _rope_theta(c: _Config) -> float:
+def _rope_theta(c: FamilyConfig) -> float:
     # Both spellings are read: transformers 5 writes rope_parameters, older and hub configs rope_scaling,
     # and transformers honours a scaled rope_scaling even next to a default rope_parameters.
     for key in ("rope_parameters", "rope_scaling"):
@@ -91,7 +91,7 @@ def _rope_theta(c: _Config) -> float:
     return c.get("rope_theta", float)
 
 
-def _layer_schedule(moe_layers: tuple[int, ...], num_layers: int, c: _Config) -> dict:
+def _layer_schedule(moe_layers: tuple[int, ...], num_layers: int, c: FamilyConfig) -> dict:
     first = moe_layers[0]
     every = moe_layers[1] - moe_layers[0] if len(moe_layers) > 1 else num_layers
     expected = tuple(range(first, num_layers, every))
@@ -101,14 +101,14 @@ def _layer_schedule(moe_layers: tuple[int, ...], num_layers: int, c: _Config) ->
     return {"first_dense": first, "moe_every": every if len(moe_layers) > 1 else 1}
 
 
-def _stated(c: _Config, key: str) -> None:
+def _stated(c: FamilyConfig, key: str) -> None:
     """The remote-code family must state its decoder sizes: moe-ir checks no default for them."""
     if c.model_type == "deepseek" and key not in c.data:
         raise c.fail(key, f"'{key}' is missing; moe-ir checks no default of the deepseek remote-code config "
                           "for it, so the config must give it")
 
 
-def _positive(c: _Config, key: str) -> int:
+def _positive(c: FamilyConfig, key: str) -> int:
     _stated(c, key)
     return c.positive(key)
 
@@ -118,7 +118,7 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
 
     Keys the spec cannot express exactly are SpecErrors naming the key; absent keys take the family's
     defaults (MODEL_DEFAULTS)."""
-    data = _as_dict(config)
+    data = config_dict(config)
     layer_spec, info = describe_hf_config(data, file=file)
     t = info.model_type
     c = _config(data, t, file)

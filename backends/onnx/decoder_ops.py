@@ -1,0 +1,194 @@
+"""Lowering of the whole-model (decoder) ops to standard ONNX: embedding, RMSNorm, attention and MLA.
+
+Whole models (model_builder.build_model_graph: input_ids i64[B,S] -> logits [B,S,V] and the routing record
+of every MoE layer, `layers.{i}.expert_idx` / `layers.{i}.weights`) lower in the portable and ort flavours;
+the MoE layers inside lower as in moe_ops.py, one per `layers.{i}.moe.` prefix. The plugin flavour exports
+layers only: its contract is one fused node per file.
+
+Embedding is Gather; rms_norm takes its statistics in float32 as the reference; attention and mla_attention
+project with Gemm(transB=1) on the flattened tokens [B*S, H], so weights stay in their stored [out, in]
+layout (a MatMul would need a transposed copy of each), split heads with Reshape/Transpose, and build the
+causal mask (Greater of two Ranges) and the RoPE cos/sin tables (Range(0, S) x inverse frequencies fixed at
+export) from the run's S, so one file takes any B and S and has no maximum length. Mask and tables are
+emitted once and shared by every layer. GQA broadcasts each kv head over its query heads in MatMul, copying
+nothing. Shapes built at run time from Shape() use Reshape(allowzero=1), so an empty batch is not misread as
+"copy this dim".
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from onnx import TensorProto
+
+from moe_ir.ir import ElemType, Node, Value
+from moe_ir.model_spec import QKNorm, RopeLayout
+from .lowering import Lowering
+
+
+class DecoderOps(Lowering):
+    """`_lower_<op>` for the whole-model ops; attention layers share their mask and RoPE tables."""
+
+    def _lower_embedding(self, node: Node) -> None:
+        ids, weight = node.inputs
+        self.em.op("Gather", [self.operand(weight), self.operand(ids)], axis=0, out=node.outputs[0].name,
+                   name=node.name)
+
+    def _lower_rms_norm(self, node: Node) -> None:
+        x, weight = node.inputs
+        self._rms_norm(self.operand(x), weight, node.attrs["eps"], x.type.dtype, out=node.outputs[0].name,
+                       name=node.name)
+
+    def _rms_norm(self, x: str, weight: Value, eps: float, dt: ElemType, **out) -> str:
+        """rms_norm_math: statistics in float32 (the reference's), the result rounded to dt, then * weight."""
+        em = self.em
+        xf = em.cast(x, dt, ElemType.FLOAT32)
+        mean_sq = em.op("ReduceMean", [em.op("Mul", [xf, xf]), em.const([-1])], keepdims=1)
+        inv = em.op("Reciprocal", [em.op("Sqrt", [em.op("Add", [mean_sq, em.const(eps, np.float32, "eps")])])])
+        normed = em.cast(em.op("Mul", [xf, inv]), ElemType.FLOAT32, dt)
+        return em.op("Mul", [self.cast_operand(weight, dt), normed], **out)
+
+    def _project(self, tokens: str, w: Value, b: Value | None, dt: ElemType) -> str:
+        """tokens [T, in] @ w[out, in]^T (+ b): [T, out]."""
+        ins = [tokens, self.cast_operand(w, dt)] + ([self.cast_operand(b, dt)] if b is not None else [])
+        return self.em.op("Gemm", ins, transB=1)
+
+    def _split_heads(self, t: str, batch_seq: str, heads: int, dim: int) -> str:
+        """[T, heads*dim] -> [B, heads, S, dim]."""
+        em = self.em
+        shape = em.op("Concat", [batch_seq, em.const([heads, dim])], axis=0)
+        return em.op("Transpose", [em.op("Reshape", [t, shape], allowzero=1)], perm=[0, 2, 1, 3])
+
+    def _rope_tables(self, x: str, dim: int, theta: float, dt: ElemType) -> tuple[str, str]:
+        """cos, sin [S, dim/2] for positions 0..S-1 of x [B, S, .], as model_ops.rope_cos_sin computes them:
+        the inverse frequencies in float32 at export (the same torch expression), positions from the run's S."""
+        key = ("rope", dim, theta, dt)
+        if key not in self.shared:
+            em = self.em
+            exponent = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
+            inv_freq = (1.0 / (theta ** exponent)).numpy()
+            positions = em.op("Cast", [em.op("Range", [em.const(0), self._seq_len(x), em.const(1)])],
+                              to=TensorProto.FLOAT)
+            angles = em.op("Mul", [em.op("Unsqueeze", [positions, em.const([1])]),
+                                   em.const(inv_freq, np.float32, "inv_freq")])
+            cos = self.em.cast(em.op("Cos", [angles]), ElemType.FLOAT32, dt)
+            sin = self.em.cast(em.op("Sin", [angles]), ElemType.FLOAT32, dt)
+            self.shared[key] = (cos, sin)
+        return self.shared[key]
+
+    def _seq_len(self, x: str) -> str:
+        """[] int64: S of x [B, S, .]."""
+        return self.em.scalar(self.em.op("Shape", [x], start=1, end=2))
+
+    def _rope(self, t: str, dim: int, tables: tuple[str, str], layout: RopeLayout) -> str:
+        """apply_rope on the last axis (of size dim) of t [..., S, dim]."""
+        em = self.em
+        cos, sin = tables
+        axis = em.const([-1])
+        if layout == RopeLayout.HALF:
+            half = dim // 2
+            x1 = em.op("Slice", [t, em.const([0]), em.const([half]), axis])
+            x2 = em.op("Slice", [t, em.const([half]), em.const([dim]), axis])
+        else:  # even dims pair with the odd dim after them; written de-interleaved, as the reference
+            x1 = em.op("Slice", [t, em.const([0]), em.const([dim]), axis, em.const([2])])
+            x2 = em.op("Slice", [t, em.const([1]), em.const([dim]), axis, em.const([2])])
+        first = em.op("Sub", [em.op("Mul", [x1, cos]), em.op("Mul", [x2, sin])])
+        second = em.op("Add", [em.op("Mul", [x2, cos]), em.op("Mul", [x1, sin])])
+        return em.op("Concat", [first, second], axis=-1)
+
+    def _future_mask(self, x: str) -> str:
+        """[S, S] bool, true where key position j > query position i (what causal attention hides)."""
+        if "future" not in self.shared:
+            em = self.em
+            pos = em.op("Range", [em.const(0), self._seq_len(x), em.const(1)])
+            self.shared["future"] = em.op("Greater", [em.op("Unsqueeze", [pos, em.const([0])]),
+                                                      em.op("Unsqueeze", [pos, em.const([1])])])
+        return self.shared["future"]
+
+    def _causal_attention(self, x: str, q: str, k: str, v: str, heads: int, kv_heads: int, dv: int,
+                          scale: float, dt: ElemType) -> str:
+        """model_ops.causal_attention: q [B,h,S,d], k [B,hk,S,d], v [B,hk,S,dv] -> [B*S, h*dv]."""
+        em = self.em
+        rep = heads // kv_heads
+        if rep > 1:
+            # Query head i reads kv head i // rep: view the query heads as [B, hk, rep, S, d] and let MatMul
+            # broadcast k/v [B, hk, 1, S, .] over rep, instead of materialising repeated k/v heads.
+            shape = em.op("Concat", [em.op("Shape", [q], start=0, end=1), em.const([kv_heads, rep]),
+                                     em.op("Shape", [q], start=2)], axis=0)
+            q = em.op("Reshape", [q, shape], allowzero=1)
+            k = em.op("Unsqueeze", [k, em.const([2])])
+            v = em.op("Unsqueeze", [v, em.const([2])])
+        perm = [0, 1, 2, 4, 3] if rep > 1 else [0, 1, 3, 2]
+        scores = em.op("Mul", [em.op("MatMul", [q, em.op("Transpose", [k], perm=perm)]),
+                               em.fconst(scale, dt, "scale")])
+        scores = em.op("Where", [self._future_mask(x), em.fconst(-np.inf, dt, "neg_inf"), scores])
+        # Softmax in float32 (the reference's compute type for f16/bf16 graphs), probabilities back in dt.
+        probs = em.op("Softmax", [em.cast(scores, dt, ElemType.FLOAT32)], axis=-1)
+        out = em.op("MatMul", [em.cast(probs, ElemType.FLOAT32, dt), v])   # [B, hk, (rep,) S, dv]
+        if rep > 1:
+            shape = em.op("Concat", [em.op("Shape", [out], start=0, end=1), em.const([heads]),
+                                     em.op("Shape", [out], start=3)], axis=0)
+            out = em.op("Reshape", [out, shape], allowzero=1)
+        return em.op("Reshape", [em.op("Transpose", [out], perm=[0, 2, 1, 3]), em.const([-1, heads * dv])])
+
+    def _output_projection(self, node: Node, o: str, batch_seq: str) -> None:
+        """o [B*S, h*dv] @ w_o^T (+ b_o) -> the node's output [B, S, H]."""
+        em = self.em
+        dt = node.inputs[0].type.dtype
+        y = self._project(o, node.input("w_o"), node.input("b_o"), dt)
+        hidden = node.outputs[0].type.shape[2]
+        shape = em.op("Concat", [batch_seq, em.const([hidden])], axis=0)
+        em.op("Reshape", [y, shape], allowzero=1, out=node.outputs[0].name, name=node.name)
+
+    def _lower_attention(self, node: Node) -> None:
+        em, a = self.em, node.attrs
+        x = node.inputs[0]
+        dt = x.type.dtype
+        heads, kv_heads, d = a["heads"], a["kv_heads"], a["head_dim"]
+        norm, eps = a["qk_norm"], a["norm_eps"]
+        xs = self.operand(x)
+        tokens = em.op("Reshape", [xs, em.const([-1, x.type.shape[2]])])
+        batch_seq = em.op("Shape", [xs], start=0, end=2)
+        q, k, v = (self._project(tokens, node.input(f"w_{p}"), node.input(f"b_{p}"), dt) for p in "qkv")
+        if norm == QKNorm.FULL:  # over the whole projection, before the split into heads (OLMoE)
+            q = self._rms_norm(q, node.input("q_norm"), eps, dt)
+            k = self._rms_norm(k, node.input("k_norm"), eps, dt)
+        q = self._split_heads(q, batch_seq, heads, d)
+        k = self._split_heads(k, batch_seq, kv_heads, d)
+        v = self._split_heads(v, batch_seq, kv_heads, d)
+        if norm == QKNorm.HEAD:  # over each head's head_dim (the last axis)
+            q = self._rms_norm(q, node.input("q_norm"), eps, dt)
+            k = self._rms_norm(k, node.input("k_norm"), eps, dt)
+        tables = self._rope_tables(xs, d, a["rope_theta"], dt)
+        q, k = (self._rope(t, d, tables, a["rope_layout"]) for t in (q, k))
+        o = self._causal_attention(xs, q, k, v, heads, kv_heads, d, d ** -0.5, dt)
+        self._output_projection(node, o, batch_seq)
+
+    def _lower_mla_attention(self, node: Node) -> None:
+        em, a = self.em, node.attrs
+        x = node.inputs[0]
+        dt = x.type.dtype
+        n, eps = a["heads"], a["norm_eps"]
+        nope, rope, dv, rank = a["qk_nope_head_dim"], a["qk_rope_head_dim"], a["v_head_dim"], a["kv_lora_rank"]
+        xs = self.operand(x)
+        tokens = em.op("Reshape", [xs, em.const([-1, x.type.shape[2]])])
+        batch_seq = em.op("Shape", [xs], start=0, end=2)
+        if node.input("w_q") is not None:
+            q = self._project(tokens, node.input("w_q"), None, dt)
+        else:  # low-rank query: q_b(rms_norm(q_a(x)))
+            q_a = self._project(tokens, node.input("w_q_a"), node.input("b_q_a"), dt)
+            q = self._project(self._rms_norm(q_a, node.input("q_a_norm"), eps, dt), node.input("w_q_b"), None, dt)
+        q_nope, q_rot = em.op("Split", [self._split_heads(q, batch_seq, n, nope + rope), em.const([nope, rope])], 2,
+                              axis=-1)
+        # The compressed latent c_kv and the one rotary key every head shares.
+        c_kv, k_rot = em.op("Split", [self._project(tokens, node.input("w_kv_a"), node.input("b_kv_a"), dt),
+                                      em.const([rank, rope])], 2, axis=-1)
+        kv = self._project(self._rms_norm(c_kv, node.input("kv_a_norm"), eps, dt), node.input("w_kv_b"), None, dt)
+        k_nope, v = em.op("Split", [self._split_heads(kv, batch_seq, n, nope + dv), em.const([nope, dv])], 2, axis=-1)
+        tables = self._rope_tables(xs, rope, a["rope_theta"], dt)
+        q_rot = self._rope(q_rot, rope, tables, a["rope_layout"])
+        k_rot = self._rope(self._split_heads(k_rot, batch_seq, 1, rope), rope, tables, a["rope_layout"])
+        k_rot = em.op("Expand", [k_rot, em.op("Shape", [q_rot])])   # [B, 1, S, rope] -> [B, n, S, rope]
+        q = em.op("Concat", [q_nope, q_rot], axis=-1)
+        k = em.op("Concat", [k_nope, k_rot], axis=-1)
+        o = self._causal_attention(xs, q, k, v, n, n, dv, (nope + rope) ** -0.5, dt)
+        self._output_projection(node, o, batch_seq)

@@ -1,0 +1,277 @@
+"""The one op table of the torch backends: OpCode -> how a node of the IR graph runs on the torch kernels.
+
+Every torch-based lowering reads this table: the eager `GraphModule` (and through it torch.compile), AOTI's
+`ExportableMoE`, the Triton backend for the ops it does not run as Triton kernels, and the generated
+standalone `model.py`, which calls the same functions one line per node.
+
+  `lower_node(node) -> OpCall`: the function to call and the node's attributes as plain values (strings,
+  ints, floats, bools, torch dtypes), in the order the function takes them after the node's operands.
+  Some ops also take run-time arguments, named in `OpCall.runtime` (RUNTIME_ARGS says what each means).
+
+The functions below ("op functions") adapt a node's operands to the kernels of `torch_kernels.py`; where a
+kernel already takes (operands..., attributes...) the table points at the kernel itself. Like the kernels
+they depend on torch alone and call kernels by their bare names: the code generator copies them verbatim
+into model.py beside the kernels they call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+
+from moe_ir.errors import BackendError
+from moe_ir.ir import ElemType, Graph, LossKind, Node, OpCode, ValueKind
+from .torch_kernels import (attention, combine, device_loss, dispatch, dispatch_capacity, embedding, expert_choice,
+                            expert_loss, ffn, grouped_ffn, mla_attention, rms_norm, route_topk, router_logits,
+                            router_noise, scale_weights, score, sequence_loss, sigmoid_gate, split_gate_up,
+                            switch_loss, z_loss)
+
+# ---------------------------------------------------------------------------------------------------
+# op functions: a node's operands in the op's port order, then its attributes as plain values
+
+
+def flatten_tokens(x):
+    """x [B, S, H] -> tokens [B*S, H]."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def restore_tokens(y, like):
+    """y [B*S, H'] -> [B, S, H'] in the batch/sequence shape of `like`."""
+    return y.view(like.shape[0], like.shape[1], y.shape[-1])
+
+
+def linear(x, w, b, out_dtype):
+    """x @ w.T (+ b) in out_dtype (float64 inputs stay float64)."""
+    y = router_logits(x, w, out_dtype)
+    return y if b is None else y + b.to(y.dtype)
+
+
+def noisy_logits(logits, x, w_noise, std, training, generator):
+    """The router noise of noisy top-k gating: only while training; in inference the logits pass through."""
+    return router_noise(logits, x, w_noise, std, generator) if training else logits
+
+
+def topk_route(scores, bias, k, groups, kept, group_score):
+    """(expert_idx [T, k], weights [T, k]); the selection bias (a float32 buffer) in the scores' dtype."""
+    return route_topk(scores, None if bias is None else bias.to(scores.dtype), k, groups, kept, group_score)
+
+
+def combine_rows(y, rows, row_weights, like):
+    """The weighted un-permute back to the T tokens of `like`."""
+    return combine(y, rows, row_weights, like.shape[0])
+
+
+def expert_ffns(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation, layout, expert_kernel):
+    """The grouped expert FFN of a node: gate/up of a fused layout split into views, then `expert_kernel`
+    (grouped_ffn, or what a backend swaps in for it, with grouped_ffn's signature)."""
+    w_up, w_gate, b_up, b_gate = split_gate_up(w_up, w_gate, b_up, b_gate, activation, layout)
+    return expert_kernel(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation)
+
+
+def dense_ffn(x, w_up, w_down, w_gate, b_up, b_down, b_gate, activation, layout):
+    """One FFN (a shared expert, several fused, or a dense layer's), gate/up of a fused layout split first."""
+    w_up, w_gate, b_up, b_gate = split_gate_up(w_up, w_gate, b_up, b_gate, activation, layout)
+    return ffn(x, w_up, w_down, w_gate, b_up, b_down, b_gate, activation)
+
+
+def add(a, b):
+    return a + b
+
+
+def concat(*parts, axis):
+    """Weights concatenated by a fusion pass."""
+    return torch.cat(parts, dim=axis)
+
+
+def switch_balance_loss(scores, expert_idx, logits, like, alpha):
+    return switch_loss(alpha, scores, expert_idx)
+
+
+def expert_balance_loss(scores, expert_idx, logits, like, alpha, top_k):
+    return expert_loss(alpha, scores, expert_idx, top_k)
+
+
+def device_balance_loss(scores, expert_idx, logits, like, alpha, top_k, devices):
+    return device_loss(alpha, scores, expert_idx, top_k, devices)
+
+
+def sequence_balance_loss(scores, expert_idx, logits, like, alpha, top_k):
+    """Sequence-wise loss: `like` is the layer input [B, S, H], whose S is the sequence length."""
+    return sequence_loss(alpha, scores, expert_idx, top_k, like.shape[1])
+
+
+def router_z_loss(scores, expert_idx, logits, like, alpha):
+    return z_loss(alpha, logits)
+
+
+def fused_moe(x, w_router, bias, w_up, w_down, w_gate, b_up, b_down, b_gate, score_fn, k, groups, kept, group_score,
+              normalize, scale, capacity_factor, drop_rule, router_dtype, activation, layout, expert_kernel):
+    """The whole routed path of a FUSED_MOE node: (out [T, H], expert_idx [T, k], weights [T, k])."""
+    scores = score(router_logits(x, w_router, router_dtype), score_fn)
+    expert_idx, weights = topk_route(scores, bias, k, groups, kept, group_score)
+    weights = scale_weights(weights, normalize, scale)
+    if capacity_factor is None:
+        rows, row_weights, group_sizes = dispatch(expert_idx, weights, w_up.shape[0])
+    else:
+        rows, row_weights, group_sizes = dispatch_capacity(expert_idx, weights, w_up.shape[0], capacity_factor,
+                                                           drop_rule)
+    y = expert_ffns(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation, layout,
+                    expert_kernel)
+    return combine(y, rows, row_weights, x.shape[0]), expert_idx, weights
+
+
+# ---------------------------------------------------------------------------------------------------
+# the table
+
+
+# Run-time arguments an op function may take after its attributes, and what the caller passes:
+RUNTIME_ARGS = {
+    "training": "whether the module is training (router noise is training-only)",
+    "generator": "the torch.Generator of the router noise (None: the global RNG)",
+    "expert_kernel": "the grouped expert FFN kernel (torch_kernels.grouped_ffn unless a backend swaps it)",
+}
+
+
+@dataclass(frozen=True)
+class OpCall:
+    """One node as a call: fn(*operands, *attrs, *[runtime value of each name in `runtime`]).
+    `attrs` are plain values (model.py writes them as literals); `keywords` are attrs passed by name."""
+
+    fn: Callable[..., Any]
+    attrs: tuple = ()
+    runtime: tuple[str, ...] = ()
+    keywords: tuple[tuple[str, Any], ...] = ()
+
+    def __call__(self, operands: list, runtime: Mapping[str, Any]) -> Any:
+        extra = [runtime[name] for name in self.runtime] if self.runtime else ()
+        if self.keywords:
+            return self.fn(*operands, *self.attrs, *extra, **dict(self.keywords))
+        return self.fn(*operands, *self.attrs, *extra)
+
+
+def _plain(value: Any) -> Any:
+    """An attribute as the kernels take it: enums by their string value (ElemType as a torch dtype)."""
+    if isinstance(value, ElemType):
+        return value.torch
+    return getattr(value, "value", value)
+
+
+def _ffn_attrs(node: Node) -> tuple:
+    return _plain(node.attrs["activation"]), _plain(node.attrs["weight_layout"])
+
+
+_LOSSES = {
+    LossKind.SWITCH: (switch_balance_loss, ()),
+    LossKind.EXPERT: (expert_balance_loss, ("top_k",)),
+    LossKind.DEVICE: (device_balance_loss, ("top_k", "devices")),
+    LossKind.SEQUENCE: (sequence_balance_loss, ("top_k",)),
+    LossKind.Z: (router_z_loss, ()),
+}
+
+
+def _balance_loss(node: Node) -> OpCall:
+    fn, extra = _LOSSES[node.attrs["kind"]]
+    return OpCall(fn, (node.attrs["alpha"], *(node.attrs[name] for name in extra)))
+
+
+def _dispatch(node: Node) -> OpCall:
+    a = node.attrs
+    if a["capacity_factor"] is None:
+        return OpCall(dispatch, (a["num_experts"],))
+    return OpCall(dispatch_capacity, (a["num_experts"], a["capacity_factor"], _plain(a["drop_rule"])))
+
+
+def _fused_moe(node: Node) -> OpCall:
+    a = node.attrs
+    attrs = (_plain(a["score"]), a["k"], a["groups"], a["kept"], _plain(a["group_score"]), a["normalize"],
+             a["scale"], a["capacity_factor"], _plain(a["drop_rule"]), _plain(a["router_dtype"]), *_ffn_attrs(node))
+    return OpCall(fused_moe, attrs, ("expert_kernel",))
+
+
+def _attention(node: Node) -> OpCall:
+    a = node.attrs
+    return OpCall(attention, (a["heads"], a["kv_heads"], a["head_dim"], _plain(a["qk_norm"]), a["rope_theta"],
+                              _plain(a["rope_layout"]), a["norm_eps"]))
+
+
+def _mla_attention(node: Node) -> OpCall:
+    a = node.attrs
+    return OpCall(mla_attention, (a["heads"], a["kv_lora_rank"], a["qk_nope_head_dim"], a["qk_rope_head_dim"],
+                                  a["v_head_dim"], a["rope_theta"], _plain(a["rope_layout"]), a["norm_eps"]))
+
+
+TORCH_OPS: dict[OpCode, Callable[[Node], OpCall]] = {
+    OpCode.FLATTEN_TOKENS: lambda n: OpCall(flatten_tokens),
+    OpCode.RESTORE_TOKENS: lambda n: OpCall(restore_tokens),
+    OpCode.LINEAR: lambda n: OpCall(linear, (_plain(n.attrs["out_dtype"]),)),
+    OpCode.ROUTER_NOISE: lambda n: OpCall(noisy_logits, (n.attrs["std"],), ("training", "generator")),
+    OpCode.SCORE: lambda n: OpCall(score, (_plain(n.attrs["fn"]),)),
+    OpCode.TOPK_ROUTE: lambda n: OpCall(topk_route, (n.attrs["k"], n.attrs["groups"], n.attrs["kept"],
+                                                     _plain(n.attrs["group_score"]))),
+    OpCode.SCALE_WEIGHTS: lambda n: OpCall(scale_weights, (n.attrs["normalize"], n.attrs["scale"])),
+    OpCode.DISPATCH: _dispatch,
+    OpCode.EXPERT_CHOICE_ROUTE: lambda n: OpCall(expert_choice, (n.attrs["capacity_factor"], n.attrs["top_k"])),
+    OpCode.GROUPED_FFN: lambda n: OpCall(expert_ffns, _ffn_attrs(n), ("expert_kernel",)),
+    OpCode.COMBINE: lambda n: OpCall(combine_rows),
+    OpCode.FFN: lambda n: OpCall(dense_ffn, _ffn_attrs(n)),
+    OpCode.SIGMOID_GATE: lambda n: OpCall(sigmoid_gate),
+    OpCode.ADD: lambda n: OpCall(add),
+    OpCode.CONCAT: lambda n: OpCall(concat, keywords=(("axis", n.attrs["axis"]),)),
+    OpCode.BALANCE_LOSS: _balance_loss,
+    OpCode.FUSED_MOE: _fused_moe,
+    OpCode.EMBEDDING: lambda n: OpCall(embedding),
+    OpCode.RMS_NORM: lambda n: OpCall(rms_norm, (n.attrs["eps"],)),
+    OpCode.ATTENTION: _attention,
+    OpCode.MLA_ATTENTION: _mla_attention,
+}
+
+# The run-time arguments of an inference run (what AOTI exports, what the Triton backend folds with).
+INFERENCE_RUNTIME: Mapping[str, Any] = {"training": False, "generator": None, "expert_kernel": grouped_ffn}
+
+
+def unsupported_ops(graph: Graph, table: Mapping[OpCode, Any] = TORCH_OPS) -> list[str]:
+    return sorted({n.op.value for n in graph.nodes if n.op not in table})
+
+
+def lower_node(node: Node) -> OpCall:
+    rule = TORCH_OPS.get(node.op)
+    if rule is None:
+        raise BackendError(f"node '{node.name}': the torch backends have no implementation of op {node.op.value}")
+    return rule(node)
+
+
+def node_results(node: Node, result: Any) -> tuple:
+    """An op function's result as one value per node output (single-output functions return the tensor)."""
+    return (result,) if len(node.outputs) == 1 else tuple(result)
+
+
+# ---------------------------------------------------------------------------------------------------
+# weight folding: nodes that read only weights (CONCAT/ADD made by the fusion passes)
+
+
+def weight_only_nodes(graph: Graph) -> list[Node]:
+    """Nodes whose operands are all weights or outputs of such nodes, in graph order: their results do not
+    depend on the input, so a backend may compute them once (fold them) instead of on every call."""
+    constant = {name for name, value in graph.weights.items() if value.kind in (ValueKind.PARAM, ValueKind.BUFFER)}
+    found = []
+    for node in graph.nodes:
+        operands = [v for v in node.inputs if v is not None]
+        if operands and all(v.name in constant for v in operands):
+            found.append(node)
+            constant.update(v.name for v in node.outputs)
+    return found
+
+
+def fold_weights(graph: Graph, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The outputs of every weight-only node, computed once (no autograd) with the op table, by value name."""
+    env: dict[str, Any] = dict(weights)
+    folded: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for node in weight_only_nodes(graph):
+            call = lower_node(node)
+            results = node_results(node, call([None if v is None else env[v.name] for v in node.inputs],
+                                              INFERENCE_RUNTIME))
+            for value, result in zip(node.outputs, results):
+                env[value.name] = folded[value.name] = result
+    return folded
