@@ -24,7 +24,6 @@ import time
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 
 from moe_ir.errors import BackendError
 from moe_ir.ir import Graph
@@ -33,16 +32,6 @@ from . import torch_kernels as K
 from .torch_eager.backend import lower, runner_outputs
 from .torch_eager.module import GraphModule, MoEModel
 from .torch_ops import unsupported_ops
-
-
-def _onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """x @ w.T + b through oneDNN's matmul where it takes the dtype (CPU float32; bfloat16 where the CPU has
-    it), else F.linear. On this CI machine's AMD EPYC (AVX2) a ~96-row expert GEMM costs 15.5 ms/GFLOP
-    here and 18.9 through ATen's MKL sgemm (tools/bench_eager.py shows the layer figure)."""
-    if x.device.type == "cpu" and torch.backends.mkldnn.is_available() and (
-            x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())):
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-    return F.linear(x, w, b)
 
 
 @torch.library.custom_op("moe_ir::expert_ffns", mutates_args=())
@@ -55,7 +44,7 @@ def expert_ffns(x: torch.Tensor, rows: torch.Tensor, group_sizes: torch.Tensor, 
     compile time grows with experts x layers (measured: 78 s for one 64-expert layer at hidden 32, where
     this op's graph compiles in seconds) and the graph carries a symbol per expert. As one op the graph
     is the same for 8 or 256 experts and its output shape [A, H] is known without the data. The
-    GEMMs run through oneDNN (`_onednn_linear`)."""
+    GEMMs run through oneDNN (`torch_kernels.onednn_linear`)."""
     sizes = group_sizes.tolist()
     y = x.new_zeros(rows.shape[0], x.shape[1])  # rows past every group (dropped assignments) stay 0
     start = 0
@@ -63,9 +52,9 @@ def expert_ffns(x: torch.Tensor, rows: torch.Tensor, group_sizes: torch.Tensor, 
         if size:
             rows_e = x.index_select(0, rows[start:start + size])
             pick = (lambda w: None if w is None else w[e])  # noqa: E731
-            up = _onednn_linear(rows_e, w_up[e], pick(b_up))
-            gate = _onednn_linear(rows_e, w_gate[e], pick(b_gate)) if w_gate is not None else None
-            y[start:start + size] = _onednn_linear(K.activate(activation, gate, up), w_down[e], pick(b_down))
+            up = K.onednn_linear(rows_e, w_up[e], pick(b_up))
+            gate = K.onednn_linear(rows_e, w_gate[e], pick(b_gate)) if w_gate is not None else None
+            y[start:start + size] = K.onednn_linear(K.activate(activation, gate, up), w_down[e], pick(b_down))
         start += size
     return y
 

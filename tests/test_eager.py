@@ -258,26 +258,3 @@ def test_no_tokens_by_experts_by_hidden_tensor():
     weights = max(p.numel() for p in module.parameters())
     assert LargestOutput.largest <= max(t * 2 * 64, weights)  # the gathered rows [T*k, H] at most
     assert LargestOutput.largest < t * 32 * 64
-
-
-@pytest.mark.parametrize("capacity", [None, 0.5])
-def test_inference_grouped_mm_path_matches_reference(capacity):
-    """Hidden and width with 16-byte rows take torch's grouped GEMM at inference (empty experts and
-    dropped rows included); the training path is the per-expert loop."""
-    from moe_ir.backends import torch_kernels as kernels
-
-    spec = make_spec(hidden=16, experts={"routed": 16, "width": 8, "top_k": 2, "shared": 1},
-                     **({"capacity__factor": capacity} if capacity else {}))
-    graph = build_graph(spec)
-    weights = random_weights(graph, 2)
-    x = torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(3))
-    ref = interpret(graph, {"x": x}, weights, dtype=torch.float32)
-    module = MoELayer(graph, weights).eval()
-    assert kernels._use_grouped_mm(x.reshape(-1, 16), module.experts.w_up.detach(), module.experts.w_down.detach(),
-                                   module.experts.w_gate.detach(), None, None, None)
-    with torch.no_grad():
-        res = module(x)
-    assert (res.routing["expert_idx"].reshape(-1).bincount(minlength=16) == 0).any()  # some expert gets no token
-    torch.testing.assert_close(res.out, ref["out"], rtol=1e-5, atol=1e-6)
-    train_out = module(x).out  # grad enabled: the loop
-    torch.testing.assert_close(train_out.detach(), res.out, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,217 @@
+"""The inference path of the shared torch kernels (oneDNN GEMMs with the activation in their epilogues, each
+expert's rows gathered and written in place) against a float64 reference and against the autograd path,
+which keeps F.linear: every activation, with and without biases, empty experts, experts of 1-3 rows (which
+stay on F.linear), dropped rows; then in the layer module, in the generated model.py (bitwise), and after a
+weight update."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from moe_ir.backends import get_backend
+from moe_ir.backends import torch_kernels as K
+from moe_ir.backends.torch_eager import MoELayer
+from moe_ir.builder import build_graph
+from moe_ir.interpreter import interpret
+from moe_ir.params import init_weights
+from moe_ir.passes import run_pipeline
+from moe_ir.spec import spec_from_dict
+
+from conftest import import_file
+
+ONEDNN = "mkldnn._linear_pointwise"
+needs_onednn = pytest.mark.skipif(not K.onednn_takes(torch.zeros(1)),
+                                  reason="this torch build has no oneDNN (mkldnn) CPU matmul")
+
+H, F_, E = 24, 16, 6
+# Rows per expert: empty experts, 1-3 rows (matrix-vector products, F.linear), 4+ rows (oneDNN); then 3 rows
+# past every group, which dropped assignments leave (they must come out as 0).
+GROUP_SIZES = [0, 5, 1, 3, 0, 11]
+DROPPED = 3
+ACTIVATIONS = ["swiglu", "geglu", "gelu", "relu"]
+
+
+class OpNames(TorchDispatchMode):
+    """Names of the aten/mkldnn ops run while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def expert_tensors(activation, bias, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    gated = activation in ("swiglu", "geglu")
+    w_up, w_down = rnd(E, F_, H) * H ** -0.5, rnd(E, H, F_) * F_ ** -0.5
+    w_gate = rnd(E, F_, H) * H ** -0.5 if gated else None
+    b_up, b_down = (rnd(E, F_) * 0.3, rnd(E, H) * 0.3) if bias else (None, None)
+    b_gate = rnd(E, F_) * 0.3 if bias and gated else None
+    a = sum(GROUP_SIZES) + DROPPED
+    x = rnd(9, H)
+    rows = torch.randint(0, 9, (a,), generator=gen)
+    return x, rows, torch.tensor(GROUP_SIZES), [w_up, w_down, w_gate, b_up, b_down, b_gate]
+
+
+def reference(x, rows, sizes, weights, activation):
+    """y row by row in float64 with plain matmuls: an implementation independent of the kernels."""
+    w_up, w_down, w_gate, b_up, b_down, b_gate = [None if w is None else w.double() for w in weights]
+    act = {"swiglu": lambda g, u: torch.nn.functional.silu(g) * u, "geglu": lambda g, u: torch.nn.functional.gelu(g) * u,
+           "gelu": lambda g, u: torch.nn.functional.gelu(u), "relu": lambda g, u: torch.relu(u)}[activation]
+    y = torch.zeros(rows.shape[0], x.shape[1], dtype=torch.float64)
+    r = 0
+    for e, size in enumerate(sizes):
+        for _ in range(size):
+            v = x[rows[r]].double()
+            up = w_up[e] @ v + (0 if b_up is None else b_up[e])
+            gate = None if w_gate is None else w_gate[e] @ v + (0 if b_gate is None else b_gate[e])
+            y[r] = w_down[e] @ act(gate, up) + (0 if b_down is None else b_down[e])
+            r += 1
+    return y
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_inference_path_equals_autograd_path(activation, bias):
+    x, rows, sizes, weights = expert_tensors(activation, bias)
+    want = reference(x, rows, GROUP_SIZES, weights, activation)
+    with torch.no_grad(), OpNames() as ops:
+        fast = K.grouped_ffn(x, rows, sizes, *weights, activation)
+    assert ONEDNN in ops.names  # the expert of 5 and of 11 rows
+    train_weights = [None if w is None else w.clone().requires_grad_(True) for w in weights]
+    with OpNames() as ops:
+        slow = K.grouped_ffn(x, rows, sizes, *train_weights, activation)
+    assert ONEDNN not in ops.names and slow.requires_grad  # autograd needs F.linear
+    assert fast.shape == slow.shape == want.shape and fast.dtype == torch.float32
+    torch.testing.assert_close(fast.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(slow.detach().double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(fast[-DROPPED:], torch.zeros(DROPPED, H))
+    # and the autograd path's gradients exist for every weight (the fast path never serves training)
+    slow.square().sum().backward()
+    assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in train_weights if w is not None)
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [False, True], ids=["grouped_mm", "bias-f-linear"])
+def test_few_rows_take_no_onednn(bias):
+    """Experts of at most 3 rows are matrix-vector products: torch's grouped GEMM (one op per projection)
+    where it applies (no biases), else F.linear; no oneDNN op runs."""
+    x, rows, _, weights = expert_tensors("swiglu", bias)
+    sizes = torch.tensor([1, 3, 0, 2, 1, 2])
+    rows = rows[: int(sizes.sum()) + 2]  # and 2 dropped rows
+    with torch.no_grad(), OpNames() as ops:
+        y = K.grouped_ffn(x, rows, sizes, *weights, "swiglu")
+    assert ONEDNN not in ops.names
+    assert ("aten._grouped_mm" in ops.names) == (not bias and hasattr(torch.nn.functional, "grouped_mm"))
+    torch.testing.assert_close(y.double(), reference(x, rows, sizes.tolist(), weights, "swiglu"), rtol=1e-5, atol=1e-6)
+    assert torch.equal(y[-2:], torch.zeros(2, H))
+
+
+@needs_onednn
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                    reason="this CPU has no bfloat16 oneDNN matmul")
+def test_bfloat16_inference_path():
+    x, rows, sizes, weights = expert_tensors("swiglu", True)
+    want = reference(x, rows, GROUP_SIZES, weights, "swiglu")
+    with torch.no_grad(), OpNames() as ops:
+        y = K.grouped_ffn(x.bfloat16(), rows, sizes, *[w.bfloat16() for w in weights], "swiglu")
+    assert ONEDNN in ops.names and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), want, rtol=3e-2, atol=3e-2)
+
+
+@needs_onednn
+def test_dense_ffn_inference_path():
+    """`ffn` (shared experts, dense layers): oneDNN at inference, F.linear under autograd, same values."""
+    _, _, _, weights = expert_tensors("geglu", True, seed=4)
+    w = [None if t is None else t[2] for t in weights]
+    x = torch.randn(2, 7, H, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), OpNames() as ops:
+        fast = K.ffn(x, *w, "geglu")
+    assert ONEDNN in ops.names and fast.shape == (2, 7, H)
+    slow = K.ffn(x.requires_grad_(True), *w, "geglu")
+    assert slow.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# in the layer module and the generated model.py
+
+
+def layer_spec(**over):
+    data = {"hidden": 16, "experts": {"routed": 8, "width": 8, "top_k": 2, "shared": 1}}
+    data.update(over)
+    return spec_from_dict(data)
+
+
+@needs_onednn
+@pytest.mark.parametrize("capacity", [None, 0.5])
+def test_module_inference_path_matches_reference(capacity):
+    """(Moved from test_eager's grouped_mm test.) At inference the module takes the oneDNN path, empty
+    experts and dropped rows included, and equals the reference interpreter; with grad enabled it takes
+    the F.linear loop, with the same values."""
+    spec = layer_spec(**({"capacity": {"factor": capacity}} if capacity else {}))
+    graph = build_graph(spec)
+    weights = init_weights(graph, 2)
+    # A router that sends every token to experts 0-3 (largest logits) and none to 4-7: empty experts.
+    weights["router.weight"] = torch.cat([torch.randn(4, 16), torch.full((4, 16), 0.0)]) * 0.5
+    x = torch.randn(1, 24, 16, generator=torch.Generator().manual_seed(3)).abs()
+    weights["router.weight"][:4] = weights["router.weight"][:4].abs()
+    ref = interpret(graph, {"x": x}, weights, dtype=torch.float32)
+    module = MoELayer(graph, weights).eval()
+    with torch.no_grad(), OpNames() as ops:
+        res = module(x)
+    assert ONEDNN in ops.names
+    assert (res.routing["expert_idx"].reshape(-1).bincount(minlength=8) == 0).any()  # some expert gets no token
+    torch.testing.assert_close(res.out, ref["out"], rtol=1e-5, atol=1e-6)
+    with OpNames() as ops:
+        train_out = module(x).out  # grad enabled: the F.linear loop
+    assert ONEDNN not in ops.names
+    torch.testing.assert_close(train_out.detach(), res.out, rtol=1e-5, atol=1e-6)
+
+
+@needs_onednn
+def test_generated_model_equals_module_bitwise_at_inference(tmp_path):
+    """model.py carries the same kernels: under no_grad both take the oneDNN path and agree bit for bit."""
+    spec = layer_spec(experts={"routed": 8, "width": 8, "top_k": 2, "shared": 2, "activation": "geglu",
+                               "bias": True})
+    module = MoELayer.from_spec(spec, seed=1, training=False).eval()
+    get_backend("torch").build(spec, module.graph, module.canonical_weights(), tmp_path / "o")
+    from safetensors.torch import load_file
+
+    generated = import_file(tmp_path / "o" / "model.py", "generated_fast_inference").MoELayer().eval()
+    generated.load_state_dict(load_file(str(tmp_path / "o" / "weights.safetensors")), strict=True)
+    x = torch.randn(2, 20, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), OpNames() as ops:
+        out = generated(x)[0]
+        want = module(x).out
+    assert ONEDNN in ops.names
+    assert torch.equal(out, want)
+
+
+@needs_onednn
+@pytest.mark.parametrize("passes", [(), ("fuse-gate-up", "dce")], ids=["separate", "gate-up-fused"])
+def test_weight_update_reaches_inference(passes):
+    """Nothing the inference path keeps outlives a weight write: after an in-place update (an optimizer step,
+    load_state_dict) the next forward equals a module built fresh from the new weights."""
+    spec = layer_spec()
+    graph = run_pipeline(build_graph(spec), passes) if passes else build_graph(spec)
+    weights = init_weights(graph, 6)
+    module = MoELayer(graph, weights).eval()
+    x = torch.randn(1, 32, 16, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        before = module(x).out
+        for p in module.parameters():
+            if p.dim() == 3:  # the routed experts' stacks
+                p.mul_(1.5).add_(0.01)
+        after = module(x).out
+    fresh = MoELayer(graph, {k: v.detach().clone() for k, v in module.canonical_weights().items()}).eval()
+    with torch.no_grad():
+        assert torch.equal(after, fresh(x).out)
+    assert not torch.allclose(after, before)
