@@ -15,6 +15,10 @@ dynamic: the model ops (embedding, RMSNorm, attention, MLA) read only shapes and
 they trace as they are. The package returns `logits` and each MoE layer's `layers.{i}.expert_idx` /
 `layers.{i}.weights`; its metadata records the input contract (input_ids, vocabulary size), which the
 runner checks.
+
+A package is code: its shared library runs when torch loads it. The build puts a manifest inside the
+package (the sha256 of every member); `load_runner` checks the archive's structure and that manifest
+before torch sees the file, so a damaged package is one clear error rather than a crash.
 """
 from __future__ import annotations
 
@@ -26,13 +30,15 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from moe_ir.errors import BackendError
+from moe_ir.artifacts import OutputFolder
+from moe_ir.errors import BackendError, MoeIRError
 from moe_ir.interpreter import check_weights
 from moe_ir.ir import MODEL_INPUT, MODEL_OUTPUT, Graph, GraphKind, OpCode, from_json, to_json
 from moe_ir.model_spec import ModelSpec
 from moe_ir.passes import run_pipeline
 from moe_ir.spec import LayerSpec
 from .base import Backend, BuildResult, Runner
+from .integrity import append_manifest, verify_archive
 from .torch_ops import INFERENCE_RUNTIME, fold_weights, lower_node, unsupported_ops, weight_only_nodes
 
 PIPELINE = ("strip-training-outputs", "fuse-shared-experts", "fuse-gate-up", "dce")
@@ -137,6 +143,15 @@ META_DTYPE = "moe_ir.dtype"
 META_INPUT = "moe_ir.input"
 META_VOCAB = "moe_ir.vocab_size"
 
+# The package's integrity manifest: a member under the archive's `extra/` folder (which torch's loader
+# leaves alone) holding the sha256 and size of every other member.
+PACKAGE_MANIFEST = "extra/moe_ir_manifest.json"
+# What an AOTInductor package holds (torch 2.13's .pt2 layout, below the archive's one root folder) and
+# what it must hold.
+PACKAGE_LAYOUT = ("archive_format", "archive_version", "byteorder", "version", ".data/", "data/", "extra/",
+                  "models/")
+PACKAGE_REQUIRED = ("archive_format", "data/aotinductor/")
+
 
 def _package_metadata(graph: Graph) -> dict[str, str]:
     if graph.kind == GraphKind.MODEL:
@@ -164,6 +179,8 @@ def compile_package(graph: Graph, weights: Mapping[str, torch.Tensor], path: Pat
         try:
             torch._inductor.aoti_compile_and_package(program, package_path=staged,
                                                      inductor_configs={"aot_inductor.metadata": metadata})
+            # The sha256 of every member, inside the package, so that it stays one file that checks itself.
+            append_manifest(staged, PACKAGE_MANIFEST, {"torch": torch.__version__})
             os.replace(staged, tmp)
         finally:
             if os.path.exists(staged):
@@ -171,7 +188,7 @@ def compile_package(graph: Graph, weights: Mapping[str, torch.Tensor], path: Pat
 
     try:
         out = atomic_write(path, write)
-    except BackendError:
+    except MoeIRError:  # the writer's own errors (a full disk, say) say what happened
         raise
     except Exception as err:
         raise BackendError(f"aoti: compilation failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}") from None
@@ -180,11 +197,32 @@ def compile_package(graph: Graph, weights: Mapping[str, torch.Tensor], path: Pat
     return out
 
 
-def load_runner(path: str | Path) -> Runner:
-    """Run a .pt2 package: x [B,S,H] (layer) or input_ids int64 [B,S] (model) -> outputs by name."""
+def verify_package(path: str | Path, *, allow_unverified: bool = False) -> dict | None:
+    """Check a .pt2 before torch loads it: a zip whose members all sit under one root folder with safe
+    names (no absolute or `..` names, no symlinks: torch extracts the shared library by these names), the
+    layout of an AOTInductor package, and the moe-ir manifest written at build time: exactly its members,
+    each with its size and sha256. Returns the manifest (None for a package without one, accepted only
+    with `allow_unverified`). Raises BackendError.
+
+    This catches a damaged or edited package, which would otherwise crash the loading process (flipped
+    bytes in the shared library end in a segmentation fault). It does not make an untrusted package safe:
+    whoever can edit a package can rewrite its manifest, and its shared library runs at load."""
+    return verify_archive(path, PACKAGE_MANIFEST, f"{path}: AOTInductor package", required=PACKAGE_REQUIRED,
+                          allowed_prefixes=PACKAGE_LAYOUT, allow_unverified=allow_unverified)
+
+
+def load_runner(path: str | Path, *, allow_unverified: bool = False) -> Runner:
+    """Run a .pt2 package: x [B,S,H] (layer) or input_ids int64 [B,S] (model) -> outputs by name.
+
+    A .pt2 is code, not data: loading it runs the compiled shared library inside it. Load only packages you
+    built or trust like code. The package is checked first (verify_package: archive structure, then the
+    sha256 of every member against the manifest written at build), so a damaged file is a BackendError, not
+    a crash; `allow_unverified=True` loads a package without a moe-ir manifest (built elsewhere) after the
+    structure checks alone."""
     path = Path(path)
     if not path.exists():
         raise BackendError(f"{path}: no such AOTInductor package")
+    verify_package(path, allow_unverified=allow_unverified)
     try:
         compiled = torch._inductor.aoti_load_package(str(path))
     except Exception as err:
@@ -261,23 +299,29 @@ class AotiBackend(Backend):
 
     def prepare(self, graph: Graph, weights: Mapping[str, torch.Tensor], *, package: str | Path | None = None,
                 **options: Any) -> Runner:
-        """Compile to a temp package and load it (~25 s on CPU); `package=` reuses an existing .pt2."""
+        """Compile to a temp package and load it (~25 s on CPU); `package=` reuses an existing .pt2, which
+        runs code at load (load_runner checks it first; trust it like code)."""
         if package is not None:
             return load_runner(package)
         with tempfile.TemporaryDirectory(prefix="moe-ir-aoti-") as tmp:
             path = compile_package(graph, weights, Path(tmp) / "layer.pt2")
             return load_runner(path)
 
-    def build(self, spec: LayerSpec | ModelSpec, graph: Graph, weights: Mapping[str, torch.Tensor], out_dir: Path, *,
-              progress: Progress | None = None, **options: Any) -> BuildResult:
+    def write_artifact(self, spec: LayerSpec | ModelSpec, graph: Graph, weights: Mapping[str, torch.Tensor],
+                       out: OutputFolder, *, progress: Progress | None = None, **options: Any) -> BuildResult:
+        """OUT/<name>.pt2, committed by `build`."""
         ok, reason = self.supports(graph)
         if not ok:
             raise BackendError(f"aoti cannot package spec '{spec.name}': {reason}")
         if isinstance(spec, ModelSpec) != (graph.kind == GraphKind.MODEL):
             raise BackendError(f"aoti: spec '{spec.name}' and graph '{graph.name}' are not both a model or both a "
                                "layer; build the graph from the same spec")
-        path = compile_package(graph, weights, Path(out_dir) / f"{spec.name}.pt2", progress)
+        name = f"{spec.name}.pt2"
+        compile_package(graph, weights, out.path(name), progress)
+        path = out.final(name)
         call = "input_ids int64 [B, S]; returns {'logits', 'layers.{i}.expert_idx', 'layers.{i}.weights'}" \
             if graph.kind == GraphKind.MODEL else "x [B, S, H]; returns {'out', routing record}"
         return BuildResult(files=[path], notes=[f"load with torch._inductor.aoti_load_package(path) (torch only); "
-                                                f"call it with {call}"])
+                                                f"call it with {call}",
+                                                "a .pt2 runs its compiled code at load: load it only where you "
+                                                "trust it like code (moe-ir's runner checks its manifest first)"])

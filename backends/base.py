@@ -3,7 +3,9 @@
 A backend answers `supports(graph)` with (ok, reason) before anything is lowered, so the CLI can print a
 support matrix and a user gets a reason instead of a crash deep inside a compiler. `prepare` lowers the
 graph with given weights to something runnable in-process (used by `moe-ir validate`); `build` writes a
-deployable artifact into a folder (used by `moe-ir build`), atomically.
+deployable artifact into a folder (used by `moe-ir build`): a backend implements `write_artifact`, which
+writes only through the OutputFolder it is handed (moe_ir.artifacts), and `build` commits that folder, so
+every backend's output is confined to the folder and complete or unchanged.
 
 The registry (name -> backend class, imported lazily) is in registry.py.
 """
@@ -17,7 +19,8 @@ from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 
-from moe_ir.errors import BackendError, BackendUnavailable
+from moe_ir.artifacts import OutputFolder
+from moe_ir.errors import BackendError, BackendUnavailable, MoeIRError
 from moe_ir.ir import Graph
 from moe_ir.spec import LayerSpec
 
@@ -44,6 +47,9 @@ Runner = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 class BuildResult:
     files: list[Path]
     notes: list[str] = field(default_factory=list)
+    # A build that writes what it can and then stops (TensorRT without TensorRT: the bundle, no engine):
+    # `build` commits the files, then raises this.
+    unfinished: MoeIRError | None = None
 
 
 class Backend(abc.ABC):
@@ -80,8 +86,22 @@ class Backend(abc.ABC):
 
     def build(self, spec: LayerSpec, graph: Graph, weights: Mapping[str, torch.Tensor], out_dir: Path,
               **options: Any) -> BuildResult:
-        raise BackendError(f"backend '{self.name}' runs in-process only; it writes no artifact "
-                           f"(use it with `moe-ir validate`)")
+        """Write the artifact into `out_dir`: staged, then swapped in whole (moe_ir.artifacts.OutputFolder);
+        on any failure `out_dir` is left as it was."""
+        if type(self).write_artifact is Backend.write_artifact:
+            raise BackendError(f"backend '{self.name}' runs in-process only; it writes no artifact "
+                               f"(use it with `moe-ir validate`)")
+        with OutputFolder(out_dir, what=f"{self.label} build") as out:
+            result = self.write_artifact(spec, graph, weights, out, **options)
+        if result.unfinished is not None:
+            raise result.unfinished
+        return result
+
+    def write_artifact(self, spec: LayerSpec, graph: Graph, weights: Mapping[str, torch.Tensor], out: OutputFolder,
+                       **options: Any) -> BuildResult:
+        """Write the artifact's files through `out` (out.path(name) to write, out.claim(name) for a file that
+        is written only sometimes, out.final(name) for the path it will have); return them as final paths."""
+        raise NotImplementedError
 
 
 class Unavailable(Backend):

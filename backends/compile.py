@@ -9,11 +9,10 @@ Inductor fuses the work around it (routing, softmax/top-k, combine, shared exper
 
 The runner serves inference, so inductor runs with `freezing` (weights are constants of the graph; the
 router's and shared experts' GEMM weights are packed for oneDNN) and the expert op runs its GEMMs
-through oneDNN as well. On the 2-core AMD EPYC (AVX2) CI machine that is what makes compile faster
-than eager, whose expert GEMMs go through ATen (grouped_mm / MKL sgemm): a ~96-row expert GEMM
-(DeepSeekMoE-16B at 1024 tokens) costs 18.9 ms/GFLOP through F.linear and 15.5 through oneDNN
-(`python tools/bench_eager.py --compile` gives the layer figure). Compilation happens on the first
-call; `CompiledRunner.compile_seconds` records how long it took.
+through oneDNN (`torch_kernels.onednn_linear`, which eager inference uses too): on a 2-core AMD EPYC
+(AVX2) a ~96-row expert GEMM (DeepSeekMoE-16B at 1024 tokens) cost 18.9 ms/GFLOP through F.linear and 15.5
+through oneDNN (`python tools/bench_eager.py --compile` gives the layer figure on the machine at hand).
+Compilation happens on the first call; `CompiledRunner.compile_seconds` records how long it took.
 
 Model graphs (input_ids -> logits) compile the eager `MoEModel` the same way, as one graph over every
 layer; the runner takes input_ids int64 [B, S] and returns logits and each MoE layer's routing record.
@@ -21,7 +20,8 @@ layer; the runner takes input_ids int64 [B, S] and returns logits and each MoE l
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+import types
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -75,18 +75,36 @@ def compile_settings():
     return torch._inductor.config.patch(freezing=True)
 
 
+def own_forward(module: torch.nn.Module) -> Callable:
+    """`module.forward` bound to `module`, as a function with a code object of its own.
+
+    dynamo keeps its compiled graphs, their guards and its recompile count per code object. Every runner
+    compiles the same class's `forward`, so they would share one cache: each new spec is a recompilation of
+    that one function, and the ninth spec compiled in a process exceeds dynamo's recompile limit (8) and
+    fails (FailOnRecompileLimitHit, with fullgraph). With a copy of the code object per runner each runner's
+    compilation is its own, whatever was compiled before it, and is freed with the runner."""
+    forward = type(module).forward
+    fresh = types.FunctionType(forward.__code__.replace(), forward.__globals__, forward.__name__,
+                               forward.__defaults__, forward.__closure__)
+    fresh.__kwdefaults__ = forward.__kwdefaults__
+    return types.MethodType(fresh, module)
+
+
 class CompiledRunner:
     """x (a layer's activations) or input_ids (a model's tokens) -> outputs by name; the first call
     compiles (timed in `compile_seconds`). The runner takes `module` over: its grouped expert FFN kernel
     (the op table's `expert_kernel`) becomes the `moe_ir::expert_ffns` op, and the weights are frozen into
     the compiled graph."""
 
-    def __init__(self, module: GraphModule, *, dynamic: bool = True, mode: str | None = None):
+    def __init__(self, module: GraphModule, *, dynamic: bool = True, mode: str | None = None,
+                 compiler: str = "inductor"):
         self.module = module.eval()
         module.grouped_ffn_kernel = torch.ops.moe_ir.expert_ffns
         # fullgraph: a graph break would split the layer into pieces compiled apart (and, frozen, each
-        # holding its own constants); it is an error, not a slowdown.
-        self.compiled = torch.compile(module, backend="inductor", fullgraph=True, dynamic=dynamic, mode=mode)
+        # holding its own constants); it is an error, not a slowdown. `compiler` is torch.compile's backend
+        # ("eager" traces with dynamo alone, for checks that need no generated code).
+        self.compiled = torch.compile(own_forward(module), backend=compiler, fullgraph=True, dynamic=dynamic,
+                                      mode=mode)
         self.compile_seconds: float | None = None
         # The token range check reads the ids, so it runs here, outside the compiled graph.
         self._check = module.check_input_ids if isinstance(module, MoEModel) else None

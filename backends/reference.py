@@ -19,7 +19,8 @@ class ReferenceBackend(Backend):
                 **options: Any) -> Runner:
         name = graph.inputs[0].name  # x [B, S, H] for a layer, input_ids [B, S] for a model
 
-        def run(x: torch.Tensor) -> dict[str, torch.Tensor]:
-            return interpret(graph, {name: x}, weights, dtype=dtype)
+        def run(x: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            # A graph of several inputs (a decode graph: ids, mask, positions, cache) takes them by name.
+            return interpret(graph, x if isinstance(x, Mapping) else {name: x}, weights, dtype=dtype)
 
         return run

@@ -1,5 +1,6 @@
 """Fast, autograd-friendly torch implementations of the MoE ops and the whole-model ops (embedding,
-RMSNorm, RoPE, causal attention, MLA), depending on torch alone.
+RMSNorm, RoPE, causal attention, MLA, and both attentions in decode form with a KV cache), depending on
+torch alone.
 
 Each function has the semantics of the op of the same name in moe_ir/ir/ops.py or model_ops.py (the
 reference), written for speed: routing stays vectorised, expert FFNs run as one GEMM per expert on
@@ -421,10 +422,10 @@ def causal_attention(q, k, v, scale):
     return y.transpose(1, 2).reshape(b, s, h * v.shape[-1])
 
 
-def attention(x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm, heads, kv_heads, head_dim, qk_norm,
-              rope_theta, rope_layout, norm_eps):
-    """Causal MHA/GQA self-attention with RoPE on x [B, S, H]; qk_norm "full" normalises the whole q/k
-    projection (OLMoE), "head" each head (Qwen3), "none" neither."""
+def attention_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm, cos, sin, heads, kv_heads, head_dim, qk_norm,
+                  rope_layout, norm_eps):
+    """q [B, heads, S, d], k and v [B, kv_heads, S, d] of the tokens x [B, S, H]: projected, q and k normalised
+    ("full": the whole projection, OLMoE; "head": each head, Qwen3) and rotated by cos/sin."""
     b, s, _ = x.shape
     q, k, v = F.linear(x, w_q, b_q), F.linear(x, w_k, b_k), F.linear(x, w_v, b_v)
     if qk_norm == "full":
@@ -434,15 +435,23 @@ def attention(x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm, heads, 
     v = v.view(b, s, kv_heads, head_dim).transpose(1, 2)
     if qk_norm == "head":
         q, k = rms_norm(q, q_norm, norm_eps), rms_norm(k, k_norm, norm_eps)
-    cos, sin = rope_cos_sin(s, head_dim, rope_theta, x)
-    q, k = apply_rope(q, cos, sin, rope_layout), apply_rope(k, cos, sin, rope_layout)
+    return apply_rope(q, cos, sin, rope_layout), apply_rope(k, cos, sin, rope_layout), v
+
+
+def attention(x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm, heads, kv_heads, head_dim, qk_norm,
+              rope_theta, rope_layout, norm_eps):
+    """Causal MHA/GQA self-attention with RoPE on x [B, S, H] (positions 0..S-1)."""
+    cos, sin = rope_cos_sin(x.shape[1], head_dim, rope_theta, x)
+    q, k, v = attention_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm, cos, sin, heads, kv_heads, head_dim,
+                            qk_norm, rope_layout, norm_eps)
     return F.linear(causal_attention(q, k, v, head_dim ** -0.5), w_o, b_o)
 
 
-def mla_attention(x, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, w_kv_b, w_o, b_q_a, b_kv_a, b_o, heads,
-                  kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, rope_theta, rope_layout, norm_eps):
-    """DeepSeek multi-head latent attention on x [B, S, H]: q from w_q or the low-rank w_q_b(norm(w_q_a x));
-    [c_kv, k_rope] = w_kv_a x; [k_nope, v] = w_kv_b(norm(c_kv)) per head; one rotary key shared by every head."""
+def mla_latents(x, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, b_q_a, b_kv_a, cos, sin, heads, kv_lora_rank,
+                qk_nope_head_dim, qk_rope_head_dim, rope_layout, norm_eps):
+    """Of the tokens x [B, S, H]: q_nope [B, n, S, nope], q_rot [B, n, S, rope] (rotated), the normalised latent
+    c_kv [B, 1, S, r] and the rotated key k_rot [B, 1, S, rope] that every head shares. q from w_q or the
+    low-rank w_q_b(norm(w_q_a x)); [c_kv, k_rot] = w_kv_a x."""
     b, s, _ = x.shape
     nope, rope = qk_nope_head_dim, qk_rope_head_dim
     if w_q is not None:
@@ -451,11 +460,111 @@ def mla_attention(x, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, w_kv_b, w_o
         q = F.linear(rms_norm(F.linear(x, w_q_a, b_q_a), q_a_norm, norm_eps), w_q_b)
     q_nope, q_rot = q.view(b, s, heads, nope + rope).transpose(1, 2).split([nope, rope], dim=-1)
     c_kv, k_rot = F.linear(x, w_kv_a, b_kv_a).split([kv_lora_rank, rope], dim=-1)
-    kv = F.linear(rms_norm(c_kv, kv_a_norm, norm_eps), w_kv_b).view(b, s, heads, nope + v_head_dim).transpose(1, 2)
-    k_nope, v = kv.split([nope, v_head_dim], dim=-1)
-    cos, sin = rope_cos_sin(s, rope, rope_theta, x)
-    q_rot = apply_rope(q_rot, cos, sin, rope_layout)
-    k_rot = apply_rope(k_rot.unsqueeze(1), cos, sin, rope_layout).expand(-1, heads, -1, -1)
-    q = torch.cat([q_nope, q_rot], dim=-1)
-    k = torch.cat([k_nope, k_rot], dim=-1)
-    return F.linear(causal_attention(q, k, v, (nope + rope) ** -0.5), w_o, b_o)
+    c_kv = rms_norm(c_kv, kv_a_norm, norm_eps).unsqueeze(1)
+    return (q_nope, apply_rope(q_rot, cos, sin, rope_layout), c_kv,
+            apply_rope(k_rot.unsqueeze(1), cos, sin, rope_layout))
+
+
+def mla_expand(c_kv, k_rot, w_kv_b, heads, qk_nope_head_dim, v_head_dim):
+    """Per-head k [B, n, L, nope + rope] and v [B, n, L, dv] from the latent c_kv [B, 1, L, r] (w_kv_b: [k_nope, v]
+    of every head) and the shared rotary key k_rot [B, 1, L, rope]."""
+    b, _, length, _ = c_kv.shape
+    kv = F.linear(c_kv.squeeze(1), w_kv_b).view(b, length, heads, qk_nope_head_dim + v_head_dim).transpose(1, 2)
+    k_nope, v = kv.split([qk_nope_head_dim, v_head_dim], dim=-1)
+    return torch.cat([k_nope, k_rot.expand(-1, heads, -1, -1)], dim=-1), v
+
+
+def mla_attention(x, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, w_kv_b, w_o, b_q_a, b_kv_a, b_o, heads,
+                  kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, rope_theta, rope_layout, norm_eps):
+    """DeepSeek multi-head latent attention on x [B, S, H] (positions 0..S-1): k and v expanded per head from the
+    latent, one rotary key shared by every head."""
+    nope, rope = qk_nope_head_dim, qk_rope_head_dim
+    cos, sin = rope_cos_sin(x.shape[1], rope, rope_theta, x)
+    q_nope, q_rot, c_kv, k_rot = mla_latents(x, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, b_q_a, b_kv_a, cos,
+                                             sin, heads, kv_lora_rank, nope, rope, rope_layout, norm_eps)
+    k, v = mla_expand(c_kv, k_rot, w_kv_b, heads, nope, v_head_dim)
+    return F.linear(causal_attention(torch.cat([q_nope, q_rot], dim=-1), k, v, (nope + rope) ** -0.5), w_o, b_o)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the decode form (model_ops.py: cached_attention, cached_mla_attention): S new tokens after a cache of P.
+
+
+def rope_cos_sin_at(positions, dim, theta, like):
+    """cos, sin [B, 1, S, dim/2] of the positions [B, S] of each token (angles as rope_cos_sin computes them)."""
+    compute = torch.float64 if like.dtype == torch.float64 else torch.float32
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=like.device).to(compute) / dim))
+    freqs = positions.to(compute)[..., None] * inv_freq
+    return freqs.cos().to(like.dtype)[:, None], freqs.sin().to(like.dtype)[:, None]
+
+
+def visible_keys(attention_mask, new_len):
+    """bool [B, 1, S, L] from attention_mask [B, L] (1 = real token): new token i, in cache slot L-S+i, sees
+    slot j when j <= L-S+i and the mask keeps j; it always sees itself, so a padding token's row is never
+    empty (no NaN) and no real token reads a padding slot."""
+    total = attention_mask.shape[1]
+    slot = torch.arange(new_len, device=attention_mask.device)[:, None] + (total - new_len)
+    key = torch.arange(total, device=attention_mask.device)[None, :]
+    return (attention_mask.bool()[:, None, None, :] & (key <= slot)) | (key == slot)
+
+
+def masked_attention(q, k, v, scale, visible):
+    """q [B, h, S, d], k [B, hk, L, d], v [B, hk, L, dv], visible bool [B, 1, S, L] -> [B, h, S, dv]; query
+    head i reads kv head i // (h / hk). One kv head (MLA's latent cache) is broadcast, not copied."""
+    h, hk = q.shape[1], k.shape[1]
+    if hk == 1 and h > 1:
+        k, v = k.expand(-1, h, -1, -1), v.expand(-1, h, -1, -1)
+    elif h != hk:
+        k = k.repeat_interleave(h // hk, dim=1)
+        v = v.repeat_interleave(h // hk, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
+
+
+def merge_heads(y):
+    """[B, h, S, d] -> [B, S, h*d]."""
+    b, h, s, d = y.shape
+    return y.transpose(1, 2).reshape(b, s, h * d)
+
+
+def cached_attention(x, position_ids, attention_mask, past_key, past_value, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o,
+                     q_norm, k_norm, heads, kv_heads, head_dim, qk_norm, rope_theta, rope_layout, norm_eps):
+    """`attention` on the new tokens x [B, S, H] at position_ids [B, S] after the past K/V [B, kv_heads, P, d]:
+    (y [B, S, H], present key, present value [B, kv_heads, P+S, d])."""
+    cos, sin = rope_cos_sin_at(position_ids, head_dim, rope_theta, x)
+    q, k, v = attention_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm, cos, sin, heads, kv_heads, head_dim,
+                            qk_norm, rope_layout, norm_eps)
+    k = torch.cat([past_key.to(k.dtype), k], dim=2)
+    v = torch.cat([past_value.to(v.dtype), v], dim=2)
+    y = masked_attention(q, k, v, head_dim ** -0.5, visible_keys(attention_mask, x.shape[1]))
+    return F.linear(merge_heads(y), w_o, b_o), k, v
+
+
+def cached_mla_attention(x, position_ids, attention_mask, past_key, past_value, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a,
+                         kv_a_norm, w_kv_b, w_o, b_q_a, b_kv_a, b_o, heads, kv_lora_rank, qk_nope_head_dim,
+                         qk_rope_head_dim, v_head_dim, rope_theta, rope_layout, norm_eps, cache_layout):
+    """`mla_attention` on the new tokens x [B, S, H] after the past cache: (y, present key slot, present value
+    slot). cache_layout "expanded": per-head K [B, n, P+S, nope+rope] and V [B, n, P+S, dv]. "latent": the
+    normalised latent c_kv [B, 1, P+S, r] and the rotated shared key [B, 1, P+S, rope]; w_kv_b is absorbed
+    (DeepSeek-V2 §2.1.2): the query's nope part is taken into the latent space (q_nope W_UK), attention runs
+    over [latent, rotary] dims with the latent as value, and W_UV maps the result back per head, so the cache
+    is never expanded to heads."""
+    nope, rope, dv, r = qk_nope_head_dim, qk_rope_head_dim, v_head_dim, kv_lora_rank
+    cos, sin = rope_cos_sin_at(position_ids, rope, rope_theta, x)
+    q_nope, q_rot, c_kv, k_rot = mla_latents(x, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, b_q_a, b_kv_a, cos,
+                                             sin, heads, r, nope, rope, rope_layout, norm_eps)
+    visible = visible_keys(attention_mask, x.shape[1])
+    scale = (nope + rope) ** -0.5
+    if cache_layout == "latent":
+        c_kv = torch.cat([past_key.to(c_kv.dtype), c_kv], dim=2)
+        k_rot = torch.cat([past_value.to(k_rot.dtype), k_rot], dim=2)
+        w = w_kv_b.view(heads, nope + dv, r)
+        q_latent = torch.matmul(q_nope, w[:, :nope])                          # [B, n, S, r]
+        y_latent = masked_attention(torch.cat([q_latent, q_rot], dim=-1), torch.cat([c_kv, k_rot], dim=-1), c_kv,
+                                    scale, visible)                             # [B, n, S, r]
+        y = torch.matmul(y_latent, w[:, nope:].transpose(1, 2))               # [B, n, S, dv]
+        return F.linear(merge_heads(y), w_o, b_o), c_kv, k_rot
+    k, v = mla_expand(c_kv, k_rot, w_kv_b, heads, nope, dv)
+    k = torch.cat([past_key.to(k.dtype), k], dim=2)
+    v = torch.cat([past_value.to(v.dtype), v], dim=2)
+    y = masked_attention(torch.cat([q_nope, q_rot], dim=-1), k, v, scale, visible)
+    return F.linear(merge_heads(y), w_o, b_o), k, v

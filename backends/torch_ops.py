@@ -22,7 +22,8 @@ import torch
 
 from moe_ir.errors import BackendError
 from moe_ir.ir import ElemType, Graph, LossKind, Node, OpCode, ValueKind
-from .torch_kernels import (attention, combine, device_loss, dispatch, dispatch_capacity, embedding, expert_choice,
+from .torch_kernels import (attention, cached_attention, cached_mla_attention, combine, device_loss, dispatch,
+                            dispatch_capacity, embedding, expert_choice,
                             expert_loss, ffn, grouped_ffn, mla_attention, rms_norm, route_topk, router_logits,
                             router_noise, scale_weights, score, sequence_loss, sigmoid_gate, split_gate_up,
                             switch_loss, z_loss)
@@ -224,6 +225,10 @@ TORCH_OPS: dict[OpCode, Callable[[Node], OpCall]] = {
     OpCode.RMS_NORM: lambda n: OpCall(rms_norm, (n.attrs["eps"],)),
     OpCode.ATTENTION: _attention,
     OpCode.MLA_ATTENTION: _mla_attention,
+    # decode form: the same attributes, the cache operands before the weights; MLA adds its cache layout
+    OpCode.CACHED_ATTENTION: lambda n: OpCall(cached_attention, _attention(n).attrs),
+    OpCode.CACHED_MLA_ATTENTION: lambda n: OpCall(cached_mla_attention,
+                                                  _mla_attention(n).attrs + (_plain(n.attrs["cache_layout"]),)),
 }
 
 # The run-time arguments of an inference run (what AOTI exports, what the Triton backend folds with).

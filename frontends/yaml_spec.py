@@ -3,8 +3,9 @@
 PyYAML's SafeLoader builds only plain data (no `!!python/object` tags), and we walk the composed node
 tree ourselves to record where each key sits and to reject duplicate keys, which PyYAML would
 otherwise resolve silently by keeping the last one. Anchors and aliases are allowed, but an aliased
-node is walked once (a YAML "billion laughs" document stays linear, a self-referencing alias ends), and
-nesting deeper than Python's recursion limit is refused as a SpecError rather than a RecursionError.
+node is walked once (a YAML "billion laughs" document stays linear, a self-referencing alias ends).
+What is read is bounded before it costs time: the file size before parsing, the node count and the nesting
+depth while composing; a value a tag's constructor cannot build is a SpecError at its line.
 """
 from __future__ import annotations
 
@@ -18,10 +19,58 @@ from moe_ir.model_spec import ModelSpec, model_spec_from_dict
 from moe_ir.spec import LayerSpec, spec_from_dict
 
 
+# Bounds on what is read. A spec is a few dozen keys (the shipped ones are under 2 KiB and 80 YAML nodes);
+# PyYAML is pure Python (~40 us a node here), so a large document would take minutes before any check
+# of its content: the file size is checked before parsing and the node count while composing.
+MAX_SPEC_BYTES = 64 * 1024
+MAX_SPEC_NODES = 4096
+MAX_SPEC_DEPTH = 64  # a spec nests four levels; deeper documents are refused before Python's recursion limit
+
+
 class _SpecLoader(yaml.SafeLoader):
     """SafeLoader that also reads exponent floats such as `1e-3` and `2.5e3` as numbers, as YAML 1.2 does.
     PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so `gamma: 1e-3` would fail
-    as "expected a number, found string". Subclassed so the global SafeLoader is left as it is."""
+    as "expected a number, found string". Subclassed so the global SafeLoader is left as it is.
+
+    It also counts the nodes it composes (at most MAX_SPEC_NODES) and turns a value its constructors
+    cannot build (`!!int abc`, `!!timestamp x`, an integer of more digits than Python converts) into a
+    SpecError at that value's line, where PyYAML would raise a bare ValueError or AttributeError."""
+
+    file = "<spec>"
+    nodes = 0
+    depth = 0
+
+    def compose_node(self, parent, index):
+        self.nodes += 1
+        mark = self.peek_event().start_mark
+        if self.nodes > MAX_SPEC_NODES:
+            raise SpecError(f"the document has more than {MAX_SPEC_NODES:,} YAML nodes; a spec has a few dozen",
+                            line=mark.line + 1, file=self.file)
+        if self.depth >= MAX_SPEC_DEPTH:
+            raise SpecError(f"YAML error: the document nests too deeply to be a spec (more than {MAX_SPEC_DEPTH} "
+                            "levels; a spec has four)", line=mark.line + 1, file=self.file)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep=deep)
+        except (yaml.YAMLError, SpecError, RecursionError):
+            raise
+        except Exception as err:  # noqa: BLE001 - any failure of a constructor is a value it cannot read
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            text = node.value if isinstance(node.value, str) else ""
+            if "integer string conversion" in str(err):
+                reason = f"an integer of {len(text):,} characters"
+            elif isinstance(err, ValueError) and str(err):
+                reason = str(err).splitlines()[0][:120]
+            else:  # the constructor's own internals (e.g. a failed regex match): say only what was found
+                reason = f"found {text[:40]!r}"
+            raise SpecError(f"YAML error: not a valid {tag} value ({reason})",
+                            line=node.start_mark.line + 1, file=self.file) from None
 
 
 _SpecLoader.add_implicit_resolver(
@@ -54,7 +103,15 @@ def _record_lines(node: yaml.Node, path: str, lines: dict[str, int], file: str, 
 
 def parse_yaml(text: str, file: str = "<spec>") -> tuple[object, dict[str, int]]:
     """Plain data and the key-path -> line table of one YAML document."""
-    loader = _SpecLoader(text)
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError(f"the document is {len(text):,} characters long; a spec is at most {MAX_SPEC_BYTES:,}",
+                        file=file)
+    try:
+        # Inside the try: the reader checks the characters as it is made (a control character is a YAMLError).
+        loader = _SpecLoader(text)
+    except yaml.YAMLError as err:
+        raise SpecError(f"YAML error: {' '.join(str(err).split())}", file=file) from None
+    loader.file = file
     try:
         node = loader.get_single_node()
         if node is None:
@@ -97,8 +154,14 @@ def load_spec(path: str | Path) -> LayerSpec:
 
 
 def _read_text(path: Path) -> str:
+    # Read one byte past the limit instead of trusting the size on disk: /dev/zero or a pipe has none.
     try:
-        return path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            data = f.read(MAX_SPEC_BYTES + 1)
+        if len(data) > MAX_SPEC_BYTES:
+            raise SpecError(f"the file is larger than {MAX_SPEC_BYTES // 1024} KiB; a spec is a few KiB of YAML",
+                            file=str(path))
+        return data.decode("utf-8")
     except FileNotFoundError:
         raise SpecError("no such spec file", file=str(path)) from None
     except (OSError, UnicodeDecodeError) as err:

@@ -6,10 +6,25 @@ take `--json` for scripts; the keys are documented in README.md.
 """
 from __future__ import annotations
 
-import argparse
-import importlib
-import json
+import os
+import signal
 import sys
+
+
+def _exit_quietly_on_interrupt(signum, frame) -> None:
+    os._exit(130)
+
+
+# The `moe-ir` console script imports this module (and the package) before main() and its error boundary
+# run: a Ctrl-C in those imports would print a traceback. In that script only (a library importing the
+# module keeps its own handler), Ctrl-C exits 130 quietly until main() takes over.
+if os.path.basename(sys.argv[0] if sys.argv else "") == "moe-ir" and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _exit_quietly_on_interrupt)
+
+import argparse  # noqa: E402 - after the handler above, which covers these imports
+import importlib  # noqa: E402
+import json  # noqa: E402
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -152,14 +167,15 @@ def spec_graph(spec, *, training: bool = False):
     return build_graph(spec, training=training)
 
 
-def prepare_for_backend(spec, backend, *, seed: int = 0, weights_path: str | None = None):
+def prepare_for_backend(spec, backend, *, seed: int = 0, weights_path: str | None = None,
+                        notes: list[str] | None = None):
     """(graph after the backend's pipeline, weights for it): what build lowers, for a layer or a model spec."""
     from .params import ensure_memory_for, init_weights, load_weights
     from .passes import run_pipeline
 
     full = spec_graph(spec, training=backend.lowers_training_graph)
     ensure_memory_for(full, f"loading {weights_path}" if weights_path else "initialising random weights")
-    weights = load_weights(weights_path, full) if weights_path else init_weights(full, seed)
+    weights = load_weights(weights_path, full, notes=notes) if weights_path else init_weights(full, seed)
     graph = run_pipeline(full, backend.pipeline)
     return graph, {k: v for k, v in weights.items() if k in graph.weights}
 
@@ -177,8 +193,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
         takes = ", ".join("--" + k.replace("_", "-") for k in sorted(backend.build_options)) or "no options"
         raise UsageError(f"backend '{backend.name}' does not take {', '.join('--' + k.replace('_', '-') for k in foreign)} "
                          f"(it takes {takes})")
+    from .artifacts import check_output_folder
+
+    check_output_folder(args.output)  # before any work: -o naming a file, under a file, or not writable
     spec = _load_spec(args.spec)
-    graph, weights = prepare_for_backend(spec, backend, seed=args.seed, weights_path=args.weights)
+    weight_notes: list[str] = []
+    graph, weights = prepare_for_backend(spec, backend, seed=args.seed, weights_path=args.weights, notes=weight_notes)
+    for note in weight_notes:
+        print(f"note: {note}", file=sys.stderr)
     ok, reason = backend.supports(graph)
     if not ok:
         raise BackendError(f"backend '{backend.name}' cannot build {args.spec}: {reason}")
@@ -238,7 +260,7 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     """Resolve the backend names (the registry's job) and run the validation harness on them."""
-    from .backends import default_backend_labels, resolve_backends
+    from .backends import backend_names, default_backend_labels, resolve_backends
     from .builder import build_graph
     from .errors import WeightsError
     from .model_builder import build_model_graph
@@ -247,6 +269,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from .spec import miniature
     from .validate import validate, validate_model, with_dtype
 
+    if args.tokens < 1 or args.batch < 1:  # before the memory check, which would take the product as a size
+        raise UsageError(f"--tokens and --batch must be at least 1, got tokens {args.tokens}, batch {args.batch}")
     spec = _load_spec(args.spec)
     is_model = isinstance(spec, ModelSpec)
     if args.shrink is not None:
@@ -255,23 +279,64 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         if args.shrink < 2:
             raise SpecError(f"--shrink {args.shrink}: the hidden size must be at least 2")
         spec = miniature_model(spec, args.shrink) if is_model else miniature(spec, args.shrink)
-    labels = [b for item in args.backends for b in item.split(",") if b] if args.backends else default_backend_labels()
-    backends = resolve_backends(labels)  # unknown names fail here, before any weight is made
+    if args.backends is not None:
+        labels = [b.strip() for item in args.backends for b in item.split(",") if b.strip()]
+        if not labels:
+            raise UsageError(f"--backends {' '.join(args.backends)!r} names no backend; available: "
+                             f"{', '.join(backend_names())}")
+    else:
+        labels = default_backend_labels()
+    unknown = [label for label in labels if label.partition(":")[0] not in backend_names()]
+    if unknown:
+        raise UsageError(f"unknown backend(s) {', '.join(repr(u) for u in unknown)}; available: "
+                         f"{', '.join(backend_names())}")
+    try:
+        backends = resolve_backends(labels)  # bad variants fail here, before any weight is made
+    except BackendError as err:  # a name the registry cannot read ("onnx:nope", "torch:"): the command line's fault
+        raise UsageError(str(err)) from None
     if is_model:
         graph = build_model_graph(with_dtype(spec, args.dtype), routing=True)
     else:
         graph = build_graph(with_dtype(spec, args.dtype))
     try:
-        # Each backend holds its own copy of the weights, plus the reference's float64 one.
-        ensure_memory_for(graph, "validating", factor=3.0)
+        # Each backend holds its own copy of the weights, plus the reference's float64 one; the reference
+        # keeps every activation of the run.
+        ensure_memory_for(graph, "validating", factor=3.0, batch=args.batch, tokens=args.tokens)
     except WeightsError as err:
         raise WeightsError(f"{err}; or check the routing at a smaller size with --shrink 64") from None
-    weights = load_weights(args.weights, graph) if args.weights else None
+    notes: list[str] = []
+    # --dtype asks for the run's precision, so a file in a wider dtype is cast to it (with a note).
+    weights = load_weights(args.weights, graph, notes=notes, allow_narrowing=True) if args.weights else None
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     report = (validate_model if is_model else validate)(
         spec, backends, tokens=args.tokens, batch=args.batch, dtype=args.dtype, seed=args.seed, weights=weights,
-        strict_support=bool(args.backends), progress=lambda line: print(f"validate: {line}", file=sys.stderr, flush=True))
+        strict_support=bool(args.backends), progress=lambda line: print(f"validate: {line}", file=sys.stderr, flush=True),
+        **({"generate": args.generate, "mla_cache": args.mla_cache} if is_model else {}))
     print(report.to_json() if args.json else report.to_table())
     return 0 if report.ok else 1
+
+
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]; argparse turns the ValueError into a usage error (exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text) if len(text) <= 30 else None
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer from {low:,} to {high:,}, found {text[:40]!r}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+# Bounds of command-line numbers: a seed torch's generators take (< 2**63), and a context far above any
+# model's.
+MAX_SEED = 2**63 - 1
+MAX_CONTEXT = 1_000_000_000
 
 
 # validate's dtypes, stated here so that `moe-ir --help` need not import the harness (and torch);
@@ -280,13 +345,15 @@ VALIDATE_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import spec as spec_limits
+
     parser = argparse.ArgumentParser(prog="moe-ir", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("inspect", help="parameters, FLOPs, expert combinations and both parametrisations")
     p.add_argument("spec")
-    p.add_argument("--context", type=int, metavar="L",
+    p.add_argument("--context", type=int_in(0, MAX_CONTEXT), metavar="L",
                    help="model specs: add attention-score FLOPs for a token attending to L positions")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_inspect)
@@ -322,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"one of: {', '.join(backend_names())}")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
     p.add_argument("--weights", metavar="FILE", help="safetensors weights (default: seeded random init)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random init (default 0)")
+    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="seed of the random init (default 0)")
     p.add_argument("--flavour", choices=("portable", "ort", "plugin"), help="ONNX flavour (onnx backend)")
     p.add_argument("--profile", metavar="MIN,OPT,MAX", help="token-count optimisation profile (tensorrt)")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="network precision (tensorrt)")
@@ -339,15 +406,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", nargs="+", metavar="NAME",
                    help="backends, a variant after a colon (onnx:portable|ort|plugin); default: every registered "
                         "backend and its default variants")
+    # Any size parses; below 1 is refused by the harness, above what fits by the memory check (with sizes).
     p.add_argument("--tokens", type=int, default=16, help="tokens per sequence (default 16)")
     p.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
     p.add_argument("--dtype", default="float32", choices=VALIDATE_DTYPES)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
     p.add_argument("--weights", metavar="FILE", help="safetensors weights (default: seeded random init)")
-    p.add_argument("--shrink", type=int, metavar="HIDDEN",
+    p.add_argument("--shrink", type=int_in(2, spec_limits.MAX_HIDDEN), metavar="HIDDEN",
                    help="validate the same layer at hidden size HIDDEN (expert counts, top-k, routing, balance and "
                         "capacity kept; widths scaled): for published layers too large for this machine; a model "
                         "also keeps its attention kind and dense/MoE schedule at 2-3 layers (model_spec.miniature_model)")
+    p.add_argument("--generate", type=int, default=4, metavar="N",
+                   help="model specs: also check generation through every backend that runs decode graphs: decode "
+                        "steps equal prefill at every position, and N greedy tokens (2 prompts, one left-padded) "
+                        "equal the reference's (default 4; 0: off)")
+    p.add_argument("--mla-cache", nargs="+", choices=("expanded", "latent"), default=["expanded", "latent"],
+                   help="MLA models: the cache layouts the generation check builds (default: both)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_validate)
 
@@ -363,25 +437,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """The one error boundary of the command line: whatever fails, the user reads one line on stderr and
+    the exit code says what kind of failure it was (README, "Errors"): a MoeIRError exits with its own code
+    (2: bad spec or usage, 1: other), argparse's usage errors with 2, anything else is a bug of moe-ir and
+    exits 1 as an "internal error"; Ctrl-C exits 130. `--debug` (anywhere on the line) shows the traceback.
+    Parser construction is inside the boundary too: it imports the command modules, and a Ctrl-C there
+    is still a Ctrl-C."""
+    if signal.getsignal(signal.SIGINT) is _exit_quietly_on_interrupt:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on the boundary below answers
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
     try:
+        parser = build_parser()
+        # --debug is accepted after the sub-command too; the global option is the one argparse knows.
+        args = parser.parse_args((["--debug"] if debug else []) + [a for a in argv if a != "--debug"])
         return int(args.func(args) or 0)
-    except MoeIRError as err:
-        if args.debug:
-            raise
-        print(f"moe-ir: error: {err}", file=sys.stderr)
-        return err.exit_code
     except KeyboardInterrupt:
+        if debug:
+            raise
         print("moe-ir: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader went away (`moe-ir schema | head`): not an error of ours. Point stdout at devnull so the
         # interpreter's final flush does not raise again.
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as err:  # noqa: BLE001 - the boundary: nothing escapes as a traceback
+        if debug:
+            raise
+        print(f"moe-ir: {describe_failure(err)}", file=sys.stderr)
+        return err.exit_code if isinstance(err, MoeIRError) else 1
+
+
+def describe_failure(err: BaseException) -> str:
+    """One line for any exception: a MoeIRError's own message, a system error (disk full, permission) as
+    the system states it, a memory shortage as such, anything else as an internal error of moe-ir."""
+    if isinstance(err, MoeIRError):  # its first line: an IRError goes on with the printed graph
+        return "error: " + " ".join(str(err).split("\n")[0].split())
+    if isinstance(err, MemoryError):
+        return "error: out of memory (the machine could not allocate what the command needs; try a smaller spec " \
+               "or fewer tokens)"
+    if isinstance(err, OSError):
+        return "error: " + " ".join(str(err).split())
+    return " ".join(f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)".split())
 
 
 if __name__ == "__main__":

@@ -68,5 +68,10 @@ class BackendUnavailable(BackendError):
     opposed to the backend rejecting the graph. `moe-ir validate` reports it as skipped with the reason."""
 
 
+class OutputError(MoeIRError):
+    """An output that cannot be written where it was asked for (a folder where a file goes, no permission, a
+    full disk, a file name that would leave the output folder); nothing at the destination was changed."""
+
+
 class WeightsError(MoeIRError):
     """Weights that do not match the graph's parameters: lists missing, unexpected and mis-shaped names."""

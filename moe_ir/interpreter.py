@@ -5,6 +5,7 @@ It is the oracle for passes and backends. Floating inputs and weights are cast t
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
@@ -32,6 +33,42 @@ def check_weights(graph: Graph, weights: Mapping[str, torch.Tensor]) -> None:
         raise WeightsError(f"weights do not match graph '{graph.name}': " + " | ".join(parts))
 
 
+def _symbol_terms(dim: str) -> list[list[str]] | None:
+    """'P+S' -> [['P'], ['S']], 'B*S' -> [['B', 'S']]; None for a plain symbol."""
+    if "+" not in dim and "*" not in dim:
+        return None
+    return [term.split("*") for term in dim.split("+")]
+
+
+def check_symbolic_dims(graph: Graph, inputs: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Binds each symbolic dim of the graph's inputs ('B', 'S', 'P') to its size and checks that every
+    input agrees, sums and products ('P+S') included; returns the bindings. One IRError names the input
+    and the dim that disagree (a cache of the wrong length, a mask that does not cover past and new tokens)."""
+    bound: dict[str, tuple[int, str]] = {}
+    derived = []
+    for v in graph.inputs:
+        for axis, (dim, size) in enumerate(zip(v.type.shape, inputs[v.name].shape)):
+            if isinstance(dim, int):
+                continue
+            if _symbol_terms(dim) is not None:
+                derived.append((v.name, axis, dim, int(size)))
+            elif dim in bound and bound[dim][0] != size:
+                first_size, first_input = bound[dim]
+                raise IRError(f"input {v.name!r} has {size} along dim {axis} ({dim}), but {first_input!r} has "
+                              f"{dim} = {first_size}; inputs must agree on every symbolic size")
+            else:
+                bound.setdefault(dim, (int(size), v.name))
+    sizes = {dim: size for dim, (size, _) in bound.items()}
+    for name, axis, dim, size in derived:
+        terms = _symbol_terms(dim)
+        if all(s in sizes for term in terms for s in term):
+            expected = sum(math.prod(sizes[s] for s in term) for term in terms)
+            if size != expected:
+                values = ", ".join(f"{s} = {sizes[s]}" for s in dict.fromkeys(s for term in terms for s in term))
+                raise IRError(f"input {name!r} has {size} along dim {axis}, expected {dim} = {expected} ({values})")
+    return sizes
+
+
 def interpret(graph: Graph, inputs: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], *,
               dtype: torch.dtype = torch.float32, keep_all: bool = False) -> dict[str, torch.Tensor]:
     """Outputs by name (every value by name when keep_all)."""
@@ -50,6 +87,7 @@ def interpret(graph: Graph, inputs: Mapping[str, torch.Tensor], weights: Mapping
         if t.dim() != v.type.rank or any(isinstance(d, int) and d != s for d, s in zip(v.type.shape, t.shape)):
             raise IRError(f"input {v.name!r} has shape {list(t.shape)}, the graph expects {v.type}")
         env[v.name] = cast(t)
+    check_symbolic_dims(graph, inputs)
     for name in graph.weights:
         env[name] = cast(weights[name])
     with torch.no_grad():

@@ -85,7 +85,10 @@ class MaxVioTracker:
     def from_json(cls, text: str) -> "MaxVioTracker":
         """Parse a loads file; a malformed one raises ValueError naming the layer and step."""
         tracker = cls()
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except RecursionError:  # the C decoder recurses per nesting level
+            raise ValueError("the JSON nests too deeply to be a loads file") from None
         if not isinstance(data, dict):
             raise ValueError("a loads file maps layer name -> list of per-step tokens-per-expert lists")
         for layer, steps in data.items():

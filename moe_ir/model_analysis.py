@@ -99,10 +99,15 @@ def analyse_model(spec: ModelSpec, *, context: int | None = None) -> ModelAnalys
     a = m.attention
     h = m.hidden
 
+    # Weights grouped by layer once: filtering every name per layer is quadratic in the layer count.
+    by_layer: dict[str, dict[str, int]] = {}
+    for k, n in sizes.items():
+        if k.startswith("layers."):
+            by_layer.setdefault(layer_prefix(int(k.split(".", 2)[1])), {})[k] = n
     layers = []
     for i in range(m.layers):
         p = layer_prefix(i)
-        mine = {k: n for k, n in sizes.items() if k.startswith(p)}
+        mine = by_layer.get(p, {})
         attn = sum(n for k, n in mine.items() if k.startswith(p + "attn."))
         norms = sum(n for k, n in mine.items() if k in (p + "attn_norm.weight", p + "ffn_norm.weight"))
         ffn_prefix = p + ("moe." if m.is_moe_layer(i) else "ffn.")

@@ -1,4 +1,5 @@
-"""ModelSpec -> IR graph of the whole decoder, prefill form: input_ids i64[B, S] in, logits [B, S, V] out.
+"""ModelSpec -> IR graph of the whole decoder, in prefill form (input_ids i64[B, S] in, logits [B, S, V] out) or in
+decode form (the same with a KV cache; see "Decode form" below).
 
     x = embed(input_ids)
     for each layer i:  x = x + attn_i(rms_norm(x));  x = x + ffn_i(rms_norm(x))     (ffn_i: dense or MoE)
@@ -23,16 +24,49 @@ token-choice MoE layer (what validation compares for routing flips). With `train
 adds all of its training outputs under `layers.{i}.` (the names `builder.build_graph` gives a layer):
 `expert_idx`, `weights` (or `rows` for expert-choice), `router_logits`, `tokens_per_expert`, `loss.<kind>`,
 `aux_loss`; training implies the routing record, since the balance losses are computed from it.
+
+Decode form (`form=GraphForm.DECODE`; generation): the names and layouts follow ONNX Runtime GenAI.
+  inputs   input_ids i64[B, S]            the S new tokens of each sequence
+           attention_mask i64[B, P+S]     1 = a real token, 0 = padding, over the cached and the new tokens
+                                          (left-padded batches of different prompt lengths)
+           position_ids i64[B, S]         RoPE position of each new token (cumsum(mask) - 1 for left padding)
+           past_key_values.{i}.key / .value   layer i's cache of P tokens (names below for MLA's latent layout)
+  outputs  logits [B, S, V];  present.{i}.key / .value: the cache after the new tokens (P+S along dim 2)
+B, S and P are symbolic ("B", "S", "P"; the total length is the dim "P+S"). Prefill is a call with P = 0
+(empty past tensors), so one graph serves both phases. Cache layout of layer i (model_ops.py has the details):
+  mha / gqa          .key / .value [B, kv_heads, P, head_dim]
+  mla, expanded      .key [B, heads, P, qk_nope + qk_rope], .value [B, heads, P, v_head_dim]   (transformers)
+  mla, latent        .c_kv [B, 1, P, kv_lora_rank], .k_rope [B, 1, P, qk_rope_head_dim]          (DeepSeek)
+`cache_entries(graph)` lists them from the graph; consumers read that, not these rules.
 """
 from __future__ import annotations
 
 
+import enum
+from dataclasses import dataclass
+
 from .builder import add_moe_layer
+from .errors import IRError
 from .ir import ElemType, Graph, GraphKind, OpCode, TensorType, Value
+from .ir.model_ops import MLACacheLayout, mla_cache_dims
 from .model_spec import AttentionKind, ModelSpec, QKNorm, model_spec_to_dict
 from .spec import canonical_spec_hash
 
-__all__ = ["build_model_graph", "model_spec_hash", "layer_prefix"]
+__all__ = ["CacheEntry", "DECODE_INPUTS", "GraphForm", "MLACacheLayout", "build_model_graph", "cache_entries",
+           "decode_contract_problem", "is_decode_graph", "layer_prefix", "model_spec_hash"]
+
+
+class GraphForm(enum.StrEnum):
+    PREFILL = "prefill"  # input_ids -> logits
+    DECODE = "decode"    # input_ids, attention_mask, position_ids, past cache -> logits, present cache
+
+
+# The decode form's activation inputs, before the cache inputs (in this order).
+DECODE_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# Graph names of a layer's cache: (key slot, value slot) per layout.
+_CACHE_NAMES = {None: ("key", "value"), MLACacheLayout.EXPANDED: ("key", "value"),
+                MLACacheLayout.LATENT: ("c_kv", "k_rope")}
+_CACHED_OPS = (OpCode.CACHED_ATTENTION, OpCode.CACHED_MLA_ATTENTION)
 
 
 MLA_LATENT_NORM_EPS = 1e-6
@@ -47,7 +81,31 @@ def layer_prefix(i: int) -> str:
     return f"layers.{i}."
 
 
-def _attention(g: Graph, spec: ModelSpec, x: Value, p: str, dtype: ElemType) -> Value:
+@dataclass(frozen=True)
+class _DecodeInputs:
+    """What a decode-form attention node reads besides x and its weights, and where its present cache goes."""
+    position_ids: Value
+    attention_mask: Value
+    mla_cache: MLACacheLayout
+    present: dict[str, Value]  # graph output name -> value, set as outputs after the logits
+
+
+def _cache_inputs(g: Graph, layer: int, attrs: dict, decode: _DecodeInputs, dtype: ElemType,
+                  layout: MLACacheLayout | None) -> list[Value]:
+    """[position_ids, attention_mask, past key slot, past value slot] of layer `layer`."""
+    if layout is None:
+        key = value = (attrs["kv_heads"], attrs["head_dim"])
+    else:
+        key, value = mla_cache_dims(attrs, layout)
+    names = _CACHE_NAMES[layout]
+    past = [g.add_input(f"past_key_values.{layer}.{name}", TensorType(("B", heads, "P", dim), dtype))
+            for name, (heads, dim) in zip(names, (key, value))]
+    return [decode.position_ids, decode.attention_mask, *past]
+
+
+def _attention(g: Graph, spec: ModelSpec, x: Value, p: str, dtype: ElemType, layer: int,
+               decode: _DecodeInputs | None) -> Value:
+    """The layer's attention output; in decode form its present cache also becomes a graph output."""
     m = spec.model
     a, h = m.attention, m.hidden
 
@@ -73,8 +131,13 @@ def _attention(g: Graph, spec: ModelSpec, x: Value, p: str, dtype: ElemType) -> 
         attrs = {"heads": n, "kv_lora_rank": a.kv_lora_rank, "qk_nope_head_dim": a.qk_nope_head_dim,
                  "qk_rope_head_dim": a.qk_rope_head_dim, "v_head_dim": a.v_head_dim, **rope,
                  "norm_eps": MLA_LATENT_NORM_EPS}
-        return g.add_node(OpCode.MLA_ATTENTION, [x, *q, *kv, w_o, b_q_a, b_kv_a, b_o], attrs,
-                          name=p.rstrip(".")).outputs[0]
+        weights = [*q, *kv, w_o, b_q_a, b_kv_a, b_o]
+        if decode is None:
+            return g.add_node(OpCode.MLA_ATTENTION, [x, *weights], attrs, name=p.rstrip(".")).outputs[0]
+        attrs["cache_layout"] = decode.mla_cache
+        cache = _cache_inputs(g, layer, attrs, decode, dtype, decode.mla_cache)
+        node = g.add_node(OpCode.CACHED_MLA_ATTENTION, [x, *cache, *weights], attrs, name=p.rstrip("."))
+        return _present_outputs(node, layer, decode, decode.mla_cache)
     d, nq, nkv = a.dim(h), a.heads, a.num_kv_heads
     w = [weight("w_q", nq * d, h), weight("w_k", nkv * d, h), weight("w_v", nkv * d, h), weight("w_o", h, nq * d)]
     biases = [weight(f"b_{k}", size) if a.qkv_bias else None for k, size in (("q", nq * d), ("k", nkv * d), ("v", nkv * d))]
@@ -85,7 +148,19 @@ def _attention(g: Graph, spec: ModelSpec, x: Value, p: str, dtype: ElemType) -> 
     elif a.qk_norm == QKNorm.FULL:
         norms = [weight("q_norm.weight", nq * d), weight("k_norm.weight", nkv * d)]
     attrs = {"heads": nq, "kv_heads": nkv, "head_dim": d, "qk_norm": a.qk_norm, **rope}
-    return g.add_node(OpCode.ATTENTION, [x, *w, *biases, *norms], attrs, name=p.rstrip(".")).outputs[0]
+    if decode is None:
+        return g.add_node(OpCode.ATTENTION, [x, *w, *biases, *norms], attrs, name=p.rstrip(".")).outputs[0]
+    cache = _cache_inputs(g, layer, attrs, decode, dtype, None)
+    node = g.add_node(OpCode.CACHED_ATTENTION, [x, *cache, *w, *biases, *norms], attrs, name=p.rstrip("."))
+    return _present_outputs(node, layer, decode, None)
+
+
+def _present_outputs(node, layer: int, decode: _DecodeInputs, layout: MLACacheLayout | None) -> Value:
+    """Records the node's present cache under its graph output names; returns its attention output."""
+    key, value = _CACHE_NAMES[layout]
+    decode.present[f"present.{layer}.{key}"] = node.output("present_key")
+    decode.present[f"present.{layer}.{value}"] = node.output("present_value")
+    return node.output("y")
 
 
 def _dense_ffn(g: Graph, spec: ModelSpec, x: Value, p: str, dtype: ElemType) -> Value:
@@ -100,15 +175,28 @@ def _dense_ffn(g: Graph, spec: ModelSpec, x: Value, p: str, dtype: ElemType) -> 
     return g.add_node(OpCode.RESTORE_TOKENS, [y, x], name=f"{p}out").outputs[0]
 
 
-def build_model_graph(spec: ModelSpec, *, routing: bool = False, training: bool = False) -> Graph:
-    """The whole decoder as one IR graph (prefill); `training` adds every MoE layer's losses, router
-    logits and loads as outputs (module docstring)."""
+def build_model_graph(spec: ModelSpec, *, routing: bool = False, training: bool = False,
+                      form: GraphForm | str = GraphForm.PREFILL,
+                      mla_cache: MLACacheLayout | str = MLACacheLayout.EXPANDED) -> Graph:
+    """The whole decoder as one IR graph; `training` adds every MoE layer's losses, router logits and loads
+    as outputs; `form` decode adds the KV cache, `mla_cache` chooses what an MLA model caches (module
+    docstring). The outputs come in this order: logits, the present cache of each layer, the routing record."""
     m = spec.model
+    form, mla_cache = GraphForm(form), MLACacheLayout(mla_cache)
+    if form == GraphForm.DECODE and training:
+        raise IRError("the decode form is for inference; build the training graph in prefill form "
+                      "(form='prefill') and the generation graph without training=True")
     dtype = ElemType.from_name(m.dtype)
     eps = {"eps": m.rms_norm_eps}
     g = Graph(m.name, GraphKind.MODEL)
     g.meta["spec_hash"] = model_spec_hash(spec)
     ids = g.add_input("input_ids", TensorType(("B", "S"), ElemType.INT64))
+    decode = None
+    if form == GraphForm.DECODE:
+        g.meta["form"] = form.value
+        mask = g.add_input("attention_mask", TensorType(("B", "P+S"), ElemType.INT64))
+        positions = g.add_input("position_ids", TensorType(("B", "S"), ElemType.INT64))
+        decode = _DecodeInputs(positions, mask, mla_cache, {})
     embed = g.add_weight("embed.weight", TensorType((m.vocab_size, m.hidden), dtype))
     x = g.add_node(OpCode.EMBEDDING, [ids, embed], name="embed").outputs[0]
     routing_outputs: dict[str, Value] = {}
@@ -116,7 +204,7 @@ def build_model_graph(spec: ModelSpec, *, routing: bool = False, training: bool 
         p = layer_prefix(i)
         norm_w = g.add_weight(f"{p}attn_norm.weight", TensorType((m.hidden,), dtype))
         a = g.add_node(OpCode.RMS_NORM, [x, norm_w], eps, name=f"{p}attn_norm").outputs[0]
-        a = _attention(g, spec, a, f"{p}attn.", dtype)
+        a = _attention(g, spec, a, f"{p}attn.", dtype, i, decode)
         x = g.add_node(OpCode.ADD, [x, a], name=f"{p}attn_residual").outputs[0]
         norm_w = g.add_weight(f"{p}ffn_norm.weight", TensorType((m.hidden,), dtype))
         f = g.add_node(OpCode.RMS_NORM, [x, norm_w], eps, name=f"{p}ffn_norm").outputs[0]
@@ -135,7 +223,70 @@ def build_model_graph(spec: ModelSpec, *, routing: bool = False, training: bool 
     tokens = g.add_node(OpCode.FLATTEN_TOKENS, [x], name="lm_head.tokens").outputs[0]
     logits = g.add_node(OpCode.LINEAR, [tokens, head, None], {"out_dtype": dtype}, name="lm_head").outputs[0]
     g.set_output("logits", g.add_node(OpCode.RESTORE_TOKENS, [logits, x], name="logits").outputs[0])
+    for key, value in (decode.present.items() if decode is not None else ()):
+        g.set_output(key, value)
     if routing or training:
         for key, value in routing_outputs.items():
             g.set_output(key, value)
     return g
+
+
+# ---------------------------------------------------------------------------------------------------
+# reading a decode graph
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One cache tensor of a decode graph: graph input `past` [B, heads, P, dim] becomes graph output
+    `present` [B, heads, P+S, dim] (the past and the new tokens along dim 2) after a call."""
+    layer: int
+    past: str        # "past_key_values.3.key"
+    present: str     # "present.3.key"
+    heads: int       # dim 1 (1 for MLA's latent layout)
+    dim: int         # dim 3
+    dtype: ElemType
+
+
+def is_decode_graph(graph: Graph) -> bool:
+    """Whether the graph is a model graph in decode form (it has cached attention nodes)."""
+    return graph.kind == GraphKind.MODEL and any(n.op in _CACHED_OPS for n in graph.nodes)
+
+
+def cache_entries(graph: Graph) -> list[CacheEntry]:
+    """The cache tensors of a decode graph in layer order (key slot, then value slot), read from its
+    cached attention nodes: what a generation loop feeds back from each call's outputs to the next."""
+    present_name = {id(v): key for key, v in graph.outputs.items()}
+    entries = []
+    for node in graph.nodes:
+        if node.op not in _CACHED_OPS:
+            continue
+        for port, out in (("past_key", "present_key"), ("past_value", "present_value")):
+            past, present = node.input(port), node.output(out)
+            if past.producer is not None or id(present) not in present_name:
+                raise IRError(f"the {port} of a decode graph must be a graph input and its {out} a graph output",
+                              node=node.name)
+            _, heads, _, dim = past.type.shape
+            layer = int(past.name.split(".")[1]) if past.name.startswith("past_key_values.") else len(entries) // 2
+            entries.append(CacheEntry(layer, past.name, present_name[id(present)], heads, dim, past.type.dtype))
+    if graph.kind != GraphKind.MODEL or not entries:
+        raise IRError(f"graph '{graph.name}' is not a decode graph (no cached attention); build it with "
+                      "build_model_graph(spec, form='decode')")
+    return entries
+
+
+def decode_contract_problem(graph: Graph) -> str:
+    """Why the graph breaks the decode form's interface (inputs input_ids, attention_mask, position_ids and
+    the past cache; outputs logits and the present cache), or "" (what Graph.contract_problem is to prefill)."""
+    if not is_decode_graph(graph):
+        return f"graph '{graph.name}' is not a model graph in decode form (build_model_graph(spec, form='decode'))"
+    try:
+        entries = cache_entries(graph)
+    except IRError as err:
+        return str(err).splitlines()[0]
+    inputs = [v.name for v in graph.inputs]
+    expected = list(DECODE_INPUTS) + [e.past for e in entries]
+    if sorted(inputs) != sorted(expected) or inputs[:len(DECODE_INPUTS)] != list(DECODE_INPUTS):
+        return f"decode graph '{graph.name}' has inputs {inputs[:6]}...; expected {expected[:6]}..."
+    if "logits" not in graph.outputs:
+        return f"decode graph '{graph.name}' has no 'logits' output; keep the logits through the passes"
+    return ""

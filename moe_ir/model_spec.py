@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .errors import SpecError
-from .spec import (Activation, DType, LayerSpec, ParseContext, describe_value, join_key_path, parse_section, suggest_key, schema_of_section,
-                   spec_field, spec_to_dict)
+from .spec import (MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, NAME_PATTERN, Activation,
+                   DType, LayerSpec, ParseContext, describe_value, join_key_path, parse_section, suggest_key,
+                   schema_of_section, spec_field, spec_to_dict)
 
 __all__ = ["AttentionKind", "AttentionSpec", "ModelSection", "ModelSpec", "QKNorm", "RopeLayout", "model_json_schema",
            "model_spec_from_dict", "model_spec_to_dict"]
@@ -55,9 +56,11 @@ class AttentionSpec:
     """Self-attention of every layer: causal, RoPE on positions 0..S-1, softmax scale 1/sqrt(q head dim)."""
 
     kind: AttentionKind = spec_field(AttentionKind.MHA, doc="mha, gqa or mla")
-    heads: int = spec_field(doc="query heads", minimum=1)
-    kv_heads: int | None = spec_field(None, doc="key/value heads (gqa; mha: equal to heads)", minimum=1)
-    head_dim: int | None = spec_field(None, doc="per-head dim for mha/gqa; default: hidden / heads", minimum=1)
+    heads: int = spec_field(doc="query heads", minimum=1, maximum=MAX_HEADS)
+    kv_heads: int | None = spec_field(None, doc="key/value heads (gqa; mha: equal to heads)", minimum=1,
+                                       maximum=MAX_HEADS)
+    head_dim: int | None = spec_field(None, doc="per-head dim for mha/gqa; default: hidden / heads", minimum=1,
+                                       maximum=MAX_HEAD_DIM)
     rope_theta: float = spec_field(10000.0, doc="RoPE base", exclusive_minimum=0.0)
     rope_layout: RopeLayout | None = spec_field(
         None, doc="which dims RoPE rotates together; default: interleaved for mla (DeepSeek), half otherwise")
@@ -65,12 +68,14 @@ class AttentionSpec:
     out_bias: bool = spec_field(False, doc="the output projection carries a bias")
     qk_norm: QKNorm = spec_field(QKNorm.NONE, doc="RMSNorm on queries and keys before RoPE")
     q_lora_rank: int | None = spec_field(None, doc="mla: rank of the query down-projection; absent: a full q_proj",
-                                         minimum=1)
-    kv_lora_rank: int | None = spec_field(None, doc="mla: rank of the compressed key/value latent", minimum=1)
-    qk_nope_head_dim: int | None = spec_field(None, doc="mla: per-head query/key dims without RoPE", minimum=1)
+                                         minimum=1, maximum=MAX_HEAD_DIM)
+    kv_lora_rank: int | None = spec_field(None, doc="mla: rank of the compressed key/value latent", minimum=1,
+                                           maximum=MAX_HEAD_DIM)
+    qk_nope_head_dim: int | None = spec_field(None, doc="mla: per-head query/key dims without RoPE", minimum=1,
+                                               maximum=MAX_HEAD_DIM)
     qk_rope_head_dim: int | None = spec_field(None, doc="mla: per-head query/key dims with RoPE (key part shared)",
-                                              minimum=2)
-    v_head_dim: int | None = spec_field(None, doc="mla: per-head value dim", minimum=1)
+                                              minimum=2, maximum=MAX_HEAD_DIM)
+    v_head_dim: int | None = spec_field(None, doc="mla: per-head value dim", minimum=1, maximum=MAX_HEAD_DIM)
 
     def check(self, ctx: ParseContext, path: str) -> None:
         if self.kind == AttentionKind.MLA:
@@ -134,17 +139,18 @@ class AttentionSpec:
 class ModelSection:
     """The decoder: embedding, layers (attention + dense or MoE FFN), final norm, LM head."""
 
-    name: str = spec_field("model", doc="a name for the model, used in artifact names")
+    name: str = spec_field("model", doc="a name for the model, used in artifact names (letters, digits, '.', '_', "
+                                        "'-'; starts with a letter or digit; at most 128)", pattern=NAME_PATTERN)
     source: str = spec_field("", doc="where the settings come from (paper, config)")
-    vocab_size: int = spec_field(doc="vocabulary size", minimum=1)
-    hidden: int = spec_field(doc="hidden size", minimum=1)
-    layers: int = spec_field(doc="decoder layers", minimum=1)
+    vocab_size: int = spec_field(doc="vocabulary size", minimum=1, maximum=MAX_VOCAB)
+    hidden: int = spec_field(doc="hidden size", minimum=1, maximum=MAX_HIDDEN)
+    layers: int = spec_field(doc="decoder layers", minimum=1, maximum=MAX_LAYERS)
     tied_embeddings: bool = spec_field(False, doc="the LM head reuses the embedding matrix")
-    first_dense: int = spec_field(0, doc="the first k layers use a dense FFN", minimum=0)
+    first_dense: int = spec_field(0, doc="the first k layers use a dense FFN", minimum=0, maximum=MAX_LAYERS)
     moe_every: int = spec_field(1, doc="from layer first_dense on, every n-th layer is MoE, starting with the first",
-                                minimum=1)
+                                minimum=1, maximum=MAX_LAYERS)
     dense_width: int | None = spec_field(None, doc="FFN width of the dense layers (needed when there are any)",
-                                         minimum=1)
+                                         minimum=1, maximum=MAX_WIDTH)
     dense_activation: Activation = spec_field(Activation.SWIGLU, doc="activation of the dense FFNs")
     attention: AttentionSpec = spec_field(doc="self-attention")
     rms_norm_eps: float = spec_field(1e-6, doc="epsilon of every RMSNorm", exclusive_minimum=0.0)
@@ -244,9 +250,15 @@ def model_spec_from_dict(data: Any, *, lines: Mapping[str, int] | None = None, f
         elif moe_data[key] != value:
             ctx.fail(f"moe.{key}", f"moe.{key}={moe_data[key]!r} disagrees with model.{key}={value!r}; omit it "
                                    "(the MoE layers take the model's)")
-    moe_data.setdefault("name", f"{model.name}.moe")
+    moe_data.setdefault("name", default_moe_name(model.name))
     moe = parse_section(LayerSpec, moe_data, "", _NestedCtx(ctx, "moe"))
     return ModelSpec(model=model, moe=moe)
+
+
+def default_moe_name(model_name: str) -> str:
+    """The MoE section's name when the spec gives none: `<model name>.moe`, cut so that it stays a valid name
+    (NAME_PATTERN's 128 characters) for the longest model name."""
+    return f"{model_name[:124]}.moe"
 
 
 def model_spec_to_dict(spec: ModelSpec) -> dict:
@@ -254,7 +266,7 @@ def model_spec_to_dict(spec: ModelSpec) -> dict:
     moe = spec_to_dict(spec.moe)
     for key in _INHERITED:
         moe.pop(key, None)
-    if moe.get("name") == f"{spec.model.name}.moe":
+    if moe.get("name") == default_moe_name(spec.model.name):
         moe.pop("name")
     return {"model": spec_to_dict(spec.model), "moe": moe}
 
@@ -303,5 +315,5 @@ def miniature_model(spec: ModelSpec, hidden: int, *, vocab_size: int = 128, head
     model = dataclasses.replace(m, name=f"{m.name}-h{hidden}", hidden=hidden, vocab_size=min(vocab_size, m.vocab_size),
                                 layers=layers, first_dense=first_dense, dense_width=dense_width,
                                 attention=dataclasses.replace(a, **changes))
-    moe = dataclasses.replace(miniature(spec.moe, hidden), name=f"{model.name}.moe")
+    moe = dataclasses.replace(miniature(spec.moe, hidden), name=default_moe_name(model.name))
     return ModelSpec(model=model, moe=moe)

@@ -75,6 +75,23 @@ class DType(enum.StrEnum):
         return getattr(torch, self.value)
 
 
+# Upper bounds of the sizes a spec may ask for. Each is far above every published MoE model (DeepSeek-V3:
+# hidden 7168, 256 routed experts of width 2048, 61 layers, vocabulary 129,280) and low enough that what
+# moe-ir derives from a spec before any memory check (per-layer tables, the IR graph, FLOP counts) stays
+# small: a slip such as `layers: 1000000000` is refused at once, naming the limit, instead of hanging.
+MAX_HIDDEN = 65_536
+MAX_WIDTH = 1_048_576           # FFN widths (experts, shared experts, dense layers)
+MAX_EXPERTS = 65_536            # expert counts, top-k, groups, devices
+MAX_SHARED_EXPERTS = 256        # each shared expert is a node of its own in the graph
+MAX_LAYERS = 1_024
+MAX_VOCAB = 4_194_304
+MAX_HEADS = 4_096
+MAX_HEAD_DIM = 65_536           # per-head dims and MLA ranks
+# Layer and model names become file names (`<name>.portable.onnx.data`, `<name>.pt2`): plain names only, no
+# folder part, short enough for any suffix to stay within a file system's 255-byte name limit.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
 def spec_field(default: Any = dataclasses.MISSING, *, doc: str, minimum: float | None = None,
                exclusive_minimum: float | None = None, maximum: float | None = None, pattern: str | None = None,
                default_factory: Any = dataclasses.MISSING) -> Any:
@@ -94,11 +111,14 @@ def spec_field(default: Any = dataclasses.MISSING, *, doc: str, minimum: float |
 class PaperExperts:
     """DeepSeekMoE parametrisation: mN experts of width F/m; Ks shared; mK - Ks routed active."""
 
-    num_experts: int = spec_field(doc="N: conventional (unsegmented) experts, shared ones included", minimum=1)
-    expert_width: int = spec_field(doc="F: FFN width of one conventional expert", minimum=1)
-    segmentation: int = spec_field(1, doc="m: each conventional expert is split into m finer ones", minimum=1)
-    top_k: int = spec_field(doc="K: conventional experts active per token, shared ones included", minimum=1)
-    shared: int = spec_field(0, doc="Ks: fine-grained experts every token uses", minimum=0)
+    num_experts: int = spec_field(doc="N: conventional (unsegmented) experts, shared ones included", minimum=1,
+                                  maximum=MAX_EXPERTS)
+    expert_width: int = spec_field(doc="F: FFN width of one conventional expert", minimum=1, maximum=MAX_WIDTH)
+    segmentation: int = spec_field(1, doc="m: each conventional expert is split into m finer ones", minimum=1,
+                                   maximum=MAX_EXPERTS)
+    top_k: int = spec_field(doc="K: conventional experts active per token, shared ones included", minimum=1,
+                            maximum=MAX_EXPERTS)
+    shared: int = spec_field(0, doc="Ks: fine-grained experts every token uses", minimum=0, maximum=MAX_SHARED_EXPERTS)
 
     def check(self, ctx: "ParseContext", path: str) -> None:
         if self.expert_width % self.segmentation:
@@ -116,11 +136,12 @@ class PaperExperts:
 class ExpertsSpec:
     """Canonical (explicit) expert configuration."""
 
-    routed: int = spec_field(doc="routed experts (mN - Ks in the paper's form)", minimum=1)
-    width: int = spec_field(doc="FFN width of one fine-grained expert (F/m)", minimum=1)
-    top_k: int = spec_field(doc="routed experts active per token (mK - Ks)", minimum=1)
-    shared: int = spec_field(0, doc="shared experts every token uses (Ks)", minimum=0)
-    shared_width: int | None = spec_field(None, doc="FFN width of one shared expert; default: width", minimum=1)
+    routed: int = spec_field(doc="routed experts (mN - Ks in the paper's form)", minimum=1, maximum=MAX_EXPERTS)
+    width: int = spec_field(doc="FFN width of one fine-grained expert (F/m)", minimum=1, maximum=MAX_WIDTH)
+    top_k: int = spec_field(doc="routed experts active per token (mK - Ks)", minimum=1, maximum=MAX_EXPERTS)
+    shared: int = spec_field(0, doc="shared experts every token uses (Ks)", minimum=0, maximum=MAX_SHARED_EXPERTS)
+    shared_width: int | None = spec_field(None, doc="FFN width of one shared expert; default: width", minimum=1,
+                                           maximum=MAX_WIDTH)
     shared_gate: bool = spec_field(False, doc="multiply the shared output by sigmoid(x w) (Qwen2-MoE)")
     activation: Activation = spec_field(Activation.SWIGLU, doc="expert activation")
     bias: bool = spec_field(False, doc="expert projections carry biases")
@@ -151,8 +172,9 @@ class ExpertsSpec:
 class GroupLimit:
     """Group-limited routing (DeepSeek-V2/V3): keep `kept` of `groups` expert groups, then top-k inside."""
 
-    groups: int = spec_field(doc="expert groups (n_group); routed experts are split into contiguous groups", minimum=2)
-    kept: int = spec_field(doc="groups each token may use (topk_group)", minimum=1)
+    groups: int = spec_field(doc="expert groups (n_group); routed experts are split into contiguous groups", minimum=2,
+                             maximum=MAX_EXPERTS)
+    kept: int = spec_field(doc="groups each token may use (topk_group)", minimum=1, maximum=MAX_EXPERTS)
     score: GroupScore = spec_field(GroupScore.MAX, doc="group score: max expert score, or sum of the top-2")
 
 
@@ -177,7 +199,8 @@ class RouterSpec:
 @dataclass(frozen=True, kw_only=True)
 class DeviceLoss:
     alpha: float = spec_field(doc="α2, device-level balance loss weight", minimum=0.0)
-    devices: int = spec_field(doc="D: routed experts are split into D contiguous device groups", minimum=1)
+    devices: int = spec_field(doc="D: routed experts are split into D contiguous device groups", minimum=1,
+                              maximum=MAX_EXPERTS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -224,9 +247,9 @@ class ParallelSpec:
     """
 
     expert_parallel: int = spec_field(doc="EP degree: ranks the routed experts are split over (contiguous blocks)",
-                                      minimum=1)
+                                      minimum=1, maximum=MAX_EXPERTS)
     device_limit: int | None = spec_field(None, doc="M: devices a token may be sent to (DeepSeek-V2); absent: no limit",
-                                          minimum=1)
+                                          minimum=1, maximum=MAX_EXPERTS)
     shared: SharedPlacement = spec_field(SharedPlacement.REPLICATED, doc="shared experts replicated on every rank "
                                          "or split tensor-parallel across the EP ranks")
     communication: float | None = spec_field(None, doc="α3 of DeepSeek-V2's communication balance loss", minimum=0.0)
@@ -243,10 +266,10 @@ class ParallelSpec:
 class LayerSpec:
     """One MoE layer: y = x + shared(x) + Σ_routed g_i FFN_i(x) (the residual add is the caller's)."""
 
-    hidden: int = spec_field(doc="model hidden size", minimum=1)
+    hidden: int = spec_field(doc="model hidden size", minimum=1, maximum=MAX_HIDDEN)
     experts: ExpertsSpec = spec_field(doc="expert configuration (paper or explicit form)")
     name: str = spec_field("moe", doc="a name for the layer, used in artifact names (letters, digits, '.', '_', "
-                                      "'-'; starts with a letter or digit)", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+                                      "'-'; starts with a letter or digit; at most 128)", pattern=NAME_PATTERN)
     source: str = spec_field("", doc="where the settings come from (paper, config)")
     router: RouterSpec = spec_field(default_factory=RouterSpec, doc="router")
     balance: BalanceSpec = spec_field(default_factory=BalanceSpec, doc="balance policy")
@@ -395,9 +418,10 @@ def describe_value(value: Any) -> str:
     if isinstance(value, bool):
         return f"boolean {str(value).lower()}"
     if isinstance(value, (int, float)):
-        return f"number {value!r}"
+        shown = show_number(value)
+        return shown if shown.startswith("an integer of") else f"number {shown}"
     if isinstance(value, str):
-        return f"string {value!r}"
+        return f"string {quote_text(value)}"
     if isinstance(value, list):
         return "a list"
     if isinstance(value, dict):
@@ -435,7 +459,8 @@ def _parse_value(tp: Any, value: Any, path: str, ctx: ParseContext, meta: Mappin
         if isinstance(value, bool) or not isinstance(value, int):
             ctx.fail(path, f"expected an integer, found {describe_value(value)}")
     elif tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > 1e300 \
+                or not math.isfinite(value):  # (an int above 1e308 cannot even be asked whether it is finite)
             ctx.fail(path, f"expected a finite number, found {describe_value(value)}")
         value = float(value)
     elif tp is str:
@@ -443,7 +468,7 @@ def _parse_value(tp: Any, value: Any, path: str, ctx: ParseContext, meta: Mappin
             ctx.fail(path, f"expected a string, found {describe_value(value)}")
         # A pattern guards strings that end up in file names and generated source (the layer name).
         if meta.get("pattern") is not None and not re.fullmatch(meta["pattern"], value):
-            ctx.fail(path, f"{value!r} does not match {meta['pattern']} ({meta.get('doc', '')})")
+            ctx.fail(path, f"{quote_text(value)} does not match {meta['pattern']} ({meta.get('doc', '')})")
         return value
     else:  # pragma: no cover - a spec declaration error, not a user error
         raise TypeError(f"unsupported spec field type {tp!r} at {path}")
@@ -453,11 +478,31 @@ def _parse_value(tp: Any, value: Any, path: str, ctx: ParseContext, meta: Mappin
 
 def _check_bounds(value: float, path: str, ctx: ParseContext, meta: Mapping[str, Any]) -> None:
     if meta.get("minimum") is not None and value < meta["minimum"]:
-        ctx.fail(path, f"expected a value >= {meta['minimum']}, found {value!r}")
+        ctx.fail(path, f"expected a value >= {meta['minimum']}, found {show_number(value)}")
     if meta.get("exclusive_minimum") is not None and value <= meta["exclusive_minimum"]:
-        ctx.fail(path, f"expected a value > {meta['exclusive_minimum']}, found {value!r}")
+        ctx.fail(path, f"expected a value > {meta['exclusive_minimum']}, found {show_number(value)}")
     if meta.get("maximum") is not None and value > meta["maximum"]:
-        ctx.fail(path, f"expected a value <= {meta['maximum']}, found {value!r}")
+        ctx.fail(path, f"expected a value <= {meta['maximum']:,} (moe-ir's upper bound for this size), "
+                       f"found {show_number(value)}")
+    if isinstance(value, int) and abs(value) > _MAX_ANY_INT:  # a field declared without a maximum
+        ctx.fail(path, f"expected a value of at most 18 digits, found {show_number(value)}")
+
+
+# No spec integer needs more; Python ints are unbounded, so the parser states a bound of its own.
+_MAX_ANY_INT = 10**18 - 1
+
+
+def quote_text(text: str, limit: int = 80) -> str:
+    """A string as an error message quotes it, cut after `limit` characters."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text):,} characters)"
+
+
+def show_number(value: Any) -> str:
+    """A number as an error message quotes it: an integer of many digits by its size (printing it whole
+    would flood the line, and Python refuses to print one of more than 4300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1:,} digits"
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10_000 else repr(value)
 
 
 def _type_name(tp: Any) -> str:

@@ -21,6 +21,12 @@ not a failure when the backend list was the default (every backend, every ONNX f
 caller named the backends (`strict_support=True`, which the CLI sets for `--backends`), a named backend
 that cannot run the spec fails the run, since the user asked for that target specifically.
 
+Generation (`validate_generation`, and `validate_model(..., generate=N)`): each backend is prepared on the
+model's decode graph (moe_ir.model_builder, form decode); its runner then takes the graph's inputs by name
+and returns its outputs by name. Decode steps are compared with the reference prefill at every position
+(routing near-ties as above) and greedy tokens with the reference's; a token that differs where the
+reference's top-2 logit gap is under twice the dtype's tolerance is a near-tie, reported with its margin.
+
 The harness receives backend objects (anything with `label`, `pipeline`, `supports` and `prepare`); it
 knows no target by name. Turning command-line names such as "onnx:ort" into backends is the registry's
 job (moe_ir.backends.registry); the `moe-ir validate` command (moe_ir/cli.py) joins the two.
@@ -95,8 +101,21 @@ class RoutingCheck:
         return {**dataclasses.asdict(self), "ok": self.ok}
 
 
+class RowOutcome:
+    """A report row's verdict: "ok" passes, a skip passes unless the caller named the backend (`required`)."""
+
+    status: str
+    required: bool
+
+    @property
+    def ok(self) -> bool:
+        if self.status == "skipped":
+            return not self.required
+        return self.status == "ok"
+
+
 @dataclass
-class BackendResult:
+class BackendResult(RowOutcome):
     backend: str
     status: str                      # "ok" | "mismatch" | "skipped" | "error"
     reason: str = ""
@@ -104,12 +123,6 @@ class BackendResult:
     routing: RoutingCheck | None = None
     seconds: float = 0.0
     required: bool = False           # a skip counts as a failure (the caller named this backend)
-
-    @property
-    def ok(self) -> bool:
-        if self.status == "skipped":
-            return not self.required
-        return self.status == "ok"
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "status": self.status, "ok": self.ok, "reason": self.reason,
@@ -126,16 +139,18 @@ class ValidationReport:
     seed: int
     results: list[BackendResult]
     primary: str = "out"             # the output the table shows first: `out` (layers) or `logits` (models)
+    generation: list["GenerationReport"] = field(default_factory=list)  # models validated with generate > 0
 
     @property
     def ok(self) -> bool:
-        return all(r.ok for r in self.results)
+        return all(r.ok for r in self.results) and all(g.ok for g in self.generation)
 
     def to_json(self) -> str:
         return json.dumps({"spec": self.spec, "tokens": self.tokens, "batch": self.batch, "dtype": self.dtype,
                            "seed": self.seed, "ok": self.ok, "tolerance": dict(zip(("atol", "rtol"),
                                                                                  TOLERANCES[self.dtype])),
-                           "results": [r.to_dict() for r in self.results]}, indent=2)
+                           "results": [r.to_dict() for r in self.results],
+                           "generation": [g.to_dict() for g in self.generation]}, indent=2)
 
     def to_table(self) -> str:
         atol, rtol = TOLERANCES[self.dtype]
@@ -167,6 +182,8 @@ class ValidationReport:
         lines = [head, "  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]
         for row in rows:
             lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        for g in self.generation:
+            lines.append(g.to_table())
         lines.append("OK" if self.ok else "FAILED: mismatch beyond tolerance (or a named backend could not run)")
         return "\n".join(lines)
 
@@ -239,13 +256,19 @@ def _run_backends(backends: Sequence[CheckedBackend], fresh_graph: Callable[[], 
                 report(BackendResult(label, "skipped", reason, required=strict_support))
                 continue
             runner = backend.prepare(piped, {k: v for k, v in weights.items() if k in piped.weights})
-            got = runner(inputs)
+            # Compared inside the try: outputs of the wrong shape or kind are this backend's error too.
+            result = compare(label, runner(inputs))
         except MoeIRError as err:
             skipped = isinstance(err, BackendUnavailable)
             report(BackendResult(label, "skipped" if skipped else "error", str(err).splitlines()[0],
                                  required=strict_support or not skipped, seconds=time.perf_counter() - start))
             continue
-        result = compare(label, got)
+        except Exception as err:  # noqa: BLE001 - a backend's own failure is its row, never the end of the run
+            # (a compiler's internal error, a runtime's exception): the other backends still run and report.
+            first = (str(err).splitlines() or [""])[0][:300]
+            report(BackendResult(label, "error", f"{type(err).__name__}: {first}", required=True,
+                                 seconds=time.perf_counter() - start))
+            continue
         result.seconds = time.perf_counter() - start
         report(result)
     return results
@@ -423,8 +446,12 @@ def _compare_model(label: str, got: Mapping[str, torch.Tensor], ref: Mapping[str
 
 def validate_model(spec: ModelSpec, backends: Sequence[CheckedBackend], *, tokens: int = 16, batch: int = 1,
                    dtype: str = "float32", seed: int = 0, weights: Mapping[str, torch.Tensor] | None = None,
-                   strict_support: bool = False, progress: Progress | None = None) -> ValidationReport:
-    """`validate` for a whole model: seeded token ids in, logits and every MoE layer's routing compared."""
+                   strict_support: bool = False, progress: Progress | None = None, generate: int = 0,
+                   mla_cache: Sequence[str] = ("expanded", "latent")) -> ValidationReport:
+    """`validate` for a whole model: seeded token ids in, logits and every MoE layer's routing compared.
+    With `generate` N > 0, also `validate_generation` with N new tokens (the report's `generation`), once
+    per MLA cache layout in `mla_cache` for an MLA model, once for any other. A backend that runs no decode
+    graph is listed as skipped there with its reason, never a failure: generation is checked where it exists."""
     from .interpreter import interpret
     from .model_builder import build_model_graph
     from .params import init_weights
@@ -441,4 +468,223 @@ def validate_model(spec: ModelSpec, backends: Sequence[CheckedBackend], *, token
     results = _run_backends(backends, lambda: build_model_graph(spec, routing=True), weights, ids,
                             lambda label, got: _compare_model(label, got, ref, margins, dtype, tokens), strict_support,
                             progress)
-    return ValidationReport(spec.name, tokens, batch, dtype, seed, results, primary="logits")
+    report = ValidationReport(spec.name, tokens, batch, dtype, seed, results, primary="logits")
+    if generate > 0:
+        layouts = list(mla_cache) if spec.model.attention.kind.value == "mla" else ["expanded"]
+        report.generation = [validate_generation(spec, backends, new_tokens=generate, dtype=dtype, seed=seed,
+                                                 weights=weights, mla_cache=layout, progress=progress)
+                             for layout in layouts]
+    return report
+
+
+# ------------------------------------------------------------------------------------------------
+# generation: decode graphs (moe_ir.generation)
+
+
+@dataclass
+class GenerationResult(RowOutcome):
+    """One backend's generation check: its decode-step logits (and routing) at every position against the
+    reference prefill, and its greedy tokens against the reference's."""
+    backend: str
+    status: str                      # "ok" | "mismatch" | "skipped" | "error"
+    reason: str = ""
+    decode: BackendResult | None = None  # decode steps vs prefill, compared as validate_model compares logits
+    tokens: int = 0                  # greedy tokens compared (up to each row's first difference)
+    agree: int = 0                   # of those, equal to the reference's
+    near_ties: list[dict[str, Any]] = field(default_factory=list)  # differences at a near-tie: row, step, margin
+    seconds: float = 0.0
+    required: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "status": self.status, "ok": self.ok, "reason": self.reason,
+                "decode": self.decode.to_dict() if self.decode else None, "tokens": self.tokens, "agree": self.agree,
+                "near_ties": self.near_ties, "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class GenerationReport:
+    prompt: int                      # prompt length (tokens) of the greedy run and of the decode check's prefill
+    new_tokens: int
+    batch: int
+    mla_cache: str
+    results: list[GenerationResult]
+    note: str = ""                   # what was not checked, and why
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.results)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "new_tokens": self.new_tokens, "batch": self.batch, "mla_cache": self.mla_cache,
+                "ok": self.ok, "note": self.note, "results": [r.to_dict() for r in self.results]}
+
+    def to_table(self) -> str:
+        head = (f"generation: {self.batch} prompt(s) of {self.prompt} tokens (row r left-padded by r), "
+                f"{self.new_tokens} greedy tokens; decode steps vs the reference prefill at every position"
+                + (f"; MLA cache {self.mla_cache}" if self.mla_cache else ""))
+        cols = ("backend", "status", "decode logits abs", "decode routing", "greedy tokens", "time", "note")
+        rows = []
+        for r in self.results:
+            d = r.decode
+            err = f"{d.outputs['logits'].max_abs:.2e}" if d is not None and "logits" in d.outputs else "-"
+            routing = "-"
+            if d is not None and d.routing is not None:
+                routing = f"{d.routing.units - d.routing.flips}/{d.routing.units} agree"
+                if d.routing.flips:
+                    routing += f", {d.routing.flips} flip(s) (near-tie {d.routing.near_ties})"
+            tokens = f"{r.agree}/{r.tokens} equal" if r.status not in ("skipped", "error") else "-"
+            if r.near_ties:
+                tokens += ", near-tie " + ", ".join(f"row {t['row']} step {t['step']} margin {t['margin']:.1e}"
+                                                    for t in r.near_ties[:3])
+            status = r.status.upper() if r.status in ("mismatch", "error") else r.status
+            if r.status == "skipped" and not r.ok:
+                status = "FAILED (skipped)"
+            rows.append((r.backend, status, err, routing, tokens, f"{r.seconds:.1f}s" if r.status != "skipped" else "-",
+                         r.reason))
+        widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
+        widths[-1] = 0
+        lines = [head, "  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]
+        lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        if self.note:
+            lines.append(f"note: {self.note}")
+        return "\n".join(lines)
+
+
+def _token_near_tie(logits: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Per row and step of reference logits [B, N, V], the top-2 gap under which a backend within tolerance
+    may pick the other token: twice the tolerance bound at the larger logit."""
+    atol, rtol = TOLERANCES[dtype]
+    scale = logits.abs().amax(dim=-1).clamp(min=1.0)
+    top = logits.abs().amax(dim=-1)
+    return 2 * (atol * scale + rtol * top)
+
+
+def _decode_positions(step, graph, ids: torch.Tensor, prefill_len: int, keys: Sequence[str],
+                      cache_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`ids` [B, L] through a decode graph's runner: a prefill of `prefill_len` tokens, then one token per
+    call; each output in `keys` gathered over the calls in the prefill graph's layout (logits [B, L, V],
+    routing [B*L, k])."""
+    from .generation import KVCache, decode_inputs
+
+    b, total = ids.shape
+    cache = KVCache.empty(graph, b, dtype=cache_dtype)
+    chunks = [(0, prefill_len)] + [(t, t + 1) for t in range(prefill_len, total)]
+    gathered: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
+    for start, end in chunks:
+        out = step(decode_inputs(ids[:, start:end], torch.ones(b, end, dtype=torch.int64), cache))
+        cache.update(out, end - start)
+        for key in keys:
+            if key not in out:
+                raise BackendError(f"the decode runner returned no '{key}'")
+            gathered[key].append(out[key].reshape(b, end - start, -1))
+    return {key: torch.cat(parts, dim=1) if key == "logits" else torch.cat(parts, dim=1).reshape(b * total, -1)
+            for key, parts in gathered.items()}
+
+
+def left_padded_prompts(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompts, attention_mask): row r of ids [B, S] with its first min(r, S-1) tokens turned into padding,
+    so a batch holds prompts of different lengths."""
+    prompts, mask = ids.clone(), torch.ones_like(ids)
+    for row in range(1, ids.shape[0]):
+        pad = min(row, ids.shape[1] - 1)
+        prompts[row, :pad], mask[row, :pad] = 0, 0
+    return prompts, mask
+
+
+def validate_generation(spec: ModelSpec, backends: Sequence[CheckedBackend], *, prompt: int = 6,
+                        new_tokens: int = 4, batch: int = 2, dtype: str = "float32", seed: int = 0,
+                        weights: Mapping[str, torch.Tensor] | None = None, mla_cache: str = "expanded",
+                        strict_support: bool = False, progress: Progress | None = None) -> GenerationReport:
+    """Generation through every backend that runs decode graphs (the runner takes and returns tensors by
+    graph name: moe_ir.generation.Step), against the float64 reference:
+      * decode vs prefill: `prompt + new_tokens` seeded tokens, a prefill of `prompt` then one token per
+        call; the logits at every position and every MoE layer's routing compared with the reference
+        prefill graph's as `validate_model` compares them (near-tie routing flips reported, not failed);
+      * greedy: `batch` prompts (row r left-padded by r tokens), `new_tokens` greedy tokens each, equal to
+        the reference's greedy tokens; where a row first differs, the reference's top-2 logit gap at that
+        step is reported, a near-tie (under twice the dtype's tolerance) as such, a larger one as a mismatch.
+    Backends whose supports() refuses the decode graph are skipped with the reason (a failure only when
+    `strict_support`, i.e. when the caller named them)."""
+    from .generation import greedy_generate, reference_step
+    from .interpreter import interpret
+    from .model_builder import GraphForm, build_model_graph
+    from .params import init_weights
+    from .passes import run_pipeline
+
+    _check_run(dtype, prompt, batch)
+    if new_tokens < 1:
+        raise SpecError(f"--generate must be at least 1 new token, got {new_tokens}")
+    spec = with_dtype(spec, dtype)
+    torch_dtype = DType(dtype).torch
+    prefill = build_model_graph(spec, routing=True)
+    if weights is None:
+        weights = init_weights(prefill, seed)
+
+    def fresh():
+        return build_model_graph(spec, routing=True, form=GraphForm.DECODE, mla_cache=mla_cache)
+
+    ids = torch.randint(0, spec.model.vocab_size, (batch, prompt + new_tokens),
+                        generator=torch.Generator().manual_seed(seed + 2))
+    env = interpret(prefill, {"input_ids": ids}, weights, dtype=torch.float64, keep_all=True)
+    ref = {key: env[v.name] for key, v in prefill.outputs.items()}
+    margins = _model_margins(prefill, env)
+    coupled = spec.moe.capacity_factor is not None
+    note = ("decode vs prefill not compared: routing with a capacity (or expert choice) couples the tokens of a call, "
+            "so a one-token step routes differently from a prefill by design") if coupled else ""
+    prompts, mask = left_padded_prompts(ids[:, :prompt])
+    ref_graph = fresh()
+    expected = greedy_generate(reference_step(ref_graph, weights), ref_graph, prompts, mask, max_new_tokens=new_tokens)
+    near = _token_near_tie(expected.logits, dtype)
+    has_mla = spec.model.attention.kind.value == "mla"
+
+    results: list[GenerationResult] = []
+    for i, backend in enumerate(backends):
+        label = backend.label
+        if progress is not None:
+            progress(f"{label}: generation ({i + 1}/{len(backends)})")
+        start = time.perf_counter()
+        result = GenerationResult(label, "ok")
+        try:
+            piped = run_pipeline(fresh(), backend.pipeline)
+            ok, reason = backend.supports(piped)
+            if not ok:
+                result = GenerationResult(label, "skipped", reason, required=strict_support)
+            else:
+                runner = backend.prepare(piped, {k: v for k, v in weights.items() if k in piped.weights})
+                if not coupled:
+                    got = _decode_positions(runner, piped, ids, prompt, list(ref), torch_dtype)
+                    result.decode = _compare_model(label, got, ref, margins, dtype, ids.shape[1])
+                    if result.decode.status != "ok":
+                        result.status = "mismatch"
+                        result.reason = "decode steps differ from prefill" + (
+                            f" ({result.decode.reason})" if result.decode.reason else "")
+                run = greedy_generate(runner, piped, prompts, mask, max_new_tokens=new_tokens, cache_dtype=torch_dtype)
+                _compare_tokens(result, run.tokens, expected, near)
+        except MoeIRError as err:
+            skipped = isinstance(err, BackendUnavailable)
+            result = GenerationResult(label, "skipped" if skipped else "error", str(err).splitlines()[0],
+                                      required=strict_support or not skipped)
+        result.seconds = time.perf_counter() - start
+        results.append(result)
+        if progress is not None:
+            progress(f"{label}: generation {result.status} in {result.seconds:.1f}s")
+    return GenerationReport(prompt, new_tokens, batch, mla_cache if has_mla else "", results, note)
+
+
+def _compare_tokens(result: GenerationResult, tokens: torch.Tensor, expected, near: torch.Tensor) -> None:
+    """Greedy tokens [B, N] against the reference's; each row compared up to its first difference."""
+    bad = False
+    for row in range(tokens.shape[0]):
+        differs = (tokens[row] != expected.tokens[row]).nonzero().flatten().tolist()
+        first = differs[0] if differs else tokens.shape[1]
+        result.tokens += first + (1 if differs else 0)
+        result.agree += first
+        if differs:
+            margin, limit = float(expected.margins[row, first]), float(near[row, first])
+            if margin < limit:
+                result.near_ties.append({"row": row, "step": first, "margin": margin, "threshold": limit})
+            else:
+                bad = True
+    if bad:
+        result.status = "mismatch"
+        result.reason = (result.reason + "; " if result.reason else "") + "greedy tokens differ beyond near-ties"

@@ -50,7 +50,7 @@ def test_contracts_cover_the_whole_core():
     (core,) = [c for c in config["contracts"] if c["name"].startswith("The core")]
     modules = {f"moe_ir.{p.stem}" for p in (REPO / "moe_ir").iterdir()
                if (p.suffix == ".py" or (p / "__init__.py").exists()) and p.stem not in ("__init__", *MAPPED)}
-    assert set(core["source_modules"]) == modules - {"moe_ir.cli"}
+    assert set(core["source_modules"]) == modules - {"moe_ir.cli", "moe_ir.cli_generate"}
 
 
 def _climbing_imports(folder: str) -> list[str]:

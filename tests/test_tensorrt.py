@@ -315,7 +315,10 @@ def _export(tmp_path, spec_name="tiny-v3", precision=None):
     graph = run_pipeline(full, backend.pipeline)
     spec, graph, weights = backend._retyped(spec, graph, {k: v for k, v in weights.items() if k in graph.weights},
                                             precision)
-    result = backend._export_onnx(spec, graph, weights, tmp_path)
+    from moe_ir.artifacts import OutputFolder
+
+    with OutputFolder(tmp_path) as out:
+        result = backend._export_onnx(spec, graph, weights, out)
     return spec, result.files[0]
 
 

@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from moe_ir.artifacts import OutputFolder
 from moe_ir.errors import BackendError, BackendUnavailable, MoeIRError
 from moe_ir.ir import Graph, from_json, to_json
 from moe_ir.model_spec import ModelSpec
@@ -88,11 +89,12 @@ class OnnxBackend(Backend):
             session = make_session(model, flavour, providers=providers, threads=threads)
         return make_runner(session, graph)
 
-    def build(self, spec: LayerSpec | ModelSpec, graph: Graph, weights: Mapping[str, torch.Tensor], out_dir: Path, *,
-              flavour: Flavour | str | None = None, external_data: bool | None = None,
-              progress: Progress | None = None, **options: Any) -> BuildResult:
-        """Write OUT/<name>.<flavour>.onnx (and .onnx.data when external), atomically. `spec` is the layer's
-        or, for a whole-model graph (build_model_graph), the model's; only its name is used here."""
+    def write_artifact(self, spec: LayerSpec | ModelSpec, graph: Graph, weights: Mapping[str, torch.Tensor],
+                       out: OutputFolder, *, flavour: Flavour | str | None = None, external_data: bool | None = None,
+                       progress: Progress | None = None, **options: Any) -> BuildResult:
+        """OUT/<name>.<flavour>.onnx, and OUT/<name>.<flavour>.onnx.data when external (a .data file of an
+        earlier build is removed when this one embeds its weights). `spec` is the layer's or, for a
+        whole-model graph (build_model_graph), the model's; only its name is used here."""
         flavour = parse_flavour(flavour or self.flavour)
         piped = lowered_graph(graph, flavour)
         ok, reason = supports(piped, flavour)
@@ -101,10 +103,10 @@ class OnnxBackend(Backend):
         lowered = lower(piped, weights, flavour)
         if external_data is None:
             external_data = lowered.initializer_bytes() > EXTERNAL_DATA_THRESHOLD
-        path = Path(out_dir) / f"{spec.name}.{flavour.value}.onnx"
-        files = [write_model(lowered, path, external_data=external_data, progress=progress)]
-        if external_data:
-            files.append(path.with_name(path.name + ".data"))
+        name = f"{spec.name}.{flavour.value}.onnx"
+        out.claim(name + ".data")  # write_model names the data file after the model, beside it
+        write_model(lowered, out.path(name), external_data=external_data, progress=progress)
+        files = [out.final(name)] + ([out.final(name + ".data")] if external_data else [])
         dtypes = sorted({v.type.dtype.value for v in stored_values(piped)})
         notes = [f"opset 18, dynamic dims B,S; flavour {flavour.value}; {'/'.join(dtypes)}"]
         refusal = runtime_refusal(dtypes, flavour)

@@ -41,6 +41,7 @@ from onnx import helper
 
 from moe_ir.errors import BackendError
 from moe_ir.ir import ElemType, Graph, GraphKind, Node, OpCode, Value
+from moe_ir.model_builder import is_decode_graph
 from . import plugin_op, support
 from .emit import MS_DOMAIN, ONNX_DTYPE, OPSET, Emitter, dims
 from .weights import Initializers, LoweredModel
@@ -91,6 +92,9 @@ class Lowering:
     @classmethod
     def refusal(cls, graph: Graph) -> str:
         """Why this flavour cannot lower `graph` ('' when it can): the first failing check."""
+        if is_decode_graph(graph):  # checked first: its int64 mask and cache inputs would be refused as dtypes
+            return ("decode graphs (a KV cache in and out) do not export to ONNX yet; the prefill graph does, and "
+                    "the torch backend generates")
         for value in support.stored_values(graph):
             reason = cls.dtype_refusal(value)
             if reason:

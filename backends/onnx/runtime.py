@@ -20,6 +20,7 @@ from moe_ir.errors import BackendError, BackendUnavailable
 from moe_ir.ir import Graph
 from ..base import Runner
 from . import extensions
+from .external_data import load_model
 from .flavours import parse_flavour
 from .lowering import Flavour
 
@@ -148,15 +149,13 @@ def make_model_runner(session, graph: Graph | None = None) -> Runner:
 
 def load_runner(path: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None) -> Runner:
     """Run an exported .onnx file (any flavour; read from its metadata). A plugin model is run on CPU
-    through onnxruntime-extensions, which needs it in memory (under 2 GiB)."""
+    through onnxruntime-extensions, which needs it in memory (under 2 GiB).
+
+    An ONNX file is data: its external-data locations must name regular files inside its folder (no
+    absolute paths, no `..`, no symlinks leading out, no FIFOs or devices), checked before onnxruntime
+    opens any of them (external_data.check_external_data)."""
     path = Path(path)
-    if not path.exists():
-        raise BackendError(f"{path}: no such ONNX file")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as err:
-        raise BackendError(f"{path}: not a readable ONNX model ({type(err).__name__}: {str(err)[:120]}); "
-                           f"re-export it with `moe-ir build --backend onnx`") from None
+    proto = load_model(path)  # refuses external data outside the model's folder before anything reads it
     meta = {p.key: p.value for p in proto.metadata_props}
     flavour = parse_flavour(meta.get("moe_ir.flavour", "portable"))
     bf16 = onnx.TensorProto.BFLOAT16

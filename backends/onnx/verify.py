@@ -12,6 +12,7 @@ low-precision export means the same as the IR up to that precision, which ONNX R
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -22,6 +23,7 @@ from onnx import TensorProto
 from . import plugin_op
 from .extensions import fused_moe_torch
 from .emit import from_numpy, to_numpy
+from .external_data import load_model
 
 _ATTRIBUTES = ("score_fn", "top_k", "n_group", "topk_group", "group_score", "normalize", "scale", "activation")
 _LOW_TYPES = ("tensor(float)", "tensor(float16)", "tensor(bfloat16)")
@@ -98,7 +100,11 @@ def evaluate(model: onnx.ModelProto | str, x: torch.Tensor) -> Mapping[str, torc
     """Outputs by name of `model` (any flavour but ort) on x [B,S,H], x cast to the model's input type."""
     from onnx.reference import ReferenceEvaluator
 
-    proto = onnx.load(model) if isinstance(model, str) else model
+    if isinstance(model, str):
+        proto = load_model(model)  # external data confined to the model's folder, then read
+        onnx.load_external_data_for_model(proto, str(Path(model).parent))
+    else:
+        proto = model
     x_info = next(i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer})
     elem = x_info.type.tensor_type.elem_type
     dtype = {TensorProto.FLOAT: torch.float32, TensorProto.FLOAT16: torch.float16,

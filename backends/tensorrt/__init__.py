@@ -8,6 +8,9 @@ writes into OUT:
   <name>.tensorrt.json          bundle manifest: spec hash, precision, profile, files, the finishing command
   <name>.engine, <name>.engine.json   the engine and its manifest (only where TensorRT and a GPU exist)
 
+Trust: the bundle's plugin module is Python and runs wherever the engine is built or loaded, so a bundle is
+code, not data; the manifest records the sha256 of every bundle file, checked before use.
+
 Honest absence: without TensorRT or a CUDA GPU the first three files are still written, complete, and the
 build stops with one BackendError naming what is missing and the exact command that finishes the build on
 a machine that has them. `supports()` therefore judges the graph only; a missing TensorRT is reported as a
@@ -24,13 +27,14 @@ from typing import Any, Mapping
 
 import torch
 
+from moe_ir.artifacts import OutputFolder
 from moe_ir.builder import build_graph, spec_hash
 from moe_ir.errors import BackendError, BackendUnavailable
 from moe_ir.ir import ElemType, Graph, OpCode
-from moe_ir.params import atomic_write
 from moe_ir.passes import run_pipeline
 from moe_ir.spec import DType, LayerSpec
 from ..base import Backend, BuildResult, Runner
+from ..integrity import sha256_file
 from ..registry import get_backend
 from .. import torch_source
 from . import plugin as plugin_source
@@ -87,10 +91,6 @@ def _profile(value: Any):
     if isinstance(value, (tuple, list)):
         return TokenProfile(*(int(v) for v in value))
     return TokenProfile.parse(str(value))
-
-
-def _write_text(path: Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 class TensorRTBackend(Backend):
@@ -161,9 +161,12 @@ class TensorRTBackend(Backend):
 
     # -- build
 
-    def build(self, spec: LayerSpec, graph: Graph, weights: Mapping[str, torch.Tensor], out_dir: Path, *,
-              profile: Any = None, precision: str | None = None, flavour: str | None = None, aot: bool = True,
-              **options: Any) -> BuildResult:
+    def write_artifact(self, spec: LayerSpec, graph: Graph, weights: Mapping[str, torch.Tensor], out: OutputFolder, *,
+                       profile: Any = None, precision: str | None = None, flavour: str | None = None, aot: bool = True,
+                       **options: Any) -> BuildResult:
+        """The bundle (plugin ONNX, plugin module, manifest) and, where TensorRT and a GPU exist, the engine and
+        its manifest: one output, committed by `build`. Without them the bundle is committed and the build
+        ends with BackendUnavailable saying how to finish it (a stale engine of an earlier build is removed)."""
         from .engine import build_engine, finish_command, manifest_path
 
         if flavour not in (None, "plugin"):
@@ -173,32 +176,38 @@ class TensorRTBackend(Backend):
         ok, reason = self.supports_graph(graph)
         if not ok:
             raise BackendError(f"tensorrt cannot build spec '{spec.name}': {reason}")
-        out_dir = Path(out_dir)
-        exported = self._export_onnx(spec, graph, weights, out_dir, options.get("progress"))
+        exported = self._export_onnx(spec, graph, weights, out, options.get("progress"))
         onnx_path = exported.files[0]
-        plugin_copy = self._write_plugin_module(out_dir)
-        engine_path = out_dir / f"{spec.name}.engine"
+        plugin_copy = self._write_plugin_module(out)
+        engine_name = f"{spec.name}.engine"
+        engine_path, engine_manifest = out.final(engine_name), manifest_path(out.final(engine_name))
+        staged_engine = out.claim(engine_name)
+        out.claim(engine_manifest.name)
         digest = spec_hash(spec)
         command = finish_command(onnx_path, engine_path, token_profile, plugin_copy, digest)
         problems = environment_problems()
-        bundle = self._write_bundle_manifest(out_dir, spec, digest, token_profile, onnx_path, exported.files,
-                                             plugin_copy, engine_path, command, problems)
+        bundle = self._write_bundle_manifest(out, spec, digest, token_profile, exported.files, plugin_copy,
+                                             engine_path, command, problems)
         files = [*exported.files, plugin_copy, bundle]
         if problems:
-            raise BackendUnavailable(f"tensorrt: {'; '.join(problems)}. Wrote the plugin ONNX and plugin module to "
-                               f"{out_dir}/ (see {bundle.name}); finish the build on a machine with TensorRT "
-                               f">= 10.6 and a CUDA GPU: {command}")
-        manifest = build_engine(onnx_path, engine_path, profile=token_profile, spec_hash=digest, aot=aot)
-        files += [engine_path, manifest_path(engine_path)]
+            return BuildResult(files=files, unfinished=BackendUnavailable(
+                f"tensorrt: {'; '.join(problems)}. Wrote the plugin ONNX and plugin module to {out.folder}/ (see "
+                f"{bundle.name}); finish the build on a machine with TensorRT >= 10.6 and a CUDA GPU: {command}"))
+        manifest = build_engine(out.path(onnx_path.name), staged_engine, profile=token_profile, spec_hash=digest,
+                                aot=aot)
+        out.path(engine_name)
+        out.path(engine_manifest.name)  # both must now be there
+        files += [engine_path, engine_manifest]
         return BuildResult(files=files, notes=[
             f"TensorRT {manifest.tensorrt_version}, plugin implementation {manifest.plugin['implementation']}, "
             f"{manifest.dtype}, tokens {token_profile.text()}"])
 
     @staticmethod
-    def _export_onnx(spec: LayerSpec, graph: Graph, weights: Mapping[str, torch.Tensor], out_dir: Path,
+    def _export_onnx(spec: LayerSpec, graph: Graph, weights: Mapping[str, torch.Tensor], out: OutputFolder,
                      progress: Any = None) -> BuildResult:
-        """OUT/<name>.plugin.onnx through the ONNX backend (it owns the lowering, in the graph's types)."""
-        return get_backend("onnx").build(spec, graph, weights, out_dir, flavour="plugin", progress=progress)
+        """OUT/<name>.plugin.onnx through the ONNX backend (it owns the lowering, in the graph's types), into
+        the same output."""
+        return get_backend("onnx").write_artifact(spec, graph, weights, out, flavour="plugin", progress=progress)
 
     def _retyped(self, spec: LayerSpec, graph: Graph, weights: Mapping[str, torch.Tensor], precision: str | None):
         """Precision is chosen through the network's types: re-type the spec, rebuild the graph and cast
@@ -214,13 +223,15 @@ class TensorRTBackend(Backend):
         return retyped, new_graph, cast
 
     @staticmethod
-    def _write_plugin_module(out_dir: Path) -> Path:
-        return _write_text(out_dir / PLUGIN_BUNDLE_NAME, plugin_bundle_source())
+    def _write_plugin_module(out: OutputFolder) -> Path:
+        out.path(PLUGIN_BUNDLE_NAME).write_text(plugin_bundle_source())
+        return out.final(PLUGIN_BUNDLE_NAME)
 
     @staticmethod
-    def _write_bundle_manifest(out_dir: Path, spec: LayerSpec, digest: str, profile: Any, onnx_path: Path,
+    def _write_bundle_manifest(out: OutputFolder, spec: LayerSpec, digest: str, profile: Any,
                                onnx_files: list[Path], plugin_copy: Path, engine_path: Path, command: str,
                                problems: list[str]) -> Path:
+        """OUT/<name>.tensorrt.json; the files it lists are read (for their sha256) where they are staged."""
         data = {
             "spec": spec.name, "spec_hash": digest, "dtype": str(spec.dtype),
             "profile": {"min": profile.min, "opt": profile.opt, "max": profile.max},
@@ -232,10 +243,14 @@ class TensorRTBackend(Backend):
                     "v3": "TensorRT 10.0-10.5 (needs moe-ir installed)"}},
             "engine": engine_path.name, "engine_status": "missing" if problems else "built",
             "missing": problems, "finish_command": command,
+            # Checked before the plugin module runs or the ONNX is parsed (engine.verify_bundle).
+            "sha256": {p.name: sha256_file(out.path(p.name)) for p in [*onnx_files, plugin_copy]},
             "run": "python -c \"from moe_ir.backends.tensorrt.runner import load_engine; "
                    f"r = load_engine('{engine_path}')\"",
         }
-        return _write_text(out_dir / f"{spec.name}.tensorrt.json", json.dumps(data, indent=2) + "\n")
+        name = f"{spec.name}.tensorrt.json"
+        out.path(name).write_text(json.dumps(data, indent=2) + "\n")
+        return out.final(name)
 
 
 __all__ = ["PLUGIN_BUNDLE_NAME", "TensorRTBackend", "environment_problems"]

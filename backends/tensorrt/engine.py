@@ -15,11 +15,17 @@ What the build does, in order:
      (JSON beside it) each atomically, the engine first, so a manifest always describes a complete engine.
 
 The manifest records the spec hash, the TensorRT version, the profile, the plugin implementation and the
-I/O names; `load_manifest(..., expect=...)` refuses an engine built for another spec or TensorRT version.
+I/O names and the sha256 of the engine and its plugin module; `load_manifest(..., expect=...)` refuses an
+engine built for another spec or TensorRT version, `check_engine_files` one whose bytes changed.
+
+Trust: an engine, and a bundle's plugin module (Python), are code. A bundle's files are checked against the
+sha256s of its manifest (`verify_bundle`) before the module runs or the ONNX is parsed, and the ONNX's
+external data must lie inside its folder; a checksum catches damage, not a hostile author.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -31,6 +37,7 @@ from typing import Any, Sequence
 
 from moe_ir.errors import BackendError, MoeIRError
 from moe_ir.params import atomic_write
+from ..integrity import MANIFEST_MAX_BYTES, check_digests, confined_file, regular_file, sha256_file
 from . import plugin as plugin_module_default
 
 MANIFEST_FORMAT = 1
@@ -94,6 +101,9 @@ class EngineManifest:
     engine: str = ""                # file name of the engine beside the manifest
     format: int = MANIFEST_FORMAT
     notes: list[str] = field(default_factory=list)
+    # sha256 of the engine ("engine") and of the plugin module it registers ("plugin_module"): checked
+    # before TensorRT deserialises the engine or Python runs the module (check_engine_files).
+    sha256: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -160,6 +170,75 @@ def load_manifest(engine_path: str | Path, *, spec_hash: str | None = None,
 
 
 # ------------------------------------------------------------------------------------------------
+# what is checked before loading: an engine and a plugin module are code
+
+
+def check_engine_files(manifest: EngineManifest, engine_path: str | Path) -> Path | None:
+    """Before TensorRT deserialises the engine (which runs its kernels) and Python runs the plugin module:
+    the engine's sha256 must be the manifest's, and so must a plugin module's other than the installed one
+    (a bundle's copy). Returns the plugin module to load, None for the installed one. Raises BackendError.
+
+    A checksum tells a damaged or edited file from the one moe-ir wrote; it does not make a file from
+    an untrusted source safe: whoever could edit the engine could edit its manifest too."""
+    engine_path = Path(engine_path)
+    recorded = manifest.sha256 if isinstance(manifest.sha256, dict) else {}
+    if not recorded.get("engine"):
+        raise BackendError(f"{engine_path}: its manifest records no sha256, so the engine cannot be checked before "
+                           f"TensorRT loads it; rebuild it with this moe-ir")
+    check_digests(engine_path.parent, {engine_path.name: recorded["engine"]}, str(engine_path))
+    module = manifest.plugin.get("module")
+    if not module or not Path(module).is_file():
+        return None  # built elsewhere: the installed plugin registers the same op
+    module_path = Path(module)
+    if module_path.resolve() == Path(plugin_module_default.__file__).resolve():
+        return None  # part of this moe-ir installation, trusted like the rest of it
+    digest = recorded.get("plugin_module")
+    regular_file(module_path, "plugin module")
+    if not digest or sha256_file(module_path) != digest:
+        raise BackendError(f"{engine_path}: plugin module {module_path} is not the file the engine was built with "
+                           f"(sha256 {'not recorded' if not digest else 'differs'}); it is Python that would run "
+                           f"at load: rebuild the engine, or restore the module")
+    return module_path
+
+
+def bundle_manifest_path(onnx_path: str | Path) -> Path | None:
+    """OUT/<name>.plugin.onnx -> OUT/<name>.tensorrt.json (the bundle `moe-ir build --backend tensorrt`
+    writes); None for a file not named like a bundle's ONNX."""
+    onnx_path = Path(onnx_path)
+    suffix = ".plugin.onnx"
+    if not onnx_path.name.endswith(suffix):
+        return None
+    return onnx_path.with_name(onnx_path.name[:-len(suffix)] + ".tensorrt.json")
+
+
+def verify_bundle(onnx_path: str | Path) -> list[Path]:
+    """Check the files of the bundle `onnx_path` belongs to against the sha256s its manifest records
+    (the ONNX, its external data and the plugin module, all confined to the bundle's folder), before
+    any of them is parsed or run. Returns the checked files (resolved); [] when there is no bundle
+    manifest beside the ONNX. Raises BackendError."""
+    bundle = bundle_manifest_path(onnx_path)
+    if bundle is None or not bundle.exists():
+        return []
+    info = regular_file(bundle, "bundle manifest")
+    if info.st_size > MANIFEST_MAX_BYTES:
+        raise BackendError(f"{bundle}: {info.st_size} bytes is more than a bundle manifest holds")
+    try:
+        data = json.loads(bundle.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        raise BackendError(f"{bundle}: not a valid bundle manifest ({err})") from None
+    digests = data.get("sha256") if isinstance(data, dict) else None
+    if not isinstance(digests, dict) or not digests or \
+            not all(isinstance(k, str) and isinstance(v, str) for k, v in digests.items()):
+        raise BackendError(f"{bundle}: the bundle manifest records no sha256 of its files, so they cannot be "
+                           f"checked before the plugin module runs; rebuild the bundle with "
+                           f"`moe-ir build --backend tensorrt`")
+    if Path(onnx_path).name not in digests:
+        raise BackendError(f"{bundle}: the bundle manifest does not list {Path(onnx_path).name}")
+    check_digests(bundle.parent, digests, str(bundle))
+    return [confined_file(bundle.parent, name, str(bundle))[0] for name in digests]
+
+
+# ------------------------------------------------------------------------------------------------
 # the ONNX the parser sees
 
 
@@ -170,7 +249,10 @@ def parser_model(onnx_path: str | Path, *, aot: bool):
     import onnx
     from onnx import helper
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    from ..onnx.external_data import load_model
+
+    # Graph only; its external-data locations are confined to its folder before the parser reads them.
+    model = load_model(onnx_path)
     plugin_nodes = [n for n in model.graph.node if n.op_type == plugin_module_default.PLUGIN_OP]
     if len(plugin_nodes) != 1:
         raise BackendError(f"{onnx_path}: expected one {plugin_module_default.PLUGIN_ID} node, found "
@@ -212,7 +294,9 @@ def onnx_facts(model) -> dict[str, Any]:
 
 
 def load_plugin_module(path: str | Path | None) -> ModuleType:
-    """plugin.py of this package, or a copy of it (the one in a build bundle)."""
+    """plugin.py of this package, or a copy of it (the one in a build bundle). A module given by path is
+    Python and runs here: trust it like code (callers check a bundle's copy with verify_bundle or
+    check_engine_files first)."""
     if path is None:
         return plugin_module_default
     path = Path(path)
@@ -289,6 +373,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, profile: Tok
         raise BackendError(f"no ONNX model at {onnx_path}")
     trt = require_tensorrt()
     require_cuda()
+    # A bundle's plugin module is Python and runs here: its files are checked against the bundle's
+    # manifest first. A --plugin-module outside a bundle runs as given (the caller vouches for it).
+    verify_bundle(onnx_path)
     plugin = load_plugin_module(plugin_path)
     version = plugin.parse_version(trt.__version__)
     implementation = plugin.register_plugin(aot=aot)
@@ -331,7 +418,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, profile: Tok
         plugin={"name": plugin.PLUGIN_OP, "namespace": plugin.PLUGIN_NAMESPACE, "implementation": implementation,
                 "module": str(Path(plugin.__file__).resolve())},
         dtype=facts["dtype"], inputs=[facts["input"]], outputs=facts["outputs"], engine=engine_path.name,
-        notes=["tokens go in the profile's token dim; the runner folds [B,S,H] into [1,B*S,H]"])
+        notes=["tokens go in the profile's token dim; the runner folds [B,S,H] into [1,B*S,H]"],
+        sha256={"engine": hashlib.sha256(payload).hexdigest(), "plugin_module": sha256_file(plugin.__file__)})
     write_manifest(engine_path, manifest)
     return manifest
 
@@ -359,7 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("-o", "--output", required=True, help="engine file to write (a .json manifest goes beside it)")
     ap.add_argument("--profile", default=",".join(map(str, DEFAULT_PROFILE)),
                     help="MIN,OPT,MAX token counts of the optimisation profile (default %(default)s)")
-    ap.add_argument("--plugin-module", default=None, help="plugin.py to register (default: the installed one)")
+    ap.add_argument("--plugin-module", default=None,
+                    help="plugin.py to register (default: the installed one). It is Python and runs here: trust it "
+                         "like code; a bundle's copy is checked against the bundle manifest's sha256 first")
     ap.add_argument("--spec-hash", default=None, help="spec hash to record (default: the ONNX metadata's)")
     ap.add_argument("--jit", action="store_true", help="use the Python @impl plugin even where AOT is available")
     ap.add_argument("--workspace-mib", type=int, default=None, help="builder workspace limit in MiB")

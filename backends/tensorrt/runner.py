@@ -1,7 +1,8 @@
 """Load a moe-ir TensorRT engine and run it on torch CUDA tensors.
 
 The manifest beside the engine is read first: it must match the spec hash (when given) and this machine's
-TensorRT version. The plugin is registered before deserialising, because an engine with a Python (@impl)
+TensorRT version, and the engine (and a bundle's plugin module) the sha256 it records. An engine and its
+plugin module are code that runs at load: load only engines you built or trust like code. The plugin is registered before deserialising, because an engine with a Python (@impl)
 plugin calls back into it; an AOT plugin's kernel is inside the engine and needs nothing.
 """
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Any
 import torch
 
 from moe_ir.errors import BackendError
-from .engine import EngineManifest, load_manifest, load_plugin_module, require_cuda, require_tensorrt
+from .engine import (EngineManifest, check_engine_files, load_manifest, load_plugin_module, require_cuda,
+                     require_tensorrt)
 
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
                  "INT64": torch.int64}
@@ -28,8 +30,9 @@ class EngineRunner:
         require_cuda()
         self.engine_path = Path(engine_path)
         self.manifest: EngineManifest = load_manifest(engine_path, spec_hash=spec_hash, tensorrt_version=trt.__version__)
-        module_path = self.manifest.plugin.get("module")
-        plugin = load_plugin_module(module_path if module_path and Path(module_path).is_file() else None)
+        # An engine and its plugin module are code: both are checked against the manifest's sha256 before
+        # the module runs or TensorRT deserialises the engine (a damaged engine could crash the process).
+        plugin = load_plugin_module(check_engine_files(self.manifest, self.engine_path))
         plugin.register_plugin(aot=self.manifest.plugin.get("implementation") == "aot")
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)

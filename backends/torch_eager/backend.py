@@ -1,23 +1,22 @@
 """The `torch` backend: the eager module in-process, and a standalone model.py bundle as the artifact.
 
 Layer graphs lower to `MoELayer` (runner: x [B, S, H] -> {"out", routing record}); model graphs to
-`MoEModel` (runner: input_ids int64 [B, S] -> {"logits", "layers.{i}.expert_idx", "layers.{i}.weights"}).
+`MoEModel` (runner: input_ids int64 [B, S] -> {"logits", "layers.{i}.expert_idx", "layers.{i}.weights"});
+decode graphs to a generating `MoEModel` (runner: the graph's inputs by name -> its outputs by name, a
+moe_ir.generation.Step).
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import yaml
 
+from moe_ir.artifacts import OutputFolder
 from moe_ir.builder import spec_hash
 from moe_ir.errors import BackendError
 from moe_ir.ir import Graph, GraphKind
-from moe_ir.model_builder import model_spec_hash
+from moe_ir.model_builder import decode_contract_problem, is_decode_graph, model_spec_hash
 from moe_ir.model_spec import ModelSpec, model_spec_to_dict
 from moe_ir.params import save_weights
 from moe_ir.spec import LayerSpec, spec_to_dict
@@ -48,6 +47,13 @@ def lower(graph: Graph, weights: Mapping[str, torch.Tensor] | None = None, **opt
 def make_runner(module: torch.nn.Module) -> Runner:
     module.eval()
     check = module.check_input_ids if isinstance(module, MoEModel) else None
+    if isinstance(module, MoEModel) and module.cache_entries:
+        def step(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            module.check_input_ids(inputs.get("input_ids"))
+            with torch.no_grad():
+                return module.step(inputs)
+
+        return step
 
     def run(x: torch.Tensor) -> dict[str, torch.Tensor]:
         if check is not None:
@@ -69,7 +75,7 @@ class TorchBackend(Backend):
         missing = unsupported_ops(graph)
         if missing:
             return False, f"no eager implementation of op(s) {', '.join(missing)}"
-        problem = graph.contract_problem()
+        problem = decode_contract_problem(graph) if is_decode_graph(graph) else graph.contract_problem()
         if problem:
             return False, problem
         return True, ""
@@ -77,13 +83,10 @@ class TorchBackend(Backend):
     def prepare(self, graph: Graph, weights: Mapping[str, torch.Tensor], **options: Any) -> Runner:
         return make_runner(lower(graph, weights, **options))
 
-    def build(self, spec: LayerSpec | ModelSpec, graph: Graph, weights: Mapping[str, torch.Tensor], out_dir: Path,
-              **options: Any) -> BuildResult:
-        """Write OUT/model.py, OUT/weights.safetensors and OUT/spec.yaml, all or nothing (a layer spec with
-        its layer graph, or a model spec with its model graph).
-
-        The bundle is assembled in a sibling temp folder and each file is moved into place only once all
-        three exist, so a failure leaves no half-written file in OUT."""
+    def write_artifact(self, spec: LayerSpec | ModelSpec, graph: Graph, weights: Mapping[str, torch.Tensor],
+                       out: OutputFolder, **options: Any) -> BuildResult:
+        """OUT/model.py, OUT/weights.safetensors and OUT/spec.yaml, committed together by `build` (a layer spec
+        with its layer graph, or a model spec with its model graph)."""
         model = isinstance(spec, ModelSpec)
         if model != (graph.kind == GraphKind.MODEL):
             raise BackendError(f"torch build: spec '{spec.name}' is a {'model' if model else 'layer'} spec but graph "
@@ -99,19 +102,10 @@ class TorchBackend(Backend):
                                  gamma=aux_free.gamma if aux_free is not None else None)
         # The module checks names and shapes (one WeightsError listing every mismatch) before anything is written.
         module = lower(graph, weights)
-        out_dir = Path(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        out.path("model.py").write_text(source)
+        save_weights(module.canonical_weights(), out.path("weights.safetensors"),
+                     {"spec_hash": digest, "format": "moe-ir canonical"})
+        out.path("spec.yaml").write_text(yaml.safe_dump(spec_data, sort_keys=False))
         names = ("model.py", "weights.safetensors", "spec.yaml")
-        try:
-            (staging / "model.py").write_text(source)
-            save_weights(module.canonical_weights(), staging / "weights.safetensors",
-                         {"spec_hash": digest, "format": "moe-ir canonical"})
-            (staging / "spec.yaml").write_text(yaml.safe_dump(spec_data, sort_keys=False))
-            out_dir.mkdir(parents=True, exist_ok=True)
-            for name in names:
-                os.replace(staging / name, out_dir / name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return BuildResult(files=[out_dir / name for name in names],
-                           notes=[f"standalone PyTorch module: {out_dir / 'model.py'} (depends on torch only)"])
+        return BuildResult(files=[out.final(name) for name in names],
+                           notes=[f"standalone PyTorch module: {out.final('model.py')} (depends on torch only)"])

@@ -25,6 +25,7 @@ from moe_ir.ir import Graph, GraphKind, Value, ValueKind
 from .. import torch_source
 from ..torch_ops import lower_node
 from moe_ir.ir import MODEL_INPUT
+from moe_ir.model_builder import cache_entries, is_decode_graph
 from .module import compute_dtype_weight, output_groups
 
 # What a node's run-time arguments are in the generated forward (torch_ops.RUNTIME_ARGS).
@@ -150,6 +151,60 @@ def _update_bias_lines(graph: Graph) -> list[str]:
     return out
 
 
+def _decode_forward(graph: Graph, local: _LocalNames) -> tuple[list[str], list[str], str]:
+    """For a decode graph: (the forward's first lines, the methods after it, the returned cache expression).
+    The cache is a dict from past names to tensors; forward returns the present one under the same names,
+    so it feeds the next call as is; position_ids are computed from the attention mask."""
+    entries = cache_entries(graph)
+    table = ", ".join(f"({e.past!r}, {e.present!r}, {e.heads}, {e.dim})" for e in entries)
+    dtype_of = weight_expression("embed.weight")
+    first = entries[0].past
+    head = [
+        "        if cache is None:",
+        "            cache = self.empty_cache(input_ids.shape[0], input_ids.device)",
+        f"        past = cache[{first!r}].shape[2]",
+        "        if attention_mask is None:",
+        "            attention_mask = torch.ones(input_ids.shape[0], past + input_ids.shape[1], dtype=torch.int64,",
+        "                                        device=input_ids.device)",
+        "        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)[:, past:]",
+    ]
+    for name in ("attention_mask", "position_ids"):
+        local.taken.add(name)
+        local.names[name] = name
+    for e in entries:
+        head.append(f"        {local(e.past)} = cache[{e.past!r}]")
+    methods = [
+        "",
+        f"    CACHE = [{table}]  # (past name, present output, heads, dim): [B, heads, length, dim] each",
+        "",
+        "    def empty_cache(self, batch, device=None):",
+        '        """The cache before the first call (no tokens)."""',
+        f"        return {{past: torch.zeros(batch, heads, 0, dim, dtype={dtype_of}.dtype, device=device)",
+        "                for past, _, heads, dim in self.CACHE}",
+        "",
+        "    @torch.no_grad()",
+        "    def generate(self, input_ids, attention_mask=None, max_new_tokens=16, eos_token_id=None):",
+        '        """Greedy continuation of the prompts input_ids [B, S0] (left-padded where attention_mask is 0):',
+        '        the new tokens [B, max_new_tokens]; one call on the prompts, then one per token, the cache reused."""',
+        "        if attention_mask is None:",
+        "            attention_mask = torch.ones_like(input_ids)",
+        "        cache, new, out = None, input_ids, []",
+        "        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)",
+        "        for _ in range(max_new_tokens):",
+        "            logits, cache, _, _ = self(new, attention_mask, cache)",
+        "            token = logits[:, -1].argmax(dim=-1)",
+        "            if eos_token_id is not None:  # a finished sequence goes on producing eos",
+        "                token = torch.where(done, torch.full_like(token, eos_token_id), token)",
+        "                done = done | (token == eos_token_id)",
+        "            out.append(token)",
+        "            new = token[:, None]",
+        "            attention_mask = torch.cat([attention_mask, torch.ones_like(new)], dim=1)",
+        "        return torch.stack(out, dim=1)",
+    ]
+    present = ", ".join(f"{e.past!r}: {local(graph.outputs[e.present].name)}" for e in entries)
+    return head, methods, "{" + present + "}"
+
+
 def generate_source(graph: Graph, *, description: list[str] = (), gamma: float | None = None) -> str:
     """The text of model.py for a lowered layer or model graph. `description`: lines for the docstring (the
     spec it was built from); `gamma`: the aux-loss-free bias update rate, a training setting the graph
@@ -165,7 +220,9 @@ def generate_source(graph: Graph, *, description: list[str] = (), gamma: float |
     class_name = CLASS_NAMES[graph.kind]
     input_name = graph.inputs[0].name
     reserved = set(torch_source.FUNCTIONS) | set(dir(builtins)) | {"self", "torch", "F", "nn", "math", "generator",
-                                                                    "routing", "losses", "_Params", class_name}
+                                                                    "routing", "losses", "_Params", class_name,
+                                                                    "cache", "past"}
+    decode = is_decode_graph(graph)
     local = _LocalNames(reserved)
     local.taken.add(input_name)
     local.names[input_name] = input_name
@@ -180,7 +237,10 @@ def generate_source(graph: Graph, *, description: list[str] = (), gamma: float |
            f"    {'model' if model else 'layer'} = {class_name}(); "
            f"{'model' if model else 'layer'}.load_state_dict(load_file('weights.safetensors'))",
            f"    {main}, routing, losses = {'model' if model else 'layer'}({input_name})  # "
-           + ("input_ids int64 [batch, seq]" if model else "x [batch, seq, hidden]; out excludes the residual"),
+           + ("input_ids int64 [batch, seq]" if model else "x [batch, seq, hidden]; out excludes the residual")
+           if not decode else
+           "    new_tokens = model.generate(input_ids, attention_mask, max_new_tokens=16)  # greedy; or step by step:\n"
+           "    logits, cache, routing, losses = model(input_ids, attention_mask)  # then model(next_ids, mask, cache)",
            *(["", *description] if description else [])]
     out = ['"""' + docstring_text("\n".join(doc)), '"""', *torch_source.HEADER_IMPORTS, "from torch import nn", ""]
     out += torch_source.source_lines(functions)
@@ -194,16 +254,29 @@ def generate_source(graph: Graph, *, description: list[str] = (), gamma: float |
         out.append(f"    gamma = {gamma!r}  # aux-loss-free bias update rate")
         out.append("")
     out += ["    def __init__(self):", "        super().__init__()", *_init_lines(graph)]
-    out += ["", f"    def forward(self, {input_name}, generator=None):",
-            f'        """{input_name} -> ({main}, routing record, balance losses): one line per node of graph '
-            f"'{docstring_text(graph.name)}'.\"\"\""]
+    if decode:
+        out += ["", f"    def forward(self, {input_name}, attention_mask=None, cache=None, generator=None):",
+                f'        """New tokens {input_name} [B, S] after the cached ones (attention_mask [B, P+S], 1 = real '
+                "token; cache: the dict the previous call returned, None at first) -> "
+                f"({main}, the cache after them, routing record, balance losses): one line per node of graph "
+                f"'{docstring_text(graph.name)}'.\"\"\""]
+        cache_head, cache_methods, present = _decode_forward(graph, local)
+        out += cache_head
+    else:
+        out += ["", f"    def forward(self, {input_name}, generator=None):",
+                f'        """{input_name} -> ({main}, routing record, balance losses): one line per node of graph '
+                f"'{docstring_text(graph.name)}'.\"\"\""]
     if not model:
         out.append(f"        {input_name} = {input_name}.to({weight_expression(compute_dtype_weight(graph))}.dtype)")
     out += _forward_lines(graph, calls, local)
     values = local.names
     routing_text = ", ".join(f"{key!r}: {values[name]}" for key, name in routing)
     losses_text = ", ".join(f"{key!r}: {values[name]}" for key, name in losses)
-    out.append(f"        return {values[graph.outputs[main].name]}, {{{routing_text}}}, {{{losses_text}}}")
+    if decode:
+        out.append(f"        return {values[graph.outputs[main].name]}, {present}, {{{routing_text}}}, {{{losses_text}}}")
+        out += cache_methods
+    else:
+        out.append(f"        return {values[graph.outputs[main].name]}, {{{routing_text}}}, {{{losses_text}}}")
     out += update_bias
     return "\n".join(out) + "\n"
 

@@ -25,7 +25,9 @@ from torch import nn
 
 from moe_ir.builder import ROUTER_BIAS, build_graph
 from moe_ir.errors import BackendError, WeightsError
+from moe_ir.generation import KVCache, decode_inputs, greedy_generate
 from moe_ir.interpreter import check_weights
+from moe_ir.model_builder import cache_entries, is_decode_graph
 from moe_ir.ir import MODEL_INPUT, MODEL_OUTPUT, Graph, GraphKind, ValueKind
 from moe_ir.params import init_weights, load_weights, save_weights
 from moe_ir.spec import LayerSpec
@@ -74,6 +76,7 @@ class _Params(nn.Module):
 
 
 _LOSS_PREFIX = "loss."
+PRESENT_PREFIX = "present."  # a decode graph's present cache outputs (moe_ir.model_builder.cache_entries)
 _NOT_ROUTING = ("out", "aux_loss")
 
 
@@ -92,7 +95,7 @@ def output_groups(graph: Graph) -> tuple[str, list[tuple[str, str]], list[tuple[
     routing, losses = [], []
     if graph.kind == GraphKind.MODEL:
         for key, value in graph.outputs.items():
-            if key == MODEL_OUTPUT:
+            if key == MODEL_OUTPUT or key.startswith(PRESENT_PREFIX):  # the present cache: MoEModel's cache
                 continue
             if is_loss_key(key):
                 if not key.endswith(".aux_loss"):
@@ -272,7 +275,15 @@ class MoEModel(GraphModule):
 
     forward(input_ids [B, S] int64) -> ModelOutput(logits [B, S, V], routing, losses). Build the graph with
     routing=True for each MoE layer's expert_idx/weights, training=True for its losses, router logits and
-    loads too; `losses` holds each layer's `layers.{i}.loss.<kind>`, `aux_loss` their sum."""
+    loads too; `losses` holds each layer's `layers.{i}.loss.<kind>`, `aux_loss` their sum.
+
+    Lowered from a decode graph (build_model_graph(spec, form="decode")), the model generates:
+    forward(input_ids [B, S], attention_mask [B, P+S] = ones, cache = empty) runs the S new tokens after the
+    P cached ones and grows `cache` (a moe_ir.generation.KVCache from `new_cache(B)`) by them;
+    `generate(input_ids, attention_mask, max_new_tokens=N)` is the greedy loop; `step(inputs)` maps the
+    graph's inputs by name to its outputs by name (what a runner and moe_ir.generation take). The weights
+    are the prefill graph's, so a model trained through the prefill graph generates with
+    MoEModel(decode_graph, trained.canonical_weights())."""
 
     def __init__(self, graph: Graph, weights: Mapping[str, torch.Tensor] | None = None, *, seed: int = 0,
                  gamma: float | None = None, generator: torch.Generator | None = None):
@@ -286,15 +297,22 @@ class MoEModel(GraphModule):
         # MoE layers with an aux-loss-free selection bias: (layer prefix, bias owner module).
         self._biased_layers = [(name[: -len(ROUTER_BIAS)], owner) for name, owner, leaf in self._weight_slots
                                if name.endswith("." + ROUTER_BIAS)]
+        # A decode graph's cache tensors (past input -> present output); empty for a prefill graph.
+        self.cache_entries = cache_entries(graph) if is_decode_graph(graph) else []
+        self._present = [(e.present, graph.outputs[e.present].name) for e in self.cache_entries]
 
     @classmethod
     def from_spec(cls, spec: "ModelSpec", *, training: bool = True, seed: int = 0,
-                  weights: Mapping[str, torch.Tensor] | None = None, **kwargs: Any) -> "MoEModel":
-        from moe_ir.model_builder import build_model_graph
+                  weights: Mapping[str, torch.Tensor] | None = None, form: str = "prefill",
+                  mla_cache: str = "expanded", **kwargs: Any) -> "MoEModel":
+        """The model of a spec: prefill (trainable), or with form="decode" the generating one (no training
+        outputs; `mla_cache` chooses an MLA model's cache layout)."""
+        from moe_ir.model_builder import GraphForm, build_model_graph
 
         aux_free = spec.moe.balance.aux_free
-        return cls(build_model_graph(spec, routing=True, training=training), weights, seed=seed,
-                   gamma=aux_free.gamma if aux_free is not None else None, **kwargs)
+        decode = GraphForm(form) == GraphForm.DECODE
+        graph = build_model_graph(spec, routing=True, training=training and not decode, form=form, mla_cache=mla_cache)
+        return cls(graph, weights, seed=seed, gamma=aux_free.gamma if aux_free is not None else None, **kwargs)
 
     def check_input_ids(self, input_ids: torch.Tensor) -> None:
         """Shape, dtype and the token range; runners call it (the range check reads the data, which a
@@ -307,13 +325,58 @@ class MoEModel(GraphModule):
             raise BackendError(f"model '{self.graph.name}': token ids must be in [0, {self.vocab_size}), got "
                                f"{int(input_ids.min())}..{int(input_ids.max())}")
 
-    def forward(self, input_ids: torch.Tensor) -> ModelOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> ModelOutput:
         if input_ids.dim() != 2 or input_ids.dtype != torch.int64:
             raise BackendError(f"model '{self.graph.name}': input_ids must be int64 [B, S], got "
                                f"{input_ids.dtype} {list(input_ids.shape)}")
-        env = self._run({MODEL_INPUT: input_ids})
+        if not self.cache_entries:
+            if attention_mask is not None or cache is not None:
+                raise BackendError(self._not_decode("takes no attention_mask or cache"))
+            env = self._run({MODEL_INPUT: input_ids})
+        else:
+            if cache is None:
+                cache = self.new_cache(input_ids.shape[0])
+            if attention_mask is None:
+                attention_mask = torch.ones(input_ids.shape[0], cache.length + input_ids.shape[1], dtype=torch.int64,
+                                            device=input_ids.device)
+            env = self._run(decode_inputs(input_ids, attention_mask, cache))
+            cache.update({key: env[name] for key, name in self._present}, input_ids.shape[1])
         return ModelOutput(env[self._main_output], {key: env[name] for key, name in self._routing},
                            {key: env[name] for key, name in self._losses})
+
+    # -- generation (decode graphs) ---------------------------------------------------------------
+
+    def _not_decode(self, what: str) -> str:
+        return (f"model '{self.graph.name}' was lowered from a prefill graph and {what}; lower the decode graph "
+                "(build_model_graph(spec, form='decode'), or MoEModel.from_spec(spec, form='decode')) to generate")
+
+    def new_cache(self, batch: int) -> KVCache:
+        """An empty cache for `batch` sequences, in the weights' dtype and device."""
+        if not self.cache_entries:
+            raise BackendError(self._not_decode("has no cache"))
+        like = self.embed.weight
+        return KVCache.empty(self.cache_entries, batch, dtype=like.dtype, device=like.device)
+
+    def step(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One call of the graph: its inputs by name -> every graph output by name (logits, present.*, routing)."""
+        env = self._run(inputs)
+        return {key: env[value.name] for key, value in self.graph.outputs.items()}
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, max_new_tokens: int,
+                 eos_token_id: int | None = None, choose: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """The new tokens [B, max_new_tokens] after the prompts input_ids [B, S0] (left-padded where
+        attention_mask is 0): greedy unless `choose(logits [B, V]) -> tokens [B]` is given; `on_token(tokens)`
+        hears each step's tokens as they come (moe_ir.generation.greedy_generate)."""
+        if not self.cache_entries:
+            raise BackendError(self._not_decode("cannot generate"))
+        self.check_input_ids(input_ids)
+        like = self.embed.weight
+        return greedy_generate(self.step, self.cache_entries, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                               eos_token_id=eos_token_id, cache_dtype=like.dtype, choose=choose,
+                               on_token=on_token).tokens
 
     @torch.no_grad()
     def update_bias(self, routing: Mapping[str, torch.Tensor], gamma: float | None = None) -> None:

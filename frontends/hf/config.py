@@ -40,7 +40,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from moe_ir.errors import SpecError
-from moe_ir.spec import Activation, AuxFree, DType, GroupScore, LayerSpec, spec_from_dict, spec_to_dict
+from moe_ir.spec import (MAX_EXPERTS, MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_LAYERS, MAX_SHARED_EXPERTS, MAX_VOCAB,
+                         MAX_WIDTH, Activation, AuxFree, DType, GroupScore, LayerSpec, show_number, spec_from_dict,
+                         spec_to_dict)
 
 __all__ = ["FAMILY_DEFAULTS", "SUPPORTED_MODEL_TYPES", "HFLayerInfo", "describe_hf_config", "describe_hf_config_file",
            "import_hf_config_file", "info_comment", "moe_layer_indices", "spec_from_hf_config", "spec_yaml_text"]
@@ -94,6 +96,21 @@ _ALIASES: dict[str, dict[str, str]] = {
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILY_DEFAULTS)
 
+# Upper bounds of a config's sizes: the spec's own (moe_ir.spec), stated under the config's key names so
+# that `num_hidden_layers: 10**12` is refused by name before any per-layer table is made. A config.json
+# is a few KiB; MAX_CONFIG_BYTES bounds what is read before parsing.
+_MAXIMA = {
+    "hidden_size": MAX_HIDDEN, "num_hidden_layers": MAX_LAYERS, "vocab_size": MAX_VOCAB,
+    "moe_intermediate_size": MAX_WIDTH, "intermediate_size": MAX_WIDTH, "shared_expert_intermediate_size": MAX_WIDTH,
+    "n_routed_experts": MAX_EXPERTS, "num_local_experts": MAX_EXPERTS, "num_experts": MAX_EXPERTS,
+    "num_experts_per_tok": MAX_EXPERTS, "n_group": MAX_EXPERTS, "topk_group": MAX_EXPERTS,
+    "n_shared_experts": MAX_SHARED_EXPERTS, "decoder_sparse_step": MAX_LAYERS, "moe_layer_freq": MAX_LAYERS,
+    "first_k_dense_replace": MAX_LAYERS, "num_attention_heads": MAX_HEADS, "num_key_value_heads": MAX_HEADS,
+    "kv_lora_rank": MAX_HEAD_DIM, "q_lora_rank": MAX_HEAD_DIM, "qk_nope_head_dim": MAX_HEAD_DIM,
+    "qk_rope_head_dim": MAX_HEAD_DIM, "v_head_dim": MAX_HEAD_DIM, "head_dim": MAX_HEAD_DIM,
+}
+MAX_CONFIG_BYTES = 1 << 20
+
 # hidden_act -> gated activation of the experts. ACT2FN["gelu"] is the exact (erf) GELU, as ours;
 # the tanh approximations ("gelu_new", "gelu_pytorch_tanh") are not, so they are refused.
 _ACTIVATIONS = {"silu": Activation.SWIGLU, "swish": Activation.SWIGLU, "gelu": Activation.GEGLU}
@@ -136,10 +153,16 @@ class FamilyConfig:
             raise self.fail(key, f"'{key}' is required for an MoE layer and is missing or null")
         kinds = kind if isinstance(kind, tuple) else (kind,)
         if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > 10**300:  # float() of a larger int overflows
+                raise self.fail(key, f"expected a number a float holds, found {show_number(value)}")
             value = float(value)
         if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
             names = " or ".join(k.__name__ for k in kinds)
-            raise self.fail(key, f"expected {names}, found {value!r}")
+            found = show_number(value) if isinstance(value, (int, float)) else repr(value)[:80]
+            raise self.fail(key, f"expected {names}, found {found}")
+        if isinstance(value, int) and not isinstance(value, bool) and value > _MAXIMA.get(key, 10**18):
+            raise self.fail(key, f"{key}={show_number(value)} is above moe-ir's bound of "
+                                 f"{_MAXIMA.get(key, 10**18):,} for this size")
         return value
 
     def positive(self, key: str) -> int:
@@ -398,8 +421,8 @@ def describe_hf_config(config: Any, *, layer: int | None = None, name: str | Non
     names the spec and selects which weights `weights_from_hf` reads."""
     data = config_dict(config)
     model_type = data.get("model_type")
-    if model_type not in _FAMILIES:
-        found = "no model_type" if model_type is None else f"model_type {model_type!r}"
+    if not isinstance(model_type, str) or model_type not in _FAMILIES:
+        found = "no model_type" if model_type is None else f"model_type {repr(model_type)[:60]}"
         raise SpecError(f"{found}; supported Hugging Face MoE families: {', '.join(SUPPORTED_MODEL_TYPES)}",
                         path="model_type", file=file)
     c = FamilyConfig(data, model_type, file)
@@ -460,10 +483,19 @@ def read_config_json(path: str | Path) -> tuple[dict, str]:
     if not path.exists():
         raise SpecError("no such config file", file=file)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as f:  # read one byte past the bound: a pipe or /dev/zero states no size
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise SpecError(f"the file is larger than {MAX_CONFIG_BYTES >> 20} MiB; a config.json is a few KiB",
+                            file=file)
+        data = json.loads(raw.decode("utf-8"))
     except json.JSONDecodeError as err:
         raise SpecError(f"not valid JSON: {err.msg}", line=err.lineno, file=file) from None
-    except (OSError, UnicodeDecodeError) as err:
+    except RecursionError:
+        raise SpecError("not a config: the JSON nests too deeply", file=file) from None
+    except ValueError as err:  # an integer of more digits than Python converts; a bad UTF-8 byte
+        raise SpecError(f"cannot read the config: {str(err).split(';')[0][:160]}", file=file) from None
+    except OSError as err:
         raise SpecError(f"cannot read the config: {err}", file=file) from None
     if not isinstance(data, dict):
         raise SpecError("a Hugging Face config.json must hold a JSON object", file=file)

@@ -24,17 +24,14 @@ The dense FFNs use the experts' activation (the families build every MLP from hi
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 import torch
 
-from moe_ir.errors import WeightsError
-from moe_ir.interpreter import check_weights
-from moe_ir.model_builder import build_model_graph
 from moe_ir.model_spec import AttentionKind, ModelSpec, model_spec_from_dict
 from moe_ir.spec import spec_to_dict
 from .config import FAMILY_DEFAULTS, FamilyConfig, config_dict, describe_hf_config
-from .weights import weights_from_hf
 
 __all__ = ["MODEL_DEFAULTS", "model_spec_from_hf_config", "weights_from_hf_model"]
 
@@ -87,7 +84,9 @@ def _rope_theta(c: FamilyConfig) -> float:
                               "and, for YaRN, the softmax scale); only plain RoPE is")
     params = c.data.get("rope_parameters") or {}
     if "rope_theta" in params:
-        return float(params["rope_theta"])
+        # Read like a top-level key: a number (not a string or a list), the error naming where it sits.
+        return FamilyConfig({"rope_parameters.rope_theta": params["rope_theta"]}, c.model_type, c.file).get(
+            "rope_parameters.rope_theta", float)
     return c.get("rope_theta", float)
 
 
@@ -113,6 +112,14 @@ def _positive(c: FamilyConfig, key: str) -> int:
     return c.positive(key)
 
 
+def _name_from_path(name_or_path: str, model_type: str) -> str:
+    """A spec name from a config's `_name_or_path` (a hub id or a local folder): its last part, with what a
+    spec name cannot hold (it becomes a file name) replaced by '_'; the model type when nothing is left."""
+    last = name_or_path.rstrip("/\\").replace("\\", "/").split("/")[-1]
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", last).lstrip("._-")[:128]
+    return cleaned or model_type
+
+
 def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str | None = None) -> ModelSpec:
     """ModelSpec of a transformers config object or config.json dict of a supported MoE family.
 
@@ -124,8 +131,12 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
     c = _config(data, t, file)
     hidden, heads = layer_spec.hidden, _positive(c, "num_attention_heads")
     _stated(c, "num_key_value_heads")
-    kv_heads = c.get("num_key_value_heads", int, optional=True) or heads  # null: as many as query heads
-    model_name = name or str(data.get("_name_or_path") or t).rstrip("/").split("/")[-1] or t
+    kv_heads = c.get("num_key_value_heads", int, optional=True)
+    if kv_heads is None:  # null: as many as query heads
+        kv_heads = heads
+    elif kv_heads < 1:  # not "unset": 0 would otherwise read as multi-head attention
+        raise c.fail("num_key_value_heads", f"expected a positive integer, found {kv_heads}")
+    model_name = name or _name_from_path(str(data.get("_name_or_path") or ""), t)
     attention: dict[str, Any] = {"heads": heads, "rope_theta": _rope_theta(c)}
     layer_types = c.get("layer_types", list, optional=True) or []
     if any(kind != "full_attention" for kind in layer_types):
@@ -177,70 +188,17 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
     return model_spec_from_dict({"model": model, "moe": moe}, file=file)
 
 
-def _hf_attention_names(spec: ModelSpec) -> dict[str, str]:
-    """Canonical attention weight name (relative to `layers.i.attn.`) -> transformers name (relative to
-    `model.layers.i.self_attn.`)."""
-    a = spec.model.attention
-    if a.kind == AttentionKind.MLA:
-        names = {"w_kv_a": "kv_a_proj_with_mqa.weight", "kv_a_norm.weight": "kv_a_layernorm.weight",
-                 "w_kv_b": "kv_b_proj.weight", "w_o": "o_proj.weight", "b_kv_a": "kv_a_proj_with_mqa.bias",
-                 "b_o": "o_proj.bias"}
-        if a.q_lora_rank is None:
-            names["w_q"] = "q_proj.weight"
-        else:
-            names.update({"w_q_a": "q_a_proj.weight", "q_a_norm.weight": "q_a_layernorm.weight",
-                          "w_q_b": "q_b_proj.weight", "b_q_a": "q_a_proj.bias"})
-        return names
-    names = {f"w_{k}": f"{k}_proj.weight" for k in "qkvo"}
-    names.update({f"b_{k}": f"{k}_proj.bias" for k in "qkvo"})
-    names.update({"q_norm.weight": "q_norm.weight", "k_norm.weight": "k_norm.weight"})
-    return names
-
-
 def weights_from_hf_model(state_dict: Mapping[str, torch.Tensor] | torch.nn.Module, spec: ModelSpec,
                           *, prefix: str = "model.") -> dict[str, torch.Tensor]:
     """Canonical weights of the model graph from a transformers causal-LM state dict (or the model).
 
     Every graph weight must be found and every tensor of the source used; WeightsError lists what is not.
-    Tensors take the dtype the graph declares."""
-    if isinstance(state_dict, torch.nn.Module):
-        state_dict = state_dict.state_dict()
-    sd = dict(state_dict)
-    graph = build_model_graph(spec)
-    m = spec.model
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
+    Tensors take the dtype the graph declares. The names are frontends/hf/tensor_map.py's rules, which the
+    streamed checkpoint import (frontends/hf/checkpoint.py) and the export to transformers use too."""
+    from .checkpoint import canonical_tensors, plan_import
+    from .safetensors_io import Checkpoint
 
-    def take(ours: str, theirs: str) -> None:
-        if ours in graph.weights and theirs in sd:
-            out[ours] = sd[theirs]
-            used.add(theirs)
-
-    take("embed.weight", f"{prefix}embed_tokens.weight")
-    take("norm.weight", f"{prefix}norm.weight")
-    if not m.tied_embeddings:
-        take("lm_head.weight", "lm_head.weight")
-    elif "lm_head.weight" in sd:
-        used.add("lm_head.weight")  # the tied copy transformers lists under both names
-    attn_names = _hf_attention_names(spec)
-    for i in range(m.layers):
-        hf = f"{prefix}layers.{i}."
-        take(f"layers.{i}.attn_norm.weight", f"{hf}input_layernorm.weight")
-        take(f"layers.{i}.ffn_norm.weight", f"{hf}post_attention_layernorm.weight")
-        for ours, theirs in attn_names.items():
-            take(f"layers.{i}.attn.{ours}", f"{hf}self_attn.{theirs}")
-        if m.is_moe_layer(i):
-            block = f"{hf}block_sparse_moe." if any(k.startswith(f"{hf}block_sparse_moe.") for k in sd) else f"{hf}mlp."
-            block_sd = {k: v for k, v in sd.items() if k.startswith(block)}
-            for name, tensor in weights_from_hf(block_sd, spec.moe, block).items():
-                out[f"layers.{i}.moe.{name}"] = tensor
-            used.update(block_sd)
-        else:
-            for ours, theirs in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
-                take(f"layers.{i}.ffn.{ours}", f"{hf}mlp.{theirs}.weight")
-    unused = sorted(k for k in sd if k not in used)
-    if unused:
-        raise WeightsError(f"{len(unused)} tensors of the Hugging Face model have no place in spec '{m.name}': "
-                           + ", ".join(unused[:12]) + (" ..." if len(unused) > 12 else ""))
-    check_weights(graph, out)
-    return {name: t.to(graph.weights[name].type.dtype.torch).contiguous() for name, t in out.items()}
+    with Checkpoint(state_dict) as ckpt:
+        graph, rules = plan_import(spec, ckpt, prefix=prefix)
+        weights = dict(canonical_tensors(graph, rules, ckpt))
+    return {name: weights[name] for name in graph.weights}

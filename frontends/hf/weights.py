@@ -18,31 +18,17 @@ DeepSeek's fused shared MLP is split into the spec's `shared` experts along the 
 """
 from __future__ import annotations
 
-import enum
-import json
-import re
-from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import torch
 
-from moe_ir.builder import ROUTER_BIAS, ROUTER_WEIGHT, SHARED_GATE_WEIGHT, build_graph
+from moe_ir.builder import build_graph
 from moe_ir.errors import WeightsError
 from moe_ir.interpreter import check_weights
 from moe_ir.spec import LayerSpec
+from .tensor_map import HFLayout, detect_layout, moe_block_rules
 
 __all__ = ["HFLayout", "hf_layer_prefix", "read_hf_tensors", "weights_from_hf", "weights_to_hf", "detect_layout"]
-
-
-class HFLayout(enum.StrEnum):
-    STACKED = "stacked"
-    PER_EXPERT = "per_expert"
-    PER_EXPERT_W123 = "per_expert_w123"
-
-
-# Per-expert projection names: (gate, up, down).
-_PER_EXPERT_NAMES = {HFLayout.PER_EXPERT: ("gate_proj", "up_proj", "down_proj"),
-                     HFLayout.PER_EXPERT_W123: ("w1", "w3", "w2")}
 
 
 def hf_layer_prefix(layer: int, layout: HFLayout | str = HFLayout.STACKED, *,
@@ -60,57 +46,16 @@ def _norm_prefix(prefix: str) -> str:
 # reading tensors
 
 
-def _safetensors_files(path: Path, prefix: str) -> list[Path]:
-    """The safetensors files to read for `prefix`: a file, an index json's files, or a folder's."""
-    if path.is_dir():
-        indexes = sorted(path.glob("*.safetensors.index.json"))
-        if indexes:
-            path = indexes[0]
-        else:
-            files = sorted(path.glob("*.safetensors"))
-            if not files:
-                raise WeightsError(f"{path}: no *.safetensors files in this folder")
-            return files
-    if not path.exists():
-        raise WeightsError(f"{path}: no such weights file")
-    if path.suffix == ".json":
-        try:
-            weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise WeightsError(f"{path}: not a safetensors index (a JSON object with 'weight_map'): {err}") from None
-        names = sorted({f for k, f in weight_map.items() if k.startswith(prefix)})
-        return [path.parent / f for f in names]
-    return [path]
-
-
 def read_hf_tensors(source: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     """Tensors under `prefix` (names with the prefix removed) from a state dict, an nn.Module, or
     safetensors file(s): a file, a list of files, a folder, or a `*.safetensors.index.json`.
     Only the tensors under the prefix are read from disk."""
-    prefix = _norm_prefix(prefix)
-    if isinstance(source, torch.nn.Module):
-        source = source.state_dict()
-    if isinstance(source, Mapping):
-        return {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}
-    paths: Sequence[Any] = [source] if isinstance(source, (str, Path)) else list(source)
-    from safetensors import SafetensorError, safe_open
+    from .safetensors_io import Checkpoint
 
-    out: dict[str, torch.Tensor] = {}
-    for p in paths:
-        for file in _safetensors_files(Path(p), prefix):
-            if not file.exists():
-                raise WeightsError(f"{file}: no such weights file (named by the safetensors index)")
-            try:
-                with safe_open(str(file), framework="pt") as fh:
-                    for key in fh.keys():
-                        if key.startswith(prefix):
-                            name = key[len(prefix):]
-                            if name in out:
-                                raise WeightsError(f"{file}: tensor {key} appears in more than one file")
-                            out[name] = fh.get_tensor(key)
-            except (SafetensorError, OSError) as err:
-                raise WeightsError(f"{file}: not a readable safetensors file ({err})") from None
-    return out
+    prefix = _norm_prefix(prefix)
+    with Checkpoint(source) as ckpt:
+        names = [k for k in ckpt.entries if k.startswith(prefix)]
+        return {k[len(prefix):]: t for k, t in zip(names, ckpt.read_many(names))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,47 +75,12 @@ def _check_spec(spec: LayerSpec) -> None:
         raise WeightsError(f"spec '{spec.name}' has no Hugging Face weight layout: " + "; ".join(problems))
 
 
-def _shared_names(spec: LayerSpec) -> tuple[str, str | None]:
-    """(module name of the shared MLP, name of its gate weight): Qwen2-MoE's gated one or DeepSeek's."""
-    if spec.experts.shared_gate:
-        return "shared_expert", "shared_expert_gate.weight"
-    return "shared_experts", None
-
-
 def _expected_hf_shapes(spec: LayerSpec, layout: HFLayout) -> dict[str, tuple[int, ...]]:
-    e, h = spec.experts, spec.hidden
-    n, f = e.routed, e.width
-    shapes: dict[str, tuple[int, ...]] = {"gate.weight": (n, h)}
-    if spec.balance.aux_free is not None:
-        shapes["gate.e_score_correction_bias"] = (n,)
-    if layout == HFLayout.STACKED:
-        shapes["experts.gate_up_proj"] = (n, 2 * f, h)
-        shapes["experts.down_proj"] = (n, h, f)
-    else:
-        g, u, d = _PER_EXPERT_NAMES[layout]
-        for i in range(n):
-            shapes[f"experts.{i}.{g}.weight"] = (f, h)
-            shapes[f"experts.{i}.{u}.weight"] = (f, h)
-            shapes[f"experts.{i}.{d}.weight"] = (h, f)
-    if e.shared:
-        mlp, gate = _shared_names(spec)
-        fs = e.shared * e.shared_ffn_width
-        shapes[f"{mlp}.gate_proj.weight"] = (fs, h)
-        shapes[f"{mlp}.up_proj.weight"] = (fs, h)
-        shapes[f"{mlp}.down_proj.weight"] = (h, fs)
-        if gate:
-            shapes[gate] = (1, h)
+    our_shapes = {name: tuple(v.type.shape) for name, v in build_graph(spec).weights.items()}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for rule in moe_block_rules(spec, layout):
+        shapes.update(rule.their_shapes(our_shapes))
     return shapes
-
-
-def detect_layout(names: Iterable[str]) -> HFLayout:
-    """The expert layout the tensor names use (stacked when nothing identifies one)."""
-    names = list(names)
-    if any(re.fullmatch(r"experts\.\d+\.w[123]\.weight", k) for k in names):
-        return HFLayout.PER_EXPERT_W123
-    if any(re.fullmatch(r"experts\.\d+\.(gate|up|down)_proj\.weight", k) for k in names):
-        return HFLayout.PER_EXPERT
-    return HFLayout.STACKED
 
 
 def _sorted_experts_first(names: Iterable[str]) -> list[str]:
@@ -231,30 +141,9 @@ def weights_from_hf(source: Any, spec: LayerSpec, layer_prefix: str = "", *, lay
     if err is not None:
         raise err
 
-    e = spec.experts
-    f = e.width
-    out: dict[str, torch.Tensor] = {ROUTER_WEIGHT: found["gate.weight"]}
-    if spec.balance.aux_free is not None:
-        out[ROUTER_BIAS] = found["gate.e_score_correction_bias"]
-    if layout == HFLayout.STACKED:
-        gate_up = found["experts.gate_up_proj"]
-        out["experts.w_gate"] = gate_up[:, :f]
-        out["experts.w_up"] = gate_up[:, f:]
-        out["experts.w_down"] = found["experts.down_proj"]
-    else:
-        g, u, d = _PER_EXPERT_NAMES[layout]
-        for ours, theirs in (("w_gate", g), ("w_up", u), ("w_down", d)):
-            out[f"experts.{ours}"] = torch.stack([found[f"experts.{i}.{theirs}.weight"] for i in range(e.routed)])
-    if e.shared:
-        mlp, gate = _shared_names(spec)
-        fs = e.shared_ffn_width
-        for i in range(e.shared):
-            rows = slice(i * fs, (i + 1) * fs)
-            out[f"shared.{i}.w_gate"] = found[f"{mlp}.gate_proj.weight"][rows]
-            out[f"shared.{i}.w_up"] = found[f"{mlp}.up_proj.weight"][rows]
-            out[f"shared.{i}.w_down"] = found[f"{mlp}.down_proj.weight"][:, rows]
-        if gate:
-            out[SHARED_GATE_WEIGHT] = found[gate]
+    out: dict[str, torch.Tensor] = {}
+    for rule in moe_block_rules(spec, layout):
+        out.update(zip(rule.ours, rule.to_ours([found[name] for name in rule.theirs])))
 
     graph = build_graph(spec)
     check_weights(graph, out)
@@ -272,23 +161,8 @@ def weights_to_hf(weights: Mapping[str, torch.Tensor], spec: LayerSpec, layout: 
     _check_spec(spec)
     layout = HFLayout(layout)
     check_weights(build_graph(spec), weights)
-    e = spec.experts
-    out: dict[str, torch.Tensor] = {"gate.weight": weights[ROUTER_WEIGHT]}
-    if spec.balance.aux_free is not None:
-        out["gate.e_score_correction_bias"] = weights[ROUTER_BIAS]
-    if layout == HFLayout.STACKED:
-        out["experts.gate_up_proj"] = torch.cat([weights["experts.w_gate"], weights["experts.w_up"]], dim=1)
-        out["experts.down_proj"] = weights["experts.w_down"]
-    else:
-        g, u, d = _PER_EXPERT_NAMES[layout]
-        for ours, theirs in (("w_gate", g), ("w_up", u), ("w_down", d)):
-            for i in range(e.routed):
-                out[f"experts.{i}.{theirs}.weight"] = weights[f"experts.{ours}"][i]
-    if e.shared:
-        mlp, gate = _shared_names(spec)
-        for ours, theirs, dim in (("w_gate", "gate_proj", 0), ("w_up", "up_proj", 0), ("w_down", "down_proj", 1)):
-            out[f"{mlp}.{theirs}.weight"] = torch.cat([weights[f"shared.{i}.{ours}"] for i in range(e.shared)], dim=dim)
-        if gate:
-            out[gate] = weights[SHARED_GATE_WEIGHT]
+    out: dict[str, torch.Tensor] = {}
+    for rule in moe_block_rules(spec, layout):
+        out.update(zip(rule.theirs, rule.to_theirs([weights[name] for name in rule.ours])))
     p = _norm_prefix(prefix)
     return {p + name: t.contiguous().clone() for name, t in out.items()}

@@ -142,6 +142,10 @@ class Graph:
         self._nodes: dict[str, Node] = {}
         self._values: dict[str, Value] = {}
         self._edges = nx.MultiDiGraph()
+        # Topological order of the node names, computed on demand and dropped by every change of the edges:
+        # `nodes` and `users` are called in loops by passes, and sorting per call made them quadratic
+        # (`moe-ir backends` on a 61-layer model took minutes in dce).
+        self._order: list[str] | None = None
 
     # -- construction -----------------------------------------------------------------------------
 
@@ -150,6 +154,9 @@ class Graph:
         """Why the graph breaks the interface of its kind (layer: x -> out; model: input_ids -> logits), or ""."""
         inputs = [v.name for v in self.inputs]
         if self.kind == GraphKind.MODEL:
+            if any(name.startswith("past_key_values.") for name in inputs):
+                return (f"model graph '{self.name}' is in decode form (a KV cache in and out); this target lowers "
+                        f"the prefill form ({MODEL_INPUT} -> {MODEL_OUTPUT}) only")
             if inputs != [MODEL_INPUT]:
                 return (f"model graph '{self.name}' has inputs {inputs}; expected [{MODEL_INPUT}] "
                         "(build it with moe_ir.model_builder.build_model_graph)")
@@ -188,6 +195,7 @@ class Graph:
         node.outputs = tuple(self._new_value(self._unique_value_name(n), t, ValueKind.NODE, node, i)
                              for i, (n, t) in enumerate(zip(names, types)))
         self._nodes[name] = node
+        self._order = None
         self._edges.add_node(name)
         for v in node.inputs:
             if v is not None and v.producer is not None:
@@ -202,9 +210,10 @@ class Graph:
     @property
     def nodes(self) -> list[Node]:
         """Nodes in a stable topological order (insertion order among independent nodes)."""
-        position = {n: i for i, n in enumerate(self._nodes)}
-        order = nx.lexicographical_topological_sort(self._edges, key=lambda n: position[n])
-        return [self._nodes[n] for n in order]
+        if self._order is None:
+            position = {n: i for i, n in enumerate(self._nodes)}
+            self._order = list(nx.lexicographical_topological_sort(self._edges, key=lambda n: position[n]))
+        return [self._nodes[n] for n in self._order]
 
     def node(self, name: str) -> Node:
         return self._nodes[name]
@@ -237,6 +246,7 @@ class Graph:
 
     def replace_uses(self, old: Value, new: Value) -> None:
         """Every operand and graph output that reads `old` reads `new` instead."""
+        self._order = None
         for node in self.users(old):
             node.inputs = tuple(new if v is old else v for v in node.inputs)
             if old.producer is not None:
@@ -256,6 +266,7 @@ class Graph:
             del self._values[out.name]
         self._edges.remove_node(node.name)
         del self._nodes[node.name]
+        self._order = None
 
     def remove_weight(self, value: Value) -> None:
         if self.users(value):

@@ -1,5 +1,6 @@
 """Whole-model ops: embedding, RMSNorm and causal self-attention (MHA/GQA with RoPE, and DeepSeek's
-multi-head latent attention), declared like the layer ops in ops.py and registered in the same registry.
+multi-head latent attention), in prefill form and in decode form (with a KV cache), declared like the layer
+ops in ops.py and registered in the same registry.
 
 Reference semantics follow the transformers implementations the tests compare against:
   rms_norm       x * rsqrt(mean(x^2) + eps) computed in float32 (float64 stays float64), times the weight
@@ -13,8 +14,28 @@ RoPE layouts: `half` rotates dim j with j + d/2 (rotate_half); `interleaved` rot
 as DeepSeek's checkpoints expect (transformers' DeepseekV3 `rope_interleave`, DeepseekV2's complex form).
 The interleaved result is written de-interleaved ([even dims, odd dims]) as DeepseekV3 does; queries and
 keys are permuted alike, so q.k and the attention output are the same as with the complex form.
+
+Decode form (`cached_attention`, `cached_mla_attention`): the same attention on S new tokens with a cache
+of P earlier ones. Besides x [B, S, H] it takes `position_ids` i64 [B, S] (the RoPE position of each new
+token), `attention_mask` i64 [B, P+S] (1 = a real token, 0 = padding, over past and new tokens) and the
+past cache; it returns y and the present cache (past and new tokens, P+S along dim 2). New token i sits
+in cache slot P+i and sees slot j when j <= P+i and the mask keeps j (it always sees itself, so a padding
+token stays finite and no real token ever reads it). Prefill is the decode form with an empty past
+(P = 0), positions 0..S-1 and a mask of ones: `attention` / `mla_attention` are exactly that (their
+reference runs the same functions), so one graph can serve prefill and decode. Cache layouts:
+  mha / gqa      key [B, kv_heads, L, head_dim] and value [B, kv_heads, L, head_dim], keys after q/k norm
+                 and RoPE (what transformers caches)
+  mla expanded   key [B, heads, L, qk_nope + qk_rope] (the rotary part repeated per head) and value
+                 [B, heads, L, v_head_dim] (what transformers caches)
+  mla latent     key slot: the normalised latent c_kv [B, 1, L, kv_lora_rank]; value slot: the rotated shared
+                 key k_rope [B, 1, L, qk_rope_head_dim] (what DeepSeek's inference caches; a kernel absorbs
+                 w_kv_b into the query and the output instead of expanding the cache)
+The reference expands the latent cache back to per-head K/V and attends as the expanded layout does; that
+is the obviously right form against which an absorbed kernel is checked.
 """
 from __future__ import annotations
+
+import enum
 
 from ..lazy import LazyModule
 
@@ -23,8 +44,14 @@ torch = LazyModule("torch")
 F = LazyModule("torch.nn.functional")
 
 from ..model_spec import QKNorm, RopeLayout
-from .graph import ElemType, TensorType
+from .graph import Dim, ElemType, TensorType
 from .ops import Attr, OpCode, OpDef, Port, expect, expect_dim, expect_float, expect_rank, register
+
+
+class MLACacheLayout(enum.StrEnum):
+    """What the decode form of multi-head latent attention caches (module docstring)."""
+    EXPANDED = "expanded"  # per-head K and V, as transformers caches them
+    LATENT = "latent"      # the compressed latent c_kv and the shared rotary key, as DeepSeek's inference does
 
 
 def rms_norm_math(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -34,16 +61,29 @@ def rms_norm_math(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     return weight * normed.to(x.dtype)
 
 
+def _inverse_frequencies(dim: int, theta: float, like: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+    compute = torch.float64 if like.dtype == torch.float64 else torch.float32
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=like.device).to(compute) / dim
+    return 1.0 / (theta ** exponents), compute
+
+
 def rope_cos_sin(seq_len: int, dim: int, theta: float, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [S, dim/2] for positions 0..S-1 (float32 as transformers computes them; float64 stays)."""
-    compute = torch.float64 if like.dtype == torch.float64 else torch.float32
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=like.device).to(compute) / dim))
+    inv_freq, compute = _inverse_frequencies(dim, theta, like)
     freqs = torch.arange(seq_len, device=like.device, dtype=compute)[:, None] * inv_freq[None, :]
     return freqs.cos().to(like.dtype), freqs.sin().to(like.dtype)
 
 
+def rope_cos_sin_at(positions: torch.Tensor, dim: int, theta: float,
+                    like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, 1, S, dim/2] for the positions i64 [B, S] of each token (broadcast over heads)."""
+    inv_freq, compute = _inverse_frequencies(dim, theta, like)
+    freqs = positions.to(compute)[..., None] * inv_freq
+    return freqs.cos().to(like.dtype)[:, None], freqs.sin().to(like.dtype)[:, None]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: RopeLayout) -> torch.Tensor:
-    """x [..., S, d] rotated by the angles of cos/sin [S, d/2]."""
+    """x [..., S, d] rotated by the angles of cos/sin [S, d/2] (or [B, 1, S, d/2])."""
     if layout == RopeLayout.HALF:
         half = x.shape[-1] // 2
         x1, x2 = x[..., :half], x[..., half:]
@@ -52,19 +92,36 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Ro
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [B,h,S,d], k [B,hk,S,d], v [B,hk,S,dv] -> [B,S,h*dv]; query head i reads kv head i // (h/hk)."""
+def visible_keys(attention_mask: torch.Tensor, new_len: int) -> torch.Tensor:
+    """bool [B, 1, S, L] from attention_mask [B, L]: new token i (cache slot L-S+i) sees slot j when
+    j <= L-S+i and the mask keeps j, and always sees itself (a padding token attends to itself only, so
+    no row is all -inf and no NaN reaches a later layer through the padding's keys and values)."""
+    total = attention_mask.shape[1]
+    slot = torch.arange(new_len, device=attention_mask.device)[:, None] + (total - new_len)
+    key = torch.arange(total, device=attention_mask.device)[None, :]
+    return (attention_mask.bool()[:, None, None, :] & (key <= slot)) | (key == slot)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, visible: torch.Tensor) -> torch.Tensor:
+    """q [B,h,S,d], k [B,hk,L,d], v [B,hk,L,dv], visible bool [B|1, 1, S, L] -> [B,S,h*dv];
+    query head i reads kv head i // (h/hk)."""
     b, h, s, _ = q.shape
     rep = h // k.shape[1]
     if rep > 1:
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    future = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
-    scores = scores.masked_fill(future, float("-inf"))
+    scores = scores.masked_fill(~visible, float("-inf"))
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     probs = torch.softmax(scores.to(compute), dim=-1).to(q.dtype)
     return torch.matmul(probs, v).transpose(1, 2).reshape(b, s, -1)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B,h,S,d], k [B,hk,S,d], v [B,hk,S,dv] -> [B,S,h*dv]: `attend` with no past and no padding."""
+    s = q.shape[2]
+    future = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+    return attend(q, k, v, scale, ~future)
 
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -81,6 +138,33 @@ def _expect_linear(node, w: TensorType | None, rows, cols, what: str) -> None:
 def _expect_vector(node, b: TensorType | None, size, what: str) -> None:
     if b is not None:
         expect(b.shape == (size,), node, f"{what} must be [{size}], found {b}")
+
+
+# Ports of the decode form, between x and the weights.
+_CACHE_PORTS = (Port("position_ids"), Port("attention_mask"), Port("past_key"), Port("past_value"))
+
+
+def _cache_types(node, x: TensorType, position_ids: TensorType, mask: TensorType, past_key: TensorType,
+                 past_value: TensorType, key: tuple[int, int], value: tuple[int, int]) -> list[TensorType]:
+    """Checks of the decode-form operands; the present key and value types ([B, heads, L, dim] each, with
+    (heads, dim) of `key` / `value`), L being the attention mask's length."""
+    expect_rank(x, 3, node, "x")
+    b, s = x.shape[:2]
+    for t, what in ((position_ids, "position_ids"), (mask, "attention_mask")):
+        expect(t.dtype == ElemType.INT64 and t.rank == 2, node, f"{what} must be i64[B, ...], found {t}")
+        expect_dim(t.shape[0], b, node, f"{what} batch vs x")
+    expect_dim(position_ids.shape[1], s, node, "position_ids length vs the new tokens of x")
+    for t, (heads, dim), what in ((past_key, key, "past_key"), (past_value, value, "past_value")):
+        expect(t.rank == 4 and t.dtype == x.dtype, node, f"{what} must be {x.dtype.value}[B, {heads}, P, {dim}], "
+                                                         f"found {t}")
+        expect_dim(t.shape[0], b, node, f"{what} batch vs x")
+        expect(t.shape[1] == heads and t.shape[3] == dim, node, f"{what} must be [B, {heads}, P, {dim}], found {t}")
+    expect_dim(past_key.shape[2], past_value.shape[2], node, "past_key length vs past_value length")
+    total = mask.shape[1]
+    if all(isinstance(d, int) for d in (past_key.shape[2], s, total)):
+        expect(total == past_key.shape[2] + s, node, f"attention_mask covers {total} tokens; past {past_key.shape[2]} "
+                                                     f"+ new {s} = {past_key.shape[2] + s}")
+    return [TensorType((b, key[0], total, key[1]), x.dtype), TensorType((b, value[0], total, value[1]), x.dtype)]
 
 
 @register
@@ -120,52 +204,165 @@ _ROPE_ATTRS = {"rope_theta": Attr(float, 10000.0), "rope_layout": Attr(RopeLayou
                "norm_eps": Attr(float, 1e-6, "epsilon of the q/k (or latent) RMSNorms")}
 
 
+# ---------------------------------------------------------------------------------------------------
+# MHA / GQA
+
+
+_MHA_WEIGHTS = (Port("w_q"), Port("w_k"), Port("w_v"), Port("w_o"), Port("b_q", optional=True),
+                Port("b_k", optional=True), Port("b_v", optional=True), Port("b_o", optional=True),
+                Port("q_norm", optional=True), Port("k_norm", optional=True))
+_MHA_ATTRS = {"heads": Attr(int), "kv_heads": Attr(int), "head_dim": Attr(int),
+              "qk_norm": Attr(QKNorm, QKNorm.NONE), **_ROPE_ATTRS}
+
+
+def _mha_types(node, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm) -> TensorType:
+    """Checks of x and the weights; the type of y."""
+    a = node.attrs
+    expect_rank(x, 3, node, "x")
+    h = x.shape[2]
+    nq, nkv, d = a["heads"] * a["head_dim"], a["kv_heads"] * a["head_dim"], a["head_dim"]
+    expect(a["heads"] % a["kv_heads"] == 0, node, f"kv_heads={a['kv_heads']} must divide heads={a['heads']}")
+    expect(d % 2 == 0, node, f"RoPE needs an even head_dim, found {d}")
+    _expect_linear(node, w_q, nq, h, "w_q")
+    _expect_linear(node, w_k, nkv, h, "w_k")
+    _expect_linear(node, w_v, nkv, h, "w_v")
+    expect_dim(w_o.shape[1], nq, node, "w_o columns vs heads*head_dim")
+    for b, size, what in ((b_q, nq, "b_q"), (b_k, nkv, "b_k"), (b_v, nkv, "b_v"), (b_o, w_o.shape[0], "b_o")):
+        _expect_vector(node, b, size, what)
+    norm = a["qk_norm"]
+    if norm == QKNorm.NONE:
+        expect(q_norm is None and k_norm is None, node, "qk_norm none takes no q/k norm weights")
+    else:
+        qs, ks = (d, d) if norm == QKNorm.HEAD else (nq, nkv)
+        _expect_vector(node, q_norm, qs, "q_norm")
+        _expect_vector(node, k_norm, ks, "k_norm")
+        expect(q_norm is not None and k_norm is not None, node, f"qk_norm {norm.value} needs q_norm and k_norm")
+    return TensorType(x.shape[:2] + (w_o.shape[0],), x.dtype)
+
+
+def _mha_qkv(attrs, x, cos, sin, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm):
+    """q [B, heads, S, d], k and v [B, kv_heads, S, d] of the tokens x, q and k normalised and rotated."""
+    heads, kv_heads = attrs["heads"], attrs["kv_heads"]
+    norm, eps = attrs["qk_norm"], attrs["norm_eps"]
+    q, k, v = F.linear(x, w_q, b_q), F.linear(x, w_k, b_k), F.linear(x, w_v, b_v)
+    if norm == QKNorm.FULL:
+        q, k = rms_norm_math(q, q_norm, eps), rms_norm_math(k, k_norm, eps)
+    q, k, v = _heads(q, heads), _heads(k, kv_heads), _heads(v, kv_heads)
+    if norm == QKNorm.HEAD:
+        q, k = rms_norm_math(q, q_norm, eps), rms_norm_math(k, k_norm, eps)
+    return apply_rope(q, cos, sin, attrs["rope_layout"]), apply_rope(k, cos, sin, attrs["rope_layout"]), v
+
+
 @register
 class Attention(OpDef):
     opcode = OpCode.ATTENTION
-    doc = "causal multi-head / grouped-query self-attention with RoPE on x [B, S, H]"
-    inputs = (Port("x"), Port("w_q"), Port("w_k"), Port("w_v"), Port("w_o"), Port("b_q", optional=True),
-              Port("b_k", optional=True), Port("b_v", optional=True), Port("b_o", optional=True),
-              Port("q_norm", optional=True), Port("k_norm", optional=True))
+    doc = "causal multi-head / grouped-query self-attention with RoPE on x [B, S, H] (positions 0..S-1)"
+    inputs = (Port("x"),) + _MHA_WEIGHTS
     output_names = ("y",)
-    attrs = {"heads": Attr(int), "kv_heads": Attr(int), "head_dim": Attr(int),
-             "qk_norm": Attr(QKNorm, QKNorm.NONE), **_ROPE_ATTRS}
+    attrs = _MHA_ATTRS
 
-    def infer_types(self, node, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm):
-        a = node.attrs
-        expect_rank(x, 3, node, "x")
-        h = x.shape[2]
-        nq, nkv, d = a["heads"] * a["head_dim"], a["kv_heads"] * a["head_dim"], a["head_dim"]
-        expect(a["heads"] % a["kv_heads"] == 0, node, f"kv_heads={a['kv_heads']} must divide heads={a['heads']}")
-        expect(d % 2 == 0, node, f"RoPE needs an even head_dim, found {d}")
-        _expect_linear(node, w_q, nq, h, "w_q")
-        _expect_linear(node, w_k, nkv, h, "w_k")
-        _expect_linear(node, w_v, nkv, h, "w_v")
-        expect_dim(w_o.shape[1], nq, node, "w_o columns vs heads*head_dim")
-        for b, size, what in ((b_q, nq, "b_q"), (b_k, nkv, "b_k"), (b_v, nkv, "b_v"), (b_o, w_o.shape[0], "b_o")):
-            _expect_vector(node, b, size, what)
-        norm = a["qk_norm"]
-        if norm == QKNorm.NONE:
-            expect(q_norm is None and k_norm is None, node, "qk_norm none takes no q/k norm weights")
-        else:
-            qs, ks = (d, d) if norm == QKNorm.HEAD else (nq, nkv)
-            _expect_vector(node, q_norm, qs, "q_norm")
-            _expect_vector(node, k_norm, ks, "k_norm")
-            expect(q_norm is not None and k_norm is not None, node, f"qk_norm {norm.value} needs q_norm and k_norm")
-        return [TensorType(x.shape[:2] + (w_o.shape[0],), x.dtype)]
+    def infer_types(self, node, x, *weights):
+        return [_mha_types(node, x, *weights)]
 
     def reference(self, attrs, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm):
-        heads, kv_heads, d = attrs["heads"], attrs["kv_heads"], attrs["head_dim"]
-        norm, eps = attrs["qk_norm"], attrs["norm_eps"]
-        q, k, v = F.linear(x, w_q, b_q), F.linear(x, w_k, b_k), F.linear(x, w_v, b_v)
-        if norm == QKNorm.FULL:
-            q, k = rms_norm_math(q, q_norm, eps), rms_norm_math(k, k_norm, eps)
-        q, k, v = _heads(q, heads), _heads(k, kv_heads), _heads(v, kv_heads)
-        if norm == QKNorm.HEAD:
-            q, k = rms_norm_math(q, q_norm, eps), rms_norm_math(k, k_norm, eps)
+        d = attrs["head_dim"]
         cos, sin = rope_cos_sin(x.shape[1], d, attrs["rope_theta"], x)
-        q, k = apply_rope(q, cos, sin, attrs["rope_layout"]), apply_rope(k, cos, sin, attrs["rope_layout"])
+        q, k, v = _mha_qkv(attrs, x, cos, sin, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm)
         return (F.linear(causal_attention(q, k, v, d ** -0.5), w_o, b_o),)
+
+
+@register
+class CachedAttention(OpDef):
+    opcode = OpCode.CACHED_ATTENTION
+    doc = ("attention in decode form: S new tokens x [B, S, H] at position_ids, after the past K/V "
+           "[B, kv_heads, P, head_dim]; y and the present K/V [B, kv_heads, P+S, head_dim]")
+    inputs = (Port("x"),) + _CACHE_PORTS + _MHA_WEIGHTS
+    output_names = ("y", "present_key", "present_value")
+    attrs = _MHA_ATTRS
+
+    def infer_types(self, node, x, position_ids, attention_mask, past_key, past_value, *weights):
+        a = node.attrs
+        kv = (a["kv_heads"], a["head_dim"])
+        return [_mha_types(node, x, *weights),
+                *_cache_types(node, x, position_ids, attention_mask, past_key, past_value, kv, kv)]
+
+    def reference(self, attrs, x, position_ids, attention_mask, past_key, past_value, w_q, w_k, w_v, w_o, b_q, b_k,
+                  b_v, b_o, q_norm, k_norm):
+        d = attrs["head_dim"]
+        cos, sin = rope_cos_sin_at(position_ids, d, attrs["rope_theta"], x)
+        q, k, v = _mha_qkv(attrs, x, cos, sin, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm)
+        k, v = torch.cat([past_key.to(k.dtype), k], dim=2), torch.cat([past_value.to(v.dtype), v], dim=2)
+        y = attend(q, k, v, d ** -0.5, visible_keys(attention_mask, x.shape[1]))
+        return F.linear(y, w_o, b_o), k, v
+
+
+# ---------------------------------------------------------------------------------------------------
+# multi-head latent attention
+
+
+_MLA_WEIGHTS = (Port("w_q", optional=True), Port("w_q_a", optional=True), Port("q_a_norm", optional=True),
+                Port("w_q_b", optional=True), Port("w_kv_a"), Port("kv_a_norm"), Port("w_kv_b"), Port("w_o"),
+                Port("b_q_a", optional=True), Port("b_kv_a", optional=True), Port("b_o", optional=True))
+_MLA_ATTRS = {"heads": Attr(int), "kv_lora_rank": Attr(int), "qk_nope_head_dim": Attr(int),
+              "qk_rope_head_dim": Attr(int), "v_head_dim": Attr(int), **_ROPE_ATTRS}
+
+
+def _mla_types(node, x, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, w_kv_b, w_o, b_q_a, b_kv_a, b_o) -> TensorType:
+    """Checks of x and the weights; the type of y."""
+    a = node.attrs
+    expect_rank(x, 3, node, "x")
+    h, n = x.shape[2], a["heads"]
+    dqk = a["qk_nope_head_dim"] + a["qk_rope_head_dim"]
+    r, rope = a["kv_lora_rank"], a["qk_rope_head_dim"]
+    expect(rope % 2 == 0, node, f"RoPE needs an even qk_rope_head_dim, found {rope}")
+    if w_q is not None:
+        expect(w_q_a is None and q_a_norm is None and w_q_b is None and b_q_a is None, node,
+               "give either w_q or the low-rank w_q_a / q_a_norm / w_q_b, not both")
+        _expect_linear(node, w_q, n * dqk, h, "w_q")
+    else:
+        expect(w_q_a is not None and q_a_norm is not None and w_q_b is not None, node,
+               "without w_q the low-rank query needs w_q_a, q_a_norm and w_q_b")
+        rank = w_q_a.shape[0]
+        _expect_linear(node, w_q_a, rank, h, "w_q_a")
+        _expect_vector(node, q_a_norm, rank, "q_a_norm")
+        _expect_linear(node, w_q_b, n * dqk, rank, "w_q_b")
+        _expect_vector(node, b_q_a, rank, "b_q_a")
+    _expect_linear(node, w_kv_a, r + rope, h, "w_kv_a")
+    _expect_vector(node, b_kv_a, r + rope, "b_kv_a")
+    _expect_vector(node, kv_a_norm, r, "kv_a_norm")
+    _expect_linear(node, w_kv_b, n * (a["qk_nope_head_dim"] + a["v_head_dim"]), r, "w_kv_b")
+    expect_dim(w_o.shape[1], n * a["v_head_dim"], node, "w_o columns vs heads*v_head_dim")
+    _expect_vector(node, b_o, w_o.shape[0], "b_o")
+    return TensorType(x.shape[:2] + (w_o.shape[0],), x.dtype)
+
+
+def _mla_latents(attrs, x, cos, sin, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, b_q_a, b_kv_a):
+    """The query halves q_nope [B, n, S, nope] and q_rot [B, n, S, rope] (rotated), the normalised latent
+    c_kv [B, 1, S, r] and the rotated shared key k_rot [B, 1, S, rope] of the tokens x."""
+    n, eps = attrs["heads"], attrs["norm_eps"]
+    nope, rope, r = attrs["qk_nope_head_dim"], attrs["qk_rope_head_dim"], attrs["kv_lora_rank"]
+    if w_q is not None:
+        q = F.linear(x, w_q)
+    else:
+        q = F.linear(rms_norm_math(F.linear(x, w_q_a, b_q_a), q_a_norm, eps), w_q_b)
+    q_nope, q_rot = _heads(q, n).split([nope, rope], dim=-1)
+    c_kv, k_rot = F.linear(x, w_kv_a, b_kv_a).split([r, rope], dim=-1)
+    c_kv = rms_norm_math(c_kv, kv_a_norm, eps).unsqueeze(1)
+    layout = attrs["rope_layout"]
+    return q_nope, apply_rope(q_rot, cos, sin, layout), c_kv, apply_rope(k_rot.unsqueeze(1), cos, sin, layout)
+
+
+def _mla_expand(attrs, c_kv, k_rot, w_kv_b):
+    """Per-head k [B, n, L, nope + rope] and v [B, n, L, dv] from the latent c_kv [B, 1, L, r] and the shared
+    rotary key k_rot [B, 1, L, rope]."""
+    n, nope, dv = attrs["heads"], attrs["qk_nope_head_dim"], attrs["v_head_dim"]
+    kv = _heads(F.linear(c_kv.squeeze(1), w_kv_b), n)  # [B, n, L, nope + dv]
+    k_nope, v = kv.split([nope, dv], dim=-1)
+    return torch.cat([k_nope, k_rot.expand(-1, n, -1, -1)], dim=-1), v
+
+
+def _mla_scale(attrs) -> float:
+    return (attrs["qk_nope_head_dim"] + attrs["qk_rope_head_dim"]) ** -0.5
 
 
 @register
@@ -173,54 +370,57 @@ class MLAAttention(OpDef):
     opcode = OpCode.MLA_ATTENTION
     doc = ("DeepSeek multi-head latent attention on x [B, S, H]: low-rank q (optional) and compressed kv latent, "
            "decoupled RoPE dims with one shared rotary key")
-    inputs = (Port("x"), Port("w_q", optional=True), Port("w_q_a", optional=True), Port("q_a_norm", optional=True),
-              Port("w_q_b", optional=True), Port("w_kv_a"), Port("kv_a_norm"), Port("w_kv_b"), Port("w_o"),
-              Port("b_q_a", optional=True), Port("b_kv_a", optional=True), Port("b_o", optional=True))
+    inputs = (Port("x"),) + _MLA_WEIGHTS
     output_names = ("y",)
-    attrs = {"heads": Attr(int), "kv_lora_rank": Attr(int), "qk_nope_head_dim": Attr(int),
-             "qk_rope_head_dim": Attr(int), "v_head_dim": Attr(int), **_ROPE_ATTRS}
+    attrs = _MLA_ATTRS
 
-    def infer_types(self, node, x, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, w_kv_b, w_o, b_q_a, b_kv_a, b_o):
-        a = node.attrs
-        expect_rank(x, 3, node, "x")
-        h, n = x.shape[2], a["heads"]
-        dqk = a["qk_nope_head_dim"] + a["qk_rope_head_dim"]
-        r, rope = a["kv_lora_rank"], a["qk_rope_head_dim"]
-        expect(rope % 2 == 0, node, f"RoPE needs an even qk_rope_head_dim, found {rope}")
-        if w_q is not None:
-            expect(w_q_a is None and q_a_norm is None and w_q_b is None and b_q_a is None, node,
-                    "give either w_q or the low-rank w_q_a / q_a_norm / w_q_b, not both")
-            _expect_linear(node, w_q, n * dqk, h, "w_q")
-        else:
-            expect(w_q_a is not None and q_a_norm is not None and w_q_b is not None, node,
-                    "without w_q the low-rank query needs w_q_a, q_a_norm and w_q_b")
-            rank = w_q_a.shape[0]
-            _expect_linear(node, w_q_a, rank, h, "w_q_a")
-            _expect_vector(node, q_a_norm, rank, "q_a_norm")
-            _expect_linear(node, w_q_b, n * dqk, rank, "w_q_b")
-            _expect_vector(node, b_q_a, rank, "b_q_a")
-        _expect_linear(node, w_kv_a, r + rope, h, "w_kv_a")
-        _expect_vector(node, b_kv_a, r + rope, "b_kv_a")
-        _expect_vector(node, kv_a_norm, r, "kv_a_norm")
-        _expect_linear(node, w_kv_b, n * (a["qk_nope_head_dim"] + a["v_head_dim"]), r, "w_kv_b")
-        expect_dim(w_o.shape[1], n * a["v_head_dim"], node, "w_o columns vs heads*v_head_dim")
-        _expect_vector(node, b_o, w_o.shape[0], "b_o")
-        return [TensorType(x.shape[:2] + (w_o.shape[0],), x.dtype)]
+    def infer_types(self, node, x, *weights):
+        return [_mla_types(node, x, *weights)]
 
     def reference(self, attrs, x, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, w_kv_b, w_o, b_q_a, b_kv_a, b_o):
-        n, eps = attrs["heads"], attrs["norm_eps"]
-        nope, rope, dv, r = attrs["qk_nope_head_dim"], attrs["qk_rope_head_dim"], attrs["v_head_dim"], attrs["kv_lora_rank"]
-        if w_q is not None:
-            q = F.linear(x, w_q)
+        cos, sin = rope_cos_sin(x.shape[1], attrs["qk_rope_head_dim"], attrs["rope_theta"], x)
+        q_nope, q_rot, c_kv, k_rot = _mla_latents(attrs, x, cos, sin, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm,
+                                                  b_q_a, b_kv_a)
+        k, v = _mla_expand(attrs, c_kv, k_rot, w_kv_b)
+        y = causal_attention(torch.cat([q_nope, q_rot], dim=-1), k, v, _mla_scale(attrs))
+        return (F.linear(y, w_o, b_o),)
+
+
+def mla_cache_dims(attrs, layout: MLACacheLayout) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(heads, dim) of the key slot and of the value slot of an MLA cache in `layout`."""
+    n = attrs["heads"]
+    if layout == MLACacheLayout.LATENT:
+        return (1, attrs["kv_lora_rank"]), (1, attrs["qk_rope_head_dim"])
+    return (n, attrs["qk_nope_head_dim"] + attrs["qk_rope_head_dim"]), (n, attrs["v_head_dim"])
+
+
+@register
+class CachedMLAAttention(OpDef):
+    opcode = OpCode.CACHED_MLA_ATTENTION
+    doc = ("multi-head latent attention in decode form: S new tokens x [B, S, H] at position_ids after the past "
+           "cache (cache_layout expanded: per-head K/V; latent: c_kv [B,1,P,kv_lora_rank] in the key slot and the "
+           "rotated shared key [B,1,P,qk_rope_head_dim] in the value slot); y and the present cache (P+S)")
+    inputs = (Port("x"),) + _CACHE_PORTS + _MLA_WEIGHTS
+    output_names = ("y", "present_key", "present_value")
+    attrs = {**_MLA_ATTRS, "cache_layout": Attr(MLACacheLayout, MLACacheLayout.EXPANDED)}
+
+    def infer_types(self, node, x, position_ids, attention_mask, past_key, past_value, *weights):
+        key, value = mla_cache_dims(node.attrs, node.attrs["cache_layout"])
+        return [_mla_types(node, x, *weights),
+                *_cache_types(node, x, position_ids, attention_mask, past_key, past_value, key, value)]
+
+    def reference(self, attrs, x, position_ids, attention_mask, past_key, past_value, w_q, w_q_a, q_a_norm, w_q_b,
+                  w_kv_a, kv_a_norm, w_kv_b, w_o, b_q_a, b_kv_a, b_o):
+        cos, sin = rope_cos_sin_at(position_ids, attrs["qk_rope_head_dim"], attrs["rope_theta"], x)
+        q_nope, q_rot, c_kv, k_rot = _mla_latents(attrs, x, cos, sin, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm,
+                                                  b_q_a, b_kv_a)
+        if attrs["cache_layout"] == MLACacheLayout.LATENT:
+            present_key = torch.cat([past_key.to(c_kv.dtype), c_kv], dim=2)
+            present_value = torch.cat([past_value.to(k_rot.dtype), k_rot], dim=2)
+            k, v = _mla_expand(attrs, present_key, present_value, w_kv_b)
         else:
-            q = F.linear(rms_norm_math(F.linear(x, w_q_a, b_q_a), q_a_norm, eps), w_q_b)
-        q_nope, q_rot = _heads(q, n).split([nope, rope], dim=-1)
-        c_kv, k_rot = F.linear(x, w_kv_a, b_kv_a).split([r, rope], dim=-1)
-        kv = _heads(F.linear(rms_norm_math(c_kv, kv_a_norm, eps), w_kv_b), n)  # [B, n, S, nope + dv]
-        k_nope, v = kv.split([nope, dv], dim=-1)
-        cos, sin = rope_cos_sin(x.shape[1], rope, attrs["rope_theta"], x)
-        q_rot = apply_rope(q_rot, cos, sin, attrs["rope_layout"])
-        k_rot = apply_rope(k_rot.unsqueeze(1), cos, sin, attrs["rope_layout"]).expand(-1, n, -1, -1)
-        q = torch.cat([q_nope, q_rot], dim=-1)
-        k = torch.cat([k_nope, k_rot], dim=-1)
-        return (F.linear(causal_attention(q, k, v, (nope + rope) ** -0.5), w_o, b_o),)
+            k, v = _mla_expand(attrs, c_kv, k_rot, w_kv_b)
+            present_key = k = torch.cat([past_key.to(k.dtype), k], dim=2)
+            present_value = v = torch.cat([past_value.to(v.dtype), v], dim=2)
+        y = attend(torch.cat([q_nope, q_rot], dim=-1), k, v, _mla_scale(attrs), visible_keys(attention_mask, x.shape[1]))
+        return F.linear(y, w_o, b_o), present_key, present_value

@@ -1,0 +1,279 @@
+"""moe-ir model spec + canonical weights -> a folder transformers loads (`config.json` + `model.safetensors`).
+
+The config is written for one of the families moe-ir imports natively in transformers (deepseek_v2,
+deepseek_v3, mixtral, qwen2_moe, olmoe) and then read back through the importer
+(`model_spec_from_hf_config`): the export is accepted only if that gives the same spec, so the importer
+stays the one statement of what each config key means and an export can never silently change the model.
+Balance losses are the one exception: they shape training only and several have no config key in a given
+family, so a difference there is reported as a note, not refused.
+
+DeepSeekMoE (model_type `deepseek`) is remote code that transformers does not carry; a spec of that shape
+(Llama attention, softmax routing, ungated shared experts) matches none of the five families and is refused
+with each family's reason.
+
+The weights are written in the layout `save_pretrained` writes (hub layout: per-expert tensors, Mixtral's
+under `block_sparse_moe` with w1/w3/w2), tensor by tensor from the canonical safetensors file, in the
+canonical dtypes. The folder is staged beside the destination and renamed when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from moe_ir.artifacts import OutputFolder
+from moe_ir.errors import SpecError, WeightsError
+from moe_ir.model_spec import AttentionKind, ModelSpec, RopeLayout, model_spec_to_dict
+from moe_ir.spec import DESCRIPTIVE_FIELDS, Activation, GroupScore, ScoreFn
+from .tensor_map import HFLayout, model_rules
+
+__all__ = ["EXPORT_FAMILIES", "export_hf_checkpoint", "hf_config_from_model_spec"]
+
+# family -> (architecture class, MoE module name and expert layout as save_pretrained writes them)
+EXPORT_FAMILIES: dict[str, tuple[str, str, HFLayout]] = {
+    "deepseek_v3": ("DeepseekV3ForCausalLM", "mlp", HFLayout.PER_EXPERT),
+    "deepseek_v2": ("DeepseekV2ForCausalLM", "mlp", HFLayout.PER_EXPERT),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "mlp", HFLayout.PER_EXPERT),
+    "olmoe": ("OlmoeForCausalLM", "mlp", HFLayout.PER_EXPERT),
+    "mixtral": ("MixtralForCausalLM", "block_sparse_moe", HFLayout.PER_EXPERT_W123),
+}
+
+_HIDDEN_ACT = {Activation.SWIGLU: "silu", Activation.GEGLU: "gelu"}
+
+
+class _Unfit(Exception):
+    """The spec has something the family has no key for (message: what)."""
+
+
+def _balance_coef(spec: ModelSpec) -> float:
+    """router_aux_loss_coef of the transformers families: balance.expert = coef x top_k (config.py)."""
+    expert = spec.moe.balance.expert
+    return 0.0 if expert is None else expert / spec.moe.experts.top_k
+
+
+def _common(spec: ModelSpec, family: str) -> dict[str, Any]:
+    m, a, e = spec.model, spec.model.attention, spec.moe.experts
+    if e.activation not in _HIDDEN_ACT:
+        raise _Unfit(f"experts.activation {e.activation.value}: the families build gated MLPs (silu or gelu)")
+    if m.dense_layers and m.dense_activation != e.activation:
+        raise _Unfit(f"dense_activation {m.dense_activation.value} differs from the experts' "
+                     f"{e.activation.value}: one hidden_act drives every MLP")
+    config: dict[str, Any] = {
+        "architectures": [EXPORT_FAMILIES[family][0]], "model_type": family, "vocab_size": m.vocab_size,
+        "hidden_size": m.hidden, "num_hidden_layers": m.layers, "num_attention_heads": a.heads,
+        "num_key_value_heads": a.kv_heads or a.heads, "hidden_act": _HIDDEN_ACT[e.activation],
+        "rms_norm_eps": m.rms_norm_eps, "tie_word_embeddings": m.tied_embeddings,
+        "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta}, "dtype": m.dtype.value,
+    }
+    if m.dense_width is not None:
+        config["intermediate_size"] = m.dense_width
+    return config
+
+
+def _llama_attention(spec: ModelSpec, config: dict, family: str) -> None:
+    a = spec.model.attention
+    if a.kind == AttentionKind.MLA:
+        raise _Unfit("MLA attention is DeepSeek-V2/V3's")
+    if a.head_dim is not None and a.head_dim != spec.model.hidden // a.heads:
+        if family == "olmoe":
+            raise _Unfit(f"head_dim {a.head_dim} other than hidden / heads: OLMoE has no head_dim key")
+        config["head_dim"] = a.head_dim
+
+
+def _first_dense_only(spec: ModelSpec, family: str) -> None:
+    m = spec.model
+    if m.dense_layers and (m.moe_every != 1):
+        raise _Unfit(f"moe_every={m.moe_every}: {family} makes every layer from first_k_dense_replace on MoE")
+    if m.first_dense and family in ("mixtral", "olmoe"):
+        raise _Unfit(f"first_dense={m.first_dense}: every {family} layer is MoE")
+
+
+def _deepseek(spec: ModelSpec, family: str) -> dict:
+    m, a, moe = spec.model, spec.model.attention, spec.moe
+    e, r = moe.experts, moe.router
+    if a.kind != AttentionKind.MLA:
+        raise _Unfit(f"{a.kind.value} attention: {family} attention is MLA")
+    if not e.shared:
+        raise _Unfit(f"no shared experts: transformers' {family} always builds n_shared_experts of them")
+    _first_dense_only(spec, family)
+    config = _common(spec, family)
+    config.update(n_routed_experts=e.routed, n_shared_experts=e.shared, moe_intermediate_size=e.width,
+                  num_experts_per_tok=e.top_k, first_k_dense_replace=m.first_dense,
+                  routed_scaling_factor=r.scaling, kv_lora_rank=a.kv_lora_rank, q_lora_rank=a.q_lora_rank,
+                  qk_nope_head_dim=a.qk_nope_head_dim, qk_rope_head_dim=a.qk_rope_head_dim,
+                  v_head_dim=a.v_head_dim, attention_bias=a.qkv_bias, head_dim=a.qk_rope_head_dim)
+    if "intermediate_size" not in config:
+        config["intermediate_size"] = e.width  # no dense layer reads it; a value keeps the class happy
+    balance = moe.balance
+    if balance.sequence is not None or balance.expert is not None:
+        seq = balance.sequence is not None
+        config.update(aux_loss_alpha=balance.sequence if seq else balance.expert, seq_aux=seq)
+    g = r.group_limit
+    if family == "deepseek_v2":
+        config.update(topk_method="group_limited_greedy" if g else "greedy", norm_topk_prob=False,
+                      n_group=g.groups if g else None, topk_group=g.kept if g else None)
+    else:
+        config.update(n_group=g.groups if g else 1, topk_group=g.kept if g else 1, norm_topk_prob=r.normalize,
+                      rope_interleave=a.rope_layout == RopeLayout.INTERLEAVED)
+    return config
+
+
+def _mixtral(spec: ModelSpec) -> dict:
+    e = spec.moe.experts
+    _first_dense_only(spec, "mixtral")
+    config = _common(spec, "mixtral")
+    _llama_attention(spec, config, "mixtral")
+    config.update(num_local_experts=e.routed, num_experts_per_tok=e.top_k, intermediate_size=e.width,
+                  router_aux_loss_coef=_balance_coef(spec), router_jitter_noise=0.0, sliding_window=None)
+    return config
+
+
+def _olmoe(spec: ModelSpec) -> dict:
+    e, a = spec.moe.experts, spec.model.attention
+    _first_dense_only(spec, "olmoe")
+    config = _common(spec, "olmoe")
+    _llama_attention(spec, config, "olmoe")
+    config.update(num_experts=e.routed, num_experts_per_tok=e.top_k, intermediate_size=e.width,
+                  norm_topk_prob=spec.moe.router.normalize, router_aux_loss_coef=_balance_coef(spec),
+                  attention_bias=a.qkv_bias, clip_qkv=None)
+    return config
+
+
+def _qwen2_moe(spec: ModelSpec) -> dict:
+    m, e, a = spec.model, spec.moe.experts, spec.model.attention
+    if e.shared != 1 or not e.shared_gate:
+        raise _Unfit("Qwen2-MoE has exactly one shared expert with a sigmoid gate")
+    config = _common(spec, "qwen2_moe")
+    _llama_attention(spec, config, "qwen2_moe")
+    # mlp_only_layers lists every dense layer, so any first_dense/moe_every schedule maps.
+    config.update(num_experts=e.routed, num_experts_per_tok=e.top_k, moe_intermediate_size=e.width,
+                  shared_expert_intermediate_size=e.shared_ffn_width, norm_topk_prob=spec.moe.router.normalize,
+                  router_aux_loss_coef=_balance_coef(spec), decoder_sparse_step=1,
+                  mlp_only_layers=list(m.dense_layers), qkv_bias=a.qkv_bias, use_sliding_window=False)
+    config.setdefault("intermediate_size", e.shared_ffn_width)
+    return config
+
+
+_BUILDERS = {"deepseek_v3": lambda s: _deepseek(s, "deepseek_v3"), "deepseek_v2": lambda s: _deepseek(s, "deepseek_v2"),
+             "qwen2_moe": _qwen2_moe, "olmoe": _olmoe, "mixtral": _mixtral}
+
+
+def _semantic(data: Any, key: str = "") -> Any:
+    """The spec's plain data without descriptive fields, the paper view and balance (compared separately)."""
+    if isinstance(data, Mapping):
+        return {k: _semantic(v, k) for k, v in data.items()
+                if k not in DESCRIPTIVE_FIELDS and k != "balance" and not (key == "experts" and k == "paper")}
+    return data
+
+
+def _first_difference(ours: Any, theirs: Any, family: str, path: str = "") -> str | None:
+    if isinstance(ours, Mapping) and isinstance(theirs, Mapping):
+        for k in list(ours) + [k for k in theirs if k not in ours]:
+            found = _first_difference(ours.get(k), theirs.get(k), family, f"{path}.{k}" if path else k)
+            if found:
+                return found
+        return None
+    return None if ours == theirs else f"{path}: the spec has {ours!r}, the {family} config gives {theirs!r}"
+
+
+def _family_hint(spec: ModelSpec) -> str | None:
+    source = spec.model.source
+    return next((f for f in EXPORT_FAMILIES if f"Hugging Face {f} config" in source), None)
+
+
+def _try_family(spec: ModelSpec, family: str) -> tuple[dict, list[str]]:
+    """(config, notes) or _Unfit with the reason."""
+    from .model import model_spec_from_hf_config
+
+    if spec.moe.router.score == ScoreFn.SIGMOID and family != "deepseek_v3":
+        raise _Unfit("sigmoid scores are DeepSeek-V3's")
+    g = spec.moe.router.group_limit
+    if g is not None and family == "deepseek_v2" and g.score != GroupScore.MAX:
+        raise _Unfit(f"group score {g.score.value}: DeepSeek-V2's group_limited_greedy scores a group by its max")
+    config = _BUILDERS[family](spec)
+    try:
+        back = model_spec_from_hf_config(config, name=spec.name)
+    except SpecError as err:
+        raise _Unfit(str(err)) from None
+    ours, theirs = model_spec_to_dict(spec), model_spec_to_dict(back)
+    diff = _first_difference(_semantic(ours), _semantic(theirs), family)
+    if diff:
+        raise _Unfit(diff)
+    notes = []
+    ours_balance, theirs_balance = ours["moe"].get("balance", {}), theirs["moe"].get("balance", {})
+    if ours_balance != theirs_balance:
+        notes.append(f"balance {ours_balance} is a training loss that the {family} config expresses as "
+                     f"{theirs_balance or 'none'}; the forward pass (logits) is exact")
+    return config, notes
+
+
+def hf_config_from_model_spec(spec: ModelSpec, family: str | None = None) -> tuple[str, dict, list[str]]:
+    """(family, config.json dict, notes) of a model spec. `family` None: the one named in the spec's
+    source (an imported model), else the first of EXPORT_FAMILIES that expresses the spec exactly.
+    A spec no family expresses is a SpecError giving each family's reason."""
+    if family is not None and family not in EXPORT_FAMILIES:
+        raise SpecError(f"family {family!r} cannot be exported; transformers families moe-ir writes: "
+                        f"{', '.join(EXPORT_FAMILIES)}", path="--family")
+    hint = _family_hint(spec)
+    candidates = [family] if family else ([hint] if hint else []) + [f for f in EXPORT_FAMILIES if f != hint]
+    reasons = []
+    for candidate in candidates:
+        try:
+            config, notes = _try_family(spec, candidate)
+        except _Unfit as why:
+            reasons.append(f"{candidate}: {why}")
+            continue
+        return candidate, config, notes
+    raise SpecError(f"model spec '{spec.name}' is not exactly a transformers model of "
+                    f"{'family ' + family if family else 'any family moe-ir exports'}: " + "; ".join(reasons))
+
+
+def export_hf_checkpoint(spec: ModelSpec, weights: Any, out_dir: str | os.PathLike, *,
+                         family: str | None = None) -> tuple[str, list[str]]:
+    """Write `out_dir` (config.json + model.safetensors, transformers' names) from a model spec and its
+    canonical weights (a safetensors path or a name -> tensor mapping); returns (family, notes).
+
+    `out_dir` must not exist or be empty; both files are staged in it and swapped in together when complete."""
+    from moe_ir.model_builder import build_model_graph
+    from .safetensors_io import FLOAT_DTYPES, Checkpoint, SafetensorsWriter, torch_dtype_of
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise WeightsError(f"{out_dir}: already exists and is not an empty folder; choose a new folder or remove it")
+    family, config, notes = hf_config_from_model_spec(spec, family)
+    graph = build_model_graph(spec)
+    _, block, layout = EXPORT_FAMILIES[family]
+    rules = model_rules(spec, graph.weights, moe_block=block, layout=layout)
+    with Checkpoint(weights) as ckpt:
+        where = ckpt.description
+        missing = sorted(set(graph.weights) - set(ckpt.entries))
+        unexpected = sorted(set(ckpt.entries) - set(graph.weights))
+        wrong = [f"{n}: expected {list(v.type.shape)}, found {list(ckpt.entries[n].shape)}"
+                 for n, v in graph.weights.items() if n in ckpt.entries and ckpt.entries[n].shape != v.type.shape]
+        wrong += [f"{n}: dtype {ckpt.entries[n].dtype} is not a float dtype" for n in graph.weights
+                  if n in ckpt.entries and ckpt.entries[n].dtype not in FLOAT_DTYPES]
+        if missing or unexpected or wrong:
+            parts = [f"{label}: " + ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+                     for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong", wrong)) if names]
+            raise WeightsError(f"{where}: weights do not match spec '{spec.name}': " + " | ".join(parts))
+        our_shapes = {n: tuple(v.type.shape) for n, v in graph.weights.items()}
+        entries = []
+        for rule in rules:
+            dtype = torch_dtype_of(ckpt.entries[rule.ours[0]])
+            entries += [(name, dtype, shape) for name, shape in rule.their_shapes(our_shapes).items()]
+        # One output (moe_ir.artifacts): both files are staged in the folder and swapped in together.
+        with OutputFolder(out_dir, what="export-hf") as out:
+            out.path("config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            writer = SafetensorsWriter(out.path("model.safetensors"), entries, {"format": "pt"})
+            try:
+                for rule in rules:
+                    sources = ckpt.read_many(list(rule.ours))
+                    for name, tensor in zip(rule.theirs, rule.to_theirs(sources)):
+                        writer.write(name, tensor.to(torch_dtype_of(ckpt.entries[rule.ours[0]])))
+                    del sources
+            except BaseException:
+                writer.abort()
+                raise
+            writer.finish()
+    return family, notes
