@@ -168,16 +168,22 @@ def spec_graph(spec, *, training: bool = False):
 
 
 def prepare_for_backend(spec, backend, *, seed: int = 0, weights_path: str | None = None,
-                        notes: list[str] | None = None):
-    """(graph after the backend's pipeline, weights for it): what build lowers, for a layer or a model spec."""
+                        notes: list[str] | None = None, allow_narrowing: bool = False):
+    """(graph after the backend's pipeline, weights for it): what build lowers, for a layer or a model spec.
+    `allow_narrowing`: the run asked for a lower precision than the weights file holds (`--precision`)."""
     from .params import ensure_memory_for, init_weights, load_weights
     from .passes import run_pipeline
 
     full = spec_graph(spec, training=backend.lowers_training_graph)
     ensure_memory_for(full, f"loading {weights_path}" if weights_path else "initialising random weights")
-    weights = load_weights(weights_path, full, notes=notes) if weights_path else init_weights(full, seed)
+    weights = (load_weights(weights_path, full, notes=notes, allow_narrowing=allow_narrowing) if weights_path
+               else init_weights(full, seed))
     graph = run_pipeline(full, backend.pipeline)
     return graph, {k: v for k, v in weights.items() if k in graph.weights}
+
+
+# `build --precision` names -> spec dtypes
+PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -197,8 +203,15 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     check_output_folder(args.output)  # before any work: -o naming a file, under a file, or not writable
     spec = _load_spec(args.spec)
+    if args.precision is not None:
+        # The precision is the network's types (TensorRT networks are strongly typed): the graph is built in that
+        # dtype here, so the backend lowers the graph it is given and never rebuilds it from the spec.
+        from .validate import with_dtype
+
+        spec = with_dtype(spec, PRECISION_DTYPES[args.precision])
     weight_notes: list[str] = []
-    graph, weights = prepare_for_backend(spec, backend, seed=args.seed, weights_path=args.weights, notes=weight_notes)
+    graph, weights = prepare_for_backend(spec, backend, seed=args.seed, weights_path=args.weights, notes=weight_notes,
+                                         allow_narrowing=args.precision is not None)
     for note in weight_notes:
         print(f"note: {note}", file=sys.stderr)
     ok, reason = backend.supports(graph)

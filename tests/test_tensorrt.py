@@ -20,6 +20,8 @@ import pytest
 import torch
 
 from moe_ir.backends.onnx import plugin_op
+from moe_ir.cli import PRECISION_DTYPES
+from moe_ir.validate import with_dtype
 from moe_ir.backends.tensorrt import PLUGIN_BUNDLE_NAME, TensorRTBackend, environment_problems, plugin_bundle_source
 from moe_ir.backends.tensorrt import plugin as P
 from moe_ir.backends.tensorrt.engine import (
@@ -309,12 +311,13 @@ def _export(tmp_path, spec_name="tiny-v3", precision=None):
     from moe_ir.passes import run_pipeline
 
     spec = load_spec(REPO / "specs" / f"{spec_name}.yaml")
+    if precision is not None:  # what `moe-ir build --precision` does: the graph is built in that dtype
+        spec = with_dtype(spec, PRECISION_DTYPES[precision])
     backend = TensorRTBackend()
     full = build_graph(spec)
     weights = init_weights(full, 0)
     graph = run_pipeline(full, backend.pipeline)
-    spec, graph, weights = backend._retyped(spec, graph, {k: v for k, v in weights.items() if k in graph.weights},
-                                            precision)
+    weights = {k: v for k, v in weights.items() if k in graph.weights}
     from moe_ir.artifacts import OutputFolder
 
     with OutputFolder(tmp_path) as out:
@@ -655,6 +658,10 @@ def test_engine_matches_reference(tmp_path, precision):
     backend = TensorRTBackend()
     full = build_graph(spec)
     weights = init_weights(full, 0)
+    if precision is not None:  # as `moe-ir build --precision`: the graph in that dtype, the weights cast to it
+        spec = with_dtype(spec, PRECISION_DTYPES[precision])
+        full = build_graph(spec)
+        weights = {k: v.to(full.weights[k].type.dtype.torch) for k, v in weights.items()}
     graph = run_pipeline(full, backend.pipeline)
     result = backend.build(spec, graph, {k: v for k, v in weights.items() if k in graph.weights}, tmp_path,
                            profile="1,16,64", precision=precision)
@@ -672,3 +679,21 @@ def test_engine_matches_reference(tmp_path, precision):
 def test_register_plugin_is_idempotent():
     first = P.register_plugin()
     assert P.register_plugin() == first
+
+
+def test_precision_is_the_graphs_types_never_a_rebuild(tmp_path):
+    """The backend lowers the graph it is given: `--precision` different from the graph's types is refused (the CLI
+    builds the graph in that dtype), so the backend never rebuilds a graph from the spec."""
+    from moe_ir.builder import build_graph
+    from moe_ir.errors import BackendError
+    from moe_ir.frontends.yaml_spec import load_spec
+    from moe_ir.params import init_weights
+    from moe_ir.passes import run_pipeline
+
+    spec = load_spec(REPO / "specs" / "tiny-v3.yaml")
+    backend = TensorRTBackend()
+    graph = run_pipeline(build_graph(spec), backend.pipeline)
+    weights = {k: v for k, v in init_weights(build_graph(spec)).items() if k in graph.weights}
+    with pytest.raises(BackendError, match="--precision bf16: the graph 'tiny-v3' is f32"):
+        backend.build(spec, graph, weights, tmp_path / "out", precision="bf16")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -18,7 +18,6 @@ note on a supported graph, so `moe-ir build` reaches the bundle. `prepare()` (va
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import tempfile
@@ -28,10 +27,9 @@ from typing import Any, Mapping
 import torch
 
 from moe_ir.artifacts import OutputFolder
-from moe_ir.builder import build_graph, spec_hash
+from moe_ir.builder import spec_hash
 from moe_ir.errors import BackendError, BackendUnavailable
 from moe_ir.ir import ElemType, Graph, OpCode
-from moe_ir.passes import run_pipeline
 from moe_ir.spec import DType, LayerSpec
 from ..base import Backend, BuildResult, Runner
 from ..integrity import sha256_file
@@ -172,7 +170,7 @@ class TensorRTBackend(Backend):
         if flavour not in (None, "plugin"):
             raise BackendError(f"the tensorrt backend builds from the ONNX plugin flavour, not '{flavour}'")
         token_profile = _profile(profile)
-        spec, graph, weights = self._retyped(spec, graph, weights, precision)
+        self._check_precision(graph, precision)
         ok, reason = self.supports_graph(graph)
         if not ok:
             raise BackendError(f"tensorrt cannot build spec '{spec.name}': {reason}")
@@ -209,18 +207,19 @@ class TensorRTBackend(Backend):
         the same output."""
         return get_backend("onnx").write_artifact(spec, graph, weights, out, flavour="plugin", progress=progress)
 
-    def _retyped(self, spec: LayerSpec, graph: Graph, weights: Mapping[str, torch.Tensor], precision: str | None):
-        """Precision is chosen through the network's types: re-type the spec, rebuild the graph and cast
-        the weights to its types (the router and its bias keep their own dtype)."""
-        if precision is None or PRECISIONS.get(precision) == spec.dtype:
-            return spec, graph, weights
+    @staticmethod
+    def _check_precision(graph: Graph, precision: str | None) -> None:
+        """The precision is the network's types (TensorRT networks are strongly typed): the graph must already
+        be in that dtype (`moe-ir build --precision` builds it so); a backend never rebuilds it from the spec."""
+        if precision is None:
+            return
         if precision not in PRECISIONS:
             raise BackendError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
-        retyped = dataclasses.replace(spec, dtype=PRECISIONS[precision])
-        new_graph = run_pipeline(build_graph(retyped), self.pipeline)
-        cast = {name: weights[name].to(value.type.dtype.torch) for name, value in new_graph.weights.items()
-                if name in weights}
-        return retyped, new_graph, cast
+        want = ElemType.from_name(PRECISIONS[precision])
+        got = graph.inputs[0].type.dtype
+        if got != want:
+            raise BackendError(f"--precision {precision}: the graph '{graph.name}' is {got.value}; build it in "
+                               f"{PRECISIONS[precision].value} (`moe-ir build --precision {precision}` does)")
 
     @staticmethod
     def _write_plugin_module(out: OutputFolder) -> Path:
