@@ -330,6 +330,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    """Generation is its own module of the CLI layer (it reads checkpoints and tokenizers), loaded on use."""
+    from .cli_generate import run_generate
+
+    return run_generate(args)
+
+
 def int_in(low: int, high: int) -> Callable[[str], int]:
     """An argparse type: an integer in [low, high]; argparse turns the ValueError into a usage error (exit 2)."""
 
@@ -437,6 +444,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MLA models: the cache layouts the generation check builds (default: both)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("generate", help="generate tokens from a model spec, a built torch folder or a Hugging Face "
+                                        "checkpoint folder",
+                       description="SOURCE: a model spec YAML (seeded random weights, or --weights), a folder "
+                                   "`moe-ir build --backend torch` wrote, or a Hugging Face checkpoint folder "
+                                   "(config.json + safetensors). Greedy unless --temperature/--top-k/--top-p. One "
+                                   "prompt streams its tokens to stdout as they come; a batch prints one line per "
+                                   "prompt at the end. Prefill and decode tokens/s go to stderr.")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("--backend", default="torch", choices=("torch", "reference"), help="default: torch")
+    p.add_argument("--weights", metavar="FILE", help="safetensors weights of a spec file (default: seeded random)")
+    p.add_argument("--prompt-ids", metavar="IDS", help='token ids of one prompt, e.g. "1 2 3"')
+    p.add_argument("--prompt-file", metavar="FILE", help="one prompt of token ids a line: a batch, left-padded")
+    p.add_argument("--prompt", metavar="TEXT", help="text, with the source folder's tokenizer.json")
+    p.add_argument("--max-new-tokens", type=int_in(1, MAX_CONTEXT), default=16, metavar="N", help="default 16")
+    p.add_argument("--temperature", type=float, metavar="T", help="sample at this temperature (> 0)")
+    p.add_argument("--top-k", type=int_in(1, MAX_CONTEXT), metavar="K", help="sample among the K likeliest tokens")
+    p.add_argument("--top-p", type=float, metavar="P", help="sample from the smallest set of probability >= P")
+    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="seed of the sampler (default 0)")
+    p.add_argument("--weights-seed", type=int_in(0, MAX_SEED), default=0, metavar="S",
+                   help="a spec without --weights: seed of its random weights, as `build --seed` (default 0)")
+    p.add_argument("--mla-cache", choices=("expanded", "latent"),
+                   help="MLA models: the cache layout (default expanded)")
+    p.add_argument("--json", action="store_true", help="print {tokens, prefill_tokens_per_s, decode_tokens_per_s, "
+                                                       "text} at the end instead of streaming")
+    p.set_defaults(func=_cmd_generate)
 
     for module_name in _COMMAND_MODULES:
         try:
