@@ -16,6 +16,12 @@ they trace as they are. The package returns `logits` and each MoE layer's `layer
 `layers.{i}.weights`; its metadata records the input contract (input_ids, vocabulary size), which the
 runner checks.
 
+Decode graphs (form decode) export with every graph input in the graph's order (input_ids,
+attention_mask, position_ids, past_key_values.*) and batch, new-token count and past length dynamic, the
+past length from 0: one package serves the prefill (empty past) and every decode step. It returns the
+logits, the present cache (`present.*`) and the routing record; its metadata lists the input names, so the
+runner takes and returns tensors by graph name (a moe_ir.generation.Step).
+
 A package is code: its shared library runs when torch loads it. The build puts a manifest inside the
 package (the sha256 of every member); `load_runner` checks the archive's structure and that manifest
 before torch sees the file, so a damaged package is one clear error rather than a crash.
@@ -34,6 +40,7 @@ from moe_ir.artifacts import OutputFolder
 from moe_ir.errors import BackendError, MoeIRError
 from moe_ir.interpreter import check_weights
 from moe_ir.ir import MODEL_INPUT, MODEL_OUTPUT, Graph, GraphKind, OpCode, from_json, to_json
+from moe_ir.model_builder import decode_contract_problem, is_decode_graph
 from moe_ir.model_spec import ModelSpec
 from moe_ir.passes import run_pipeline
 from moe_ir.spec import LayerSpec
@@ -45,6 +52,8 @@ PIPELINE = ("strip-training-outputs", "fuse-shared-experts", "fuse-gate-up", "dc
 OUTPUTS = ("out", "expert_idx", "weights", "rows")
 # Per MoE layer of a model graph, the package returns `layers.{i}.<one of these>` beside the logits.
 MODEL_ROUTING = ("expert_idx", "weights", "rows")
+# A decode graph's present cache outputs, returned beside the logits.
+PRESENT_PREFIX = "present."
 Progress = Callable[[str, int, int], None]
 
 
@@ -53,17 +62,18 @@ Progress = Callable[[str, int, int], None]
 
 
 def _package_outputs(graph: Graph) -> list[str]:
-    """Output keys the package returns: a layer's `out` and routing record, or a model's logits and the
-    routing record of each MoE layer."""
+    """Output keys the package returns: a layer's `out` and routing record, or a model's logits, the
+    routing record of each MoE layer and (decode graphs) the present cache."""
     if graph.kind == GraphKind.MODEL:
-        return [k for k in graph.outputs if k == MODEL_OUTPUT or
+        return [k for k in graph.outputs if k == MODEL_OUTPUT or k.startswith(PRESENT_PREFIX) or
                 (k.startswith("layers.") and k.rsplit(".", 1)[-1] in MODEL_ROUTING)]
     return [k for k in graph.outputs if k in OUTPUTS]
 
 
 class ExportableMoE(nn.Module):
     """The inference layer as an export-friendly module: forward(x [B,S,H]) -> {"out", routing record};
-    for a model graph forward(input_ids [B,S] int64) -> {"logits", "layers.{i}.expert_idx", ...}.
+    for a model graph forward(input_ids [B,S] int64) -> {"logits", "layers.{i}.expert_idx", ...}; for a
+    decode graph forward(*the graph's inputs in order) -> {"logits", "present.*", routing record}.
 
     Each node runs as the torch op table says (`torch_ops`, the eager module's table), whose kernels trace
     without data-dependent control flow; weight-only nodes (the fusion passes' CONCATs) are folded once
@@ -88,15 +98,15 @@ class ExportableMoE(nn.Module):
             self._env_names[name] = attr
         self._plan = [(lower_node(n), tuple(None if v is None else v.name for v in n.inputs),
                        tuple(v.name for v in n.outputs)) for n in nodes]
-        self._input = graph.inputs[0].name
+        self._inputs = [v.name for v in graph.inputs]
         self._outputs = [(k, graph.outputs[k].name) for k in _package_outputs(graph)]
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        env: dict[str, Any] = {self._input: x}
+    def forward(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        env: dict[str, Any] = dict(zip(self._inputs, inputs))
         for name, attr in self._env_names.items():
             env[name] = getattr(self, attr)
-        for call, inputs, outputs in self._plan:
-            result = call([None if i is None else env[i] for i in inputs], INFERENCE_RUNTIME)
+        for call, operands, outputs in self._plan:
+            result = call([None if i is None else env[i] for i in operands], INFERENCE_RUNTIME)
             for name, value in zip(outputs, (result,) if len(outputs) == 1 else result):
                 env[name] = value
         return {key: env[name] for key, name in self._outputs}
@@ -110,12 +120,40 @@ def _lowered(graph: Graph) -> Graph:
     return run_pipeline(from_json(to_json(graph)), PIPELINE)
 
 
-def _example_input(graph: Graph) -> torch.Tensor:
+def _example_inputs(graph: Graph) -> tuple[torch.Tensor, ...]:
     # Example sizes above 1: export specialises dims whose example size is 0 or 1.
+    if is_decode_graph(graph):
+        return _decode_example(graph)
     if graph.kind == GraphKind.MODEL:
-        return torch.randint(0, _vocab_size(graph), (2, 3), dtype=torch.int64)
+        return (torch.randint(0, _vocab_size(graph), (2, 3), dtype=torch.int64),)
     x_type = graph.inputs[0].type
-    return torch.randn(2, 3, x_type.shape[-1], dtype=x_type.dtype.torch)
+    return (torch.randn(2, 3, x_type.shape[-1], dtype=x_type.dtype.torch),)
+
+
+def _decode_example(graph: Graph) -> tuple[torch.Tensor, ...]:
+    """A decode call of batch 2 with 3 new tokens after 4 cached ones, in the graph's input order."""
+    from moe_ir.generation import KVCache, decode_inputs
+
+    batch, new, past = 2, 3, 4
+    ids = torch.randint(0, _vocab_size(graph), (batch, new), dtype=torch.int64)
+    cache = KVCache.empty(graph, batch)
+    cache.tensors = {name: torch.randn(t.shape[0], t.shape[1], past, t.shape[3], dtype=t.dtype)
+                     for name, t in cache.tensors.items()}
+    inputs = decode_inputs(ids, torch.ones(batch, past + new, dtype=torch.int64), cache)
+    return tuple(inputs[v.name].contiguous() for v in graph.inputs)
+
+
+def _dynamic_shapes(graph: Graph) -> tuple[dict[int, Any], ...]:
+    """B and S dynamic; a decode graph's past length P too, from 0 (the prefill), and its mask's P + S."""
+    big = 1 << 20
+    batch, new = torch.export.Dim("B", min=1, max=big), torch.export.Dim("S", min=1, max=big)
+    if not is_decode_graph(graph):
+        return ({0: batch, 1: new},)
+    past = torch.export.Dim("P", min=0, max=big)
+    # The mask's length is P + S, a sum export cannot declare: AUTO lets it find that relation itself.
+    dims = {"input_ids": {0: batch, 1: new}, "attention_mask": {0: batch, 1: torch.export.Dim.AUTO},
+            "position_ids": {0: batch, 1: new}}
+    return tuple(dims.get(v.name, {0: batch, 2: past}) for v in graph.inputs)
 
 
 def _vocab_size(graph: Graph) -> int:
@@ -123,13 +161,13 @@ def _vocab_size(graph: Graph) -> int:
 
 
 def export_program(graph: Graph, weights: Mapping[str, torch.Tensor]) -> torch.export.ExportedProgram:
-    """torch.export of the layer (x [B, S, H]) or the model (input_ids [B, S]) with B and S dynamic."""
+    """torch.export of the layer (x [B, S, H]) or the model (input_ids [B, S]) with B and S dynamic; of a
+    decode graph with its inputs in order, B, S and the past length dynamic."""
     module = ExportableMoE(_lowered(graph), weights).eval()
-    example = _example_input(graph)
-    dims = {"x": {0: torch.export.Dim("B", min=1, max=1 << 20), 1: torch.export.Dim("S", min=1, max=1 << 20)}}
     try:
         with torch.no_grad():
-            return torch.export.export(module, (example,), dynamic_shapes=dims, strict=False)
+            return torch.export.export(module, _example_inputs(graph), dynamic_shapes=(_dynamic_shapes(graph),),
+                                       strict=False)
     except Exception as err:
         raise BackendError(f"aoti: torch.export failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}") from None
 
@@ -142,6 +180,8 @@ META_DTYPE = "moe_ir.dtype"
 # Model packages: the input's name ("input_ids"; absent for layer packages) and the vocabulary size.
 META_INPUT = "moe_ir.input"
 META_VOCAB = "moe_ir.vocab_size"
+# Decode packages: the graph's input names in call order, comma-separated.
+META_DECODE_INPUTS = "moe_ir.decode_inputs"
 
 # The package's integrity manifest: a member under the archive's `extra/` folder (which torch's loader
 # leaves alone) holding the sha256 and size of every other member.
@@ -154,6 +194,9 @@ PACKAGE_REQUIRED = ("archive_format", "data/aotinductor/")
 
 
 def _package_metadata(graph: Graph) -> dict[str, str]:
+    if is_decode_graph(graph):
+        return {META_INPUT: MODEL_INPUT, META_VOCAB: str(_vocab_size(graph)),
+                META_DECODE_INPUTS: ",".join(v.name for v in graph.inputs)}
     if graph.kind == GraphKind.MODEL:
         return {META_INPUT: MODEL_INPUT, META_VOCAB: str(_vocab_size(graph))}
     x_type = graph.inputs[0].type
@@ -229,6 +272,8 @@ def load_runner(path: str | Path, *, allow_unverified: bool = False) -> Runner:
         raise BackendError(f"{path}: not a loadable AOTInductor package ({type(err).__name__}); rebuild it with "
                            f"`moe-ir build --backend aoti`") from None
     meta = compiled.get_metadata()
+    if META_DECODE_INPUTS in meta:
+        return _decode_runner(compiled, meta[META_DECODE_INPUTS].split(","), int(meta[META_VOCAB]), path)
     if meta.get(META_INPUT) == MODEL_INPUT:
         return _model_runner(compiled, int(meta[META_VOCAB]), path)
     hidden = int(meta[META_HIDDEN]) if META_HIDDEN in meta else None  # None: a package from before the metadata
@@ -273,13 +318,37 @@ def _model_runner(compiled: Any, vocab: int, path: Path) -> Runner:
     return run
 
 
+def _decode_runner(compiled: Any, names: list[str], vocab: int, path: Path) -> Runner:
+    """A decode package's step: the graph's inputs by name -> its outputs by name (moe_ir.generation.Step)."""
+    def step(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        missing = [name for name in names if name not in inputs]
+        if missing:
+            raise BackendError(f"aoti decode runner: missing input(s) {', '.join(missing[:4])} ({path.name} takes "
+                               f"{', '.join(names[:4])}, ...)")
+        ids = inputs["input_ids"]
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.int64 or ids.numel() == 0:
+            got = f"{ids.dtype} {list(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise BackendError(f"aoti decode runner: input_ids must be a non-empty int64 [B, S], got {got}")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab:
+            raise BackendError(f"aoti decode runner: token ids must be in [0, {vocab}), got {low}..{high}")
+        try:
+            with torch.no_grad():
+                return dict(compiled(*(inputs[name].contiguous() for name in names)))
+        except Exception as err:
+            raise BackendError(f"aoti decode runner failed on input_ids {list(ids.shape)} ({path.name}): "
+                               f"{str(err).strip()[:300]}") from None
+
+    return step
+
+
 class AotiBackend(Backend):
     name = "aoti"
     summary = "torch.export + AOTInductor: one .pt2 package (dynamic B,S) that runs with torch alone"
     pipeline = PIPELINE
 
     def supports(self, graph: Graph) -> tuple[bool, str]:
-        problem = graph.contract_problem()
+        problem = decode_contract_problem(graph) if is_decode_graph(graph) else graph.contract_problem()
         if problem:
             return False, problem
         if any(n.op == OpCode.BALANCE_LOSS for n in _lowered(graph).nodes):
@@ -319,8 +388,13 @@ class AotiBackend(Backend):
         name = f"{spec.name}.pt2"
         compile_package(graph, weights, out.path(name), progress)
         path = out.final(name)
-        call = "input_ids int64 [B, S]; returns {'logits', 'layers.{i}.expert_idx', 'layers.{i}.weights'}" \
-            if graph.kind == GraphKind.MODEL else "x [B, S, H]; returns {'out', routing record}"
+        if is_decode_graph(graph):
+            call = ("the decode graph's inputs in order (input_ids, attention_mask, position_ids, past_key_values.*: "
+                    "the metadata's 'moe_ir.decode_inputs'); returns {'logits', 'present.*', routing record}")
+        elif graph.kind == GraphKind.MODEL:
+            call = "input_ids int64 [B, S]; returns {'logits', 'layers.{i}.expert_idx', 'layers.{i}.weights'}"
+        else:
+            call = "x [B, S, H]; returns {'out', routing record}"
         return BuildResult(files=[path], notes=[f"load with torch._inductor.aoti_load_package(path) (torch only); "
                                                 f"call it with {call}",
                                                 "a .pt2 runs its compiled code at load: load it only where you "

@@ -13,6 +13,20 @@ if not torch.cuda.is_available():
 REPO = Path(__file__).resolve().parent.parent
 SPECS = REPO / "specs"
 SPEC_FILES = sorted(SPECS.glob("*.yaml"))
+# A two-layer model (one dense, one MoE) of odd sizes; format with name= and an attention= flow mapping.
+TINY_MODEL_YAML = """\
+model:
+  name: {name}
+  vocab_size: 61
+  hidden: 24
+  layers: 2
+  first_dense: 1
+  dense_width: 20
+  attention: {attention}
+moe:
+  experts: {{routed: 5, shared: 1, width: 6, top_k: 2}}
+  router: {{score: softmax, normalize: true}}
+"""
 
 
 @pytest.fixture(scope="session")

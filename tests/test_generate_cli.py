@@ -20,19 +20,9 @@ from moe_ir.generation import greedy_generate, reference_step
 from moe_ir.model_builder import build_model_graph
 from moe_ir.params import init_weights, load_weights
 
-SPEC = """\
-model:
-  name: {name}
-  vocab_size: 61
-  hidden: 24
-  layers: 2
-  first_dense: 1
-  dense_width: 20
-  attention: {attention}
-moe:
-  experts: {{routed: 5, shared: 1, width: 6, top_k: 2}}
-  router: {{score: softmax, normalize: true}}
-"""
+from conftest import TINY_MODEL_YAML
+
+SPEC = TINY_MODEL_YAML
 GQA = "{kind: gqa, heads: 4, kv_heads: 2, head_dim: 6, rope_theta: 500.0}"
 MLA = "{kind: mla, heads: 3, kv_lora_rank: 10, qk_nope_head_dim: 6, qk_rope_head_dim: 4, v_head_dim: 5}"
 

@@ -19,19 +19,9 @@ from moe_ir.ir import from_json, to_json, verify
 from moe_ir.model_builder import GraphForm, MLACacheLayout, build_model_graph, cache_entries, is_decode_graph
 from moe_ir.params import init_weights
 
-BASE = """\
-model:
-  name: {name}
-  vocab_size: 61
-  hidden: 24
-  layers: 2
-  first_dense: 1
-  dense_width: 20
-  attention: {attention}
-moe:
-  experts: {{routed: 5, shared: 1, width: 6, top_k: 2}}
-  router: {{score: softmax, normalize: true}}
-"""
+from conftest import TINY_MODEL_YAML
+
+BASE = TINY_MODEL_YAML
 
 # Tiny odd configs of every attention kind: MHA, GQA, MLA with and without a low-rank query; RoPE half and
 # interleaved; q/k norm per head and over the projection; biases.

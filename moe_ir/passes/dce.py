@@ -36,14 +36,16 @@ class StripTrainingOutputs(Pass):
     """Inference targets export `out` (a model: `logits`) and the routing record only.
 
     A model's per-layer keys are judged without their `layers.{i}.` prefix, so `layers.3.expert_idx` is kept
-    like a layer's `expert_idx` and `layers.3.router_logits` dropped like `router_logits`."""
+    like a layer's `expert_idx` and `layers.3.router_logits` dropped like `router_logits`. A decode graph's
+    present cache (`present.{i}.key`, ...) is inference state, not a training output: it is kept."""
 
     name = "strip-training-outputs"
     summary = "drop router logits, load counts and losses from the outputs (then run dce)"
     keep: tuple[str, ...] = ("out", "logits", "expert_idx", "weights", "rows")
 
     def __call__(self, graph: Graph) -> tuple[Graph, bool]:
-        dropped = [k for k in graph.outputs if _LAYER_PREFIX.sub("", k) not in self.keep]
+        dropped = [k for k in graph.outputs
+                   if _LAYER_PREFIX.sub("", k) not in self.keep and not k.startswith("present.")]
         for key in dropped:
             del graph.outputs[key]
         return graph, bool(dropped)
