@@ -313,7 +313,8 @@ def sigmoid_gate(y, x, w):
 
 
 # ---------------------------------------------------------------------------------------------------
-# balance losses (REFERENCE.md); each returns alpha * loss as a 0-d tensor, differentiable in scores
+# balance losses (Switch arXiv 2101.03961, DeepSeekMoE arXiv 2401.06066, DeepSeek-V3 sequence-wise, ST-MoE z-loss);
+# each returns alpha * loss as a 0-d tensor, differentiable in scores
 
 
 def selection_counts(expert_idx, num_experts, dtype):

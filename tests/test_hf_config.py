@@ -15,7 +15,7 @@ from moe_ir.frontends.hf import (FAMILY_DEFAULTS, add_import_hf_command, describ
 from moe_ir.frontends.yaml_spec import load_spec, load_spec_text
 from moe_ir.spec import Activation, DType
 
-# Released config.json contents (MoE-relevant keys and the layer layout), per REFERENCE.md's table.
+# Released config.json contents (MoE-relevant keys and the layer layout).
 # DeepSeek configs are remote-code dicts as published; the others come from the transformers classes.
 DEEPSEEK_MOE_16B_BASE = {
     "model_type": "deepseek", "architectures": ["DeepseekForCausalLM"], "hidden_size": 2048,

@@ -1,5 +1,5 @@
 """Every balance and routing policy of the eager module against a formula written out here by hand
-(loops over tokens and experts, REFERENCE.md's definitions), on tiny cases in float64."""
+(loops over tokens and experts, the papers' definitions), on tiny cases in float64."""
 from __future__ import annotations
 
 import json

@@ -384,7 +384,8 @@ def selection_fraction(expert_idx: torch.Tensor, num_experts: int) -> torch.Tens
 
 def balance_loss_math(kind: LossKind, alpha: float, devices: int, top_k: int, scores: torch.Tensor,
                       expert_idx: torch.Tensor, logits: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """The balance losses of REFERENCE.md, each weighted by its alpha."""
+    """The balance losses (Switch arXiv 2101.03961; DeepSeekMoE expert/device level arXiv 2401.06066; DeepSeek-V3
+    sequence-wise; ST-MoE z-loss), each weighted by its alpha."""
     t, e = scores.shape
     if kind == LossKind.Z:
         return alpha * torch.logsumexp(logits, dim=-1).pow(2).mean()
