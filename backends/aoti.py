@@ -44,7 +44,7 @@ from moe_ir.model_builder import decode_contract_problem, is_decode_graph
 from moe_ir.model_spec import ModelSpec
 from moe_ir.passes import run_pipeline
 from moe_ir.spec import LayerSpec
-from .base import Backend, BuildResult, Runner
+from .base import Backend, BuildResult, Runner, check_token_ids
 from .integrity import append_manifest, verify_archive
 from .torch_ops import INFERENCE_RUNTIME, fold_weights, lower_node, unsupported_ops, weight_only_nodes
 
@@ -297,17 +297,8 @@ def load_runner(path: str | Path, *, allow_unverified: bool = False) -> Runner:
 
 def _model_runner(compiled: Any, vocab: int, path: Path) -> Runner:
     def run(input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        # The package reads the buffer as int64 [B, S] whatever it is given; wrong ids would index out of
-        # the embedding silently, so shape, dtype and range are checked here.
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.int64:
-            got = f"{input_ids.dtype} {list(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else \
-                type(input_ids).__name__
-            raise BackendError(f"aoti runner: input_ids must be int64 [B, S], got {got}")
-        if input_ids.numel() == 0:
-            raise BackendError(f"aoti runner: input_ids {list(input_ids.shape)} is empty")
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= vocab:
-            raise BackendError(f"aoti runner: token ids must be in [0, {vocab}), got {low}..{high}")
+        # The package reads the buffer as int64 [B, S] whatever it is given: check it first.
+        check_token_ids(input_ids, vocab, "aoti runner", allow_empty=False)
         try:
             with torch.no_grad():
                 return dict(compiled(input_ids.contiguous()))
@@ -326,12 +317,7 @@ def _decode_runner(compiled: Any, names: list[str], vocab: int, path: Path) -> R
             raise BackendError(f"aoti decode runner: missing input(s) {', '.join(missing[:4])} ({path.name} takes "
                                f"{', '.join(names[:4])}, ...)")
         ids = inputs["input_ids"]
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.int64 or ids.numel() == 0:
-            got = f"{ids.dtype} {list(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
-            raise BackendError(f"aoti decode runner: input_ids must be a non-empty int64 [B, S], got {got}")
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= vocab:
-            raise BackendError(f"aoti decode runner: token ids must be in [0, {vocab}), got {low}..{high}")
+        check_token_ids(ids, vocab, "aoti decode runner", allow_empty=False)
         try:
             with torch.no_grad():
                 return dict(compiled(*(inputs[name].contiguous() for name in names)))

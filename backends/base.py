@@ -104,6 +104,21 @@ class Backend(abc.ABC):
         raise NotImplementedError
 
 
+def check_token_ids(input_ids: Any, vocab: int, where: str, *, allow_empty: bool = True) -> None:
+    """A model runner's input: int64 [B, S] with every id in [0, vocab). Checked before running, since an id out
+    of range would index past the embedding (silently, in a compiled package); the range check reads the data."""
+    if not (isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.dtype == torch.int64):
+        got = f"{input_ids.dtype} {list(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else \
+            type(input_ids).__name__
+        raise BackendError(f"{where}: input_ids must be int64 [B, S], got {got}")
+    if input_ids.numel() == 0 and not allow_empty:
+        raise BackendError(f"{where}: input_ids {list(input_ids.shape)} is empty")
+    if input_ids.numel():
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab:
+            raise BackendError(f"{where}: token ids must be in [0, {vocab}), got {low}..{high}")
+
+
 class Unavailable(Backend):
     """Stands in for a backend this machine cannot load (a missing package): every question is answered
     with the reason, as a BackendUnavailable, so reports list it as skipped with that reason."""

@@ -32,6 +32,7 @@ from moe_ir.ir import MODEL_INPUT, MODEL_OUTPUT, Graph, GraphKind, ValueKind
 from moe_ir.params import init_weights, load_weights, save_weights
 from moe_ir.spec import LayerSpec
 from .. import torch_kernels as K
+from ..base import check_token_ids
 from ..torch_ops import lower_node, unsupported_ops, weight_only_nodes
 
 if TYPE_CHECKING:
@@ -317,13 +318,7 @@ class MoEModel(GraphModule):
     def check_input_ids(self, input_ids: torch.Tensor) -> None:
         """Shape, dtype and the token range; runners call it (the range check reads the data, which a
         training loop on an accelerator should not pay for on every step, hence not in forward)."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.int64:
-            what = f"{input_ids.dtype} {list(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else \
-                type(input_ids).__name__
-            raise BackendError(f"model '{self.graph.name}': input_ids must be int64 [B, S], got {what}")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
-            raise BackendError(f"model '{self.graph.name}': token ids must be in [0, {self.vocab_size}), got "
-                               f"{int(input_ids.min())}..{int(input_ids.max())}")
+        check_token_ids(input_ids, self.vocab_size, f"model '{self.graph.name}'")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> ModelOutput:
