@@ -13,20 +13,15 @@ if not torch.cuda.is_available():
 REPO = Path(__file__).resolve().parent.parent
 SPECS = REPO / "specs"
 SPEC_FILES = sorted(SPECS.glob("*.yaml"))
-# A two-layer model (one dense, one MoE) of odd sizes; format with name= and an attention= flow mapping.
-TINY_MODEL_YAML = """\
-model:
-  name: {name}
-  vocab_size: 61
-  hidden: 24
-  layers: 2
-  first_dense: 1
-  dense_width: 20
-  attention: {attention}
-moe:
-  experts: {{routed: 5, shared: 1, width: 6, top_k: 2}}
-  router: {{score: softmax, normalize: true}}
-"""
+
+
+def tiny_model_yaml(name: str, attention: str, *, layers: int = 2, first_dense: int = 1) -> str:
+    """A model spec of odd sizes (vocabulary 61, hidden 24): `first_dense` dense layers, then MoE layers of
+    5 routed + 1 shared experts; `attention` is a flow mapping such as "{kind: gqa, heads: 4, ...}"."""
+    dense = f"  first_dense: {first_dense}\n  dense_width: 20\n" if first_dense else ""
+    return (f"model:\n  name: {name}\n  vocab_size: 61\n  hidden: 24\n  layers: {layers}\n{dense}"
+            f"  attention: {attention}\nmoe:\n  experts: {{routed: 5, shared: 1, width: 6, top_k: 2}}\n"
+            "  router: {score: softmax, normalize: true}\n")
 
 
 @pytest.fixture(scope="session")

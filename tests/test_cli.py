@@ -129,3 +129,11 @@ def test_build_refuses_options_the_backend_does_not_take(tmp_path, capsys, backe
     assert f"backend '{backend}' does not take {option}" in err and err.count("\n") == 1
     assert not out.exists()
 
+
+
+def test_validate_dtype_choices_are_the_harness_tolerances():
+    """The CLI states validate's dtypes itself (importing the harness would import torch for --help)."""
+    from moe_ir.cli import VALIDATE_DTYPES
+    from moe_ir.validate import NEAR_TIE, TOLERANCES
+
+    assert set(VALIDATE_DTYPES) == set(TOLERANCES) == set(NEAR_TIE)

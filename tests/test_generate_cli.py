@@ -20,16 +20,15 @@ from moe_ir.generation import greedy_generate, reference_step
 from moe_ir.model_builder import build_model_graph
 from moe_ir.params import init_weights, load_weights
 
-from conftest import TINY_MODEL_YAML
+from conftest import tiny_model_yaml
 
-SPEC = TINY_MODEL_YAML
 GQA = "{kind: gqa, heads: 4, kv_heads: 2, head_dim: 6, rope_theta: 500.0}"
 MLA = "{kind: mla, heads: 3, kv_lora_rank: 10, qk_nope_head_dim: 6, qk_rope_head_dim: 4, v_head_dim: 5}"
 
 
 def write_spec(folder: Path, name: str = "gqa", attention: str = GQA) -> Path:
     path = folder / f"{name}.yaml"
-    path.write_text(SPEC.format(name=name, attention=attention))
+    path.write_text(tiny_model_yaml(name=name, attention=attention))
     return path
 
 

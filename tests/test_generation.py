@@ -19,9 +19,8 @@ from moe_ir.ir import from_json, to_json, verify
 from moe_ir.model_builder import GraphForm, MLACacheLayout, build_model_graph, cache_entries, is_decode_graph
 from moe_ir.params import init_weights
 
-from conftest import TINY_MODEL_YAML
+from conftest import tiny_model_yaml
 
-BASE = TINY_MODEL_YAML
 
 # Tiny odd configs of every attention kind: MHA, GQA, MLA with and without a low-rank query; RoPE half and
 # interleaved; q/k norm per head and over the projection; biases.
@@ -38,7 +37,7 @@ CASES = [(kind, None) for kind in ATTENTION if not kind.startswith("mla")] + \
 
 
 def tiny_spec(kind: str):
-    return load_model_spec_text(BASE.format(name=kind, attention=ATTENTION[kind]))
+    return load_model_spec_text(tiny_model_yaml(name=kind, attention=ATTENTION[kind]))
 
 
 def random_weights(graph, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -264,7 +263,7 @@ def test_cli_validate_reports_generation(tmp_path, capsys):
     from moe_ir.cli import main
 
     spec = tmp_path / "tiny-mla.yaml"
-    spec.write_text(BASE.format(name="tiny-mla", attention=ATTENTION["mla"]))
+    spec.write_text(tiny_model_yaml(name="tiny-mla", attention=ATTENTION["mla"]))
     rc = main(["validate", str(spec), "--backends", "reference", "--tokens", "4", "--generate", "2", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert rc == 0 and report["ok"]

@@ -28,27 +28,17 @@ from moe_ir.params import init_weights
 from moe_ir.passes import run_pipeline
 from moe_ir.validate import validate_generation
 
+from conftest import tiny_model_yaml
 from test_generation import ATTENTION, random_weights
 
 NEW_TOKENS = 4
 VOCAB = 61
-# One MoE layer (an attention cache, routed and shared experts): each compiled graph is about half the
-# size of test_generation's two-layer models, and inductor's compile time follows the graph's size.
-SPEC = """\
-model:
-  name: {name}
-  vocab_size: 61
-  hidden: 24
-  layers: 1
-  attention: {attention}
-moe:
-  experts: {{routed: 5, shared: 1, width: 6, top_k: 2}}
-  router: {{score: softmax, normalize: true}}
-"""
 
 
 def tiny_spec(kind: str):
-    return load_model_spec_text(SPEC.format(name=kind, attention=ATTENTION[kind]))
+    """One MoE layer (an attention cache, routed and shared experts): each compiled graph is about half the
+    size of test_generation's two-layer models, and inductor's compile time follows the graph's size."""
+    return load_model_spec_text(tiny_model_yaml(kind, ATTENTION[kind], layers=1, first_dense=0))
 
 
 def decode_graph_for(backend, spec, layout=MLACacheLayout.EXPANDED):
