@@ -421,7 +421,9 @@ def test_a_rank_that_dies_or_stops_fails_the_run_within_the_timeout(how, words, 
     timeout = 3.0
     with pytest.raises(BackendError) as err:
         spawn_local(_rank_that_dies, 2, str(tmp_path), how, timeout=timeout)
-    failed_after = time.time() - float((tmp_path / "start0").read_text())
+    # From the first start mark: rank 1 may die while rank 0 is still connecting (gloo's mesh), before rank 0
+    # writes its own mark, and that run must fail within the bound too.
+    failed_after = time.time() - min(float(p.read_text()) for p in tmp_path.glob("start*"))
     message = str(err.value)
     assert message.startswith("expert-parallel run on 2 processes failed: ") and words in message
     assert "\n" not in message
