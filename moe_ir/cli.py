@@ -453,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "prompt streams its tokens to stdout as they come; a batch prints one line per "
                                    "prompt at the end. Prefill and decode tokens/s go to stderr.")
     p.add_argument("source", metavar="SOURCE")
-    p.add_argument("--backend", default="torch", choices=("torch", "reference"), help="default: torch")
+    p.add_argument("--backend", default="torch", metavar="NAME",
+                   help="any backend that runs decode graphs: torch (default), compile, aoti, reference")
     p.add_argument("--weights", metavar="FILE", help="safetensors weights of a spec file (default: seeded random)")
     p.add_argument("--prompt-ids", metavar="IDS", help='token ids of one prompt, e.g. "1 2 3"')
     p.add_argument("--prompt-file", metavar="FILE", help="one prompt of token ids a line: a batch, left-padded")
@@ -463,8 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int_in(1, MAX_CONTEXT), metavar="K", help="sample among the K likeliest tokens")
     p.add_argument("--top-p", type=float, metavar="P", help="sample from the smallest set of probability >= P")
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="seed of the sampler (default 0)")
+    p.add_argument("--eos-token-id", type=int_in(0, MAX_CONTEXT), metavar="ID",
+                   help="stop a sequence at this token (default: the checkpoint's eos_token_id, if any)")
     p.add_argument("--weights-seed", type=int_in(0, MAX_SEED), default=0, metavar="S",
                    help="a spec without --weights: seed of its random weights, as `build --seed` (default 0)")
+    p.add_argument("--shrink", type=int_in(2, spec_limits.MAX_HIDDEN), metavar="HIDDEN",
+                   help="a spec without --weights: its miniature at this hidden size (as validate --shrink)")
     p.add_argument("--mla-cache", choices=("expanded", "latent"),
                    help="MLA models: the cache layout (default expanded)")
     p.add_argument("--json", action="store_true", help="print {tokens, prefill_tokens_per_s, decode_tokens_per_s, "

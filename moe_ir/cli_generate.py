@@ -19,9 +19,8 @@ import torch
 
 from .errors import SpecError, UsageError, WeightsError
 
-__all__ = ["GENERATE_BACKENDS", "Source", "load_source", "parse_prompts", "run_generate", "sampler"]
+__all__ = ["Source", "load_source", "parse_prompts", "run_generate", "sampler"]
 
-GENERATE_BACKENDS = ("torch", "reference")
 # A built torch folder and its weights file (backends/torch_eager/backend.py writes both).
 BUILT_SPEC, BUILT_WEIGHTS = "spec.yaml", "weights.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
@@ -80,14 +79,17 @@ def _hf_eos(folder: Path) -> int | None:
     return eos if isinstance(eos, int) and not isinstance(eos, bool) else None
 
 
-def load_source(source: str, weights_path: str | None) -> Source:
-    """SOURCE -> Source: a model spec YAML (`--weights` or seeded random weights), a folder `moe-ir build
-    --backend torch` wrote (spec.yaml + weights.safetensors), or a Hugging Face checkpoint folder
-    (config.json + safetensors)."""
+def load_source(source: str, weights_path: str | None, shrink: int | None = None) -> Source:
+    """SOURCE -> Source: a model spec YAML (`--weights` or seeded random weights; `shrink`: its miniature at
+    that hidden size, as `validate --shrink`), a folder `moe-ir build --backend torch` wrote (spec.yaml +
+    weights.safetensors), or a Hugging Face checkpoint folder (config.json + safetensors)."""
     from .frontends import load_any
-    from .model_spec import ModelSpec
+    from .model_spec import ModelSpec, miniature_model
 
     path = Path(source)
+    if shrink is not None and (path.is_dir() or weights_path):
+        raise UsageError("--shrink makes a miniature of a spec with random weights; it cannot be combined with "
+                         + ("a folder, which brings its own weights" if path.is_dir() else "--weights"))
     if path.is_dir():
         if weights_path:
             raise UsageError(f"--weights goes with a spec file; {source} is a folder, which brings its own weights")
@@ -109,6 +111,8 @@ def load_source(source: str, weights_path: str | None) -> Source:
     spec = load_any(path)
     if not isinstance(spec, ModelSpec):
         raise SpecError(f"{source}: a layer spec; generate needs a whole model (a spec with model: and moe:)")
+    if shrink is not None:
+        spec = miniature_model(spec, shrink)
     weights = _load_weights_for(spec, Path(weights_path), source) if weights_path else None
     return Source(spec, weights, path.parent, None, f"spec {source}")
 
@@ -240,13 +244,12 @@ def run_generate(args: argparse.Namespace) -> int:
     from .params import ensure_memory_for, init_weights
     from .passes import run_pipeline
 
-    if args.backend not in GENERATE_BACKENDS:
-        raise UsageError(f"generate runs on {', '.join(GENERATE_BACKENDS)}, not '{args.backend}'")
+    backend = get_backend(args.backend)  # an unknown name: the registry's error lists the known ones
     if args.temperature is not None and not (args.temperature > 0 and math.isfinite(args.temperature)):
         raise UsageError(f"--temperature must be a positive number, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    source = load_source(args.source, args.weights)
+    source = load_source(args.source, args.weights, args.shrink)
     spec = source.spec
     is_mla = spec.model.attention.kind == AttentionKind.MLA
     if args.mla_cache is not None and not is_mla:
@@ -265,7 +268,6 @@ def run_generate(args: argparse.Namespace) -> int:
 
     layout = MLACacheLayout(args.mla_cache or "expanded")
     full = build_model_graph(spec, form=GraphForm.DECODE, mla_cache=layout if is_mla else MLACacheLayout.EXPANDED)
-    backend = get_backend(args.backend)
     weights = source.weights
     if weights is None:
         ensure_memory_for(full, "initialising random weights")
@@ -278,7 +280,10 @@ def run_generate(args: argparse.Namespace) -> int:
 
     sampling = args.temperature is not None or args.top_k is not None or args.top_p is not None
     choose = sampler(args.temperature or 1.0, args.top_k, args.top_p, args.seed) if sampling else None
-    eos = source.eos_token_id if source.eos_token_id is not None and 0 <= source.eos_token_id < vocab else None
+    eos = args.eos_token_id if args.eos_token_id is not None else source.eos_token_id
+    if args.eos_token_id is not None and not 0 <= eos < vocab:
+        raise UsageError(f"--eos-token-id {eos} is outside the vocabulary [0, {vocab}) of {spec.name}")
+    eos = eos if eos is not None and 0 <= eos < vocab else None
 
     streamed: list[int] = []
     shown_text = ""
@@ -286,8 +291,8 @@ def run_generate(args: argparse.Namespace) -> int:
     stopped = False
 
     def on_token(tokens: torch.Tensor) -> None:
-        # One prompt: each token is written as it comes (text when a tokenizer is there); after the
-        # end-of-sequence token the loop runs on (it has a fixed length) but nothing more is shown.
+        # One prompt: each token is written as it comes (text when a tokenizer is there); the loop ends
+        # once every sequence has produced the end-of-sequence token, and nothing after it is shown.
         nonlocal shown_text, stopped
         if not stream or stopped:
             return
@@ -305,7 +310,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from .generation import greedy_generate
 
     result = greedy_generate(step, graph, ids, mask, max_new_tokens=args.max_new_tokens, eos_token_id=eos,
-                             choose=choose, on_token=on_token)
+                             choose=choose, on_token=on_token, stop_at_eos=True)
     rows = [_trim_after_eos(r, eos) for r in result.tokens.tolist()]
     texts = [tokenizer.decode(r) for r in rows] if tokenizer is not None else None
 

@@ -105,9 +105,11 @@ def greedy_generate(step: Step, entries: Graph | Sequence[CacheEntry], input_ids
                     attention_mask: torch.Tensor | None = None, *, max_new_tokens: int,
                     eos_token_id: int | None = None, cache_dtype: torch.dtype | None = None,
                     keep_outputs: bool = False, choose: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    on_token: Callable[[torch.Tensor], None] | None = None) -> Generation:
+                    on_token: Callable[[torch.Tensor], None] | None = None,
+                    stop_at_eos: bool = False) -> Generation:
     """Greedy decoding: one prefill call on the prompts input_ids [B, S0] (left-padded where attention_mask
-    has zeros), then one call per new token. A sequence that produced `eos_token_id` goes on producing it.
+    has zeros), then one call per new token. A sequence that produced `eos_token_id` goes on producing it;
+    with `stop_at_eos` the loop ends once every sequence has (fewer than max_new_tokens columns then).
     `choose(logits [B, V]) -> tokens [B]` replaces the argmax (a sampler); `on_token(tokens [B])` hears each
     step's tokens as they come (streaming)."""
     if input_ids.dim() != 2 or input_ids.dtype != torch.int64 or input_ids.shape[1] == 0:
@@ -139,6 +141,8 @@ def greedy_generate(step: Step, entries: Graph | Sequence[CacheEntry], input_ids
         margins.append(top2[:, 0] - top2[:, 1])
         if keep_outputs:
             kept.append(dict(outputs))
+        if stop_at_eos and bool(done.all()):
+            break
         new_ids = token[:, None]
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=mask.device)], dim=1)
     return Generation(torch.stack(tokens, dim=1), torch.stack(logits, dim=1), torch.stack(margins, dim=1), kept)

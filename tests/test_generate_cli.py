@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from moe_ir.cli import main
 from moe_ir.frontends import load_model_spec_text
 from moe_ir.generation import greedy_generate, reference_step
 from moe_ir.model_builder import build_model_graph
+from moe_ir.model_spec import miniature_model, model_spec_to_dict
 from moe_ir.params import init_weights, load_weights
 
 from conftest import tiny_model_yaml
@@ -50,7 +52,8 @@ def reference_tokens(spec_path: Path, weights, prompts: list[list[int]], n: int,
 
 
 @pytest.mark.parametrize("attention, backend, layout", [(GQA, "torch", None), (GQA, "reference", None),
-                                                         (MLA, "torch", "latent"), (MLA, "torch", "expanded")])
+                                                         (MLA, "torch", "latent"), (MLA, "torch", "expanded"),
+                                                         (GQA, "compile", None)])
 def test_greedy_tokens_equal_the_reference_loop(attention, backend, layout, tmp_path, capsys):
     spec = write_spec(tmp_path, "mla" if attention == MLA else "gqa", attention)
     extra = ["--mla-cache", layout] if layout else []
@@ -67,6 +70,38 @@ def test_streamed_output_and_rates(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out.split() == [str(t) for t in reference_tokens(spec, None, [[1, 2, 3]], 5)[0]]
     assert "prefill: 3 tokens" in err and "decode: 4 tokens" in err and "tokens/s" in err
+
+
+def test_shrink_generates_from_the_miniature_of_a_shipped_model(tmp_path, capsys):
+    shipped = Path(__file__).resolve().parents[1] / "specs" / "models" / "deepseek-v3.yaml"
+    got = generate_json(capsys, str(shipped), "--shrink", "32", "--prompt-ids", "3 1 4 1 5", "--max-new-tokens", "6")
+    mini = tmp_path / "mini.yaml"
+    mini.write_text(yaml.safe_dump(model_spec_to_dict(miniature_model(load_model_spec_text(shipped.read_text()), 32))))
+    assert got["tokens"] == reference_tokens(mini, None, [[3, 1, 4, 1, 5]], 6)
+    assert main(["generate", str(shipped), "--shrink", "32", "--prompt-ids", "1", "--weights", "w.safetensors"]) == 2
+    assert "cannot be combined with --weights" in capsys.readouterr().err
+
+
+def test_generation_stops_once_every_sequence_has_its_eos(tmp_path, capsys):
+    spec = write_spec(tmp_path)
+    prompts = [[1, 2, 3], [9, 9]]
+    expected = reference_tokens(spec, None, prompts, 8)
+    # the first prompt's third token as EOS: it ends there; the other stops at its own first EOS (if any)
+    eos = expected[0][2]
+    cut = [row[: row.index(eos) + 1] if eos in row else row for row in expected]
+    file = tmp_path / "prompts.txt"
+    file.write_text("1 2 3\n9 9\n")
+    got = generate_json(capsys, str(spec), "--prompt-file", str(file), "--max-new-tokens", "8",
+                        "--eos-token-id", str(eos))
+    assert got["tokens"] == cut
+    steps = max(len(row) for row in cut)
+    # one prompt streams: nothing after its EOS, and the loop ends there (steps - 1 decode calls)
+    assert main(["generate", str(spec), "--prompt-ids", "1 2 3", "--max-new-tokens", "8",
+                 "--eos-token-id", str(eos)]) == 0
+    out, err = capsys.readouterr()
+    assert out.split() == [str(t) for t in cut[0]]
+    assert "decode: 2 tokens" in err, err
+    assert steps <= 8
 
 
 def test_a_left_padded_batch_equals_each_prompt_alone(tmp_path, capsys):
@@ -186,6 +221,8 @@ def test_prompt_text_through_the_folder_tokenizer(tmp_path, capsys):
     ([], "give exactly one of --prompt-ids, --prompt-file, --prompt"),
     (["--prompt-ids", "1", "--temperature", "0"], "--temperature must be a positive number"),
     (["--prompt-ids", "1", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--prompt-ids", "1", "--eos-token-id", "61"], "--eos-token-id 61 is outside the vocabulary [0, 61)"),
+    (["--prompt-ids", "1", "--backend", "triton"], "backend 'triton' cannot run the decode graph"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, needle, tmp_path, capsys):
     spec = write_spec(tmp_path)
