@@ -470,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a spec without --weights: seed of its random weights, as `build --seed` (default 0)")
     p.add_argument("--shrink", type=int_in(2, spec_limits.MAX_HIDDEN), metavar="HIDDEN",
                    help="a spec without --weights: its miniature at this hidden size (as validate --shrink)")
+    p.add_argument("--dtype", choices=VALIDATE_DTYPES, help="run in this dtype (default: the model's)")
     p.add_argument("--mla-cache", choices=("expanded", "latent"),
                    help="MLA models: the cache layout (default expanded)")
     p.add_argument("--json", action="store_true", help="print {tokens, prefill_tokens_per_s, decode_tokens_per_s, "

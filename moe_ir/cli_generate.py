@@ -251,6 +251,14 @@ def run_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     source = load_source(args.source, args.weights, args.shrink)
     spec = source.spec
+    if args.dtype is not None and args.dtype != spec.model.dtype.value:
+        # e.g. a bf16 checkpoint in float32 on a CPU path (AOTInductor's) that does not run bf16
+        from .validate import with_dtype
+
+        spec = with_dtype(spec, args.dtype)
+        if source.weights is not None:
+            target = getattr(torch, args.dtype)
+            source.weights = {k: v.to(target) if v.is_floating_point() else v for k, v in source.weights.items()}
     is_mla = spec.model.attention.kind == AttentionKind.MLA
     if args.mla_cache is not None and not is_mla:
         raise UsageError(f"--mla-cache chooses an MLA model's cache layout; {spec.name} has "

@@ -78,6 +78,12 @@ def test_shrink_generates_from_the_miniature_of_a_shipped_model(tmp_path, capsys
     mini = tmp_path / "mini.yaml"
     mini.write_text(yaml.safe_dump(model_spec_to_dict(miniature_model(load_model_spec_text(shipped.read_text()), 32))))
     assert got["tokens"] == reference_tokens(mini, None, [[3, 1, 4, 1, 5]], 6)
+    # the shipped spec is bf16; --dtype float64 runs the same miniature at the reference's precision
+    in_f64 = generate_json(capsys, str(shipped), "--shrink", "32", "--prompt-ids", "3 1 4 1 5", "--max-new-tokens",
+                           "6", "--dtype", "float64")
+    mini.write_text(mini.read_text().replace("dtype: bfloat16", "dtype: float64"))
+    assert "float64" in mini.read_text()
+    assert in_f64["tokens"] == reference_tokens(mini, None, [[3, 1, 4, 1, 5]], 6)
     assert main(["generate", str(shipped), "--shrink", "32", "--prompt-ids", "1", "--weights", "w.safetensors"]) == 2
     assert "cannot be combined with --weights" in capsys.readouterr().err
 
