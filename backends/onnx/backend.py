@@ -25,6 +25,7 @@ import torch
 from moe_ir.artifacts import OutputFolder
 from moe_ir.errors import BackendError, BackendUnavailable, MoeIRError
 from moe_ir.ir import Graph, from_json, to_json
+from moe_ir.model_builder import is_decode_graph
 from moe_ir.model_spec import ModelSpec
 from moe_ir.passes import run_pipeline
 from moe_ir.spec import LayerSpec
@@ -108,7 +109,8 @@ class OnnxBackend(Backend):
         write_model(lowered, out.path(name), external_data=external_data, progress=progress)
         files = [out.final(name)] + ([out.final(name + ".data")] if external_data else [])
         dtypes = sorted({v.type.dtype.value for v in stored_values(piped)})
-        notes = [f"opset 18, dynamic dims B,S; flavour {flavour.value}; {'/'.join(dtypes)}"]
+        dynamic = "B,S,P (past length)" if is_decode_graph(piped) else "B,S"
+        notes = [f"opset 18, dynamic dims {dynamic}; flavour {flavour.value}; {'/'.join(dtypes)}"]
         refusal = runtime_refusal(dtypes, flavour)
         if refusal:
             notes.append(f"not runnable by moe-ir's ONNX Runtime runner: {refusal}")

@@ -10,7 +10,7 @@ runs on CPU only, through onnxruntime-extensions (extensions.py).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -72,6 +72,9 @@ def make_session(model: str | bytes, flavour: Flavour, *, providers: Sequence[st
 def make_runner(session, graph: Graph | None = None) -> Runner:
     """A runner over a session: x [B,S,H] -> {"out", routing record} as torch tensors; for a whole model
     input_ids [B,S] -> {"logits", "layers.{i}.expert_idx", "layers.{i}.weights"} (make_model_runner)."""
+    names = {i.name for i in session.get_inputs()}
+    if "attention_mask" in names and "input_ids" in names:
+        return make_decode_runner(session, graph)
     if session.get_inputs()[0].type == "tensor(int64)":
         return make_model_runner(session, graph)
     x_info = session.get_inputs()[0]
@@ -137,6 +140,92 @@ def make_model_runner(session, graph: Graph | None = None) -> Runner:
             results = session.run(out_names, feed)
         except Exception as err:  # onnxruntime raises its own pybind exception types
             raise BackendError(f"{where} failed on input_ids {list(input_ids.shape)}: "
+                               f"{str(err).strip()[:300]}") from None
+        out = {}
+        for name, arr in zip(out_names, results):
+            t = torch.from_numpy(np.ascontiguousarray(arr))
+            out[name] = t.to(out_dtypes[name]) if name in out_dtypes else t
+        return out
+
+    return run
+
+
+_INT_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def make_decode_runner(session, graph: Graph | None = None) -> Runner:
+    """A Step of a decode-form file (moe_ir.generation): the graph's inputs by name (input_ids, attention_mask,
+    position_ids, the past cache) -> its outputs by name (logits, the present cache, any routing record).
+
+    Everything is checked before onnxruntime runs: the ids against the vocabulary (ONNX Gather wraps negative
+    indices around), the mask and positions against the ids, and each past cache tensor against the file's
+    [B, heads, P, dim] with one P for all of them and P + S tokens in the mask, so a cache of the wrong layout
+    or length is named instead of failing deep inside a Concat or MatMul."""
+    meta = session.get_modelmeta().custom_metadata_map
+    vocab = int(meta["moe_ir.vocab_size"]) if meta.get("moe_ir.vocab_size", "").isdigit() else None
+    infos = {i.name: i for i in session.get_inputs()}
+    missing = [n for n in _INT_INPUTS if n not in infos]
+    if missing:
+        raise BackendError(f"onnx decode runner: the file has no input {', '.join(missing)}; it is not a decoder "
+                           f"moe-ir built (`moe-ir build --backend onnx --decoder`)")
+    past = [i for i in session.get_inputs() if i.name not in _INT_INPUTS]
+    for info in past:
+        if info.type not in _FEED_TYPES:
+            raise BackendError(f"onnx decode runner: cache input {info.name} is {info.type}, which onnxruntime's "
+                               f"Python API cannot be fed (float and float16 can)")
+    out_names = [o.name for o in session.get_outputs()]
+    out_dtypes = {k: v.type.dtype.torch for k, v in graph.outputs.items()} if graph is not None else {}
+    where = "onnx decode runner"
+
+    def check(inputs: Mapping[str, torch.Tensor]) -> None:
+        absent = [n for n in infos if n not in inputs]
+        if absent:
+            raise BackendError(f"{where}: missing input(s) {', '.join(absent[:4])}; a step takes input_ids, "
+                               f"attention_mask, position_ids and every past_key_values.* tensor")
+        for name in _INT_INPUTS:
+            t = inputs[name]
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 2:
+                got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise BackendError(f"{where}: {name} must be an int64 tensor [B, ...], got {got}")
+        ids, mask, positions = (inputs[n] for n in _INT_INPUTS)
+        b, s = ids.shape
+        if positions.shape != ids.shape or mask.shape[0] != b:
+            raise BackendError(f"{where}: position_ids {list(positions.shape)} must be input_ids' shape {[b, s]} and "
+                               f"attention_mask {list(mask.shape)} must have {b} rows")
+        if vocab is not None and ids.numel():
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= vocab:
+                raise BackendError(f"{where}: token ids must be in [0, {vocab}), found {low if low < 0 else high}")
+        lengths = set()
+        for info in past:
+            t = inputs[info.name]
+            _, heads, _, dim = info.shape
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] != b or \
+                    (isinstance(heads, int) and t.shape[1] != heads) or (isinstance(dim, int) and t.shape[3] != dim):
+                got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise BackendError(f"{where}: {info.name} is {got}; this decoder's cache is [B={b}, {heads}, P, {dim}] "
+                                   f"(a cache of another model or layout)")
+            lengths.add(int(t.shape[2]))
+        if len(lengths) > 1:
+            raise BackendError(f"{where}: the past cache tensors hold different lengths {sorted(lengths)}; every "
+                               f"layer's cache must hold the same P tokens")
+        cached = lengths.pop() if lengths else 0
+        if mask.shape[1] != cached + s:
+            raise BackendError(f"{where}: attention_mask covers {mask.shape[1]} tokens, but the past cache holds "
+                               f"{cached} and input_ids {s} new ones ({cached + s} expected)")
+
+    def run(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        check(inputs)
+        feed = {n: inputs[n].detach().cpu().contiguous().numpy() for n in _INT_INPUTS}
+        for info in past:
+            t = inputs[info.name].detach().cpu()
+            if t.dtype not in (torch.float32, torch.float16):
+                t = t.to(torch.float32)
+            feed[info.name] = t.contiguous().numpy().astype(_FEED_TYPES[info.type], copy=False)
+        try:
+            results = session.run(out_names, feed)
+        except Exception as err:  # onnxruntime raises its own pybind exception types
+            raise BackendError(f"{where} failed on input_ids {list(inputs['input_ids'].shape)}: "
                                f"{str(err).strip()[:300]}") from None
         out = {}
         for name, arr in zip(out_names, results):
