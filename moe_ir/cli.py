@@ -512,12 +512,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate tokens from a model spec, a built torch folder or a Hugging Face "
                                         "checkpoint folder",
                        description="SOURCE: a model spec YAML (seeded random weights, or --weights), a folder "
-                                   "`moe-ir build --backend torch` wrote, or a Hugging Face checkpoint folder "
+                                   "`moe-ir build --backend torch` wrote, a decoder folder `moe-ir build --backend onnx "
+                                   "--decoder` wrote, or a Hugging Face checkpoint folder "
                                    "(config.json + safetensors). Greedy unless --temperature/--top-k/--top-p. One "
                                    "prompt streams its tokens to stdout as they come; a batch prints one line per "
                                    "prompt at the end. Prefill and decode tokens/s go to stderr.")
     p.add_argument("source", metavar="SOURCE")
-    p.add_argument("--backend", default="torch", choices=("torch", "reference"), help="default: torch")
+    p.add_argument("--backend", default="torch", choices=("torch", "reference", "onnx:portable", "onnx:ort", "genai"),
+                   help="default: torch; onnx:<flavour> and genai also run a folder `build --backend onnx "
+                        "--decoder` wrote (genai: that folder only)")
     p.add_argument("--weights", metavar="FILE", help="safetensors weights of a spec file (default: seeded random)")
     p.add_argument("--prompt-ids", metavar="IDS", help='token ids of one prompt, e.g. "1 2 3"')
     p.add_argument("--prompt-file", metavar="FILE", help="one prompt of token ids a line: a batch, left-padded")

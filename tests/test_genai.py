@@ -77,8 +77,13 @@ def test_genai_generates_the_reference_tokens_of_a_spec(kind, tmp_path, capsys):
     expected = greedy_generate(reference_step(graph, weights), graph, prompts, mask, max_new_tokens=NEW_TOKENS)
     right_padded = prompts.clone()
     right_padded[1] = torch.cat([prompts[1, 2:], torch.zeros(2, dtype=torch.int64)])   # pad id 0, on the right
-    assert genai_tokens(folder, right_padded.numpy()) == expected.tokens.tolist()
-    assert genai_tokens(folder, prompts[:1].numpy()) == expected.tokens[:1].tolist()
+    # A spec knows no end-of-sequence token: GenAI's stand-in is 0 (the build says so), where a row stops.
+    assert any("token 0 stands in as eos and pad" in n for n in report["notes"])
+    for got, want in ((genai_tokens(folder, right_padded.numpy()), expected.tokens.tolist()),
+                      (genai_tokens(folder, prompts[:1].numpy()), expected.tokens[:1].tolist())):
+        for row, ref in zip(got, want):
+            stop = ref.index(0) + 1 if 0 in ref else len(ref)
+            assert row[:stop] == ref[:stop]
 
 
 def test_mla_latent_cache_has_no_genai_config_and_says_why(tmp_path, capsys):
@@ -120,3 +125,43 @@ def test_genai_generates_transformers_tokens_of_an_imported_checkpoint(family, t
     for row, want in zip(got, expected.tolist()):
         stop = row.index(60) + 1 if 60 in row else len(row)
         assert row[:stop] == want[:stop]
+
+
+def test_generate_cli_through_genai_equals_moe_ir_onnx_runner(tmp_path, capsys):
+    (tmp_path / "m.yaml").write_text(tiny_model_yaml("gqa", GENAI_ATTENTION["gqa"]))
+    folder = build_decoder(tmp_path / "m.yaml", tmp_path / "out")
+    capsys.readouterr()
+    (tmp_path / "prompts.txt").write_text("5 17 3 60 9\n8 2 4\n")
+    runs = {}
+    for backend in ("genai", "onnx:portable"):
+        assert main(["generate", str(folder), "--backend", backend, "--prompt-file", str(tmp_path / "prompts.txt"),
+                     "--max-new-tokens", "6", "--json"]) == 0
+        runs[backend] = json.loads(capsys.readouterr().out)["tokens"]
+    # Both stop a row at the config's eos (the stand-in 0 here): row 2 ends there.
+    assert runs["genai"] == runs["onnx:portable"] and runs["genai"][1][-1] == 0 and len(runs["genai"][0]) == 6
+    # genai runs a built folder only.
+    assert main(["generate", str(tmp_path / "m.yaml"), "--backend", "genai", "--prompt-ids", "1 2"]) == 2
+    assert "--backend genai runs a built decoder folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda d: d.update(num_hidden_layers=3), "num_hidden_layers is 3, but model.onnx has a cache for 2 layers"),
+    (lambda d: d.update(num_key_value_heads=4), "the cache is num_key_value_heads 4 x head_size 6, but model.onnx's "
+                                                "past_key_values.0.key is ['B', 2, 'P', 6]"),
+    (lambda d: d["inputs"].update(past_key_names="past.%d.key"), "past_key_names 'past.%d.key' does not name layer"),
+    (lambda d: d["outputs"].update(logits="scores"), "outputs.logits is 'scores', which model.onnx does not have"),
+    (lambda d: d.update(filename="other.onnx"), "names other.onnx, which is not in"),
+    (lambda d: d.update(filename="../out/model.onnx"), "must name a file inside"),
+])
+def test_a_config_that_does_not_match_the_decoder_is_one_clear_error(change, needle, tmp_path, capsys):
+    (tmp_path / "m.yaml").write_text(tiny_model_yaml("gqa", GENAI_ATTENTION["gqa"]))
+    folder = build_decoder(tmp_path / "m.yaml", tmp_path / "out")
+    path = folder / "genai_config.json"
+    config = json.loads(path.read_text())
+    change(config["model"]["decoder"])
+    path.write_text(json.dumps(config))
+    capsys.readouterr()
+    for backend in ("genai", "onnx:portable"):   # moe-ir's runner checks the config it would read eos from, too
+        assert main(["generate", str(folder), "--backend", backend, "--prompt-ids", "1 2"]) == 1
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err

@@ -7,6 +7,8 @@ position, which each ONNX decode step's logits must equal (the check that catche
 """
 from __future__ import annotations
 
+import json
+
 import onnx
 import pytest
 import torch
@@ -14,10 +16,14 @@ import torch
 from moe_ir.backends.onnx.flavours import lower
 from moe_ir.backends.onnx.writer import embedded_model
 from moe_ir.backends.registry import get_backend
+from moe_ir.cli import main
+from moe_ir.cli_generate import left_padded
 from moe_ir.errors import BackendError
+from moe_ir.frontends import load_model_spec_text
 from moe_ir.generation import KVCache, decode_inputs, greedy_generate, reference_step
 from moe_ir.interpreter import interpret
 from moe_ir.model_builder import GraphForm, MLACacheLayout, build_model_graph, cache_entries
+from moe_ir.params import init_weights
 from moe_ir.passes import run_pipeline
 from moe_ir.validate import left_padded_prompts
 
@@ -141,3 +147,84 @@ def test_wrong_cache_is_one_clear_error():
     # The mask does not cover past + new tokens.
     with pytest.raises(BackendError, match="attention_mask covers 5 tokens, but the past cache holds 3"):
         step(dict(inputs, attention_mask=torch.ones(1, 5, dtype=torch.int64)))
+
+
+# ------------------------------------------------------------------------------------------------
+# the command line: generate from a built folder, validate's generation checks, bad folders
+
+
+def _built(tmp_path, kind="gqa-head-norm", *extra):
+    from conftest import tiny_model_yaml
+    from test_generation import ATTENTION
+
+    text = tiny_model_yaml(kind, ATTENTION[kind])
+    (tmp_path / "m.yaml").write_text(text)
+    out = tmp_path / "out"
+    assert main(["build", str(tmp_path / "m.yaml"), "--backend", "onnx", "--decoder", "-o", str(out), *extra]) == 0
+    return out, tiny_spec(kind)
+
+
+def test_generate_from_a_built_decoder_folder(tmp_path, capsys):
+    out, spec = _built(tmp_path, "mla", "--mla-cache", "latent", "--flavour", "ort")
+    (tmp_path / "prompts.txt").write_text("5 17 3 60 9\n8 2\n")
+    capsys.readouterr()
+    assert main(["generate", str(out), "--backend", "onnx:ort", "--prompt-file", str(tmp_path / "prompts.txt"),
+                 "--max-new-tokens", "5", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["tokens"]
+    graph = decode_graph(spec, MLACacheLayout.LATENT)
+    weights = init_weights(build_model_graph(spec), 0)   # build's seeded init
+    prompts, mask = left_padded([[5, 17, 3, 60, 9], [8, 2]])
+    expected = greedy_generate(reference_step(graph, weights), graph, prompts, mask, max_new_tokens=5)
+    assert got == expected.tokens.tolist()
+    # The folder's flavour is fixed at build time; torch runs the spec, not the folder.
+    assert main(["generate", str(out), "--backend", "onnx:portable", "--prompt-ids", "1 2"]) == 2
+    assert "was built with --flavour ort; use --backend onnx:ort, or rebuild it with --flavour portable" in capsys.readouterr().err
+    assert main(["generate", str(out), "--backend", "torch", "--prompt-ids", "1 2"]) == 2
+    assert "holds an ONNX decoder" in capsys.readouterr().err
+
+
+def test_generate_on_a_spec_through_the_onnx_flavours(tmp_path, capsys):
+    from conftest import tiny_model_yaml
+    from test_generation import ATTENTION
+
+    (tmp_path / "m.yaml").write_text(tiny_model_yaml("gqa", ATTENTION["gqa-full-norm-interleaved"]))
+    runs = {}
+    for backend in ("torch", "onnx:portable", "onnx:ort"):
+        assert main(["generate", str(tmp_path / "m.yaml"), "--backend", backend, "--prompt-ids", "4 9 33 2",
+                     "--max-new-tokens", "6", "--json"]) == 0
+        runs[backend] = json.loads(capsys.readouterr().out)["tokens"]
+    spec = load_model_spec_text(tiny_model_yaml("gqa", ATTENTION["gqa-full-norm-interleaved"]))
+    graph = decode_graph(spec)
+    expected = greedy_generate(reference_step(graph, init_weights(build_model_graph(spec), 0)), graph,
+                               torch.tensor([[4, 9, 33, 2]]), max_new_tokens=6)
+    assert runs == {b: expected.tokens.tolist() for b in runs}
+
+
+def test_validate_checks_generation_on_both_onnx_flavours(tmp_path, capsys):
+    from conftest import tiny_model_yaml
+    from test_generation import ATTENTION
+
+    (tmp_path / "m.yaml").write_text(tiny_model_yaml("mla", ATTENTION["mla-qlora-half"], layers=1, first_dense=0))
+    assert main(["validate", str(tmp_path / "m.yaml"), "--backends", "onnx:portable", "onnx:ort", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [g["mla_cache"] for g in report["generation"]] == ["expanded", "latent"]
+    for gen in report["generation"]:
+        assert [(r["backend"], r["status"]) for r in gen["results"]] == [("onnx:portable", "ok"), ("onnx:ort", "ok")]
+        for r in gen["results"]:
+            assert r["agree"] == r["tokens"] == 8 and r["decode"]["outputs"]["logits"]["max_abs"] < 1e-4
+
+
+def test_missing_or_escaping_external_data_is_one_clear_error(tmp_path, capsys):
+    out, _ = _built(tmp_path, "gqa-head-norm", "--external-data")
+    data = out / "model.onnx.data"
+    data.rename(tmp_path / "elsewhere.data")
+    assert main(["generate", str(out), "--backend", "onnx:portable", "--prompt-ids", "1 2"]) == 1
+    assert "model.onnx.data does not exist" in capsys.readouterr().err
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../elsewhere.data"
+    onnx.save(model, str(out / "model.onnx"))
+    assert main(["generate", str(out), "--backend", "onnx:portable", "--prompt-ids", "1 2"]) == 1
+    assert "location '../elsewhere.data' is refused because it contains '..'" in capsys.readouterr().err

@@ -147,6 +147,9 @@ class OnnxBackend(Backend):
             notes.append(f"genai: {genai.GENAI_CONFIG} written (type {genai.MODEL_TYPE}, "
                          f"{config['model']['decoder']['num_key_value_heads']} kv heads x "
                          f"{config['model']['decoder']['head_size']}); onnxruntime_genai.Model(folder) loads it")
+            eos_note = genai.missing_eos_note(special_tokens)
+            if eos_note:
+                notes.append(eos_note)
         copied = []
         for src in tokenizer_files:
             src = Path(src)

@@ -17,12 +17,16 @@ has no bf16 kernels). The build then writes the decoder without a config and say
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import onnx
+import torch
 
-from moe_ir.errors import BackendError
+from moe_ir.errors import BackendError, BackendUnavailable
 from moe_ir.ir import ElemType, Graph, OpCode
 from moe_ir.model_builder import DECODE_INPUTS, cache_entries
 
@@ -63,8 +67,10 @@ def genai_refusal(graph: Graph) -> str:
 def genai_config(graph: Graph, *, filename: str = DECODER_FILE, tokens: Mapping[str, int | None] | None = None,
                  context_length: int | None = None) -> dict[str, Any]:
     """The genai_config.json of a decode graph GenAI can take (genai_refusal is '').
-    `tokens`: bos_token_id / eos_token_id / pad_token_id of the checkpoint (absent ones: 0, and an empty eos
-    list, so that no generated token stops a run); `context_length`: the longest sequence (default 4096)."""
+    `tokens`: bos_token_id / eos_token_id / pad_token_id of the checkpoint; `context_length`: the longest
+    sequence (default 4096). GenAI needs an end-of-sequence id in the vocabulary (with none it takes the pad
+    id, and it masks a generated pad token out of the attention): without one (a spec, not a checkpoint) the
+    pad id, else 0, stands in as both (`missing_eos_note` says so in the build's notes)."""
     entries = cache_entries(graph)
     attention = graph.find(OpCode.CACHED_ATTENTION) + graph.find(OpCode.CACHED_MLA_ATTENTION)
     embed = graph.find(OpCode.EMBEDDING)[0]
@@ -72,13 +78,15 @@ def genai_config(graph: Graph, *, filename: str = DECODER_FILE, tokens: Mapping[
     tokens = dict(tokens or {})
     context = int(context_length or DEFAULT_CONTEXT_LENGTH)
     eos, bos, pad = (tokens.get(k) for k in ("eos_token_id", "bos_token_id", "pad_token_id"))
+    if eos is None:
+        eos = pad if pad is not None else 0
     if pad is None:
-        pad = eos if eos is not None else 0
+        pad = eos
     return {
         "model": {
             "type": MODEL_TYPE,
             "bos_token_id": int(bos) if bos is not None else 0,
-            "eos_token_id": int(eos) if eos is not None else [],
+            "eos_token_id": int(eos),
             "pad_token_id": int(pad),
             "vocab_size": vocab,
             "context_length": context,
@@ -102,6 +110,16 @@ def genai_config(graph: Graph, *, filename: str = DECODER_FILE, tokens: Mapping[
                    "length_penalty": 1.0, "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
                    "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
     }
+
+
+def missing_eos_note(tokens: Mapping[str, int | None] | None) -> str:
+    """The build note when no end-of-sequence id is known ('' when one is)."""
+    tokens = dict(tokens or {})
+    if tokens.get("eos_token_id") is not None:
+        return ""
+    stand_in = tokens.get("pad_token_id") or 0
+    return (f"genai: no end-of-sequence token known (a spec, not a checkpoint folder); GenAI needs one, so token "
+            f"{stand_in} stands in as eos and pad: a run stops where the model emits {stand_in}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -143,7 +161,7 @@ def check_genai_folder(folder: str | Path) -> dict[str, Any]:
     out_names = decoder.get("outputs", {}) or {}
     layers = decoder.get("num_hidden_layers")
     past_key = names.get("past_key_names", PAST_KEY)
-    file_layers = sum(1 for n in inputs if n.startswith(past_key.split("%d")[0]) and n.endswith(past_key.split("%d")[-1]))
+    file_layers = len({n.split(".")[1] for n in inputs if n.startswith("past_key_values.")})
     if layers != file_layers:
         raise BackendError(f"{path}: num_hidden_layers is {layers}, but {filename} has a cache for {file_layers} "
                            f"layers; the config belongs to another build (rebuild the folder)")
@@ -174,3 +192,60 @@ def check_genai_folder(folder: str | Path) -> dict[str, Any]:
                                    f"{filename}'s {pattern.replace('%d', str(layer))} is {dims}; the config belongs "
                                    f"to another build (rebuild the folder)")
     return config
+
+
+# ------------------------------------------------------------------------------------------------
+# generating through GenAI
+
+
+@dataclass
+class GenAIRun:
+    """What GenAI generated: tokens [B, N] and the seconds of each call (the first: the prompt's prefill and
+    the first token)."""
+    tokens: torch.Tensor
+    times: list[float]
+
+
+def genai_generate(folder: str | Path, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                   temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                   seed: int = 0, on_token: Callable[[torch.Tensor], None] | None = None) -> GenAIRun:
+    """Generate with onnxruntime-genai's Generator from a decoder folder (checked first: check_genai_folder).
+    Greedy unless a sampling option is given. GenAI pads a batch on the right with the config's pad token
+    (it reads trailing pad tokens as padding), so a prompt of a batch may not end with that token."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        raise BackendUnavailable("onnxruntime-genai is not installed (pip install 'moe-ir[onnx]')") from None
+    config = check_genai_folder(folder)
+    pad = int(config["model"].get("pad_token_id", 0))
+    width = max(len(p) for p in prompts)
+    if len(prompts) > 1 and any(p[-1] == pad for p in prompts):
+        raise BackendError(f"genai: a prompt of the batch ends with token {pad}, GenAI's pad token "
+                           f"(genai_config.json model.pad_token_id), which it would read as padding")
+    ids = np.full((len(prompts), width), pad, dtype=np.int32)
+    for row, prompt in enumerate(prompts):
+        ids[row, :len(prompt)] = prompt
+    sampling = temperature is not None or top_k is not None or top_p is not None
+    options: dict[str, Any] = {"max_length": width + max_new_tokens, "batch_size": len(prompts), "do_sample": sampling}
+    if sampling:
+        options.update(temperature=temperature or 1.0, top_k=top_k or 0, top_p=top_p or 1.0, random_seed=seed)
+    try:
+        model = og.Model(str(folder))
+        params = og.GeneratorParams(model)
+        params.set_search_options(**options)
+        generator = og.Generator(model, params)
+        times, steps = [], []
+        start = time.perf_counter()
+        generator.append_tokens(ids)
+        while not generator.is_done() and len(steps) < max_new_tokens:
+            generator.generate_next_token()
+            token = torch.from_numpy(np.asarray(generator.get_next_tokens(), dtype=np.int64).copy())
+            times.append(time.perf_counter() - start)
+            steps.append(token)
+            if on_token is not None:
+                on_token(token)
+            start = time.perf_counter()
+    except RuntimeError as err:  # onnxruntime-genai raises RuntimeError with its own message
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BackendError(f"genai: {folder}: {first}") from None
+    return GenAIRun(torch.stack(steps, dim=1), times)

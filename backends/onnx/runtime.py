@@ -9,6 +9,7 @@ runs on CPU only, through onnxruntime-extensions (extensions.py).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -17,11 +18,13 @@ import onnx
 import torch
 
 from moe_ir.errors import BackendError, BackendUnavailable
-from moe_ir.ir import Graph
+from moe_ir.ir import ElemType, Graph
+from moe_ir.model_builder import DECODE_INPUTS, CacheEntry
 from ..base import Runner
 from . import extensions
 from .external_data import load_model
 from .flavours import parse_flavour
+from .genai import DECODER_FILE
 from .lowering import Flavour
 
 _FEED_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -261,3 +264,70 @@ def load_runner(path: str | Path, *, providers: Sequence[str] | None = None, thr
     else:
         model = str(path)
     return make_runner(make_session(model, flavour, providers=providers, threads=threads))
+
+
+# ------------------------------------------------------------------------------------------------
+# a built decoder folder (`moe-ir build --backend onnx --decoder`)
+
+
+@dataclass
+class Decoder:
+    """An ONNX decoder file loaded for generation: `step` (moe_ir.generation.Step), the cache tensors it
+    takes and returns (what moe_ir.generation.greedy_generate feeds back), its vocabulary and flavour."""
+    path: Path
+    step: Runner
+    entries: list[CacheEntry]
+    vocab_size: int | None
+    flavour: Flavour
+
+
+_ELEM_TYPES = {onnx.TensorProto.FLOAT: ElemType.FLOAT32, onnx.TensorProto.FLOAT16: ElemType.FLOAT16,
+               onnx.TensorProto.BFLOAT16: ElemType.BFLOAT16}
+
+
+def decoder_cache_entries(proto: onnx.ModelProto, where: str) -> list[CacheEntry]:
+    """The cache tensors of a decoder file, read from its inputs: each `past_key_values.{i}.{slot}` [B, heads,
+    P, dim] with its `present.{i}.{slot}` output, in input order."""
+    outputs = {o.name for o in proto.graph.output}
+    entries = []
+    for info in proto.graph.input:
+        if info.name in DECODE_INPUTS:
+            continue
+        parts = info.name.split(".")
+        dims = info.type.tensor_type.shape.dim
+        if len(parts) != 3 or parts[0] != "past_key_values" or not parts[1].isdigit() or len(dims) != 4:
+            raise BackendError(f"{where}: input '{info.name}' is not a past cache tensor "
+                               f"(past_key_values.<layer>.<slot> [B, heads, P, dim]); not a decoder moe-ir built")
+        present = f"present.{parts[1]}.{parts[2]}"
+        if present not in outputs:
+            raise BackendError(f"{where}: cache input '{info.name}' has no '{present}' output; not a decoder "
+                               f"moe-ir built")
+        elem = info.type.tensor_type.elem_type
+        if elem not in _ELEM_TYPES or not dims[1].HasField("dim_value") or not dims[3].HasField("dim_value"):
+            raise BackendError(f"{where}: cache input '{info.name}' must be a float tensor [B, heads, P, dim] with "
+                               f"fixed heads and dim")
+        entries.append(CacheEntry(int(parts[1]), info.name, present, dims[1].dim_value, dims[3].dim_value,
+                                  _ELEM_TYPES[elem]))
+    if not entries:
+        raise BackendError(f"{where}: no past_key_values.* input: a prefill-only model; build the decoder with "
+                           f"`moe-ir build --backend onnx --decoder`")
+    return entries
+
+
+def load_decoder(folder: str | Path, *, providers: Sequence[str] | None = None,
+                 threads: int | None = None) -> Decoder:
+    """The decoder of a folder `moe-ir build --backend onnx --decoder` wrote (model.onnx, or the .onnx file
+    itself), ready to generate with moe-ir's loop. Its external data is checked first (load_model)."""
+    path = Path(folder)
+    if path.is_dir():
+        path = path / DECODER_FILE
+    proto = load_model(path, "ONNX decoder")
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if meta.get("moe_ir.form") != "decode":
+        raise BackendError(f"{path}: not a decoder (a file without a KV cache); build one with "
+                           f"`moe-ir build --backend onnx --decoder`")
+    entries = decoder_cache_entries(proto, str(path))
+    vocab = int(meta["moe_ir.vocab_size"]) if meta.get("moe_ir.vocab_size", "").isdigit() else None
+    flavour = parse_flavour(meta.get("moe_ir.flavour", "portable"))
+    step = make_runner(make_session(str(path), flavour, providers=providers, threads=threads))
+    return Decoder(path, step, entries, vocab, flavour)
