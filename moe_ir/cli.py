@@ -155,29 +155,38 @@ def _progress_printer(stream=None) -> Callable[[str, int, int], None]:
     return report
 
 
-def spec_graph(spec, *, training: bool = False):
+def spec_graph(spec, *, training: bool = False, decoder: bool = False, mla_cache: str = "expanded"):
     """The IR graph of a layer spec (x in, out) or a model spec (input_ids in, logits out); `training` adds
-    the routing record, router logits, loads and balance losses."""
+    the routing record, router logits, loads and balance losses; `decoder` gives a model's decode form (a KV
+    cache in and out, `mla_cache` the MLA cache layout)."""
     from .builder import build_graph
-    from .model_builder import build_model_graph
+    from .model_builder import GraphForm, build_model_graph
     from .model_spec import ModelSpec
 
     if isinstance(spec, ModelSpec):
+        if decoder:
+            return build_model_graph(spec, form=GraphForm.DECODE, mla_cache=mla_cache)
         return build_model_graph(spec, routing=training, training=training)
+    if decoder:
+        raise UsageError(f"--decoder builds a whole model's decode graph; {spec.name} is a layer spec")
     return build_graph(spec, training=training)
 
 
 def prepare_for_backend(spec, backend, *, seed: int = 0, weights_path: str | None = None,
-                        notes: list[str] | None = None, allow_narrowing: bool = False):
+                        notes: list[str] | None = None, allow_narrowing: bool = False, decoder: bool = False,
+                        mla_cache: str = "expanded", weights=None):
     """(graph after the backend's pipeline, weights for it): what build lowers, for a layer or a model spec.
-    `allow_narrowing`: the run asked for a lower precision than the weights file holds (`--precision`)."""
+    `allow_narrowing`: the run asked for a lower precision than the weights file holds (`--precision`);
+    `weights`: canonical weights already read (a checkpoint folder's) instead of a file or a seeded init."""
     from .params import ensure_memory_for, init_weights, load_weights
     from .passes import run_pipeline
 
-    full = spec_graph(spec, training=backend.lowers_training_graph)
-    ensure_memory_for(full, f"loading {weights_path}" if weights_path else "initialising random weights")
-    weights = (load_weights(weights_path, full, notes=notes, allow_narrowing=allow_narrowing) if weights_path
-               else init_weights(full, seed))
+    full = spec_graph(spec, training=backend.lowers_training_graph and not decoder, decoder=decoder,
+                      mla_cache=mla_cache)
+    if weights is None:
+        ensure_memory_for(full, f"loading {weights_path}" if weights_path else "initialising random weights")
+        weights = (load_weights(weights_path, full, notes=notes, allow_narrowing=allow_narrowing) if weights_path
+                   else init_weights(full, seed))
     graph = run_pipeline(full, backend.pipeline)
     return graph, {k: v for k, v in weights.items() if k in graph.weights}
 
@@ -202,7 +211,20 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from .artifacts import check_output_folder
 
     check_output_folder(args.output)  # before any work: -o naming a file, under a file, or not writable
-    spec = _load_spec(args.spec)
+    if args.mla_cache is not None and not args.decoder:
+        raise UsageError("--mla-cache chooses the cache layout of a decoder build; add --decoder")
+    checkpoint = Path(args.spec) if Path(args.spec).is_dir() else None
+    source_weights = None
+    if checkpoint is not None:
+        spec, source_weights, decoder_options = _checkpoint_source(checkpoint, args)
+        if args.decoder and "special_tokens" in backend.build_options:
+            options.update(decoder_options)
+    else:
+        spec = _load_spec(args.spec)
+    if args.mla_cache is not None and getattr(getattr(spec, "model", None), "attention", None) is not None and \
+            spec.model.attention.kind.value != "mla":
+        raise UsageError(f"--mla-cache chooses an MLA model's cache layout; {spec.name} has "
+                         f"{spec.model.attention.kind.value} attention")
     if args.precision is not None:
         # The precision is the network's types (TensorRT networks are strongly typed): the graph is built in that
         # dtype here, so the backend lowers the graph it is given and never rebuilds it from the spec.
@@ -211,7 +233,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         spec = with_dtype(spec, PRECISION_DTYPES[args.precision])
     weight_notes: list[str] = []
     graph, weights = prepare_for_backend(spec, backend, seed=args.seed, weights_path=args.weights, notes=weight_notes,
-                                         allow_narrowing=args.precision is not None)
+                                         allow_narrowing=args.precision is not None, decoder=args.decoder,
+                                         mla_cache=args.mla_cache or "expanded", weights=source_weights)
     for note in weight_notes:
         print(f"note: {note}", file=sys.stderr)
     ok, reason = backend.supports(graph)
@@ -234,6 +257,40 @@ def _cmd_build(args: argparse.Namespace) -> int:
             print(f"note: {note}")
         print(f"done in {elapsed:.1f} s")
     return 0
+
+
+def _checkpoint_source(folder: Path, args: argparse.Namespace):
+    """(spec, weights, decoder build options) of a Hugging Face checkpoint folder given as build's SPEC: the
+    special token ids and context length of its config.json and the tokenizer files beside it go into a
+    decoder build (genai_config.json, copies)."""
+    from .backends.onnx.genai import TOKENIZER_FILES
+    from .frontends.hf.checkpoint import load_hf_checkpoint
+
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"{folder}: a folder, but not a Hugging Face checkpoint (config.json + safetensors); give "
+                         f"a spec YAML or a checkpoint folder")
+    if args.weights or args.precision:
+        raise UsageError(f"--weights and --precision go with a spec file; {folder} is a checkpoint folder, which "
+                         f"brings its own weights and dtype")
+    spec, weights = load_hf_checkpoint(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8")[: 1 << 20])
+    except (OSError, ValueError):
+        config = {}
+    config = config if isinstance(config, dict) else {}
+
+    def token(key: str):
+        value = config.get(key)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+    context = config.get("max_position_embeddings")
+    options = {"special_tokens": {k: token(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
+               "tokenizer_files": [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]}
+    if isinstance(context, int) and not isinstance(context, bool) and context > 0:
+        options["context_length"] = context
+    return spec, weights, options
 
 
 def _cmd_backends(args: argparse.Namespace) -> int:
@@ -414,6 +471,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", metavar="MIN,OPT,MAX", help="token-count optimisation profile (tensorrt)")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="network precision (tensorrt)")
     p.add_argument("--external-data", action="store_true", help="ONNX weights in a .data file beside the model")
+    p.add_argument("--decoder", action="store_true",
+                   help="build the model's decode graph (a KV cache in and out, for generation); with --backend onnx "
+                        "a deployable decoder folder: model.onnx, genai_config.json for onnxruntime-genai where it "
+                        "can run the model, and the tokenizer files of a checkpoint folder SPEC")
+    p.add_argument("--mla-cache", choices=("expanded", "latent"),
+                   help="with --decoder: what an MLA model caches (default expanded: per-head K/V; latent: c_kv and "
+                        "the shared rotary key)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_build)
 
@@ -448,13 +512,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate tokens from a model spec, a built torch folder or a Hugging Face "
                                         "checkpoint folder",
                        description="SOURCE: a model spec YAML (seeded random weights, or --weights), a folder "
-                                   "`moe-ir build --backend torch` wrote, or a Hugging Face checkpoint folder "
+                                   "`moe-ir build --backend torch` wrote, a decoder folder `moe-ir build --backend onnx "
+                                   "--decoder` wrote, or a Hugging Face checkpoint folder "
                                    "(config.json + safetensors). Greedy unless --temperature/--top-k/--top-p. One "
                                    "prompt streams its tokens to stdout as they come; a batch prints one line per "
                                    "prompt at the end. Prefill and decode tokens/s go to stderr.")
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--backend", default="torch", metavar="NAME",
-                   help="any backend that runs decode graphs: torch (default), compile, aoti, reference")
+                   help="any backend that runs decode graphs: torch (default), compile, aoti, reference, "
+                        "onnx:portable, onnx:ort; onnx:<flavour> and genai also run a folder `build --backend onnx "
+                        "--decoder` wrote (genai: that folder only)")
     p.add_argument("--weights", metavar="FILE", help="safetensors weights of a spec file (default: seeded random)")
     p.add_argument("--prompt-ids", metavar="IDS", help='token ids of one prompt, e.g. "1 2 3"')
     p.add_argument("--prompt-file", metavar="FILE", help="one prompt of token ids a line: a batch, left-padded")

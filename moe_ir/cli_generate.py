@@ -1,4 +1,5 @@
-"""`moe-ir generate`: token generation from a spec, a built torch folder or a Hugging Face checkpoint folder.
+"""`moe-ir generate`: token generation from a spec, a built torch folder, a built ONNX decoder folder or a Hugging
+Face checkpoint folder.
 
 Part of the command-line layer (like moe_ir/cli.py, not the core): it reads user formats through the
 frontends and runs a backend's step of the decode graph through moe_ir.generation's loop. cli.py imports
@@ -237,6 +238,131 @@ def _trim_after_eos(row: list[int], eos: int | None) -> list[int]:
     return row[: row.index(eos) + 1] if eos is not None and eos in row else row
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    if args.temperature is not None and not (args.temperature > 0 and math.isfinite(args.temperature)):
+        raise UsageError(f"--temperature must be a positive number, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+
+
+def _check_vocab(prompts: list[list[int]], vocab: int | None, name: str) -> None:
+    for row, prompt in enumerate(prompts):
+        bad = [t for t in prompt if vocab is not None and not 0 <= t < vocab]
+        if bad:
+            where = f"prompt {row + 1}" if len(prompts) > 1 else "the prompt"
+            raise UsageError(f"{where}: token id(s) {', '.join(map(str, bad[:6]))} outside the vocabulary "
+                             f"[0, {vocab}) of {name}")
+
+
+def _sampling(args: argparse.Namespace) -> bool:
+    return args.temperature is not None or args.top_k is not None or args.top_p is not None
+
+
+class _Stream:
+    """One prompt: each token is written as it comes (text when a tokenizer is there); nothing after the
+    end-of-sequence token is shown (the loop ends once every sequence has produced it)."""
+
+    def __init__(self, enabled: bool, tokenizer, eos: int | None):
+        self.enabled, self.tokenizer, self.eos = enabled, tokenizer, eos
+        self.streamed: list[int] = []
+        self.shown = ""
+        self.stopped = False
+
+    def __call__(self, tokens: torch.Tensor) -> None:
+        if not self.enabled or self.stopped:
+            return
+        token = int(tokens[0])
+        self.streamed.append(token)
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(self.streamed)
+            sys.stdout.write(text[len(self.shown):])
+            self.shown = text
+        else:
+            sys.stdout.write(("" if len(self.streamed) == 1 else " ") + str(token))
+        sys.stdout.flush()
+        self.stopped = self.eos is not None and token == self.eos
+
+
+def _report(args: argparse.Namespace, tokens: torch.Tensor, times: list[float], prompt_tokens: int, batch: int,
+            stream: _Stream, tokenizer, eos: int | None, description: str) -> int:
+    """The generated rows on stdout (or --json), prefill and decode tokens/s on stderr."""
+    rows = [_trim_after_eos(r, eos) for r in tokens.tolist()]
+    texts = [tokenizer.decode(r) for r in rows] if tokenizer is not None else None
+    prefill_s = times[0]
+    decode_s = sum(times[1:])
+    decode_tokens = batch * (len(times) - 1)
+    prefill_rate = prompt_tokens / prefill_s if prefill_s > 0 else float("inf")
+    decode_rate = decode_tokens / decode_s if decode_s > 0 else None
+    if args.json:
+        report = {"tokens": rows, "prefill_tokens_per_s": round(prefill_rate, 3),
+                  "decode_tokens_per_s": round(decode_rate, 3) if decode_rate is not None else None}
+        if texts is not None:
+            report["text"] = texts
+        print(json.dumps(report))
+    else:
+        if stream.enabled:
+            sys.stdout.write("\n")
+        else:
+            for row, text in zip(rows, texts or [None] * len(rows)):
+                print(text if text is not None else " ".join(map(str, row)))
+        sys.stdout.flush()
+    print(f"prefill: {prompt_tokens} tokens in {prefill_s:.3f} s ({prefill_rate:,.1f} tokens/s); decode: "
+          + (f"{decode_tokens} tokens in {decode_s:.3f} s ({decode_rate:,.1f} tokens/s)" if decode_rate is not None
+             else "no step after prefill (--max-new-tokens 1)")
+          + f" [{args.backend}, {description}]", file=sys.stderr)
+    return 0
+
+
+def _decoder_folder(source: str) -> Path | None:
+    """SOURCE as a folder `moe-ir build --backend onnx --decoder` wrote (None when it is not one)."""
+    from .backends.onnx.genai import DECODER_FILE
+
+    path = Path(source)
+    return path if path.is_dir() and (path / DECODER_FILE).is_file() else None
+
+
+def _run_decoder_folder(args: argparse.Namespace, folder: Path) -> int:
+    """Generation from a built ONNX decoder folder: moe-ir's ONNX Runtime runner (onnx:<flavour>, the flavour
+    the folder was built with) or onnxruntime-genai (genai, where the build wrote genai_config.json)."""
+    from .backends.onnx import genai_generate, load_decoder
+    from .backends.onnx.genai import GENAI_CONFIG, check_genai_folder
+    from .generation import greedy_generate
+
+    if args.weights or args.mla_cache or args.shrink or args.dtype:
+        raise UsageError(f"{folder} is a built decoder: its weights, sizes, dtype and cache layout were fixed when "
+                         f"it was built (drop --weights / --shrink / --dtype / --mla-cache)")
+    if args.backend != "genai" and args.backend.partition(":")[0] != "onnx":
+        raise UsageError(f"{folder} holds an ONNX decoder; generate from it with --backend onnx:<flavour> or genai "
+                         f"(or give the spec to run it on {args.backend})")
+    tokenizer = load_tokenizer(folder)
+    config = check_genai_folder(folder) if args.backend == "genai" or (folder / GENAI_CONFIG).is_file() else None
+    eos = config["model"].get("eos_token_id") if config else None
+    eos = eos if isinstance(eos, int) and not isinstance(eos, bool) else None
+    eos = args.eos_token_id if args.eos_token_id is not None else eos
+    prompts = parse_prompts(args, tokenizer)
+    stream = _Stream(len(prompts) == 1 and not args.json, tokenizer, eos)
+    if args.backend == "genai":
+        _check_vocab(prompts, config["model"].get("vocab_size"), str(folder))
+        run = genai_generate(folder, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, seed=args.seed, on_token=stream)
+        tokens, times = run.tokens, run.times
+    else:
+        decoder = load_decoder(folder)
+        wanted = args.backend.partition(":")[2]
+        if decoder.flavour.value != wanted:
+            raise UsageError(f"{folder} was built with --flavour {decoder.flavour.value}; use --backend "
+                             f"onnx:{decoder.flavour.value}, or rebuild it with --flavour {wanted}")
+        _check_vocab(prompts, decoder.vocab_size, str(folder))
+        ids, mask = left_padded(prompts)
+        step = _TimedStep(decoder.step)
+        choose = sampler(args.temperature or 1.0, args.top_k, args.top_p, args.seed) if _sampling(args) else None
+        result = greedy_generate(step, decoder.entries, ids, mask, max_new_tokens=args.max_new_tokens,
+                                 eos_token_id=eos, choose=choose, on_token=stream, stop_at_eos=True)
+        tokens, times = result.tokens, step.times
+    return _report(args, tokens, times, sum(len(p) for p in prompts), len(prompts), stream, tokenizer, eos,
+                   f"decoder folder {folder}")
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from .backends import get_backend
     from .model_builder import GraphForm, MLACacheLayout, build_model_graph
@@ -244,11 +370,14 @@ def run_generate(args: argparse.Namespace) -> int:
     from .params import ensure_memory_for, init_weights
     from .passes import run_pipeline
 
+    _check_options(args)
+    folder = _decoder_folder(args.source)
+    if folder is not None:
+        return _run_decoder_folder(args, folder)
+    if args.backend == "genai":
+        raise UsageError(f"--backend genai runs a built decoder folder; build one with `moe-ir build {args.source} "
+                         f"--backend onnx --decoder -o DIR`, then `moe-ir generate DIR --backend genai`")
     backend = get_backend(args.backend)  # an unknown name: the registry's error lists the known ones
-    if args.temperature is not None and not (args.temperature > 0 and math.isfinite(args.temperature)):
-        raise UsageError(f"--temperature must be a positive number, got {args.temperature}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     source = load_source(args.source, args.weights, args.shrink)
     spec = source.spec
     if args.dtype is not None and args.dtype != spec.model.dtype.value:
@@ -266,12 +395,7 @@ def run_generate(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(source.folder if Path(args.source).is_dir() else None)
     prompts = parse_prompts(args, tokenizer)
     vocab = spec.model.vocab_size
-    for row, prompt in enumerate(prompts):
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            where = f"prompt {row + 1}" if len(prompts) > 1 else "the prompt"
-            raise UsageError(f"{where}: token id(s) {', '.join(map(str, bad[:6]))} outside the vocabulary "
-                             f"[0, {vocab}) of {spec.name}")
+    _check_vocab(prompts, vocab, spec.name)
     ids, mask = left_padded(prompts)
 
     layout = MLACacheLayout(args.mla_cache or "expanded")
@@ -286,63 +410,16 @@ def run_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"backend '{args.backend}' cannot run the decode graph of {spec.name}: {reason}")
     step = _TimedStep(backend.prepare(graph, {k: v for k, v in weights.items() if k in graph.weights}))
 
-    sampling = args.temperature is not None or args.top_k is not None or args.top_p is not None
-    choose = sampler(args.temperature or 1.0, args.top_k, args.top_p, args.seed) if sampling else None
+    choose = sampler(args.temperature or 1.0, args.top_k, args.top_p, args.seed) if _sampling(args) else None
     eos = args.eos_token_id if args.eos_token_id is not None else source.eos_token_id
     if args.eos_token_id is not None and not 0 <= eos < vocab:
         raise UsageError(f"--eos-token-id {eos} is outside the vocabulary [0, {vocab}) of {spec.name}")
     eos = eos if eos is not None and 0 <= eos < vocab else None
-
-    streamed: list[int] = []
-    shown_text = ""
-    stream = len(prompts) == 1 and not args.json
-    stopped = False
-
-    def on_token(tokens: torch.Tensor) -> None:
-        # One prompt: each token is written as it comes (text when a tokenizer is there); the loop ends
-        # once every sequence has produced the end-of-sequence token, and nothing after it is shown.
-        nonlocal shown_text, stopped
-        if not stream or stopped:
-            return
-        token = int(tokens[0])
-        streamed.append(token)
-        if tokenizer is not None:
-            text = tokenizer.decode(streamed)
-            sys.stdout.write(text[len(shown_text):])
-            shown_text = text
-        else:
-            sys.stdout.write(("" if len(streamed) == 1 else " ") + str(token))
-        sys.stdout.flush()
-        stopped = eos is not None and token == eos
+    stream = _Stream(len(prompts) == 1 and not args.json, tokenizer, eos)
 
     from .generation import greedy_generate
 
     result = greedy_generate(step, graph, ids, mask, max_new_tokens=args.max_new_tokens, eos_token_id=eos,
-                             choose=choose, on_token=on_token, stop_at_eos=True)
-    rows = [_trim_after_eos(r, eos) for r in result.tokens.tolist()]
-    texts = [tokenizer.decode(r) for r in rows] if tokenizer is not None else None
-
-    prompt_tokens = int(mask.sum())
-    prefill_s = step.times[0]
-    decode_s = sum(step.times[1:])
-    decode_tokens = len(prompts) * (len(step.times) - 1)
-    prefill_rate = prompt_tokens / prefill_s if prefill_s > 0 else float("inf")
-    decode_rate = decode_tokens / decode_s if decode_s > 0 else None
-    if args.json:
-        report = {"tokens": rows, "prefill_tokens_per_s": round(prefill_rate, 3),
-                  "decode_tokens_per_s": round(decode_rate, 3) if decode_rate is not None else None}
-        if texts is not None:
-            report["text"] = texts
-        print(json.dumps(report))
-    else:
-        if stream:
-            sys.stdout.write("\n")
-        else:
-            for row, text in zip(rows, texts or [None] * len(rows)):
-                print(text if text is not None else " ".join(map(str, row)))
-        sys.stdout.flush()
-    print(f"prefill: {prompt_tokens} tokens in {prefill_s:.3f} s ({prefill_rate:,.1f} tokens/s); decode: "
-          + (f"{decode_tokens} tokens in {decode_s:.3f} s ({decode_rate:,.1f} tokens/s)" if decode_rate is not None
-             else "no step after prefill (--max-new-tokens 1)")
-          + f" [{args.backend}, {source.description}]", file=sys.stderr)
-    return 0
+                             choose=choose, on_token=stream, stop_at_eos=True)
+    return _report(args, result.tokens, step.times, int(mask.sum()), len(prompts), stream, tokenizer, eos,
+                   source.description)

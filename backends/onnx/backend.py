@@ -16,6 +16,8 @@ BackendError naming the reason where ONNX Runtime cannot run the file):
 """
 from __future__ import annotations
 
+import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -25,10 +27,12 @@ import torch
 from moe_ir.artifacts import OutputFolder
 from moe_ir.errors import BackendError, BackendUnavailable, MoeIRError
 from moe_ir.ir import Graph, from_json, to_json
+from moe_ir.model_builder import is_decode_graph
 from moe_ir.model_spec import ModelSpec
 from moe_ir.passes import run_pipeline
 from moe_ir.spec import LayerSpec
 from ..base import Backend, BuildResult, Runner
+from . import genai
 from .flavours import PIPELINES, lower, lowering_class, parse_flavour, supports
 from .lowering import Flavour
 from .runtime import make_runner, make_session, runtime_refusal
@@ -48,7 +52,9 @@ def lowered_graph(graph: Graph, flavour: Flavour | str) -> Graph:
 class OnnxBackend(Backend):
     name = "onnx"
     summary = "ONNX (opset 18): portable standard ops | ort (com.microsoft.MoE) | plugin (moe_ir::FusedMoE); runs in ONNX Runtime"
-    build_options = frozenset({"flavour", "external_data"})
+    # special_tokens / context_length / tokenizer_files: what a decoder build (a decode graph) writes into
+    # genai_config.json and copies beside the model, from the source checkpoint
+    build_options = frozenset({"flavour", "external_data", "special_tokens", "context_length", "tokenizer_files"})
     default_variants = tuple(f.value for f in Flavour)
 
     def __init__(self, variant: Flavour | str | None = None):
@@ -91,10 +97,16 @@ class OnnxBackend(Backend):
 
     def write_artifact(self, spec: LayerSpec | ModelSpec, graph: Graph, weights: Mapping[str, torch.Tensor],
                        out: OutputFolder, *, flavour: Flavour | str | None = None, external_data: bool | None = None,
-                       progress: Progress | None = None, **options: Any) -> BuildResult:
+                       progress: Progress | None = None, special_tokens: Mapping[str, int | None] | None = None,
+                       context_length: int | None = None, tokenizer_files: Sequence[Path] = (),
+                       **options: Any) -> BuildResult:
         """OUT/<name>.<flavour>.onnx, and OUT/<name>.<flavour>.onnx.data when external (a .data file of an
         earlier build is removed when this one embeds its weights). `spec` is the layer's or, for a
-        whole-model graph (build_model_graph), the model's; only its name is used here."""
+        whole-model graph (build_model_graph), the model's; only its name is used here.
+
+        A decode graph (build_model_graph(form="decode")) is a deployable decoder folder instead:
+        OUT/model.onnx (+ .data), OUT/genai_config.json where onnxruntime-genai can run it (genai.py; the
+        notes say why not otherwise), and copies of `tokenizer_files` (the source checkpoint's)."""
         flavour = parse_flavour(flavour or self.flavour)
         piped = lowered_graph(graph, flavour)
         ok, reason = supports(piped, flavour)
@@ -103,14 +115,47 @@ class OnnxBackend(Backend):
         lowered = lower(piped, weights, flavour)
         if external_data is None:
             external_data = lowered.initializer_bytes() > EXTERNAL_DATA_THRESHOLD
-        name = f"{spec.name}.{flavour.value}.onnx"
+        decoder = is_decode_graph(piped)
+        name = genai.DECODER_FILE if decoder else f"{spec.name}.{flavour.value}.onnx"
         out.claim(name + ".data")  # write_model names the data file after the model, beside it
         write_model(lowered, out.path(name), external_data=external_data, progress=progress)
         files = [out.final(name)] + ([out.final(name + ".data")] if external_data else [])
         dtypes = sorted({v.type.dtype.value for v in stored_values(piped)})
-        notes = [f"opset 18, dynamic dims B,S; flavour {flavour.value}; {'/'.join(dtypes)}"]
+        dynamic = "B,S,P (past length)" if decoder else "B,S"
+        notes = [f"opset 18, dynamic dims {dynamic}; flavour {flavour.value}; {'/'.join(dtypes)}"]
         refusal = runtime_refusal(dtypes, flavour)
         if refusal:
             notes.append(f"not runnable by moe-ir's ONNX Runtime runner: {refusal}")
         notes.extend(lowering_class(flavour).needs)
+        if decoder:
+            files += self._write_decoder_extras(piped, out, special_tokens, context_length, tokenizer_files, notes)
         return BuildResult(files=files, notes=notes)
+
+    @staticmethod
+    def _write_decoder_extras(graph: Graph, out: OutputFolder, special_tokens, context_length,
+                              tokenizer_files: Sequence[Path], notes: list[str]) -> list[Path]:
+        """genai_config.json (where GenAI can take the graph) and the tokenizer files; the notes say which."""
+        files = []
+        out.claim(genai.GENAI_CONFIG)  # a config of an earlier build goes when this one writes none
+        refusal = genai.genai_refusal(graph)
+        if refusal:
+            notes.append(f"genai: no {genai.GENAI_CONFIG} written: {refusal}")
+        else:
+            config = genai.genai_config(graph, tokens=special_tokens, context_length=context_length)
+            out.path(genai.GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            files.append(out.final(genai.GENAI_CONFIG))
+            notes.append(f"genai: {genai.GENAI_CONFIG} written (type {genai.MODEL_TYPE}, "
+                         f"{config['model']['decoder']['num_key_value_heads']} kv heads x "
+                         f"{config['model']['decoder']['head_size']}); onnxruntime_genai.Model(folder) loads it")
+            eos_note = genai.missing_eos_note(special_tokens)
+            if eos_note:
+                notes.append(eos_note)
+        copied = []
+        for src in tokenizer_files:
+            src = Path(src)
+            shutil.copyfile(src, out.path(src.name))
+            files.append(out.final(src.name))
+            copied.append(src.name)
+        if copied:
+            notes.append(f"tokenizer: copied {', '.join(copied)}")
+        return files

@@ -13,14 +13,24 @@ export) from the run's S, so one file takes any B and S and has no maximum lengt
 emitted once and shared by every layer. GQA broadcasts each kv head over its query heads in MatMul, copying
 nothing. Shapes built at run time from Shape() use Reshape(allowzero=1), so an empty batch is not misread as
 "copy this dim".
+
+Decode form (cached_attention, cached_mla_attention; model_builder's decode graph): one file serves prefill
+(an empty past, P = 0) and decode. The RoPE tables come from position_ids [B, S] instead of 0..S-1, the
+present cache is Concat(past, new) along dim 2 under GenAI's names (present.{i}.key/value), and the mask of
+hidden keys [B, 1, S, P+S] is built once from attention_mask and the run's S as model_ops.visible_keys states
+it (left padding masked, a token always sees itself). The MLA latent cache is expanded to per-head K/V from
+the whole cache at each call, as the reference does.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 import torch
 from onnx import TensorProto
 
 from moe_ir.ir import ElemType, Node, Value
+from moe_ir.model_builder import MLACacheLayout
 from moe_ir.model_spec import QKNorm, RopeLayout
 from .lowering import Lowering
 
@@ -107,11 +117,18 @@ class DecoderOps(Lowering):
     def _causal_attention(self, x: str, q: str, k: str, v: str, heads: int, kv_heads: int, dv: int,
                           scale: float, dt: ElemType) -> str:
         """model_ops.causal_attention: q [B,h,S,d], k [B,hk,S,d], v [B,hk,S,dv] -> [B*S, h*dv]."""
+        return self._attend(q, k, v, heads, kv_heads, dv, scale, dt, lambda: (self._future_mask(x),) * 2)
+
+    def _attend(self, q: str, k: str, v: str, heads: int, kv_heads: int, dv: int, scale: float, dt: ElemType,
+                masks: Callable[[], tuple[str, str]]) -> str:
+        """model_ops.attend: q [B,h,S,d], k [B,hk,L,d], v [B,hk,L,dv] -> [B*S, h*dv]. `masks()` gives the bool
+        tensor true where a key is hidden, broadcastable to the scores [B,h,S,L], and the same for the grouped
+        scores [B,hk,rep,S,L] of GQA (called where the mask is used, so shared masks are emitted there)."""
         em = self.em
         rep = heads // kv_heads
         if rep > 1:
             # Query head i reads kv head i // rep: view the query heads as [B, hk, rep, S, d] and let MatMul
-            # broadcast k/v [B, hk, 1, S, .] over rep, instead of materialising repeated k/v heads.
+            # broadcast k/v [B, hk, 1, L, .] over rep, instead of materialising repeated k/v heads.
             shape = em.op("Concat", [em.op("Shape", [q], start=0, end=1), em.const([kv_heads, rep]),
                                      em.op("Shape", [q], start=2)], axis=0)
             q = em.op("Reshape", [q, shape], allowzero=1)
@@ -120,7 +137,8 @@ class DecoderOps(Lowering):
         perm = [0, 1, 2, 4, 3] if rep > 1 else [0, 1, 3, 2]
         scores = em.op("Mul", [em.op("MatMul", [q, em.op("Transpose", [k], perm=perm)]),
                                em.fconst(scale, dt, "scale")])
-        scores = em.op("Where", [self._future_mask(x), em.fconst(-np.inf, dt, "neg_inf"), scores])
+        hidden = masks()[1 if rep > 1 else 0]
+        scores = em.op("Where", [hidden, em.fconst(-np.inf, dt, "neg_inf"), scores])
         # Softmax in float32 (the reference's compute type for f16/bf16 graphs), probabilities back in dt.
         probs = em.op("Softmax", [em.cast(scores, dt, ElemType.FLOAT32)], axis=-1)
         out = em.op("MatMul", [em.cast(probs, ElemType.FLOAT32, dt), v])   # [B, hk, (rep,) S, dv]
@@ -191,4 +209,118 @@ class DecoderOps(Lowering):
         q = em.op("Concat", [q_nope, q_rot], axis=-1)
         k = em.op("Concat", [k_nope, k_rot], axis=-1)
         o = self._causal_attention(xs, q, k, v, n, n, dv, (nope + rope) ** -0.5, dt)
+        self._output_projection(node, o, batch_seq)
+
+    # -- decode form (a KV cache in and out) ---------------------------------------------------------
+
+    def _rope_tables_at(self, position_ids: str, dim: int, theta: float, dt: ElemType) -> tuple[str, str]:
+        """cos, sin [B, 1, S, dim/2] at the position_ids i64 [B, S] of each new token (model_ops.rope_cos_sin_at);
+        shared by every layer, like the prefill tables."""
+        key = ("rope_at", dim, theta, dt)
+        if key not in self.shared:
+            em = self.em
+            exponent = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
+            inv_freq = (1.0 / (theta ** exponent)).numpy()
+            positions = em.op("Cast", [em.op("Unsqueeze", [position_ids, em.const([1, 3])])], to=TensorProto.FLOAT)
+            angles = em.op("Mul", [positions, em.const(inv_freq, np.float32, "inv_freq")])   # [B, 1, S, dim/2]
+            self.shared[key] = (em.cast(em.op("Cos", [angles]), ElemType.FLOAT32, dt),
+                                em.cast(em.op("Sin", [angles]), ElemType.FLOAT32, dt))
+        return self.shared[key]
+
+    def _hidden_keys(self, x: str, attention_mask: str) -> tuple[str, str]:
+        """model_ops.visible_keys, negated: bool [B, 1, S, L], true where new token i (cache slot L-S+i) must
+        not see key slot j (j > L-S+i, or padding, but never itself); and the same as [B, 1, 1, S, L] for the
+        grouped scores of GQA. Built once from the run's mask and S, shared by every layer."""
+        if "hidden" not in self.shared:
+            em = self.em
+            total = em.op("Shape", [attention_mask], start=1, end=2)
+            new = em.op("Shape", [x], start=1, end=2)
+            slot = em.op("Add", [em.op("Range", [em.const(0), em.scalar(new), em.const(1)]),
+                                 em.scalar(em.op("Sub", [total, new]))])
+            slot = em.op("Unsqueeze", [slot, em.const([1])])                                     # [S, 1]
+            key = em.op("Unsqueeze", [em.op("Range", [em.const(0), em.scalar(total), em.const(1)]),
+                                      em.const([0])])                                            # [1, L]
+            kept = em.op("Cast", [em.op("Unsqueeze", [attention_mask, em.const([1, 2])])], to=TensorProto.BOOL)
+            visible = em.op("Or", [em.op("And", [kept, em.op("LessOrEqual", [key, slot])]),
+                                   em.op("Equal", [key, slot])])                                 # [B, 1, S, L]
+            hidden = em.op("Not", [visible])
+            self.shared["hidden"] = (hidden, em.op("Unsqueeze", [hidden, em.const([2])]))
+        return self.shared["hidden"]
+
+    def _append_cache(self, node: Node, port: str, new: str) -> str:
+        """The present cache of one slot: the past [B, heads, P, dim] and the new tokens [B, heads, S, dim]
+        along dim 2, named as the IR's present value (a graph output)."""
+        out = node.output(port.replace("past", "present"))
+        return self.em.op("Concat", [self.operand(node.input(port)), new], axis=2, out=out.name)
+
+    def _lower_cached_attention(self, node: Node) -> None:
+        em, a = self.em, node.attrs
+        x = node.inputs[0]
+        dt = x.type.dtype
+        heads, kv_heads, d = a["heads"], a["kv_heads"], a["head_dim"]
+        norm, eps = a["qk_norm"], a["norm_eps"]
+        xs = self.operand(x)
+        tokens = em.op("Reshape", [xs, em.const([-1, x.type.shape[2]])])
+        batch_seq = em.op("Shape", [xs], start=0, end=2)
+        q, k, v = (self._project(tokens, node.input(f"w_{p}"), node.input(f"b_{p}"), dt) for p in "qkv")
+        if norm == QKNorm.FULL:
+            q = self._rms_norm(q, node.input("q_norm"), eps, dt)
+            k = self._rms_norm(k, node.input("k_norm"), eps, dt)
+        q = self._split_heads(q, batch_seq, heads, d)
+        k = self._split_heads(k, batch_seq, kv_heads, d)
+        v = self._split_heads(v, batch_seq, kv_heads, d)
+        if norm == QKNorm.HEAD:
+            q = self._rms_norm(q, node.input("q_norm"), eps, dt)
+            k = self._rms_norm(k, node.input("k_norm"), eps, dt)
+        tables = self._rope_tables_at(self.operand(node.input("position_ids")), d, a["rope_theta"], dt)
+        q, k = (self._rope(t, d, tables, a["rope_layout"]) for t in (q, k))
+        k = self._append_cache(node, "past_key", k)
+        v = self._append_cache(node, "past_value", v)
+        mask = self.operand(node.input("attention_mask"))
+        o = self._attend(q, k, v, heads, kv_heads, d, d ** -0.5, dt, lambda: self._hidden_keys(xs, mask))
+        self._output_projection(node, o, batch_seq)
+
+    def _lower_cached_mla_attention(self, node: Node) -> None:
+        em, a = self.em, node.attrs
+        x = node.inputs[0]
+        dt = x.type.dtype
+        n, eps = a["heads"], a["norm_eps"]
+        nope, rope, dv, rank = a["qk_nope_head_dim"], a["qk_rope_head_dim"], a["v_head_dim"], a["kv_lora_rank"]
+        xs = self.operand(x)
+        tokens = em.op("Reshape", [xs, em.const([-1, x.type.shape[2]])])
+        batch_seq = em.op("Shape", [xs], start=0, end=2)
+        if node.input("w_q") is not None:
+            q = self._project(tokens, node.input("w_q"), None, dt)
+        else:
+            q_a = self._project(tokens, node.input("w_q_a"), node.input("b_q_a"), dt)
+            q = self._project(self._rms_norm(q_a, node.input("q_a_norm"), eps, dt), node.input("w_q_b"), None, dt)
+        q_nope, q_rot = em.op("Split", [self._split_heads(q, batch_seq, n, nope + rope), em.const([nope, rope])], 2,
+                              axis=-1)
+        c_kv, k_rot = em.op("Split", [self._project(tokens, node.input("w_kv_a"), node.input("b_kv_a"), dt),
+                                      em.const([rank, rope])], 2, axis=-1)
+        c_kv = self._rms_norm(c_kv, node.input("kv_a_norm"), eps, dt)                       # [B*S, r]
+        tables = self._rope_tables_at(self.operand(node.input("position_ids")), rope, a["rope_theta"], dt)
+        q_rot = self._rope(q_rot, rope, tables, a["rope_layout"])
+        k_rot = self._rope(self._split_heads(k_rot, batch_seq, 1, rope), rope, tables, a["rope_layout"])
+        if a["cache_layout"] == MLACacheLayout.LATENT:
+            # The cache holds the latent and the shared rotary key; per-head K/V are expanded from the whole
+            # cache at each call, as the reference does (an absorbed kernel would skip the expansion).
+            c_all = self._append_cache(node, "past_key", self._split_heads(c_kv, batch_seq, 1, rank))
+            k_rot = self._append_cache(node, "past_value", k_rot)                               # [B, 1, L, rope]
+            batch_len = em.op("Concat", [em.op("Shape", [c_all], start=0, end=1),
+                                         em.op("Shape", [c_all], start=2, end=3)], axis=0)
+            latent_tokens = em.op("Reshape", [c_all, em.const([-1, rank])])
+        else:
+            batch_len, latent_tokens = batch_seq, c_kv
+        kv = self._project(latent_tokens, node.input("w_kv_b"), None, dt)
+        k_nope, v = em.op("Split", [self._split_heads(kv, batch_len, n, nope + dv), em.const([nope, dv])], 2,
+                          axis=-1)
+        shape = em.op("Concat", [em.op("Shape", [k_nope], start=0, end=3), em.const([rope])], axis=0)
+        k = em.op("Concat", [k_nope, em.op("Expand", [k_rot, shape])], axis=-1)
+        if a["cache_layout"] != MLACacheLayout.LATENT:
+            k = self._append_cache(node, "past_key", k)
+            v = self._append_cache(node, "past_value", v)
+        q = em.op("Concat", [q_nope, q_rot], axis=-1)
+        mask = self.operand(node.input("attention_mask"))
+        o = self._attend(q, k, v, n, n, dv, (nope + rope) ** -0.5, dt, lambda: self._hidden_keys(xs, mask))
         self._output_projection(node, o, batch_seq)

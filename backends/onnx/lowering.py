@@ -41,7 +41,7 @@ from onnx import helper
 
 from moe_ir.errors import BackendError
 from moe_ir.ir import ElemType, Graph, GraphKind, Node, OpCode, Value
-from moe_ir.model_builder import is_decode_graph
+from moe_ir.model_builder import cache_entries, decode_contract_problem, is_decode_graph
 from . import plugin_op, support
 from .emit import MS_DOMAIN, ONNX_DTYPE, OPSET, Emitter, dims
 from .weights import Initializers, LoweredModel
@@ -57,13 +57,19 @@ def graph_metadata(graph: Graph) -> dict[str, str]:
     """What a runner needs to check its inputs without the IR: the kind of graph and its sizes.
 
     layer: x [B, S, hidden] in.  model: input_ids [B, S] in, ids in [0, vocab_size), logits [B, S, vocab_size]
-    out; `moe_ir.routing` lists the per-layer routing outputs (comma-separated keys)."""
+    out; `moe_ir.routing` lists the per-layer routing outputs (comma-separated keys); a decode graph also has
+    `moe_ir.form` = decode (its cache inputs and outputs follow ONNX Runtime GenAI's names)."""
     if graph.kind != GraphKind.MODEL:
         return {"moe_ir.kind": "layer", "moe_ir.hidden": str(graph.inputs[0].type.shape[-1])}
     embed = graph.find(OpCode.EMBEDDING)
     vocab, hidden = embed[0].inputs[1].type.shape if embed else (graph.outputs["logits"].type.shape[-1], "")
-    return {"moe_ir.kind": "model", "moe_ir.hidden": str(hidden), "moe_ir.vocab_size": str(vocab),
-            "moe_ir.routing": ",".join(k for k in graph.outputs if k != "logits")}
+    decode = is_decode_graph(graph)
+    cache = {e.present for e in cache_entries(graph)} if decode else set()
+    meta = {"moe_ir.kind": "model", "moe_ir.hidden": str(hidden), "moe_ir.vocab_size": str(vocab),
+            "moe_ir.routing": ",".join(k for k in graph.outputs if k != "logits" and k not in cache)}
+    if decode:
+        meta["moe_ir.form"] = "decode"
+    return meta
 
 
 class Lowering:
@@ -92,9 +98,10 @@ class Lowering:
     @classmethod
     def refusal(cls, graph: Graph) -> str:
         """Why this flavour cannot lower `graph` ('' when it can): the first failing check."""
-        if is_decode_graph(graph):  # checked first: its int64 mask and cache inputs would be refused as dtypes
-            return ("decode graphs (a KV cache in and out) do not export to ONNX yet; the prefill graph does, and "
-                    "the torch backend generates")
+        if is_decode_graph(graph):
+            problem = decode_contract_problem(graph)
+            if problem:
+                return problem
         for value in support.stored_values(graph):
             reason = cls.dtype_refusal(value)
             if reason:

@@ -9,19 +9,22 @@ runs on CPU only, through onnxruntime-extensions (extensions.py).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
 import torch
 
 from moe_ir.errors import BackendError, BackendUnavailable
-from moe_ir.ir import Graph
+from moe_ir.ir import ElemType, Graph
+from moe_ir.model_builder import DECODE_INPUTS, CacheEntry
 from ..base import Runner
 from . import extensions
 from .external_data import load_model
 from .flavours import parse_flavour
+from .genai import DECODER_FILE
 from .lowering import Flavour
 
 _FEED_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -72,6 +75,9 @@ def make_session(model: str | bytes, flavour: Flavour, *, providers: Sequence[st
 def make_runner(session, graph: Graph | None = None) -> Runner:
     """A runner over a session: x [B,S,H] -> {"out", routing record} as torch tensors; for a whole model
     input_ids [B,S] -> {"logits", "layers.{i}.expert_idx", "layers.{i}.weights"} (make_model_runner)."""
+    names = {i.name for i in session.get_inputs()}
+    if "attention_mask" in names and "input_ids" in names:
+        return make_decode_runner(session, graph)
     if session.get_inputs()[0].type == "tensor(int64)":
         return make_model_runner(session, graph)
     x_info = session.get_inputs()[0]
@@ -147,6 +153,92 @@ def make_model_runner(session, graph: Graph | None = None) -> Runner:
     return run
 
 
+_INT_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def make_decode_runner(session, graph: Graph | None = None) -> Runner:
+    """A Step of a decode-form file (moe_ir.generation): the graph's inputs by name (input_ids, attention_mask,
+    position_ids, the past cache) -> its outputs by name (logits, the present cache, any routing record).
+
+    Everything is checked before onnxruntime runs: the ids against the vocabulary (ONNX Gather wraps negative
+    indices around), the mask and positions against the ids, and each past cache tensor against the file's
+    [B, heads, P, dim] with one P for all of them and P + S tokens in the mask, so a cache of the wrong layout
+    or length is named instead of failing deep inside a Concat or MatMul."""
+    meta = session.get_modelmeta().custom_metadata_map
+    vocab = int(meta["moe_ir.vocab_size"]) if meta.get("moe_ir.vocab_size", "").isdigit() else None
+    infos = {i.name: i for i in session.get_inputs()}
+    missing = [n for n in _INT_INPUTS if n not in infos]
+    if missing:
+        raise BackendError(f"onnx decode runner: the file has no input {', '.join(missing)}; it is not a decoder "
+                           f"moe-ir built (`moe-ir build --backend onnx --decoder`)")
+    past = [i for i in session.get_inputs() if i.name not in _INT_INPUTS]
+    for info in past:
+        if info.type not in _FEED_TYPES:
+            raise BackendError(f"onnx decode runner: cache input {info.name} is {info.type}, which onnxruntime's "
+                               f"Python API cannot be fed (float and float16 can)")
+    out_names = [o.name for o in session.get_outputs()]
+    out_dtypes = {k: v.type.dtype.torch for k, v in graph.outputs.items()} if graph is not None else {}
+    where = "onnx decode runner"
+
+    def check(inputs: Mapping[str, torch.Tensor]) -> None:
+        absent = [n for n in infos if n not in inputs]
+        if absent:
+            raise BackendError(f"{where}: missing input(s) {', '.join(absent[:4])}; a step takes input_ids, "
+                               f"attention_mask, position_ids and every past_key_values.* tensor")
+        for name in _INT_INPUTS:
+            t = inputs[name]
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 2:
+                got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise BackendError(f"{where}: {name} must be an int64 tensor [B, ...], got {got}")
+        ids, mask, positions = (inputs[n] for n in _INT_INPUTS)
+        b, s = ids.shape
+        if positions.shape != ids.shape or mask.shape[0] != b:
+            raise BackendError(f"{where}: position_ids {list(positions.shape)} must be input_ids' shape {[b, s]} and "
+                               f"attention_mask {list(mask.shape)} must have {b} rows")
+        if vocab is not None and ids.numel():
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= vocab:
+                raise BackendError(f"{where}: token ids must be in [0, {vocab}), found {low if low < 0 else high}")
+        lengths = set()
+        for info in past:
+            t = inputs[info.name]
+            _, heads, _, dim = info.shape
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] != b or \
+                    (isinstance(heads, int) and t.shape[1] != heads) or (isinstance(dim, int) and t.shape[3] != dim):
+                got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise BackendError(f"{where}: {info.name} is {got}; this decoder's cache is [B={b}, {heads}, P, {dim}] "
+                                   f"(a cache of another model or layout)")
+            lengths.add(int(t.shape[2]))
+        if len(lengths) > 1:
+            raise BackendError(f"{where}: the past cache tensors hold different lengths {sorted(lengths)}; every "
+                               f"layer's cache must hold the same P tokens")
+        cached = lengths.pop() if lengths else 0
+        if mask.shape[1] != cached + s:
+            raise BackendError(f"{where}: attention_mask covers {mask.shape[1]} tokens, but the past cache holds "
+                               f"{cached} and input_ids {s} new ones ({cached + s} expected)")
+
+    def run(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        check(inputs)
+        feed = {n: inputs[n].detach().cpu().contiguous().numpy() for n in _INT_INPUTS}
+        for info in past:
+            t = inputs[info.name].detach().cpu()
+            if t.dtype not in (torch.float32, torch.float16):
+                t = t.to(torch.float32)
+            feed[info.name] = t.contiguous().numpy().astype(_FEED_TYPES[info.type], copy=False)
+        try:
+            results = session.run(out_names, feed)
+        except Exception as err:  # onnxruntime raises its own pybind exception types
+            raise BackendError(f"{where} failed on input_ids {list(inputs['input_ids'].shape)}: "
+                               f"{str(err).strip()[:300]}") from None
+        out = {}
+        for name, arr in zip(out_names, results):
+            t = torch.from_numpy(np.ascontiguousarray(arr))
+            out[name] = t.to(out_dtypes[name]) if name in out_dtypes else t
+        return out
+
+    return run
+
+
 def load_runner(path: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None) -> Runner:
     """Run an exported .onnx file (any flavour; read from its metadata). A plugin model is run on CPU
     through onnxruntime-extensions, which needs it in memory (under 2 GiB).
@@ -172,3 +264,70 @@ def load_runner(path: str | Path, *, providers: Sequence[str] | None = None, thr
     else:
         model = str(path)
     return make_runner(make_session(model, flavour, providers=providers, threads=threads))
+
+
+# ------------------------------------------------------------------------------------------------
+# a built decoder folder (`moe-ir build --backend onnx --decoder`)
+
+
+@dataclass
+class Decoder:
+    """An ONNX decoder file loaded for generation: `step` (moe_ir.generation.Step), the cache tensors it
+    takes and returns (what moe_ir.generation.greedy_generate feeds back), its vocabulary and flavour."""
+    path: Path
+    step: Runner
+    entries: list[CacheEntry]
+    vocab_size: int | None
+    flavour: Flavour
+
+
+_ELEM_TYPES = {onnx.TensorProto.FLOAT: ElemType.FLOAT32, onnx.TensorProto.FLOAT16: ElemType.FLOAT16,
+               onnx.TensorProto.BFLOAT16: ElemType.BFLOAT16}
+
+
+def decoder_cache_entries(proto: onnx.ModelProto, where: str) -> list[CacheEntry]:
+    """The cache tensors of a decoder file, read from its inputs: each `past_key_values.{i}.{slot}` [B, heads,
+    P, dim] with its `present.{i}.{slot}` output, in input order."""
+    outputs = {o.name for o in proto.graph.output}
+    entries = []
+    for info in proto.graph.input:
+        if info.name in DECODE_INPUTS:
+            continue
+        parts = info.name.split(".")
+        dims = info.type.tensor_type.shape.dim
+        if len(parts) != 3 or parts[0] != "past_key_values" or not parts[1].isdigit() or len(dims) != 4:
+            raise BackendError(f"{where}: input '{info.name}' is not a past cache tensor "
+                               f"(past_key_values.<layer>.<slot> [B, heads, P, dim]); not a decoder moe-ir built")
+        present = f"present.{parts[1]}.{parts[2]}"
+        if present not in outputs:
+            raise BackendError(f"{where}: cache input '{info.name}' has no '{present}' output; not a decoder "
+                               f"moe-ir built")
+        elem = info.type.tensor_type.elem_type
+        if elem not in _ELEM_TYPES or not dims[1].HasField("dim_value") or not dims[3].HasField("dim_value"):
+            raise BackendError(f"{where}: cache input '{info.name}' must be a float tensor [B, heads, P, dim] with "
+                               f"fixed heads and dim")
+        entries.append(CacheEntry(int(parts[1]), info.name, present, dims[1].dim_value, dims[3].dim_value,
+                                  _ELEM_TYPES[elem]))
+    if not entries:
+        raise BackendError(f"{where}: no past_key_values.* input: a prefill-only model; build the decoder with "
+                           f"`moe-ir build --backend onnx --decoder`")
+    return entries
+
+
+def load_decoder(folder: str | Path, *, providers: Sequence[str] | None = None,
+                 threads: int | None = None) -> Decoder:
+    """The decoder of a folder `moe-ir build --backend onnx --decoder` wrote (model.onnx, or the .onnx file
+    itself), ready to generate with moe-ir's loop. Its external data is checked first (load_model)."""
+    path = Path(folder)
+    if path.is_dir():
+        path = path / DECODER_FILE
+    proto = load_model(path, "ONNX decoder")
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if meta.get("moe_ir.form") != "decode":
+        raise BackendError(f"{path}: not a decoder (a file without a KV cache); build one with "
+                           f"`moe-ir build --backend onnx --decoder`")
+    entries = decoder_cache_entries(proto, str(path))
+    vocab = int(meta["moe_ir.vocab_size"]) if meta.get("moe_ir.vocab_size", "").isdigit() else None
+    flavour = parse_flavour(meta.get("moe_ir.flavour", "portable"))
+    step = make_runner(make_session(str(path), flavour, providers=providers, threads=threads))
+    return Decoder(path, step, entries, vocab, flavour)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from moe_ir.errors import BackendError
 from moe_ir.ir import ElemType, Graph, Node, OpCode, Value, WeightLayout
+from moe_ir.model_builder import DECODE_INPUTS
 from moe_ir.spec import Activation
 from . import plugin_op
 
@@ -14,9 +15,9 @@ EXPORT_DTYPES = (ElemType.FLOAT32, ElemType.FLOAT16, ElemType.BFLOAT16)
 
 
 def stored_values(graph: Graph) -> list[Value]:
-    """The values whose type is the export's precision: weights and the activation input (a model's
-    int64 token ids say nothing about it)."""
-    ids = {node.inputs[0].name for node in graph.find(OpCode.EMBEDDING)}
+    """The values whose type is the export's precision: weights and the activation inputs (a model's
+    int64 token ids, and a decode graph's int64 attention mask and positions, say nothing about it)."""
+    ids = {node.inputs[0].name for node in graph.find(OpCode.EMBEDDING)} | set(DECODE_INPUTS)
     return [v for v in graph.inputs if v.name not in ids] + list(graph.weights.values())
 
 
