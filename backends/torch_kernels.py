@@ -55,6 +55,21 @@ def route_topk(scores, bias, k, groups, kept, group_score):
     return expert_idx, scores.gather(1, expert_idx)
 
 
+def sparsemixer_route(logits, k, eps):
+    """(expert_idx [T,k], weights [T,k]) of SparseMixer at inference (PhiMoE): pick j is the top logit of the
+    experts not picked yet, weighted by the softmax over those within (top - logit) / max(|logit|, top) <= 2*eps."""
+    remaining = logits
+    picks, weights = [], []
+    for _ in range(k):
+        top, idx = remaining.max(dim=-1, keepdim=True)
+        outside = (top - logits) / logits.abs().clamp(min=top) > 2 * eps
+        gates = torch.softmax(remaining.masked_fill(outside, float("-inf")), dim=-1)
+        picks.append(idx)
+        weights.append(gates.gather(1, idx))
+        remaining = remaining.scatter(1, idx, float("-inf"))
+    return torch.cat(picks, dim=1), torch.cat(weights, dim=1)
+
+
 def scale_weights(weights, normalize, scale):
     if normalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

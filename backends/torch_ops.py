@@ -25,7 +25,8 @@ from moe_ir.ir import ElemType, Graph, LossKind, Node, OpCode, ValueKind
 from .torch_kernels import (attention, cached_attention, cached_mla_attention, combine, device_loss, dispatch,
                             dispatch_capacity, embedding, expert_choice,
                             expert_loss, ffn, grouped_ffn, mla_attention, rms_norm, route_topk, router_logits,
-                            router_noise, scale_weights, score, sequence_loss, sigmoid_gate, split_gate_up,
+                            router_noise, scale_weights, score, sequence_loss, sigmoid_gate, sparsemixer_route,
+                            split_gate_up,
                             switch_loss, z_loss)
 
 # ---------------------------------------------------------------------------------------------------
@@ -210,6 +211,7 @@ TORCH_OPS: dict[OpCode, Callable[[Node], OpCall]] = {
     OpCode.SCORE: lambda n: OpCall(score, (_plain(n.attrs["fn"]),)),
     OpCode.TOPK_ROUTE: lambda n: OpCall(topk_route, (n.attrs["k"], n.attrs["groups"], n.attrs["kept"],
                                                      _plain(n.attrs["group_score"]))),
+    OpCode.SPARSEMIXER_ROUTE: lambda n: OpCall(sparsemixer_route, (n.attrs["k"], n.attrs["eps"])),
     OpCode.SCALE_WEIGHTS: lambda n: OpCall(scale_weights, (n.attrs["normalize"], n.attrs["scale"])),
     OpCode.DISPATCH: _dispatch,
     OpCode.EXPERT_CHOICE_ROUTE: lambda n: OpCall(expert_choice, (n.attrs["capacity_factor"], n.attrs["top_k"])),

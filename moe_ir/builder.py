@@ -85,8 +85,13 @@ def add_moe_layer(g: Graph, spec: LayerSpec, x: Value, *, prefix: str = "", trai
             if b.aux_free is not None else None
         gl = spec.routing_group_limit
         group_attrs = {"groups": gl.groups, "kept": gl.kept, "group_score": gl.score} if gl else {}
-        route = g.add_node(OpCode.TOPK_ROUTE, [scores, bias], {"k": e.top_k, **group_attrs}, name=f"{p}route",
-                           output_names=[f"{p}expert_idx", f"{p}route.weights"])
+        if r.sparse_mixer is not None:
+            # SparseMixer selects on the logits; the softmax scores above feed only the balance losses.
+            route = g.add_node(OpCode.SPARSEMIXER_ROUTE, [logits], {"k": e.top_k, "eps": r.sparse_mixer.jitter_eps},
+                               name=f"{p}route", output_names=[f"{p}expert_idx", f"{p}route.weights"])
+        else:
+            route = g.add_node(OpCode.TOPK_ROUTE, [scores, bias], {"k": e.top_k, **group_attrs}, name=f"{p}route",
+                               output_names=[f"{p}expert_idx", f"{p}route.weights"])
         expert_idx = route.outputs[0]
         weights = g.add_node(OpCode.SCALE_WEIGHTS, [route.outputs[1]], {"normalize": r.normalize, "scale": r.scaling},
                              name=f"{p}weights").outputs[0]

@@ -186,11 +186,25 @@ class Noise:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SparseMixer:
+    """SparseMixer routing (PhiMoE; Liu et al. 2024, arXiv 2409.12136) as it runs at inference: the first
+    expert is the top logit, its weight the softmax over the experts whose logit is within the threshold of it
+    ((top - logit) / max(|logit|, top) <= 2 * jitter_eps); the second is the top of the others, weighted by the
+    softmax over the others within the threshold of it. Training samples the experts instead (Gumbel) and
+    corrects the gradient (Heun's method); those are training-time behaviours moe-ir does not model."""
+
+    jitter_eps: float = spec_field(0.01, doc="threshold of the relative logit gap: experts with (top - logit) / "
+                                             "max(|logit|, top) > 2 * jitter_eps leave the softmax", minimum=0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
 class RouterSpec:
     score: ScoreFn = spec_field(ScoreFn.SOFTMAX, doc="router score function")
     choice: Choice = spec_field(Choice.TOKEN, doc="token-choice top-k or expert-choice")
     group_limit: GroupLimit | None = spec_field(None, doc="group-limited top-k; absent: greedy top-k")
     noise: Noise | None = spec_field(None, doc="noisy top-k gating; absent: none")
+    sparse_mixer: SparseMixer | None = spec_field(None, doc="SparseMixer routing (PhiMoE, top_k 2) on the router "
+                                                           "logits instead of top-k on the scores; absent: top-k")
     normalize: bool = spec_field(False, doc="renormalise the top-k weights to sum 1")
     scaling: float = spec_field(1.0, doc="routed scaling factor applied to the gate weights", exclusive_minimum=0.0)
     dtype: DType = spec_field(DType.FLOAT32, doc="dtype of the router projection and scores")
@@ -316,8 +330,31 @@ class LayerSpec:
                 if getattr(b, name) is not None:
                     ctx.fail(f"balance.{name}", f"the {name} balance loss needs token-choice routing; expert-choice "
                                                 "is balanced by construction (only z_loss applies)")
+        if r.sparse_mixer is not None:
+            self._check_sparse_mixer(ctx)
         if b.device is not None and e.routed % b.device.devices:
             ctx.fail("balance.device.devices", f"{b.device.devices} devices must divide the {e.routed} routed experts")
+
+    def _check_sparse_mixer(self, ctx: "ParseContext") -> None:
+        # SparseMixer is a selection rule of its own (sequential argmax on the logits, a softmax per pick over
+        # a thresholded set); what other routing options would mean combined with it is defined nowhere.
+        e, r = self.experts, self.router
+        path = "router.sparse_mixer"
+        if r.choice == Choice.EXPERT:
+            ctx.fail(path, "sparse_mixer is a token-choice rule; it cannot combine with choice: expert")
+        if e.top_k != 2:
+            ctx.fail("experts.top_k", f"sparse_mixer picks exactly 2 experts per token (as PhiMoE defines it), "
+                                      f"found top_k={e.top_k}")
+        if self.routing_group_limit is not None:
+            ctx.fail(path, "sparse_mixer selects on the raw logits; group or device limits cannot combine with it")
+        if r.noise is not None:
+            ctx.fail(path, "sparse_mixer cannot combine with router.noise (its training-time sampling is its own)")
+        if r.score != ScoreFn.SOFTMAX:
+            ctx.fail("router.score", "sparse_mixer weighs experts by a softmax; router.score must be softmax "
+                                     "(the balance losses read those scores)")
+        if self.balance.aux_free is not None:
+            ctx.fail("balance.aux_free", "sparse_mixer selects on the raw logits; an aux-free selection bias "
+                                         "cannot combine with it")
 
     def _check_parallel(self, ctx: "ParseContext") -> None:
         e, r, b, p = self.experts, self.router, self.balance, self.parallel

@@ -281,9 +281,9 @@ def _selection_margin(select: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _topk_selection(node, env) -> torch.Tensor:
-    """The scores a TOPK_ROUTE node selects on (score + bias)."""
+    """The scores a TOPK_ROUTE node selects on (score + bias); a SPARSEMIXER_ROUTE node's logits."""
     select = env[node.inputs[0].name]
-    return select if node.inputs[1] is None else select + env[node.inputs[1].name]
+    return select if len(node.inputs) < 2 or node.inputs[1] is None else select + env[node.inputs[1].name]
 
 
 def _reference_margins(graph, env) -> dict[str, torch.Tensor]:
@@ -292,7 +292,7 @@ def _reference_margins(graph, env) -> dict[str, torch.Tensor]:
 
     out = {}
     for node in graph.nodes:
-        if node.op == OpCode.TOPK_ROUTE:
+        if node.op in (OpCode.TOPK_ROUTE, OpCode.SPARSEMIXER_ROUTE):
             out["token"] = _selection_margin(_topk_selection(node, env), node.attrs["k"])
         if node.op == OpCode.EXPERT_CHOICE_ROUTE:
             out["expert"] = _selection_margin(env[node.inputs[0].name].t(), int(env[node.outputs[2].name][0]))
@@ -386,7 +386,8 @@ def _model_margins(graph, env) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in graph.outputs.items():
         node = value.producer
-        if key.endswith("expert_idx") and node is not None and node.op == OpCode.TOPK_ROUTE:
+        if key.endswith("expert_idx") and node is not None and node.op in (OpCode.TOPK_ROUTE,
+                                                                            OpCode.SPARSEMIXER_ROUTE):
             out[key] = _selection_margin(_topk_selection(node, env), node.attrs["k"])
     return out
 

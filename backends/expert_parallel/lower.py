@@ -58,6 +58,9 @@ def routed_path(graph: Graph) -> RoutedPath:
         raise BackendError(f"expert parallelism is dropless; the dispatch has capacity factor "
                            f"{dispatch.attrs['capacity_factor']:g} (remove capacity.factor from the spec)")
     route = dispatch.input("expert_idx").producer
+    if route is not None and route.op == OpCode.SPARSEMIXER_ROUTE:
+        raise BackendError("SparseMixer routing (sparsemixer_route) is not lowered by expert parallelism: its "
+                           "rank-local routing reads topk_route's attributes (k, group/device limit)")
     if route is None or route.op != OpCode.TOPK_ROUTE:
         raise BackendError(f"the expert ids of '{dispatch.name}' do not come from a topk_route node")
     rows, row_weights, group_sizes = dispatch.outputs

@@ -7,7 +7,10 @@
             log(w) at the chosen experts and -inf elsewhere with normalize_routing_weights=1: the op's
             softmax over those gives w / sum(w), and the output is multiplied back by sum(w). SwiGLU
             weights are stored interleaved (gate row, up row, ...) with swiglu_fusion=1, the only
-            layout the CPU kernel implements. float32 only.
+            layout the CPU kernel implements. float32 only. SparseMixer routing (PhiMoE) takes the same
+            path: onnxruntime 1.32's CPU kernel accepts use_sparse_mixer=1 but computes plain softmax top-2
+            with it (measured: max error 1.1 on outputs of ~1.4 against SparseMixer, 1e-7 against softmax
+            top-2), so the op is not asked to route.
   plugin    the FUSED_MOE node becomes one `moe_ir::FusedMoE` node (the contract in plugin_op.py);
             everything else as portable. Layers only: the contract is one fused node per file.
 

@@ -100,6 +100,30 @@ class MoeOps(Lowering):
         em.op("Identity", [idx], out=node.outputs[0].name, name=node.name)
         em.op("GatherElements", [scores_n, idx], out=node.outputs[1].name, axis=1)  # weights in the scores' type
 
+    def _lower_sparsemixer_route(self, node: Node) -> None:
+        # The reference's k sequential picks, unrolled: ArgMax (first of equal logits, as torch's max on CPU),
+        # the relative-gap mask against the original logits, a softmax over the unpicked experts.
+        em, a = self.em, node.attrs
+        dt = node.inputs[0].type.dtype
+        logits = self.operand(node.inputs[0])
+        neg_inf = em.fconst(-np.inf, dt, "neg_inf")
+        magnitude = em.op("Abs", [logits])
+        limit = em.fconst(2 * a["eps"], dt, "gap_limit")
+        remaining = logits
+        picks, weights = [], []
+        for j in range(a["k"]):
+            top = em.op("ReduceMax", [remaining, em.const([-1])], keepdims=1)
+            idx = em.op("ArgMax", [remaining], axis=-1, keepdims=1)
+            gap = em.op("Div", [em.op("Sub", [top, logits]), em.op("Max", [magnitude, top])])
+            gates = em.op("Softmax", [em.op("Where", [em.op("Greater", [gap, limit]), neg_inf, remaining])], axis=-1)
+            picks.append(idx)
+            weights.append(em.op("GatherElements", [gates, idx], axis=1))
+            if j + 1 < a["k"]:
+                fill = em.op("Expand", [neg_inf, em.op("Shape", [idx])])
+                remaining = em.op("ScatterElements", [remaining, idx, fill], axis=1)
+        em.op("Concat", picks, out=node.outputs[0].name, name=node.name, axis=1)
+        em.op("Concat", weights, out=node.outputs[1].name, axis=1)
+
     def _lower_scale_weights(self, node: Node) -> None:
         em, a = self.em, node.attrs
         w = self.operand(node.inputs[0])

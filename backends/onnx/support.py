@@ -92,7 +92,8 @@ def plugin_refusal(graph: Graph) -> str:
     """Why the routed path of this graph is not one node of the plugin contract ('' when it is)."""
     fused = graph.find(OpCode.FUSED_MOE)
     if len(fused) != 1:
-        routed = graph.find(OpCode.EXPERT_CHOICE_ROUTE) or graph.find(OpCode.ROUTER_NOISE)
+        routed = (graph.find(OpCode.EXPERT_CHOICE_ROUTE) or graph.find(OpCode.ROUTER_NOISE)
+                      or graph.find(OpCode.SPARSEMIXER_ROUTE))
         why = f"{routed[0].op.value} is not fusable" if routed else "fuse-moe did not apply"
         return f"the plugin flavour needs the routed path as one fused_moe node ({why})"
     ok, reason = plugin_op.plugin_supports(fused[0])

@@ -110,7 +110,8 @@ class TensorRTBackend(Backend):
             return False, "balance losses are training outputs; TensorRT engines are inference graphs"
         fused = graph.find(OpCode.FUSED_MOE)
         if len(fused) != 1:
-            routed = graph.find(OpCode.EXPERT_CHOICE_ROUTE) or graph.find(OpCode.ROUTER_NOISE)
+            routed = (graph.find(OpCode.EXPERT_CHOICE_ROUTE) or graph.find(OpCode.ROUTER_NOISE)
+                      or graph.find(OpCode.SPARSEMIXER_ROUTE))
             why = f"{routed[0].op.value} is not fusable" if routed else "fuse-moe did not apply"
             return False, f"the moe_ir::FusedMoE plugin needs the routed path as one fused_moe node ({why})"
         return plugin_op.plugin_supports(fused[0])

@@ -55,6 +55,8 @@ _UNFUSED_REASONS = {
                                 "kernel implements token choice (each token picks its top-k experts)",
     OpCode.ROUTER_NOISE: "a noisy router (router_noise): fuse-moe leaves noisy routers unfused and the route "
                          "kernel adds no noise",
+    OpCode.SPARSEMIXER_ROUTE: "SparseMixer routing (sparsemixer_route): fuse-moe fuses softmax/sigmoid top-k "
+                              "routing only, and the Triton route kernel implements no SparseMixer selection",
     OpCode.BALANCE_LOSS: "a training graph: its balance losses read the router scores, so the routed path cannot "
                          "fuse; lower the inference graph",
 }

@@ -17,6 +17,7 @@ Semantics checked against transformers 5.23 by tests/test_hf_modules.py:
   qwen2_moe    Qwen2MoeSparseMoeBlock: softmax top-k (norm_topk_prob), one shared expert gated by
                sigmoid(shared_expert_gate(x))
   olmoe        OlmoeSparseMoeBlock: softmax top-k (norm_topk_prob)
+  phimoe       PhimoeSparseMoeBlock in eval mode: SparseMixer (router.sparse_mixer, top-2 only), every layer MoE
 
 Shared experts. DeepSeek stores its n_shared_experts shared experts as ONE MLP of width
 n_shared_experts * moe_intermediate_size. The spec keeps the paper's reading (Ks = n_shared_experts
@@ -83,6 +84,11 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "olmoe": {
         "hidden_size": 2048, "num_hidden_layers": 16, "hidden_act": "silu", "num_experts": 64,
         "num_experts_per_tok": 8, "intermediate_size": 2048, "norm_topk_prob": False, "router_aux_loss_coef": 0.01,
+    },
+    "phimoe": {
+        "hidden_size": 4096, "num_hidden_layers": 32, "hidden_act": "silu", "num_local_experts": 16,
+        "num_experts_per_tok": 2, "intermediate_size": 6400, "router_aux_loss_coef": 0.001,
+        "router_jitter_noise": 0.01, "input_jitter_noise": 0.0,
     },
 }
 
@@ -382,9 +388,31 @@ def _map_olmoe(c: FamilyConfig) -> _Mapped:
                    lambda i: "", notes)
 
 
+def _map_phimoe(c: FamilyConfig) -> _Mapped:
+    """PhiMoE: SparseMixer routing (two sequential picks on the router logits, each weighted by a softmax over
+    the experts within 2 * router_jitter_noise of it in relative terms), every layer MoE."""
+    k = c.positive("num_experts_per_tok")
+    if k != 2:
+        raise c.fail("num_experts_per_tok", f"num_experts_per_tok={k}: transformers' PhiMoE SparseMixer picks 2 "
+                                            "experts whatever this key says, so the config is ambiguous")
+    eps = c.get("router_jitter_noise", float)
+    if eps < 0:
+        raise c.fail("router_jitter_noise", f"expected a value >= 0, found {eps}")
+    notes = [f"router_jitter_noise={eps:g} -> router.sparse_mixer.jitter_eps (the SparseMixer threshold, used at "
+             "inference too); the spec is the eval-mode layer (training samples experts and corrects gradients)"]
+    jitter = c.get("input_jitter_noise", float)
+    if jitter != 0:
+        notes.append(f"input_jitter_noise={jitter:g} multiplies the router input by uniform noise in training "
+                     "only; the eval-mode layer does not read it")
+    balance, loss_notes = _transformers_balance_loss(c, k)
+    return _Mapped({"routed": c.positive("num_local_experts"), "width": c.positive("intermediate_size"), "top_k": k},
+                   {"score": "softmax", "sparse_mixer": {"jitter_eps": eps}}, balance, _all_layers, lambda i: "",
+                   notes + loss_notes)
+
+
 _FAMILIES: dict[str, Callable[[FamilyConfig], _Mapped]] = {
     "deepseek": _map_deepseek, "deepseek_v2": _map_deepseek_v2, "deepseek_v3": _map_deepseek_v3,
-    "mixtral": _map_mixtral, "qwen2_moe": _map_qwen2_moe, "olmoe": _map_olmoe,
+    "mixtral": _map_mixtral, "qwen2_moe": _map_qwen2_moe, "olmoe": _map_olmoe, "phimoe": _map_phimoe,
 }
 
 
@@ -456,6 +484,9 @@ def describe_hf_config(config: Any, *, layer: int | None = None, name: str | Non
     if dtype != DType.FLOAT32 and model_type in ("mixtral", "qwen2_moe", "olmoe"):
         notes.append(f"transformers projects this router in {dtype.value} before a float32 softmax; the spec "
                      "projects in float32, so near-tied experts may rank differently in low precision")
+    if dtype != DType.FLOAT32 and model_type == "phimoe":
+        notes.append(f"transformers runs this router and SparseMixer in {dtype.value}; the spec in float32, so "
+                     "near-tied experts may rank differently in low precision")
     layer_name = name or f"{model_type}_layer{layer}"
     where = f" {file}" if file else (f" {data['_name_or_path']}" if data.get("_name_or_path") else "")
     source = f"Hugging Face {model_type} config{where}, layer {layer}"

@@ -22,7 +22,7 @@ from moe_ir.model_spec import AttentionKind, ModelSpec
 from moe_ir.spec import LayerSpec
 
 __all__ = ["HFLayout", "Join", "TensorRule", "PER_EXPERT_NAMES", "moe_block_rules", "model_rules", "prefixed",
-           "detect_layout", "detect_model_layout", "shared_mlp_names"]
+           "detect_layout", "detect_model_layout", "router_name", "shared_mlp_names"]
 
 
 class HFLayout(enum.StrEnum):
@@ -93,11 +93,19 @@ def shared_mlp_names(spec: LayerSpec) -> tuple[str, str | None]:
     return "shared_experts", None
 
 
+def router_name(spec: LayerSpec, layout: HFLayout | str) -> str:
+    """The block's router weight: `gate.weight`, except in transformers' own PhiMoE module (the one family with
+    SparseMixer routing), which names it `router.weight`; PhiMoE hub checkpoints keep `gate.weight`."""
+    if spec.router.sparse_mixer is not None and HFLayout(layout) == HFLayout.STACKED:
+        return "router.weight"
+    return "gate.weight"
+
+
 def moe_block_rules(spec: LayerSpec, layout: HFLayout | str) -> list[TensorRule]:
     """Rules of one MoE block, names relative to the block (`gate.weight`) and to the layer (`router.weight`)."""
     layout = HFLayout(layout)
     e = spec.experts
-    rules = [TensorRule((ROUTER_WEIGHT,), ("gate.weight",))]
+    rules = [TensorRule((ROUTER_WEIGHT,), (router_name(spec, layout),))]
     if spec.balance.aux_free is not None:
         rules.append(TensorRule((ROUTER_BIAS,), ("gate.e_score_correction_bias",)))
     if layout == HFLayout.STACKED:

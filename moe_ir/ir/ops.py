@@ -35,6 +35,7 @@ class OpCode(enum.StrEnum):
     ROUTER_NOISE = "router_noise"
     SCORE = "score"
     TOPK_ROUTE = "topk_route"
+    SPARSEMIXER_ROUTE = "sparsemixer_route"
     SCALE_WEIGHTS = "scale_weights"
     DISPATCH = "dispatch"
     EXPERT_CHOICE_ROUTE = "expert_choice_route"
@@ -299,6 +300,22 @@ def route_topk(scores: torch.Tensor, bias: torch.Tensor | None, k: int, groups: 
     return expert_idx, scores.gather(1, expert_idx)
 
 
+def sparsemixer_route(logits: torch.Tensor, k: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert_idx [T,k], weights [T,k]) of SparseMixer at inference (PhiMoE): pick j takes the top logit
+    among the experts not picked yet; its weight is the softmax, over those experts, restricted to the ones
+    whose logit is within the relative threshold of the pick: (top - logit) / max(|logit|, top) <= 2*eps."""
+    remaining = logits
+    picks, weights = [], []
+    for _ in range(k):
+        top, idx = remaining.max(dim=-1, keepdim=True)
+        outside = (top - logits) / logits.abs().clamp(min=top) > 2 * eps
+        gates = torch.softmax(remaining.masked_fill(outside, float("-inf")), dim=-1)
+        picks.append(idx)
+        weights.append(gates.gather(1, idx))
+        remaining = remaining.scatter(1, idx, float("-inf"))
+    return torch.cat(picks, dim=1), torch.cat(weights, dim=1)
+
+
 def scale_weights(weights: torch.Tensor, normalize: bool, scale: float) -> torch.Tensor:
     if normalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -536,6 +553,28 @@ class TopkRoute(OpDef):
 
     def reference(self, attrs, scores, bias):
         return route_topk(scores, bias, attrs["k"], attrs["groups"], attrs["kept"], attrs["group_score"])
+
+
+@register
+class SparsemixerRoute(OpDef):
+    opcode = OpCode.SPARSEMIXER_ROUTE
+    doc = ("SparseMixer selection on the router logits (PhiMoE, inference): k sequential argmax picks, each "
+           "weighted by a softmax over the not-yet-picked experts within a relative threshold 2*eps of it")
+    inputs = (Port("logits"),)
+    output_names = ("expert_idx", "weights")
+    attrs = {"k": Attr(int), "eps": Attr(float)}
+
+    def infer_types(self, node, logits):
+        expect_rank(logits, 2, node, "logits")
+        expect_float(logits, node, "logits")
+        t, e = logits.shape
+        k = node.attrs["k"]
+        expect(1 <= k <= (e if isinstance(e, int) else k), node, f"k={k} exceeds {e} experts")
+        expect(node.attrs["eps"] >= 0, node, f"eps={node.attrs['eps']} must be >= 0")
+        return [TensorType((t, k), ElemType.INT64), TensorType((t, k), logits.dtype)]
+
+    def reference(self, attrs, logits):
+        return sparsemixer_route(logits, attrs["k"], attrs["eps"])
 
 
 @register

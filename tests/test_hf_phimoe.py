@@ -1,0 +1,180 @@
+"""PhiMoE: SparseMixer routing (router.sparse_mixer -> sparsemixer_route -> reference) against transformers'
+PhimoeSparseMoeBlock in eval mode, its import (config keys, weights both ways, hub names), the backends that
+lower it against the reference, and the refusals of the ones that cannot.
+
+transformers is the independent oracle (random weights, tiny odd configs built here, no download).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the PhiMoE equivalence tests need transformers "
+                                                          "(the `hf` / `test` extra)")
+from transformers import PhimoeConfig  # noqa: E402
+from transformers.models.phimoe.modeling_phimoe import PhimoeSparseMoeBlock  # noqa: E402
+
+from moe_ir.analysis import analyse  # noqa: E402
+from moe_ir.backends import get_backend, resolve_backends  # noqa: E402
+from moe_ir.builder import build_graph  # noqa: E402
+from moe_ir.errors import SpecError  # noqa: E402
+from moe_ir.frontends.hf import (FAMILY_DEFAULTS, HFLayout, describe_hf_config, spec_from_hf_config,  # noqa: E402
+                                 weights_from_hf, weights_to_hf)
+from moe_ir.interpreter import interpret  # noqa: E402
+from moe_ir.passes import run_pipeline  # noqa: E402
+from moe_ir.spec import spec_from_dict  # noqa: E402
+from moe_ir.validate import validate  # noqa: E402
+
+H = 36
+
+
+def _config(**kw) -> PhimoeConfig:
+    # Odd sizes: 7 experts, width 22, 3 heads of 12.
+    base = dict(hidden_size=H, intermediate_size=22, num_local_experts=7, num_experts_per_tok=2,
+                num_attention_heads=3, num_key_value_heads=1, num_hidden_layers=2)
+    return PhimoeConfig(**{**base, **kw})
+
+
+def _block(cfg: PhimoeConfig, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    block = PhimoeSparseMoeBlock(cfg).eval()
+    with torch.no_grad():
+        for _, p in block.named_parameters():
+            p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
+    return block
+
+
+def _hf_routing(block, x):
+    with torch.no_grad():
+        logits, weights, idx = block.router(x.reshape(-1, x.shape[-1]))
+    return logits, weights, idx
+
+
+# eps 0.01 is the released value (the threshold keeps almost only the pick); 0.4 lets several experts into
+# each pick's softmax, so the mask itself is exercised.
+@pytest.mark.parametrize("eps", [0.01, 0.4])
+def test_layer_matches_transformers_eval(eps):
+    cfg = _config(router_jitter_noise=eps)
+    block = _block(cfg)
+    spec = spec_from_hf_config(cfg)
+    assert spec.router.sparse_mixer.jitter_eps == eps and spec.experts.top_k == 2
+    weights = weights_from_hf(block, spec)
+    x = torch.randn(2, 23, H, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = block(x)
+    ours = interpret(build_graph(spec), {"x": x}, weights)
+    logits, hf_w, hf_idx = _hf_routing(block, x)
+    # Same experts in the same order (first pick, then second), same weights.
+    assert torch.equal(ours["expert_idx"], hf_idx)
+    torch.testing.assert_close(ours["weights"], hf_w, rtol=1e-6, atol=1e-7)
+    err = (ours["out"] - ref).abs().max().item()
+    assert err <= 1e-5 * ref.abs().max().item(), err
+    # SparseMixer is not softmax top-k: the weights differ from the plain softmax at the same experts, and
+    # with the wide threshold they differ from a renormalised top-2 softmax too.
+    plain = logits.softmax(-1).gather(1, hf_idx)
+    assert (plain - hf_w).abs().max() > 1e-2
+    if eps > 0.1:
+        assert (plain / plain.sum(-1, keepdim=True) - hf_w).abs().max() > 1e-2
+
+
+def test_backends_match_the_reference_or_say_why_not():
+    spec = spec_from_hf_config(_config(router_jitter_noise=0.4))
+    report = validate(spec, resolve_backends(["reference", "torch", "onnx:portable", "onnx:ort"]), tokens=19,
+                      batch=2, seed=2)
+    assert report.ok, [r.to_dict() for r in report.results]
+    assert all(r.status == "ok" and r.routing.flips == 0 for r in report.results)
+    graph_of = lambda backend: run_pipeline(build_graph(spec), backend.pipeline)  # noqa: E731
+    for name, fragment in (("triton", "SparseMixer"), ("tensorrt", "sparsemixer_route is not fusable"),
+                           ("expert_parallel:2", "SparseMixer"), ("onnx:plugin", "sparsemixer_route is not fusable")):
+        backend = get_backend(name)
+        graph = graph_of(backend)
+        try:
+            ok, reason = backend.supports(graph)
+        except Exception as err:  # noqa: BLE001 - an unavailable backend says so by raising
+            pytest.skip(f"{name}: {err}")
+        assert not ok and fragment in reason, (name, reason)
+
+
+def test_sparse_mixer_torch_kernel_equals_reference_on_ties_and_negative_logits():
+    from moe_ir.backends.torch_kernels import sparsemixer_route as kernel
+    from moe_ir.ir.ops import sparsemixer_route as reference
+
+    logits = torch.tensor([[-1.0, -1.0, -3.0, -0.5], [2.0, 2.0, 2.0, 2.0], [0.0, -1e-3, 5.0, -5.0]])
+    for eps in (0.0, 0.01, 0.5):
+        for a, b in zip(kernel(logits, 2, eps), reference(logits, 2, eps)):
+            assert torch.equal(a, b)
+    idx, w = reference(logits, 2, 0.5)
+    assert idx[0].tolist() == [3, 0] and idx[1].tolist() == [0, 1]
+    # Row 1: four equal logits, threshold keeps all: the first pick weighs 1/4, the second 1/3.
+    torch.testing.assert_close(w[1], torch.tensor([0.25, 1 / 3]))
+
+
+def test_weights_round_trip_and_hub_names():
+    cfg = _config()
+    block = _block(cfg, seed=1)
+    spec = spec_from_hf_config(cfg)
+    canonical = weights_from_hf(block, spec)
+    # transformers' module: router.weight, stacked experts; loads back strictly.
+    fresh = PhimoeSparseMoeBlock(cfg)
+    fresh.load_state_dict(weights_to_hf(canonical, spec), strict=True)
+    for name, t in block.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], t), name
+    # Hub checkpoints (Phi-3.5-MoE): block_sparse_moe.gate.weight and experts.{i}.w1/w2/w3.
+    hub = weights_to_hf(canonical, spec, HFLayout.PER_EXPERT_W123, prefix="model.layers.1.block_sparse_moe.")
+    assert "model.layers.1.block_sparse_moe.gate.weight" in hub
+    assert "model.layers.1.block_sparse_moe.experts.6.w3.weight" in hub
+    back = weights_from_hf(hub, spec, "model.layers.1.block_sparse_moe.")
+    assert all(torch.equal(back[k], canonical[k]) for k in canonical)
+
+
+def test_parameter_count_and_defaults_match_transformers():
+    cfg = _config()
+    spec = spec_from_hf_config(cfg)
+    block = _block(cfg)
+    graph_total = sum(math.prod(v.type.shape) for v in build_graph(spec).weights.values())
+    assert analyse(spec).total_params == graph_total == sum(p.numel() for p in block.parameters())
+    defaults = PhimoeConfig().to_dict()
+    assert all(defaults[k] == v for k, v in FAMILY_DEFAULTS["phimoe"].items())
+    # A config.json that omits the defaults imports like the full one.
+    assert spec_from_hf_config({"model_type": "phimoe", "hidden_size": H, "intermediate_size": 22,
+                                "num_local_experts": 7}).router == spec.router
+
+
+@pytest.mark.parametrize("changes, key", [
+    ({"num_experts_per_tok": 3}, "num_experts_per_tok"),
+    ({"router_jitter_noise": -0.1}, "router_jitter_noise"),
+])
+def test_ambiguous_configs_are_refused_by_key(changes, key):
+    with pytest.raises(SpecError) as err:
+        spec_from_hf_config(_config(**changes))
+    assert err.value.path == key
+
+
+def test_input_jitter_is_a_training_note():
+    _, info = describe_hf_config(_config(input_jitter_noise=0.01))
+    assert any("input_jitter_noise=0.01" in note and "training" in note for note in info.notes)
+
+
+@pytest.mark.parametrize("changes, path", [
+    ({"experts": {"routed": 8, "width": 4, "top_k": 3}}, "experts.top_k"),
+    ({"router": {"sparse_mixer": {}, "group_limit": {"groups": 2, "kept": 1}}}, "router.sparse_mixer"),
+    ({"router": {"sparse_mixer": {}, "score": "sigmoid"}}, "router.score"),
+    ({"balance": {"aux_free": {}}}, "balance.aux_free"),
+    ({"router": {"sparse_mixer": {"jitter_eps": -1}}}, "router.sparse_mixer.jitter_eps"),
+])
+def test_spec_refuses_what_sparse_mixer_cannot_combine_with(changes, path):
+    data = {"hidden": 8, "experts": {"routed": 8, "width": 4, "top_k": 2}, "router": {"sparse_mixer": {}}}
+    for key, value in changes.items():
+        data[key] = {**data.get(key, {}), **value}
+    with pytest.raises(SpecError) as err:
+        spec_from_dict(data)
+    assert err.value.path == path
+
+
+def test_whole_model_import_names_the_missing_decoder_feature():
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config
+
+    with pytest.raises(SpecError, match="LayerNorm with a bias"):
+        model_spec_from_hf_config(_config())
