@@ -53,6 +53,10 @@ def build_graph(spec: LayerSpec, *, training: bool = False) -> Graph:
     x = g.add_input("x", TensorType(("B", "S", spec.hidden), ElemType.from_name(spec.dtype)))
     for name, value in add_moe_layer(g, spec, x, training=training).items():
         g.set_output(name, value)
+    if spec.quantization is not None:
+        from .quantization import quantize_graph
+
+        quantize_graph(g, spec.quantization)
     return g
 
 

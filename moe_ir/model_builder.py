@@ -228,6 +228,10 @@ def build_model_graph(spec: ModelSpec, *, routing: bool = False, training: bool 
     if routing or training:
         for key, value in routing_outputs.items():
             g.set_output(key, value)
+    if spec.quantization is not None:
+        from .quantization import quantize_graph
+
+        quantize_graph(g, spec.quantization)
     return g
 
 

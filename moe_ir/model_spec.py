@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .errors import SpecError
-from .spec import (MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, NAME_PATTERN, Activation,
+from .spec import (QuantizationSpec, MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, NAME_PATTERN, Activation,
                    DType, LayerSpec, ParseContext, describe_value, join_key_path, parse_section, suggest_key,
                    schema_of_section, spec_field, spec_to_dict)
 
@@ -187,6 +187,8 @@ class ModelSpec:
 
     model: ModelSection = spec_field(doc="the decoder")
     moe: LayerSpec = spec_field(doc="the MoE layer spec (hidden and dtype default to the model's)")
+    quantization: QuantizationSpec | None = spec_field(None, doc="block-wise weight quantization of the whole "
+                                                                "model; absent: float weights")
 
     @property
     def name(self) -> str:
@@ -219,7 +221,7 @@ class _NestedCtx(ParseContext):
         raise SpecError(message, path=join_key_path(self.prefix, path), line=self.line_of(path), file=self.file)
 
 
-_TOP_KEYS = ("model", "moe")
+_TOP_KEYS = ("model", "moe", "quantization")
 # Keys of the moe section the model supplies: absent -> the model's value; present -> must agree.
 _INHERITED = ("hidden", "dtype")
 
@@ -233,7 +235,7 @@ def model_spec_from_dict(data: Any, *, lines: Mapping[str, int] | None = None, f
         if key not in _TOP_KEYS:
             ctx.fail(str(key), f"unknown top-level key '{key}'{suggest_key(str(key), list(_TOP_KEYS))}; a model spec "
                                f"has: {', '.join(_TOP_KEYS)}")
-    for key in _TOP_KEYS:
+    for key in ("model", "moe"):  # quantization is optional
         if key not in data:
             what = "the decoder (vocab_size, hidden, layers, attention, ...)" if key == "model" else \
                 "the MoE layer spec (experts, router, ...)"
@@ -251,8 +253,13 @@ def model_spec_from_dict(data: Any, *, lines: Mapping[str, int] | None = None, f
             ctx.fail(f"moe.{key}", f"moe.{key}={moe_data[key]!r} disagrees with model.{key}={value!r}; omit it "
                                    "(the MoE layers take the model's)")
     moe_data.setdefault("name", default_moe_name(model.name))
+    if moe_data.get("quantization") is not None:
+        ctx.fail("moe.quantization", "a model spec quantizes at the top level (`quantization:` beside `model:` "
+                                     "and `moe:`, with `weights:` choosing routed/shared experts, attention, ...)")
     moe = parse_section(LayerSpec, moe_data, "", _NestedCtx(ctx, "moe"))
-    return ModelSpec(model=model, moe=moe)
+    quantization = (parse_section(QuantizationSpec, data["quantization"], "quantization", ctx)
+                    if data.get("quantization") is not None else None)
+    return ModelSpec(model=model, moe=moe, quantization=quantization)
 
 
 def default_moe_name(model_name: str) -> str:
@@ -268,7 +275,10 @@ def model_spec_to_dict(spec: ModelSpec) -> dict:
         moe.pop(key, None)
     if moe.get("name") == default_moe_name(spec.model.name):
         moe.pop("name")
-    return {"model": spec_to_dict(spec.model), "moe": moe}
+    out = {"model": spec_to_dict(spec.model), "moe": moe}
+    if spec.quantization is not None:
+        out["quantization"] = spec_to_dict(spec.quantization)
+    return out
 
 
 def model_json_schema() -> dict:
@@ -278,6 +288,7 @@ def model_json_schema() -> dict:
     moe = dict(defs["LayerSpec"])
     moe["required"] = [k for k in moe.get("required", []) if k not in _INHERITED]
     moe["description"] = "the MoE layer spec; hidden and dtype default to the model's"
+    moe["properties"] = {k: v for k, v in moe["properties"].items() if k != "quantization"}  # top level only
     defs["ModelMoE"] = moe
     schema["properties"]["moe"] = {**schema["properties"]["moe"], "$ref": "#/$defs/ModelMoE"}
     return schema

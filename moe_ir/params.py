@@ -88,10 +88,18 @@ def init_weights(graph: Graph, seed: int = 0, *, dtype: torch.dtype | None = Non
     the aux-loss-free bias buffer, ones for RMSNorm weights (`*norm.weight`, model graphs). Each tensor
     draws from its own generator seeded by (seed, name), so a weight's values do not depend on which
     other weights the graph has."""
+    from .quantization import dequantize_nodes, quantize_weights, source_weight
+
+    # A quantized graph's weights are those of the float graph it was made from, quantized: the same seed
+    # gives the float model and its quantized form, so the two compare directly.
+    quantized = dequantize_nodes(graph)
+    parts = {v.name for n in quantized for v in n.inputs if v is not None}
+    declared = {name: (v.type.shape, v.type.dtype) for name, v in graph.weights.items() if name not in parts}
+    declared.update({source_weight(n): (n.outputs[0].type.shape, n.outputs[0].type.dtype) for n in quantized})
     out = {}
-    for name, v in sorted(graph.weights.items()):
-        shape = tuple(int(d) for d in v.type.shape)
-        t_dtype = dtype or v.type.dtype.torch
+    for name, (dims, elem) in sorted(declared.items()):
+        shape = tuple(int(d) for d in dims)
+        t_dtype = dtype or elem.torch
         if name.endswith("norm.weight"):  # RMSNorm scales of model graphs start at 1, as in transformers
             out[name] = torch.ones(shape, dtype=t_dtype)
             continue
@@ -101,7 +109,7 @@ def init_weights(graph: Graph, seed: int = 0, *, dtype: torch.dtype | None = Non
         gen = torch.Generator().manual_seed((seed * 1_000_003 + _stable_hash(name)) % (2**63))
         bound = 1.0 / math.sqrt(shape[-1])
         out[name] = (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1).mul_(bound).to(t_dtype)
-    return out
+    return quantize_weights(graph, out) if quantized else out
 
 
 def _stable_hash(name: str) -> int:
@@ -175,8 +183,13 @@ def load_weights(path: str | Path, graph: Graph | None = None, *, notes: list[st
         converted: dict[tuple[str, str], list[str]] = {}
         narrowing = []
         for name, tensor in weights.items():
-            check_weight_values(name, tensor, str(path))
             want = graph.weights[name].type.dtype.torch
+            if not graph.weights[name].type.dtype.is_float:  # the stored parts of a quantized weight
+                if tensor.dtype != want:
+                    raise WeightsError(f"{path}: tensor {name} has dtype {str(tensor.dtype).removeprefix('torch.')}, "
+                                       f"expected {str(want).removeprefix('torch.')} (a quantized weight's codes)")
+                continue
+            check_weight_values(name, tensor, str(path))
             if tensor.dtype == want:
                 continue
             if (tensor.dtype, want) not in _EXACT_WIDENING:
@@ -192,6 +205,9 @@ def load_weights(path: str | Path, graph: Graph | None = None, *, notes: list[st
                                f"spec's dtype ({', '.join(sorted(want))}): {', '.join(narrowing[:6])}"
                                + (" ..." if len(narrowing) > 6 else "") + "; set the spec's `dtype:` to the file's "
                                "or convert the file")
+        from .quantization import check_quantized_values
+
+        check_quantized_values(graph, weights, str(path))
         for (src, dst), names in converted.items():
             if notes is not None:
                 notes.append(f"{path}: {len(names)} tensor(s) stored as {src} converted to the graph's {dst} "

@@ -75,6 +75,12 @@ class DType(enum.StrEnum):
         return getattr(torch, self.value)
 
 
+class QuantFormat(enum.StrEnum):
+    INT8 = "int8"          # 8-bit integer codes, one float scale (and optional zero point) per block of a row
+    INT4 = "int4"          # 4-bit codes, two per byte (the even input column in the low nibble)
+    FP8_E4M3 = "fp8_e4m3"  # float8 e4m3 values with one scale per block x block tile (DeepSeek-V3's checkpoints)
+
+
 # Upper bounds of the sizes a spec may ask for. Each is far above every published MoE model (DeepSeek-V3:
 # hidden 7168, 256 routed experts of width 2048, 61 layers, vocabulary 129,280) and low enough that what
 # moe-ir derives from a spec before any memory check (per-layer tables, the IR graph, FLOP counts) stays
@@ -277,6 +283,35 @@ class ParallelSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class QuantizedWeights:
+    """Which weights a quantization applies to (the router always stays in its own float dtype)."""
+
+    routed_experts: bool = spec_field(True, doc="the routed experts' gate/up/down projections")
+    shared_experts: bool = spec_field(True, doc="the shared experts' projections")
+    dense_ffn: bool = spec_field(False, doc="the FFN projections of a model's dense layers")
+    attention: bool = spec_field(False, doc="the attention projections of a model")
+    embeddings: bool = spec_field(False, doc="a model's token embedding table")
+    head: bool = spec_field(False, doc="a model's output projection (lm_head)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizationSpec:
+    """Block-wise weight quantization: round-to-nearest codes with one scale per `block` input columns."""
+
+    format: QuantFormat = spec_field(doc="int8, int4, or fp8_e4m3 (square block x block tiles, as DeepSeek-V3 stores)")
+    block: int = spec_field(32, doc="input columns sharing one scale (a power of two, 16..1024)", minimum=16,
+                            maximum=1024)
+    symmetric: bool = spec_field(True, doc="codes centred on 0 (no zero points); false: a zero point per block")
+    weights: QuantizedWeights = spec_field(default_factory=QuantizedWeights, doc="which weights are quantized")
+
+    def check(self, ctx: "ParseContext", path: str) -> None:
+        if self.block & (self.block - 1):
+            ctx.fail(join_key_path(path, "block"), f"block {self.block} must be a power of two (16, 32, 64, 128, ...)")
+        if self.format == QuantFormat.FP8_E4M3 and not self.symmetric:
+            ctx.fail(join_key_path(path, "symmetric"), "fp8_e4m3 blocks have scales only (no zero points)")
+
+
+@dataclass(frozen=True, kw_only=True)
 class LayerSpec:
     """One MoE layer: y = x + shared(x) + Σ_routed g_i FFN_i(x) (the residual add is the caller's)."""
 
@@ -291,6 +326,8 @@ class LayerSpec:
     dtype: DType = spec_field(DType.FLOAT32, doc="dtype of activations and expert weights")
     # Default None keeps the canonical form (and spec hashes) of specs without placement unchanged.
     parallel: ParallelSpec | None = spec_field(None, doc="expert-parallel placement; absent: one device")
+    quantization: QuantizationSpec | None = spec_field(None, doc="block-wise weight quantization; absent: float "
+                                                                "weights in `dtype`")
 
     @property
     def routing_group_limit(self) -> GroupLimit | None:

@@ -88,7 +88,7 @@ def test_model_spec_errors_name_key_and_line(edit, path, line, words):
 
 def test_model_json_schema():
     schema = model_json_schema()
-    assert set(schema["properties"]) == {"model", "moe"}
+    assert set(schema["properties"]) == {"model", "moe", "quantization"}
     assert schema["properties"]["moe"]["$ref"] == "#/$defs/ModelMoE"
     assert "hidden" not in schema["$defs"]["ModelMoE"].get("required", [])
     assert schema["$defs"]["AttentionSpec"]["properties"]["kind"]["enum"] == ["mha", "gqa", "mla"]

@@ -113,7 +113,7 @@ def test_defaults_come_from_published_models():
 def test_json_schema_covers_every_section():
     schema = json_schema()
     assert set(schema["properties"]) == {"hidden", "experts", "name", "source", "router", "balance", "capacity",
-                                         "dtype", "parallel"}
+                                         "dtype", "parallel", "quantization"}
     assert schema["$defs"]["RouterSpec"]["properties"]["score"]["enum"] == ["softmax", "sigmoid"]
     assert schema["$defs"]["GroupLimit"]["required"] == ["groups", "kept"]
     assert schema["additionalProperties"] is False

@@ -3,6 +3,7 @@ from .graph import (LAYER_INPUT, LAYER_OUTPUT, MODEL_INPUT, MODEL_OUTPUT, Dim, E
                     TensorType, Value, ValueKind)
 from .ops import LossKind, OpCode, OpDef, WeightLayout, all_ops, op_def
 from . import model_ops  # noqa: F401  (registers the whole-model ops)
+from . import quant_ops  # noqa: F401  (registers dequantize)
 from .printer import to_dot, to_text
 from .serialize import from_json, to_json
 from .verifier import verify

@@ -26,17 +26,24 @@ class ElemType(enum.StrEnum):
     BFLOAT16 = "bf16"
     FLOAT64 = "f64"
     INT64 = "i64"
+    # Storage of quantized weights (moe_ir.quantization): packed integer codes and fp8 values, read only
+    # through a dequantize node, never computed with directly.
+    INT8 = "i8"
+    UINT8 = "u8"
+    FLOAT8_E4M3 = "f8e4m3"
 
     @property
     def is_float(self) -> bool:
-        return self is not ElemType.INT64
+        """A dtype values are computed in (fp8 is storage only)."""
+        return self in (ElemType.FLOAT32, ElemType.FLOAT16, ElemType.BFLOAT16, ElemType.FLOAT64)
 
     @property
     def torch(self):
         import torch
 
         return {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64,
-                "i64": torch.int64}[self.value]
+                "i64": torch.int64, "i8": torch.int8, "u8": torch.uint8,
+                "f8e4m3": torch.float8_e4m3fn}[self.value]
 
     @classmethod
     def from_name(cls, name: str) -> "ElemType":
@@ -257,6 +264,7 @@ class Graph:
         for key, v in list(self.outputs.items()):
             if v is old:
                 self.outputs[key] = new
+        self._order = None  # again: users() above sorted the graph before the new edges were in
 
     def remove_node(self, node: Node) -> None:
         for out in node.outputs:

@@ -47,6 +47,7 @@ class OpCode(enum.StrEnum):
     CONCAT = "concat"
     BALANCE_LOSS = "balance_loss"
     FUSED_MOE = "fused_moe"
+    DEQUANTIZE = "dequantize"  # a block-quantized weight's stored parts -> the float weight; quant_ops.py
     # Whole-model ops; declared in model_ops.py.
     EMBEDDING = "embedding"
     RMS_NORM = "rms_norm"

@@ -1,5 +1,5 @@
 """Graph passes and the pass manager. Importing this package registers every pass."""
-from . import dce, fusions  # noqa: F401  (registration)
+from . import dce, fusions, quantize  # noqa: F401  (registration)
 from .manager import PASSES, Pass, get_pass, register_pass, run_pipeline
 
 # Named pipelines backends and the CLI refer to.
