@@ -159,5 +159,5 @@ class OnnxBackend(Backend):
             files.append(out.final(src.name))
             copied.append(src.name)
         if copied:
-            notes.append(f"tokenizer: copied {', '.join(copied)}")
+            notes.append(f"copied from the checkpoint: {', '.join(copied)}")
         return files
