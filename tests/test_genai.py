@@ -31,11 +31,13 @@ from test_hf_checkpoints import random_model  # noqa: E402
 VOCAB = 61
 NEW_TOKENS = 5
 # A GQA model, an MHA one, and MLA whose K and V heads have one size (qk_nope + qk_rope == v_head_dim: GenAI's
-# cache has one head size), in the expanded layout GenAI caches.
+# cache has one head size), in the expanded layout GenAI caches; and a GQA model the ort flavour lowers with
+# GroupQueryAttention (head_dim 16).
 GENAI_ATTENTION = {
     "gqa": ATTENTION["gqa-head-norm"],
     "mha": ATTENTION["mha-bias"],
     "mla-even": "{kind: mla, heads: 2, kv_lora_rank: 8, qk_nope_head_dim: 6, qk_rope_head_dim: 4, v_head_dim: 10}",
+    "gqa16-ort": "{kind: gqa, heads: 4, kv_heads: 2, head_dim: 16, qk_norm: head, rope_theta: 500.0}",
 }
 
 
@@ -62,9 +64,12 @@ def build_decoder(source, out, *extra) -> dict:
 def test_genai_generates_the_reference_tokens_of_a_spec(kind, tmp_path, capsys):
     text = tiny_model_yaml(kind, GENAI_ATTENTION[kind])
     (tmp_path / "m.yaml").write_text(text)
-    folder = build_decoder(tmp_path / "m.yaml", tmp_path / "out", "--flavour", "portable")
+    folder = build_decoder(tmp_path / "m.yaml", tmp_path / "out", "--flavour",
+                           "ort" if kind.endswith("-ort") else "portable")
     report = json.loads(capsys.readouterr().out)
     assert [p["path"].rsplit("/", 1)[-1] for p in report["files"]] == ["model.onnx", "genai_config.json"]
+    if kind.endswith("-ort"):
+        assert "ort contrib ops: MoE x1, GroupQueryAttention x2, SkipSimplifiedLayerNormalization x4" in report["notes"]
     config = json.loads((folder / "genai_config.json").read_text())
     assert config["model"]["decoder"]["num_hidden_layers"] == 2
 
@@ -111,7 +116,7 @@ def test_genai_generates_transformers_tokens_of_an_imported_checkpoint(family, t
     folder = build_decoder(tmp_path / "ckpt", tmp_path / "out")
     report = json.loads(capsys.readouterr().out)
     assert (folder / "tokenizer.json").read_text() == '{"version": "1.0"}'
-    assert any("tokenizer: copied tokenizer.json" in n for n in report["notes"])
+    assert any(n.startswith("copied from the checkpoint: tokenizer.json") for n in report["notes"])
     config = json.loads((folder / "genai_config.json").read_text())["model"]
     assert (config["eos_token_id"], config["bos_token_id"], config["pad_token_id"]) == (60, 1, 0)
     assert config["decoder"]["num_key_value_heads"] == model.config.num_key_value_heads

@@ -158,6 +158,7 @@ def _built(tmp_path, kind="gqa-head-norm", *extra):
     from test_generation import ATTENTION
 
     text = tiny_model_yaml(kind, ATTENTION[kind])
+    tmp_path.mkdir(exist_ok=True)
     (tmp_path / "m.yaml").write_text(text)
     out = tmp_path / "out"
     assert main(["build", str(tmp_path / "m.yaml"), "--backend", "onnx", "--decoder", "-o", str(out), *extra]) == 0
@@ -228,3 +229,54 @@ def test_missing_or_escaping_external_data_is_one_clear_error(tmp_path, capsys):
     onnx.save(model, str(out / "model.onnx"))
     assert main(["generate", str(out), "--backend", "onnx:portable", "--prompt-ids", "1 2"]) == 1
     assert "location '../elsewhere.data' is refused because it contains '..'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# the ort flavour's decoder: ONNX Runtime's contrib kernels where they fit
+
+GQA16 = "{kind: gqa, heads: 4, kv_heads: 2, head_dim: 16, qk_norm: head, rope_theta: 500.0}"
+
+
+def test_ort_decoder_uses_group_query_attention_and_skip_norms(tmp_path, capsys):
+    from conftest import tiny_model_yaml
+
+    text = tiny_model_yaml("gqa16", GQA16, layers=3)
+    (tmp_path / "m.yaml").write_text(text)
+    assert main(["build", str(tmp_path / "m.yaml"), "--backend", "onnx", "--flavour", "ort", "--decoder",
+                 "-o", str(tmp_path / "out"), "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    # 3 attention layers; 6 residual add + norm pairs (every norm after a residual add, the final norm
+    # included); 2 MoE layers. Layer 0's first norm reads the embedding: no add to fuse.
+    assert "ort contrib ops: MoE x2, GroupQueryAttention x3, SkipSimplifiedLayerNormalization x6" in notes
+    assert any(n.startswith("ort: standard ops for layers.0.attn_norm: an RMSNorm without a residual add") for n in notes)
+    model = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert sum(n.op_type == "GroupQueryAttention" for n in model.graph.node) == 3
+
+    # Left-padded prompts of different lengths: the same tokens as the reference, decode equal to prefill.
+    spec = load_model_spec_text(text)
+    weights = random_weights(build_model_graph(spec))
+    step, graph = onnx_step(spec, weights, flavour="ort")
+    ids = torch.randint(0, VOCAB, (3, 8), generator=torch.Generator().manual_seed(8))
+    prompts, mask = left_padded_prompts(ids[:, :5])
+    ref_graph = decode_graph(spec)
+    expected = greedy_generate(reference_step(ref_graph, weights), ref_graph, prompts, mask, max_new_tokens=NEW_TOKENS)
+    run = greedy_generate(step, graph, prompts, mask, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(run.tokens, expected.tokens)
+    torch.testing.assert_close(run.logits, expected.logits, rtol=1e-4, atol=1e-4)
+    cache = KVCache.empty(graph, 3)
+    got = []
+    for start, end in [(0, 5)] + [(t, t + 1) for t in range(5, 8)]:
+        out = step(decode_inputs(ids[:, start:end], torch.ones(3, end, dtype=torch.int64), cache))
+        cache.update(out, end - start)
+        got.append(out["logits"])
+    prefill = interpret(build_model_graph(spec), {"input_ids": ids}, weights, dtype=torch.float64)["logits"]
+    torch.testing.assert_close(torch.cat(got, dim=1).double(), prefill, rtol=1e-4, atol=1e-4)
+
+
+def test_ort_decoder_says_why_it_keeps_standard_attention(tmp_path, capsys):
+    for kind, needle in (("gqa-head-norm", "needs head_dim a multiple of 16 (this model: 6)"),
+                         ("mla", "MLA: GroupQueryAttention rotates whole heads")):
+        out, _ = _built(tmp_path / kind, kind, "--flavour", "ort", "--json")
+        notes = json.loads(capsys.readouterr().out)["notes"]
+        assert any(n.startswith("ort: standard ops for layers.0.attn, layers.1.attn: ") and needle in n for n in notes)
+        assert "GroupQueryAttention" not in {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}

@@ -33,7 +33,7 @@ from moe_ir.passes import run_pipeline
 from moe_ir.spec import LayerSpec
 from ..base import Backend, BuildResult, Runner
 from . import genai
-from .flavours import PIPELINES, lower, lowering_class, parse_flavour, supports
+from .flavours import PIPELINES, OrtLowering, lower, lowering_class, parse_flavour, supports
 from .lowering import Flavour
 from .runtime import make_runner, make_session, runtime_refusal
 from .support import stored_values
@@ -127,6 +127,8 @@ class OnnxBackend(Backend):
         if refusal:
             notes.append(f"not runnable by moe-ir's ONNX Runtime runner: {refusal}")
         notes.extend(lowering_class(flavour).needs)
+        if flavour == Flavour.ORT:
+            notes.extend(OrtLowering.contrib_notes(piped, [n.op_type for n in lowered.model.graph.node]))
         if decoder:
             files += self._write_decoder_extras(piped, out, special_tokens, context_length, tokenizer_files, notes)
         return BuildResult(files=files, notes=notes)
@@ -157,5 +159,5 @@ class OnnxBackend(Backend):
             files.append(out.final(src.name))
             copied.append(src.name)
         if copied:
-            notes.append(f"tokenizer: copied {', '.join(copied)}")
+            notes.append(f"copied from the checkpoint: {', '.join(copied)}")
         return files

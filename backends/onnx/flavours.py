@@ -10,7 +10,13 @@
             layout the CPU kernel implements. float32 only. SparseMixer routing (PhiMoE) takes the same
             path: onnxruntime 1.32's CPU kernel accepts use_sparse_mixer=1 but computes plain softmax top-2
             with it (measured: max error 1.1 on outputs of ~1.4 against SparseMixer, 1e-7 against softmax
-            top-2), so the op is not asked to route.
+            top-2), so the op is not asked to route. In decoders (decode graphs)
+            also: cached MHA/GQA attention as com.microsoft.GroupQueryAttention (the KV cache append and the attention; seqlens_k and
+            total_sequence_length computed in the graph from attention_mask's length, the mask's padding as
+            its attention_bias) and each residual add + RMSNorm as SkipSimplifiedLayerNormalization;
+            `OrtLowering.contrib_notes` reports what was used and why not elsewhere (gqa_refusal: MLA, head_dim
+            not a multiple of 16, interleaved RoPE). RoPE stays outside GQA: its in-kernel rotary rotates the
+            cached keys by their cache slot rather than by position_ids, which differ for left-padded prompts.
   plugin    the FUSED_MOE node becomes one `moe_ir::FusedMoE` node (the contract in plugin_op.py);
             everything else as portable. Layers only: the contract is one fused node per file.
 
@@ -19,14 +25,16 @@ and `refusal` for what it exports, `_lower_<op>` for how it lowers an op.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from onnx import TensorProto
 
 from moe_ir.errors import BackendError
-from moe_ir.ir import Graph, GraphKind, Node, OpCode, Value
+from moe_ir.ir import ElemType, Graph, GraphKind, Node, OpCode, Value
+from moe_ir.model_builder import is_decode_graph
+from moe_ir.model_spec import QKNorm, RopeLayout
 from moe_ir.spec import Activation
 from . import plugin_op, support
 from .decoder_ops import DecoderOps
@@ -47,6 +55,7 @@ class PortableLowering(MoeOps, DecoderOps):
 # -- ort --------------------------------------------------------------------------------------------
 
 _ORT_ACTIVATIONS = {Activation.SWIGLU: "swiglu", Activation.RELU: "relu"}
+_ORT_CONTRIB_OPS = ("MoE", "GroupQueryAttention", "SkipSimplifiedLayerNormalization")
 
 
 def interleave_gate_up(t: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -118,6 +127,145 @@ class OrtLowering(PortableLowering):
         if node is not None and node.op == OpCode.CONCAT and len(node.inputs) == 2 and node.attrs["axis"] == 1:
             return self.inits.evaluate(node.inputs[0]), self.inits.evaluate(node.inputs[1])
         return self.inits.evaluate(value)
+
+
+    # -- decoders: ONNX Runtime's attention and norm kernels -------------------------------------
+
+    def __init__(self, graph: Graph, weights: Mapping[str, torch.Tensor]):
+        super().__init__(graph, weights)
+        # Residual ADD -> RMS_NORM pairs of a decoder, each lowered as one SkipSimplifiedLayerNormalization
+        # (emitted at the norm; the ADD's sum is its fourth output).
+        self.skip_norms = skip_norm_pairs(graph) if is_decode_graph(graph) else {}
+        self.fused_adds = {add.name for add in self.skip_norms.values()}
+
+    @classmethod
+    def contrib_notes(cls, graph: Graph, op_types: Sequence[str]) -> list[str]:
+        """What the export used of ONNX Runtime's contrib kernels (counted in the lowered nodes), and why the
+        rest of the model kept standard ops: the build's notes."""
+        counts = {op: op_types.count(op) for op in _ORT_CONTRIB_OPS if op in op_types}
+        notes = ["ort contrib ops: " + (", ".join(f"{op} x{n}" for op, n in counts.items()) or "none")]
+        why = {}
+        for node in graph.nodes:
+            reason = ""
+            if node.op in (OpCode.CACHED_ATTENTION, OpCode.CACHED_MLA_ATTENTION):
+                reason = gqa_refusal(node)
+            elif node.op in (OpCode.ATTENTION, OpCode.MLA_ATTENTION, OpCode.RMS_NORM) and not is_decode_graph(graph):
+                reason = ("prefill-only files keep standard attention and RMSNorm; GroupQueryAttention and "
+                          "SkipSimplifiedLayerNormalization are used in decoders (`build --decoder`)")
+            elif node.op == OpCode.RMS_NORM and node.name not in skip_norm_pairs(graph):
+                reason = ("an RMSNorm without a residual add before it: SimplifiedLayerNormalization would fit, but "
+                          "ONNX Runtime registers it in the ONNX domain, where it is no ONNX op (onnx.checker "
+                          "refuses the file)")
+            if reason:
+                why.setdefault(reason, []).append(node.name)
+        for reason, names in why.items():
+            notes.append(f"ort: standard ops for {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}: {reason}")
+        return notes
+
+    def _lower_add(self, node: Node) -> None:
+        if node.name not in self.fused_adds:
+            super()._lower_add(node)   # else: emitted by the SkipSimplifiedLayerNormalization of its norm
+
+    def _lower_rms_norm(self, node: Node) -> None:
+        weight = node.inputs[1]
+        eps = node.attrs["eps"]
+        add = self.skip_norms.get(node.name)
+        if add is None:
+            return super()._lower_rms_norm(node)
+        a, b = add.inputs
+        self.em.op("SkipSimplifiedLayerNormalization", [self.operand(a), self.operand(b), self.operand(weight)],
+                   out=[node.outputs[0].name, "", "", add.outputs[0].name], domain=MS_DOMAIN, name=node.name,
+                   epsilon=eps)
+
+    def _lower_cached_attention(self, node: Node) -> None:
+        if gqa_refusal(node):
+            return super()._lower_cached_attention(node)
+        em, a = self.em, node.attrs
+        x = node.inputs[0]
+        dt = x.type.dtype
+        heads, kv_heads, d = a["heads"], a["kv_heads"], a["head_dim"]
+        norm, eps = a["qk_norm"], a["norm_eps"]
+        xs = self.operand(x)
+        tokens = em.op("Reshape", [xs, em.const([-1, x.type.shape[2]])])
+        batch_seq = em.op("Shape", [xs], start=0, end=2)
+        q, k, v = (self._project(tokens, node.input(f"w_{p}"), node.input(f"b_{p}"), dt) for p in "qkv")
+        if norm == QKNorm.FULL:
+            q = self._rms_norm(q, node.input("q_norm"), eps, dt)
+            k = self._rms_norm(k, node.input("k_norm"), eps, dt)
+
+        rope = self._rope_tables_at(self.operand(node.input("position_ids")), d, a["rope_theta"], dt)
+        rope = tuple(em.op("Transpose", [t], perm=[0, 2, 1, 3]) for t in rope)   # [B, S, 1, d/2]
+
+        def tokens_of(t: str, n: int, norm_weight: str | None) -> str:
+            """[B*S, n*d] -> [B, S, n*d]; queries and keys normalised per head (where the model does) and
+            rotated by their position_ids, in a per-head view [B, S, n, d]."""
+            if norm_weight is not None:
+                t = em.op("Reshape", [t, em.op("Concat", [batch_seq, em.const([n, d])], axis=0)], allowzero=1)
+                if norm == QKNorm.HEAD:
+                    t = self._rms_norm(t, node.input(norm_weight), eps, dt)
+                t = self._rope(t, d, rope, a["rope_layout"])
+            return em.op("Reshape", [t, em.op("Concat", [batch_seq, em.const([n * d])], axis=0)], allowzero=1)
+
+        query = tokens_of(q, heads, "q_norm")
+        key = tokens_of(k, kv_heads, "k_norm")
+        value = tokens_of(v, kv_heads, None)
+        seqlens, total, bias = self._gqa_inputs(xs, node)
+        out = em.op("GroupQueryAttention", [query, key, value, self.operand(node.input("past_key")),
+                                            self.operand(node.input("past_value")), seqlens, total, "", "", "", bias],
+                    out=[f"{node.name}/GroupQueryAttention_out", node.output("present_key").name,
+                         node.output("present_value").name],
+                    domain=MS_DOMAIN, name=f"{node.name}/GroupQueryAttention", num_heads=heads, kv_num_heads=kv_heads,
+                    scale=d ** -0.5, do_rotary=0)[0]
+        self._output_projection(node, em.op("Reshape", [out, em.const([-1, heads * d])]), batch_seq)
+
+    def _gqa_inputs(self, x: str, node: Node) -> tuple[str, str, str]:
+        """seqlens_k i32 [B] (L - 1 for every row: the mask's padding goes into attention_bias instead),
+        total_sequence_length i32 [] (L, the mask's length) and attention_bias [B, 1, S, L] (-inf where
+        model_ops.visible_keys hides a key), computed from attention_mask; shared by every layer."""
+        if "gqa" not in self.shared:
+            em = self.em
+            mask = self.operand(node.input("attention_mask"))
+            total32 = em.op("Cast", [em.scalar(em.op("Shape", [mask], start=1, end=2))], to=TensorProto.INT32)
+            seqlens = em.op("Expand", [em.op("Sub", [total32, em.const(1, np.int32)]),
+                                       em.op("Shape", [mask], start=0, end=1)])
+            hidden = self._hidden_keys(x, mask)[0]
+            bias = em.op("Where", [hidden, em.const(-np.inf, np.float32, "neg_inf"), em.const(0.0, np.float32)])
+            self.shared["gqa"] = (seqlens, total32, bias)
+        return self.shared["gqa"]
+
+
+def skip_norm_pairs(graph: Graph) -> dict[str, Node]:
+    """RMS_NORM node name -> the residual ADD feeding it, where the two can be one
+    SkipSimplifiedLayerNormalization: an ADD of two activations whose sum nothing reads before the norm."""
+    pairs = {}
+    order = {node.name: i for i, node in enumerate(graph.nodes)}
+    for norm in graph.find(OpCode.RMS_NORM):
+        add = norm.inputs[0].producer
+        if add is None or add.op != OpCode.ADD or any(v.producer is None for v in add.inputs):
+            continue
+        if graph.is_graph_output(add.outputs[0]) or any(
+                order[u.name] < order[norm.name] for u in graph.users(add.outputs[0]) if u is not norm):
+            continue
+        pairs[norm.name] = add
+    return pairs
+
+
+def gqa_refusal(node: Node) -> str:
+    """Why com.microsoft.GroupQueryAttention (CPU) cannot be this cached attention node ('' when it can)."""
+    if node.op == OpCode.CACHED_MLA_ATTENTION:
+        return ("MLA: GroupQueryAttention rotates whole heads and takes one head size for K and V (MLA rotates "
+                "qk_rope_head_dim of each head, its values are v_head_dim wide)")
+    if node.op != OpCode.CACHED_ATTENTION:
+        return f"{node.op.value} is not cached attention"
+    a = node.attrs
+    if a["head_dim"] % 16:
+        return f"GroupQueryAttention's CPU kernel needs head_dim a multiple of 16 (this model: {a['head_dim']})"
+    if a["rope_layout"] != RopeLayout.HALF:
+        return ("interleaved RoPE: GroupQueryAttention's rotary_interleaved caches keys interleaved, where the "
+                "decode graph's cache holds them de-interleaved")
+    if node.inputs[0].type.dtype != ElemType.FLOAT32:
+        return "the ort flavour is float32 only"
+    return ""
 
 
 # -- plugin -----------------------------------------------------------------------------------------
