@@ -405,24 +405,63 @@ def rms_norm(x, weight, eps):
     return weight * normed.to(x.dtype)
 
 
-def rope_cos_sin(seq_len, dim, theta, like):
+def rope_inverse_frequencies(dim, rope, compute, device):
+    """[dim/2] inverse frequencies 1/theta^(2i/dim) of the rotated dims. rope = (theta, layout, rotary_dim, yarn,
+    attention_factor); yarn = (factor, original_max_positions, beta_fast, beta_slow, truncate) or None. YaRN blends
+    them with the interpolated 1/(factor theta^(2i/dim)) along a linear ramp between the dims that turn beta_fast
+    and beta_slow times over the original context."""
+    theta, yarn = rope[0], rope[3]
+    powers = theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(compute) / dim)
+    original = 1.0 / powers
+    if yarn is None:
+        return original
+    factor, length, beta_fast, beta_slow, truncate = yarn
+    low = dim * math.log(length / (beta_fast * 2 * math.pi)) / (2 * math.log(theta))
+    high = dim * math.log(length / (beta_slow * 2 * math.pi)) / (2 * math.log(theta))
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=compute, device=device) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp
+    return 1.0 / (factor * powers) * (1 - keep) + original * keep
+
+
+def rope_angles_cos_sin(freqs, rope, like):
+    """cos and sin of the angles freqs (times the attention factor), in like's dtype."""
+    cos, sin = freqs.cos(), freqs.sin()
+    if rope[4] != 1.0:
+        cos, sin = cos * rope[4], sin * rope[4]
+    return cos.to(like.dtype), sin.to(like.dtype)
+
+
+def rope_cos_sin(seq_len, dim, rope, like):
     """cos, sin [S, dim/2] of positions 0..S-1; angles in float32 (float64 stays), then like's dtype."""
     compute = torch.float64 if like.dtype == torch.float64 else torch.float32
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=like.device).to(compute) / dim))
+    inv_freq = rope_inverse_frequencies(dim, rope, compute, like.device)
     freqs = torch.arange(seq_len, device=like.device, dtype=compute)[:, None] * inv_freq[None, :]
-    return freqs.cos().to(like.dtype), freqs.sin().to(like.dtype)
+    return rope_angles_cos_sin(freqs, rope, like)
+
+
+def rope_dim(rope, head_dim):
+    """Dims of each head that RoPE rotates (rotary_dim, or the whole head)."""
+    return rope[2] if rope[2] is not None else head_dim
 
 
 def apply_rope(x, cos, sin, layout):
-    """x [..., S, d] rotated by cos/sin [S, d/2]. layout "half": dim j pairs with j + d/2; "interleaved":
-    dim 2j pairs with 2j+1, and the result comes out de-interleaved ([even, odd]) as DeepSeek-V3 writes it
-    (queries and keys alike, so q.k is the same as with the complex form)."""
+    """x [..., S, d] rotated by cos/sin [S, r/2]: the first r dims rotate, the rest pass through (partial rotary).
+    layout "half": dim j pairs with j + r/2; "interleaved": dim 2j pairs with 2j+1, and the result comes out
+    de-interleaved ([even, odd]) as DeepSeek-V3 writes it (queries and keys alike, so q.k is the same as with the
+    complex form)."""
+    r = 2 * cos.shape[-1]
+    rest = x[..., r:]
+    x = x[..., :r]
     if layout == "half":
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
+        x1, x2 = x[..., :r // 2], x[..., r // 2:]
     else:
         x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
 def causal_attention(q, k, v, scale):
@@ -455,12 +494,13 @@ def attention_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm, cos, sin, hea
 
 
 def attention(x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm, heads, kv_heads, head_dim, qk_norm,
-              rope_theta, rope_layout, norm_eps):
-    """Causal MHA/GQA self-attention with RoPE on x [B, S, H] (positions 0..S-1)."""
-    cos, sin = rope_cos_sin(x.shape[1], head_dim, rope_theta, x)
+              rope, norm_eps, scale):
+    """Causal MHA/GQA self-attention with RoPE (rope: rope_inverse_frequencies) on x [B, S, H] (positions
+    0..S-1), softmax scale `scale`."""
+    cos, sin = rope_cos_sin(x.shape[1], rope_dim(rope, head_dim), rope, x)
     q, k, v = attention_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm, cos, sin, heads, kv_heads, head_dim,
-                            qk_norm, rope_layout, norm_eps)
-    return F.linear(causal_attention(q, k, v, head_dim ** -0.5), w_o, b_o)
+                            qk_norm, rope[1], norm_eps)
+    return F.linear(causal_attention(q, k, v, scale), w_o, b_o)
 
 
 def mla_latents(x, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, b_q_a, b_kv_a, cos, sin, heads, kv_lora_rank,
@@ -491,27 +531,27 @@ def mla_expand(c_kv, k_rot, w_kv_b, heads, qk_nope_head_dim, v_head_dim):
 
 
 def mla_attention(x, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, w_kv_b, w_o, b_q_a, b_kv_a, b_o, heads,
-                  kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, rope_theta, rope_layout, norm_eps):
+                  kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, rope, norm_eps, scale):
     """DeepSeek multi-head latent attention on x [B, S, H] (positions 0..S-1): k and v expanded per head from the
     latent, one rotary key shared by every head."""
-    nope, rope = qk_nope_head_dim, qk_rope_head_dim
-    cos, sin = rope_cos_sin(x.shape[1], rope, rope_theta, x)
+    nope, rot = qk_nope_head_dim, qk_rope_head_dim
+    cos, sin = rope_cos_sin(x.shape[1], rot, rope, x)
     q_nope, q_rot, c_kv, k_rot = mla_latents(x, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, b_q_a, b_kv_a, cos,
-                                             sin, heads, kv_lora_rank, nope, rope, rope_layout, norm_eps)
+                                             sin, heads, kv_lora_rank, nope, rot, rope[1], norm_eps)
     k, v = mla_expand(c_kv, k_rot, w_kv_b, heads, nope, v_head_dim)
-    return F.linear(causal_attention(torch.cat([q_nope, q_rot], dim=-1), k, v, (nope + rope) ** -0.5), w_o, b_o)
+    return F.linear(causal_attention(torch.cat([q_nope, q_rot], dim=-1), k, v, scale), w_o, b_o)
 
 
 # ---------------------------------------------------------------------------------------------------
 # the decode form (model_ops.py: cached_attention, cached_mla_attention): S new tokens after a cache of P.
 
 
-def rope_cos_sin_at(positions, dim, theta, like):
+def rope_cos_sin_at(positions, dim, rope, like):
     """cos, sin [B, 1, S, dim/2] of the positions [B, S] of each token (angles as rope_cos_sin computes them)."""
     compute = torch.float64 if like.dtype == torch.float64 else torch.float32
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=like.device).to(compute) / dim))
-    freqs = positions.to(compute)[..., None] * inv_freq
-    return freqs.cos().to(like.dtype)[:, None], freqs.sin().to(like.dtype)[:, None]
+    freqs = positions.to(compute)[..., None] * rope_inverse_frequencies(dim, rope, compute, like.device)
+    cos, sin = rope_angles_cos_sin(freqs, rope, like)
+    return cos[:, None], sin[:, None]
 
 
 def visible_keys(attention_mask, new_len):
@@ -543,33 +583,32 @@ def merge_heads(y):
 
 
 def cached_attention(x, position_ids, attention_mask, past_key, past_value, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o,
-                     q_norm, k_norm, heads, kv_heads, head_dim, qk_norm, rope_theta, rope_layout, norm_eps):
+                     q_norm, k_norm, heads, kv_heads, head_dim, qk_norm, rope, norm_eps, scale):
     """`attention` on the new tokens x [B, S, H] at position_ids [B, S] after the past K/V [B, kv_heads, P, d]:
     (y [B, S, H], present key, present value [B, kv_heads, P+S, d])."""
-    cos, sin = rope_cos_sin_at(position_ids, head_dim, rope_theta, x)
+    cos, sin = rope_cos_sin_at(position_ids, rope_dim(rope, head_dim), rope, x)
     q, k, v = attention_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm, cos, sin, heads, kv_heads, head_dim,
-                            qk_norm, rope_layout, norm_eps)
+                            qk_norm, rope[1], norm_eps)
     k = torch.cat([past_key.to(k.dtype), k], dim=2)
     v = torch.cat([past_value.to(v.dtype), v], dim=2)
-    y = masked_attention(q, k, v, head_dim ** -0.5, visible_keys(attention_mask, x.shape[1]))
+    y = masked_attention(q, k, v, scale, visible_keys(attention_mask, x.shape[1]))
     return F.linear(merge_heads(y), w_o, b_o), k, v
 
 
 def cached_mla_attention(x, position_ids, attention_mask, past_key, past_value, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a,
                          kv_a_norm, w_kv_b, w_o, b_q_a, b_kv_a, b_o, heads, kv_lora_rank, qk_nope_head_dim,
-                         qk_rope_head_dim, v_head_dim, rope_theta, rope_layout, norm_eps, cache_layout):
+                         qk_rope_head_dim, v_head_dim, rope, norm_eps, scale, cache_layout):
     """`mla_attention` on the new tokens x [B, S, H] after the past cache: (y, present key slot, present value
     slot). cache_layout "expanded": per-head K [B, n, P+S, nope+rope] and V [B, n, P+S, dv]. "latent": the
     normalised latent c_kv [B, 1, P+S, r] and the rotated shared key [B, 1, P+S, rope]; w_kv_b is absorbed
     (DeepSeek-V2 §2.1.2): the query's nope part is taken into the latent space (q_nope W_UK), attention runs
     over [latent, rotary] dims with the latent as value, and W_UV maps the result back per head, so the cache
     is never expanded to heads."""
-    nope, rope, dv, r = qk_nope_head_dim, qk_rope_head_dim, v_head_dim, kv_lora_rank
-    cos, sin = rope_cos_sin_at(position_ids, rope, rope_theta, x)
+    nope, rot, dv, r = qk_nope_head_dim, qk_rope_head_dim, v_head_dim, kv_lora_rank
+    cos, sin = rope_cos_sin_at(position_ids, rot, rope, x)
     q_nope, q_rot, c_kv, k_rot = mla_latents(x, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, b_q_a, b_kv_a, cos,
-                                             sin, heads, r, nope, rope, rope_layout, norm_eps)
+                                             sin, heads, r, nope, rot, rope[1], norm_eps)
     visible = visible_keys(attention_mask, x.shape[1])
-    scale = (nope + rope) ** -0.5
     if cache_layout == "latent":
         c_kv = torch.cat([past_key.to(c_kv.dtype), c_kv], dim=2)
         k_rot = torch.cat([past_value.to(k_rot.dtype), k_rot], dim=2)

@@ -191,16 +191,32 @@ def _fused_moe(node: Node) -> OpCall:
     return OpCall(fused_moe, attrs, ("expert_kernel",))
 
 
+def rope_descriptor(attrs) -> tuple:
+    """The kernels' RoPE argument (torch_kernels.rope_inverse_frequencies): (theta, layout, rotary_dim, yarn,
+    attention_factor), yarn = (factor, original_max_positions, beta_fast, beta_slow, truncate) or None."""
+    yarn = None
+    if attrs["yarn_factor"] is not None:
+        yarn = (attrs["yarn_factor"], attrs["yarn_original_max_positions"], attrs["yarn_beta_fast"],
+                attrs["yarn_beta_slow"], attrs["yarn_truncate"])
+    return (attrs["rope_theta"], _plain(attrs["rope_layout"]), attrs["rotary_dim"], yarn,
+            attrs["rope_attention_factor"])
+
+
+def _softmax_scale(attrs, qk_head_dim: int) -> float:
+    return attrs["softmax_scale"] if attrs["softmax_scale"] is not None else qk_head_dim ** -0.5
+
+
 def _attention(node: Node) -> OpCall:
     a = node.attrs
-    return OpCall(attention, (a["heads"], a["kv_heads"], a["head_dim"], _plain(a["qk_norm"]), a["rope_theta"],
-                              _plain(a["rope_layout"]), a["norm_eps"]))
+    return OpCall(attention, (a["heads"], a["kv_heads"], a["head_dim"], _plain(a["qk_norm"]), rope_descriptor(a),
+                              a["norm_eps"], _softmax_scale(a, a["head_dim"])))
 
 
 def _mla_attention(node: Node) -> OpCall:
     a = node.attrs
     return OpCall(mla_attention, (a["heads"], a["kv_lora_rank"], a["qk_nope_head_dim"], a["qk_rope_head_dim"],
-                                  a["v_head_dim"], a["rope_theta"], _plain(a["rope_layout"]), a["norm_eps"]))
+                                  a["v_head_dim"], rope_descriptor(a), a["norm_eps"],
+                                  _softmax_scale(a, a["qk_nope_head_dim"] + a["qk_rope_head_dim"])))
 
 
 TORCH_OPS: dict[OpCode, Callable[[Node], OpCall]] = {

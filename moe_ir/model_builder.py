@@ -112,7 +112,14 @@ def _attention(g: Graph, spec: ModelSpec, x: Value, p: str, dtype: ElemType, lay
     def weight(name: str, *shape: int) -> Value:
         return g.add_weight(f"{p}{name}", TensorType(shape, dtype))
 
-    rope = {"rope_theta": a.rope_theta, "rope_layout": a.layout, "norm_eps": m.rms_norm_eps}
+    rope = {"rope_theta": a.rope_theta, "rope_layout": a.layout, "norm_eps": m.rms_norm_eps,
+            "rotary_dim": a.rotary_dim if a.kind != AttentionKind.MLA else None}
+    scaling = a.rope_scaling
+    if scaling is not None:
+        rope.update(yarn_factor=scaling.factor, yarn_original_max_positions=scaling.original_max_positions,
+                    yarn_beta_fast=scaling.beta_fast, yarn_beta_slow=scaling.beta_slow,
+                    yarn_truncate=scaling.truncate, rope_attention_factor=scaling.cos_sin_factor,
+                    softmax_scale=scaling.softmax_scale(a.qk_head_dim(h)) if scaling.softmax_mscale else None)
     if a.kind == AttentionKind.MLA:
         n, dqk = a.heads, a.qk_nope_head_dim + a.qk_rope_head_dim
         if a.q_lora_rank is None:

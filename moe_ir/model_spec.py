@@ -7,8 +7,8 @@ A model spec is a YAML document with two sections:
     moe:              the MoE layer spec (moe_ir.spec.LayerSpec) every MoE layer uses; `hidden` and `dtype`
                       are taken from `model:` and may be omitted
 
-Layer i (0-based) is MoE when i >= first_dense and (i - first_dense) % moe_every == 0; the others use a
-dense FFN of width `dense_width`. Every decoder layer is pre-norm:
+Layer i (0-based) is MoE when i >= first_dense and (i - first_dense) % moe_every == 0, or, when the spec lists
+them, when moe_layer_indices holds i; the others use a dense FFN of width `dense_width`. Every decoder layer is pre-norm:
     h = x + attn(rms_norm(x));  y = h + ffn(rms_norm(h))
 and the model is embed -> layers -> rms_norm -> lm_head (tied to the embedding when `tied_embeddings`).
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -27,8 +28,8 @@ from .spec import (QuantizationSpec, MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_LA
                    DType, LayerSpec, ParseContext, describe_value, join_key_path, parse_section, suggest_key,
                    schema_of_section, spec_field, spec_to_dict)
 
-__all__ = ["AttentionKind", "AttentionSpec", "ModelSection", "ModelSpec", "QKNorm", "RopeLayout", "model_json_schema",
-           "model_spec_from_dict", "model_spec_to_dict"]
+__all__ = ["AttentionKind", "AttentionSpec", "ModelSection", "ModelSpec", "QKNorm", "RopeLayout", "RopeScaling",
+           "RopeScalingKind", "model_json_schema", "model_spec_from_dict", "model_spec_to_dict", "yarn_mscale"]
 
 
 class AttentionKind(enum.StrEnum):
@@ -48,6 +49,60 @@ class RopeLayout(enum.StrEnum):
     INTERLEAVED = "interleaved"  # dim 2j pairs with 2j+1 (DeepSeek-V2/V3 checkpoints)
 
 
+class RopeScalingKind(enum.StrEnum):
+    YARN = "yarn"  # YaRN (Peng et al. 2023): per-frequency blend of interpolated and original RoPE, scaled cos/sin
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction 0.1 * mscale * ln(factor) + 1 (1 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """RoPE scaling that stretches a model past its pretraining context (YaRN). Frequency i of the rotated dims
+    blends the original 1/theta^(2i/d) and the interpolated 1/(factor theta^(2i/d)) by a linear ramp between the
+    dims that turn beta_fast and beta_slow times over original_max_positions; cos and sin are multiplied by
+    attention_factor (default mscale(factor, mscale) / mscale(factor, mscale_all_dim), or mscale(factor) when
+    either is unset); DeepSeek-V2/V3 also multiply the softmax scale by mscale(factor, mscale_all_dim)^2."""
+
+    kind: RopeScalingKind = spec_field(RopeScalingKind.YARN, doc="the scaling method (yarn)")
+    factor: float = spec_field(doc="context extension factor", exclusive_minimum=0.0)
+    original_max_positions: int = spec_field(doc="the pretraining context length", minimum=1, maximum=1 << 40)
+    beta_fast: float = spec_field(32.0, doc="rotations over the original context above which dims keep their "
+                                            "frequency (extrapolate)", exclusive_minimum=0.0)
+    beta_slow: float = spec_field(1.0, doc="rotations below which dims are fully interpolated", exclusive_minimum=0.0)
+    truncate: bool = spec_field(True, doc="round the ramp's ends to whole dims (floor / ceil)")
+    mscale: float | None = spec_field(None, doc="numerator coefficient of the default attention_factor")
+    mscale_all_dim: float | None = spec_field(None, doc="denominator coefficient of the default attention_factor; "
+                                                        "the softmax-scale correction's coefficient")
+    attention_factor: float | None = spec_field(None, doc="multiplier of cos and sin; default: from the mscales",
+                                                exclusive_minimum=0.0)
+    softmax_mscale: bool = spec_field(False, doc="multiply the softmax scale by mscale(factor, mscale_all_dim)^2 "
+                                                 "(DeepSeek-V2/V3 attention)")
+
+    def check(self, ctx: ParseContext, path: str) -> None:
+        if self.softmax_mscale and not self.mscale_all_dim:
+            ctx.fail(join_key_path(path, "softmax_mscale"), "softmax_mscale needs a non-zero mscale_all_dim (its "
+                                                            "coefficient)")
+
+    @property
+    def cos_sin_factor(self) -> float:
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.mscale and self.mscale_all_dim:
+            return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
+        return yarn_mscale(self.factor)
+
+    def softmax_scale(self, head_dim: int) -> float:
+        """The softmax scale of heads of head_dim query/key dims (the multiplications in transformers' order)."""
+        scale = head_dim ** -0.5
+        if self.softmax_mscale:
+            m = yarn_mscale(self.factor, self.mscale_all_dim)
+            scale = scale * m * m
+        return scale
+
+
 _MLA_FIELDS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
 
@@ -64,6 +119,10 @@ class AttentionSpec:
     rope_theta: float = spec_field(10000.0, doc="RoPE base", exclusive_minimum=0.0)
     rope_layout: RopeLayout | None = spec_field(
         None, doc="which dims RoPE rotates together; default: interleaved for mla (DeepSeek), half otherwise")
+    rotary_dim: int | None = spec_field(None, doc="mha/gqa: the leading dims of each query/key head that RoPE rotates "
+                                                  "(partial rotary embedding); default: all of head_dim",
+                                        minimum=2, maximum=MAX_HEAD_DIM)
+    rope_scaling: RopeScaling | None = spec_field(None, doc="RoPE scaling (YaRN); absent: plain RoPE")
     qkv_bias: bool = spec_field(False, doc="q/k/v projections carry biases (mla: the q_a and kv_a down-projections)")
     out_bias: bool = spec_field(False, doc="the output projection carries a bias")
     qk_norm: QKNorm = spec_field(QKNorm.NONE, doc="RMSNorm on queries and keys before RoPE")
@@ -88,9 +147,14 @@ class AttentionSpec:
                                                 "qk_rope_head_dim (queries, keys) and v_head_dim (values)")
             if self.qk_norm != QKNorm.NONE:
                 ctx.fail(join_key_path(path, "qk_norm"), "kind mla normalises its latents instead; qk_norm must be none")
+            if self.rotary_dim is not None:
+                ctx.fail(join_key_path(path, "rotary_dim"), "kind mla rotates qk_rope_head_dim dims; rotary_dim is for "
+                                                            "mha/gqa")
             if self.qk_rope_head_dim % 2:
                 ctx.fail(join_key_path(path, "qk_rope_head_dim"), f"RoPE rotates pairs of dims; {self.qk_rope_head_dim} is odd")
             return
+        if self.rotary_dim is not None and self.rotary_dim % 2:
+            ctx.fail(join_key_path(path, "rotary_dim"), f"RoPE rotates pairs of dims; {self.rotary_dim} is odd")
         for name in ("q_lora_rank",) + _MLA_FIELDS:
             if getattr(self, name) is not None:
                 ctx.fail(join_key_path(path, name), f"{name} belongs to kind mla; this attention is {self.kind.value}")
@@ -126,7 +190,10 @@ class AttentionSpec:
         return self.v_head_dim if self.kind == AttentionKind.MLA else self.dim(hidden)
 
     def rope_dim(self, hidden: int) -> int:
-        return self.qk_rope_head_dim if self.kind == AttentionKind.MLA else self.dim(hidden)
+        """Dims of each query/key head that RoPE rotates."""
+        if self.kind == AttentionKind.MLA:
+            return self.qk_rope_head_dim
+        return self.rotary_dim if self.rotary_dim is not None else self.dim(hidden)
 
     @property
     def layout(self) -> RopeLayout:
@@ -149,6 +216,10 @@ class ModelSection:
     first_dense: int = spec_field(0, doc="the first k layers use a dense FFN", minimum=0, maximum=MAX_LAYERS)
     moe_every: int = spec_field(1, doc="from layer first_dense on, every n-th layer is MoE, starting with the first",
                                 minimum=1, maximum=MAX_LAYERS)
+    moe_layer_indices: tuple[int, ...] | None = spec_field(
+        None, doc="the MoE layers (0-based, increasing) when they are not 'first_dense, then every moe_every-th' "
+                  "(Qwen2-MoE's mlp_only_layers, ERNIE's interval); the others are dense", minimum=0,
+        maximum=MAX_LAYERS - 1)
     dense_width: int | None = spec_field(None, doc="FFN width of the dense layers (needed when there are any)",
                                          minimum=1, maximum=MAX_WIDTH)
     dense_activation: Activation = spec_field(Activation.SWIGLU, doc="activation of the dense FFNs")
@@ -161,7 +232,18 @@ class ModelSection:
         if a.kind != AttentionKind.MLA and a.head_dim is None and self.hidden % a.heads:
             ctx.fail(join_key_path(path, "attention.heads"), f"{a.heads} heads do not divide hidden={self.hidden}; give "
                                                      "attention.head_dim")
-        if self.first_dense >= self.layers:
+        if a.rotary_dim is not None and a.kind != AttentionKind.MLA and a.rotary_dim > a.dim(self.hidden):
+            ctx.fail(join_key_path(path, "attention.rotary_dim"), f"rotary_dim={a.rotary_dim} is more than the "
+                                                                  f"head dim {a.dim(self.hidden)}")
+        if self.moe_layer_indices is not None:
+            key = join_key_path(path, "moe_layer_indices")
+            if self.first_dense or self.moe_every != 1:
+                ctx.fail(key, "give either moe_layer_indices or first_dense / moe_every, not both")
+            found = self.moe_layer_indices
+            if not found or list(found) != sorted(set(found)) or found[-1] >= self.layers:
+                ctx.fail(key, f"expected increasing layer indices below layers={self.layers} (at least one), "
+                              f"found {list(found)[:8]}")
+        elif self.first_dense >= self.layers:
             ctx.fail(join_key_path(path, "first_dense"), f"first_dense={self.first_dense} leaves no MoE layer among "
                                                  f"{self.layers} layers")
         has_dense = any(not self.is_moe_layer(i) for i in range(self.layers))
@@ -170,6 +252,8 @@ class ModelSection:
                                                  "width as dense_width")
 
     def is_moe_layer(self, i: int) -> bool:
+        if self.moe_layer_indices is not None:
+            return i in self.moe_layer_indices
         return i >= self.first_dense and (i - self.first_dense) % self.moe_every == 0
 
     @property
@@ -318,13 +402,26 @@ def miniature_model(spec: ModelSpec, hidden: int, *, vocab_size: int = 128, head
     elif a.kind == AttentionKind.MLA:
         changes.update({k: v for k, v in _MINI_MLA.items() if k != "q_lora_rank"}, head_dim=None)
         changes["q_lora_rank"] = None if a.q_lora_rank is None else _MINI_MLA["q_lora_rank"]
+    if a.rotary_dim is not None and a.kind != AttentionKind.MLA:  # keep the rotated fraction of each head
+        changes["rotary_dim"] = max(2, round(a.rotary_dim / a.dim(m.hidden) * (hidden // heads) / 2) * 2)
     if a.kind != AttentionKind.MLA and hidden % heads:
         raise SpecError(f"miniature of {m.name}: hidden {hidden} must be a multiple of {heads} heads")
     first_dense = min(m.first_dense, 1)
     layers = min(m.layers, first_dense + m.moe_every + 1)  # two MoE layers (with the dense ones between)
+    schedule: dict[str, Any] = {"first_dense": first_dense}
+    if m.moe_layer_indices is not None:
+        # The listed pattern with each run of dense or MoE layers cut to one layer, up to the second MoE run.
+        runs: list[bool] = []
+        for i in range(m.layers):
+            if not runs or runs[-1] != m.is_moe_layer(i):
+                runs.append(m.is_moe_layer(i))
+        kept = [j for j, moe in enumerate(runs) if moe][:2]
+        runs = runs[:kept[-1] + 1 + (1 if len(kept) == 1 and kept[-1] + 1 < len(runs) else 0)]
+        layers = len(runs)
+        schedule["moe_layer_indices"] = tuple(j for j, moe in enumerate(runs) if moe)
     dense_width = None if m.dense_width is None else max(2, round(m.dense_width * ratio / 2) * 2)
     model = dataclasses.replace(m, name=f"{m.name}-h{hidden}", hidden=hidden, vocab_size=min(vocab_size, m.vocab_size),
-                                layers=layers, first_dense=first_dense, dense_width=dense_width,
+                                layers=layers, **schedule, dense_width=dense_width,
                                 attention=dataclasses.replace(a, **changes))
     moe = dataclasses.replace(miniature(spec.moe, hidden), name=default_moe_name(model.name))
     return ModelSpec(model=model, moe=moe)

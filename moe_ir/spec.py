@@ -519,6 +519,13 @@ def _parse_value(tp: Any, value: Any, path: str, ctx: ParseContext, meta: Mappin
         ctx.fail(path, f"expected {_type_name(tp)}, found null")
     if dataclasses.is_dataclass(tp):
         return parse_section(tp, value, path, ctx)
+    if typing.get_origin(tp) is tuple:  # tuple[X, ...]: a YAML list of X, each item checked like a field
+        if not isinstance(value, list):
+            ctx.fail(path, f"expected a list, found {describe_value(value)}")
+        if len(value) > _MAX_LIST:
+            ctx.fail(path, f"expected at most {_MAX_LIST:,} items, found {len(value):,}")
+        item = typing.get_args(tp)[0]
+        return tuple(_parse_value(item, v, f"{path}[{i}]", ctx, meta) for i, v in enumerate(value))
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         choices = [m.value for m in tp]
         if not isinstance(value, str) or value not in choices:
@@ -564,6 +571,8 @@ def _check_bounds(value: float, path: str, ctx: ParseContext, meta: Mapping[str,
 
 # No spec integer needs more; Python ints are unbounded, so the parser states a bound of its own.
 _MAX_ANY_INT = 10**18 - 1
+# No spec list needs more items (a list holds at most one entry per layer).
+_MAX_LIST = 1 << 16
 
 
 def quote_text(text: str, limit: int = 80) -> str:
@@ -585,6 +594,8 @@ def _type_name(tp: Any) -> str:
         return "a mapping"
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return "one of " + ", ".join(m.value for m in tp)
+    if typing.get_origin(tp) is tuple:
+        return "a list"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
@@ -668,6 +679,8 @@ def spec_to_dict(spec: Any) -> dict:
             value = spec_to_dict(value)
         elif isinstance(value, enum.Enum):
             value = value.value
+        elif isinstance(value, tuple):
+            value = list(value)
         out[f.name] = value
     return out
 
@@ -722,6 +735,8 @@ def schema_of_section(root: type, *, title: str, schema_id: str) -> dict:
             s: dict = {"$ref": f"#/$defs/{ref_name}"}
         elif isinstance(tp, type) and issubclass(tp, enum.Enum):
             s = {"type": "string", "enum": [m.value for m in tp]}
+        elif typing.get_origin(tp) is tuple:
+            s = {"type": "array", "items": schema_of(typing.get_args(tp)[0], {**meta, "doc": ""})}
         else:
             s = {"type": {int: "integer", float: "number", bool: "boolean", str: "string"}[tp]}
             for key, js in (("minimum", "minimum"), ("exclusive_minimum", "exclusiveMinimum"), ("maximum", "maximum"),

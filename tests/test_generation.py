@@ -31,6 +31,11 @@ ATTENTION = {
     "mla": "{kind: mla, heads: 3, kv_lora_rank: 10, qk_nope_head_dim: 6, qk_rope_head_dim: 4, v_head_dim: 5}",
     "mla-qlora-half": "{kind: mla, heads: 2, q_lora_rank: 7, kv_lora_rank: 9, qk_nope_head_dim: 4, "
                       "qk_rope_head_dim: 6, v_head_dim: 3, qkv_bias: true, rope_layout: half}",
+    # YaRN over a pretraining context shorter than the test's sequences, and a partly rotated head
+    "gqa-yarn-partial": "{kind: gqa, heads: 4, kv_heads: 2, head_dim: 8, rotary_dim: 4, rope_scaling: {factor: 4.0, "
+                        "original_max_positions: 4, mscale: 0.8, mscale_all_dim: 0.5}}",
+    "mla-yarn": "{kind: mla, heads: 3, kv_lora_rank: 10, qk_nope_head_dim: 6, qk_rope_head_dim: 4, v_head_dim: 5, "
+                "rope_scaling: {factor: 8.0, original_max_positions: 4, mscale: 1.0, mscale_all_dim: 1.0}}",
 }
 CASES = [(kind, None) for kind in ATTENTION if not kind.startswith("mla")] + \
         [(kind, layout) for kind in ATTENTION if kind.startswith("mla") for layout in MLACacheLayout]

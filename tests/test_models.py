@@ -152,12 +152,19 @@ def _published_configs():
             n_routed_experts=256, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536,
             qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, n_group=8, topk_group=4,
             num_experts_per_tok=8, first_k_dense_replace=3, norm_topk_prob=True, rms_norm_eps=1e-6,
-            tie_word_embeddings=False),
+            tie_word_embeddings=False, max_position_embeddings=163840,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "beta_fast": 32,
+                             "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
+                             "original_max_position_embeddings": 4096}),
         "deepseek-v2-lite.yaml": lambda: t.DeepseekV2Config(
             vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
             num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2,
             n_routed_experts=64, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, v_head_dim=128,
-            qk_nope_head_dim=128, num_experts_per_tok=6, first_k_dense_replace=1, tie_word_embeddings=False),
+            qk_nope_head_dim=128, num_experts_per_tok=6, first_k_dense_replace=1, tie_word_embeddings=False,
+            max_position_embeddings=163840,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "beta_fast": 32,
+                             "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707,
+                             "original_max_position_embeddings": 4096}),
         "mixtral-8x7b.yaml": lambda: t.MixtralConfig(
             vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
             num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
@@ -414,9 +421,9 @@ def test_import_refuses_rope_scaling():
     from moe_ir.frontends.hf.model import model_spec_from_hf_config
 
     cfg = _tiny_configs()["deepseek_v2"]().to_dict()
-    cfg["rope_scaling"] = {"type": "yarn", "factor": 40}
+    cfg["rope_scaling"] = {"type": "dynamic", "factor": 40}  # YaRN is modelled (test_hf_families.py)
     cfg.pop("rope_parameters", None)
-    with pytest.raises(SpecError, match="RoPE scaling 'yarn'"):
+    with pytest.raises(SpecError, match="RoPE scaling 'dynamic'"):
         model_spec_from_hf_config(cfg)
 
 
@@ -424,7 +431,9 @@ def _model_config_classes():
     import transformers as t
 
     return {"mixtral": t.MixtralConfig, "qwen2_moe": t.Qwen2MoeConfig, "olmoe": t.OlmoeConfig,
-            "deepseek_v2": t.DeepseekV2Config, "deepseek_v3": t.DeepseekV3Config}
+            "deepseek_v2": t.DeepseekV2Config, "deepseek_v3": t.DeepseekV3Config, "qwen3_moe": t.Qwen3MoeConfig,
+            "glm4_moe": t.Glm4MoeConfig, "glm4_moe_lite": t.Glm4MoeLiteConfig, "dots1": t.Dots1Config,
+            "minimax_m2": t.MiniMaxM2Config, "ernie4_5_moe": t.Ernie4_5_MoeConfig}
 
 
 def test_model_defaults_match_installed_transformers():
@@ -469,7 +478,7 @@ def test_deepseek_remote_config_must_state_decoder_sizes():
 
 @pytest.mark.parametrize("family, changes, key", [
     # transformers honours rope_scaling even beside a default rope_parameters
-    ("deepseek_v2", {"rope_scaling": {"type": "yarn", "factor": 40}}, "rope_scaling"),
+    ("deepseek_v2", {"rope_scaling": {"type": "dynamic", "factor": 40}}, "rope_scaling"),
     ("mixtral", {"attention_bias": True}, "attention_bias"),
     ("qwen2_moe", {"layer_types": ["full_attention", "sliding_attention", "full_attention"]}, "layer_types"),
     ("olmoe", {"num_attention_heads": "4"}, "num_attention_heads"),

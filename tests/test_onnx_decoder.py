@@ -33,7 +33,8 @@ VOCAB = 61
 NEW_TOKENS = 4
 # (attention kind, MLA cache layout): MHA, GQA (both q/k norms, both RoPE layouts), MLA in both layouts.
 CASES = [("mha-bias", None), ("gqa-head-norm", None), ("gqa-full-norm-interleaved", None),
-         ("mla", MLACacheLayout.EXPANDED), ("mla-qlora-half", MLACacheLayout.LATENT)]
+         ("mla", MLACacheLayout.EXPANDED), ("mla-qlora-half", MLACacheLayout.LATENT),
+         ("gqa-yarn-partial", None), ("mla-yarn", MLACacheLayout.LATENT)]
 
 
 def decode_graph(spec, layout=None, backend=None):
@@ -280,3 +281,21 @@ def test_ort_decoder_says_why_it_keeps_standard_attention(tmp_path, capsys):
         notes = json.loads(capsys.readouterr().out)["notes"]
         assert any(n.startswith("ort: standard ops for layers.0.attn, layers.1.attn: ") and needle in n for n in notes)
         assert "GroupQueryAttention" not in {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+
+
+def test_ort_group_query_attention_with_yarn_and_partial_rotary():
+    """RoPE stays outside GroupQueryAttention, so YaRN's tables, its softmax-scale correction and a partly
+    rotated head reach the op's inputs and scale: the same tokens and logits as the reference."""
+    from conftest import tiny_model_yaml
+
+    attention = GQA16.replace("}", ", rotary_dim: 8, rope_scaling: {factor: 4.0, original_max_positions: 4, "
+                                   "mscale: 0.9, mscale_all_dim: 0.6}}")
+    spec = load_model_spec_text(tiny_model_yaml("gqa16-yarn", attention))
+    weights = random_weights(build_model_graph(spec))
+    step, graph = onnx_step(spec, weights, flavour="ort")
+    prompts, mask = left_padded_prompts(torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(4)))
+    ref_graph = decode_graph(spec)
+    expected = greedy_generate(reference_step(ref_graph, weights), ref_graph, prompts, mask, max_new_tokens=NEW_TOKENS)
+    run = greedy_generate(step, graph, prompts, mask, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(run.tokens, expected.tokens)
+    torch.testing.assert_close(run.logits, expected.logits, rtol=1e-4, atol=1e-4)

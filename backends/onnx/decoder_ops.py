@@ -31,6 +31,7 @@ from onnx import TensorProto
 
 from moe_ir.ir import ElemType, Node, Value
 from moe_ir.model_builder import MLACacheLayout
+from moe_ir.ir.model_ops import attention_scale, rope_dims, rope_inverse_frequencies
 from moe_ir.model_spec import QKNorm, RopeLayout
 from .lowering import Lowering
 
@@ -68,42 +69,54 @@ class DecoderOps(Lowering):
         shape = em.op("Concat", [batch_seq, em.const([heads, dim])], axis=0)
         return em.op("Transpose", [em.op("Reshape", [t, shape], allowzero=1)], perm=[0, 2, 1, 3])
 
-    def _rope_tables(self, x: str, dim: int, theta: float, dt: ElemType) -> tuple[str, str]:
+    # The attributes RoPE's tables depend on (layers with equal values share one table).
+    ROPE_KEYS = ("rope_theta", "yarn_factor", "yarn_original_max_positions", "yarn_beta_fast", "yarn_beta_slow",
+                 "yarn_truncate", "rope_attention_factor")
+
+    def _rope_tables(self, x: str, dim: int, attrs, dt: ElemType) -> tuple[str, str]:
         """cos, sin [S, dim/2] for positions 0..S-1 of x [B, S, .], as model_ops.rope_cos_sin computes them:
-        the inverse frequencies in float32 at export (the same torch expression), positions from the run's S."""
-        key = ("rope", dim, theta, dt)
+        the inverse frequencies (YaRN's too) in float32 at export by the reference's own function, positions from
+        the run's S, times the attention factor."""
+        key = ("rope", dim, dt) + tuple(attrs[k] for k in self.ROPE_KEYS)
         if key not in self.shared:
             em = self.em
-            exponent = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
-            inv_freq = (1.0 / (theta ** exponent)).numpy()
+            inv_freq = rope_inverse_frequencies(attrs, dim, torch.float32).numpy()
             positions = em.op("Cast", [em.op("Range", [em.const(0), self._seq_len(x), em.const(1)])],
                               to=TensorProto.FLOAT)
             angles = em.op("Mul", [em.op("Unsqueeze", [positions, em.const([1])]),
                                    em.const(inv_freq, np.float32, "inv_freq")])
-            cos = self.em.cast(em.op("Cos", [angles]), ElemType.FLOAT32, dt)
-            sin = self.em.cast(em.op("Sin", [angles]), ElemType.FLOAT32, dt)
-            self.shared[key] = (cos, sin)
+            cos, sin = em.op("Cos", [angles]), em.op("Sin", [angles])
+            factor = attrs["rope_attention_factor"]
+            if factor != 1.0:
+                scale = em.const(np.float32(factor), np.float32, "rope_attention_factor")
+                cos, sin = em.op("Mul", [cos, scale]), em.op("Mul", [sin, scale])
+            self.shared[key] = (self.em.cast(cos, ElemType.FLOAT32, dt), self.em.cast(sin, ElemType.FLOAT32, dt))
         return self.shared[key]
 
     def _seq_len(self, x: str) -> str:
         """[] int64: S of x [B, S, .]."""
         return self.em.scalar(self.em.op("Shape", [x], start=1, end=2))
 
-    def _rope(self, t: str, dim: int, tables: tuple[str, str], layout: RopeLayout) -> str:
-        """apply_rope on the last axis (of size dim) of t [..., S, dim]."""
+    def _rope(self, t: str, dim: int, tables: tuple[str, str], layout: RopeLayout, rotated: int | None = None) -> str:
+        """apply_rope on the last axis (of size dim) of t [..., S, dim]: its first `rotated` dims (default all)
+        rotate, the others pass through."""
         em = self.em
         cos, sin = tables
         axis = em.const([-1])
+        r = dim if rotated is None else rotated
+        rest = em.op("Slice", [t, em.const([r]), em.const([dim]), axis]) if r < dim else None
+        if r < dim:
+            t = em.op("Slice", [t, em.const([0]), em.const([r]), axis])
         if layout == RopeLayout.HALF:
-            half = dim // 2
+            half = r // 2
             x1 = em.op("Slice", [t, em.const([0]), em.const([half]), axis])
-            x2 = em.op("Slice", [t, em.const([half]), em.const([dim]), axis])
+            x2 = em.op("Slice", [t, em.const([half]), em.const([r]), axis])
         else:  # even dims pair with the odd dim after them; written de-interleaved, as the reference
-            x1 = em.op("Slice", [t, em.const([0]), em.const([dim]), axis, em.const([2])])
-            x2 = em.op("Slice", [t, em.const([1]), em.const([dim]), axis, em.const([2])])
+            x1 = em.op("Slice", [t, em.const([0]), em.const([r]), axis, em.const([2])])
+            x2 = em.op("Slice", [t, em.const([1]), em.const([r]), axis, em.const([2])])
         first = em.op("Sub", [em.op("Mul", [x1, cos]), em.op("Mul", [x2, sin])])
         second = em.op("Add", [em.op("Mul", [x2, cos]), em.op("Mul", [x1, sin])])
-        return em.op("Concat", [first, second], axis=-1)
+        return em.op("Concat", [first, second] + ([rest] if rest is not None else []), axis=-1)
 
     def _future_mask(self, x: str) -> str:
         """[S, S] bool, true where key position j > query position i (what causal attention hides)."""
@@ -176,9 +189,10 @@ class DecoderOps(Lowering):
         if norm == QKNorm.HEAD:  # over each head's head_dim (the last axis)
             q = self._rms_norm(q, node.input("q_norm"), eps, dt)
             k = self._rms_norm(k, node.input("k_norm"), eps, dt)
-        tables = self._rope_tables(xs, d, a["rope_theta"], dt)
-        q, k = (self._rope(t, d, tables, a["rope_layout"]) for t in (q, k))
-        o = self._causal_attention(xs, q, k, v, heads, kv_heads, d, d ** -0.5, dt)
+        rotated = rope_dims(a, d)
+        tables = self._rope_tables(xs, rotated, a, dt)
+        q, k = (self._rope(t, d, tables, a["rope_layout"], rotated) for t in (q, k))
+        o = self._causal_attention(xs, q, k, v, heads, kv_heads, d, attention_scale(a, d), dt)
         self._output_projection(node, o, batch_seq)
 
     def _lower_mla_attention(self, node: Node) -> None:
@@ -202,29 +216,33 @@ class DecoderOps(Lowering):
                                       em.const([rank, rope])], 2, axis=-1)
         kv = self._project(self._rms_norm(c_kv, node.input("kv_a_norm"), eps, dt), node.input("w_kv_b"), None, dt)
         k_nope, v = em.op("Split", [self._split_heads(kv, batch_seq, n, nope + dv), em.const([nope, dv])], 2, axis=-1)
-        tables = self._rope_tables(xs, rope, a["rope_theta"], dt)
+        tables = self._rope_tables(xs, rope, a, dt)
         q_rot = self._rope(q_rot, rope, tables, a["rope_layout"])
         k_rot = self._rope(self._split_heads(k_rot, batch_seq, 1, rope), rope, tables, a["rope_layout"])
         k_rot = em.op("Expand", [k_rot, em.op("Shape", [q_rot])])   # [B, 1, S, rope] -> [B, n, S, rope]
         q = em.op("Concat", [q_nope, q_rot], axis=-1)
         k = em.op("Concat", [k_nope, k_rot], axis=-1)
-        o = self._causal_attention(xs, q, k, v, n, n, dv, (nope + rope) ** -0.5, dt)
+        o = self._causal_attention(xs, q, k, v, n, n, dv, attention_scale(a, nope + rope), dt)
         self._output_projection(node, o, batch_seq)
 
     # -- decode form (a KV cache in and out) ---------------------------------------------------------
 
-    def _rope_tables_at(self, position_ids: str, dim: int, theta: float, dt: ElemType) -> tuple[str, str]:
-        """cos, sin [B, 1, S, dim/2] at the position_ids i64 [B, S] of each new token (model_ops.rope_cos_sin_at);
-        shared by every layer, like the prefill tables."""
-        key = ("rope_at", dim, theta, dt)
+    def _rope_tables_at(self, position_ids: str, dim: int, attrs, dt: ElemType) -> tuple[str, str]:
+        """cos, sin [B, 1, S, dim/2] at the position_ids i64 [B, S] of each new token, as model_ops.rope_cos_sin_at
+        computes them (the reference's inverse frequencies, YaRN's too, and its attention factor); shared by every
+        layer, like the prefill tables."""
+        key = ("rope_at", dim, dt) + tuple(attrs[k] for k in self.ROPE_KEYS)
         if key not in self.shared:
             em = self.em
-            exponent = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
-            inv_freq = (1.0 / (theta ** exponent)).numpy()
+            inv_freq = rope_inverse_frequencies(attrs, dim, torch.float32).numpy()
             positions = em.op("Cast", [em.op("Unsqueeze", [position_ids, em.const([1, 3])])], to=TensorProto.FLOAT)
             angles = em.op("Mul", [positions, em.const(inv_freq, np.float32, "inv_freq")])   # [B, 1, S, dim/2]
-            self.shared[key] = (em.cast(em.op("Cos", [angles]), ElemType.FLOAT32, dt),
-                                em.cast(em.op("Sin", [angles]), ElemType.FLOAT32, dt))
+            cos, sin = em.op("Cos", [angles]), em.op("Sin", [angles])
+            factor = attrs["rope_attention_factor"]
+            if factor != 1.0:
+                scale = em.const(np.float32(factor), np.float32, "rope_attention_factor")
+                cos, sin = em.op("Mul", [cos, scale]), em.op("Mul", [sin, scale])
+            self.shared[key] = (em.cast(cos, ElemType.FLOAT32, dt), em.cast(sin, ElemType.FLOAT32, dt))
         return self.shared[key]
 
     def _hidden_keys(self, x: str, attention_mask: str) -> tuple[str, str]:
@@ -272,12 +290,13 @@ class DecoderOps(Lowering):
         if norm == QKNorm.HEAD:
             q = self._rms_norm(q, node.input("q_norm"), eps, dt)
             k = self._rms_norm(k, node.input("k_norm"), eps, dt)
-        tables = self._rope_tables_at(self.operand(node.input("position_ids")), d, a["rope_theta"], dt)
-        q, k = (self._rope(t, d, tables, a["rope_layout"]) for t in (q, k))
+        rotated = rope_dims(a, d)
+        tables = self._rope_tables_at(self.operand(node.input("position_ids")), rotated, a, dt)
+        q, k = (self._rope(t, d, tables, a["rope_layout"], rotated) for t in (q, k))
         k = self._append_cache(node, "past_key", k)
         v = self._append_cache(node, "past_value", v)
         mask = self.operand(node.input("attention_mask"))
-        o = self._attend(q, k, v, heads, kv_heads, d, d ** -0.5, dt, lambda: self._hidden_keys(xs, mask))
+        o = self._attend(q, k, v, heads, kv_heads, d, attention_scale(a, d), dt, lambda: self._hidden_keys(xs, mask))
         self._output_projection(node, o, batch_seq)
 
     def _lower_cached_mla_attention(self, node: Node) -> None:
@@ -299,7 +318,7 @@ class DecoderOps(Lowering):
         c_kv, k_rot = em.op("Split", [self._project(tokens, node.input("w_kv_a"), node.input("b_kv_a"), dt),
                                       em.const([rank, rope])], 2, axis=-1)
         c_kv = self._rms_norm(c_kv, node.input("kv_a_norm"), eps, dt)                       # [B*S, r]
-        tables = self._rope_tables_at(self.operand(node.input("position_ids")), rope, a["rope_theta"], dt)
+        tables = self._rope_tables_at(self.operand(node.input("position_ids")), rope, a, dt)
         q_rot = self._rope(q_rot, rope, tables, a["rope_layout"])
         k_rot = self._rope(self._split_heads(k_rot, batch_seq, 1, rope), rope, tables, a["rope_layout"])
         if a["cache_layout"] == MLACacheLayout.LATENT:
@@ -322,5 +341,6 @@ class DecoderOps(Lowering):
             v = self._append_cache(node, "past_value", v)
         q = em.op("Concat", [q_nope, q_rot], axis=-1)
         mask = self.operand(node.input("attention_mask"))
-        o = self._attend(q, k, v, n, n, dv, (nope + rope) ** -0.5, dt, lambda: self._hidden_keys(xs, mask))
+        o = self._attend(q, k, v, n, n, dv, attention_scale(a, nope + rope), dt,
+                         lambda: self._hidden_keys(xs, mask))
         self._output_projection(node, o, batch_seq)

@@ -33,6 +33,7 @@ from onnx import TensorProto
 
 from moe_ir.errors import BackendError
 from moe_ir.ir import ElemType, Graph, GraphKind, Node, OpCode, Value
+from moe_ir.ir.model_ops import attention_scale, rope_dims
 from moe_ir.model_builder import is_decode_graph
 from moe_ir.model_spec import QKNorm, RopeLayout
 from moe_ir.spec import Activation
@@ -193,7 +194,8 @@ class OrtLowering(PortableLowering):
             q = self._rms_norm(q, node.input("q_norm"), eps, dt)
             k = self._rms_norm(k, node.input("k_norm"), eps, dt)
 
-        rope = self._rope_tables_at(self.operand(node.input("position_ids")), d, a["rope_theta"], dt)
+        rotated = rope_dims(a, d)
+        rope = self._rope_tables_at(self.operand(node.input("position_ids")), rotated, a, dt)
         rope = tuple(em.op("Transpose", [t], perm=[0, 2, 1, 3]) for t in rope)   # [B, S, 1, d/2]
 
         def tokens_of(t: str, n: int, norm_weight: str | None) -> str:
@@ -203,7 +205,7 @@ class OrtLowering(PortableLowering):
                 t = em.op("Reshape", [t, em.op("Concat", [batch_seq, em.const([n, d])], axis=0)], allowzero=1)
                 if norm == QKNorm.HEAD:
                     t = self._rms_norm(t, node.input(norm_weight), eps, dt)
-                t = self._rope(t, d, rope, a["rope_layout"])
+                t = self._rope(t, d, rope, a["rope_layout"], rotated)
             return em.op("Reshape", [t, em.op("Concat", [batch_seq, em.const([n * d])], axis=0)], allowzero=1)
 
         query = tokens_of(q, heads, "q_norm")
@@ -215,7 +217,7 @@ class OrtLowering(PortableLowering):
                     out=[f"{node.name}/GroupQueryAttention_out", node.output("present_key").name,
                          node.output("present_value").name],
                     domain=MS_DOMAIN, name=f"{node.name}/GroupQueryAttention", num_heads=heads, kv_num_heads=kv_heads,
-                    scale=d ** -0.5, do_rotary=0)[0]
+                    scale=attention_scale(a, d), do_rotary=0)[0]
         self._output_projection(node, em.op("Reshape", [out, em.const([-1, heads * d])]), batch_seq)
 
     def _gqa_inputs(self, x: str, node: Node) -> tuple[str, str, str]:

@@ -48,6 +48,8 @@ def literal(value: Any) -> str:
         return str(value)  # torch.float32
     if isinstance(value, (str, int, float, bool)) or value is None:
         return repr(value)
+    if isinstance(value, tuple):  # a descriptor of plain values (the kernels' RoPE argument)
+        return "(" + "".join(f"{literal(v)}, " for v in value) + ")"
     raise TypeError(f"no literal for attribute value {value!r} ({type(value).__name__})")
 
 

@@ -45,7 +45,7 @@ from moe_ir.spec import (MAX_EXPERTS, MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_L
                          MAX_WIDTH, Activation, AuxFree, DType, GroupScore, LayerSpec, show_number, spec_from_dict,
                          spec_to_dict)
 
-__all__ = ["FAMILY_DEFAULTS", "SUPPORTED_MODEL_TYPES", "HFLayerInfo", "describe_hf_config", "describe_hf_config_file",
+__all__ = ["FAMILY_DEFAULTS", "NOT_MODELLED", "SUPPORTED_MODEL_TYPES", "HFLayerInfo", "describe_hf_config", "describe_hf_config_file",
            "import_hf_config_file", "info_comment", "moe_layer_indices", "spec_from_hf_config", "spec_yaml_text"]
 
 # Defaults of the MoE-relevant keys, as the implementation reads them when config.json omits a key.
@@ -90,6 +90,39 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "num_experts_per_tok": 2, "intermediate_size": 6400, "router_aux_loss_coef": 0.001,
         "router_jitter_noise": 0.01, "input_jitter_noise": 0.0,
     },
+    # -- the families of issue 17 (their mappers: "families that fit today's layer" below) --
+    "qwen3_moe": {
+        "hidden_size": 2048, "num_hidden_layers": 24, "hidden_act": "silu", "num_experts": 128,
+        "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": False,
+        "router_aux_loss_coef": 0.001, "decoder_sparse_step": 1, "mlp_only_layers": None,
+    },
+    "glm4_moe": {
+        "hidden_size": 4096, "num_hidden_layers": 46, "hidden_act": "silu", "n_routed_experts": 128,
+        "n_shared_experts": 1, "num_experts_per_tok": 8, "moe_intermediate_size": 1408, "first_k_dense_replace": 1,
+        "norm_topk_prob": True, "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1,
+    },
+    "glm4_moe_lite": {
+        "hidden_size": 2048, "num_hidden_layers": 47, "hidden_act": "silu", "n_routed_experts": 64,
+        "n_shared_experts": 1, "num_experts_per_tok": 4, "moe_intermediate_size": 1536, "norm_topk_prob": True,
+        "routed_scaling_factor": 1.8, "n_group": 1, "topk_group": 1, "mlp_layer_types": None,
+    },
+    "dots1": {
+        "hidden_size": 4608, "num_hidden_layers": 62, "hidden_act": "silu", "n_routed_experts": None,
+        "n_shared_experts": None, "num_experts_per_tok": None, "moe_intermediate_size": 1408,
+        "first_k_dense_replace": 0, "norm_topk_prob": False, "routed_scaling_factor": 1.0, "n_group": 1,
+        "topk_group": 1,
+    },
+    "minimax_m2": {
+        "hidden_size": 3072, "num_hidden_layers": 62, "hidden_act": "silu", "num_local_experts": 256,
+        "num_experts_per_tok": 8, "intermediate_size": 1536, "router_aux_loss_coef": 0.001,
+        "router_jitter_noise": 0.0,
+    },
+    "ernie4_5_moe": {
+        "hidden_size": 2560, "num_hidden_layers": 28, "hidden_act": "silu", "moe_num_experts": 64, "moe_k": 6,
+        "moe_intermediate_size": 1536, "moe_num_shared_experts": 2, "moe_layer_start_index": 1,
+        "moe_layer_end_index": -1, "moe_layer_interval": 1, "moe_norm_min": 1e-12, "router_aux_loss_coef": 0.001,
+        "use_bias": False,
+    },
 }
 
 # Alternative key names transformers accepts (its config classes' attribute_map, MoE keys only).
@@ -98,9 +131,33 @@ _ALIASES: dict[str, dict[str, str]] = {
     "deepseek_v3": {"num_local_experts": "n_routed_experts"},
     "mixtral": {"num_experts": "num_local_experts"},
     "olmoe": {"num_local_experts": "num_experts"},
+    "qwen3_moe": {"num_local_experts": "num_experts"},
+    "glm4_moe": {"num_local_experts": "n_routed_experts"},
+    "glm4_moe_lite": {"num_local_experts": "n_routed_experts"},
+    "dots1": {"num_local_experts": "n_routed_experts"},
+    "minimax_m2": {"num_experts": "num_local_experts"},
+    "ernie4_5_moe": {"num_experts": "moe_num_experts", "num_experts_per_tok": "moe_k"},
 }
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILY_DEFAULTS)
+
+# transformers MoE families moe-ir does not read yet -> what they need that it lacks (read from their modeling
+# files in transformers 5.24), so a user learns what is missing rather than which families are supported.
+NOT_MODELLED: dict[str, str] = {
+    "hunyuan_v1_moe": "q/k RMSNorm applied after RoPE (query_layernorm / key_layernorm) and per-layer expert counts",
+    "granitemoe": "the embedding, residual, attention and logits multipliers (embedding_multiplier, "
+                  "residual_multiplier, attention_multiplier, logits_scaling)",
+    "granitemoeshared": "the embedding, residual, attention and logits multipliers (embedding_multiplier, "
+                        "residual_multiplier, attention_multiplier, logits_scaling)",
+    "flex_olmo": "post-norm decoder layers (RMSNorm on the attention and FFN outputs inside the residual)",
+    "exaone_moe": "per-layer sliding-window attention (layer_types with sliding_attention)",
+    "dbrx": "LayerNorm instead of RMSNorm, q/k/v clipping (clip_qkv) and router weights normalised by a p-norm "
+            "(moe_normalize_expert_weights)",
+    "afmoe": "per-layer sliding-window attention, a sigmoid gate on the attention output, a norm after the "
+             "attention and after the FFN besides the one before each (dual norms) and muP input scaling",
+    "sarvam_moe": "a modelling implementation: transformers 5.24 carries only its configuration (a Glm4MoeConfig), "
+                  "so there is no model to check an import against",
+}
 
 # Upper bounds of a config's sizes: the spec's own (moe_ir.spec), stated under the config's key names so
 # that `num_hidden_layers: 10**12` is refused by name before any per-layer table is made. A config.json
@@ -109,7 +166,8 @@ _MAXIMA = {
     "hidden_size": MAX_HIDDEN, "num_hidden_layers": MAX_LAYERS, "vocab_size": MAX_VOCAB,
     "moe_intermediate_size": MAX_WIDTH, "intermediate_size": MAX_WIDTH, "shared_expert_intermediate_size": MAX_WIDTH,
     "n_routed_experts": MAX_EXPERTS, "num_local_experts": MAX_EXPERTS, "num_experts": MAX_EXPERTS,
-    "num_experts_per_tok": MAX_EXPERTS, "n_group": MAX_EXPERTS, "topk_group": MAX_EXPERTS,
+    "num_experts_per_tok": MAX_EXPERTS, "moe_num_experts": MAX_EXPERTS, "moe_k": MAX_EXPERTS,
+    "moe_intermediate_size": MAX_WIDTH, "moe_num_shared_experts": MAX_SHARED_EXPERTS, "n_group": MAX_EXPERTS, "topk_group": MAX_EXPERTS,
     "n_shared_experts": MAX_SHARED_EXPERTS, "decoder_sparse_step": MAX_LAYERS, "moe_layer_freq": MAX_LAYERS,
     "first_k_dense_replace": MAX_LAYERS, "num_attention_heads": MAX_HEADS, "num_key_value_heads": MAX_HEADS,
     "kv_lora_rank": MAX_HEAD_DIM, "q_lora_rank": MAX_HEAD_DIM, "qk_nope_head_dim": MAX_HEAD_DIM,
@@ -311,7 +369,7 @@ def _map_deepseek_v3(c: FamilyConfig) -> _Mapped:
     routed, width = c.positive("n_routed_experts"), c.positive("moe_intermediate_size")
     k = c.positive("num_experts_per_tok")
     normalize = c.get("norm_topk_prob", bool)
-    if normalize and k == 1:
+    if normalize and k == 1 and c.model_type == "deepseek_v3":
         raise c.fail("norm_topk_prob", "norm_topk_prob=true with num_experts_per_tok=1 is ambiguous: "
                                        "transformers renormalises the single weight to 1, the remote code does not")
     router: dict = {"score": "sigmoid", "normalize": normalize, "scaling": c.get("routed_scaling_factor", float)}
@@ -323,7 +381,8 @@ def _map_deepseek_v3(c: FamilyConfig) -> _Mapped:
     balance["aux_free"] = {"gamma": AuxFree().gamma}
     notes.append(f"e_score_correction_bias -> router.bias (balance.aux_free); the bias update rate is not "
                  f"in the config: gamma={AuxFree().gamma} is the paper's value")
-    is_moe, reason = _deepseek_layers(c)
+    # glm4_moe_lite lists its dense layers instead (_map_sigmoid_grouped)
+    is_moe, reason = _deepseek_layers(c) if c.model_type != "glm4_moe_lite" else (_all_layers, lambda i: "")
     return _Mapped({"routed": routed, "width": width, "top_k": k, **_shared(c)}, router, balance,
                    is_moe, reason, notes)
 
@@ -358,14 +417,18 @@ def _map_mixtral(c: FamilyConfig) -> _Mapped:
 
 def _map_qwen2_moe(c: FamilyConfig) -> _Mapped:
     """Qwen2-MoE / Qwen1.5-MoE: softmax top-k, one sigmoid-gated shared expert."""
-    k = c.positive("num_experts_per_tok")
-    routed = c.positive("num_experts")
-    shared_width = c.positive("shared_expert_intermediate_size")
+    mapped = _map_qwen3_moe(c)
+    mapped.experts.update(shared=1, shared_width=c.positive("shared_expert_intermediate_size"), shared_gate=True)
+    return mapped
+
+
+def _sparse_step_layers(c: FamilyConfig) -> tuple[Callable[[int], bool], Callable[[int], str]]:
+    """Qwen2-MoE / Qwen3-MoE: layer i is MoE unless mlp_only_layers lists it, when (i + 1) % decoder_sparse_step
+    == 0."""
     step = c.positive("decoder_sparse_step")
     only_mlp = c.get("mlp_only_layers", list, optional=True) or []
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in only_mlp):
         raise c.fail("mlp_only_layers", f"expected a list of layer indices, found {only_mlp!r}")
-    balance, notes = _transformers_balance_loss(c, k)
 
     def is_moe(layer: int) -> bool:
         return layer not in only_mlp and (layer + 1) % step == 0
@@ -374,8 +437,17 @@ def _map_qwen2_moe(c: FamilyConfig) -> _Mapped:
         if layer in only_mlp:
             return f"mlp_only_layers lists layer {layer}"
         return f"decoder_sparse_step={step} makes only layers with (layer + 1) % {step} == 0 MoE"
-    return _Mapped({"routed": routed, "width": c.positive("moe_intermediate_size"), "top_k": k, "shared": 1,
-                    "shared_width": shared_width, "shared_gate": True},
+    return is_moe, reason
+
+
+def _map_qwen3_moe(c: FamilyConfig) -> _Mapped:
+    """Qwen3-MoE (and Qwen2-MoE's routed part): softmax top-k (norm_topk_prob), the decoder_sparse_step /
+    mlp_only_layers schedule."""
+    k = c.positive("num_experts_per_tok")
+    routed = c.positive("num_experts")
+    balance, notes = _transformers_balance_loss(c, k)
+    is_moe, reason = _sparse_step_layers(c)
+    return _Mapped({"routed": routed, "width": c.positive("moe_intermediate_size"), "top_k": k},
                    {"score": "softmax", "normalize": c.get("norm_topk_prob", bool)}, balance, is_moe, reason, notes)
 
 
@@ -410,9 +482,85 @@ def _map_phimoe(c: FamilyConfig) -> _Mapped:
                    notes + loss_notes)
 
 
+# ----------------------------------------------------------------------------------------------
+# families that fit today's layer (issue 17): transformers 5.24's modules, read for what they compute
+
+
+def _map_sigmoid_grouped(c: FamilyConfig) -> _Mapped:
+    """GLM-4.5 (glm4_moe), GLM-4.7-Flash (glm4_moe_lite) and dots.llm1 (dots1): DeepSeek-V3's router (sigmoid,
+    selection on scores + e_score_correction_bias, groups scored by their top-2 sum, norm_topk_prob,
+    routed_scaling_factor) under these families' own keys. Dense layers: the first first_k_dense_replace, or
+    glm4_moe_lite's mlp_layer_types."""
+    mapped = _map_deepseek_v3(c)
+    if c.model_type != "glm4_moe_lite":
+        return mapped
+    kinds = c.get("mlp_layer_types", list, optional=True)
+    if kinds is None:  # the class default: layer 0 dense, the others sparse
+        kinds = ["dense"] + ["sparse"] * (c.positive("num_hidden_layers") - 1)
+    if any(kind not in ("dense", "sparse") for kind in kinds) or len(kinds) != c.positive("num_hidden_layers"):
+        raise c.fail("mlp_layer_types", "expected one of 'dense' / 'sparse' per decoder layer")
+    mapped.is_moe_layer = lambda layer: kinds[layer] == "sparse"
+    mapped.dense_reason = lambda layer: f"mlp_layer_types[{layer}] is 'dense'"
+    return mapped
+
+
+def _map_minimax_m2(c: FamilyConfig) -> _Mapped:
+    """MiniMax-M2: sigmoid scores, top-k selection on scores + e_score_correction_bias (a buffer of the block),
+    the chosen unbiased scores renormalised; no groups, no shared experts, every layer MoE."""
+    jitter = c.get("router_jitter_noise", float)
+    if jitter != 0:
+        raise c.fail("router_jitter_noise", f"router_jitter_noise={jitter}: multiplicative input jitter in "
+                                            "training is not modelled")
+    k = c.positive("num_experts_per_tok")
+    notes = [f"e_score_correction_bias -> router.bias (balance.aux_free); the bias update rate is not in the "
+             f"config: gamma={AuxFree().gamma} is the paper's value",
+             "router_aux_loss_coef is not mapped: transformers' loss takes a softmax of the router logits, which "
+             "this sigmoid router never computes"]
+    return _Mapped({"routed": c.positive("num_local_experts"), "width": c.positive("intermediate_size"),
+                    "top_k": k}, {"score": "sigmoid", "normalize": True}, {"aux_free": {"gamma": AuxFree().gamma}},
+                   _all_layers, lambda i: "", notes)
+
+
+def _map_ernie4_5_moe(c: FamilyConfig) -> _Mapped:
+    """ERNIE-4.5 MoE: softmax scores; top-k chosen on scores + e_score_correction_bias, the chosen unbiased
+    scores renormalised (divided by max(sum, moe_norm_min)); moe_num_shared_experts shared experts as one MLP;
+    MoE layers (i + 1) % moe_layer_interval == 0 between moe_layer_start_index and moe_layer_end_index."""
+    if c.get("use_bias", bool):
+        raise c.fail("use_bias", "use_bias=true puts biases on the shared experts, the dense MLPs and the LM head "
+                                 "but not on the routed experts, which a spec (one experts.bias flag, no LM-head "
+                                 "bias) cannot express")
+    norm_min = c.get("moe_norm_min", float)
+    if not 0 <= norm_min <= 1e-6:
+        raise c.fail("moe_norm_min", f"moe_norm_min={norm_min}: a floor on the weights' sum that can bind is not "
+                                     "modelled (renormalisation divides by the sum itself)")
+    k, layers = c.positive("moe_k"), c.positive("num_hidden_layers")
+    start, interval = c.get("moe_layer_start_index", int), c.positive("moe_layer_interval")
+    end = c.get("moe_layer_end_index", int)
+    end = layers - 1 if end == -1 else end
+    balance, notes = _transformers_balance_loss(c, k)
+    balance["aux_free"] = {"gamma": AuxFree().gamma}
+    notes.append(f"moe_statics.e_score_correction_bias -> router.bias (balance.aux_free); gamma={AuxFree().gamma} "
+                 "is not in the config")
+    shared = c.get("moe_num_shared_experts", int)
+    if shared < 0:
+        raise c.fail("moe_num_shared_experts", f"expected a value >= 0, found {shared}")
+
+    def is_moe(layer: int) -> bool:
+        return (layer + 1) % interval == 0 and start <= layer <= end
+
+    def reason(layer: int) -> str:
+        return (f"moe_layer_start_index={start}, moe_layer_end_index={end} and moe_layer_interval={interval} make "
+                f"layer {layer} dense")
+    return _Mapped({"routed": c.positive("moe_num_experts"), "width": c.positive("moe_intermediate_size"),
+                    "top_k": k, **({"shared": shared} if shared else {})},
+                   {"score": "softmax", "normalize": True}, balance, is_moe, reason, notes)
+
+
 _FAMILIES: dict[str, Callable[[FamilyConfig], _Mapped]] = {
     "deepseek": _map_deepseek, "deepseek_v2": _map_deepseek_v2, "deepseek_v3": _map_deepseek_v3,
     "mixtral": _map_mixtral, "qwen2_moe": _map_qwen2_moe, "olmoe": _map_olmoe, "phimoe": _map_phimoe,
+    "qwen3_moe": _map_qwen3_moe, "glm4_moe": _map_sigmoid_grouped, "glm4_moe_lite": _map_sigmoid_grouped,
+    "dots1": _map_sigmoid_grouped, "minimax_m2": _map_minimax_m2, "ernie4_5_moe": _map_ernie4_5_moe,
 }
 
 
@@ -449,6 +597,9 @@ def describe_hf_config(config: Any, *, layer: int | None = None, name: str | Non
     names the spec and selects which weights `weights_from_hf` reads."""
     data = config_dict(config)
     model_type = data.get("model_type")
+    if isinstance(model_type, str) and model_type in NOT_MODELLED:
+        raise SpecError(f"model_type {model_type} needs {NOT_MODELLED[model_type]}, which moe-ir does not model yet",
+                        path="model_type", file=file)
     if not isinstance(model_type, str) or model_type not in _FAMILIES:
         found = "no model_type" if model_type is None else f"model_type {repr(model_type)[:60]}"
         raise SpecError(f"{found}; supported Hugging Face MoE families: {', '.join(SUPPORTED_MODEL_TYPES)}",
@@ -481,7 +632,7 @@ def describe_hf_config(config: Any, *, layer: int | None = None, name: str | Non
     # Router projection and scores in float32: DeepSeek casts explicitly; Mixtral/Qwen2-MoE/OLMoE
     # project in the model dtype and take the softmax in float32.
     router = {**mapped.router, "dtype": DType.FLOAT32.value}
-    if dtype != DType.FLOAT32 and model_type in ("mixtral", "qwen2_moe", "olmoe"):
+    if dtype != DType.FLOAT32 and model_type in ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "minimax_m2"):
         notes.append(f"transformers projects this router in {dtype.value} before a float32 softmax; the spec "
                      "projects in float32, so near-tied experts may rank differently in low precision")
     if dtype != DType.FLOAT32 and model_type == "phimoe":

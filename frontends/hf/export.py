@@ -66,6 +66,15 @@ def _common(spec: ModelSpec, family: str) -> dict[str, Any]:
         "rms_norm_eps": m.rms_norm_eps, "tie_word_embeddings": m.tied_embeddings,
         "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta}, "dtype": m.dtype.value,
     }
+    y = a.rope_scaling
+    if y is not None:  # read back by the importer (model.py) to the same section, else the family is refused
+        config["rope_parameters"] = {
+            "rope_type": "yarn", "rope_theta": a.rope_theta, "factor": y.factor,
+            "original_max_position_embeddings": y.original_max_positions, "beta_fast": y.beta_fast,
+            "beta_slow": y.beta_slow, "truncate": y.truncate,
+            **{k: v for k, v in (("mscale", y.mscale), ("mscale_all_dim", y.mscale_all_dim),
+                                 ("attention_factor", y.attention_factor)) if v is not None}}
+        config["max_position_embeddings"] = round(y.factor * y.original_max_positions)
     if m.dense_width is not None:
         config["intermediate_size"] = m.dense_width
     return config
@@ -81,12 +90,16 @@ def _llama_attention(spec: ModelSpec, config: dict, family: str) -> None:
         config["head_dim"] = a.head_dim
 
 
-def _first_dense_only(spec: ModelSpec, family: str) -> None:
+def _first_dense_only(spec: ModelSpec, family: str) -> int:
+    """The number of leading dense layers, when they are the only dense ones (first_k_dense_replace)."""
     m = spec.model
-    if m.dense_layers and (m.moe_every != 1):
-        raise _Unfit(f"moe_every={m.moe_every}: {family} makes every layer from first_k_dense_replace on MoE")
-    if m.first_dense and family in ("mixtral", "olmoe"):
-        raise _Unfit(f"first_dense={m.first_dense}: every {family} layer is MoE")
+    leading = len(m.dense_layers)
+    if m.dense_layers != tuple(range(leading)):
+        raise _Unfit(f"dense layers {list(m.dense_layers)[:8]}: {family} makes every layer from "
+                     "first_k_dense_replace on MoE")
+    if leading and family in ("mixtral", "olmoe"):
+        raise _Unfit(f"{leading} dense layers: every {family} layer is MoE")
+    return leading
 
 
 def _deepseek(spec: ModelSpec, family: str) -> dict:
@@ -96,10 +109,10 @@ def _deepseek(spec: ModelSpec, family: str) -> dict:
         raise _Unfit(f"{a.kind.value} attention: {family} attention is MLA")
     if not e.shared:
         raise _Unfit(f"no shared experts: transformers' {family} always builds n_shared_experts of them")
-    _first_dense_only(spec, family)
+    leading = _first_dense_only(spec, family)
     config = _common(spec, family)
     config.update(n_routed_experts=e.routed, n_shared_experts=e.shared, moe_intermediate_size=e.width,
-                  num_experts_per_tok=e.top_k, first_k_dense_replace=m.first_dense,
+                  num_experts_per_tok=e.top_k, first_k_dense_replace=leading,
                   routed_scaling_factor=r.scaling, kv_lora_rank=a.kv_lora_rank, q_lora_rank=a.q_lora_rank,
                   qk_nope_head_dim=a.qk_nope_head_dim, qk_rope_head_dim=a.qk_rope_head_dim,
                   v_head_dim=a.v_head_dim, attention_bias=a.qkv_bias, head_dim=a.qk_rope_head_dim)

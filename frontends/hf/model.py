@@ -35,8 +35,16 @@ from .config import FAMILY_DEFAULTS, FamilyConfig, config_dict, describe_hf_conf
 
 __all__ = ["MODEL_DEFAULTS", "model_spec_from_hf_config", "weights_from_hf_model"]
 
-_LLAMA_ATTENTION = ("deepseek", "mixtral", "qwen2_moe", "olmoe")
-_MLA = ("deepseek_v2", "deepseek_v3")
+_LLAMA_ATTENTION = ("deepseek", "mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "glm4_moe", "dots1", "minimax_m2",
+                    "ernie4_5_moe")
+_MLA = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")
+# q/k RMSNorm per family: over each head (Qwen3 style) or the whole projection (OLMoE style); glm4_moe has it
+# when use_qk_norm is set.
+_QK_NORM = {"olmoe": "full", "minimax_m2": "full", "qwen3_moe": "head", "dots1": "head"}
+# Families whose attention_bias puts biases on q, k and v only (the output projection has none).
+_QKV_BIAS_ONLY = ("glm4_moe",)
+# The rotated fraction of each head when the config states none (glm4_moe's class default).
+_DEFAULT_PARTIAL_ROTARY = {"glm4_moe": 0.5}
 
 
 # Decoder keys' defaults as each family's config class sets them (transformers 5.23), for keys a
@@ -61,6 +69,26 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "olmoe": {"vocab_size": 50304, "num_attention_heads": 16, "num_key_value_heads": 16, "intermediate_size": 2048,
               "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "attention_bias": False, "clip_qkv": None,
               "rope_theta": 10000.0},
+    "qwen3_moe": {"vocab_size": 151936, "num_attention_heads": 32, "num_key_value_heads": 4, "intermediate_size": 6144,
+                  "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False,
+                  "use_sliding_window": False, "rope_theta": 10000.0, "max_position_embeddings": 32768},
+    "glm4_moe": {"vocab_size": 151552, "num_attention_heads": 96, "num_key_value_heads": 8, "intermediate_size": 10944,
+                 "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "attention_bias": False, "use_qk_norm": False,
+                 "rope_theta": 10000.0, "max_position_embeddings": 131072},
+    "glm4_moe_lite": {"vocab_size": 154880, "num_attention_heads": 20, "num_key_value_heads": 20,
+                      "intermediate_size": 10240, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+                      "attention_bias": False, "kv_lora_rank": 512, "q_lora_rank": 768, "qk_nope_head_dim": 192,
+                      "qk_rope_head_dim": 64, "v_head_dim": 256, "rope_interleave": True, "rope_theta": 10000.0,
+                      "max_position_embeddings": 202752},
+    "dots1": {"vocab_size": 152064, "num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 10944,
+              "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False, "rope_theta": 10000.0,
+              "max_position_embeddings": 2048},
+    "ernie4_5_moe": {"vocab_size": 103424, "num_attention_heads": 20, "num_key_value_heads": 4,
+                     "intermediate_size": 12288, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+                     "rope_theta": 500000.0, "max_position_embeddings": 131072},
+    "minimax_m2": {"vocab_size": 200064, "num_attention_heads": 48, "num_key_value_heads": 8, "head_dim": 128,
+                   "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 5e6,
+                   "max_position_embeddings": 196608},
 }
 
 
@@ -79,33 +107,103 @@ def _config(data: Mapping[str, Any], model_type: str, file: str | None) -> Famil
     return c
 
 
-def _rope_theta(c: FamilyConfig) -> float:
-    # Both spellings are read: transformers 5 writes rope_parameters, older and hub configs rope_scaling,
-    # and transformers honours a scaled rope_scaling even next to a default rope_parameters.
+# rope_type -> what moe-ir lacks to model it (one line for the refusal).
+_ROPE_TYPES_MISSING = {
+    "linear": "linear position interpolation", "dynamic": "dynamic NTK scaling (frequencies that change with "
+    "the sequence length)", "llama3": "Llama-3 frequency smoothing", "longrope": "LongRoPE per-dim factors",
+    "proportional": "proportional RoPE",
+}
+
+
+def _rope_section(c: FamilyConfig) -> tuple[str, Mapping[str, Any]]:
+    """(key, section) of the config's RoPE parameters. Both spellings are read: transformers 5 writes
+    rope_parameters, older and hub configs rope_scaling, and transformers honours a scaled rope_scaling even
+    next to a default rope_parameters."""
+    found = ("rope_parameters", {})
     for key in ("rope_parameters", "rope_scaling"):
         section = c.data.get(key) or {}
         if not isinstance(section, Mapping):
             raise c.fail(key, f"expected a mapping, found {section!r}")
-        rope_type = section.get("rope_type") or section.get("type") or "default"
-        if rope_type != "default":
-            raise c.fail(key, f"RoPE scaling '{rope_type}' is not modelled yet (it changes the rotary frequencies "
-                              "and, for YaRN, the softmax scale); only plain RoPE is")
-    params = c.data.get("rope_parameters") or {}
-    if "rope_theta" in params:
-        # Read like a top-level key: a number (not a string or a list), the error naming where it sits.
-        return FamilyConfig({"rope_parameters.rope_theta": params["rope_theta"]}, c.model_type, c.file).get(
-            "rope_parameters.rope_theta", float)
-    return c.get("rope_theta", float)
+        if (section.get("rope_type") or section.get("type") or "default") != "default":
+            return key, section
+        if key == "rope_parameters":
+            found = (key, section)
+    return found
+
+
+def _rope_number(c: FamilyConfig, key: str, section: Mapping[str, Any], name: str, kind=float) -> Any:
+    """A number of the RoPE section, read like a top-level key (the error names where it sits)."""
+    return FamilyConfig({f"{key}.{name}": section[name]}, c.model_type, c.file).get(f"{key}.{name}", kind)
+
+
+def _rope(c: FamilyConfig) -> dict[str, Any]:
+    """The attention section's RoPE keys: rope_theta and, for YaRN, rope_scaling (softmax_mscale where the
+    family's attention applies DeepSeek's correction); other scalings are refused naming what is missing."""
+    key, section = _rope_section(c)
+    rope_type = section.get("rope_type") or section.get("type") or "default"
+    out: dict[str, Any] = {}
+    if "rope_theta" in section:
+        out["rope_theta"] = _rope_number(c, key, section, "rope_theta")
+    else:
+        params = c.data.get("rope_parameters") or {}
+        out["rope_theta"] = _rope_number(c, "rope_parameters", params, "rope_theta") if "rope_theta" in params \
+            else c.get("rope_theta", float)
+    if rope_type == "default":
+        return out
+    if rope_type != "yarn":
+        missing = _ROPE_TYPES_MISSING.get(rope_type, f"the RoPE type {str(rope_type)[:40]!r}")
+        raise c.fail(key, f"RoPE scaling '{str(rope_type)[:40]}' needs {missing}, which moe-ir does not model; "
+                          "it models plain RoPE and YaRN")
+    original = section.get("original_max_position_embeddings")
+    if original is None:
+        original = c.get("max_position_embeddings", int)
+    else:
+        original = _rope_number(c, key, section, "original_max_position_embeddings", int)
+    factor = _rope_number(c, key, section, "factor") if section.get("factor") is not None else \
+        c.get("max_position_embeddings", int) / original
+    scaling: dict[str, Any] = {"kind": "yarn", "factor": factor, "original_max_positions": original}
+    for name, ours in (("beta_fast", "beta_fast"), ("beta_slow", "beta_slow"), ("mscale", "mscale"),
+                       ("mscale_all_dim", "mscale_all_dim"), ("attention_factor", "attention_factor")):
+        if section.get(name):  # transformers reads these with `or` defaults: 0 and null mean unset
+            scaling[ours] = _rope_number(c, key, section, name)
+    if "truncate" in section:
+        scaling["truncate"] = _rope_number(c, key, section, "truncate", bool)
+    # DeepSeek-V2/V3's attention multiplies its softmax scale by mscale(factor, mscale_all_dim)^2.
+    if c.model_type in _MLA and scaling.get("mscale_all_dim"):
+        scaling["softmax_mscale"] = True
+    out["rope_scaling"] = scaling
+    return out
+
+
+def _rotary_dim(c: FamilyConfig, head_dim: int) -> int | None:
+    """The leading dims of each head RoPE rotates (transformers: int(head_dim * partial_rotary_factor), the
+    factor in rope_parameters or at the top level; MiniMax-M2's legacy rotary_dim key), or None for all."""
+    factor = None
+    for where, data in (("rope_parameters", c.data.get("rope_parameters") or {}), ("", c.data)):
+        if data.get("partial_rotary_factor") is not None:
+            key = f"{where}.partial_rotary_factor" if where else "partial_rotary_factor"
+            factor = FamilyConfig({key: data["partial_rotary_factor"]}, c.model_type, c.file).get(key, float)
+            break
+    if factor is None and c.data.get("rotary_dim") is not None:
+        factor = c.get("rotary_dim", int) / head_dim
+    if factor is None:
+        factor = _DEFAULT_PARTIAL_ROTARY.get(c.model_type, 1.0)
+    if not 0 < factor <= 1:
+        raise c.fail("partial_rotary_factor", f"expected a fraction in (0, 1], found {factor}")
+    dim = int(head_dim * factor)
+    if dim % 2 or dim < 2:
+        raise c.fail("partial_rotary_factor", f"rotates {dim} dims of a head of {head_dim}; RoPE rotates pairs")
+    return None if dim == head_dim else dim
 
 
 def _layer_schedule(moe_layers: tuple[int, ...], num_layers: int, c: FamilyConfig) -> dict:
+    """The spec's schedule of the config's MoE layers: first_dense / moe_every when they follow that rule (a lone
+    MoE layer before dense ones included), otherwise the list itself (moe_layer_indices)."""
     first = moe_layers[0]
-    every = moe_layers[1] - moe_layers[0] if len(moe_layers) > 1 else num_layers
-    expected = tuple(range(first, num_layers, every))
-    if moe_layers != expected:
-        raise c.fail("num_hidden_layers", f"MoE layers {list(moe_layers)} do not follow 'first k dense, then every "
-                                          "n-th' (first_dense / moe_every)")
-    return {"first_dense": first, "moe_every": every if len(moe_layers) > 1 else 1}
+    every = moe_layers[1] - moe_layers[0] if len(moe_layers) > 1 else num_layers - first
+    if moe_layers == tuple(range(first, num_layers, every)):
+        return {"first_dense": first, "moe_every": every}
+    return {"moe_layer_indices": list(moe_layers)}
 
 
 def _stated(c: FamilyConfig, key: str) -> None:
@@ -149,15 +247,16 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
     elif kv_heads < 1:  # not "unset": 0 would otherwise read as multi-head attention
         raise c.fail("num_key_value_heads", f"expected a positive integer, found {kv_heads}")
     model_name = name or _name_from_path(str(data.get("_name_or_path") or ""), t)
-    attention: dict[str, Any] = {"heads": heads, "rope_theta": _rope_theta(c)}
+    attention: dict[str, Any] = {"heads": heads, **_rope(c)}
     layer_types = c.get("layer_types", list, optional=True) or []
     if any(kind != "full_attention" for kind in layer_types):
         raise c.fail("layer_types", f"only full_attention layers are modelled, found {sorted(set(layer_types))}")
     if t == "mixtral" and c.data.get("attention_bias"):
         raise c.fail("attention_bias", "attention_bias=true: transformers' Mixtral ignores it (its attention has no "
                                        "biases), so the config is ambiguous")
-    # Qwen2-MoE reads qkv_bias instead (below); Mixtral has no attention biases.
-    bias = c.get("attention_bias", bool) if t not in ("mixtral", "qwen2_moe") else False
+    # Qwen2-MoE reads qkv_bias instead (below); Mixtral and MiniMax-M2 have no attention biases; ERNIE's come with
+    # use_bias, which the layer import refuses.
+    bias = c.get("attention_bias", bool) if t not in ("mixtral", "qwen2_moe", "minimax_m2", "ernie4_5_moe") else False
     if t in _MLA:
         attention.update(kind=AttentionKind.MLA.value, q_lora_rank=c.get("q_lora_rank", int, optional=True),
                          kv_lora_rank=c.positive("kv_lora_rank"), qk_nope_head_dim=c.positive("qk_nope_head_dim"),
@@ -172,16 +271,23 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
         head_dim = c.get("head_dim", int, optional=True)
         if head_dim and head_dim != hidden // heads:
             attention["head_dim"] = head_dim
+        if t == "ernie4_5_moe":  # pairs (2j, 2j+1), as its rotate_half does
+            attention["rope_layout"] = "interleaved"
+        rotary = _rotary_dim(c, head_dim or hidden // heads)
+        if rotary is not None:
+            attention["rotary_dim"] = rotary
         if t == "qwen2_moe":
             if c.get("use_sliding_window", bool):
                 raise c.fail("use_sliding_window", "sliding-window attention is not modelled")
             attention["qkv_bias"] = c.get("qkv_bias", bool)
         else:
-            attention.update(qkv_bias=bias, out_bias=bias)
-        if t == "olmoe":
-            if c.get("clip_qkv", float, optional=True) is not None:
-                raise c.fail("clip_qkv", "clipping q/k/v is not modelled")
-            attention["qk_norm"] = "full"
+            attention.update(qkv_bias=bias, out_bias=bias and t not in _QKV_BIAS_ONLY)
+        if t == "olmoe" and c.get("clip_qkv", float, optional=True) is not None:
+            raise c.fail("clip_qkv", "clipping q/k/v is not modelled")
+        if t == "qwen3_moe" and c.get("use_sliding_window", bool):
+            raise c.fail("use_sliding_window", "sliding-window attention is not modelled")
+        if t in _QK_NORM or (t == "glm4_moe" and c.get("use_qk_norm", bool)):
+            attention["qk_norm"] = _QK_NORM.get(t, "head")
         if t == "mixtral" and c.get("sliding_window", int, optional=True) is not None:
             raise c.fail("sliding_window", "sliding-window attention is not modelled; set it to null")
     _stated(c, "rms_norm_eps")

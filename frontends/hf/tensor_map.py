@@ -21,8 +21,8 @@ from moe_ir.builder import ROUTER_BIAS, ROUTER_WEIGHT, SHARED_GATE_WEIGHT
 from moe_ir.model_spec import AttentionKind, ModelSpec
 from moe_ir.spec import LayerSpec
 
-__all__ = ["HFLayout", "Join", "TensorRule", "PER_EXPERT_NAMES", "moe_block_rules", "model_rules", "prefixed",
-           "detect_layout", "detect_model_layout", "router_name", "shared_mlp_names"]
+__all__ = ["HFLayout", "Join", "TensorRule", "PER_EXPERT_NAMES", "ROUTER_BIAS_NAMES", "moe_block_rules", "model_rules",
+           "prefixed", "detect_layout", "detect_model_layout", "detect_router_bias", "router_name", "shared_mlp_names"]
 
 
 class HFLayout(enum.StrEnum):
@@ -42,6 +42,7 @@ class Join(enum.StrEnum):
     COPY = "copy"
     STACK = "stack"
     SPLIT = "split"
+    UNSQUEEZE = "unsqueeze"  # theirs[0] is ours[0] with a dim of size 1 inserted at `dim` (ERNIE's [1, E] bias)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,8 @@ class TensorRule:
             return {self.theirs[0]: shapes[0]}
         if self.join == Join.STACK:
             return {name: shapes[0][1:] for name in self.theirs}
+        if self.join == Join.UNSQUEEZE:
+            return {self.theirs[0]: shapes[0][:self.dim] + (1,) + shapes[0][self.dim:]}
         whole = list(shapes[0])
         whole[self.dim] = sum(s[self.dim] for s in shapes)
         return {self.theirs[0]: tuple(whole)}
@@ -69,6 +72,8 @@ class TensorRule:
             return [tensors[0]]
         if self.join == Join.STACK:
             return [torch.stack(list(tensors))]
+        if self.join == Join.UNSQUEEZE:
+            return [tensors[0].squeeze(self.dim)]
         return list(torch.chunk(tensors[0], len(self.ours), dim=self.dim))
 
     def to_theirs(self, tensors: Sequence):
@@ -78,6 +83,8 @@ class TensorRule:
             return [tensors[0]]
         if self.join == Join.STACK:
             return list(torch.unbind(tensors[0]))
+        if self.join == Join.UNSQUEEZE:
+            return [tensors[0].unsqueeze(self.dim)]
         return [torch.cat(list(tensors), dim=self.dim)]
 
 
@@ -101,13 +108,22 @@ def router_name(spec: LayerSpec, layout: HFLayout | str) -> str:
     return "gate.weight"
 
 
-def moe_block_rules(spec: LayerSpec, layout: HFLayout | str) -> list[TensorRule]:
+# Where the selection bias sits in a block: under the router (DeepSeek-V3, GLM-4.5, dots1), on the block itself
+# (MiniMax-M2), or as a [1, E] parameter of the router's statistics (ERNIE-4.5: under the router in transformers'
+# module, beside it in the hub layout save_pretrained writes).
+ROUTER_BIAS_NAMES = ("gate.e_score_correction_bias", "e_score_correction_bias",
+                     "gate.moe_statics.e_score_correction_bias", "moe_statics.e_score_correction_bias")
+
+
+def moe_block_rules(spec: LayerSpec, layout: HFLayout | str,
+                    router_bias: str = ROUTER_BIAS_NAMES[0]) -> list[TensorRule]:
     """Rules of one MoE block, names relative to the block (`gate.weight`) and to the layer (`router.weight`)."""
     layout = HFLayout(layout)
     e = spec.experts
     rules = [TensorRule((ROUTER_WEIGHT,), (router_name(spec, layout),))]
     if spec.balance.aux_free is not None:
-        rules.append(TensorRule((ROUTER_BIAS,), ("gate.e_score_correction_bias",)))
+        join = Join.UNSQUEEZE if "moe_statics." in router_bias else Join.COPY
+        rules.append(TensorRule((ROUTER_BIAS,), (router_bias,), join))
     if layout == HFLayout.STACKED:
         rules.append(TensorRule(("experts.w_gate", "experts.w_up"), ("experts.gate_up_proj",), Join.SPLIT, dim=1))
         rules.append(TensorRule(("experts.w_down",), ("experts.down_proj",)))
@@ -146,11 +162,12 @@ def _attention_names(spec: ModelSpec) -> dict[str, str]:
 
 
 def model_rules(spec: ModelSpec, graph_weights: Iterable[str], *, moe_block: str = "mlp",
-                layout: HFLayout | str = HFLayout.PER_EXPERT, prefix: str = "model.") -> list[TensorRule]:
+                layout: HFLayout | str = HFLayout.PER_EXPERT, prefix: str = "model.",
+                router_bias: str = ROUTER_BIAS_NAMES[0]) -> list[TensorRule]:
     """Rules of a whole causal LM (transformers' names under `prefix`), one per graph weight group.
 
     `moe_block`: the MoE module's name in the checkpoint (`mlp`, or `block_sparse_moe` in Mixtral hub
-    checkpoints); `layout`: how its experts are stored."""
+    checkpoints); `layout`: how its experts are stored; `router_bias`: the selection bias's name in a block."""
     present = set(graph_weights)
     m = spec.model
     rules = [TensorRule(("embed.weight",), (f"{prefix}embed_tokens.weight",)),
@@ -158,7 +175,7 @@ def model_rules(spec: ModelSpec, graph_weights: Iterable[str], *, moe_block: str
     if not m.tied_embeddings:
         rules.append(TensorRule(("lm_head.weight",), ("lm_head.weight",)))
     attention = _attention_names(spec)
-    block = moe_block_rules(spec.moe, layout)
+    block = moe_block_rules(spec.moe, layout, router_bias)
     for i in range(m.layers):
         ours, theirs = f"layers.{i}.", f"{prefix}layers.{i}."
         rules.append(TensorRule((ours + "attn_norm.weight",), (theirs + "input_layernorm.weight",)))
@@ -183,6 +200,13 @@ def detect_layout(names: Iterable[str]) -> HFLayout:
     if any(re.fullmatch(r"experts\.\d+\.(gate|up|down)_proj\.weight", k) for k in names):
         return HFLayout.PER_EXPERT
     return HFLayout.STACKED
+
+
+def detect_router_bias(spec: ModelSpec, names: Iterable[str], block: str, prefix: str = "model.") -> str:
+    """The selection bias's name in a block of this checkpoint (ROUTER_BIAS_NAMES), read at the first MoE layer."""
+    under = f"{prefix}layers.{spec.model.moe_layers[0]}.{block}."
+    present = set(names)
+    return next((n for n in ROUTER_BIAS_NAMES if under + n in present), ROUTER_BIAS_NAMES[0])
 
 
 def detect_model_layout(spec: ModelSpec, names: Iterable[str], prefix: str = "model.") -> tuple[str, HFLayout]:

@@ -10,6 +10,11 @@ Reference semantics follow the transformers implementations the tests compare ag
   mla_attention  DeepseekV2/V3Attention: q = q_proj(x) or q_b(rms_norm(q_a(x))); [c_kv, k_rope] = kv_a(x);
                  [k_nope, v] = kv_b(rms_norm(c_kv)) per head; RoPE on the last qk_rope_head_dim dims of q
                  and on the single k_rope shared by every head; scale 1/sqrt(qk_nope + qk_rope)
+RoPE (every attention op): inverse frequencies 1/theta^(2i/r) over the r rotated dims of a head (`rotary_dim`, the
+leading dims, as transformers' partial rotary embedding; the rest pass through), or YaRN's blend of those with
+the interpolated 1/(factor theta^(2i/r)) when `yarn_factor` is set (moe_ir.model_spec.RopeScaling); cos and sin
+are multiplied by `rope_attention_factor`; the softmax scale is `softmax_scale` when set (DeepSeek's YaRN
+correction), else 1/sqrt(query/key head dim).
 RoPE layouts: `half` rotates dim j with j + d/2 (rotate_half); `interleaved` rotates dim 2j with 2j+1,
 as DeepSeek's checkpoints expect (transformers' DeepseekV3 `rope_interleave`, DeepseekV2's complex form).
 The interleaved result is written de-interleaved ([even dims, odd dims]) as DeepseekV3 does; queries and
@@ -36,6 +41,7 @@ is the obviously right form against which an absorbed kernel is checked.
 from __future__ import annotations
 
 import enum
+import math
 
 from ..lazy import LazyModule
 
@@ -61,35 +67,83 @@ def rms_norm_math(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     return weight * normed.to(x.dtype)
 
 
-def _inverse_frequencies(dim: int, theta: float, like: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
-    compute = torch.float64 if like.dtype == torch.float64 else torch.float32
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=like.device).to(compute) / dim
-    return 1.0 / (theta ** exponents), compute
+def _yarn_ramp_ends(attrs, dim: int) -> tuple[float, float]:
+    """The dims (in pairs) where YaRN's ramp from original to interpolated frequencies starts and ends: those that
+    turn beta_fast and beta_slow times over the original context, rounded outwards when truncating."""
+    theta, length = attrs["rope_theta"], attrs["yarn_original_max_positions"]
+
+    def dim_of(rotations: float) -> float:
+        return dim * math.log(length / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(attrs["yarn_beta_fast"]), dim_of(attrs["yarn_beta_slow"])
+    if attrs["yarn_truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    return max(low, 0), min(high, dim - 1)
 
 
-def rope_cos_sin(seq_len: int, dim: int, theta: float, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [S, dim/2] for positions 0..S-1 (float32 as transformers computes them; float64 stays)."""
-    inv_freq, compute = _inverse_frequencies(dim, theta, like)
-    freqs = torch.arange(seq_len, device=like.device, dtype=compute)[:, None] * inv_freq[None, :]
-    return freqs.cos().to(like.dtype), freqs.sin().to(like.dtype)
+def rope_inverse_frequencies(attrs, dim: int, compute: torch.dtype, device=None) -> torch.Tensor:
+    """[dim/2] inverse frequencies of the rotated dims: 1/theta^(2i/dim), blended by YaRN (RopeScaling) with the
+    interpolated 1/(factor theta^(2i/dim)) when yarn_factor is set."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(compute) / dim
+    powers = attrs["rope_theta"] ** exponents
+    original = 1.0 / powers
+    factor = attrs["yarn_factor"]
+    if factor is None:
+        return original
+    low, high = _yarn_ramp_ends(attrs, dim)
+    if low == high:
+        high += 0.001  # a one-dim ramp would divide by zero
+    ramp = ((torch.arange(dim // 2, dtype=compute, device=device) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # the weight of the original frequency
+    return 1.0 / (factor * powers) * (1 - keep) + original * keep
 
 
-def rope_cos_sin_at(positions: torch.Tensor, dim: int, theta: float,
-                    like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_dims(attrs, head_dim: int) -> int:
+    """Dims of each head RoPE rotates: rotary_dim, or all of head_dim."""
+    return attrs["rotary_dim"] if attrs.get("rotary_dim") is not None else head_dim
+
+
+def rope_cos_sin(seq_len: int, dim: int, attrs, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [S, dim/2] for positions 0..S-1 (float32 as transformers computes them; float64 stays), times
+    rope_attention_factor."""
+    positions = torch.arange(seq_len, device=like.device)
+    return _cos_sin(positions[:, None].to(torch.float64 if like.dtype == torch.float64 else torch.float32),
+                    dim, attrs, like)
+
+
+def rope_cos_sin_at(positions: torch.Tensor, dim: int, attrs, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [B, 1, S, dim/2] for the positions i64 [B, S] of each token (broadcast over heads)."""
-    inv_freq, compute = _inverse_frequencies(dim, theta, like)
-    freqs = positions.to(compute)[..., None] * inv_freq
-    return freqs.cos().to(like.dtype)[:, None], freqs.sin().to(like.dtype)[:, None]
+    compute = torch.float64 if like.dtype == torch.float64 else torch.float32
+    cos, sin = _cos_sin(positions.to(compute)[..., None], dim, attrs, like)
+    return cos[:, None], sin[:, None]
+
+
+def _cos_sin(positions: torch.Tensor, dim: int, attrs, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = positions * rope_inverse_frequencies(attrs, dim, positions.dtype, like.device)
+    cos, sin = freqs.cos(), freqs.sin()
+    factor = attrs["rope_attention_factor"]
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    return cos.to(like.dtype), sin.to(like.dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: RopeLayout) -> torch.Tensor:
-    """x [..., S, d] rotated by the angles of cos/sin [S, d/2] (or [B, 1, S, d/2])."""
+    """x [..., S, d] rotated by the angles of cos/sin [S, r/2] (or [B, 1, S, r/2]): the first r dims rotate, the
+    rest pass through (partial rotary embedding when r < d)."""
+    r = 2 * cos.shape[-1]
+    rest = x[..., r:]
+    x = x[..., :r]
     if layout == RopeLayout.HALF:
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
+        x1, x2 = x[..., :r // 2], x[..., r // 2:]
     else:
         x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+def attention_scale(attrs, qk_head_dim: int) -> float:
+    """The softmax scale: softmax_scale when set (YaRN's DeepSeek correction), else 1/sqrt(qk head dim)."""
+    scale = attrs.get("softmax_scale")
+    return scale if scale is not None else qk_head_dim ** -0.5
 
 
 def visible_keys(attention_mask: torch.Tensor, new_len: int) -> torch.Tensor:
@@ -201,7 +255,14 @@ class RMSNorm(OpDef):
 
 
 _ROPE_ATTRS = {"rope_theta": Attr(float, 10000.0), "rope_layout": Attr(RopeLayout, RopeLayout.HALF),
-               "norm_eps": Attr(float, 1e-6, "epsilon of the q/k (or latent) RMSNorms")}
+               "norm_eps": Attr(float, 1e-6, "epsilon of the q/k (or latent) RMSNorms"),
+               "rotary_dim": Attr((int, type(None)), None, "leading dims of each head RoPE rotates; None: all"),
+               "yarn_factor": Attr((float, type(None)), None, "YaRN context factor; None: plain RoPE"),
+               "yarn_original_max_positions": Attr(int, 4096, "YaRN: the pretraining context"),
+               "yarn_beta_fast": Attr(float, 32.0), "yarn_beta_slow": Attr(float, 1.0),
+               "yarn_truncate": Attr(bool, True),
+               "rope_attention_factor": Attr(float, 1.0, "multiplier of cos and sin (YaRN)"),
+               "softmax_scale": Attr((float, type(None)), None, "None: 1/sqrt(query/key head dim)")}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -222,7 +283,8 @@ def _mha_types(node, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm) 
     h = x.shape[2]
     nq, nkv, d = a["heads"] * a["head_dim"], a["kv_heads"] * a["head_dim"], a["head_dim"]
     expect(a["heads"] % a["kv_heads"] == 0, node, f"kv_heads={a['kv_heads']} must divide heads={a['heads']}")
-    expect(d % 2 == 0, node, f"RoPE needs an even head_dim, found {d}")
+    r = rope_dims(a, d)
+    expect(r % 2 == 0 and 0 < r <= d, node, f"RoPE rotates pairs of dims: {r} rotated dims of a head of {d}")
     _expect_linear(node, w_q, nq, h, "w_q")
     _expect_linear(node, w_k, nkv, h, "w_k")
     _expect_linear(node, w_v, nkv, h, "w_v")
@@ -266,9 +328,9 @@ class Attention(OpDef):
 
     def reference(self, attrs, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm):
         d = attrs["head_dim"]
-        cos, sin = rope_cos_sin(x.shape[1], d, attrs["rope_theta"], x)
+        cos, sin = rope_cos_sin(x.shape[1], rope_dims(attrs, d), attrs, x)
         q, k, v = _mha_qkv(attrs, x, cos, sin, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm)
-        return (F.linear(causal_attention(q, k, v, d ** -0.5), w_o, b_o),)
+        return (F.linear(causal_attention(q, k, v, attention_scale(attrs, d)), w_o, b_o),)
 
 
 @register
@@ -289,10 +351,10 @@ class CachedAttention(OpDef):
     def reference(self, attrs, x, position_ids, attention_mask, past_key, past_value, w_q, w_k, w_v, w_o, b_q, b_k,
                   b_v, b_o, q_norm, k_norm):
         d = attrs["head_dim"]
-        cos, sin = rope_cos_sin_at(position_ids, d, attrs["rope_theta"], x)
+        cos, sin = rope_cos_sin_at(position_ids, rope_dims(attrs, d), attrs, x)
         q, k, v = _mha_qkv(attrs, x, cos, sin, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm)
         k, v = torch.cat([past_key.to(k.dtype), k], dim=2), torch.cat([past_value.to(v.dtype), v], dim=2)
-        y = attend(q, k, v, d ** -0.5, visible_keys(attention_mask, x.shape[1]))
+        y = attend(q, k, v, attention_scale(attrs, d), visible_keys(attention_mask, x.shape[1]))
         return F.linear(y, w_o, b_o), k, v
 
 
@@ -362,7 +424,7 @@ def _mla_expand(attrs, c_kv, k_rot, w_kv_b):
 
 
 def _mla_scale(attrs) -> float:
-    return (attrs["qk_nope_head_dim"] + attrs["qk_rope_head_dim"]) ** -0.5
+    return attention_scale(attrs, attrs["qk_nope_head_dim"] + attrs["qk_rope_head_dim"])
 
 
 @register
@@ -378,7 +440,7 @@ class MLAAttention(OpDef):
         return [_mla_types(node, x, *weights)]
 
     def reference(self, attrs, x, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, w_kv_b, w_o, b_q_a, b_kv_a, b_o):
-        cos, sin = rope_cos_sin(x.shape[1], attrs["qk_rope_head_dim"], attrs["rope_theta"], x)
+        cos, sin = rope_cos_sin(x.shape[1], attrs["qk_rope_head_dim"], attrs, x)
         q_nope, q_rot, c_kv, k_rot = _mla_latents(attrs, x, cos, sin, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm,
                                                   b_q_a, b_kv_a)
         k, v = _mla_expand(attrs, c_kv, k_rot, w_kv_b)
@@ -411,7 +473,7 @@ class CachedMLAAttention(OpDef):
 
     def reference(self, attrs, x, position_ids, attention_mask, past_key, past_value, w_q, w_q_a, q_a_norm, w_q_b,
                   w_kv_a, kv_a_norm, w_kv_b, w_o, b_q_a, b_kv_a, b_o):
-        cos, sin = rope_cos_sin_at(position_ids, attrs["qk_rope_head_dim"], attrs["rope_theta"], x)
+        cos, sin = rope_cos_sin_at(position_ids, attrs["qk_rope_head_dim"], attrs, x)
         q_nope, q_rot, c_kv, k_rot = _mla_latents(attrs, x, cos, sin, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm,
                                                   b_q_a, b_kv_a)
         if attrs["cache_layout"] == MLACacheLayout.LATENT:

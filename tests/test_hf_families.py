@@ -1,0 +1,377 @@
+"""More transformers MoE families and the model features they need (YaRN RoPE scaling, partial rotary
+embedding, ...): whole-model logits of tiny odd configurations against transformers' own model in float32
+(the reference interpreter, the eager torch backend and the portable ONNX export), the dense/MoE layer pattern
+against the transformers model's own modules, and greedy generation against transformers' generate.
+
+Each tiny config is random; every weight is drawn (norms around 1, correction biases non-zero), so a weight
+mapped to the wrong place or a feature left out changes the logits far beyond the tolerance.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_ir.backends import get_backend
+from moe_ir.errors import SpecError
+from moe_ir.interpreter import interpret
+from moe_ir.model_builder import build_model_graph
+
+MODELS = Path(__file__).resolve().parent.parent / "specs" / "models"
+VOCAB = 97
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, rms_norm_eps=1e-5,
+              tie_word_embeddings=False)
+# Released DeepSeek-V3's YaRN section; V2-Lite's has mscale 0.707 for both coefficients.
+V3_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 64,
+           "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+def _configs():
+    import transformers as t
+
+    mla = dict(kv_lora_rank=8, qk_rope_head_dim=4, v_head_dim=6, qk_nope_head_dim=8, num_key_value_heads=4)
+    return {
+        # released V3's YaRN over a 64-token original context, so the ramp falls inside the 2 rotary pairs
+        "deepseek_v3_yarn": lambda: t.DeepseekV3Config(
+            **COMMON, **mla, intermediate_size=48, moe_intermediate_size=16, n_shared_experts=1, n_routed_experts=7,
+            routed_scaling_factor=2.5, q_lora_rank=12, n_group=1, topk_group=1, num_experts_per_tok=3,
+            first_k_dense_replace=1, norm_topk_prob=True, max_position_embeddings=2560,
+            rope_parameters=dict(V3_YARN)),
+        # V2-Lite's (mscale 0.707 both) plus an explicit attention_factor and no truncation
+        "deepseek_v2_yarn": lambda: t.DeepseekV2Config(
+            **COMMON, **mla, intermediate_size=48, moe_intermediate_size=16, n_shared_experts=2, n_routed_experts=5,
+            q_lora_rank=None, num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=4096,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 500.0, "factor": 16.0, "beta_fast": 8,
+                             "beta_slow": 2, "mscale": 0.707, "mscale_all_dim": 0.707,
+                             "original_max_position_embeddings": 256, "attention_factor": 1.25,
+                             "truncate": False}),
+        # YaRN outside DeepSeek: the cos/sin factor mscale(factor), no softmax correction
+        "mixtral_yarn": lambda: t.MixtralConfig(
+            **COMMON, intermediate_size=24, num_key_value_heads=2, num_local_experts=5, num_experts_per_tok=2, head_dim=8,
+            max_position_embeddings=1024, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                                           "original_max_position_embeddings": 128}),
+        # -- families that fit today's layer --
+        # GQA 2:1, head_dim 12 (not hidden/heads), q/k/v/o biases, a dense first layer through mlp_only_layers
+        "qwen3_moe": lambda: t.Qwen3MoeConfig(
+            **COMMON, intermediate_size=40, moe_intermediate_size=16, num_key_value_heads=2, head_dim=12,
+            num_experts=5, num_experts_per_tok=3, norm_topk_prob=True, mlp_only_layers=[0], attention_bias=True),
+        # half of each head rotated (the class default), q/k norm, q/k/v biases, 3 groups keep 2
+        "glm4_moe": lambda: t.Glm4MoeConfig(
+            **COMMON, intermediate_size=48, moe_intermediate_size=16, num_key_value_heads=2, n_routed_experts=6,
+            n_shared_experts=1, num_experts_per_tok=3, first_k_dense_replace=1, n_group=3, topk_group=2,
+            routed_scaling_factor=1.7, use_qk_norm=True, attention_bias=True),
+        # the options off: 3/4 of each head rotated, no q/k norm, no biases, no groups, no renormalisation
+        "glm4_moe_partial_3_4": lambda: t.Glm4MoeConfig(
+            **COMMON, intermediate_size=48, moe_intermediate_size=16, num_key_value_heads=4, n_routed_experts=5,
+            n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=2, n_group=1, topk_group=1,
+            norm_topk_prob=False, rope_parameters={"rope_type": "default", "rope_theta": 5e4,
+                                                   "partial_rotary_factor": 0.75}),
+        # MLA with a dense layer listed in mlp_layer_types, YaRN with GLM's mscale
+        "glm4_moe_lite": lambda: t.Glm4MoeLiteConfig(
+            **COMMON, **mla, intermediate_size=48, moe_intermediate_size=16, q_lora_rank=12, n_routed_experts=7,
+            n_shared_experts=1, num_experts_per_tok=2, routed_scaling_factor=1.8, max_position_embeddings=1024,
+            mlp_layer_types=["dense", "sparse", "sparse"],
+            rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0, "mscale": 1.0,
+                             "mscale_all_dim": 0.5, "original_max_position_embeddings": 128}),
+        # q/k RMSNorm over the whole projections, rotary_dim 4 of head_dim 8 (the released models' legacy key)
+        "minimax_m2": lambda: t.MiniMaxM2Config(
+            **COMMON, intermediate_size=16, num_key_value_heads=2, head_dim=8, rotary_dim=4, num_local_experts=7,
+            num_experts_per_tok=3, bos_token_id=1, eos_token_id=2),
+        "dots1": lambda: t.Dots1Config(
+            **COMMON, intermediate_size=48, moe_intermediate_size=16, num_key_value_heads=2, n_routed_experts=6,
+            n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=1, n_group=2, topk_group=1,
+            routed_scaling_factor=2.0, attention_bias=True),
+        # softmax + correction bias, MoE layers 1 and 3 of 4 (start 1, interval 2), tied embeddings, GQA 4:1
+        "ernie4_5_moe": lambda: t.Ernie4_5_MoeConfig(
+            **dict(COMMON, num_hidden_layers=4, tie_word_embeddings=True), intermediate_size=40,
+            moe_intermediate_size=16, num_key_value_heads=1, moe_num_experts=7, moe_k=3, moe_num_shared_experts=1,
+            moe_layer_start_index=1, moe_layer_end_index=3, moe_layer_interval=2),
+    }
+
+
+def _hf_model(cfg):
+    from transformers import AutoModelForCausalLM
+
+    cfg._attn_implementation = "eager"
+    cfg._experts_implementation = "eager"
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.2 if p.dim() > 1 else 0.1)
+        for name, b in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.05 * torch.randn_like(b))
+        for name, p in hf.named_parameters():  # ERNIE keeps its correction bias as a frozen parameter
+            if name.endswith("e_score_correction_bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+    return hf
+
+
+def _ids(b=2, s=9, seed=1):
+    return torch.randint(0, VOCAB, (b, s), generator=torch.Generator().manual_seed(seed))
+
+
+def _imported(family):
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config, weights_from_hf_model
+
+    cfg = _configs()[family]()
+    hf = _hf_model(cfg)
+    spec = model_spec_from_hf_config(cfg)
+    return cfg, hf, spec, weights_from_hf_model(hf, spec)
+
+
+# backend -> float32 tolerance (atol relative to the logits' scale), the one the other model tests use
+BACKENDS = {"reference": 2e-5, "torch": 2e-5, "onnx:portable": 5e-5}
+
+
+@pytest.mark.parametrize("family", sorted(_configs()))
+def test_logits_match_transformers_on_every_backend(family):
+    cfg, hf, spec, weights = _imported(family)
+    ids = _ids()
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+    graph = build_model_graph(spec)
+    for name, tol in BACKENDS.items():
+        if name == "reference":
+            got = interpret(graph, {"input_ids": ids}, weights)["logits"]
+        else:
+            backend = get_backend(name)
+            ok, reason = backend.supports(graph)
+            assert ok, reason
+            got = backend.prepare(graph, weights)(ids)["logits"]
+        assert got.shape == expected.shape == (2, 9, VOCAB)
+        print(f"max abs logits error {family} {name}: {float((got - expected).abs().max()):.2e}")  # -s: the table
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=tol * float(expected.abs().max()), msg=name)
+        assert torch.equal(got.argmax(-1), expected.argmax(-1)), name
+
+
+def _greedy_check(family, new_tokens=5):
+    """Greedy tokens of the torch backend's decode graph (every MLA cache layout) equal transformers' generate
+    on left-padded prompts of two lengths, and each step's logits its logits."""
+    from moe_ir.generation import greedy_generate
+    from moe_ir.model_builder import GraphForm, MLACacheLayout
+
+    cfg, hf, spec, weights = _imported(family)
+    prompts = _ids(2, 6, seed=4)
+    mask = torch.ones_like(prompts)
+    mask[1, :2] = 0  # the second prompt is 4 tokens, left-padded
+    with torch.no_grad():
+        out = hf.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                          output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    expected = out.sequences[:, prompts.shape[1]:]
+    layouts = list(MLACacheLayout) if spec.model.attention.kind.value == "mla" else [MLACacheLayout.EXPANDED]
+    backend = get_backend("torch")
+    for layout in layouts:
+        graph = build_model_graph(spec, form=GraphForm.DECODE, mla_cache=layout)
+        step = backend.prepare(graph, {k: v for k, v in weights.items() if k in graph.weights})
+        got = greedy_generate(step, graph, prompts, mask, max_new_tokens=new_tokens)
+        assert torch.equal(got.tokens, expected), layout
+        theirs = torch.stack(out.logits, dim=1)
+        torch.testing.assert_close(got.logits.float(), theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
+
+
+@pytest.mark.parametrize("family", sorted(_configs()))
+def test_greedy_generation_matches_transformers(family):
+    _greedy_check(family)
+
+
+def test_import_hf_model_cli_with_weights(tmp_path):
+    """`moe-ir import-hf --model --weights` on folders transformers saved (sharded), one per new family; the
+    imported spec and weights give transformers' logits through the reference interpreter."""
+    from moe_ir.cli import main
+    from moe_ir.frontends import load_model_spec
+    from moe_ir.params import load_weights
+
+    for family in ("qwen3_moe", "glm4_moe", "glm4_moe_lite", "minimax_m2", "dots1", "ernie4_5_moe"):
+        cfg = _configs()[family]()
+        hf = _hf_model(cfg)
+        folder = tmp_path / family
+        hf.save_pretrained(folder, max_shard_size="40KB")
+        spec_file, weights_file = tmp_path / f"{family}.yaml", tmp_path / f"{family}.safetensors"
+        assert main(["import-hf", str(folder), "--model", "--weights", str(folder), "-o", str(spec_file),
+                     "--weights-out", str(weights_file)]) == 0
+        spec = load_model_spec(spec_file)
+        graph = build_model_graph(spec)
+        ids = _ids()
+        with torch.no_grad():
+            expected = hf(input_ids=ids).logits
+        got = interpret(graph, {"input_ids": ids}, load_weights(weights_file, graph))["logits"]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-5 * float(expected.abs().max()), msg=family)
+
+
+# Layer schedules that are not "first k dense, then every n-th": each config against transformers' modules.
+def _schedule_configs():
+    import transformers as t
+
+    small = dict(COMMON, hidden_size=16, num_attention_heads=2, num_key_value_heads=2)
+    return {
+        # the bug this fixes: layers 1 of 3 MoE; layer 2 used to become MoE too
+        "qwen2_moe_sparse_step_2": lambda: t.Qwen2MoeConfig(
+            **small, intermediate_size=24, moe_intermediate_size=8, shared_expert_intermediate_size=8,
+            num_experts=3, num_experts_per_tok=2, decoder_sparse_step=2),
+        "qwen2_moe_step_2_of_6": lambda: t.Qwen2MoeConfig(
+            **dict(small, num_hidden_layers=6), intermediate_size=24, moe_intermediate_size=8,
+            shared_expert_intermediate_size=8, num_experts=3, num_experts_per_tok=2, decoder_sparse_step=2),
+        # a dense layer after an MoE layer
+        "qwen3_moe_mlp_only_2": lambda: t.Qwen3MoeConfig(
+            **dict(small, num_hidden_layers=4), intermediate_size=24, moe_intermediate_size=8, num_experts=3,
+            num_experts_per_tok=2, mlp_only_layers=[0, 2]),
+        "glm4_moe_lite_listed": lambda: t.Glm4MoeLiteConfig(
+            **dict(small, num_hidden_layers=5), intermediate_size=24, moe_intermediate_size=8, n_routed_experts=3,
+            n_shared_experts=1, num_experts_per_tok=2, kv_lora_rank=8, qk_rope_head_dim=4, v_head_dim=6,
+            qk_nope_head_dim=8, q_lora_rank=None, mlp_layer_types=["sparse", "dense", "sparse", "sparse", "dense"]),
+    }
+
+
+@pytest.mark.parametrize("family", sorted(_configs()) + sorted(_schedule_configs()))
+def test_dense_moe_pattern_equals_transformers_layers(family):
+    """Layer by layer, MoE where transformers' model builds an MoE block (one with experts), and the parameter
+    count equal (a dense layer read as MoE, or the reverse, changes it)."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config
+    from moe_ir.model_analysis import analyse_model
+
+    cfg = {**_configs(), **_schedule_configs()}[family]()
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(cfg)
+    theirs = [any(name.startswith("experts") for name, _ in layer.mlp.named_modules()) or
+              any(name.startswith("experts") for name, _ in layer.mlp.named_parameters())
+              for layer in hf.model.layers]
+    spec = model_spec_from_hf_config(cfg)
+    assert [spec.model.is_moe_layer(i) for i in range(cfg.num_hidden_layers)] == theirs
+    # ERNIE's correction bias is a frozen nn.Parameter, a buffer elsewhere: ours is never trained
+    assert analyse_model(spec).trainable_params == sum(p.numel() for name, p in hf.named_parameters()
+                                                       if not name.endswith("e_score_correction_bias"))
+
+
+def test_yarn_changes_what_plain_rope_gives():
+    """The YaRN test above is not passing by accident: the same weights under plain RoPE give other logits,
+    and the softmax correction alone moves them too."""
+    import dataclasses
+
+    _, hf, spec, weights = _imported("deepseek_v3_yarn")
+    ids = _ids()
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+    a = spec.model.attention
+    for attention in (dataclasses.replace(a, rope_scaling=None),
+                      dataclasses.replace(a, rope_scaling=dataclasses.replace(a.rope_scaling, softmax_mscale=False))):
+        plain = dataclasses.replace(spec, model=dataclasses.replace(spec.model, attention=attention))
+        got = interpret(build_model_graph(plain), {"input_ids": ids}, weights)["logits"]
+        assert float((got - expected).abs().max()) > 1e-3
+
+
+def test_yarn_numbers_by_hand():
+    """The released V3 section: attention factor mscale(40, 1) / mscale(40, 1) = 1, softmax scale
+    192^-0.5 (0.1 ln 40 + 1)^2; frequencies: dims below the ramp keep 1/theta^(2i/d), dims above it are
+    divided by the factor."""
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config
+    from moe_ir.ir.model_ops import rope_inverse_frequencies
+
+    cfg = _configs()["deepseek_v3_yarn"]().to_dict()
+    cfg.update(qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, kv_lora_rank=512, q_lora_rank=1536,
+               hidden_size=7168, num_attention_heads=128, max_position_embeddings=163840)
+    cfg["rope_parameters"] = {**V3_YARN, "original_max_position_embeddings": 4096}
+    spec = model_spec_from_hf_config(cfg)
+    graph = build_model_graph(spec)
+    attrs = next(n for n in graph.nodes if n.op.value == "mla_attention").attrs
+    assert attrs["rope_attention_factor"] == 1.0
+    assert attrs["softmax_scale"] == pytest.approx(192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2, rel=1e-12)
+    inv = rope_inverse_frequencies(attrs, 64, torch.float64)
+    plain = 1 / 10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    # ramp ends: floor(64 ln(4096/(32 2pi)) / (2 ln 1e4)) = 10 and ceil(... beta 1 ...) = 23; strictly between
+    assert torch.allclose(inv[:10], plain[:10]) and torch.allclose(inv[23:], plain[23:] / 40)
+    assert bool(((inv[11:23] < plain[11:23]) & (inv[11:23] > plain[11:23] / 40)).all())
+
+
+_RELEASED_YARN = {"beta_fast": 32, "beta_slow": 1, "factor": 40, "original_max_position_embeddings": 4096,
+                  "type": "yarn"}
+RELEASED = {  # values from the released config.json files (the keys the decoder reads)
+    "deepseek-v3.yaml": {
+        "model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+        "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
+        "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5,
+        "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
+        "num_experts_per_tok": 8, "first_k_dense_replace": 3, "moe_layer_freq": 1, "norm_topk_prob": True,
+        "scoring_func": "sigmoid", "aux_loss_alpha": 0.001, "seq_aux": True, "hidden_act": "silu",
+        "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "rope_theta": 10000,
+        "rope_scaling": {**_RELEASED_YARN, "mscale": 1.0, "mscale_all_dim": 1.0}, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "attention_bias": False},
+    "deepseek-v2-lite.yaml": {
+        "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
+        "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16,
+        "num_key_value_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64, "routed_scaling_factor": 1.0,
+        "kv_lora_rank": 512, "q_lora_rank": None, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        "qk_nope_head_dim": 128, "topk_method": "greedy", "n_group": 1, "topk_group": 1, "num_experts_per_tok": 6,
+        "first_k_dense_replace": 1, "moe_layer_freq": 1, "norm_topk_prob": False, "scoring_func": "softmax",
+        "aux_loss_alpha": 0.001, "seq_aux": True, "hidden_act": "silu", "max_position_embeddings": 163840,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000,
+        "rope_scaling": {**_RELEASED_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "attention_bias": False},
+}
+
+
+@pytest.mark.parametrize("spec_file", sorted(RELEASED))
+def test_released_config_imports_as_the_shipped_spec(spec_file):
+    """The shipped DeepSeek specs are the released models: YaRN included, as the importer reads it."""
+    from moe_ir.frontends import load_model_spec
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config
+    from moe_ir.model_spec import model_spec_to_dict
+
+    ours = load_model_spec(MODELS / spec_file)
+    assert ours.model.attention.rope_scaling is not None
+    imported = model_spec_from_hf_config(RELEASED[spec_file], name=ours.model.name)
+    strip = lambda d: {**d, "model": {k: v for k, v in d["model"].items() if k != "source"}}  # noqa: E731
+    assert strip(model_spec_to_dict(imported)) == strip(model_spec_to_dict(ours))
+
+
+@pytest.mark.parametrize("rope, words", [
+    ({"rope_type": "dynamic", "factor": 2.0}, "dynamic NTK scaling"),
+    ({"rope_type": "llama3", "factor": 8.0}, "Llama-3 frequency smoothing"),
+    ({"type": "linear", "factor": 2.0}, "linear position interpolation"),
+])
+def test_rope_scalings_not_modelled_name_what_is_missing(rope, words):
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config
+
+    cfg = _configs()["mixtral_yarn"]().to_dict()
+    cfg.pop("rope_parameters")
+    cfg["rope_scaling"] = rope
+    with pytest.raises(SpecError, match=words) as err:
+        model_spec_from_hf_config(cfg)
+    assert "supported" not in str(err.value)
+
+
+@pytest.mark.parametrize("model_type, words", [
+    ("granitemoe", "residual_multiplier"), ("flex_olmo", "post-norm"), ("exaone_moe", "sliding-window"),
+    ("dbrx", "p-norm"), ("hunyuan_v1_moe", "after RoPE"), ("afmoe", "dual norms"),
+])
+def test_families_not_modelled_name_the_missing_feature(model_type, words):
+    from moe_ir.frontends.hf.config import spec_from_hf_config
+
+    with pytest.raises(SpecError, match=words) as err:
+        spec_from_hf_config({"model_type": model_type, "hidden_size": 8})
+    assert err.value.path == "model_type" and "supported" not in str(err.value)
+
+
+@pytest.mark.parametrize("family, changes, key, words", [
+    ("qwen3_moe", {"use_sliding_window": True}, "use_sliding_window", "sliding-window"),
+    ("ernie4_5_moe", {"use_bias": True}, "use_bias", "LM head"),
+    ("glm4_moe", {"partial_rotary_factor": 0.1}, "partial_rotary_factor", "pairs"),
+    ("minimax_m2", {"router_jitter_noise": 0.1}, "router_jitter_noise", "jitter"),
+])
+def test_options_not_modelled_name_the_key(family, changes, key, words):
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config
+
+    cfg = {**_configs()[family]().to_dict(), **changes}
+    cfg.get("rope_parameters", {}).pop("partial_rotary_factor", None)
+    with pytest.raises(SpecError, match=words) as err:
+        model_spec_from_hf_config(cfg)
+    assert err.value.path == key
