@@ -280,3 +280,22 @@ def test_ort_decoder_says_why_it_keeps_standard_attention(tmp_path, capsys):
         notes = json.loads(capsys.readouterr().out)["notes"]
         assert any(n.startswith("ort: standard ops for layers.0.attn, layers.1.attn: ") and needle in n for n in notes)
         assert "GroupQueryAttention" not in {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+
+
+def test_build_decoder_options_are_checked(tmp_path, capsys, spec_dir):
+    from conftest import tiny_model_yaml
+    from test_generation import ATTENTION
+
+    (tmp_path / "m.yaml").write_text(tiny_model_yaml("gqa", ATTENTION["gqa-head-norm"]))
+    model, out = str(tmp_path / "m.yaml"), str(tmp_path / "out")
+    cases = [(["--backend", "onnx", "--mla-cache", "latent"], 2, "--mla-cache chooses the cache layout of a decoder "
+                                                                 "build; add --decoder"),
+             (["--backend", "onnx", "--decoder", "--mla-cache", "latent"], 2, "gqa has gqa attention"),
+             (["--backend", "triton", "--decoder"], 1, "backend 'triton' cannot build"),
+             ]
+    for argv, rc, needle in cases:
+        assert main(["build", model, "-o", out, *argv]) == rc
+        assert needle in capsys.readouterr().err
+    assert main(["build", str(spec_dir / "deepseekmoe-2b.yaml"), "--backend", "onnx", "--decoder", "-o", out]) == 2
+    assert "--decoder builds a whole model's decode graph; deepseekmoe-2b is a layer spec" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
