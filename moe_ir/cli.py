@@ -259,11 +259,16 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+# A checkpoint's tokenizer files (what GenAI, through onnxruntime-extensions, and transformers read), copied
+# into a decoder build when present.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
+
+
 def _checkpoint_source(folder: Path, args: argparse.Namespace):
     """(spec, weights, decoder build options) of a Hugging Face checkpoint folder given as build's SPEC: the
     special token ids and context length of its config.json and the tokenizer files beside it go into a
     decoder build (genai_config.json, copies)."""
-    from .backends.onnx.genai import TOKENIZER_FILES
     from .frontends.hf.checkpoint import load_hf_checkpoint
 
     if not (folder / "config.json").is_file():

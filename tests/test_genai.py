@@ -17,6 +17,7 @@ import torch
 from moe_ir.cli import main
 from moe_ir.frontends import load_model_spec_text
 from moe_ir.generation import greedy_generate, reference_step
+from moe_ir.interpreter import interpret
 from moe_ir.model_builder import GraphForm, build_model_graph
 from moe_ir.params import init_weights
 
@@ -170,3 +171,25 @@ def test_a_config_that_does_not_match_the_decoder_is_one_clear_error(change, nee
         assert main(["generate", str(folder), "--backend", backend, "--prompt-ids", "1 2"]) == 1
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1, err
+
+
+def test_genai_logits_at_every_position_equal_the_reference_prefill(tmp_path, capsys):
+    """Decode equals prefill through GenAI: the prompt's logits, then one appended token at a time (the
+    same sequence, fed back), each call's logits against one reference prefill of the whole sequence."""
+    text = tiny_model_yaml("gqa16", GENAI_ATTENTION["gqa16-ort"])
+    (tmp_path / "m.yaml").write_text(text)
+    folder = build_decoder(tmp_path / "m.yaml", tmp_path / "out", "--flavour", "ort")
+    spec = load_model_spec_text(text)
+    weights = init_weights(build_model_graph(spec), 0)
+    ids = torch.randint(1, VOCAB, (1, 9), generator=torch.Generator().manual_seed(11))
+    prefill = interpret(build_model_graph(spec), {"input_ids": ids}, weights, dtype=torch.float64)["logits"][0]
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=12, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids[:, :5].numpy().astype(np.int32))
+    got = [torch.from_numpy(np.array(generator.get_output("logits")))[0]]       # [5, V]
+    for t in range(5, 9):
+        generator.append_tokens(ids[:, t:t + 1].numpy().astype(np.int32))
+        got.append(torch.from_numpy(np.array(generator.get_output("logits")))[0])   # [1, V]
+    torch.testing.assert_close(torch.cat(got).double(), prefill, rtol=1e-4, atol=1e-4)

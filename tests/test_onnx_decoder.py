@@ -299,3 +299,22 @@ def test_ort_group_query_attention_with_yarn_and_partial_rotary():
     run = greedy_generate(step, graph, prompts, mask, max_new_tokens=NEW_TOKENS)
     assert torch.equal(run.tokens, expected.tokens)
     torch.testing.assert_close(run.logits, expected.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_build_decoder_options_are_checked(tmp_path, capsys, spec_dir):
+    from conftest import tiny_model_yaml
+    from test_generation import ATTENTION
+
+    (tmp_path / "m.yaml").write_text(tiny_model_yaml("gqa", ATTENTION["gqa-head-norm"]))
+    model, out = str(tmp_path / "m.yaml"), str(tmp_path / "out")
+    cases = [(["--backend", "onnx", "--mla-cache", "latent"], 2, "--mla-cache chooses the cache layout of a decoder "
+                                                                 "build; add --decoder"),
+             (["--backend", "onnx", "--decoder", "--mla-cache", "latent"], 2, "gqa has gqa attention"),
+             (["--backend", "triton", "--decoder"], 1, "backend 'triton' cannot build"),
+             ]
+    for argv, rc, needle in cases:
+        assert main(["build", model, "-o", out, *argv]) == rc
+        assert needle in capsys.readouterr().err
+    assert main(["build", str(spec_dir / "deepseekmoe-2b.yaml"), "--backend", "onnx", "--decoder", "-o", out]) == 2
+    assert "--decoder builds a whole model's decode graph; deepseekmoe-2b is a layer spec" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -37,9 +37,6 @@ PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
 # GenAI's generic decoder-only model type: no family-specific input handling.
 MODEL_TYPE = "decoder"
 DEFAULT_CONTEXT_LENGTH = 4096
-# Tokenizer files GenAI (through onnxruntime-extensions) and transformers read, copied in when present.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
 
 
 def genai_refusal(graph: Graph) -> str:
