@@ -248,6 +248,11 @@ def run_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     source = load_source(args.source, args.weights)
     spec = source.spec
+    quantizing = bool(getattr(args, "quantize", None))
+    if quantizing:
+        from .cli import quantized_spec
+
+        spec = quantized_spec(spec, args.quantize)
     is_mla = spec.model.attention.kind == AttentionKind.MLA
     if args.mla_cache is not None and not is_mla:
         raise UsageError(f"--mla-cache chooses an MLA model's cache layout; {spec.name} has "
@@ -270,6 +275,10 @@ def run_generate(args: argparse.Namespace) -> int:
     if weights is None:
         ensure_memory_for(full, "initialising random weights")
         weights = init_weights(full, args.weights_seed)
+    elif quantizing:  # float weights of the source, quantized as the option says
+        from .quantization import quantize_weights
+
+        weights = quantize_weights(full, weights)
     graph = run_pipeline(full, backend.pipeline)
     ok, reason = backend.supports(graph)
     if not ok:
