@@ -121,3 +121,74 @@ def test_backends_without_quantized_kernels_say_so(name):
         pytest.skip(f"{name} unavailable: {err}")
     ok, reason = backend.supports(run_pipeline(graph, backend.pipeline))
     assert not ok and ("quantized" in reason or "dequantize" in reason or "int4" in reason), reason
+
+
+# ------------------------------------------------------------------------------------------------
+# ONNX
+
+
+@pytest.mark.parametrize("fmt,symmetric,block", CASES[:4])
+def test_onnx_portable_dequantize_linear_equals_the_reference(tmp_path, fmt, symmetric, block):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    graph, weights = quantized_layer(fmt, symmetric, block)
+    spec = spec_from_dict({**LAYER, "quantization": {"format": fmt, "block": block, "symmetric": symmetric}})
+    backend = get_backend("onnx:portable")
+    piped = run_pipeline(graph, backend.pipeline)
+    assert backend.supports(piped) == (True, "")
+    run = backend.prepare(piped, weights)
+    for tokens in (1, 6):
+        x = inputs(tokens)
+        ref = interpret(graph, {"x": x}, weights, dtype=torch.float64)["out"]
+        torch.testing.assert_close(run(x)["out"].double(), ref, **TOL)
+    result = backend.build(spec, piped, weights, tmp_path / "onnx")
+    model = onnx.load(str(next(p for p in result.files if p.suffix == ".onnx")))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 21
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 5 * 3 + 3  # every routed expert's gate/up/down, and the shared expert's
+    assert all(next(a.i for a in n.attribute if a.name == "block_size") == block for n in dq)
+    big_float = [i.name for i in model.graph.initializer
+                 if i.data_type == onnx.TensorProto.FLOAT and np_size(i) >= 16 * 48]
+    assert not big_float, big_float  # no float copy of a weight matrix: codes and scales only
+
+
+def np_size(init) -> int:
+    n = 1
+    for d in init.dims:
+        n *= d
+    return n
+
+
+def test_onnx_portable_quantized_model():
+    pytest.importorskip("onnxruntime")
+    text = {"model": {"name": "qo", "vocab_size": 64, "hidden": 32, "layers": 2, "first_dense": 1, "dense_width": 32,
+                      "attention": {"kind": "gqa", "heads": 4, "kv_heads": 2, "head_dim": 8}},
+            "moe": {"experts": {"routed": 4, "shared": 1, "width": 16, "top_k": 2}},
+            "quantization": {"format": "int8", "block": 16,
+                             "weights": {"attention": True, "dense_ffn": True, "embeddings": True, "head": True}}}
+    graph = build_model_graph(model_spec_from_dict(text), routing=True)
+    weights = init_weights(graph, 0)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    ref = interpret(graph, {"input_ids": ids}, weights, dtype=torch.float64)["logits"]
+    backend = get_backend("onnx:portable")
+    got = backend.prepare(run_pipeline(graph, backend.pipeline), weights)(ids)["logits"]
+    torch.testing.assert_close(got.double(), ref, **TOL)
+
+
+@pytest.mark.parametrize("name,words", [("onnx:ort", "QMoE"), ("onnx:plugin", "float expert weights"),
+                                        ("tensorrt", "u8")])
+def test_onnx_flavours_without_quantized_lowering_say_so(name, words):
+    graph, _ = quantized_layer("int4", True, 16)
+    try:
+        backend = get_backend(name)
+    except Exception as err:
+        pytest.skip(f"{name} unavailable: {err}")
+    ok, reason = backend.supports(run_pipeline(graph, backend.pipeline))
+    assert not ok and words in reason, reason
+
+
+def test_onnx_refuses_fp8_tiles():
+    graph, _ = quantized_layer("fp8_e4m3", True, 16)
+    backend = get_backend("onnx:portable")
+    ok, reason = backend.supports(run_pipeline(graph, backend.pipeline))
+    assert not ok and "fp8_e4m3" in reason
