@@ -586,17 +586,23 @@ def unpack_int4(packed):
 def dequantize_weight(qweight, scales, zeros, fmt, block):
     """The float weight [..., N, K] in the scales' dtype: (code - zero) * scale per block of input columns
     (zero 8 for symmetric int4, 0 for symmetric int8); fp8_e4m3: value * scale per block x block tile. The
-    same products as the reference's, so the values are identical."""
+    same products as the reference's (code - zero is an exact small integer in float), so the values are
+    identical; blocks broadcast against their scale instead of repeating it over the columns."""
     if fmt == "fp8_e4m3":
         n, k = qweight.shape[-2:]
         tiles = scales.repeat_interleave(block, dim=-2)[..., :n, :].repeat_interleave(block, dim=-1)[..., :k]
         return qweight.to(scales.dtype) * tiles
-    codes = unpack_int4(qweight) if fmt == "int4" else qweight
-    if zeros is not None:
-        zero = zeros.repeat_interleave(block, dim=-1).to(torch.int16)
+    dtype = scales.dtype
+    if fmt == "int4":
+        codes = torch.stack(((qweight & 0xF).to(dtype), (qweight >> 4).to(dtype)), dim=-1)
     else:
-        zero = 8 if fmt == "int4" else 0
-    return (codes.to(torch.int16) - zero).to(scales.dtype) * scales.repeat_interleave(block, dim=-1)
+        codes = qweight.to(dtype)
+    blocks = codes.reshape(*scales.shape, block)
+    if zeros is not None:
+        blocks = blocks - zeros.to(dtype).unsqueeze(-1)
+    elif fmt == "int4":
+        blocks = blocks - 8.0
+    return (blocks * scales.unsqueeze(-1)).reshape(*qweight.shape[:-1], -1)
 
 
 def int4_matmul_takes(qweight, fmt, block):
