@@ -43,6 +43,7 @@ from moe_ir.ir import MODEL_INPUT, MODEL_OUTPUT, Graph, GraphKind, OpCode, from_
 from moe_ir.model_builder import decode_contract_problem, is_decode_graph
 from moe_ir.model_spec import ModelSpec
 from moe_ir.passes import run_pipeline
+from moe_ir.quantization import quantized_formats
 from moe_ir.spec import LayerSpec
 from .base import Backend, BuildResult, Runner, check_token_ids
 from .integrity import append_manifest, verify_archive
@@ -337,6 +338,10 @@ class AotiBackend(Backend):
         problem = decode_contract_problem(graph) if is_decode_graph(graph) else graph.contract_problem()
         if problem:
             return False, problem
+        formats = quantized_formats(graph)
+        if formats:
+            return False, (f"quantized weights ({', '.join(sorted(f.value for f in formats))}) are not exported to an "
+                           "AOTInductor package yet; the torch and compile backends run them")
         if any(n.op == OpCode.BALANCE_LOSS for n in _lowered(graph).nodes):
             return False, "balance losses are training outputs; aoti packages inference graphs"
         missing = unsupported_ops(graph)

@@ -75,6 +75,47 @@ def _expert_ffns_shape(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down,
     return x.new_empty(rows.shape[0], x.shape[1])
 
 
+@torch.library.custom_op("moe_ir::packed_expert_ffns", mutates_args=())
+def packed_expert_ffns(x: torch.Tensor, rows: torch.Tensor, group_sizes: torch.Tensor, up: list[torch.Tensor],
+                       down: list[torch.Tensor], gate: list[torch.Tensor], b_up: torch.Tensor | None,
+                       b_down: torch.Tensor | None, b_gate: torch.Tensor | None, fmt: str, block: int,
+                       activation: str) -> torch.Tensor:
+    """torch_kernels.grouped_ffn_packed as one opaque op, for the reason `expert_ffns` is one. A packed weight
+    travels as its tensors [qweight, scales, zeros?, int4 codes?, int4 scales?] with `has_*` told by length:
+    custom ops take lists of tensors, not the kernels' tuples."""
+    return K.grouped_ffn_packed(x, rows, group_sizes, _packed(up, fmt, block), _packed(down, fmt, block),
+                                _packed(gate, fmt, block), b_up, b_down, b_gate, activation)
+
+
+@packed_expert_ffns.register_fake
+def _packed_expert_ffns_shape(x, rows, group_sizes, up, down, gate, b_up, b_down, b_gate, fmt, block, activation):
+    return x.new_empty(rows.shape[0], x.shape[1])
+
+
+def _flat(w) -> list[torch.Tensor]:
+    """A packed weight (torch_kernels.packed_weight) as the list packed_expert_ffns takes: qweight, scales,
+    then zeros (an empty tensor when absent) and, when present, the int4 matmul's codes and scales."""
+    if w is None:
+        return []
+    qweight, scales, zeros, _, _, codes, layout = w
+    return [qweight, scales, zeros if zeros is not None else qweight.new_empty(0)] + \
+        ([codes, layout] if codes is not None else [])
+
+
+def _packed(parts: list[torch.Tensor], fmt: str, block: int):
+    if not parts:
+        return None
+    zeros = parts[2] if parts[2].numel() else None
+    codes, layout = (parts[3], parts[4]) if len(parts) == 5 else (None, None)
+    return (parts[0], parts[1], zeros, fmt, block, codes, layout)
+
+
+def packed_expert_op(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation):
+    """grouped_ffn_packed's signature over the opaque op (what the compiled module's packed kernel is)."""
+    return torch.ops.moe_ir.packed_expert_ffns(x, rows, group_sizes, _flat(w_up), _flat(w_down), _flat(w_gate),
+                                               b_up, b_down, b_gate, w_up[3], w_up[4], activation)
+
+
 def compile_settings():
     """The inductor settings every call of a compiled runner runs under (recompiles included): `freezing`.
 
@@ -111,6 +152,7 @@ class CompiledRunner:
                  compiler: str = "inductor"):
         self.module = module.eval()
         module.grouped_ffn_kernel = torch.ops.moe_ir.expert_ffns
+        module.packed_ffn_kernel = packed_expert_op
         # fullgraph: a graph break would split the layer into pieces compiled apart (and, frozen, each
         # holding its own constants); it is an error, not a slowdown. `compiler` is torch.compile's backend
         # ("eager" traces with dynamo alone, for checks that need no generated code).
@@ -161,6 +203,7 @@ class CompiledDecodeRunner:
                  compiler: str = "inductor"):
         self.module = module.eval()
         module.grouped_ffn_kernel = torch.ops.moe_ir.expert_ffns
+        module.packed_ffn_kernel = packed_expert_op
         self.entries = module.cache_entries
         self.input_names = [v.name for v in module.graph.inputs]
         self.compiled = torch.compile(own_forward(module, "step"), backend=compiler, fullgraph=True,

@@ -15,6 +15,7 @@ into model.py beside the kernels they call.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -24,10 +25,10 @@ from moe_ir.errors import BackendError
 from moe_ir.ir import ElemType, Graph, LossKind, Node, OpCode, ValueKind
 from .torch_kernels import (attention, cached_attention, cached_mla_attention, combine, device_loss, dispatch,
                             dispatch_capacity, embedding, expert_choice,
-                            expert_loss, ffn, grouped_ffn, mla_attention, rms_norm, route_topk, router_logits,
-                            router_noise, scale_weights, score, sequence_loss, sigmoid_gate, sparsemixer_route,
-                            split_gate_up,
-                            switch_loss, z_loss)
+                            expert_loss, ffn, ffn_packed, grouped_ffn, grouped_ffn_packed, is_packed, mla_attention,
+                            packed_linear, packed_weight, rms_norm, route_topk, router_logits, router_noise,
+                            scale_weights, score, sequence_loss, sigmoid_gate, sparsemixer_route, split_gate_up,
+                            switch_loss, unpacked, z_loss)
 
 # ---------------------------------------------------------------------------------------------------
 # op functions: a node's operands in the op's port order, then its attributes as plain values
@@ -44,7 +45,9 @@ def restore_tokens(y, like):
 
 
 def linear(x, w, b, out_dtype):
-    """x @ w.T (+ b) in out_dtype (float64 inputs stay float64)."""
+    """x @ w.T (+ b) in out_dtype (float64 inputs stay float64); w may be a packed quantized weight (a head)."""
+    if is_packed(w):
+        return packed_linear(x.to(torch.float64 if x.dtype == torch.float64 else out_dtype), w, b)
     y = router_logits(x, w, out_dtype)
     return y if b is None else y + b.to(y.dtype)
 
@@ -64,15 +67,21 @@ def combine_rows(y, rows, row_weights, like):
     return combine(y, rows, row_weights, like.shape[0])
 
 
-def expert_ffns(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation, layout, expert_kernel):
+def expert_ffns(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation, layout, expert_kernel,
+                packed_expert_kernel):
     """The grouped expert FFN of a node: gate/up of a fused layout split into views, then `expert_kernel`
-    (grouped_ffn, or what a backend swaps in for it, with grouped_ffn's signature)."""
+    (grouped_ffn, or what a backend swaps in for it, with grouped_ffn's signature); quantized experts take
+    `packed_expert_kernel` (grouped_ffn_packed or its swap)."""
+    if is_packed(w_up):  # quantized experts (never gate/up fused: the fusion leaves quantized weights alone)
+        return packed_expert_kernel(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation)
     w_up, w_gate, b_up, b_gate = split_gate_up(w_up, w_gate, b_up, b_gate, activation, layout)
     return expert_kernel(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation)
 
 
 def dense_ffn(x, w_up, w_down, w_gate, b_up, b_down, b_gate, activation, layout):
     """One FFN (a shared expert, several fused, or a dense layer's), gate/up of a fused layout split first."""
+    if is_packed(w_up):
+        return ffn_packed(x, w_up, w_down, w_gate, b_up, b_down, b_gate, activation)
     w_up, w_gate, b_up, b_gate = split_gate_up(w_up, w_gate, b_up, b_gate, activation, layout)
     return ffn(x, w_up, w_down, w_gate, b_up, b_down, b_gate, activation)
 
@@ -113,13 +122,13 @@ def fused_moe(x, w_router, bias, w_up, w_down, w_gate, b_up, b_down, b_gate, sco
     scores = score(router_logits(x, w_router, router_dtype), score_fn)
     expert_idx, weights = topk_route(scores, bias, k, groups, kept, group_score)
     weights = scale_weights(weights, normalize, scale)
+    experts = w_up[0].shape[0] if is_packed(w_up) else w_up.shape[0]
     if capacity_factor is None:
-        rows, row_weights, group_sizes = dispatch(expert_idx, weights, w_up.shape[0])
+        rows, row_weights, group_sizes = dispatch(expert_idx, weights, experts)
     else:
-        rows, row_weights, group_sizes = dispatch_capacity(expert_idx, weights, w_up.shape[0], capacity_factor,
-                                                           drop_rule)
+        rows, row_weights, group_sizes = dispatch_capacity(expert_idx, weights, experts, capacity_factor, drop_rule)
     y = expert_ffns(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation, layout,
-                    expert_kernel)
+                    expert_kernel, grouped_ffn_packed)
     return combine(y, rows, row_weights, x.shape[0]), expert_idx, weights
 
 
@@ -132,20 +141,28 @@ RUNTIME_ARGS = {
     "training": "whether the module is training (router noise is training-only)",
     "generator": "the torch.Generator of the router noise (None: the global RNG)",
     "expert_kernel": "the grouped expert FFN kernel (torch_kernels.grouped_ffn unless a backend swaps it)",
+    "packed_expert_kernel": "the grouped expert FFN kernel on quantized experts (torch_kernels.grouped_ffn_packed "
+                            "unless a backend swaps it)",
+    "int4_activations": "None: quantized weights compute exactly in float32; \"bf16\": int4 decode runs torch's "
+                        "int4 matmul on bfloat16 activations (torch_kernels.packed_weight)",
 }
 
 
 @dataclass(frozen=True)
 class OpCall:
     """One node as a call: fn(*operands, *attrs, *[runtime value of each name in `runtime`]).
-    `attrs` are plain values (model.py writes them as literals); `keywords` are attrs passed by name."""
+    `attrs` are plain values (model.py writes them as literals); `keywords` are attrs passed by name;
+    `unpack`: the operands that are quantized weights the function reads whole, passed through `unpacked`."""
 
     fn: Callable[..., Any]
     attrs: tuple = ()
     runtime: tuple[str, ...] = ()
     keywords: tuple[tuple[str, Any], ...] = ()
+    unpack: tuple[int, ...] = ()
 
     def __call__(self, operands: list, runtime: Mapping[str, Any]) -> Any:
+        if self.unpack:
+            operands = [unpacked(v) if i in self.unpack else v for i, v in enumerate(operands)]
         extra = [runtime[name] for name in self.runtime] if self.runtime else ()
         if self.keywords:
             return self.fn(*operands, *self.attrs, *extra, **dict(self.keywords))
@@ -231,7 +248,7 @@ TORCH_OPS: dict[OpCode, Callable[[Node], OpCall]] = {
     OpCode.SCALE_WEIGHTS: lambda n: OpCall(scale_weights, (n.attrs["normalize"], n.attrs["scale"])),
     OpCode.DISPATCH: _dispatch,
     OpCode.EXPERT_CHOICE_ROUTE: lambda n: OpCall(expert_choice, (n.attrs["capacity_factor"], n.attrs["top_k"])),
-    OpCode.GROUPED_FFN: lambda n: OpCall(expert_ffns, _ffn_attrs(n), ("expert_kernel",)),
+    OpCode.GROUPED_FFN: lambda n: OpCall(expert_ffns, _ffn_attrs(n), ("expert_kernel", "packed_expert_kernel")),
     OpCode.COMBINE: lambda n: OpCall(combine_rows),
     OpCode.FFN: lambda n: OpCall(dense_ffn, _ffn_attrs(n)),
     OpCode.SIGMOID_GATE: lambda n: OpCall(sigmoid_gate),
@@ -247,10 +264,17 @@ TORCH_OPS: dict[OpCode, Callable[[Node], OpCall]] = {
     OpCode.CACHED_ATTENTION: lambda n: OpCall(cached_attention, _attention(n).attrs),
     OpCode.CACHED_MLA_ATTENTION: lambda n: OpCall(cached_mla_attention,
                                                   _mla_attention(n).attrs + (_plain(n.attrs["cache_layout"]),)),
+    OpCode.DEQUANTIZE: lambda n: OpCall(packed_weight, (_plain(n.attrs["format"]), n.attrs["block"]),
+                                        ("int4_activations",)),
 }
 
+# Ops whose functions take a packed quantized weight (moe_ir.quantization) where they take a weight; any
+# other op reading a DEQUANTIZE output gets it dequantized whole (`OpCall.unpack`).
+TAKES_PACKED = frozenset({OpCode.LINEAR, OpCode.FFN, OpCode.GROUPED_FFN, OpCode.FUSED_MOE})
+
 # The run-time arguments of an inference run (what AOTI exports, what the Triton backend folds with).
-INFERENCE_RUNTIME: Mapping[str, Any] = {"training": False, "generator": None, "expert_kernel": grouped_ffn}
+INFERENCE_RUNTIME: Mapping[str, Any] = {"training": False, "generator": None, "expert_kernel": grouped_ffn,
+                                         "packed_expert_kernel": grouped_ffn_packed, "int4_activations": None}
 
 
 def unsupported_ops(graph: Graph, table: Mapping[OpCode, Any] = TORCH_OPS) -> list[str]:
@@ -261,7 +285,13 @@ def lower_node(node: Node) -> OpCall:
     rule = TORCH_OPS.get(node.op)
     if rule is None:
         raise BackendError(f"node '{node.name}': the torch backends have no implementation of op {node.op.value}")
-    return rule(node)
+    call = rule(node)
+    if node.op not in TAKES_PACKED:
+        unpack = tuple(i for i, v in enumerate(node.inputs)
+                       if v is not None and v.producer is not None and v.producer.op == OpCode.DEQUANTIZE)
+        if unpack:
+            return dataclasses.replace(call, unpack=unpack)
+    return call
 
 
 def node_results(node: Node, result: Any) -> tuple:

@@ -174,17 +174,37 @@ def spec_graph(spec, *, training: bool = False, decoder: bool = False, mla_cache
 
 def prepare_for_backend(spec, backend, *, seed: int = 0, weights_path: str | None = None,
                         notes: list[str] | None = None, allow_narrowing: bool = False, decoder: bool = False,
-                        mla_cache: str = "expanded", weights=None):
+                        mla_cache: str = "expanded", weights=None, quantization_errors: list | None = None):
     """(graph after the backend's pipeline, weights for it): what build lowers, for a layer or a model spec.
     `allow_narrowing`: the run asked for a lower precision than the weights file holds (`--precision`);
-    `weights`: canonical weights already read (a checkpoint folder's) instead of a file or a seeded init."""
+    `weights`: canonical weights already read (a checkpoint folder's) instead of a file or a seeded init.
+    A quantized spec takes a file of quantized weights, or float ones which are quantized here; each
+    quantized tensor's error against its float weight goes to `quantization_errors` (when the float
+    weights are known)."""
     from .params import ensure_memory_for, init_weights, load_weights
     from .passes import run_pipeline
 
-    full = spec_graph(spec, training=backend.lowers_training_graph and not decoder, decoder=decoder,
-                      mla_cache=mla_cache)
+    training = backend.lowers_training_graph and not decoder
+    full = spec_graph(spec, training=training, decoder=decoder, mla_cache=mla_cache)
     if weights is None:
         ensure_memory_for(full, f"loading {weights_path}" if weights_path else "initialising random weights")
+    if getattr(spec, "quantization", None) is not None:
+        from .quantization import load_quantized_weights, quantization_errors as errors_of, quantize_weights
+        from .quantization import with_quantization
+
+        float_graph = spec_graph(with_quantization(spec, None), training=training, decoder=decoder,
+                                 mla_cache=mla_cache)
+        if weights is not None:
+            float_weights = weights
+            weights = quantize_weights(full, float_weights)
+        elif weights_path:
+            weights, float_weights = load_quantized_weights(weights_path, full, float_graph, notes=notes)
+        else:
+            float_weights = init_weights(float_graph, seed)
+            weights = quantize_weights(full, float_weights)
+        if float_weights is not None and quantization_errors is not None:
+            quantization_errors.extend(errors_of(full, float_weights, weights))
+    elif weights is None:
         weights = (load_weights(weights_path, full, notes=notes, allow_narrowing=allow_narrowing) if weights_path
                    else init_weights(full, seed))
     graph = run_pipeline(full, backend.pipeline)
@@ -193,6 +213,21 @@ def prepare_for_backend(spec, backend, *, seed: int = 0, weights_path: str | Non
 
 # `build --precision` names -> spec dtypes
 PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def quantized_spec(spec, option: str | None):
+    """The spec with `--quantize FORMAT[:BLOCK][:asym]` applied (the routed and shared experts), or as it is."""
+    if not option:
+        return spec
+    from .quantization import parse_quantize_option, with_quantization
+
+    if spec.quantization is not None:
+        raise UsageError(f"--quantize {option}: the spec already has a quantization section "
+                         f"({spec.quantization.format.value}); drop one of the two")
+    try:
+        return with_quantization(spec, parse_quantize_option(option))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -231,12 +266,20 @@ def _cmd_build(args: argparse.Namespace) -> int:
         from .validate import with_dtype
 
         spec = with_dtype(spec, PRECISION_DTYPES[args.precision])
+    spec = quantized_spec(spec, args.quantize)
     weight_notes: list[str] = []
+    errors: list = []
     graph, weights = prepare_for_backend(spec, backend, seed=args.seed, weights_path=args.weights, notes=weight_notes,
                                          allow_narrowing=args.precision is not None, decoder=args.decoder,
-                                         mla_cache=args.mla_cache or "expanded", weights=source_weights)
+                                         mla_cache=args.mla_cache or "expanded", weights=source_weights,
+                                         quantization_errors=errors)
     for note in weight_notes:
         print(f"note: {note}", file=sys.stderr)
+    if errors:
+        from .quantization import error_table
+
+        print(f"quantization error per tensor ({graph.meta.get('quantization', '')}):\n{error_table(errors)}",
+              file=sys.stderr)
     ok, reason = backend.supports(graph)
     if not ok:
         raise BackendError(f"backend '{backend.name}' cannot build {args.spec}: {reason}")
@@ -346,7 +389,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     if args.tokens < 1 or args.batch < 1:  # before the memory check, which would take the product as a size
         raise UsageError(f"--tokens and --batch must be at least 1, got tokens {args.tokens}, batch {args.batch}")
-    spec = _load_spec(args.spec)
+    spec = quantized_spec(_load_spec(args.spec), args.quantize)
     is_model = isinstance(spec, ModelSpec)
     if args.shrink is not None:
         if args.weights:
@@ -381,15 +424,56 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         raise WeightsError(f"{err}; or check the routing at a smaller size with --shrink 64") from None
     notes: list[str] = []
     # --dtype asks for the run's precision, so a file in a wider dtype is cast to it (with a note).
-    weights = load_weights(args.weights, graph, notes=notes, allow_narrowing=True) if args.weights else None
+    float_weights = None
+    if spec.quantization is not None and args.weights:
+        from .quantization import load_quantized_weights, with_quantization
+
+        float_spec = with_dtype(with_quantization(spec, None), args.dtype)
+        float_graph = build_model_graph(float_spec, routing=True) if is_model else build_graph(float_spec)
+        weights, float_weights = load_quantized_weights(args.weights, graph, float_graph, notes=notes)
+    else:
+        weights = load_weights(args.weights, graph, notes=notes, allow_narrowing=True) if args.weights else None
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     report = (validate_model if is_model else validate)(
         spec, backends, tokens=args.tokens, batch=args.batch, dtype=args.dtype, seed=args.seed, weights=weights,
         strict_support=bool(args.backends), progress=lambda line: print(f"validate: {line}", file=sys.stderr, flush=True),
         **({"generate": args.generate, "mla_cache": args.mla_cache} if is_model else {}))
+    if spec.quantization is not None:
+        report.quantization = _quantization_accuracy(spec, args, graph, weights, float_weights)
     print(report.to_json() if args.json else report.to_table())
     return 0 if report.ok else 1
+
+
+def _quantization_accuracy(spec, args: argparse.Namespace, graph, weights, float_weights):
+    """The quantized spec against its float form on validate's input (the same seed and sizes), in the float64
+    reference: None when the weights file held quantized weights only (no float model to compare with)."""
+    import torch
+
+    from .builder import build_graph
+    from .model_builder import build_model_graph
+    from .model_spec import ModelSpec
+    from .params import init_weights
+    from .quantization import accuracy_report, with_quantization
+    from .validate import with_dtype
+
+    if args.weights and float_weights is None:
+        print("note: the weights file holds quantized weights; no float model to report the quantization against",
+              file=sys.stderr)
+        return None
+    float_spec = with_dtype(with_quantization(spec, None), args.dtype)
+    gen = torch.Generator().manual_seed(args.seed + 1)  # validate's input
+    if isinstance(spec, ModelSpec):
+        float_graph = build_model_graph(float_spec, routing=True)
+        inputs = {"input_ids": torch.randint(0, spec.model.vocab_size, (args.batch, args.tokens), generator=gen)}
+    else:
+        float_graph = build_graph(float_spec)
+        inputs = {"x": torch.randn(args.batch, args.tokens, spec.hidden, generator=gen, dtype=torch.float64)}
+    if float_weights is None:
+        float_weights = init_weights(float_graph, args.seed)
+    if weights is None:
+        weights = init_weights(graph, args.seed)
+    return accuracy_report(float_graph, float_weights, graph, weights, inputs)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -424,6 +508,9 @@ MAX_CONTEXT = 1_000_000_000
 # validate's dtypes, stated here so that `moe-ir --help` need not import the harness (and torch);
 # tests/test_cli.py checks they are validate.TOLERANCES' keys.
 VALIDATE_DTYPES = ("float64", "float32", "float16", "bfloat16")
+QUANTIZE_HELP = ("block-quantize the routed and shared experts: int8, int4 or fp8_e4m3, then the block size (default "
+                 "32; fp8: 128) and :asym for zero points, e.g. int4:32 (a spec's `quantization:` section chooses "
+                 "other weights)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -473,6 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", metavar="FILE", help="safetensors weights (default: seeded random init)")
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="seed of the random init (default 0)")
     p.add_argument("--flavour", choices=("portable", "ort", "plugin"), help="ONNX flavour (onnx backend)")
+    p.add_argument("--quantize", metavar="FORMAT[:BLOCK]", help=QUANTIZE_HELP)
     p.add_argument("--profile", metavar="MIN,OPT,MAX", help="token-count optimisation profile (tensorrt)")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="network precision (tensorrt)")
     p.add_argument("--external-data", action="store_true", help="ONNX weights in a .data file beside the model")
@@ -497,6 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "backend and its default variants")
     # Any size parses; below 1 is refused by the harness, above what fits by the memory check (with sizes).
     p.add_argument("--tokens", type=int, default=16, help="tokens per sequence (default 16)")
+    p.add_argument("--quantize", metavar="FORMAT[:BLOCK]", help=QUANTIZE_HELP + "; the report adds the quantized "
+                   "model against the float one")
     p.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
     p.add_argument("--dtype", default="float32", choices=VALIDATE_DTYPES)
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
@@ -528,6 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "onnx:portable, onnx:ort; onnx:<flavour> and genai also run a folder `build --backend onnx "
                         "--decoder` wrote (genai: that folder only)")
     p.add_argument("--weights", metavar="FILE", help="safetensors weights of a spec file (default: seeded random)")
+    p.add_argument("--quantize", metavar="FORMAT[:BLOCK]", help=QUANTIZE_HELP)
     p.add_argument("--prompt-ids", metavar="IDS", help='token ids of one prompt, e.g. "1 2 3"')
     p.add_argument("--prompt-file", metavar="FILE", help="one prompt of token ids a line: a batch, left-padded")
     p.add_argument("--prompt", metavar="TEXT", help="text, with the source folder's tokenizer.json")

@@ -328,9 +328,10 @@ def _run_decoder_folder(args: argparse.Namespace, folder: Path) -> int:
     from .backends.onnx.genai import GENAI_CONFIG, check_genai_folder
     from .generation import greedy_generate
 
-    if args.weights or args.mla_cache or args.shrink or args.dtype:
-        raise UsageError(f"{folder} is a built decoder: its weights, sizes, dtype and cache layout were fixed when "
-                         f"it was built (drop --weights / --shrink / --dtype / --mla-cache)")
+    if args.weights or args.mla_cache or args.shrink or args.dtype or args.quantize:
+        raise UsageError(f"{folder} is a built decoder: its weights, sizes, dtype, quantization and cache layout "
+                         f"were fixed when it was built (drop --weights / --shrink / --dtype / --quantize / "
+                         f"--mla-cache)")
     if args.backend != "genai" and args.backend.partition(":")[0] != "onnx":
         raise UsageError(f"{folder} holds an ONNX decoder; generate from it with --backend onnx:<flavour> or genai "
                          f"(or give the spec to run it on {args.backend})")
@@ -388,6 +389,11 @@ def run_generate(args: argparse.Namespace) -> int:
         if source.weights is not None:
             target = getattr(torch, args.dtype)
             source.weights = {k: v.to(target) if v.is_floating_point() else v for k, v in source.weights.items()}
+    quantizing = bool(args.quantize)
+    if quantizing:
+        from .cli import quantized_spec
+
+        spec = quantized_spec(spec, args.quantize)
     is_mla = spec.model.attention.kind == AttentionKind.MLA
     if args.mla_cache is not None and not is_mla:
         raise UsageError(f"--mla-cache chooses an MLA model's cache layout; {spec.name} has "
@@ -404,6 +410,10 @@ def run_generate(args: argparse.Namespace) -> int:
     if weights is None:
         ensure_memory_for(full, "initialising random weights")
         weights = init_weights(full, args.weights_seed)
+    elif quantizing:  # float weights of the source, quantized as the option says
+        from .quantization import quantize_weights
+
+        weights = quantize_weights(full, weights)
     graph = run_pipeline(full, backend.pipeline)
     ok, reason = backend.supports(graph)
     if not ok:

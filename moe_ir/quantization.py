@@ -337,6 +337,104 @@ def error_table(rows: list[TensorError]) -> str:
     return "\n".join(lines)
 
 
+def with_quantization(spec, config: QuantizationSpec | None):
+    """A layer or model spec with its `quantization:` section replaced (None: the float spec)."""
+    return dataclasses.replace(spec, quantization=config)
+
+
+def load_quantized_weights(path, graph: Graph, float_graph: Graph, *, notes: list[str] | None = None):
+    """(weights of the quantized `graph`, float weights or None) from a safetensors file holding either: the
+    quantized parts (`*.qweight`, as build writes them), taken as they are, or the float weights of
+    `float_graph` (the same spec unquantized), which are quantized here (and returned too, for reports)."""
+    from safetensors import safe_open
+
+    from .params import load_weights
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            quantized = any(k.endswith("." + QWEIGHT) for k in f.keys())
+    except Exception:  # unreadable: load_weights says why, in its words
+        quantized = True
+    if quantized:
+        return load_weights(path, graph, notes=notes), None
+    float_weights = load_weights(path, float_graph, notes=notes)
+    return quantize_weights(graph, float_weights), float_weights
+
+
+# ------------------------------------------------------------------------------------------------
+# what quantization costs: the quantized model against the float one it came from
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationAccuracy:
+    """The quantized model's outputs against the float model's on the same input (both in the float64
+    reference). `output` is `out` (a layer) or `logits` (a model); top-1 agreement and KL(float || quantized)
+    of the next-token distribution are for models; routing changes count (token, MoE layer) pairs whose
+    chosen expert set differs."""
+
+    output: str
+    max_abs: float
+    mean_abs: float
+    relative: float
+    routing_changed: int
+    routing_units: int
+    top1_agree: float | None = None
+    kl_mean: float | None = None
+    kl_max: float | None = None
+    scheme: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_table(self) -> str:
+        parts = [f"quantized ({self.scheme}) vs float: {self.output} max abs {self.max_abs:.3e}, mean abs "
+                 f"{self.mean_abs:.3e}, relative {self.relative:.3e}"]
+        if self.top1_agree is not None:
+            parts.append(f"top-1 agreement {self.top1_agree * 100:.1f}%, KL(float||quantized) mean {self.kl_mean:.3e} "
+                         f"max {self.kl_max:.3e} nats")
+        parts.append(f"routing changed for {self.routing_changed}/{self.routing_units} (token, layer) pairs")
+        return "; ".join(parts)
+
+
+def compare_outputs(output: str, float_out: "torch.Tensor", quant_out: "torch.Tensor",
+                    float_routes: list["torch.Tensor"], quant_routes: list["torch.Tensor"], *,
+                    scheme: str = "") -> QuantizationAccuracy:
+    """The numbers of QuantizationAccuracy from the two runs' outputs: `float_out`/`quant_out` (logits
+    [..., V] when output is `logits`), and the chosen experts [T, k] of each MoE layer in both runs."""
+    f, q = float_out.double(), quant_out.double()
+    diff = (q - f).abs()
+    norm = float(f.norm())
+    changed = units = 0
+    for a, b in zip(float_routes, quant_routes):
+        same = (a.sort(dim=-1).values == b.sort(dim=-1).values).all(dim=-1)
+        changed += int((~same).sum())
+        units += same.numel()
+    top1 = kl_mean = kl_max = None
+    if output == "logits":
+        f2, q2 = f.reshape(-1, f.shape[-1]), q.reshape(-1, q.shape[-1])
+        top1 = float((f2.argmax(-1) == q2.argmax(-1)).double().mean())
+        logp, logq = torch.log_softmax(f2, -1), torch.log_softmax(q2, -1)
+        kl = (logp.exp() * (logp - logq)).sum(-1)
+        kl_mean, kl_max = float(kl.mean()), float(kl.max())
+    return QuantizationAccuracy(output, float(diff.max()) if diff.numel() else 0.0,
+                                float(diff.mean()) if diff.numel() else 0.0, float((q - f).norm()) / norm if norm else 0.0,
+                                changed, units, top1, kl_mean, kl_max, scheme)
+
+
+def accuracy_report(float_graph: Graph, float_weights: Mapping[str, "torch.Tensor"], graph: Graph,
+                    weights: Mapping[str, "torch.Tensor"], inputs: Mapping[str, "torch.Tensor"]) -> QuantizationAccuracy:
+    """Both graphs in the float64 reference on `inputs`, compared (`compare_outputs`). Each graph must output
+    its routing (`expert_idx` of a layer, `layers.<i>.expert_idx` of a model built with routing=True)."""
+    from .interpreter import interpret
+
+    ref = interpret(float_graph, inputs, float_weights, dtype=torch.float64)
+    got = interpret(graph, inputs, weights, dtype=torch.float64)
+    output = "logits" if "logits" in ref else "out"
+    keys = sorted(k for k in ref if k.endswith("expert_idx"))
+    return compare_outputs(output, ref[output], got[output], [ref[k] for k in keys], [got[k] for k in keys],
+                           scheme=graph.meta.get("quantization", ""))
+
+
 def parse_quantize_option(text: str, *, symmetric: bool = True) -> QuantizationSpec:
     """`--quantize FORMAT[:BLOCK][:asym]` (int8, int4:32, int4:128:asym) -> the spec section it stands for
     (routed and shared experts, the section's default weights)."""
@@ -360,7 +458,8 @@ def parse_quantize_option(text: str, *, symmetric: bool = True) -> QuantizationS
     return QuantizationSpec(format=fmt, block=block, symmetric=symmetric)
 
 
-__all__ = ["QWEIGHT", "SCALES", "ZEROS", "TensorError", "check_quantized_values", "code_range", "dequantize",
+__all__ = ["QWEIGHT", "SCALES", "ZEROS", "QuantizationAccuracy", "TensorError", "accuracy_report", "compare_outputs",
+           "load_quantized_weights", "with_quantization", "check_quantized_values", "code_range", "dequantize",
            "dequantize_nodes", "error_table", "float_weights_of", "is_quantized", "layout_problem", "pack_int4",
            "parse_quantize_option", "part_name", "quantization_errors", "quantize", "quantize_graph",
            "quantize_weights", "quantized_formats", "selected_weights", "source_weight", "unpack_int4",

@@ -140,6 +140,8 @@ class ValidationReport:
     results: list[BackendResult]
     primary: str = "out"             # the output the table shows first: `out` (layers) or `logits` (models)
     generation: list["GenerationReport"] = field(default_factory=list)  # models validated with generate > 0
+    # a quantized spec: what quantization costs against the float model (moe_ir.quantization.QuantizationAccuracy)
+    quantization: Any = None
 
     @property
     def ok(self) -> bool:
@@ -150,7 +152,9 @@ class ValidationReport:
                            "seed": self.seed, "ok": self.ok, "tolerance": dict(zip(("atol", "rtol"),
                                                                                  TOLERANCES[self.dtype])),
                            "results": [r.to_dict() for r in self.results],
-                           "generation": [g.to_dict() for g in self.generation]}, indent=2)
+                           "generation": [g.to_dict() for g in self.generation],
+                           **({"quantization": self.quantization.to_dict()} if self.quantization is not None else {})},
+                          indent=2)
 
     def to_table(self) -> str:
         atol, rtol = TOLERANCES[self.dtype]
@@ -184,6 +188,8 @@ class ValidationReport:
             lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
         for g in self.generation:
             lines.append(g.to_table())
+        if self.quantization is not None:
+            lines.append(self.quantization.to_table())
         lines.append("OK" if self.ok else "FAILED: mismatch beyond tolerance (or a named backend could not run)")
         return "\n".join(lines)
 
@@ -219,8 +225,8 @@ def validate(spec: LayerSpec, backends: Sequence[CheckedBackend], *, tokens: int
 def with_dtype(spec: LayerSpec | ModelSpec, dtype: str) -> LayerSpec | ModelSpec:
     """The spec validated in `dtype`: a layer's dtype, or a model's (its model section and its MoE layers')."""
     if isinstance(spec, ModelSpec):
-        return ModelSpec(model=dataclasses.replace(spec.model, dtype=DType(dtype)),
-                         moe=dataclasses.replace(spec.moe, dtype=DType(dtype)))
+        return dataclasses.replace(spec, model=dataclasses.replace(spec.model, dtype=DType(dtype)),
+                                   moe=dataclasses.replace(spec.moe, dtype=DType(dtype)))
     return dataclasses.replace(spec, dtype=DType(dtype))
 
 

@@ -303,7 +303,7 @@ class ExpertParallelMoE(nn.Module):
             env[name] = getattr(owner, leaf)
         record: dict[str, CommStats] = {}
         runtime = {"training": self.training, "generator": self.generator, "expert_kernel": K.grouped_ffn,
-                   "record": record}
+                   "packed_expert_kernel": K.grouped_ffn_packed, "int4_activations": None, "record": record}
         for step in self._plan:
             results = step.run([None if name is None else env[name] for name in step.inputs], runtime)
             env.update(zip(step.outputs, results))

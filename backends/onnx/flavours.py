@@ -36,21 +36,32 @@ from moe_ir.ir import ElemType, Graph, GraphKind, Node, OpCode, Value
 from moe_ir.ir.model_ops import attention_scale, rope_dims
 from moe_ir.model_builder import is_decode_graph
 from moe_ir.model_spec import QKNorm, RopeLayout
+from moe_ir.quantization import quantized_formats
 from moe_ir.spec import Activation
 from . import plugin_op, support
 from .decoder_ops import DecoderOps
 from .emit import MS_DOMAIN
 from .lowering import Flavour, Lowering
 from .moe_ops import MoeOps
+from .quant_ops import QuantOps, dequantize_refusal
 from .weights import LoweredModel
 
 _INFERENCE = ("strip-training-outputs", "fuse-shared-experts", "fuse-gate-up", "dce")
 
 
-class PortableLowering(MoeOps, DecoderOps):
+class PortableLowering(QuantOps, MoeOps, DecoderOps):
     flavour = Flavour.PORTABLE
     pipeline = _INFERENCE
     needs = ()
+
+    @classmethod
+    def dtype_refusal(cls, value: Value) -> str:
+        # the stored codes of quantized weights (their DEQUANTIZE nodes become DequantizeLinear)
+        return "" if cls.stored_dtype_ok(value) else super().dtype_refusal(value)
+
+    @classmethod
+    def refusal(cls, graph: Graph) -> str:
+        return dequantize_refusal(graph) or super().refusal(graph)
 
 
 # -- ort --------------------------------------------------------------------------------------------
@@ -79,6 +90,10 @@ class OrtLowering(PortableLowering):
 
     @classmethod
     def refusal(cls, graph: Graph) -> str:
+        formats = quantized_formats(graph)
+        if formats:
+            return (f"quantized weights ({', '.join(sorted(f.value for f in formats))}) are not lowered to "
+                    "com.microsoft.QMoE/MatMulNBits yet; the portable flavour exports them (DequantizeLinear)")
         return super().refusal(graph) or support.ort_refusal(graph)
 
     def _lower_dispatch(self, node: Node) -> None:
@@ -283,6 +298,10 @@ class PluginLowering(PortableLowering):
     def refusal(cls, graph: Graph) -> str:
         if graph.kind == GraphKind.MODEL:
             return support.model_graph_refusal()
+        formats = quantized_formats(graph)
+        if formats:
+            return (f"quantized weights ({', '.join(sorted(f.value for f in formats))}): the {plugin_op.PLUGIN_NAME} "
+                    "plugin takes float expert weights; the portable flavour exports them (DequantizeLinear)")
         return super().refusal(graph) or support.plugin_refusal(graph)
 
     @classmethod

@@ -120,6 +120,10 @@ class Lowering:
     def node_refusal(cls, node: Node) -> str:
         return support.node_refusal(node)
 
+    def opset(self) -> int:
+        """The default-domain opset the emitted nodes need beyond OPSET (0: none)."""
+        return 0
+
     # -- operands -------------------------------------------------------------------------------
 
     def operand(self, value: Value | None) -> str:
@@ -160,7 +164,7 @@ class Lowering:
                   for v in g.inputs]
         consts = [onnx.numpy_helper.from_array(arr, name) for name, arr in em.constants.items()]
         onnx_graph = helper.make_graph(em.nodes, g.name, inputs, outputs, initializer=consts)
-        opsets = [helper.make_opsetid("", OPSET)]
+        opsets = [helper.make_opsetid("", max(OPSET, self.opset()))]
         for domain in (MS_DOMAIN, plugin_op.DOMAIN):
             if any(n.domain == domain for n in em.nodes):
                 opsets.append(helper.make_opsetid(domain, 1))

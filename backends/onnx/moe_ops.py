@@ -252,6 +252,10 @@ class MoeOps(Lowering):
         erf = em.op("Erf", [em.op("Mul", [x, em.fconst(1 / math.sqrt(2), dt)])])
         return em.op("Mul", [em.op("Mul", [x, em.fconst(0.5, dt)]), em.op("Add", [erf, em.fconst(1.0, dt)])])
 
+    def expert_weight(self, value: Value, e: int) -> str:
+        """Expert e's slice of a stacked expert weight (an initializer; quant_ops.py lowers quantized ones)."""
+        return self.inits.expert_slice(value, e)
+
     def _weight_operands(self, node: Node) -> dict[str, Value | None]:
         return {k: node.input(k) for k in ("w_up", "w_down", "w_gate", "b_up", "b_down", "b_gate")}
 
@@ -274,7 +278,7 @@ class MoeOps(Lowering):
             em.prefix = f"{node.name}/expert{e}"
             w = {}
             for key, value in weights.items():
-                w[key] = None if value is None else self.inits.expert_slice(value, e)
+                w[key] = None if value is None else self.expert_weight(value, e)
             outs.append(self._ffn(parts[e], node, w))
         em.prefix = node.name
         # Dropped rows (past every group) are zeros, as in the reference.

@@ -29,9 +29,10 @@ from moe_ir.model_builder import cache_entries, is_decode_graph
 from .module import compute_dtype_weight, output_groups
 
 # What a node's run-time arguments are in the generated forward (torch_ops.RUNTIME_ARGS).
-RUNTIME_EXPRESSIONS = {"training": "self.training", "generator": "generator", "expert_kernel": "grouped_ffn"}
+RUNTIME_EXPRESSIONS = {"training": "self.training", "generator": "generator", "expert_kernel": "grouped_ffn",
+                       "packed_expert_kernel": "grouped_ffn_packed", "int4_activations": "None"}
 # Functions a run-time expression names, copied like the ones the table names.
-RUNTIME_FUNCTIONS = {"expert_kernel": "grouped_ffn"}
+RUNTIME_FUNCTIONS = {"expert_kernel": "grouped_ffn", "packed_expert_kernel": "grouped_ffn_packed"}
 CLASS_NAMES = {GraphKind.LAYER: "MoELayer", GraphKind.MODEL: "DecoderModel"}
 
 
@@ -103,7 +104,7 @@ def _forward_lines(graph: Graph, calls: list, local: _LocalNames) -> list[str]:
         if graph.kind == GraphKind.MODEL and here != section:
             out.append(f"        # layer {here}" if here is not None else "        # head")
             section = here
-        args = [operand(v) for v in node.inputs]
+        args = [f"unpacked({operand(v)})" if i in call.unpack else operand(v) for i, v in enumerate(node.inputs)]
         args += [literal(a) for a in call.attrs]
         args += [RUNTIME_EXPRESSIONS[name] for name in call.runtime]
         args += [f"{key}={literal(value)}" for key, value in call.keywords]

@@ -28,7 +28,7 @@ from moe_ir.errors import BackendError, WeightsError
 from moe_ir.generation import KVCache, decode_inputs, greedy_generate
 from moe_ir.interpreter import check_weights
 from moe_ir.model_builder import cache_entries, is_decode_graph
-from moe_ir.ir import MODEL_INPUT, MODEL_OUTPUT, Graph, GraphKind, ValueKind
+from moe_ir.ir import MODEL_INPUT, MODEL_OUTPUT, Graph, GraphKind, OpCode, ValueKind
 from moe_ir.params import init_weights, load_weights, save_weights
 from moe_ir.spec import LayerSpec
 from .. import torch_kernels as K
@@ -115,9 +115,12 @@ def output_groups(graph: Graph) -> tuple[str, list[tuple[str, str]], list[tuple[
 def compute_dtype_weight(graph: Graph) -> str:
     """The weight whose dtype a layer's activations take: the first one outside the router (the experts'),
     so the module follows .double() / .to(dtype)."""
-    for name in graph.weights:
-        if not name.startswith("router."):
-            return name
+    quantized_parts = {v.name for n in graph.find(OpCode.DEQUANTIZE) for v in n.inputs if v is not None}
+    floats = [name for name, value in graph.weights.items()
+              if not name.startswith("router.") and value.type.dtype.is_float]
+    # every expert weight quantized: their scales (float32) carry the activations' dtype
+    for name in [n for n in floats if n not in quantized_parts] + floats:
+        return name
     return next(iter(graph.weights))
 
 
@@ -163,6 +166,11 @@ class GraphModule(nn.Module):
         # The grouped expert FFN's kernel, same signature as torch_kernels.grouped_ffn; the compile backend
         # puts an opaque custom op here so that its graph does not unroll one GEMM chain per expert.
         self.grouped_ffn_kernel: Callable[..., torch.Tensor] = K.grouped_ffn
+        # The same for quantized experts (packed weights, torch_kernels.grouped_ffn_packed's signature).
+        self.packed_ffn_kernel: Callable[..., torch.Tensor] = K.grouped_ffn_packed
+        # None: quantized weights compute exactly; "bf16": int4 decode through torch's int4 matmul on bfloat16
+        # activations (torch_kernels.packed_weight), the fast and less precise path.
+        self.int4_activations: str | None = None
 
     def canonical_weights(self) -> dict[str, torch.Tensor]:
         return {name: getattr(owner, leaf) for name, owner, leaf in self._weight_slots}
@@ -172,7 +180,8 @@ class GraphModule(nn.Module):
         env: dict[str, Any] = dict(inputs)
         for name, owner, leaf in self._weight_slots:
             env[name] = getattr(owner, leaf)
-        runtime = {"training": self.training, "generator": self.generator, "expert_kernel": self.grouped_ffn_kernel}
+        runtime = {"training": self.training, "generator": self.generator, "expert_kernel": self.grouped_ffn_kernel,
+                   "packed_expert_kernel": self.packed_ffn_kernel, "int4_activations": self.int4_activations}
         for call, names, outputs, weight_only in self._plan:
             operands = [None if i is None else env[i] for i in names]
             result = self._weight_only_result(call, operands, runtime) if weight_only else call(operands, runtime)
@@ -187,10 +196,12 @@ class GraphModule(nn.Module):
         """A node that reads only weights (a fusion pass's CONCAT of them). With autograd off (inference) its
         result only changes when a weight is written, so it is kept, keyed on the operands' identity and
         version counters; with autograd on it runs every time, so gradients reach the canonical weights."""
-        if torch.is_grad_enabled() and any(p.requires_grad for p in operands if p is not None):
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and
+                                              any(p.requires_grad for p in operands if p is not None)):
+            # traced: the compiled graph holds the node (a frozen graph folds it into a constant)
             return call(operands, runtime)
-        key = (id(call),) + tuple((p.data_ptr(), p._version, tuple(p.shape), p.dtype) for p in operands
-                                  if p is not None)
+        key = (id(call), runtime.get("int4_activations")) + tuple(
+            (p.data_ptr(), p._version, tuple(p.shape), p.dtype) for p in operands if p is not None)
         cached = self._folded.get(id(call))
         if cached is None or cached[0] != key:
             cached = self._folded[id(call)] = (key, call(operands, runtime))
@@ -211,8 +222,8 @@ class GraphModule(nn.Module):
             for name, owner, leaf in self._weight_slots:
                 target = getattr(owner, leaf)
                 source = weights[name]
-                if not source.is_floating_point():
-                    raise WeightsError(f"weight {name} has dtype {source.dtype}; expected a floating dtype")
+                if not source.is_floating_point() and source.dtype != target.dtype:
+                    raise WeightsError(f"weight {name} has dtype {source.dtype}; expected {target.dtype}")
                 target.copy_(source.to(target.dtype))
         self._folded.clear()
 
@@ -294,7 +305,8 @@ class MoEModel(GraphModule):
                                "use MoELayer for a layer graph")
         super().__init__(graph, weights, seed=seed, generator=generator)
         self.gamma = gamma  # γ of aux-loss-free balancing, shared by every MoE layer (one moe spec)
-        self.vocab_size = int(graph.weights["embed.weight"].type.shape[0])
+        # the embedding operand's rows (a quantized table reaches it through a dequantize node)
+        self.vocab_size = int(graph.find(OpCode.EMBEDDING)[0].input("weight").type.shape[0])
         # MoE layers with an aux-loss-free selection bias: (layer prefix, bias owner module).
         self._biased_layers = [(name[: -len(ROUTER_BIAS)], owner) for name, owner, leaf in self._weight_slots
                                if name.endswith("." + ROUTER_BIAS)]

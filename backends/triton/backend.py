@@ -32,6 +32,7 @@ from torch import nn
 from moe_ir.errors import BackendError
 from moe_ir.interpreter import check_weights
 from moe_ir.ir import ElemType, Graph, OpCode, ValueKind
+from moe_ir.quantization import quantized_formats
 from ..base import Backend
 from ..torch_kernels import split_gate_up
 from ..torch_ops import INFERENCE_RUNTIME, lower_node, weight_only_nodes
@@ -278,6 +279,10 @@ class TritonBackend(Backend):
     pipeline = ("strip-training-outputs", "dce", "fuse-shared-experts", "fuse-moe", "dce")
 
     def supports(self, graph: Graph) -> tuple[bool, str]:
+        formats = quantized_formats(graph)
+        if formats:
+            return False, (f"quantized weights ({', '.join(sorted(f.value for f in formats))}) have no Triton kernel "
+                           "here; the torch and compile backends run them")
         problem = graph_problem(graph) or execution_problem(default_device())
         return (not problem), problem
 

@@ -20,6 +20,7 @@ from moe_ir.artifacts import OutputFiles
 from moe_ir.errors import WeightsError
 from moe_ir.model_spec import ModelSpec, model_spec_to_dict
 from moe_ir.spec import canonical_spec_hash
+from .fp8 import FP8, DequantizedCheckpoint
 from .safetensors_io import FLOAT_DTYPES, Checkpoint, SafetensorsWriter
 from .tensor_map import TensorRule, detect_model_layout, detect_router_bias, model_rules
 
@@ -108,7 +109,9 @@ def convert_checkpoint(source: Any, spec: ModelSpec, out_path: str | os.PathLike
     """Write the canonical weights of `source` (a checkpoint file, folder, index json or state dict) to the
     safetensors file `out_path` tensor by tensor; returns the bytes of tensor data written. The caller
     stages `out_path` (see `import_hf_model`): a failure leaves a partial file there."""
-    with Checkpoint(source) as ckpt:
+    with Checkpoint(source) as raw:
+        # an fp8 checkpoint (DeepSeek-V3's release) imports dequantized here, to the float spec written beside it
+        ckpt = DequantizedCheckpoint(raw) if any(e.dtype == FP8 for e in raw.entries.values()) else raw
         graph, rules = plan_import(spec, ckpt)
         entries = [(name, v.type.dtype.torch, v.type.shape) for name, v in graph.weights.items()]
         meta = {"format": "pt", "spec_hash": spec_hash(spec), "hf_checkpoint": ckpt.description,
@@ -130,10 +133,16 @@ def convert_checkpoint(source: Any, spec: ModelSpec, out_path: str | os.PathLike
 def load_hf_checkpoint(folder: str | os.PathLike, *, name: str | None = None):
     """(ModelSpec, canonical weights) of a Hugging Face checkpoint folder: config.json plus model.safetensors,
     shards through model.safetensors.index.json, or *.safetensors files. Tensors are read one rule at a
-    time (no second copy of the model) and take the dtypes of the spec's graph."""
+    time (no second copy of the model) and take the dtypes of the spec's graph. An fp8 checkpoint with
+    block scales keeps its weights quantized (frontends/hf/fp8.py)."""
     from .config import read_config_json
     from .model import model_spec_from_hf_config
 
+    with Checkpoint(Path(folder)) as ckpt:
+        if any(e.dtype == FP8 for e in ckpt.entries.values()):  # fp8 with block scales: kept quantized
+            from .fp8 import load_fp8_checkpoint
+
+            return load_fp8_checkpoint(folder, keep=True, name=name)
     data, file = read_config_json(folder)
     spec = model_spec_from_hf_config(data, name=name, file=file)
     with Checkpoint(Path(folder)) as ckpt:

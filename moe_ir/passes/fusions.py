@@ -10,6 +10,11 @@ from ..ir import Graph, Node, OpCode, Value, WeightLayout
 from .manager import Pass, register_pass
 
 
+def _dequantized(value: Value | None) -> bool:
+    """Whether `value` is a quantized weight (the output of a DEQUANTIZE node)."""
+    return value is not None and value.producer is not None and value.producer.op == OpCode.DEQUANTIZE
+
+
 def _only_used_by(graph: Graph, value: Value, node: Node) -> bool:
     return not graph.is_graph_output(value) and all(u is node for u in graph.users(value))
 
@@ -74,6 +79,8 @@ class FuseSharedExperts(Pass):
                 continue
             if [v is None for v in a.inputs] != [v is None for v in b.inputs]:
                 continue
+            if any(_dequantized(v) for v in a.inputs[1:] + b.inputs[1:]):
+                continue  # quantized weights stay as stored: a concat would make them float
             if _only_used_by(graph, a.outputs[0], add) and _only_used_by(graph, b.outputs[0], add):
                 return add, a, b
         return None
@@ -118,6 +125,8 @@ class FuseGateUp(Pass):
                 continue
             o = offset[node.op]
             w_up, w_gate = node.inputs[o + _W["w_up"]], node.inputs[o + _W["w_gate"]]
+            if _dequantized(w_up) or _dequantized(w_gate):
+                continue  # quantized weights stay as stored: a concat would make them float
             b_up, b_gate = node.inputs[o + _W["b_up"]], node.inputs[o + _W["b_gate"]]
             width_axis = w_up.type.rank - 2
             inputs = list(node.inputs)

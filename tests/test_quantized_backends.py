@@ -1,0 +1,194 @@
+"""Quantized weights on the torch backends: eager, the generated model.py and torch.compile equal the
+quantized reference (tight: the dequantized values are identical, only the GEMMs' summation order differs);
+eager never holds a float copy of every expert; decode takes torch's int4 matmul; backends that cannot take
+quantized weights say so in `supports`."""
+import pytest
+import torch
+
+from conftest import import_file
+from moe_ir.backends import get_backend
+from moe_ir.builder import build_graph
+from moe_ir.interpreter import interpret
+from moe_ir.model_builder import build_model_graph
+from moe_ir.model_spec import model_spec_from_dict
+from moe_ir.params import init_weights
+from moe_ir.passes import run_pipeline
+from moe_ir.spec import spec_from_dict
+
+# odd sizes: 5 routed experts of width 16, hidden 48, top-3, a shared expert, sigmoid scores
+LAYER = {"name": "qodd", "hidden": 48, "experts": {"routed": 5, "shared": 1, "width": 16, "top_k": 3},
+         "router": {"score": "sigmoid", "normalize": True, "scaling": 1.5}}
+CASES = [("int4", True, 16), ("int4", False, 16), ("int8", True, 16), ("int8", False, 16), ("fp8_e4m3", True, 16)]
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def quantized_layer(fmt: str, symmetric: bool, block: int):
+    graph = build_graph(spec_from_dict({**LAYER, "quantization": {"format": fmt, "block": block,
+                                                                   "symmetric": symmetric}}))
+    return graph, init_weights(graph, 3)
+
+
+def inputs(tokens: int) -> torch.Tensor:
+    return torch.randn(2, tokens, 48, generator=torch.Generator().manual_seed(tokens))
+
+
+@pytest.mark.parametrize("fmt,symmetric,block", CASES)
+def test_eager_equals_the_quantized_reference(fmt, symmetric, block):
+    graph, weights = quantized_layer(fmt, symmetric, block)
+    backend = get_backend("torch")
+    run = backend.prepare(run_pipeline(graph, backend.pipeline), weights)
+    for tokens in (1, 7):  # 1 token: the decode path (int4 matmul where it applies); 7: dequantize + GEMM
+        x = inputs(tokens)
+        ref = interpret(graph, {"x": x}, weights, dtype=torch.float64)
+        got = run(x)
+        assert torch.equal(got["expert_idx"], ref["expert_idx"])
+        torch.testing.assert_close(got["out"].double(), ref["out"], **TOL)
+
+
+def test_int4_bf16_decode_runs_torch_int4_matmul_and_exact_mode_holds_no_float_experts():
+    # torch's int4 matmul takes groups of 32..256 columns
+    graph = build_graph(spec_from_dict({**LAYER, "hidden": 64, "experts": {**LAYER["experts"], "width": 32},
+                                        "quantization": {"format": "int4", "block": 32}}))
+    weights = init_weights(graph, 3)
+    backend = get_backend("torch")
+    fast = backend.prepare(run_pipeline(graph, backend.pipeline), weights, int4_activations="bf16")
+    x = torch.randn(1, 1, 64)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = fast(x)["out"]
+    assert "aten::_weight_int4pack_mm_for_cpu" in {e.key for e in prof.key_averages()}
+    ref = interpret(graph, {"x": x}, weights, dtype=torch.float64)["out"]
+    torch.testing.assert_close(got.double(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))  # bf16 activations
+    run = backend.prepare(run_pipeline(graph, backend.pipeline), weights)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run(x)
+    assert "aten::_weight_int4pack_mm_for_cpu" not in {e.key for e in prof.key_averages()}  # exact by default
+    # prefill: each expert is dequantized on its own; no allocation the size of a float expert stack
+    # ([5, 32, 64] float32) is ever made, only one expert's matrix at a time
+    float_stack = 5 * 32 * 64 * 4
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        run(torch.randn(2, 7, 64))
+    largest = max(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+    assert 32 * 64 * 4 <= largest < float_stack
+
+
+@pytest.mark.parametrize("fmt,symmetric,block", [("int4", False, 16), ("int8", True, 16)])
+def test_generated_model_py_equals_the_reference(tmp_path, fmt, symmetric, block):
+    graph, weights = quantized_layer(fmt, symmetric, block)
+    spec = spec_from_dict({**LAYER, "quantization": {"format": fmt, "block": block, "symmetric": symmetric}})
+    backend = get_backend("torch")
+    backend.build(spec, run_pipeline(graph, backend.pipeline), weights, tmp_path / "out")
+    module = import_file(tmp_path / "out" / "model.py", f"quantized_model_{fmt}_{symmetric}")
+    layer = module.MoELayer()
+    from safetensors.torch import load_file
+    layer.load_state_dict(load_file(str(tmp_path / "out" / "weights.safetensors")))
+    x = inputs(5)
+    ref = interpret(graph, {"x": x}, weights, dtype=torch.float64)["out"]
+    out = layer(x)[0]
+    torch.testing.assert_close(out.double(), ref, **TOL)
+
+
+def test_compile_equals_the_quantized_reference():
+    graph, weights = quantized_layer("int4", False, 16)
+    backend = get_backend("compile")
+    run = backend.prepare(run_pipeline(graph, backend.pipeline), weights)
+    for tokens in (1, 6):
+        x = inputs(tokens)
+        ref = interpret(graph, {"x": x}, weights, dtype=torch.float64)["out"]
+        torch.testing.assert_close(run(x)["out"].double(), ref, **TOL)
+
+
+def test_quantized_model_with_attention_embeddings_and_head():
+    text = {"model": {"name": "qm", "vocab_size": 64, "hidden": 32, "layers": 2, "first_dense": 1, "dense_width": 32,
+                      "attention": {"kind": "gqa", "heads": 4, "kv_heads": 2, "head_dim": 8}},
+            "moe": {"experts": {"routed": 4, "shared": 1, "width": 16, "top_k": 2}},
+            "quantization": {"format": "int4", "block": 16, "symmetric": False,
+                             "weights": {"attention": True, "dense_ffn": True, "embeddings": True, "head": True}}}
+    graph = build_model_graph(model_spec_from_dict(text), routing=True)
+    weights = init_weights(graph, 0)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    ref = interpret(graph, {"input_ids": ids}, weights, dtype=torch.float64)["logits"]
+    backend = get_backend("torch")
+    got = backend.prepare(run_pipeline(graph, backend.pipeline), weights)(ids)["logits"]
+    torch.testing.assert_close(got.double(), ref, **TOL)
+
+
+@pytest.mark.parametrize("name", ["aoti", "triton", "expert_parallel:2"])
+def test_backends_without_quantized_kernels_say_so(name):
+    graph, _ = quantized_layer("int4", True, 16)
+    try:
+        backend = get_backend(name)
+    except Exception as err:  # a backend whose package this machine lacks
+        pytest.skip(f"{name} unavailable: {err}")
+    ok, reason = backend.supports(run_pipeline(graph, backend.pipeline))
+    assert not ok and ("quantized" in reason or "dequantize" in reason or "int4" in reason), reason
+
+
+# ------------------------------------------------------------------------------------------------
+# ONNX
+
+
+@pytest.mark.parametrize("fmt,symmetric,block", CASES[:4])
+def test_onnx_portable_dequantize_linear_equals_the_reference(tmp_path, fmt, symmetric, block):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    graph, weights = quantized_layer(fmt, symmetric, block)
+    spec = spec_from_dict({**LAYER, "quantization": {"format": fmt, "block": block, "symmetric": symmetric}})
+    backend = get_backend("onnx:portable")
+    piped = run_pipeline(graph, backend.pipeline)
+    assert backend.supports(piped) == (True, "")
+    run = backend.prepare(piped, weights)
+    for tokens in (1, 6):
+        x = inputs(tokens)
+        ref = interpret(graph, {"x": x}, weights, dtype=torch.float64)["out"]
+        torch.testing.assert_close(run(x)["out"].double(), ref, **TOL)
+    result = backend.build(spec, piped, weights, tmp_path / "onnx")
+    model = onnx.load(str(next(p for p in result.files if p.suffix == ".onnx")))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 21
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 5 * 3 + 3  # every routed expert's gate/up/down, and the shared expert's
+    assert all(next(a.i for a in n.attribute if a.name == "block_size") == block for n in dq)
+    big_float = [i.name for i in model.graph.initializer
+                 if i.data_type == onnx.TensorProto.FLOAT and np_size(i) >= 16 * 48]
+    assert not big_float, big_float  # no float copy of a weight matrix: codes and scales only
+
+
+def np_size(init) -> int:
+    n = 1
+    for d in init.dims:
+        n *= d
+    return n
+
+
+def test_onnx_portable_quantized_model():
+    pytest.importorskip("onnxruntime")
+    text = {"model": {"name": "qo", "vocab_size": 64, "hidden": 32, "layers": 2, "first_dense": 1, "dense_width": 32,
+                      "attention": {"kind": "gqa", "heads": 4, "kv_heads": 2, "head_dim": 8}},
+            "moe": {"experts": {"routed": 4, "shared": 1, "width": 16, "top_k": 2}},
+            "quantization": {"format": "int8", "block": 16,
+                             "weights": {"attention": True, "dense_ffn": True, "embeddings": True, "head": True}}}
+    graph = build_model_graph(model_spec_from_dict(text), routing=True)
+    weights = init_weights(graph, 0)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    ref = interpret(graph, {"input_ids": ids}, weights, dtype=torch.float64)["logits"]
+    backend = get_backend("onnx:portable")
+    got = backend.prepare(run_pipeline(graph, backend.pipeline), weights)(ids)["logits"]
+    torch.testing.assert_close(got.double(), ref, **TOL)
+
+
+@pytest.mark.parametrize("name,words", [("onnx:ort", "QMoE"), ("onnx:plugin", "float expert weights"),
+                                        ("tensorrt", "u8")])
+def test_onnx_flavours_without_quantized_lowering_say_so(name, words):
+    graph, _ = quantized_layer("int4", True, 16)
+    try:
+        backend = get_backend(name)
+    except Exception as err:
+        pytest.skip(f"{name} unavailable: {err}")
+    ok, reason = backend.supports(run_pipeline(graph, backend.pipeline))
+    assert not ok and words in reason, reason
+
+
+def test_onnx_refuses_fp8_tiles():
+    graph, _ = quantized_layer("fp8_e4m3", True, 16)
+    backend = get_backend("onnx:portable")
+    ok, reason = backend.supports(run_pipeline(graph, backend.pipeline))
+    assert not ok and "fp8_e4m3" in reason
