@@ -22,9 +22,10 @@ import torch
 
 from moe_ir.errors import BackendError
 from moe_ir.ir import ElemType, Graph, LossKind, Node, OpCode, ValueKind
+from moe_ir.spec import Activation
 from .torch_kernels import (attention, cached_attention, cached_mla_attention, combine, device_loss, dispatch,
                             dispatch_capacity, embedding, expert_choice,
-                            expert_loss, ffn, grouped_ffn, mla_attention, rms_norm, route_topk, router_logits,
+                            expert_loss, ffn, grouped_ffn, layer_norm, mla_attention, rms_norm, route_topk, router_logits,
                             router_noise, scale_weights, score, sequence_loss, sigmoid_gate, sparsemixer_route,
                             split_gate_up,
                             switch_loss, z_loss)
@@ -159,8 +160,13 @@ def _plain(value: Any) -> Any:
     return getattr(value, "value", value)
 
 
-def _ffn_attrs(node: Node) -> tuple:
-    return _plain(node.attrs["activation"]), _plain(node.attrs["weight_layout"])
+def kernel_ffn_attrs(node: Node) -> tuple:
+    """(activation, layout) as the kernels take them: clamped SwiGLU as ("clamped_swiglu", alpha, limit)."""
+    a = node.attrs
+    activation = _plain(a["activation"])
+    if a["activation"] == Activation.CLAMPED_SWIGLU:
+        activation = (activation, a["clamp_alpha"], a["clamp_limit"])
+    return activation, _plain(a["weight_layout"])
 
 
 _LOSSES = {
@@ -187,7 +193,7 @@ def _dispatch(node: Node) -> OpCall:
 def _fused_moe(node: Node) -> OpCall:
     a = node.attrs
     attrs = (_plain(a["score"]), a["k"], a["groups"], a["kept"], _plain(a["group_score"]), a["normalize"],
-             a["scale"], a["capacity_factor"], _plain(a["drop_rule"]), _plain(a["router_dtype"]), *_ffn_attrs(node))
+             a["scale"], a["capacity_factor"], _plain(a["drop_rule"]), _plain(a["router_dtype"]), *kernel_ffn_attrs(node))
     return OpCall(fused_moe, attrs, ("expert_kernel",))
 
 
@@ -215,9 +221,9 @@ TORCH_OPS: dict[OpCode, Callable[[Node], OpCall]] = {
     OpCode.SCALE_WEIGHTS: lambda n: OpCall(scale_weights, (n.attrs["normalize"], n.attrs["scale"])),
     OpCode.DISPATCH: _dispatch,
     OpCode.EXPERT_CHOICE_ROUTE: lambda n: OpCall(expert_choice, (n.attrs["capacity_factor"], n.attrs["top_k"])),
-    OpCode.GROUPED_FFN: lambda n: OpCall(expert_ffns, _ffn_attrs(n), ("expert_kernel",)),
+    OpCode.GROUPED_FFN: lambda n: OpCall(expert_ffns, kernel_ffn_attrs(n), ("expert_kernel",)),
     OpCode.COMBINE: lambda n: OpCall(combine_rows),
-    OpCode.FFN: lambda n: OpCall(dense_ffn, _ffn_attrs(n)),
+    OpCode.FFN: lambda n: OpCall(dense_ffn, kernel_ffn_attrs(n)),
     OpCode.SIGMOID_GATE: lambda n: OpCall(sigmoid_gate),
     OpCode.ADD: lambda n: OpCall(add),
     OpCode.CONCAT: lambda n: OpCall(concat, keywords=(("axis", n.attrs["axis"]),)),
@@ -225,6 +231,7 @@ TORCH_OPS: dict[OpCode, Callable[[Node], OpCall]] = {
     OpCode.FUSED_MOE: _fused_moe,
     OpCode.EMBEDDING: lambda n: OpCall(embedding),
     OpCode.RMS_NORM: lambda n: OpCall(rms_norm, (n.attrs["eps"],)),
+    OpCode.LAYER_NORM: lambda n: OpCall(layer_norm, (n.attrs["eps"],)),
     OpCode.ATTENTION: _attention,
     OpCode.MLA_ATTENTION: _mla_attention,
     # decode form: the same attributes, the cache operands before the weights; MLA adds its cache layout

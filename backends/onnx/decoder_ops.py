@@ -22,6 +22,7 @@ from onnx import TensorProto
 
 from moe_ir.ir import ElemType, Node, Value
 from moe_ir.model_spec import QKNorm, RopeLayout
+from .emit import ONNX_DTYPE
 from .lowering import Lowering
 
 
@@ -37,6 +38,21 @@ class DecoderOps(Lowering):
         x, weight = node.inputs
         self._rms_norm(self.operand(x), weight, node.attrs["eps"], x.type.dtype, out=node.outputs[0].name,
                        name=node.name)
+
+    def _lower_layer_norm(self, node: Node) -> None:
+        # LayerNormalization in float32 (the reference's statistics and affine), rounded back to x's type.
+        em = self.em
+        x, weight, bias = node.inputs
+        dt = x.type.dtype
+        ins = [self.cast_operand(x, ElemType.FLOAT32), self.cast_operand(weight, ElemType.FLOAT32)]
+        if bias is not None:
+            ins.append(self.cast_operand(bias, ElemType.FLOAT32))
+        if dt == ElemType.FLOAT32:
+            em.op("LayerNormalization", ins, out=node.outputs[0].name, name=node.name, axis=-1,
+                  epsilon=node.attrs["eps"])
+        else:
+            y = em.op("LayerNormalization", ins, name=node.name, axis=-1, epsilon=node.attrs["eps"])
+            em.op("Cast", [y], out=node.outputs[0].name, to=ONNX_DTYPE[dt])
 
     def _rms_norm(self, x: str, weight: Value, eps: float, dt: ElemType, **out) -> str:
         """rms_norm_math: statistics in float32 (the reference's), the result rounded to dt, then * weight."""
@@ -105,7 +121,7 @@ class DecoderOps(Lowering):
         return self.shared["future"]
 
     def _causal_attention(self, x: str, q: str, k: str, v: str, heads: int, kv_heads: int, dv: int,
-                          scale: float, dt: ElemType) -> str:
+                          scale: float, dt: ElemType, sinks: Value | None = None) -> str:
         """model_ops.causal_attention: q [B,h,S,d], k [B,hk,S,d], v [B,hk,S,dv] -> [B*S, h*dv]."""
         em = self.em
         rep = heads // kv_heads
@@ -122,7 +138,19 @@ class DecoderOps(Lowering):
                                em.fconst(scale, dt, "scale")])
         scores = em.op("Where", [self._future_mask(x), em.fconst(-np.inf, dt, "neg_inf"), scores])
         # Softmax in float32 (the reference's compute type for f16/bf16 graphs), probabilities back in dt.
-        probs = em.op("Softmax", [em.cast(scores, dt, ElemType.FLOAT32)], axis=-1)
+        scores = em.cast(scores, dt, ElemType.FLOAT32)
+        if sinks is not None:
+            # One more logit per head (gpt-oss's sinks), a column of its own that the softmax normalises with
+            # and that is then dropped: the real keys' weights sum to less than 1.
+            grouping = [kv_heads, rep] if rep > 1 else [heads]
+            sink = em.op("Reshape", [self.cast_operand(sinks, ElemType.FLOAT32),
+                                     em.const([1] + grouping + [1, 1])])
+            column = em.op("Concat", [em.op("Shape", [scores], start=0, end=-1), em.const([1])], axis=0)
+            scores = em.op("Concat", [scores, em.op("Expand", [sink, column])], axis=-1)
+            probs = em.op("Softmax", [scores], axis=-1)
+            probs = em.op("Slice", [probs, em.const([0]), em.const([-1]), em.const([-1])])
+        else:
+            probs = em.op("Softmax", [scores], axis=-1)
         out = em.op("MatMul", [em.cast(probs, ElemType.FLOAT32, dt), v])   # [B, hk, (rep,) S, dv]
         if rep > 1:
             shape = em.op("Concat", [em.op("Shape", [out], start=0, end=1), em.const([heads]),
@@ -160,7 +188,7 @@ class DecoderOps(Lowering):
             k = self._rms_norm(k, node.input("k_norm"), eps, dt)
         tables = self._rope_tables(xs, d, a["rope_theta"], dt)
         q, k = (self._rope(t, d, tables, a["rope_layout"]) for t in (q, k))
-        o = self._causal_attention(xs, q, k, v, heads, kv_heads, d, d ** -0.5, dt)
+        o = self._causal_attention(xs, q, k, v, heads, kv_heads, d, d ** -0.5, dt, node.input("sinks"))
         self._output_projection(node, o, batch_seq)
 
     def _lower_mla_attention(self, node: Node) -> None:

@@ -235,7 +235,14 @@ class MoeOps(Lowering):
             up = linear(x, w["w_up"], w["b_up"])
             gate = linear(x, w["w_gate"], w["b_gate"]) if act.gated else None
         dt = node.inputs[0].type.dtype
-        if act == Activation.SWIGLU:
+        if act == Activation.CLAMPED_SWIGLU:
+            a = node.attrs
+            limit = em.fconst(a["clamp_limit"], dt, "clamp_limit")
+            gate = em.op("Min", [gate, limit])
+            up = em.op("Max", [em.op("Min", [up, limit]), em.fconst(-a["clamp_limit"], dt, "clamp_floor")])
+            glu = em.op("Mul", [gate, em.op("Sigmoid", [em.op("Mul", [gate, em.fconst(a["clamp_alpha"], dt, "alpha")])])])
+            hidden = em.op("Mul", [glu, em.op("Add", [up, em.fconst(1.0, dt, "one")])])
+        elif act == Activation.SWIGLU:
             hidden = em.op("Mul", [em.op("Mul", [gate, em.op("Sigmoid", [gate])]), up])
         elif act == Activation.GEGLU:
             hidden = em.op("Mul", [self._gelu(gate, dt), up])

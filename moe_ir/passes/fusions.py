@@ -194,7 +194,8 @@ class FuseMoE(Pass):
                  "normalize": c["scale"].attrs["normalize"], "scale": c["scale"].attrs["scale"],
                  "capacity_factor": c["dispatch"].attrs["capacity_factor"],
                  "drop_rule": c["dispatch"].attrs["drop_rule"], "router_dtype": c["linear"].attrs["out_dtype"],
-                 "activation": ffn.attrs["activation"], "weight_layout": ffn.attrs["weight_layout"]}
+                 "activation": ffn.attrs["activation"], "weight_layout": ffn.attrs["weight_layout"],
+                 "clamp_alpha": ffn.attrs["clamp_alpha"], "clamp_limit": ffn.attrs["clamp_limit"]}
         fused = graph.add_node(OpCode.FUSED_MOE, [c["linear"].inputs[0], c["linear"].inputs[1], route.inputs[1],
                                                   *ffn.inputs[3:]], attrs, name="moe",
                                output_names=["moe.out", "moe.expert_idx", "moe.weights"])
