@@ -65,11 +65,21 @@ def combine_rows(y, rows, row_weights, like):
     return combine(y, rows, row_weights, like.shape[0])
 
 
-def expert_ffns(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation, layout, expert_kernel):
+def expert_ffns(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, row_scale, activation, layout,
+                expert_kernel):
     """The grouped expert FFN of a node: gate/up of a fused layout split into views, then `expert_kernel`
-    (grouped_ffn, or what a backend swaps in for it, with grouped_ffn's signature)."""
+    (grouped_ffn, or what a backend swaps in for it, with grouped_ffn's signature). With row_scale (Llama 4:
+    the routing weight scales each row's input) the rows are gathered and scaled once, then read in order."""
+    if row_scale is not None:
+        x = x.index_select(0, rows) * row_scale.to(x.dtype).unsqueeze(-1)
+        rows = torch.arange(rows.shape[0], device=rows.device)
     w_up, w_gate, b_up, b_gate = split_gate_up(w_up, w_gate, b_up, b_gate, activation, layout)
     return expert_kernel(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation)
+
+
+def combine_unweighted(y, rows, row_weights, like):
+    """The un-permute as a plain sum: the weights were applied to the expert inputs."""
+    return combine(y, rows, torch.ones_like(row_weights), like.shape[0])
 
 
 def dense_ffn(x, w_up, w_down, w_gate, b_up, b_down, b_gate, activation, layout):
@@ -119,7 +129,7 @@ def fused_moe(x, w_router, bias, w_up, w_down, w_gate, b_up, b_down, b_gate, sco
     else:
         rows, row_weights, group_sizes = dispatch_capacity(expert_idx, weights, w_up.shape[0], capacity_factor,
                                                            drop_rule)
-    y = expert_ffns(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation, layout,
+    y = expert_ffns(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, None, activation, layout,
                     expert_kernel)
     return combine(y, rows, row_weights, x.shape[0]), expert_idx, weights
 
@@ -222,7 +232,7 @@ TORCH_OPS: dict[OpCode, Callable[[Node], OpCall]] = {
     OpCode.DISPATCH: _dispatch,
     OpCode.EXPERT_CHOICE_ROUTE: lambda n: OpCall(expert_choice, (n.attrs["capacity_factor"], n.attrs["top_k"])),
     OpCode.GROUPED_FFN: lambda n: OpCall(expert_ffns, kernel_ffn_attrs(n), ("expert_kernel",)),
-    OpCode.COMBINE: lambda n: OpCall(combine_rows),
+    OpCode.COMBINE: lambda n: OpCall(combine_rows if n.attrs["weighted"] else combine_unweighted),
     OpCode.FFN: lambda n: OpCall(dense_ffn, kernel_ffn_attrs(n)),
     OpCode.SIGMOID_GATE: lambda n: OpCall(sigmoid_gate),
     OpCode.ADD: lambda n: OpCall(add),

@@ -110,9 +110,12 @@ def add_moe_layer(g: Graph, spec: LayerSpec, x: Value, *, prefix: str = "", trai
     ffn_attrs = {"activation": e.activation}
     if e.clamp is not None:
         ffn_attrs.update(clamp_alpha=e.clamp.alpha, clamp_limit=e.clamp.limit)
-    y = g.add_node(OpCode.GROUPED_FFN, [tokens, rows, group_sizes, *expert_w], ffn_attrs,
+    # Llama 4 (router.scale_input): the routing weight scales each row's input, and the rows are summed unweighted.
+    row_scale = row_weights if r.scale_input else None
+    y = g.add_node(OpCode.GROUPED_FFN, [tokens, rows, group_sizes, *expert_w, row_scale], ffn_attrs,
                    name=f"{p}experts").outputs[0]
-    out = g.add_node(OpCode.COMBINE, [y, rows, row_weights, tokens], name=f"{p}combine").outputs[0]
+    out = g.add_node(OpCode.COMBINE, [y, rows, row_weights, tokens], {"weighted": not r.scale_input},
+                     name=f"{p}combine").outputs[0]
 
     shared_sum = None
     for i in range(e.shared):

@@ -227,6 +227,8 @@ class RouterSpec:
     noise: Noise | None = spec_field(None, doc="noisy top-k gating; absent: none")
     logit_bias: bool = spec_field(False, doc="the router projection carries a bias added to the logits before "
                                              "scoring and selection (gpt-oss)", omit_default=True)
+    scale_input: bool = spec_field(False, doc="the routing weight multiplies each chosen expert's input instead of "
+                                              "its output (Llama 4)", omit_default=True)
     sparse_mixer: SparseMixer | None = spec_field(None, doc="SparseMixer routing (PhiMoE, top_k 2) on the router "
                                                            "logits instead of top-k on the scores; absent: top-k")
     normalize: bool = spec_field(False, doc="renormalise the top-k weights to sum 1")
@@ -356,6 +358,9 @@ class LayerSpec:
                                                 "is balanced by construction (only z_loss applies)")
         if r.sparse_mixer is not None:
             self._check_sparse_mixer(ctx)
+        if r.scale_input and r.choice == Choice.EXPERT:
+            ctx.fail("router.scale_input", "scale_input is modelled for token-choice routing (Llama 4), not "
+                                           "expert-choice")
         if b.device is not None and e.routed % b.device.devices:
             ctx.fail("balance.device.devices", f"{b.device.devices} devices must divide the {e.routed} routed experts")
 

@@ -190,7 +190,7 @@ class ExpertParallelMoE(nn.Module):
         if node is path.combine:
             experts = path.experts
             operands = (experts.input("x"), path.dispatch.input("expert_idx"), path.dispatch.input("weights"),
-                        *experts.inputs[3:])
+                        *experts.inputs[3:9])
             attrs = kernel_ffn_attrs(experts)
             return _Step(lambda ops, rt: self._exchange(*ops, *attrs, record=rt["record"]),
                          tuple(None if v is None else v.name for v in operands),
@@ -376,7 +376,7 @@ class ExpertParallelMoE(nn.Module):
         # The received rows as the dispatch lays out assignments: sorted by (local) expert, row order within.
         expert_of, rows = rmask.t().nonzero(as_tuple=True)
         group_sizes = K.count_ids(expert_of, rmask.shape[1])
-        y = expert_ffns(rx, rows, group_sizes, *expert_weights, activation, layout, K.grouped_ffn)
+        y = expert_ffns(rx, rows, group_sizes, *expert_weights, None, activation, layout, K.grouped_ffn)
         return K.combine(y, rows, rgate[rows, expert_of], rx.shape[0])
 
     def _tensor_parallel_ffn(self, tokens, w_up, w_down, w_gate, b_up, b_down, b_gate, activation, layout):

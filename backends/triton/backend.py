@@ -106,6 +106,9 @@ def graph_problem(graph: Graph) -> str:
         for op, reason in _UNFUSED_REASONS.items():
             if op in present:
                 return reason
+        if any(n.input("row_scale") is not None for n in graph.find(OpCode.GROUPED_FFN)):
+            return ("routing weights on the expert inputs (router.scale_input, Llama 4): fuse-moe leaves them "
+                    "unfused and the grouped GEMM kernels weigh the outputs")
         if any(n.inputs[2] is not None for n in graph.find(OpCode.LINEAR) if n.name.endswith("router_logits")):
             return ("the router projection has a bias (router.logit_bias): fuse-moe leaves such routers unfused and "
                     "the route kernel adds no logit bias")

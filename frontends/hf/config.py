@@ -17,6 +17,7 @@ Semantics checked against transformers 5.23 by tests/test_hf_modules.py:
   qwen2_moe    Qwen2MoeSparseMoeBlock: softmax top-k (norm_topk_prob), one shared expert gated by
                sigmoid(shared_expert_gate(x))
   olmoe        OlmoeSparseMoeBlock: softmax top-k (norm_topk_prob)
+  llama4_text  Llama4TextMoe: sigmoid of the top-k logits scaling the chosen experts' inputs, one shared expert
   gpt_oss      GptOssMLP: router logit bias, softmax over the top-k logits, expert biases, clamped SwiGLU
   phimoe       PhimoeSparseMoeBlock in eval mode: SparseMixer (router.sparse_mixer, top-2 only), every layer MoE
 
@@ -90,6 +91,11 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "gpt_oss": {
         "hidden_size": 2880, "num_hidden_layers": 36, "num_local_experts": 128, "num_experts_per_tok": 4,
         "intermediate_size": 2880, "router_aux_loss_coef": 0.001, "swiglu_alpha": 1.702, "swiglu_limit": 7.0,
+    },
+    "llama4_text": {
+        "hidden_size": 5120, "num_hidden_layers": 48, "hidden_act": "silu", "num_local_experts": 16,
+        "num_experts_per_tok": 1, "intermediate_size": 8192, "interleave_moe_layer_step": 1, "moe_layers": None,
+        "router_jitter_noise": 0.0,
     },
     "phimoe": {
         "hidden_size": 4096, "num_hidden_layers": 32, "hidden_act": "silu", "num_local_experts": 16,
@@ -433,10 +439,35 @@ def _map_gpt_oss(c: FamilyConfig) -> _Mapped:
                    lambda i: "", notes)
 
 
+def _map_llama4_text(c: FamilyConfig) -> _Mapped:
+    """Llama 4 (text): sigmoid of the top-k router logits, the weight multiplying the chosen expert's input
+    (router.scale_input), one shared expert of the experts' width; MoE layers listed by moe_layers (default:
+    every interleave_moe_layer_step-th, ending each step). transformers computes no balance loss for it."""
+    jitter = c.get("router_jitter_noise", float)
+    if jitter != 0:
+        raise c.fail("router_jitter_noise", f"router_jitter_noise={jitter}: training-time jitter is not modelled")
+    layers, step = c.positive("num_hidden_layers"), c.positive("interleave_moe_layer_step")
+    listed = c.get("moe_layers", list, optional=True)
+    if listed is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in listed):
+        raise c.fail("moe_layers", f"expected a list of layer indices, found {listed!r}")
+    moe = set(listed) if listed is not None else set(range(step - 1, layers, step))
+
+    def reason(layer: int) -> str:
+        if listed is not None:
+            return f"moe_layers does not list layer {layer}"
+        return f"interleave_moe_layer_step={step} makes only layers with (layer + 1) % {step} == 0 MoE"
+    width = c.positive("intermediate_size")
+    return _Mapped({"routed": c.positive("num_local_experts"), "width": width, "top_k": c.positive("num_experts_per_tok"),
+                    "shared": 1},
+                   {"score": "sigmoid", "scale_input": True}, {}, lambda i: i in moe, reason,
+                   ["transformers computes no balance loss for Llama 4: no balance section",
+                    "the shared expert has the experts' width (intermediate_size)"])
+
+
 _FAMILIES: dict[str, Callable[[FamilyConfig], _Mapped]] = {
     "deepseek": _map_deepseek, "deepseek_v2": _map_deepseek_v2, "deepseek_v3": _map_deepseek_v3,
     "mixtral": _map_mixtral, "qwen2_moe": _map_qwen2_moe, "olmoe": _map_olmoe, "phimoe": _map_phimoe,
-    "gpt_oss": _map_gpt_oss,
+    "gpt_oss": _map_gpt_oss, "llama4_text": _map_llama4_text,
 }
 
 

@@ -73,6 +73,16 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# Families whose MoE layer imports but whose decoder needs what a model spec does not express yet:
+# model_type -> (the config key at fault, the missing features).
+DECODER_REFUSALS: dict[str, tuple[str, str]] = {
+    "llama4_text": ("attention_chunk_size", "chunked attention (attention_chunk_size), layers without RoPE "
+                                            "(no_rope_layers) with attention temperature tuning, a weightless L2 "
+                                            "q/k norm (use_qk_norm) and a dense FFN width of its own "
+                                            "(intermediate_size_mlp) are not modelled"),
+}
+
+
 def _config(data: Mapping[str, Any], model_type: str, file: str | None) -> FamilyConfig:
     """The layer importer's typed key access, with the decoder keys' defaults added."""
     c = FamilyConfig(data, model_type, file)
@@ -153,6 +163,10 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
     data = config_dict(config)
     layer_spec, info = describe_hf_config(data, file=file)
     t = info.model_type
+    if t in DECODER_REFUSALS:
+        key, missing = DECODER_REFUSALS[t]
+        raise FamilyConfig(data, t, file).fail(key, f"the {t} decoder cannot be imported as a whole model: {missing}; "
+                                                    "import its MoE layer (without --model)")
     c = _config(data, t, file)
     hidden, heads = layer_spec.hidden, _positive(c, "num_attention_heads")
     _stated(c, "num_key_value_heads")

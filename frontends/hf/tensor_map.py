@@ -111,16 +111,26 @@ def shared_mlp_names(spec: LayerSpec) -> tuple[str, str | None]:
     """(module name of the shared MLP, name of its gate weight): Qwen2-MoE's gated one or DeepSeek's."""
     if spec.experts.shared_gate:
         return "shared_expert", "shared_expert_gate.weight"
+    if spec.router.scale_input:  # Llama 4: one ungated shared expert
+        return "shared_expert", None
     return "shared_experts", None
 
 
 def router_name(spec: LayerSpec, layout: HFLayout | str) -> str:
     """The block's router module: `gate`, except `router` in gpt-oss (the one family whose router has a logit
-    bias) and in transformers' own PhiMoE module (the one family with SparseMixer routing; PhiMoE hub
+    bias), in Llama 4 (the one family whose weights scale the expert inputs) and in transformers' own PhiMoE module (the one family with SparseMixer routing; PhiMoE hub
     checkpoints keep `gate`)."""
-    if spec.router.logit_bias or (spec.router.sparse_mixer is not None and HFLayout(layout) == HFLayout.STACKED):
+    if spec.router.logit_bias or spec.router.scale_input or (spec.router.sparse_mixer is not None and HFLayout(layout) == HFLayout.STACKED):
         return "router"
     return "gate"
+
+
+def _llama4_experts() -> list[TensorRule]:
+    """transformers' Llama4TextExperts (the one family whose routing weights scale the expert inputs): matrices
+    stored [E, in, out], gate then up along the output of gate_up_proj."""
+    return [TensorRule(("experts.w_gate", "experts.w_up"), ("experts.gate_up_proj",), Join.SPLIT, dim=1,
+                       transposed=True),
+            TensorRule(("experts.w_down",), ("experts.down_proj",), transposed=True)]
 
 
 def _gpt_oss_experts() -> list[TensorRule]:
@@ -148,6 +158,11 @@ def moe_block_rules(spec: LayerSpec, layout: HFLayout | str) -> list[TensorRule]
             raise WeightsError(f"gpt-oss experts (clamped_swiglu, biases) have one Hugging Face layout, stacked "
                                f"(experts.gate_up_proj [E, H, 2F]); not {layout.value}")
         rules += _gpt_oss_experts()
+    elif spec.router.scale_input:
+        if layout != HFLayout.STACKED:
+            raise WeightsError(f"Llama 4 experts have one Hugging Face layout, stacked (experts.gate_up_proj "
+                               f"[E, H, 2F]); not {layout.value}")
+        rules += _llama4_experts()
     elif layout == HFLayout.STACKED:
         rules.append(TensorRule(("experts.w_gate", "experts.w_up"), ("experts.gate_up_proj",), Join.SPLIT, dim=1))
         rules.append(TensorRule(("experts.w_down",), ("experts.down_proj",)))

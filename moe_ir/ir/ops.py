@@ -98,6 +98,7 @@ class Port:
     name: str
     optional: bool = False
     variadic: bool = False  # takes all remaining operands (only as the last port)
+    quiet: bool = False     # the text form leaves the operand out while it is absent (a port added later)
 
 
 class OpDef:
@@ -668,21 +669,30 @@ class ExpertChoiceRoute(OpDef):
 @register
 class GroupedFFN(OpDef):
     opcode = OpCode.GROUPED_FFN
-    doc = "expert FFNs over the dispatched rows: y[r] = FFN_e(x[rows[r]]) for r in expert e's group"
-    inputs = (Port("x"), Port("rows"), Port("group_sizes")) + _FFN_WEIGHT_PORTS
+    doc = ("expert FFNs over the dispatched rows: y[r] = FFN_e(x[rows[r]]) for r in expert e's group; with "
+           "row_scale, y[r] = FFN_e(row_scale[r] * x[rows[r]]) (Llama 4: the routing weight scales the input)")
+    inputs = (Port("x"), Port("rows"), Port("group_sizes")) + _FFN_WEIGHT_PORTS + (Port("row_scale", optional=True,
+                                                                                        quiet=True),)
     output_names = ("y",)
     attrs = dict(_FFN_ATTRS)
 
-    def infer_types(self, node, x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate):
+    def infer_types(self, node, x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, row_scale):
         expect_rank(x, 2, node, "x")
         expect(rows.dtype == ElemType.INT64 and rows.rank == 1, node, f"rows must be i64[A], found {rows}")
+        if row_scale is not None:
+            expect(row_scale.rank == 1, node, f"row_scale must be [A], found {row_scale}")
+            expect_dim(row_scale.shape[0], rows.shape[0], node, "row_scale vs rows")
         width, hidden = _ffn_widths(node, w_up, w_down, w_gate, stacked=True)
         expect_dim(hidden, x.shape[1], node, "expert hidden size vs x")
         expect(group_sizes.shape == (w_up.shape[0],), node,
                 f"group_sizes {group_sizes} must have one entry per expert ({w_up.shape[0]})")
         return [TensorType((rows.shape[0], x.shape[1]), x.dtype)]
 
-    def reference(self, attrs, x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate):
+    def reference(self, attrs, x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, row_scale):
+        if row_scale is not None:
+            # Each row its own scaled copy of its token, read in order: rows become 0..A-1.
+            x = x[rows] * row_scale.to(x.dtype).unsqueeze(-1)
+            rows = torch.arange(x.shape[0], device=x.device)
         return (grouped_ffn_math(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate,
                                  attrs["activation"], attrs["weight_layout"], clamp_of(attrs)),)
 
@@ -690,9 +700,11 @@ class GroupedFFN(OpDef):
 @register
 class Combine(OpDef):
     opcode = OpCode.COMBINE
-    doc = "weighted un-permute: out[t] = Σ_{r: rows[r]=t} row_weights[r] * y[r]; `like` gives T"
+    doc = ("weighted un-permute: out[t] = Σ_{r: rows[r]=t} row_weights[r] * y[r]; `like` gives T. weighted=false: "
+           "the plain sum (the weights were applied to the expert inputs, grouped_ffn's row_scale)")
     inputs = (Port("y"), Port("rows"), Port("row_weights"), Port("like"))
     output_names = ("out",)
+    attrs = {"weighted": Attr(bool, True, "multiply each row by its routing weight", quiet=True)}
 
     def infer_types(self, node, y, rows, row_weights, like):
         expect_dim(y.shape[0], rows.shape[0], node, "y rows vs rows")
@@ -700,6 +712,8 @@ class Combine(OpDef):
         return [TensorType((like.shape[0], y.shape[1]), y.dtype)]
 
     def reference(self, attrs, y, rows, row_weights, like):
+        if not attrs["weighted"]:
+            row_weights = torch.ones_like(row_weights)
         return (combine_rows(y, rows, row_weights, like.shape[0]),)
 
 

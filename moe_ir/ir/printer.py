@@ -34,7 +34,9 @@ def shown_attrs(node: Node) -> list[tuple[str, Any]]:
 
 def format_node(node: Node) -> str:
     outs = ", ".join(f"%{v.name}: {v.type}" for v in node.outputs)
-    args = ", ".join("_" if v is None else f"%{v.name}" for v in node.inputs)
+    ports = op_def(node.op).inputs
+    shown = [v for i, v in enumerate(node.inputs) if not (v is None and i < len(ports) and ports[i].quiet)]
+    args = ", ".join("_" if v is None else f"%{v.name}" for v in shown)
     attrs = ", ".join(f"{k}={format_attr(v)}" for k, v in shown_attrs(node))
     return f"{node.name}: {outs} = {node.op.value}({args})" + (f" {{{attrs}}}" if attrs else "")
 
