@@ -25,7 +25,8 @@ from moe_ir.ir import ElemType, Graph, LossKind, Node, OpCode, ValueKind
 from moe_ir.spec import Activation
 from .torch_kernels import (attention, cached_attention, cached_mla_attention, combine, device_loss, dispatch,
                             dispatch_capacity, embedding, expert_choice,
-                            expert_loss, ffn, grouped_ffn, layer_norm, mla_attention, rms_norm, route_topk, router_logits,
+                            expert_loss, ffn, grouped_ffn, layer_norm, mla_attention, rms_norm, route_topk,
+                            router_logits,
                             router_noise, scale_weights, score, sequence_loss, sigmoid_gate, sparsemixer_route,
                             split_gate_up,
                             switch_loss, z_loss)
@@ -203,7 +204,8 @@ def _dispatch(node: Node) -> OpCall:
 def _fused_moe(node: Node) -> OpCall:
     a = node.attrs
     attrs = (_plain(a["score"]), a["k"], a["groups"], a["kept"], _plain(a["group_score"]), a["normalize"],
-             a["scale"], a["capacity_factor"], _plain(a["drop_rule"]), _plain(a["router_dtype"]), *kernel_ffn_attrs(node))
+             a["scale"], a["capacity_factor"], _plain(a["drop_rule"]), _plain(a["router_dtype"]),
+             *kernel_ffn_attrs(node))
     return OpCall(fused_moe, attrs, ("expert_kernel",))
 
 

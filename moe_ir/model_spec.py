@@ -27,8 +27,8 @@ from .spec import (MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_LAYERS, MAX_VOCAB, M
                    DType, LayerSpec, ParseContext, describe_value, join_key_path, parse_section, suggest_key,
                    schema_of_section, spec_field, spec_to_dict)
 
-__all__ = ["AttentionKind", "AttentionSpec", "ModelSection", "ModelSpec", "NormKind", "QKNorm", "RopeLayout", "model_json_schema",
-           "model_spec_from_dict", "model_spec_to_dict"]
+__all__ = ["AttentionKind", "AttentionSpec", "ModelSection", "ModelSpec", "NormKind", "QKNorm", "RopeLayout",
+           "model_json_schema", "model_spec_from_dict", "model_spec_to_dict"]
 
 
 class AttentionKind(enum.StrEnum):

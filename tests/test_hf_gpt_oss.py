@@ -106,7 +106,8 @@ def test_backends_match_the_reference_or_say_why_not():
 
 
 def test_clamped_swiglu_without_router_bias_fuses_and_is_refused_by_the_fused_kernels():
-    spec = spec_from_dict({"hidden": 16, "experts": {"routed": 4, "width": 8, "top_k": 2, "activation": "clamped_swiglu",
+    spec = spec_from_dict({"hidden": 16, "experts": {"routed": 4, "width": 8, "top_k": 2,
+                                                     "activation": "clamped_swiglu",
                                                      "clamp": {"alpha": 1.5, "limit": 2.0}}})
     for name, fragment in (("triton", "clamped_swiglu"), ("onnx:plugin", "clamped_swiglu")):
         backend = get_backend(name)

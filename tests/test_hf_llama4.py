@@ -22,8 +22,8 @@ from moe_ir.analysis import analyse  # noqa: E402
 from moe_ir.backends import get_backend, resolve_backends  # noqa: E402
 from moe_ir.builder import build_graph  # noqa: E402
 from moe_ir.errors import SpecError  # noqa: E402
-from moe_ir.frontends.hf import (FAMILY_DEFAULTS, describe_hf_config, spec_from_hf_config, weights_from_hf,  # noqa: E402
-                                 weights_to_hf)
+from moe_ir.frontends.hf import (FAMILY_DEFAULTS, describe_hf_config, spec_from_hf_config,  # noqa: E402
+                                 weights_from_hf, weights_to_hf)
 from moe_ir.interpreter import interpret  # noqa: E402
 from moe_ir.ir import to_text  # noqa: E402
 from moe_ir.passes import run_pipeline  # noqa: E402

@@ -240,7 +240,8 @@ class MoeOps(Lowering):
             limit = em.fconst(a["clamp_limit"], dt, "clamp_limit")
             gate = em.op("Min", [gate, limit])
             up = em.op("Max", [em.op("Min", [up, limit]), em.fconst(-a["clamp_limit"], dt, "clamp_floor")])
-            glu = em.op("Mul", [gate, em.op("Sigmoid", [em.op("Mul", [gate, em.fconst(a["clamp_alpha"], dt, "alpha")])])])
+            alpha = em.fconst(a["clamp_alpha"], dt, "alpha")
+            glu = em.op("Mul", [gate, em.op("Sigmoid", [em.op("Mul", [gate, alpha])])])
             hidden = em.op("Mul", [glu, em.op("Add", [up, em.fconst(1.0, dt, "one")])])
         elif act == Activation.SWIGLU:
             hidden = em.op("Mul", [em.op("Mul", [gate, em.op("Sigmoid", [gate])]), up])

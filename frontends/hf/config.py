@@ -457,8 +457,8 @@ def _map_llama4_text(c: FamilyConfig) -> _Mapped:
             return f"moe_layers does not list layer {layer}"
         return f"interleave_moe_layer_step={step} makes only layers with (layer + 1) % {step} == 0 MoE"
     width = c.positive("intermediate_size")
-    return _Mapped({"routed": c.positive("num_local_experts"), "width": width, "top_k": c.positive("num_experts_per_tok"),
-                    "shared": 1},
+    return _Mapped({"routed": c.positive("num_local_experts"), "width": width,
+                    "top_k": c.positive("num_experts_per_tok"), "shared": 1},
                    {"score": "sigmoid", "scale_input": True}, {}, lambda i: i in moe, reason,
                    ["transformers computes no balance loss for Llama 4: no balance section",
                     "the shared expert has the experts' width (intermediate_size)"])

@@ -118,9 +118,11 @@ def shared_mlp_names(spec: LayerSpec) -> tuple[str, str | None]:
 
 def router_name(spec: LayerSpec, layout: HFLayout | str) -> str:
     """The block's router module: `gate`, except `router` in gpt-oss (the one family whose router has a logit
-    bias), in Llama 4 (the one family whose weights scale the expert inputs) and in transformers' own PhiMoE module (the one family with SparseMixer routing; PhiMoE hub
+    bias), in Llama 4 (the one family whose weights scale the expert inputs) and in transformers' own PhiMoE
+    module (the one family with SparseMixer routing; PhiMoE hub
     checkpoints keep `gate`)."""
-    if spec.router.logit_bias or spec.router.scale_input or (spec.router.sparse_mixer is not None and HFLayout(layout) == HFLayout.STACKED):
+    r = spec.router
+    if r.logit_bias or r.scale_input or (r.sparse_mixer is not None and HFLayout(layout) == HFLayout.STACKED):
         return "router"
     return "gate"
 
