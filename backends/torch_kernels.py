@@ -142,7 +142,17 @@ def expert_choice(scores, capacity_factor, top_k):
     return rows.reshape(-1), row_weights.reshape(-1), group_sizes
 
 
+def is_gated(activation):
+    """Whether the activation reads a gate projection: swiglu, geglu, and clamped SwiGLU, which the kernels take
+    as the tuple ("clamped_swiglu", alpha, limit)."""
+    return isinstance(activation, tuple) or activation in ("swiglu", "geglu")
+
+
 def activate(activation, gate, up):
+    if isinstance(activation, tuple):  # ("clamped_swiglu", alpha, limit): gpt-oss
+        _, alpha, limit = activation
+        gate = gate.clamp(max=limit)
+        return (up.clamp(-limit, limit) + 1) * gate * torch.sigmoid(alpha * gate)
     if activation == "swiglu":
         return F.silu(gate) * up
     if activation == "geglu":
@@ -156,7 +166,7 @@ def split_gate_up(w_up, w_gate, b_up, b_gate, activation, layout):
     """(w_up, w_gate, b_up, b_gate) in the separate layout the FFN kernels take. layout "gate_up_fused": w_up
     [..., 2F, H] holds the gate rows first, then the up rows (b_up likewise); the halves are views, no copy.
     A non-gated activation has no gate."""
-    if activation not in ("swiglu", "geglu"):
+    if not is_gated(activation):
         return w_up, None, b_up, None
     if layout != "gate_up_fused":
         return w_up, w_gate, b_up, b_gate
@@ -195,7 +205,9 @@ def onednn_linear(x, w, b, post="none"):
 def ffn_onednn(x, w_up, w_down, w_gate, b_up, b_down, b_gate, activation):
     """`ffn` for inference as three oneDNN matmuls: the activation runs in the first one's epilogue and the
     gating product in the second's, so no elementwise pass over the [n, F] hidden rows is left."""
-    if activation in ("swiglu", "geglu"):
+    if isinstance(activation, tuple):  # clamped SwiGLU has no oneDNN epilogue: plain matmuls, then activate
+        hidden = activate(activation, onednn_linear(x, w_gate, b_gate), onednn_linear(x, w_up, b_up))
+    elif activation in ("swiglu", "geglu"):
         gate = onednn_linear(x, w_gate, b_gate, "swish" if activation == "swiglu" else "gelu")
         # (x @ w_up.T + b_up) * gate, the product in the epilogue; the same value as activate()'s gate * up
         hidden = torch.ops.mkldnn._linear_pointwise.binary(x, gate, w_up, b_up, "mul")
@@ -405,6 +417,14 @@ def rms_norm(x, weight, eps):
     return weight * normed.to(x.dtype)
 
 
+def layer_norm(x, weight, bias, eps):
+    """LayerNorm over the last dim (biased variance), computed in float32 (float64 stays), rounded to x's dtype."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = torch.nn.functional.layer_norm(x.to(compute), (x.shape[-1],), weight.to(compute),
+                                       None if bias is None else bias.to(compute), eps)
+    return y.to(x.dtype)
+
+
 def rope_inverse_frequencies(dim, rope, compute, device):
     """[dim/2] inverse frequencies 1/theta^(2i/dim) of the rotated dims. rope = (theta, layout, rotary_dim, yarn,
     attention_factor); yarn = (factor, original_max_positions, beta_fast, beta_slow, truncate) or None. YaRN blends
@@ -464,6 +484,21 @@ def apply_rope(x, cos, sin, layout):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
+def attention_with_sinks(q, k, v, scale, visible, sinks):
+    """Attention whose softmax has one more logit per head, sinks [h], with no value (gpt-oss): q [B, h, S, d],
+    k [B, hk, L, d], v [B, hk, L, dv], visible bool [B|1, 1, S, L] -> [B, h, S, dv]. Written out (SDPA takes no
+    sink); the softmax in float32 (float64 stays)."""
+    b, h, s, _ = q.shape
+    if k.shape[1] != h:
+        k = k.repeat_interleave(h // k.shape[1], dim=1)
+        v = v.repeat_interleave(h // v.shape[1], dim=1)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = (torch.matmul(q, k.transpose(-1, -2)) * scale).masked_fill(~visible, float("-inf")).to(compute)
+    sink = sinks.to(compute).view(1, h, 1, 1).expand(b, h, s, 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return torch.matmul(probs.to(q.dtype), v)
+
+
 def causal_attention(q, k, v, scale):
     """q [B, h, S, d], k [B, hk, S, d], v [B, hk, S, dv] -> [B, S, h*dv]; query head i reads kv head
     i // (h / hk). The kv heads are expanded before the fused kernel rather than passed with enable_gqa,
@@ -493,13 +528,17 @@ def attention_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm, cos, sin, hea
     return apply_rope(q, cos, sin, rope_layout), apply_rope(k, cos, sin, rope_layout), v
 
 
-def attention(x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm, heads, kv_heads, head_dim, qk_norm,
+def attention(x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm, sinks, heads, kv_heads, head_dim, qk_norm,
               rope, norm_eps, scale):
     """Causal MHA/GQA self-attention with RoPE (rope: rope_inverse_frequencies) on x [B, S, H] (positions
-    0..S-1), softmax scale `scale`."""
+    0..S-1), softmax scale `scale`; optional sinks [heads] (gpt-oss)."""
     cos, sin = rope_cos_sin(x.shape[1], rope_dim(rope, head_dim), rope, x)
     q, k, v = attention_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm, cos, sin, heads, kv_heads, head_dim,
                             qk_norm, rope[1], norm_eps)
+    if sinks is not None:
+        s = x.shape[1]
+        future = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
+        return F.linear(merge_heads(attention_with_sinks(q, k, v, scale, ~future, sinks)), w_o, b_o)
     return F.linear(causal_attention(q, k, v, scale), w_o, b_o)
 
 
@@ -583,7 +622,7 @@ def merge_heads(y):
 
 
 def cached_attention(x, position_ids, attention_mask, past_key, past_value, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o,
-                     q_norm, k_norm, heads, kv_heads, head_dim, qk_norm, rope, norm_eps, scale):
+                     q_norm, k_norm, sinks, heads, kv_heads, head_dim, qk_norm, rope, norm_eps, scale):
     """`attention` on the new tokens x [B, S, H] at position_ids [B, S] after the past K/V [B, kv_heads, P, d]:
     (y [B, S, H], present key, present value [B, kv_heads, P+S, d])."""
     cos, sin = rope_cos_sin_at(position_ids, rope_dim(rope, head_dim), rope, x)
@@ -591,7 +630,11 @@ def cached_attention(x, position_ids, attention_mask, past_key, past_value, w_q,
                             qk_norm, rope[1], norm_eps)
     k = torch.cat([past_key.to(k.dtype), k], dim=2)
     v = torch.cat([past_value.to(v.dtype), v], dim=2)
-    y = masked_attention(q, k, v, scale, visible_keys(attention_mask, x.shape[1]))
+    visible = visible_keys(attention_mask, x.shape[1])
+    if sinks is not None:
+        y = attention_with_sinks(q, k, v, scale, visible, sinks)
+    else:
+        y = masked_attention(q, k, v, scale, visible)
     return F.linear(merge_heads(y), w_o, b_o), k, v
 
 

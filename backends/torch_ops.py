@@ -23,12 +23,13 @@ import torch
 
 from moe_ir.errors import BackendError
 from moe_ir.ir import ElemType, Graph, LossKind, Node, OpCode, ValueKind
+from moe_ir.spec import Activation
 from .torch_kernels import (attention, cached_attention, cached_mla_attention, combine, device_loss, dispatch,
                             dispatch_capacity, embedding, expert_choice,
-                            expert_loss, ffn, ffn_packed, grouped_ffn, grouped_ffn_packed, is_packed, mla_attention,
-                            packed_linear, packed_weight, rms_norm, route_topk, router_logits, router_noise,
-                            scale_weights, score, sequence_loss, sigmoid_gate, sparsemixer_route, split_gate_up,
-                            switch_loss, unpacked, z_loss)
+                            expert_loss, ffn, ffn_packed, grouped_ffn, grouped_ffn_packed, is_packed, layer_norm,
+                            mla_attention, packed_linear, packed_weight, rms_norm, route_topk, router_logits,
+                            router_noise, scale_weights, score, sequence_loss, sigmoid_gate, sparsemixer_route,
+                            split_gate_up, switch_loss, unpacked, z_loss)
 
 # ---------------------------------------------------------------------------------------------------
 # op functions: a node's operands in the op's port order, then its attributes as plain values
@@ -67,15 +68,24 @@ def combine_rows(y, rows, row_weights, like):
     return combine(y, rows, row_weights, like.shape[0])
 
 
-def expert_ffns(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation, layout, expert_kernel,
-                packed_expert_kernel):
+def expert_ffns(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, row_scale, activation, layout,
+                expert_kernel, packed_expert_kernel):
     """The grouped expert FFN of a node: gate/up of a fused layout split into views, then `expert_kernel`
     (grouped_ffn, or what a backend swaps in for it, with grouped_ffn's signature); quantized experts take
-    `packed_expert_kernel` (grouped_ffn_packed or its swap)."""
+    `packed_expert_kernel` (grouped_ffn_packed or its swap). With row_scale (Llama 4: the routing weight scales
+    each row's input) the rows are gathered and scaled once, then read in order."""
+    if row_scale is not None:
+        x = x.index_select(0, rows) * row_scale.to(x.dtype).unsqueeze(-1)
+        rows = torch.arange(rows.shape[0], device=rows.device)
     if is_packed(w_up):  # quantized experts (never gate/up fused: the fusion leaves quantized weights alone)
         return packed_expert_kernel(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation)
     w_up, w_gate, b_up, b_gate = split_gate_up(w_up, w_gate, b_up, b_gate, activation, layout)
     return expert_kernel(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation)
+
+
+def combine_unweighted(y, rows, row_weights, like):
+    """The un-permute as a plain sum: the weights were applied to the expert inputs."""
+    return combine(y, rows, torch.ones_like(row_weights), like.shape[0])
 
 
 def dense_ffn(x, w_up, w_down, w_gate, b_up, b_down, b_gate, activation, layout):
@@ -127,7 +137,7 @@ def fused_moe(x, w_router, bias, w_up, w_down, w_gate, b_up, b_down, b_gate, sco
         rows, row_weights, group_sizes = dispatch(expert_idx, weights, experts)
     else:
         rows, row_weights, group_sizes = dispatch_capacity(expert_idx, weights, experts, capacity_factor, drop_rule)
-    y = expert_ffns(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation, layout,
+    y = expert_ffns(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, None, activation, layout,
                     expert_kernel, grouped_ffn_packed)
     return combine(y, rows, row_weights, x.shape[0]), expert_idx, weights
 
@@ -176,8 +186,13 @@ def _plain(value: Any) -> Any:
     return getattr(value, "value", value)
 
 
-def _ffn_attrs(node: Node) -> tuple:
-    return _plain(node.attrs["activation"]), _plain(node.attrs["weight_layout"])
+def kernel_ffn_attrs(node: Node) -> tuple:
+    """(activation, layout) as the kernels take them: clamped SwiGLU as ("clamped_swiglu", alpha, limit)."""
+    a = node.attrs
+    activation = _plain(a["activation"])
+    if a["activation"] == Activation.CLAMPED_SWIGLU:
+        activation = (activation, a["clamp_alpha"], a["clamp_limit"])
+    return activation, _plain(a["weight_layout"])
 
 
 _LOSSES = {
@@ -204,7 +219,8 @@ def _dispatch(node: Node) -> OpCall:
 def _fused_moe(node: Node) -> OpCall:
     a = node.attrs
     attrs = (_plain(a["score"]), a["k"], a["groups"], a["kept"], _plain(a["group_score"]), a["normalize"],
-             a["scale"], a["capacity_factor"], _plain(a["drop_rule"]), _plain(a["router_dtype"]), *_ffn_attrs(node))
+             a["scale"], a["capacity_factor"], _plain(a["drop_rule"]), _plain(a["router_dtype"]),
+             *kernel_ffn_attrs(node))
     return OpCall(fused_moe, attrs, ("expert_kernel",))
 
 
@@ -248,9 +264,9 @@ TORCH_OPS: dict[OpCode, Callable[[Node], OpCall]] = {
     OpCode.SCALE_WEIGHTS: lambda n: OpCall(scale_weights, (n.attrs["normalize"], n.attrs["scale"])),
     OpCode.DISPATCH: _dispatch,
     OpCode.EXPERT_CHOICE_ROUTE: lambda n: OpCall(expert_choice, (n.attrs["capacity_factor"], n.attrs["top_k"])),
-    OpCode.GROUPED_FFN: lambda n: OpCall(expert_ffns, _ffn_attrs(n), ("expert_kernel", "packed_expert_kernel")),
-    OpCode.COMBINE: lambda n: OpCall(combine_rows),
-    OpCode.FFN: lambda n: OpCall(dense_ffn, _ffn_attrs(n)),
+    OpCode.GROUPED_FFN: lambda n: OpCall(expert_ffns, kernel_ffn_attrs(n), ("expert_kernel", "packed_expert_kernel")),
+    OpCode.COMBINE: lambda n: OpCall(combine_rows if n.attrs["weighted"] else combine_unweighted),
+    OpCode.FFN: lambda n: OpCall(dense_ffn, kernel_ffn_attrs(n)),
     OpCode.SIGMOID_GATE: lambda n: OpCall(sigmoid_gate),
     OpCode.ADD: lambda n: OpCall(add),
     OpCode.CONCAT: lambda n: OpCall(concat, keywords=(("axis", n.attrs["axis"]),)),
@@ -258,6 +274,7 @@ TORCH_OPS: dict[OpCode, Callable[[Node], OpCall]] = {
     OpCode.FUSED_MOE: _fused_moe,
     OpCode.EMBEDDING: lambda n: OpCall(embedding),
     OpCode.RMS_NORM: lambda n: OpCall(rms_norm, (n.attrs["eps"],)),
+    OpCode.LAYER_NORM: lambda n: OpCall(layer_norm, (n.attrs["eps"],)),
     OpCode.ATTENTION: _attention,
     OpCode.MLA_ATTENTION: _mla_attention,
     # decode form: the same attributes, the cache operands before the weights; MLA adds its cache layout

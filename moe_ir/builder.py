@@ -18,7 +18,8 @@ from .spec import Choice, LayerSpec, canonical_spec_hash, spec_to_dict
 
 # The names every backend and the weight files agree on.
 ROUTER_WEIGHT = "router.weight"
-ROUTER_BIAS = "router.bias"
+ROUTER_BIAS = "router.bias"              # the aux-loss-free selection bias (a buffer)
+ROUTER_LOGIT_BIAS = "router.logit_bias"  # the router projection's own bias (router.logit_bias: gpt-oss)
 ROUTER_NOISE_WEIGHT = "router.noise_weight"
 SHARED_GATE_WEIGHT = "shared_gate.weight"
 EXPERT_WEIGHTS = ("w_up", "w_down", "w_gate", "b_up", "b_down", "b_gate")
@@ -75,7 +76,8 @@ def add_moe_layer(g: Graph, spec: LayerSpec, x: Value, *, prefix: str = "", trai
     tokens = g.add_node(OpCode.FLATTEN_TOKENS, [x], name=f"{p}tokens").outputs[0]
 
     w_router = g.add_weight(p + ROUTER_WEIGHT, TensorType((n, h), router_dtype))
-    logits = g.add_node(OpCode.LINEAR, [tokens, w_router, None], {"out_dtype": router_dtype},
+    b_router = g.add_weight(p + ROUTER_LOGIT_BIAS, TensorType((n,), router_dtype)) if r.logit_bias else None
+    logits = g.add_node(OpCode.LINEAR, [tokens, w_router, b_router], {"out_dtype": router_dtype},
                         name=f"{p}router_logits").outputs[0]
     if r.noise is not None:
         w_noise = g.add_weight(p + ROUTER_NOISE_WEIGHT, TensorType((n, h), router_dtype))
@@ -110,9 +112,14 @@ def add_moe_layer(g: Graph, spec: LayerSpec, x: Value, *, prefix: str = "", trai
 
     expert_w = _ffn_weights(g, f"{p}experts", (n,), e.width, h, spec, dtype)
     ffn_attrs = {"activation": e.activation}
-    y = g.add_node(OpCode.GROUPED_FFN, [tokens, rows, group_sizes, *expert_w], ffn_attrs,
+    if e.clamp is not None:
+        ffn_attrs.update(clamp_alpha=e.clamp.alpha, clamp_limit=e.clamp.limit)
+    # Llama 4 (router.scale_input): the routing weight scales each row's input, and the rows are summed unweighted.
+    row_scale = row_weights if r.scale_input else None
+    y = g.add_node(OpCode.GROUPED_FFN, [tokens, rows, group_sizes, *expert_w, row_scale], ffn_attrs,
                    name=f"{p}experts").outputs[0]
-    out = g.add_node(OpCode.COMBINE, [y, rows, row_weights, tokens], name=f"{p}combine").outputs[0]
+    out = g.add_node(OpCode.COMBINE, [y, rows, row_weights, tokens], {"weighted": not r.scale_input},
+                     name=f"{p}combine").outputs[0]
 
     shared_sum = None
     for i in range(e.shared):

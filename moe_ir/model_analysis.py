@@ -42,7 +42,7 @@ class LayerBreakdown:
     index: int
     kind: str               # "dense" or "moe"
     attention_params: int   # projections, biases, q/k or latent norms
-    norm_params: int        # the layer's two RMSNorms
+    norm_params: int        # the layer's two norms (RMSNorm weights, or LayerNorm weights and biases)
     ffn_params: int         # dense FFN, or the whole MoE layer (router, experts, shared, buffers)
     buffer_params: int      # stored, not trained (aux-loss-free router bias)
     total_params: int
@@ -64,7 +64,7 @@ class ModelAnalysis:
     activated_params_without_input_embedding: int
     activated_params_non_embedding: int
     embedding_params: int
-    lm_head_params: int     # 0 when tied to the embedding
+    lm_head_params: int     # 0 when tied to the embedding (its bias, if any, counts here too)
     final_norm_params: int
     flops_per_token: int
     context: int | None
@@ -109,7 +109,7 @@ def analyse_model(spec: ModelSpec, *, context: int | None = None) -> ModelAnalys
         p = layer_prefix(i)
         mine = by_layer.get(p, {})
         attn = sum(n for k, n in mine.items() if k.startswith(p + "attn."))
-        norms = sum(n for k, n in mine.items() if k in (p + "attn_norm.weight", p + "ffn_norm.weight"))
+        norms = sum(n for k, n in mine.items() if k.startswith((p + "attn_norm.", p + "ffn_norm.")))
         ffn_prefix = p + ("moe." if m.is_moe_layer(i) else "ffn.")
         ffn = sum(n for k, n in mine.items() if k.startswith(ffn_prefix))
         buf = sum(n for k, n in mine.items() if k in buffers)
@@ -130,8 +130,9 @@ def analyse_model(spec: ModelSpec, *, context: int | None = None) -> ModelAnalys
                                      flops_per_token=flops))
 
     embedding = sizes["embed.weight"]
-    head = sizes.get("lm_head.weight", 0)
-    final_norm = sizes["norm.weight"]
+    head_bias = sizes.get("lm_head.bias", 0)
+    head = sizes.get("lm_head.weight", 0) + head_bias
+    final_norm = sizes["norm.weight"] + sizes.get("norm.bias", 0)
     total = sum(sizes.values())
     assert total == embedding + head + final_norm + sum(lb.total_params for lb in layers)
     buffer_total = sum(sizes[k] for k in buffers)
@@ -147,7 +148,8 @@ def analyse_model(spec: ModelSpec, *, context: int | None = None) -> ModelAnalys
         name=m.name, total_params=total, trainable_params=total - buffer_total, buffer_params=buffer_total,
         activated_params=embedding + head + final_norm + activated_layers,
         # Tied: the embedding matrix is the LM head, which every token reads in full.
-        activated_params_without_input_embedding=(head or embedding) + final_norm + activated_layers,
+        activated_params_without_input_embedding=(head if head > head_bias else embedding + head_bias) + final_norm
+        + activated_layers,
         activated_params_non_embedding=final_norm + activated_layers,
         embedding_params=embedding, lm_head_params=head, final_norm_params=final_norm, flops_per_token=flops,
         context=context, attention_flops_per_token=attention_flops, moe_layers=m.moe_layers,

@@ -11,8 +11,10 @@ canonical names under it. Weight names:
 
   embed.weight [V, H]                       norm.weight [H]             lm_head.weight [V, H] (untied only)
   layers.{i}.attn_norm.weight [H]           layers.{i}.ffn_norm.weight [H]
+  norm.bias, layers.{i}.attn_norm.bias, layers.{i}.ffn_norm.bias [H]   (LayerNorm models: model.norm = layer)
+  lm_head.bias [V]                          (model.lm_head_bias)
   layers.{i}.attn.w_q / w_k / w_v [out, H], w_o [H, heads*head_dim], b_q / b_k / b_v / b_o,
-                 q_norm.weight / k_norm.weight                                            (mha, gqa)
+                 q_norm.weight / k_norm.weight, sinks [heads]                             (mha, gqa)
   layers.{i}.attn.w_q | (w_q_a, q_a_norm.weight, w_q_b), w_kv_a, kv_a_norm.weight, w_kv_b, w_o,
                  b_q_a / b_kv_a / b_o                                                     (mla)
   layers.{i}.ffn.w_up / w_down / w_gate [F, H] / [H, F] / [F, H]                          (dense layers)
@@ -49,7 +51,7 @@ from .builder import add_moe_layer
 from .errors import IRError
 from .ir import ElemType, Graph, GraphKind, OpCode, TensorType, Value
 from .ir.model_ops import MLACacheLayout, mla_cache_dims
-from .model_spec import AttentionKind, ModelSpec, QKNorm, model_spec_to_dict
+from .model_spec import AttentionKind, ModelSpec, NormKind, QKNorm, model_spec_to_dict
 from .spec import canonical_spec_hash
 
 __all__ = ["CacheEntry", "DECODE_INPUTS", "GraphForm", "MLACacheLayout", "build_model_graph", "cache_entries",
@@ -154,11 +156,12 @@ def _attention(g: Graph, spec: ModelSpec, x: Value, p: str, dtype: ElemType, lay
         norms = [weight("q_norm.weight", d), weight("k_norm.weight", d)]
     elif a.qk_norm == QKNorm.FULL:
         norms = [weight("q_norm.weight", nq * d), weight("k_norm.weight", nkv * d)]
+    sinks = weight("sinks", nq) if a.sinks else None
     attrs = {"heads": nq, "kv_heads": nkv, "head_dim": d, "qk_norm": a.qk_norm, **rope}
     if decode is None:
-        return g.add_node(OpCode.ATTENTION, [x, *w, *biases, *norms], attrs, name=p.rstrip(".")).outputs[0]
+        return g.add_node(OpCode.ATTENTION, [x, *w, *biases, *norms, sinks], attrs, name=p.rstrip(".")).outputs[0]
     cache = _cache_inputs(g, layer, attrs, decode, dtype, None)
-    node = g.add_node(OpCode.CACHED_ATTENTION, [x, *cache, *w, *biases, *norms], attrs, name=p.rstrip("."))
+    node = g.add_node(OpCode.CACHED_ATTENTION, [x, *cache, *w, *biases, *norms, sinks], attrs, name=p.rstrip("."))
     return _present_outputs(node, layer, decode, None)
 
 
@@ -168,6 +171,16 @@ def _present_outputs(node, layer: int, decode: _DecodeInputs, layout: MLACacheLa
     decode.present[f"present.{layer}.{key}"] = node.output("present_key")
     decode.present[f"present.{layer}.{value}"] = node.output("present_value")
     return node.output("y")
+
+
+def _norm(g: Graph, spec: ModelSpec, x: Value, name: str, dtype: ElemType) -> Value:
+    """The decoder norm `name` of x: RMSNorm (`name.weight`) or LayerNorm (`name.weight`, `name.bias`)."""
+    m = spec.model
+    weight = g.add_weight(f"{name}.weight", TensorType((m.hidden,), dtype))
+    if m.norm == NormKind.LAYER:
+        bias = g.add_weight(f"{name}.bias", TensorType((m.hidden,), dtype))
+        return g.add_node(OpCode.LAYER_NORM, [x, weight, bias], {"eps": m.rms_norm_eps}, name=name).outputs[0]
+    return g.add_node(OpCode.RMS_NORM, [x, weight], {"eps": m.rms_norm_eps}, name=name).outputs[0]
 
 
 def _dense_ffn(g: Graph, spec: ModelSpec, x: Value, p: str, dtype: ElemType) -> Value:
@@ -194,7 +207,6 @@ def build_model_graph(spec: ModelSpec, *, routing: bool = False, training: bool 
         raise IRError("the decode form is for inference; build the training graph in prefill form "
                       "(form='prefill') and the generation graph without training=True")
     dtype = ElemType.from_name(m.dtype)
-    eps = {"eps": m.rms_norm_eps}
     g = Graph(m.name, GraphKind.MODEL)
     g.meta["spec_hash"] = model_spec_hash(spec)
     ids = g.add_input("input_ids", TensorType(("B", "S"), ElemType.INT64))
@@ -209,12 +221,10 @@ def build_model_graph(spec: ModelSpec, *, routing: bool = False, training: bool 
     routing_outputs: dict[str, Value] = {}
     for i in range(m.layers):
         p = layer_prefix(i)
-        norm_w = g.add_weight(f"{p}attn_norm.weight", TensorType((m.hidden,), dtype))
-        a = g.add_node(OpCode.RMS_NORM, [x, norm_w], eps, name=f"{p}attn_norm").outputs[0]
+        a = _norm(g, spec, x, f"{p}attn_norm", dtype)
         a = _attention(g, spec, a, f"{p}attn.", dtype, i, decode)
         x = g.add_node(OpCode.ADD, [x, a], name=f"{p}attn_residual").outputs[0]
-        norm_w = g.add_weight(f"{p}ffn_norm.weight", TensorType((m.hidden,), dtype))
-        f = g.add_node(OpCode.RMS_NORM, [x, norm_w], eps, name=f"{p}ffn_norm").outputs[0]
+        f = _norm(g, spec, x, f"{p}ffn_norm", dtype)
         if m.is_moe_layer(i):
             layer = add_moe_layer(g, spec.moe, f, prefix=f"{p}moe.", training=training)
             f = layer.pop("out")
@@ -224,11 +234,11 @@ def build_model_graph(spec: ModelSpec, *, routing: bool = False, training: bool 
         else:
             f = _dense_ffn(g, spec, f, f"{p}ffn.", dtype)
         x = g.add_node(OpCode.ADD, [x, f], name=f"{p}ffn_residual").outputs[0]
-    norm_w = g.add_weight("norm.weight", TensorType((m.hidden,), dtype))
-    x = g.add_node(OpCode.RMS_NORM, [x, norm_w], eps, name="norm").outputs[0]
+    x = _norm(g, spec, x, "norm", dtype)
     head = embed if m.tied_embeddings else g.add_weight("lm_head.weight", TensorType((m.vocab_size, m.hidden), dtype))
+    head_bias = g.add_weight("lm_head.bias", TensorType((m.vocab_size,), dtype)) if m.lm_head_bias else None
     tokens = g.add_node(OpCode.FLATTEN_TOKENS, [x], name="lm_head.tokens").outputs[0]
-    logits = g.add_node(OpCode.LINEAR, [tokens, head, None], {"out_dtype": dtype}, name="lm_head").outputs[0]
+    logits = g.add_node(OpCode.LINEAR, [tokens, head, head_bias], {"out_dtype": dtype}, name="lm_head").outputs[0]
     g.set_output("logits", g.add_node(OpCode.RESTORE_TOKENS, [logits, x], name="logits").outputs[0])
     for key, value in (decode.present.items() if decode is not None else ()):
         g.set_output(key, value)

@@ -28,8 +28,9 @@ from .spec import (QuantizationSpec, MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_LA
                    DType, LayerSpec, ParseContext, describe_value, join_key_path, parse_section, suggest_key,
                    schema_of_section, spec_field, spec_to_dict)
 
-__all__ = ["AttentionKind", "AttentionSpec", "ModelSection", "ModelSpec", "QKNorm", "RopeLayout", "RopeScaling",
-           "RopeScalingKind", "model_json_schema", "model_spec_from_dict", "model_spec_to_dict", "yarn_mscale"]
+__all__ = ["AttentionKind", "AttentionSpec", "ModelSection", "ModelSpec", "NormKind", "QKNorm", "RopeLayout",
+           "RopeScaling", "RopeScalingKind", "model_json_schema", "model_spec_from_dict", "model_spec_to_dict",
+           "yarn_mscale"]
 
 
 class AttentionKind(enum.StrEnum):
@@ -42,6 +43,11 @@ class QKNorm(enum.StrEnum):
     NONE = "none"
     HEAD = "head"  # RMSNorm over each head's head_dim (Qwen3 style), weights [head_dim]
     FULL = "full"  # RMSNorm over the whole q / k projection (OLMoE), weights [heads*head_dim] / [kv_heads*head_dim]
+
+
+class NormKind(enum.StrEnum):
+    RMS = "rms"      # RMSNorm with a weight (Llama, DeepSeek, Mixtral, Qwen, OLMoE)
+    LAYER = "layer"  # LayerNorm with a weight and a bias (PhiMoE)
 
 
 class RopeLayout(enum.StrEnum):
@@ -126,6 +132,9 @@ class AttentionSpec:
     qkv_bias: bool = spec_field(False, doc="q/k/v projections carry biases (mla: the q_a and kv_a down-projections)")
     out_bias: bool = spec_field(False, doc="the output projection carries a bias")
     qk_norm: QKNorm = spec_field(QKNorm.NONE, doc="RMSNorm on queries and keys before RoPE")
+    sinks: bool = spec_field(False, doc="a learned logit per query head joins every softmax with no value, so "
+                                        "attention may attend to nothing (gpt-oss); mha/gqa only",
+                              omit_default=True)
     q_lora_rank: int | None = spec_field(None, doc="mla: rank of the query down-projection; absent: a full q_proj",
                                          minimum=1, maximum=MAX_HEAD_DIM)
     kv_lora_rank: int | None = spec_field(None, doc="mla: rank of the compressed key/value latent", minimum=1,
@@ -150,6 +159,8 @@ class AttentionSpec:
             if self.rotary_dim is not None:
                 ctx.fail(join_key_path(path, "rotary_dim"), "kind mla rotates qk_rope_head_dim dims; rotary_dim is for "
                                                             "mha/gqa")
+            if self.sinks:
+                ctx.fail(join_key_path(path, "sinks"), "attention sinks are modelled for mha/gqa attention, not mla")
             if self.qk_rope_head_dim % 2:
                 ctx.fail(join_key_path(path, "qk_rope_head_dim"), f"RoPE rotates pairs of dims; {self.qk_rope_head_dim} is odd")
             return
@@ -224,7 +235,13 @@ class ModelSection:
                                          minimum=1, maximum=MAX_WIDTH)
     dense_activation: Activation = spec_field(Activation.SWIGLU, doc="activation of the dense FFNs")
     attention: AttentionSpec = spec_field(doc="self-attention")
-    rms_norm_eps: float = spec_field(1e-6, doc="epsilon of every RMSNorm", exclusive_minimum=0.0)
+    rms_norm_eps: float = spec_field(1e-6, doc="epsilon of every decoder norm (RMSNorm or LayerNorm)",
+                                     exclusive_minimum=0.0)
+    norm: NormKind = spec_field(NormKind.RMS, doc="the decoder norms (before attention, before the FFN, final): "
+                                                  "rms (RMSNorm, a weight) or layer (LayerNorm, a weight and a bias)",
+                                omit_default=True)
+    lm_head_bias: bool = spec_field(False, doc="the LM head carries a bias [vocab_size] (PhiMoE lm_head_bias)",
+                                    omit_default=True)
     dtype: DType = spec_field(DType.FLOAT32, doc="dtype of activations and weights")
 
     def check(self, ctx: ParseContext, path: str) -> None:
@@ -246,6 +263,10 @@ class ModelSection:
         elif self.first_dense >= self.layers:
             ctx.fail(join_key_path(path, "first_dense"), f"first_dense={self.first_dense} leaves no MoE layer among "
                                                  f"{self.layers} layers")
+        if self.dense_activation == Activation.CLAMPED_SWIGLU:
+            ctx.fail(join_key_path(path, "dense_activation"), "clamped_swiglu is an expert activation (its alpha and "
+                                                              "limit are in moe.experts.clamp); dense FFNs take "
+                                                              "swiglu, geglu, gelu or relu")
         has_dense = any(not self.is_moe_layer(i) for i in range(self.layers))
         if has_dense and self.dense_width is None:
             ctx.fail(join_key_path(path, "dense_width"), f"layers {index_ranges(self.dense_layers)} are dense; give their FFN "

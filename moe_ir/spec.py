@@ -31,10 +31,13 @@ class Activation(enum.StrEnum):
     GEGLU = "geglu"    # gelu(x W_gate) * (x W_up), then W_down
     GELU = "gelu"      # gelu(x W_up), then W_down
     RELU = "relu"      # relu(x W_up), then W_down
+    # gpt-oss: (clamp(u, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(x W_gate, limit), u = x W_up;
+    # alpha and limit in ExpertsSpec.clamp
+    CLAMPED_SWIGLU = "clamped_swiglu"
 
     @property
     def gated(self) -> bool:
-        return self in (Activation.SWIGLU, Activation.GEGLU)
+        return self in (Activation.SWIGLU, Activation.GEGLU, Activation.CLAMPED_SWIGLU)
 
 
 class ScoreFn(enum.StrEnum):
@@ -100,10 +103,12 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 def spec_field(default: Any = dataclasses.MISSING, *, doc: str, minimum: float | None = None,
                exclusive_minimum: float | None = None, maximum: float | None = None, pattern: str | None = None,
-               default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with the metadata the parser and the JSON Schema read (`pattern`: strings only)."""
+               default_factory: Any = dataclasses.MISSING, omit_default: bool = False) -> Any:
+    """A dataclass field with the metadata the parser and the JSON Schema read (`pattern`: strings only).
+    `omit_default`: the canonical form (spec_to_dict, hence the spec hash) leaves the field out while it holds
+    its default, so a field added later keeps the hashes of every spec that does not use it."""
     meta = {"doc": doc, "minimum": minimum, "exclusive_minimum": exclusive_minimum, "maximum": maximum,
-            "pattern": pattern}
+            "pattern": pattern, "omit_default": omit_default}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -139,6 +144,15 @@ class PaperExperts:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ClampedSwiglu:
+    """The parameters of the clamped_swiglu activation (gpt-oss: swiglu_alpha 1.702, swiglu_limit 7.0)."""
+
+    alpha: float = spec_field(1.702, doc="slope inside the sigmoid: g * sigmoid(alpha * g)", exclusive_minimum=0.0)
+    limit: float = spec_field(7.0, doc="the gate is clamped to at most limit, the up projection to [-limit, limit]",
+                              exclusive_minimum=0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
 class ExpertsSpec:
     """Canonical (explicit) expert configuration."""
 
@@ -151,6 +165,8 @@ class ExpertsSpec:
     shared_gate: bool = spec_field(False, doc="multiply the shared output by sigmoid(x w) (Qwen2-MoE)")
     activation: Activation = spec_field(Activation.SWIGLU, doc="expert activation")
     bias: bool = spec_field(False, doc="expert projections carry biases")
+    clamp: ClampedSwiglu | None = spec_field(None, doc="alpha and limit of activation clamped_swiglu (required with "
+                                                       "it, refused with any other activation)")
     paper: PaperExperts | None = spec_field(None, doc="the paper's parametrisation; routed/width/top_k/shared follow from it")
 
     @property
@@ -172,6 +188,12 @@ class ExpertsSpec:
             ctx.fail(f"{path}.shared_gate", "a shared-expert gate needs at least one shared expert")
         if self.shared_width is not None and self.shared == 0:
             ctx.fail(f"{path}.shared_width", "shared_width is set but there are no shared experts")
+        if self.activation == Activation.CLAMPED_SWIGLU and self.clamp is None:
+            ctx.fail(f"{path}.clamp", "activation clamped_swiglu needs its parameters: clamp: {alpha: ..., limit: ...} "
+                                      "(gpt-oss: alpha 1.702, limit 7.0)")
+        if self.clamp is not None and self.activation != Activation.CLAMPED_SWIGLU:
+            ctx.fail(f"{path}.clamp", f"clamp parametrises activation clamped_swiglu; this activation is "
+                                      f"{self.activation.value}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -209,6 +231,10 @@ class RouterSpec:
     choice: Choice = spec_field(Choice.TOKEN, doc="token-choice top-k or expert-choice")
     group_limit: GroupLimit | None = spec_field(None, doc="group-limited top-k; absent: greedy top-k")
     noise: Noise | None = spec_field(None, doc="noisy top-k gating; absent: none")
+    logit_bias: bool = spec_field(False, doc="the router projection carries a bias added to the logits before "
+                                             "scoring and selection (gpt-oss)", omit_default=True)
+    scale_input: bool = spec_field(False, doc="the routing weight multiplies each chosen expert's input instead of "
+                                              "its output (Llama 4)", omit_default=True)
     sparse_mixer: SparseMixer | None = spec_field(None, doc="SparseMixer routing (PhiMoE, top_k 2) on the router "
                                                            "logits instead of top-k on the scores; absent: top-k")
     normalize: bool = spec_field(False, doc="renormalise the top-k weights to sum 1")
@@ -369,6 +395,9 @@ class LayerSpec:
                                                 "is balanced by construction (only z_loss applies)")
         if r.sparse_mixer is not None:
             self._check_sparse_mixer(ctx)
+        if r.scale_input and r.choice == Choice.EXPERT:
+            ctx.fail("router.scale_input", "scale_input is modelled for token-choice routing (Llama 4), not "
+                                           "expert-choice")
         if b.device is not None and e.routed % b.device.devices:
             ctx.fail("balance.device.devices", f"{b.device.devices} devices must divide the {e.routed} routed experts")
 
@@ -673,7 +702,7 @@ def spec_to_dict(spec: Any) -> dict:
     out = {}
     for f in dataclasses.fields(spec):
         value = getattr(spec, f.name)
-        if value is None:
+        if value is None or (f.metadata.get("omit_default") and value == f.default):
             continue
         if dataclasses.is_dataclass(value):
             value = spec_to_dict(value)

@@ -173,8 +173,80 @@ def test_spec_refuses_what_sparse_mixer_cannot_combine_with(changes, path):
     assert err.value.path == path
 
 
-def test_whole_model_import_names_the_missing_decoder_feature():
-    from moe_ir.frontends.hf.model import model_spec_from_hf_config
 
-    with pytest.raises(SpecError, match="LayerNorm with a bias"):
-        model_spec_from_hf_config(_config())
+# ------------------------------------------------------------------------------------------------
+# the whole model: LayerNorm norms (weight and bias), attention biases, an LM head bias
+
+
+def _tiny_model(**kw):
+    from transformers import AutoModelForCausalLM
+
+    cfg = _config(**{**dict(vocab_size=97, num_hidden_layers=3, num_local_experts=5, router_jitter_noise=0.3,
+                            attention_bias=True, lm_head_bias=True), **kw})
+    cfg._attn_implementation = "eager"
+    cfg._experts_implementation = "eager"
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():  # every tensor random (norm weights around 1), so a misplaced one shows
+        for name, p in hf.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.2 if p.dim() > 1 else 0.1)
+    return cfg, hf
+
+
+@pytest.mark.parametrize("biases", [True, False])
+def test_model_logits_equal_transformers_on_every_backend_that_lowers_it(biases):
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config, weights_from_hf_model
+    from moe_ir.model_builder import build_model_graph
+    from moe_ir.model_spec import NormKind
+
+    cfg, hf = _tiny_model() if biases else _tiny_model(attention_bias=False, lm_head_bias=False)
+    spec = model_spec_from_hf_config(cfg)
+    m = spec.model
+    assert m.norm == NormKind.LAYER and m.lm_head_bias == biases and m.attention.qkv_bias == biases
+    assert m.attention.out_bias == biases and spec.moe.router.sparse_mixer.jitter_eps == 0.3
+    weights = weights_from_hf_model(hf, spec)
+    graph_total = sum(math.prod(v.type.shape) for v in build_model_graph(spec).weights.values())
+    assert graph_total == sum(p.numel() for p in hf.parameters())
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+    got = {"reference": interpret(build_model_graph(spec), {"input_ids": ids}, weights)["logits"]}
+    for name in ("torch", "onnx:portable", "onnx:ort"):
+        backend = get_backend(name)
+        graph = run_pipeline(build_model_graph(spec), backend.pipeline)
+        assert backend.supports(graph) == (True, "")
+        got[name] = backend.prepare(graph, {k: v for k, v in weights.items() if k in graph.weights})(ids)["logits"]
+    for name, logits in got.items():
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=2e-5, msg=name)
+        assert torch.equal(logits.argmax(-1), expected.argmax(-1)), name
+
+
+def test_model_generation_and_decode_equal_prefill():
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config, weights_from_hf_model
+    from moe_ir.validate import validate_model
+
+    cfg, hf = _tiny_model()
+    spec = model_spec_from_hf_config(cfg)
+    report = validate_model(spec, resolve_backends(["reference", "torch"]), tokens=7, batch=2,
+                            weights=weights_from_hf_model(hf, spec), generate=3)
+    assert report.ok, report.to_dict()
+    assert all(r.status == "ok" for r in report.results)
+
+
+def test_model_defaults_and_refusals():
+    from moe_ir.frontends.hf.model import MODEL_DEFAULTS, model_spec_from_hf_config
+
+    defaults = PhimoeConfig().to_dict()
+    for key, value in MODEL_DEFAULTS["phimoe"].items():
+        theirs = defaults["rope_parameters"]["rope_theta"] if key == "rope_theta" else defaults.get(key)
+        assert theirs == value, key
+    for changes, key in (({"sliding_window": 64}, "sliding_window"),
+                         ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 6,
+                                            "long_factor": [1.0] * 6}}, "rope_scaling")):
+        data = {**_config().to_dict(), **changes}
+        with pytest.raises(SpecError) as err:
+            model_spec_from_hf_config(data)
+        assert err.value.path == key, err.value

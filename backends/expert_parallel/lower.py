@@ -64,6 +64,10 @@ def routed_path(graph: Graph) -> RoutedPath:
     if route is None or route.op != OpCode.TOPK_ROUTE:
         raise BackendError(f"the expert ids of '{dispatch.name}' do not come from a topk_route node")
     rows, row_weights, group_sizes = dispatch.outputs
+    scaled = [n for n in graph.users(rows) if n.op == OpCode.GROUPED_FFN and n.input("row_scale") is not None]
+    if scaled:
+        raise BackendError("routing weights on the expert inputs (router.scale_input, Llama 4) are not lowered by "
+                           "expert parallelism: its exchange weighs the returned expert outputs")
     users = graph.users(rows)
     experts = next((n for n in users if n.op == OpCode.GROUPED_FFN), None)
     combine = next((n for n in users if n.op == OpCode.COMBINE), None)

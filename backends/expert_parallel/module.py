@@ -42,7 +42,7 @@ from moe_ir.params import init_weights
 from moe_ir.passes import run_pipeline
 from moe_ir.spec import LayerSpec, SharedPlacement
 from .. import torch_kernels as K
-from ..torch_ops import dense_ffn, expert_ffns, lower_node, node_results
+from ..torch_ops import dense_ffn, expert_ffns, kernel_ffn_attrs, lower_node, node_results
 from .comm import all_to_all_rows, exchange_counts, gather_counts
 from .losses import communication_balance_loss
 from .lower import RoutedPath, check_graph, routed_path
@@ -190,13 +190,13 @@ class ExpertParallelMoE(nn.Module):
         if node is path.combine:
             experts = path.experts
             operands = (experts.input("x"), path.dispatch.input("expert_idx"), path.dispatch.input("weights"),
-                        *experts.inputs[3:])
-            attrs = (experts.attrs["activation"].value, experts.attrs["weight_layout"].value)
+                        *experts.inputs[3:9])
+            attrs = kernel_ffn_attrs(experts)
             return _Step(lambda ops, rt: self._exchange(*ops, *attrs, record=rt["record"]),
                          tuple(None if v is None else v.name for v in operands),
                          (node.outputs[0].name, path.dispatch.outputs[2].name))
         if node.op == OpCode.FFN and self._shared_group is not None:
-            attrs = (node.attrs["activation"].value, node.attrs["weight_layout"].value)
+            attrs = kernel_ffn_attrs(node)
             return _Step(lambda ops, rt: (self._tensor_parallel_ffn(*ops, *attrs),), inputs, outputs)
         call = lower_node(node)
         if node.op == OpCode.BALANCE_LOSS:
@@ -376,7 +376,8 @@ class ExpertParallelMoE(nn.Module):
         # The received rows as the dispatch lays out assignments: sorted by (local) expert, row order within.
         expert_of, rows = rmask.t().nonzero(as_tuple=True)
         group_sizes = K.count_ids(expert_of, rmask.shape[1])
-        y = expert_ffns(rx, rows, group_sizes, *expert_weights, activation, layout, K.grouped_ffn)
+        y = expert_ffns(rx, rows, group_sizes, *expert_weights, None, activation, layout, K.grouped_ffn,
+                        K.grouped_ffn_packed)
         return K.combine(y, rows, rgate[rows, expert_of], rx.shape[0])
 
     def _tensor_parallel_ffn(self, tokens, w_up, w_down, w_gate, b_up, b_down, b_gate, activation, layout):

@@ -33,6 +33,7 @@ from moe_ir.ir import ElemType, Node, Value
 from moe_ir.model_builder import MLACacheLayout
 from moe_ir.ir.model_ops import attention_scale, rope_dims, rope_inverse_frequencies
 from moe_ir.model_spec import QKNorm, RopeLayout
+from .emit import ONNX_DTYPE
 from .lowering import Lowering
 
 
@@ -48,6 +49,21 @@ class DecoderOps(Lowering):
         x, weight = node.inputs
         self._rms_norm(self.operand(x), weight, node.attrs["eps"], x.type.dtype, out=node.outputs[0].name,
                        name=node.name)
+
+    def _lower_layer_norm(self, node: Node) -> None:
+        # LayerNormalization in float32 (the reference's statistics and affine), rounded back to x's type.
+        em = self.em
+        x, weight, bias = node.inputs
+        dt = x.type.dtype
+        ins = [self.cast_operand(x, ElemType.FLOAT32), self.cast_operand(weight, ElemType.FLOAT32)]
+        if bias is not None:
+            ins.append(self.cast_operand(bias, ElemType.FLOAT32))
+        if dt == ElemType.FLOAT32:
+            em.op("LayerNormalization", ins, out=node.outputs[0].name, name=node.name, axis=-1,
+                  epsilon=node.attrs["eps"])
+        else:
+            y = em.op("LayerNormalization", ins, name=node.name, axis=-1, epsilon=node.attrs["eps"])
+            em.op("Cast", [y], out=node.outputs[0].name, to=ONNX_DTYPE[dt])
 
     def _rms_norm(self, x: str, weight: Value, eps: float, dt: ElemType, **out) -> str:
         """rms_norm_math: statistics in float32 (the reference's), the result rounded to dt, then * weight."""
@@ -128,15 +144,16 @@ class DecoderOps(Lowering):
         return self.shared["future"]
 
     def _causal_attention(self, x: str, q: str, k: str, v: str, heads: int, kv_heads: int, dv: int,
-                          scale: float, dt: ElemType) -> str:
+                          scale: float, dt: ElemType, sinks: Value | None = None) -> str:
         """model_ops.causal_attention: q [B,h,S,d], k [B,hk,S,d], v [B,hk,S,dv] -> [B*S, h*dv]."""
-        return self._attend(q, k, v, heads, kv_heads, dv, scale, dt, lambda: (self._future_mask(x),) * 2)
+        return self._attend(q, k, v, heads, kv_heads, dv, scale, dt, lambda: (self._future_mask(x),) * 2, sinks)
 
     def _attend(self, q: str, k: str, v: str, heads: int, kv_heads: int, dv: int, scale: float, dt: ElemType,
-                masks: Callable[[], tuple[str, str]]) -> str:
+                masks: Callable[[], tuple[str, str]], sinks: Value | None = None) -> str:
         """model_ops.attend: q [B,h,S,d], k [B,hk,L,d], v [B,hk,L,dv] -> [B*S, h*dv]. `masks()` gives the bool
         tensor true where a key is hidden, broadcastable to the scores [B,h,S,L], and the same for the grouped
-        scores [B,hk,rep,S,L] of GQA (called where the mask is used, so shared masks are emitted there)."""
+        scores [B,hk,rep,S,L] of GQA (called where the mask is used, so shared masks are emitted there);
+        `sinks` [h]: one more logit per head (gpt-oss)."""
         em = self.em
         rep = heads // kv_heads
         if rep > 1:
@@ -153,7 +170,19 @@ class DecoderOps(Lowering):
         hidden = masks()[1 if rep > 1 else 0]
         scores = em.op("Where", [hidden, em.fconst(-np.inf, dt, "neg_inf"), scores])
         # Softmax in float32 (the reference's compute type for f16/bf16 graphs), probabilities back in dt.
-        probs = em.op("Softmax", [em.cast(scores, dt, ElemType.FLOAT32)], axis=-1)
+        scores = em.cast(scores, dt, ElemType.FLOAT32)
+        if sinks is not None:
+            # One more logit per head (gpt-oss's sinks), a column of its own that the softmax normalises with
+            # and that is then dropped: the real keys' weights sum to less than 1.
+            grouping = [kv_heads, rep] if rep > 1 else [heads]
+            sink = em.op("Reshape", [self.cast_operand(sinks, ElemType.FLOAT32),
+                                     em.const([1] + grouping + [1, 1])])
+            column = em.op("Concat", [em.op("Shape", [scores], start=0, end=-1), em.const([1])], axis=0)
+            scores = em.op("Concat", [scores, em.op("Expand", [sink, column])], axis=-1)
+            probs = em.op("Softmax", [scores], axis=-1)
+            probs = em.op("Slice", [probs, em.const([0]), em.const([-1]), em.const([-1])])
+        else:
+            probs = em.op("Softmax", [scores], axis=-1)
         out = em.op("MatMul", [em.cast(probs, ElemType.FLOAT32, dt), v])   # [B, hk, (rep,) S, dv]
         if rep > 1:
             shape = em.op("Concat", [em.op("Shape", [out], start=0, end=1), em.const([heads]),
@@ -192,7 +221,7 @@ class DecoderOps(Lowering):
         rotated = rope_dims(a, d)
         tables = self._rope_tables(xs, rotated, a, dt)
         q, k = (self._rope(t, d, tables, a["rope_layout"], rotated) for t in (q, k))
-        o = self._causal_attention(xs, q, k, v, heads, kv_heads, d, attention_scale(a, d), dt)
+        o = self._causal_attention(xs, q, k, v, heads, kv_heads, d, attention_scale(a, d), dt, node.input("sinks"))
         self._output_projection(node, o, batch_seq)
 
     def _lower_mla_attention(self, node: Node) -> None:
@@ -296,7 +325,8 @@ class DecoderOps(Lowering):
         k = self._append_cache(node, "past_key", k)
         v = self._append_cache(node, "past_value", v)
         mask = self.operand(node.input("attention_mask"))
-        o = self._attend(q, k, v, heads, kv_heads, d, attention_scale(a, d), dt, lambda: self._hidden_keys(xs, mask))
+        o = self._attend(q, k, v, heads, kv_heads, d, attention_scale(a, d), dt, lambda: self._hidden_keys(xs, mask),
+                         node.input("sinks"))
         self._output_projection(node, o, batch_seq)
 
     def _lower_cached_mla_attention(self, node: Node) -> None:

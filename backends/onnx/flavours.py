@@ -125,6 +125,11 @@ class OrtLowering(PortableLowering):
                      if ops["b_up"] is not None else "")
             attrs = {"activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0,
                      "activation_beta": 0.0}
+            if act == Activation.CLAMPED_SWIGLU:
+                # The op's SwiGLU is g * sigmoid(alpha * g) * (u + beta) with g <= limit, |u| <= limit: gpt-oss's
+                # form at beta = 1 (checked against the reference in tests/test_hf_gpt_oss.py).
+                attrs.update(activation_alpha=float(ffn.attrs["clamp_alpha"]), activation_beta=1.0,
+                             swiglu_limit=float(ffn.attrs["clamp_limit"]))
         else:
             fc1 = self.operand(ops["w_up"])
             fc1_b = self.operand(ops["b_up"])
@@ -282,6 +287,8 @@ def gqa_refusal(node: Node) -> str:
                 "decode graph's cache holds them de-interleaved")
     if node.inputs[0].type.dtype != ElemType.FLOAT32:
         return "the ort flavour is float32 only"
+    if node.input("sinks") is not None:
+        return "attention sinks (gpt-oss): the decoder keeps them as one more softmax column in standard ops"
     return ""
 
 

@@ -235,7 +235,15 @@ class MoeOps(Lowering):
             up = linear(x, w["w_up"], w["b_up"])
             gate = linear(x, w["w_gate"], w["b_gate"]) if act.gated else None
         dt = node.inputs[0].type.dtype
-        if act == Activation.SWIGLU:
+        if act == Activation.CLAMPED_SWIGLU:
+            a = node.attrs
+            limit = em.fconst(a["clamp_limit"], dt, "clamp_limit")
+            gate = em.op("Min", [gate, limit])
+            up = em.op("Max", [em.op("Min", [up, limit]), em.fconst(-a["clamp_limit"], dt, "clamp_floor")])
+            alpha = em.fconst(a["clamp_alpha"], dt, "alpha")
+            glu = em.op("Mul", [gate, em.op("Sigmoid", [em.op("Mul", [gate, alpha])])])
+            hidden = em.op("Mul", [glu, em.op("Add", [up, em.fconst(1.0, dt, "one")])])
+        elif act == Activation.SWIGLU:
             hidden = em.op("Mul", [em.op("Mul", [gate, em.op("Sigmoid", [gate])]), up])
         elif act == Activation.GEGLU:
             hidden = em.op("Mul", [self._gelu(gate, dt), up])
@@ -269,6 +277,9 @@ class MoeOps(Lowering):
         weights = self._weight_operands(node)
         n_exp = int(weights["w_up"].type.shape[0])
         gathered = em.op("Gather", [x, rows], axis=0)                 # [A, H]
+        if node.input("row_scale") is not None:  # Llama 4: the routing weight scales each row's input
+            scale = self.cast_operand(node.input("row_scale"), node.inputs[0].type.dtype)
+            gathered = em.op("Mul", [gathered, em.op("Unsqueeze", [scale, em.const([1])])])
         n_rows = em.rows_of(gathered)
         dropped = em.op("Sub", [n_rows, em.op("ReduceSum", [sizes, em.const([0])], keepdims=1)])
         split = em.op("Concat", [sizes, dropped], axis=0)              # E groups, then dropped rows
@@ -297,9 +308,12 @@ class MoeOps(Lowering):
         # f16/bf16 rows are weighted and summed in float32, then rounded once to their type: the float32 sum
         # of a token's rows is the more accurate one.
         y = self.cast_operand(node.inputs[0], ElemType.FLOAT32)
-        row_w = self.cast_operand(node.inputs[2], ElemType.FLOAT32)
         hidden = node.outputs[0].type.shape[1]
-        weighted = em.op("Mul", [y, em.op("Unsqueeze", [row_w, em.const([1])])])
+        if node.attrs["weighted"]:
+            row_w = self.cast_operand(node.inputs[2], ElemType.FLOAT32)
+            weighted = em.op("Mul", [y, em.op("Unsqueeze", [row_w, em.const([1])])])
+        else:  # the weights scaled the expert inputs (grouped_ffn's row_scale)
+            weighted = y
         n_assign = em.op("Shape", [rows])
         n_assign_s = em.scalar(n_assign)
         arange = em.op("Range", [em.const(0), n_assign_s, em.const(1)])

@@ -102,6 +102,9 @@ def plugin_supports(node: Node) -> tuple[bool, str]:
     a = node.attrs
     if any(node.input(b) is not None for b in ("b_up", "b_down", "b_gate")):
         return False, f"{PLUGIN_NAME} has no expert biases (spec experts.bias: true)"
+    if a["activation"] not in ACTIVATION_CODES:
+        return False, (f"{PLUGIN_NAME} implements {', '.join(act.value for act in ACTIVATION_CODES)}, not "
+                       f"{a['activation'].value}")
     if a["capacity_factor"] is not None:
         return False, f"{PLUGIN_NAME} is dropless; capacity factor {a['capacity_factor']} is not supported"
     if a["activation"].gated and a["weight_layout"] != WeightLayout.GATE_UP_FUSED:

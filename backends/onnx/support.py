@@ -60,6 +60,9 @@ def ort_refusal(graph: Graph) -> str:
             disp, ffn = moe_chain(graph, combine)
         except BackendError as err:
             return str(err)
+        if ffn.input("row_scale") is not None:
+            return ("com.microsoft.MoE weighs the expert outputs; routing weights on the expert inputs "
+                    "(router.scale_input, Llama 4) do not fit it")
         if disp.attrs["capacity_factor"] is not None:
             return f"com.microsoft.MoE is dropless; capacity factor {disp.attrs['capacity_factor']} is not supported"
         act = ffn.attrs["activation"]
@@ -94,7 +97,12 @@ def plugin_refusal(graph: Graph) -> str:
     if len(fused) != 1:
         routed = (graph.find(OpCode.EXPERT_CHOICE_ROUTE) or graph.find(OpCode.ROUTER_NOISE)
                       or graph.find(OpCode.SPARSEMIXER_ROUTE))
-        why = f"{routed[0].op.value} is not fusable" if routed else "fuse-moe did not apply"
+        biased = any(n.inputs[2] is not None for n in graph.find(OpCode.LINEAR) if n.name.endswith("router_logits"))
+        scaled = any(n.input("row_scale") is not None for n in graph.find(OpCode.GROUPED_FFN))
+        why = (f"{routed[0].op.value} is not fusable" if routed else
+               "a router projection with a bias (router.logit_bias) is not fusable" if biased else
+               "routing weights on the expert inputs (router.scale_input) are not fusable" if scaled else
+               "fuse-moe did not apply")
         return f"the plugin flavour needs the routed path as one fused_moe node ({why})"
     ok, reason = plugin_op.plugin_supports(fused[0])
     if not ok:

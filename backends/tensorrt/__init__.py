@@ -112,7 +112,12 @@ class TensorRTBackend(Backend):
         if len(fused) != 1:
             routed = (graph.find(OpCode.EXPERT_CHOICE_ROUTE) or graph.find(OpCode.ROUTER_NOISE)
                       or graph.find(OpCode.SPARSEMIXER_ROUTE))
-            why = f"{routed[0].op.value} is not fusable" if routed else "fuse-moe did not apply"
+            biased = any(n.inputs[2] is not None for n in graph.find(OpCode.LINEAR) if n.name.endswith("router_logits"))
+            scaled = any(n.input("row_scale") is not None for n in graph.find(OpCode.GROUPED_FFN))
+            why = (f"{routed[0].op.value} is not fusable" if routed else
+                   "a router projection with a bias (router.logit_bias) is not fusable" if biased else
+                   "routing weights on the expert inputs (router.scale_input) are not fusable" if scaled else
+                   "fuse-moe did not apply")
             return False, f"the moe_ir::FusedMoE plugin needs the routed path as one fused_moe node ({why})"
         return plugin_op.plugin_supports(fused[0])
 

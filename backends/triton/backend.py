@@ -107,6 +107,12 @@ def graph_problem(graph: Graph) -> str:
         for op, reason in _UNFUSED_REASONS.items():
             if op in present:
                 return reason
+        if any(n.input("row_scale") is not None for n in graph.find(OpCode.GROUPED_FFN)):
+            return ("routing weights on the expert inputs (router.scale_input, Llama 4): fuse-moe leaves them "
+                    "unfused and the grouped GEMM kernels weigh the outputs")
+        if any(n.inputs[2] is not None for n in graph.find(OpCode.LINEAR) if n.name.endswith("router_logits")):
+            return ("the router projection has a bias (router.logit_bias): fuse-moe leaves such routers unfused and "
+                    "the route kernel adds no logit bias")
         return (f"the routed path did not fuse into one fused_moe node (pipeline "
                 f"{graph.meta.get('pipeline', '?')}); the Triton backend runs only the fused layer")
     if len(fused) > 1:
@@ -116,6 +122,9 @@ def graph_problem(graph: Graph) -> str:
     if a["capacity_factor"] is not None:
         return (f"capacity factor {a['capacity_factor']:g} ({a['drop_rule'].value} drop rule): the Triton dispatch "
                 f"is dropless (every assignment gets a row), so it cannot drop tokens over capacity")
+    if a["activation"].value not in K.ACTIVATION_CODES:
+        return (f"activation {a['activation'].value}: the grouped GEMM kernels implement "
+                f"{', '.join(K.ACTIVATION_CODES)}")
     biases = [p for p in ("b_up", "b_down", "b_gate") if node.input(p) is not None]
     if biases:
         return f"expert biases ({', '.join(biases)}): the grouped GEMM kernels have no bias epilogue"

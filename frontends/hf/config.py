@@ -17,6 +17,8 @@ Semantics checked against transformers 5.23 by tests/test_hf_modules.py:
   qwen2_moe    Qwen2MoeSparseMoeBlock: softmax top-k (norm_topk_prob), one shared expert gated by
                sigmoid(shared_expert_gate(x))
   olmoe        OlmoeSparseMoeBlock: softmax top-k (norm_topk_prob)
+  llama4_text  Llama4TextMoe: sigmoid of the top-k logits scaling the chosen experts' inputs, one shared expert
+  gpt_oss      GptOssMLP: router logit bias, softmax over the top-k logits, expert biases, clamped SwiGLU
   phimoe       PhimoeSparseMoeBlock in eval mode: SparseMixer (router.sparse_mixer, top-2 only), every layer MoE
 
 Shared experts. DeepSeek stores its n_shared_experts shared experts as ONE MLP of width
@@ -44,6 +46,7 @@ from moe_ir.errors import SpecError
 from moe_ir.spec import (MAX_EXPERTS, MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_LAYERS, MAX_SHARED_EXPERTS, MAX_VOCAB,
                          MAX_WIDTH, Activation, AuxFree, DType, GroupScore, LayerSpec, show_number, spec_from_dict,
                          spec_to_dict)
+from .unexpressible import unexpressible_reason
 
 __all__ = ["FAMILY_DEFAULTS", "NOT_MODELLED", "SUPPORTED_MODEL_TYPES", "HFLayerInfo", "describe_hf_config", "describe_hf_config_file",
            "import_hf_config_file", "info_comment", "moe_layer_indices", "spec_from_hf_config", "spec_yaml_text"]
@@ -84,6 +87,15 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "olmoe": {
         "hidden_size": 2048, "num_hidden_layers": 16, "hidden_act": "silu", "num_experts": 64,
         "num_experts_per_tok": 8, "intermediate_size": 2048, "norm_topk_prob": False, "router_aux_loss_coef": 0.01,
+    },
+    "gpt_oss": {
+        "hidden_size": 2880, "num_hidden_layers": 36, "num_local_experts": 128, "num_experts_per_tok": 4,
+        "intermediate_size": 2880, "router_aux_loss_coef": 0.001, "swiglu_alpha": 1.702, "swiglu_limit": 7.0,
+    },
+    "llama4_text": {
+        "hidden_size": 5120, "num_hidden_layers": 48, "hidden_act": "silu", "num_local_experts": 16,
+        "num_experts_per_tok": 1, "intermediate_size": 8192, "interleave_moe_layer_step": 1, "moe_layers": None,
+        "router_jitter_noise": 0.0,
     },
     "phimoe": {
         "hidden_size": 4096, "num_hidden_layers": 32, "hidden_act": "silu", "num_local_experts": 16,
@@ -556,11 +568,54 @@ def _map_ernie4_5_moe(c: FamilyConfig) -> _Mapped:
                    {"score": "softmax", "normalize": True}, balance, is_moe, reason, notes)
 
 
+def _map_gpt_oss(c: FamilyConfig) -> _Mapped:
+    """gpt-oss: router with a logit bias, softmax over the top-k logits (= softmax, top-k, renormalised), experts
+    with biases and the clamped SwiGLU (swiglu_alpha, swiglu_limit), every layer MoE."""
+    k = c.positive("num_experts_per_tok")
+    alpha, limit = c.get("swiglu_alpha", float), c.get("swiglu_limit", float)
+    for key, value in (("swiglu_alpha", alpha), ("swiglu_limit", limit)):
+        if value <= 0:
+            raise c.fail(key, f"expected a value > 0, found {value}")
+    balance, notes = _transformers_balance_loss(c, k)
+    notes.insert(0, f"swiglu_alpha={alpha:g}, swiglu_limit={limit:g} -> experts.clamp (clamped_swiglu); "
+                    "hidden_act is not read by gpt-oss's experts")
+    experts = {"routed": c.positive("num_local_experts"), "width": c.positive("intermediate_size"), "top_k": k,
+               "bias": True, "activation": "clamped_swiglu", "clamp": {"alpha": alpha, "limit": limit}}
+    return _Mapped(experts, {"score": "softmax", "normalize": True, "logit_bias": True}, balance, _all_layers,
+                   lambda i: "", notes)
+
+
+def _map_llama4_text(c: FamilyConfig) -> _Mapped:
+    """Llama 4 (text): sigmoid of the top-k router logits, the weight multiplying the chosen expert's input
+    (router.scale_input), one shared expert of the experts' width; MoE layers listed by moe_layers (default:
+    every interleave_moe_layer_step-th, ending each step). transformers computes no balance loss for it."""
+    jitter = c.get("router_jitter_noise", float)
+    if jitter != 0:
+        raise c.fail("router_jitter_noise", f"router_jitter_noise={jitter}: training-time jitter is not modelled")
+    layers, step = c.positive("num_hidden_layers"), c.positive("interleave_moe_layer_step")
+    listed = c.get("moe_layers", list, optional=True)
+    if listed is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in listed):
+        raise c.fail("moe_layers", f"expected a list of layer indices, found {listed!r}")
+    moe = set(listed) if listed is not None else set(range(step - 1, layers, step))
+
+    def reason(layer: int) -> str:
+        if listed is not None:
+            return f"moe_layers does not list layer {layer}"
+        return f"interleave_moe_layer_step={step} makes only layers with (layer + 1) % {step} == 0 MoE"
+    width = c.positive("intermediate_size")
+    return _Mapped({"routed": c.positive("num_local_experts"), "width": width,
+                    "top_k": c.positive("num_experts_per_tok"), "shared": 1},
+                   {"score": "sigmoid", "scale_input": True}, {}, lambda i: i in moe, reason,
+                   ["transformers computes no balance loss for Llama 4: no balance section",
+                    "the shared expert has the experts' width (intermediate_size)"])
+
+
 _FAMILIES: dict[str, Callable[[FamilyConfig], _Mapped]] = {
     "deepseek": _map_deepseek, "deepseek_v2": _map_deepseek_v2, "deepseek_v3": _map_deepseek_v3,
     "mixtral": _map_mixtral, "qwen2_moe": _map_qwen2_moe, "olmoe": _map_olmoe, "phimoe": _map_phimoe,
     "qwen3_moe": _map_qwen3_moe, "glm4_moe": _map_sigmoid_grouped, "glm4_moe_lite": _map_sigmoid_grouped,
     "dots1": _map_sigmoid_grouped, "minimax_m2": _map_minimax_m2, "ernie4_5_moe": _map_ernie4_5_moe,
+    "gpt_oss": _map_gpt_oss, "llama4_text": _map_llama4_text,
 }
 
 
@@ -597,6 +652,9 @@ def describe_hf_config(config: Any, *, layer: int | None = None, name: str | Non
     names the spec and selects which weights `weights_from_hf` reads."""
     data = config_dict(config)
     model_type = data.get("model_type")
+    missing = unexpressible_reason(model_type)
+    if missing is not None:
+        raise SpecError(f"model_type {model_type} cannot be imported: {missing}", path="model_type", file=file)
     if isinstance(model_type, str) and model_type in NOT_MODELLED:
         raise SpecError(f"model_type {model_type} needs {NOT_MODELLED[model_type]}, which moe-ir does not model yet",
                         path="model_type", file=file)
@@ -622,7 +680,8 @@ def describe_hf_config(config: Any, *, layer: int | None = None, name: str | Non
 
     dtype, dtype_notes = _dtype(c)
     notes = dtype_notes + mapped.notes
-    activation = _activation(c)
+    # A family whose experts fix their own activation (gpt-oss) states it in its mapping.
+    activation = Activation(mapped.experts["activation"]) if "activation" in mapped.experts else _activation(c)
     if "quantization_config" in c.data:
         method = (c.data["quantization_config"] or {}).get("quant_method", "?") \
             if isinstance(c.data["quantization_config"], Mapping) else "?"
@@ -635,9 +694,9 @@ def describe_hf_config(config: Any, *, layer: int | None = None, name: str | Non
     if dtype != DType.FLOAT32 and model_type in ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "minimax_m2"):
         notes.append(f"transformers projects this router in {dtype.value} before a float32 softmax; the spec "
                      "projects in float32, so near-tied experts may rank differently in low precision")
-    if dtype != DType.FLOAT32 and model_type == "phimoe":
-        notes.append(f"transformers runs this router and SparseMixer in {dtype.value}; the spec in float32, so "
-                     "near-tied experts may rank differently in low precision")
+    if dtype != DType.FLOAT32 and model_type in ("phimoe", "gpt_oss"):
+        notes.append(f"transformers runs this router and its expert weights in {dtype.value}; the spec in float32, "
+                     "so near-tied experts may rank differently in low precision")
     layer_name = name or f"{model_type}_layer{layer}"
     where = f" {file}" if file else (f" {data['_name_or_path']}" if data.get("_name_or_path") else "")
     source = f"Hugging Face {model_type} config{where}, layer {layer}"

@@ -14,6 +14,10 @@ Attention per family (transformers 5.23):
                                     so attention_bias=true is refused as ambiguous)
   qwen2_moe                         biases on q, k, v only (qkv_bias); sliding windows are refused
   olmoe                             RMSNorm over the whole q and k projections; clip_qkv is refused
+  gpt_oss                           Llama attention (half RoPE), attention_bias on q, k, v and o, head_dim, attention
+                                    sinks; sliding_attention layers and YaRN are refused (not modelled yet)
+  phimoe                            Llama attention, attention_bias on q, k, v and o; LayerNorm (weight and
+                                    bias) norms; lm_head_bias; sliding windows and longrope are refused
   deepseek_v2, deepseek_v3          MLA; attention_bias on q_a, kv_a and o; DeepseekV2's complex RoPE and
                                     V3's rope_interleave are the interleaved layout, V3 without it the half one
 
@@ -36,7 +40,7 @@ from .config import FAMILY_DEFAULTS, FamilyConfig, config_dict, describe_hf_conf
 __all__ = ["MODEL_DEFAULTS", "model_spec_from_hf_config", "weights_from_hf_model"]
 
 _LLAMA_ATTENTION = ("deepseek", "mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "glm4_moe", "dots1", "minimax_m2",
-                    "ernie4_5_moe")
+                    "ernie4_5_moe", "phimoe", "gpt_oss")
 _MLA = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")
 # q/k RMSNorm per family: over each head (Qwen3 style) or the whole projection (OLMoE style); glm4_moe has it
 # when use_qk_norm is set.
@@ -66,6 +70,11 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2_moe": {"vocab_size": 151936, "num_attention_heads": 16, "num_key_value_heads": 16,
                   "intermediate_size": 5632, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "qkv_bias": True,
                   "use_sliding_window": False, "rope_theta": 10000.0},
+    "gpt_oss": {"vocab_size": 201088, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64,
+                "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "attention_bias": True, "rope_theta": 150000.0},
+    "phimoe": {"vocab_size": 32064, "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
+               "tie_word_embeddings": False, "attention_bias": False, "lm_head_bias": False, "sliding_window": None,
+               "rope_theta": 1e6},
     "olmoe": {"vocab_size": 50304, "num_attention_heads": 16, "num_key_value_heads": 16, "intermediate_size": 2048,
               "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "attention_bias": False, "clip_qkv": None,
               "rope_theta": 10000.0},
@@ -93,10 +102,12 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 # Families whose MoE layer imports but whose decoder needs what a model spec does not express yet:
-# model_type -> (the config key at fault, the missing feature).
+# model_type -> (the config key at fault, the missing features).
 DECODER_REFUSALS: dict[str, tuple[str, str]] = {
-    "phimoe": ("model_type", "its norms are LayerNorm with a bias (moe-ir models RMSNorm only) and its LM head "
-                             "may carry a bias (lm_head_bias)"),
+    "llama4_text": ("attention_chunk_size", "chunked attention (attention_chunk_size), layers without RoPE "
+                                            "(no_rope_layers) with attention temperature tuning, a weightless L2 "
+                                            "q/k norm (use_qk_norm) and a dense FFN width of its own "
+                                            "(intermediate_size_mlp) are not modelled"),
 }
 
 
@@ -226,6 +237,22 @@ def _name_from_path(name_or_path: str, model_type: str) -> str:
     return cleaned or model_type
 
 
+def _phimoe_decoder(c: FamilyConfig) -> dict:
+    """PhiMoE's decoder keys beyond Llama attention (biases from attention_bias on q, k, v and o): LayerNorm
+    (weight and bias, eps rms_norm_eps) for every norm, an optional LM head bias. Its sliding window is a
+    mask transformers applies whenever the key is set, which moe-ir does not model."""
+    if c.get("sliding_window", int, optional=True) is not None:
+        raise c.fail("sliding_window", "sliding-window attention is not modelled; set it to null")
+    return {"norm": "layer", "lm_head_bias": c.get("lm_head_bias", bool)}
+
+
+def _gpt_oss_attention(c: FamilyConfig) -> dict:
+    """gpt-oss's attention beyond Llama's (biases from attention_bias, head_dim from the config): a learned sink
+    logit per head in every softmax. Its sliding-window layers and YaRN RoPE are refused by the generic checks
+    (layer_types, rope_parameters), naming the feature."""
+    return {"sinks": True}
+
+
 def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str | None = None) -> ModelSpec:
     """ModelSpec of a transformers config object or config.json dict of a supported MoE family.
 
@@ -235,8 +262,8 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
     layer_spec, info = describe_hf_config(data, file=file)
     t = info.model_type
     if t in DECODER_REFUSALS:
-        key, why = DECODER_REFUSALS[t]
-        raise FamilyConfig(data, t, file).fail(key, f"the {t} decoder cannot be imported as a whole model: {why}; "
+        key, missing = DECODER_REFUSALS[t]
+        raise FamilyConfig(data, t, file).fail(key, f"the {t} decoder cannot be imported as a whole model: {missing}; "
                                                     "import its MoE layer (without --model)")
     c = _config(data, t, file)
     hidden, heads = layer_spec.hidden, _positive(c, "num_attention_heads")
@@ -250,7 +277,8 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
     attention: dict[str, Any] = {"heads": heads, **_rope(c)}
     layer_types = c.get("layer_types", list, optional=True) or []
     if any(kind != "full_attention" for kind in layer_types):
-        raise c.fail("layer_types", f"only full_attention layers are modelled, found {sorted(set(layer_types))}")
+        raise c.fail("layer_types", f"only full_attention layers are modelled, found {sorted(set(layer_types))}: "
+                                    "sliding-window attention is not modelled yet")
     if t == "mixtral" and c.data.get("attention_bias"):
         raise c.fail("attention_bias", "attention_bias=true: transformers' Mixtral ignores it (its attention has no "
                                        "biases), so the config is ambiguous")
@@ -290,13 +318,16 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
             attention["qk_norm"] = _QK_NORM.get(t, "head")
         if t == "mixtral" and c.get("sliding_window", int, optional=True) is not None:
             raise c.fail("sliding_window", "sliding-window attention is not modelled; set it to null")
+    decoder = _phimoe_decoder(c) if t == "phimoe" else {}
+    if t == "gpt_oss":
+        attention.update(_gpt_oss_attention(c))
     _stated(c, "rms_norm_eps")
     eps = c.get("rms_norm_eps", float)
     model = {"name": model_name, "source": layer_spec.source.rsplit(", layer", 1)[0],
              "vocab_size": _positive(c, "vocab_size"), "hidden": hidden, "layers": info.num_layers,
              "tied_embeddings": c.get("tie_word_embeddings", bool),
              **_layer_schedule(info.moe_layers, info.num_layers, c), "attention": attention,
-             "rms_norm_eps": eps, "dtype": layer_spec.dtype.value}
+             "rms_norm_eps": eps, "dtype": layer_spec.dtype.value, **decoder}
     if len(info.moe_layers) < info.num_layers:
         model["dense_width"] = _positive(c, "intermediate_size")
         model["dense_activation"] = layer_spec.experts.activation.value

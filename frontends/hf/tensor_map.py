@@ -6,6 +6,10 @@ A `TensorRule` ties canonical tensors (`ours`) to checkpoint tensors (`theirs`) 
   stack   ours[0] [E, ...] is theirs[0..E-1] stacked (per-expert tensors of a hub checkpoint)
   split   ours are equal chunks of theirs[0] along `dim` (transformers' fused gate_up_proj; DeepSeek's
           shared experts stored as one MLP of width n_shared x F)
+  interleave  ours are the strided parts of theirs[0] along `dim` (gpt-oss: gate = [::2], up = [1::2])
+
+`transposed`: the checkpoint stores the matrix as [..., in, out] (gpt-oss's experts), moe-ir as [..., out, in];
+import transposes the last two dims before the join, export after it (`dim` is always ours).
 
 Import applies `to_ours`, export `to_theirs`; the checkpoint shapes a spec expects (`their_shapes`) follow
 from the graph's shapes through the same rule, so names, shapes and layout are stated once. Rules carry
@@ -17,9 +21,10 @@ import dataclasses
 import enum
 from typing import Iterable, Mapping, Sequence
 
-from moe_ir.builder import ROUTER_BIAS, ROUTER_WEIGHT, SHARED_GATE_WEIGHT
-from moe_ir.model_spec import AttentionKind, ModelSpec
-from moe_ir.spec import LayerSpec
+from moe_ir.builder import ROUTER_BIAS, ROUTER_LOGIT_BIAS, ROUTER_WEIGHT, SHARED_GATE_WEIGHT
+from moe_ir.errors import WeightsError
+from moe_ir.model_spec import AttentionKind, ModelSpec, NormKind
+from moe_ir.spec import Activation, LayerSpec
 
 __all__ = ["HFLayout", "Join", "TensorRule", "PER_EXPERT_NAMES", "ROUTER_BIAS_NAMES", "moe_block_rules", "model_rules",
            "prefixed", "detect_layout", "detect_model_layout", "detect_router_bias", "router_name", "shared_mlp_names"]
@@ -43,6 +48,7 @@ class Join(enum.StrEnum):
     STACK = "stack"
     SPLIT = "split"
     UNSQUEEZE = "unsqueeze"  # theirs[0] is ours[0] with a dim of size 1 inserted at `dim` (ERNIE's [1, E] bias)
+    INTERLEAVE = "interleave"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,41 +57,56 @@ class TensorRule:
     theirs: tuple[str, ...]
     join: Join = Join.COPY
     dim: int = 0
+    transposed: bool = False
 
     def their_shapes(self, our_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         """Checkpoint shapes that give the canonical shapes `our_shapes` through this rule."""
         shapes = [tuple(our_shapes[name]) for name in self.ours]
         if self.join == Join.COPY:
-            return {self.theirs[0]: shapes[0]}
-        if self.join == Join.STACK:
-            return {name: shapes[0][1:] for name in self.theirs}
-        if self.join == Join.UNSQUEEZE:
-            return {self.theirs[0]: shapes[0][:self.dim] + (1,) + shapes[0][self.dim:]}
-        whole = list(shapes[0])
-        whole[self.dim] = sum(s[self.dim] for s in shapes)
-        return {self.theirs[0]: tuple(whole)}
+            out = {self.theirs[0]: shapes[0]}
+        elif self.join == Join.STACK:
+            out = {name: shapes[0][1:] for name in self.theirs}
+        elif self.join == Join.UNSQUEEZE:
+            out = {self.theirs[0]: shapes[0][:self.dim] + (1,) + shapes[0][self.dim:]}
+        else:
+            whole = list(shapes[0])
+            whole[self.dim] = sum(s[self.dim] for s in shapes)
+            out = {self.theirs[0]: tuple(whole)}
+        if self.transposed:
+            out = {name: shape[:-2] + (shape[-1], shape[-2]) for name, shape in out.items()}
+        return out
 
     def to_ours(self, tensors: Sequence):
         import torch
 
+        if self.transposed:
+            tensors = [t.transpose(-1, -2) for t in tensors]
         if self.join == Join.COPY:
             return [tensors[0]]
         if self.join == Join.STACK:
             return [torch.stack(list(tensors))]
         if self.join == Join.UNSQUEEZE:
             return [tensors[0].squeeze(self.dim)]
+        if self.join == Join.INTERLEAVE:
+            n, lead = len(self.ours), (slice(None),) * (self.dim % tensors[0].dim())
+            return [tensors[0][lead + (slice(i, None, n),)] for i in range(n)]
         return list(torch.chunk(tensors[0], len(self.ours), dim=self.dim))
 
     def to_theirs(self, tensors: Sequence):
         import torch
 
         if self.join == Join.COPY:
-            return [tensors[0]]
-        if self.join == Join.STACK:
-            return list(torch.unbind(tensors[0]))
-        if self.join == Join.UNSQUEEZE:
-            return [tensors[0].unsqueeze(self.dim)]
-        return [torch.cat(list(tensors), dim=self.dim)]
+            out = [tensors[0]]
+        elif self.join == Join.STACK:
+            out = list(torch.unbind(tensors[0]))
+        elif self.join == Join.UNSQUEEZE:
+            out = [tensors[0].unsqueeze(self.dim)]
+        elif self.join == Join.INTERLEAVE:
+            dim = self.dim % tensors[0].dim()
+            out = [torch.stack(list(tensors), dim=dim + 1).flatten(dim, dim + 1)]
+        else:
+            out = [torch.cat(list(tensors), dim=self.dim)]
+        return [t.transpose(-1, -2) for t in out] if self.transposed else out
 
 
 def prefixed(rules: Iterable[TensorRule], ours: str, theirs: str) -> list[TensorRule]:
@@ -97,15 +118,38 @@ def shared_mlp_names(spec: LayerSpec) -> tuple[str, str | None]:
     """(module name of the shared MLP, name of its gate weight): Qwen2-MoE's gated one or DeepSeek's."""
     if spec.experts.shared_gate:
         return "shared_expert", "shared_expert_gate.weight"
+    if spec.router.scale_input:  # Llama 4: one ungated shared expert
+        return "shared_expert", None
     return "shared_experts", None
 
 
 def router_name(spec: LayerSpec, layout: HFLayout | str) -> str:
-    """The block's router weight: `gate.weight`, except in transformers' own PhiMoE module (the one family with
-    SparseMixer routing), which names it `router.weight`; PhiMoE hub checkpoints keep `gate.weight`."""
-    if spec.router.sparse_mixer is not None and HFLayout(layout) == HFLayout.STACKED:
-        return "router.weight"
-    return "gate.weight"
+    """The block's router module: `gate`, except `router` in gpt-oss (the one family whose router has a logit
+    bias), in Llama 4 (the one family whose weights scale the expert inputs) and in transformers' own PhiMoE
+    module (the one family with SparseMixer routing; PhiMoE hub
+    checkpoints keep `gate`)."""
+    r = spec.router
+    if r.logit_bias or r.scale_input or (r.sparse_mixer is not None and HFLayout(layout) == HFLayout.STACKED):
+        return "router"
+    return "gate"
+
+
+def _llama4_experts() -> list[TensorRule]:
+    """transformers' Llama4TextExperts (the one family whose routing weights scale the expert inputs): matrices
+    stored [E, in, out], gate then up along the output of gate_up_proj."""
+    return [TensorRule(("experts.w_gate", "experts.w_up"), ("experts.gate_up_proj",), Join.SPLIT, dim=1,
+                       transposed=True),
+            TensorRule(("experts.w_down",), ("experts.down_proj",), transposed=True)]
+
+
+def _gpt_oss_experts() -> list[TensorRule]:
+    """transformers' GptOssExperts (the one family with clamped SwiGLU): matrices stored [E, in, out], gate and
+    up interleaved along the output (gate = [::2], up = [1::2]), their biases likewise, down's bias beside."""
+    return [TensorRule(("experts.w_gate", "experts.w_up"), ("experts.gate_up_proj",), Join.INTERLEAVE, dim=1,
+                       transposed=True),
+            TensorRule(("experts.b_gate", "experts.b_up"), ("experts.gate_up_proj_bias",), Join.INTERLEAVE, dim=1),
+            TensorRule(("experts.w_down",), ("experts.down_proj",), transposed=True),
+            TensorRule(("experts.b_down",), ("experts.down_proj_bias",))]
 
 
 # Where the selection bias sits in a block: under the router (DeepSeek-V3, GLM-4.5, dots1), on the block itself
@@ -120,11 +164,24 @@ def moe_block_rules(spec: LayerSpec, layout: HFLayout | str,
     """Rules of one MoE block, names relative to the block (`gate.weight`) and to the layer (`router.weight`)."""
     layout = HFLayout(layout)
     e = spec.experts
-    rules = [TensorRule((ROUTER_WEIGHT,), (router_name(spec, layout),))]
+    router = router_name(spec, layout)
+    rules = [TensorRule((ROUTER_WEIGHT,), (f"{router}.weight",))]
+    if spec.router.logit_bias:
+        rules.append(TensorRule((ROUTER_LOGIT_BIAS,), (f"{router}.bias",)))
     if spec.balance.aux_free is not None:
         join = Join.UNSQUEEZE if "moe_statics." in router_bias else Join.COPY
         rules.append(TensorRule((ROUTER_BIAS,), (router_bias,), join))
-    if layout == HFLayout.STACKED:
+    if e.activation == Activation.CLAMPED_SWIGLU:
+        if layout != HFLayout.STACKED:
+            raise WeightsError(f"gpt-oss experts (clamped_swiglu, biases) have one Hugging Face layout, stacked "
+                               f"(experts.gate_up_proj [E, H, 2F]); not {layout.value}")
+        rules += _gpt_oss_experts()
+    elif spec.router.scale_input:
+        if layout != HFLayout.STACKED:
+            raise WeightsError(f"Llama 4 experts have one Hugging Face layout, stacked (experts.gate_up_proj "
+                               f"[E, H, 2F]); not {layout.value}")
+        rules += _llama4_experts()
+    elif layout == HFLayout.STACKED:
         rules.append(TensorRule(("experts.w_gate", "experts.w_up"), ("experts.gate_up_proj",), Join.SPLIT, dim=1))
         rules.append(TensorRule(("experts.w_down",), ("experts.down_proj",)))
     else:
@@ -157,7 +214,7 @@ def _attention_names(spec: ModelSpec) -> dict[str, str]:
         return names
     names = {f"w_{k}": f"{k}_proj.weight" for k in "qkvo"}
     names.update({f"b_{k}": f"{k}_proj.bias" for k in "qkvo"})
-    names.update({"q_norm.weight": "q_norm.weight", "k_norm.weight": "k_norm.weight"})
+    names.update({"q_norm.weight": "q_norm.weight", "k_norm.weight": "k_norm.weight", "sinks": "sinks"})
     return names
 
 
@@ -170,16 +227,21 @@ def model_rules(spec: ModelSpec, graph_weights: Iterable[str], *, moe_block: str
     checkpoints); `layout`: how its experts are stored; `router_bias`: the selection bias's name in a block."""
     present = set(graph_weights)
     m = spec.model
-    rules = [TensorRule(("embed.weight",), (f"{prefix}embed_tokens.weight",)),
-             TensorRule(("norm.weight",), (f"{prefix}norm.weight",))]
+    # LayerNorm models (PhiMoE) add each norm's bias beside its weight.
+    norm_parts = ("weight", "bias") if m.norm == NormKind.LAYER else ("weight",)
+    rules = [TensorRule(("embed.weight",), (f"{prefix}embed_tokens.weight",))]
+    rules += [TensorRule((f"norm.{part}",), (f"{prefix}norm.{part}",)) for part in norm_parts]
     if not m.tied_embeddings:
         rules.append(TensorRule(("lm_head.weight",), ("lm_head.weight",)))
+    if m.lm_head_bias:
+        rules.append(TensorRule(("lm_head.bias",), ("lm_head.bias",)))
     attention = _attention_names(spec)
     block = moe_block_rules(spec.moe, layout, router_bias)
     for i in range(m.layers):
         ours, theirs = f"layers.{i}.", f"{prefix}layers.{i}."
-        rules.append(TensorRule((ours + "attn_norm.weight",), (theirs + "input_layernorm.weight",)))
-        rules.append(TensorRule((ours + "ffn_norm.weight",), (theirs + "post_attention_layernorm.weight",)))
+        for part in norm_parts:
+            rules.append(TensorRule((f"{ours}attn_norm.{part}",), (f"{theirs}input_layernorm.{part}",)))
+            rules.append(TensorRule((f"{ours}ffn_norm.{part}",), (f"{theirs}post_attention_layernorm.{part}",)))
         rules += [TensorRule((f"{ours}attn.{a}",), (f"{theirs}self_attn.{b}",)) for a, b in attention.items()
                   if f"{ours}attn.{a}" in present]
         if m.is_moe_layer(i):

@@ -25,7 +25,7 @@ import torch
 from moe_ir.builder import build_graph
 from moe_ir.errors import WeightsError
 from moe_ir.interpreter import check_weights
-from moe_ir.spec import LayerSpec
+from moe_ir.spec import Activation, LayerSpec
 from .tensor_map import HFLayout, detect_layout, moe_block_rules
 
 __all__ = ["HFLayout", "hf_layer_prefix", "read_hf_tensors", "weights_from_hf", "weights_to_hf", "detect_layout"]
@@ -67,8 +67,13 @@ def _check_spec(spec: LayerSpec) -> None:
     problems = []
     if not e.activation.gated:
         problems.append(f"activation {e.activation.value} is not gated; Hugging Face MoE blocks hold gated experts")
-    if e.bias:
-        problems.append("experts.bias is set; the Hugging Face MoE blocks have no expert biases")
+    clamped = e.activation == Activation.CLAMPED_SWIGLU
+    if e.bias and not clamped:
+        problems.append("experts.bias is set; of the Hugging Face MoE blocks only gpt-oss's (clamped_swiglu) have "
+                        "expert biases")
+    if clamped and not e.bias:
+        problems.append("clamped_swiglu without experts.bias; gpt-oss's experts (the Hugging Face block with this "
+                        "activation) carry biases")
     if spec.router.noise is not None:
         problems.append("router.noise needs router.noise_weight, which no Hugging Face MoE block has")
     if problems:

@@ -156,9 +156,11 @@ def visible_keys(attention_mask: torch.Tensor, new_len: int) -> torch.Tensor:
     return (attention_mask.bool()[:, None, None, :] & (key <= slot)) | (key == slot)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, visible: torch.Tensor) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, visible: torch.Tensor,
+           sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q [B,h,S,d], k [B,hk,L,d], v [B,hk,L,dv], visible bool [B|1, 1, S, L] -> [B,S,h*dv];
-    query head i reads kv head i // (h/hk)."""
+    query head i reads kv head i // (h/hk). `sinks` [h] (gpt-oss): one more logit per head in each softmax,
+    with no value: the weights of the real keys sum to less than 1."""
     b, h, s, _ = q.shape
     rep = h // k.shape[1]
     if rep > 1:
@@ -167,15 +169,21 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, visi
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~visible, float("-inf"))
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    probs = torch.softmax(scores.to(compute), dim=-1).to(q.dtype)
+    scores = scores.to(compute)
+    if sinks is not None:
+        sink = sinks.to(compute).view(1, h, 1, 1).expand(b, h, s, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1].to(q.dtype)
+    else:
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
     return torch.matmul(probs, v).transpose(1, 2).reshape(b, s, -1)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q [B,h,S,d], k [B,hk,S,d], v [B,hk,S,dv] -> [B,S,h*dv]: `attend` with no past and no padding."""
     s = q.shape[2]
     future = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
-    return attend(q, k, v, scale, ~future)
+    return attend(q, k, v, scale, ~future, sinks)
 
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -254,6 +262,35 @@ class RMSNorm(OpDef):
         return (rms_norm_math(x, weight, attrs["eps"]),)
 
 
+def layer_norm_math(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last dim (biased variance), computed in float32
+    (float64 stays), rounded to x's dtype."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(compute)
+    centred = xf - xf.mean(dim=-1, keepdim=True)
+    normed = centred * torch.rsqrt(centred.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.to(compute)
+    return (normed if bias is None else normed + bias.to(compute)).to(x.dtype)
+
+
+@register
+class LayerNorm(OpDef):
+    opcode = OpCode.LAYER_NORM
+    doc = "LayerNorm over the last dim: (x - mean) * rsqrt(var + eps) * weight (+ bias), statistics in float32"
+    inputs = (Port("x"), Port("weight"), Port("bias", optional=True))
+    output_names = ("y",)
+    attrs = {"eps": Attr(float, 1e-5)}
+
+    def infer_types(self, node, x, weight, bias):
+        expect_float(x, node, "x")
+        expect(weight.shape == (x.shape[-1],), node, f"weight must be [{x.shape[-1]}], found {weight}")
+        if bias is not None:
+            expect(bias.shape == (x.shape[-1],), node, f"bias must be [{x.shape[-1]}], found {bias}")
+        return [x]
+
+    def reference(self, attrs, x, weight, bias):
+        return (layer_norm_math(x, weight, bias, attrs["eps"]),)
+
+
 _ROPE_ATTRS = {"rope_theta": Attr(float, 10000.0), "rope_layout": Attr(RopeLayout, RopeLayout.HALF),
                "norm_eps": Attr(float, 1e-6, "epsilon of the q/k (or latent) RMSNorms"),
                "rotary_dim": Attr((int, type(None)), None, "leading dims of each head RoPE rotates; None: all"),
@@ -271,12 +308,12 @@ _ROPE_ATTRS = {"rope_theta": Attr(float, 10000.0), "rope_layout": Attr(RopeLayou
 
 _MHA_WEIGHTS = (Port("w_q"), Port("w_k"), Port("w_v"), Port("w_o"), Port("b_q", optional=True),
                 Port("b_k", optional=True), Port("b_v", optional=True), Port("b_o", optional=True),
-                Port("q_norm", optional=True), Port("k_norm", optional=True))
+                Port("q_norm", optional=True), Port("k_norm", optional=True), Port("sinks", optional=True))
 _MHA_ATTRS = {"heads": Attr(int), "kv_heads": Attr(int), "head_dim": Attr(int),
               "qk_norm": Attr(QKNorm, QKNorm.NONE), **_ROPE_ATTRS}
 
 
-def _mha_types(node, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm) -> TensorType:
+def _mha_types(node, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm, sinks) -> TensorType:
     """Checks of x and the weights; the type of y."""
     a = node.attrs
     expect_rank(x, 3, node, "x")
@@ -299,6 +336,7 @@ def _mha_types(node, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm) 
         _expect_vector(node, q_norm, qs, "q_norm")
         _expect_vector(node, k_norm, ks, "k_norm")
         expect(q_norm is not None and k_norm is not None, node, f"qk_norm {norm.value} needs q_norm and k_norm")
+    _expect_vector(node, sinks, a["heads"], "sinks")
     return TensorType(x.shape[:2] + (w_o.shape[0],), x.dtype)
 
 
@@ -326,11 +364,11 @@ class Attention(OpDef):
     def infer_types(self, node, x, *weights):
         return [_mha_types(node, x, *weights)]
 
-    def reference(self, attrs, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm):
+    def reference(self, attrs, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm, sinks):
         d = attrs["head_dim"]
         cos, sin = rope_cos_sin(x.shape[1], rope_dims(attrs, d), attrs, x)
         q, k, v = _mha_qkv(attrs, x, cos, sin, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm)
-        return (F.linear(causal_attention(q, k, v, attention_scale(attrs, d)), w_o, b_o),)
+        return (F.linear(causal_attention(q, k, v, attention_scale(attrs, d), sinks), w_o, b_o),)
 
 
 @register
@@ -349,12 +387,12 @@ class CachedAttention(OpDef):
                 *_cache_types(node, x, position_ids, attention_mask, past_key, past_value, kv, kv)]
 
     def reference(self, attrs, x, position_ids, attention_mask, past_key, past_value, w_q, w_k, w_v, w_o, b_q, b_k,
-                  b_v, b_o, q_norm, k_norm):
+                  b_v, b_o, q_norm, k_norm, sinks):
         d = attrs["head_dim"]
         cos, sin = rope_cos_sin_at(position_ids, rope_dims(attrs, d), attrs, x)
         q, k, v = _mha_qkv(attrs, x, cos, sin, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm)
         k, v = torch.cat([past_key.to(k.dtype), k], dim=2), torch.cat([past_value.to(v.dtype), v], dim=2)
-        y = attend(q, k, v, attention_scale(attrs, d), visible_keys(attention_mask, x.shape[1]))
+        y = attend(q, k, v, attention_scale(attrs, d), visible_keys(attention_mask, x.shape[1]), sinks)
         return F.linear(y, w_o, b_o), k, v
 
 

@@ -51,6 +51,7 @@ class OpCode(enum.StrEnum):
     # Whole-model ops; declared in model_ops.py.
     EMBEDDING = "embedding"
     RMS_NORM = "rms_norm"
+    LAYER_NORM = "layer_norm"
     ATTENTION = "attention"
     MLA_ATTENTION = "mla_attention"
     CACHED_ATTENTION = "cached_attention"          # the decode form of ATTENTION: past K/V in, present out
@@ -75,6 +76,7 @@ class Attr:
     type: Any  # int, float, bool, an Enum class, or a tuple of those (e.g. (float, type(None)))
     default: Any = ...  # ... = required
     doc: str = ""
+    quiet: bool = False  # the text form leaves the attribute out while it holds its default
 
     def accepts(self, value: Any) -> bool:
         types = self.type if isinstance(self.type, tuple) else (self.type,)
@@ -97,6 +99,7 @@ class Port:
     name: str
     optional: bool = False
     variadic: bool = False  # takes all remaining operands (only as the last port)
+    quiet: bool = False     # the text form leaves the operand out while it is absent (a port added later)
 
 
 class OpDef:
@@ -219,8 +222,14 @@ def _check_topk_attrs(node: Node, e: Dim) -> None:
 # activation and FFN math shared by the FFN-like ops
 
 
-def activate(activation: Activation, gate: torch.Tensor | None, up: torch.Tensor) -> torch.Tensor:
-    """The expert nonlinearity; `gate` is None for the non-gated activations."""
+def activate(activation: Activation, gate: torch.Tensor | None, up: torch.Tensor,
+             clamp: tuple[float, float] | None = None) -> torch.Tensor:
+    """The expert nonlinearity; `gate` is None for the non-gated activations; `clamp` is (alpha, limit) of
+    clamped_swiglu (gpt-oss)."""
+    if activation == Activation.CLAMPED_SWIGLU:
+        alpha, limit = clamp
+        gate = gate.clamp(max=limit)
+        return (up.clamp(-limit, limit) + 1) * gate * torch.sigmoid(alpha * gate)
     if activation == Activation.SWIGLU:
         return F.silu(gate) * up
     if activation == Activation.GEGLU:
@@ -232,7 +241,7 @@ def activate(activation: Activation, gate: torch.Tensor | None, up: torch.Tensor
 
 def ffn_math(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, w_gate: torch.Tensor | None,
              b_up: torch.Tensor | None, b_down: torch.Tensor | None, b_gate: torch.Tensor | None,
-             activation: Activation, layout: WeightLayout) -> torch.Tensor:
+             activation: Activation, layout: WeightLayout, clamp: tuple[float, float] | None = None) -> torch.Tensor:
     """One FFN on rows x [n, H]; weights are [F, H] / [H, F] (PyTorch Linear layout)."""
     if activation.gated and layout == WeightLayout.GATE_UP_FUSED:
         gate_up = F.linear(x, w_up, b_up)
@@ -240,7 +249,22 @@ def ffn_math(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, w_gate: 
     else:
         up = F.linear(x, w_up, b_up)
         gate = F.linear(x, w_gate, b_gate) if activation.gated else None
-    return F.linear(activate(activation, gate, up), w_down, b_down)
+    return F.linear(activate(activation, gate, up, clamp), w_down, b_down)
+
+
+def clamp_of(attrs: Mapping[str, Any]) -> tuple[float, float] | None:
+    """(alpha, limit) of an FFN-like node's clamped_swiglu, None for the other activations."""
+    if attrs["activation"] != Activation.CLAMPED_SWIGLU:
+        return None
+    return attrs["clamp_alpha"], attrs["clamp_limit"]
+
+
+def _check_clamp(node: Node) -> None:
+    a = node.attrs
+    clamped = a["activation"] == Activation.CLAMPED_SWIGLU
+    given = a["clamp_alpha"] is not None and a["clamp_limit"] is not None
+    expect(clamped == given and (a["clamp_alpha"] is None) == (a["clamp_limit"] is None), node,
+           "clamp_alpha and clamp_limit are set exactly when the activation is clamped_swiglu")
 
 
 def _ffn_widths(node: Node, w_up: TensorType, w_down: TensorType, w_gate: TensorType | None,
@@ -249,6 +273,7 @@ def _ffn_widths(node: Node, w_up: TensorType, w_down: TensorType, w_gate: Tensor
     lead = 1 if stacked else 0
     act = node.attrs["activation"]
     layout = node.attrs["weight_layout"]
+    _check_clamp(node)
     expect_rank(w_up, 2 + lead, node, "w_up")
     expect_rank(w_down, 2 + lead, node, "w_down")
     rows_up, hidden = w_up.shape[lead], w_up.shape[lead + 1]
@@ -272,6 +297,10 @@ def _ffn_widths(node: Node, w_up: TensorType, w_down: TensorType, w_gate: Tensor
 _FFN_ATTRS = {
     "activation": Attr(Activation, Activation.SWIGLU, "expert nonlinearity"),
     "weight_layout": Attr(WeightLayout, WeightLayout.SEPARATE, "gate/up weights separate or fused"),
+    # Set only with clamped_swiglu: the printer leaves the None values out, so other FFNs read as before.
+    "clamp_alpha": Attr((float, type(None)), None, "clamped_swiglu: alpha in g * sigmoid(alpha * g)", quiet=True),
+    "clamp_limit": Attr((float, type(None)), None, "clamped_swiglu: clamp bound of gate (above) and up (both sides)",
+                        quiet=True),
 }
 _FFN_WEIGHT_PORTS = (Port("w_up"), Port("w_down"), Port("w_gate", optional=True), Port("b_up", optional=True),
                      Port("b_down", optional=True), Port("b_gate", optional=True))
@@ -358,7 +387,8 @@ def dispatch_assignments(expert_idx: torch.Tensor, weights: torch.Tensor, num_ex
 
 
 def grouped_ffn_math(x: torch.Tensor, rows: torch.Tensor, group_sizes: torch.Tensor, w_up, w_down, w_gate,
-                     b_up, b_down, b_gate, activation: Activation, layout: WeightLayout) -> torch.Tensor:
+                     b_up, b_down, b_gate, activation: Activation, layout: WeightLayout,
+                     clamp: tuple[float, float] | None = None) -> torch.Tensor:
     """y[A, H]: row r is expert e's FFN of x[rows[r]] where r falls in e's group; rows past all groups are 0."""
     y = x.new_zeros(rows.shape[0], x.shape[1])
     start = 0
@@ -367,7 +397,7 @@ def grouped_ffn_math(x: torch.Tensor, rows: torch.Tensor, group_sizes: torch.Ten
             sel = rows[start:start + size]
             pick = lambda w: None if w is None else w[e]  # noqa: E731
             y[start:start + size] = ffn_math(x[sel], w_up[e], w_down[e], pick(w_gate), pick(b_up), pick(b_down),
-                                             pick(b_gate), activation, layout)
+                                             pick(b_gate), activation, layout, clamp)
         start += size
     return y
 
@@ -640,31 +670,42 @@ class ExpertChoiceRoute(OpDef):
 @register
 class GroupedFFN(OpDef):
     opcode = OpCode.GROUPED_FFN
-    doc = "expert FFNs over the dispatched rows: y[r] = FFN_e(x[rows[r]]) for r in expert e's group"
-    inputs = (Port("x"), Port("rows"), Port("group_sizes")) + _FFN_WEIGHT_PORTS
+    doc = ("expert FFNs over the dispatched rows: y[r] = FFN_e(x[rows[r]]) for r in expert e's group; with "
+           "row_scale, y[r] = FFN_e(row_scale[r] * x[rows[r]]) (Llama 4: the routing weight scales the input)")
+    inputs = (Port("x"), Port("rows"), Port("group_sizes")) + _FFN_WEIGHT_PORTS + (Port("row_scale", optional=True,
+                                                                                        quiet=True),)
     output_names = ("y",)
     attrs = dict(_FFN_ATTRS)
 
-    def infer_types(self, node, x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate):
+    def infer_types(self, node, x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, row_scale):
         expect_rank(x, 2, node, "x")
         expect(rows.dtype == ElemType.INT64 and rows.rank == 1, node, f"rows must be i64[A], found {rows}")
+        if row_scale is not None:
+            expect(row_scale.rank == 1, node, f"row_scale must be [A], found {row_scale}")
+            expect_dim(row_scale.shape[0], rows.shape[0], node, "row_scale vs rows")
         width, hidden = _ffn_widths(node, w_up, w_down, w_gate, stacked=True)
         expect_dim(hidden, x.shape[1], node, "expert hidden size vs x")
         expect(group_sizes.shape == (w_up.shape[0],), node,
                 f"group_sizes {group_sizes} must have one entry per expert ({w_up.shape[0]})")
         return [TensorType((rows.shape[0], x.shape[1]), x.dtype)]
 
-    def reference(self, attrs, x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate):
+    def reference(self, attrs, x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, row_scale):
+        if row_scale is not None:
+            # Each row its own scaled copy of its token, read in order: rows become 0..A-1.
+            x = x[rows] * row_scale.to(x.dtype).unsqueeze(-1)
+            rows = torch.arange(x.shape[0], device=x.device)
         return (grouped_ffn_math(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate,
-                                 attrs["activation"], attrs["weight_layout"]),)
+                                 attrs["activation"], attrs["weight_layout"], clamp_of(attrs)),)
 
 
 @register
 class Combine(OpDef):
     opcode = OpCode.COMBINE
-    doc = "weighted un-permute: out[t] = Σ_{r: rows[r]=t} row_weights[r] * y[r]; `like` gives T"
+    doc = ("weighted un-permute: out[t] = Σ_{r: rows[r]=t} row_weights[r] * y[r]; `like` gives T. weighted=false: "
+           "the plain sum (the weights were applied to the expert inputs, grouped_ffn's row_scale)")
     inputs = (Port("y"), Port("rows"), Port("row_weights"), Port("like"))
     output_names = ("out",)
+    attrs = {"weighted": Attr(bool, True, "multiply each row by its routing weight", quiet=True)}
 
     def infer_types(self, node, y, rows, row_weights, like):
         expect_dim(y.shape[0], rows.shape[0], node, "y rows vs rows")
@@ -672,6 +713,8 @@ class Combine(OpDef):
         return [TensorType((like.shape[0], y.shape[1]), y.dtype)]
 
     def reference(self, attrs, y, rows, row_weights, like):
+        if not attrs["weighted"]:
+            row_weights = torch.ones_like(row_weights)
         return (combine_rows(y, rows, row_weights, like.shape[0]),)
 
 
@@ -690,7 +733,8 @@ class FFN(OpDef):
         return [x]
 
     def reference(self, attrs, x, w_up, w_down, w_gate, b_up, b_down, b_gate):
-        return (ffn_math(x, w_up, w_down, w_gate, b_up, b_down, b_gate, attrs["activation"], attrs["weight_layout"]),)
+        return (ffn_math(x, w_up, w_down, w_gate, b_up, b_down, b_gate, attrs["activation"], attrs["weight_layout"],
+                         clamp_of(attrs)),)
 
 
 @register
@@ -803,7 +847,7 @@ class FusedMoE(OpDef):
         w = scale_weights(w, attrs["normalize"], attrs["scale"])
         rows, row_w, sizes = dispatch_assignments(idx, w, w_up.shape[0], attrs["capacity_factor"], attrs["drop_rule"])
         y = grouped_ffn_math(x, rows, sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, attrs["activation"],
-                             attrs["weight_layout"])
+                             attrs["weight_layout"], clamp_of(attrs))
         return combine_rows(y, rows, row_w, x.shape[0]), idx, w
 
 

@@ -7,8 +7,10 @@ The text lists inputs, weights, then nodes in topological order, one per line:
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 from .graph import Graph, Node
+from .ops import op_def
 
 
 def format_attr(value) -> str:
@@ -23,10 +25,19 @@ def format_attr(value) -> str:
     return str(value)
 
 
+def shown_attrs(node: Node) -> list[tuple[str, Any]]:
+    """The node's attributes as the text form shows them: sorted, without quiet ones at their default."""
+    declared = op_def(node.op).attrs
+    return [(k, v) for k, v in sorted(node.attrs.items())
+            if not (k in declared and declared[k].quiet and v == declared[k].default)]
+
+
 def format_node(node: Node) -> str:
     outs = ", ".join(f"%{v.name}: {v.type}" for v in node.outputs)
-    args = ", ".join("_" if v is None else f"%{v.name}" for v in node.inputs)
-    attrs = ", ".join(f"{k}={format_attr(v)}" for k, v in sorted(node.attrs.items()))
+    ports = op_def(node.op).inputs
+    shown = [v for i, v in enumerate(node.inputs) if not (v is None and i < len(ports) and ports[i].quiet)]
+    args = ", ".join("_" if v is None else f"%{v.name}" for v in shown)
+    attrs = ", ".join(f"{k}={format_attr(v)}" for k, v in shown_attrs(node))
     return f"{node.name}: {outs} = {node.op.value}({args})" + (f" {{{attrs}}}" if attrs else "")
 
 
@@ -59,7 +70,7 @@ def to_dot(graph: Graph) -> str:
         lines.append(f"  {q('w:' + v.name)} [label={q(v.name + nl + str(v.type))}, shape=note, color=grey, "
                      "fontcolor=grey];")
     for node in graph.nodes:
-        attrs = "\\n".join(f"{k}={format_attr(v)}" for k, v in sorted(node.attrs.items()))
+        attrs = "\\n".join(f"{k}={format_attr(v)}" for k, v in shown_attrs(node))
         label = f"{node.name}\\n[{node.op.value}]" + (f"\\n{attrs}" if attrs else "")
         lines.append(f"  {q(node.name)} [label={q(label)}, shape=box];")
         for v in node.inputs:

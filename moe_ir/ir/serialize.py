@@ -85,6 +85,11 @@ def _graph_from_doc(doc: dict) -> Graph:
             inputs = [None if name is None else g.value(name) for name in n["inputs"]]
         except KeyError as err:
             raise IRError(f"operand {err} is not defined before use", node=n["name"]) from None
+        # Graphs written before an op gained a trailing optional port (attention sinks, an FFN's row scale)
+        # lack its operand: absent, as they meant.
+        ports = definition.inputs
+        if len(inputs) < len(ports) and not ports[-1].variadic and all(p.optional for p in ports[len(inputs):]):
+            inputs += [None] * (len(ports) - len(inputs))
         node = g.add_node(definition.opcode, inputs, attrs, name=n["name"], output_names=n["outputs"])
         if node.name != n["name"]:
             raise IRError("duplicate node name in graph JSON", node=n["name"])

@@ -170,6 +170,8 @@ class FuseMoE(Pass):
         disp = combine.inputs[1].producer
         if ffn is None or ffn.op != OpCode.GROUPED_FFN or disp is None or disp.op != OpCode.DISPATCH:
             return None
+        if ffn.input("row_scale") is not None or not combine.attrs["weighted"]:
+            return None  # weights on the expert inputs (Llama 4): fused_moe weighs the outputs
         scale = disp.inputs[1].producer
         route = disp.inputs[0].producer
         if scale is None or scale.op != OpCode.SCALE_WEIGHTS or route is None or route.op != OpCode.TOPK_ROUTE:
@@ -203,9 +205,10 @@ class FuseMoE(Pass):
                  "normalize": c["scale"].attrs["normalize"], "scale": c["scale"].attrs["scale"],
                  "capacity_factor": c["dispatch"].attrs["capacity_factor"],
                  "drop_rule": c["dispatch"].attrs["drop_rule"], "router_dtype": c["linear"].attrs["out_dtype"],
-                 "activation": ffn.attrs["activation"], "weight_layout": ffn.attrs["weight_layout"]}
+                 "activation": ffn.attrs["activation"], "weight_layout": ffn.attrs["weight_layout"],
+                 "clamp_alpha": ffn.attrs["clamp_alpha"], "clamp_limit": ffn.attrs["clamp_limit"]}
         fused = graph.add_node(OpCode.FUSED_MOE, [c["linear"].inputs[0], c["linear"].inputs[1], route.inputs[1],
-                                                  *ffn.inputs[3:]], attrs, name="moe",
+                                                  *ffn.inputs[3:9]], attrs, name="moe",
                                output_names=["moe.out", "moe.expert_idx", "moe.weights"])
         graph.replace_uses(c["combine"].outputs[0], fused.outputs[0])
         graph.replace_uses(route.outputs[0], fused.outputs[1])
