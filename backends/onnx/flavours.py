@@ -166,6 +166,7 @@ class OrtLowering(PortableLowering):
         counts = {op: op_types.count(op) for op in _ORT_CONTRIB_OPS if op in op_types}
         notes = ["ort contrib ops: " + (", ".join(f"{op} x{n}" for op, n in counts.items()) or "none")]
         why = {}
+        fused_norms = skip_norm_pairs(graph)
         for node in graph.nodes:
             reason = ""
             if node.op in (OpCode.CACHED_ATTENTION, OpCode.CACHED_MLA_ATTENTION):
@@ -173,7 +174,7 @@ class OrtLowering(PortableLowering):
             elif node.op in (OpCode.ATTENTION, OpCode.MLA_ATTENTION, OpCode.RMS_NORM) and not is_decode_graph(graph):
                 reason = ("prefill-only files keep standard attention and RMSNorm; GroupQueryAttention and "
                           "SkipSimplifiedLayerNormalization are used in decoders (`build --decoder`)")
-            elif node.op == OpCode.RMS_NORM and node.name not in skip_norm_pairs(graph):
+            elif node.op == OpCode.RMS_NORM and node.name not in fused_norms:
                 reason = ("an RMSNorm without a residual add before it: SimplifiedLayerNormalization would fit, but "
                           "ONNX Runtime registers it in the ONNX domain, where it is no ONNX op (onnx.checker "
                           "refuses the file)")
