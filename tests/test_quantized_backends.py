@@ -175,10 +175,11 @@ def test_onnx_portable_quantized_model():
     torch.testing.assert_close(got.double(), ref, **TOL)
 
 
-@pytest.mark.parametrize("name,words", [("onnx:ort", "QMoE"), ("onnx:plugin", "float expert weights"),
-                                        ("tensorrt", "u8")])
-def test_onnx_flavours_without_quantized_lowering_say_so(name, words):
-    graph, _ = quantized_layer("int4", True, 16)
+@pytest.mark.parametrize("name,fmt,words", [("onnx:ort", "int8", "int4 only"),
+                                            ("onnx:plugin", "int4", "float expert weights"),
+                                            ("tensorrt", "int4", "u8")])
+def test_onnx_flavours_without_quantized_lowering_say_so(name, fmt, words):
+    graph, _ = quantized_layer(fmt, True, 16)
     try:
         backend = get_backend(name)
     except Exception as err:
@@ -192,3 +193,26 @@ def test_onnx_refuses_fp8_tiles():
     backend = get_backend("onnx:portable")
     ok, reason = backend.supports(run_pipeline(graph, backend.pipeline))
     assert not ok and "fp8_e4m3" in reason
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_onnx_ort_qmoe_equals_the_reference(tmp_path, symmetric):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    graph, weights = quantized_layer("int4", symmetric, 16)
+    spec = spec_from_dict({**LAYER, "quantization": {"format": "int4", "block": 16, "symmetric": symmetric}})
+    backend = get_backend("onnx:ort")
+    piped = run_pipeline(graph, backend.pipeline)
+    assert backend.supports(piped) == (True, "")
+    run = backend.prepare(piped, weights)
+    for tokens in (1, 6):
+        x = inputs(tokens)
+        ref = interpret(graph, {"x": x}, weights, dtype=torch.float64)["out"]
+        torch.testing.assert_close(run(x)["out"].double(), ref, **TOL)
+    result = backend.build(spec, piped, weights, tmp_path / "onnx")
+    model = onnx.load(str(next(p for p in result.files if p.suffix == ".onnx")))
+    (qmoe,) = [n for n in model.graph.node if n.op_type == "QMoE"]
+    attrs = {a.name: a for a in qmoe.attribute}
+    assert attrs["expert_weight_bits"].i == 4 and attrs["block_size"].i == 16
+    codes = next(i for i in model.graph.initializer if i.name == qmoe.input[2])
+    assert codes.data_type == onnx.TensorProto.UINT8 and list(codes.dims) == [5, 32, 24]  # [E, 2F, H/2]

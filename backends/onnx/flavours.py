@@ -7,7 +7,8 @@
             log(w) at the chosen experts and -inf elsewhere with normalize_routing_weights=1: the op's
             softmax over those gives w / sum(w), and the output is multiplied back by sum(w). SwiGLU
             weights are stored interleaved (gate row, up row, ...) with swiglu_fusion=1, the only
-            layout the CPU kernel implements. float32 only.
+            layout the CPU kernel implements. float32 only. int4 experts become com.microsoft.QMoE
+            (quant_ops.py); other quantized weights DequantizeLinear as in portable.
   plugin    the FUSED_MOE node becomes one `moe_ir::FusedMoE` node (the contract in plugin_op.py);
             everything else as portable. Layers only: the contract is one fused node per file.
 
@@ -31,7 +32,7 @@ from .decoder_ops import DecoderOps
 from .emit import MS_DOMAIN
 from .lowering import Flavour, Lowering
 from .moe_ops import MoeOps
-from .quant_ops import QuantOps, dequantize_refusal
+from .quant_ops import QuantOps, dequantize_refusal, is_quantized, qmoe_refusal
 from .weights import LoweredModel
 
 _INFERENCE = ("strip-training-outputs", "fuse-shared-experts", "fuse-gate-up", "dce")
@@ -73,15 +74,13 @@ class OrtLowering(PortableLowering):
 
     @classmethod
     def dtype_refusal(cls, value: Value) -> str:
+        if cls.stored_dtype_ok(value):  # the codes of quantized weights
+            return ""
         return super().dtype_refusal(value) or support.ort_dtype_refusal(value)
 
     @classmethod
     def refusal(cls, graph: Graph) -> str:
-        formats = quantized_formats(graph)
-        if formats:
-            return (f"quantized weights ({', '.join(sorted(f.value for f in formats))}) are not lowered to "
-                    "com.microsoft.QMoE/MatMulNBits yet; the portable flavour exports them (DequantizeLinear)")
-        return super().refusal(graph) or support.ort_refusal(graph)
+        return qmoe_refusal(graph) or super().refusal(graph) or support.ort_refusal(graph)
 
     def _lower_dispatch(self, node: Node) -> None:
         pass  # com.microsoft.MoE dispatches internally; emitted at the combine node
@@ -105,6 +104,13 @@ class OrtLowering(PortableLowering):
         log_w = em.op("Log", [em.op("Max", [w, em.const(1e-30, np.float32)])])
         probs = em.op("ScatterElements", [neg_inf, idx, log_w], axis=1)
         ops = self._weight_operands(ffn)
+        if is_quantized(ops["w_up"]):
+            ins, qattrs = self.qmoe_inputs(ffn, tokens, probs)
+            moe = em.op("QMoE", ins, domain=MS_DOMAIN, name=ffn.name, k=k, normalize_routing_weights=1, **qattrs)
+            em.prefix = combine.name
+            total = em.op("ReduceSum", [w, em.const([-1])], keepdims=1)
+            em.op("Mul", [moe, total], out=combine.outputs[0].name, name=combine.name)
+            return
         if act.gated:
             fc1 = self.inits.add(ops["w_up"], interleave_gate_up, name=f"{ffn.name}.fc1_interleaved",
                                  evaluate=self._gate_up_parts)

@@ -35,6 +35,33 @@ def dequantize_refusal(graph: Graph) -> str:
     return ""
 
 
+def qmoe_refusal(graph: Graph) -> str:
+    """Why com.microsoft.QMoE cannot take this graph's quantized routed experts ('' when it can): its CPU kernel
+    matches the reference for int4 blocks (symmetric: code + 8, or with zero points); its 8-bit layout did not
+    (checked on onnxruntime 1.32)."""
+    for node in graph.find(OpCode.GROUPED_FFN):
+        for value in node.inputs[3:6]:
+            if is_quantized(value) and value.producer.attrs["format"] != QuantFormat.INT4:
+                return (f"{value.producer.name}: {value.producer.attrs['format'].value} experts do not lower to "
+                        "com.microsoft.QMoE here (int4 only); the portable flavour exports them (DequantizeLinear)")
+            if is_quantized(value) and value.producer.attrs["block"] < 16:
+                return f"{value.producer.name}: com.microsoft.QMoE takes blocks of 16 or more"
+    return ""
+
+
+def _pack_nibbles(t: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..15 [..., n] -> two a byte [..., ceil(n/2)], the even index low (odd n: padded with 0)."""
+    if t.shape[-1] % 2:
+        t = torch.nn.functional.pad(t, (0, 1))
+    return (t[..., 0::2] | (t[..., 1::2] << 4)).to(torch.uint8)
+
+
+def _interleave_rows(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """(gate [E, F, ...], up [E, F, ...]) -> rows g0, u0, g1, u1, ... (QMoE/MoE swiglu_fusion=1)."""
+    gate, up = pair
+    return torch.stack([gate, up], dim=2).flatten(1, 2).contiguous()
+
+
 def _unpack_int4(t: torch.Tensor) -> torch.Tensor:
     return torch.stack((t & 0xF, t >> 4), dim=-1).flatten(-2)
 
@@ -81,6 +108,48 @@ class QuantOps:
         if is_quantized(value):
             return self._dequantize_linear(value.producer, e)
         return super().expert_weight(value, e)
+
+    def qmoe_inputs(self, ffn: Node, tokens: str, probs: str) -> tuple[list[str], dict]:
+        """Inputs and attributes of com.microsoft.QMoE for a grouped FFN on int4 experts: fc1 = gate and up
+        rows interleaved (swiglu_fusion=1) or up alone, fc2 = down; codes as stored (two a byte, low nibble
+        first), scales [E, rows, K/block], zero points packed two a byte along the blocks."""
+        w = {k: ffn.input(k) for k in ("w_up", "w_down", "w_gate", "b_up", "b_down", "b_gate")}
+        act = ffn.attrs["activation"]
+        parts = {key: dict(zip(("qweight", "scales", "zeros"), w[key].producer.inputs))
+                 for key in ("w_up", "w_down", "w_gate") if w[key] is not None}
+        asym = parts["w_up"]["zeros"] is not None
+
+        def fc1(part: str, transform=None, name: str = "") -> str:
+            up = parts["w_up"][part]
+            if not act.gated:
+                return self.inits.add(up, transform, name=f"{ffn.name}.fc1_{name}" if transform else None)
+            gate = parts["w_gate"][part]
+            return self.inits.add(up, (lambda t: transform(_interleave_rows(t))) if transform else _interleave_rows,
+                                  name=f"{ffn.name}.fc1_{name}",
+                                  evaluate=lambda v, gate=gate, up=up: (self.inits.given(gate), self.inits.given(up)))
+
+        ins = [tokens, probs, fc1("qweight", name="codes"), fc1("scales", name="scales"),
+               self._qmoe_bias(ffn, w, act), self.operand(parts["w_down"]["qweight"]),
+               self.operand(parts["w_down"]["scales"]), self.operand(w["b_down"])]
+        if asym:
+            ins += ["", "", "", fc1("zeros", _pack_nibbles, name="zeros"),
+                    self.inits.add(parts["w_down"]["zeros"], _pack_nibbles, name=f"{ffn.name}.fc2_zeros")]
+        while ins[-1] == "":
+            ins.pop()
+        attrs = {"expert_weight_bits": 4, "block_size": w["w_up"].producer.attrs["block"]}
+        if act.gated:
+            attrs.update(activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0)
+        else:
+            attrs.update(activation_type=act.value)
+        return ins, attrs
+
+    def _qmoe_bias(self, ffn: Node, w: dict, act) -> str:
+        if w["b_up"] is None:
+            return ""
+        if not act.gated:
+            return self.operand(w["b_up"])
+        return self.inits.add(w["b_up"], _interleave_rows, name=f"{ffn.name}.fc1_bias",
+                              evaluate=lambda v: (self.inits.evaluate(w["b_gate"]), self.inits.evaluate(w["b_up"])))
 
     def _lower_dequantize(self, node: Node) -> None:
         users = self.graph.users(node.outputs[0])
