@@ -216,3 +216,27 @@ def test_onnx_ort_qmoe_equals_the_reference(tmp_path, symmetric):
     assert attrs["expert_weight_bits"].i == 4 and attrs["block_size"].i == 16
     codes = next(i for i in model.graph.initializer if i.name == qmoe.input[2])
     assert codes.data_type == onnx.TensorProto.UINT8 and list(codes.dims) == [5, 32, 24]  # [E, 2F, H/2]
+
+
+@pytest.mark.parametrize("fmt,symmetric", [("int4", False), ("int8", True), ("int8", False)])
+def test_onnx_ort_matmul_nbits_for_dense_and_shared_ffns(tmp_path, fmt, symmetric):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    text = {"model": {"name": "qn", "vocab_size": 64, "hidden": 32, "layers": 2, "first_dense": 1, "dense_width": 32,
+                      "attention": {"kind": "gqa", "heads": 4, "kv_heads": 2, "head_dim": 8}},
+            "moe": {"experts": {"routed": 4, "shared": 1, "width": 16, "top_k": 2}},
+            "quantization": {"format": fmt, "block": 16, "symmetric": symmetric,
+                             "weights": {"dense_ffn": True, "routed_experts": fmt == "int4"}}}
+    spec = model_spec_from_dict(text)
+    graph = build_model_graph(spec, routing=True)
+    weights = init_weights(graph, 0)
+    backend = get_backend("onnx:ort")
+    piped = run_pipeline(graph, backend.pipeline)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    ref = interpret(graph, {"input_ids": ids}, weights, dtype=torch.float64)["logits"]
+    torch.testing.assert_close(backend.prepare(piped, weights)(ids)["logits"].double(), ref, **TOL)
+    result = backend.build(spec, piped, weights, tmp_path / "onnx")
+    model = onnx.load(str(next(p for p in result.files if p.suffix == ".onnx")))
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 6  # the dense layer's and the shared expert's gate/up/down
+    assert {next(a.i for a in n.attribute if a.name == "bits") for n in nbits} == {4 if fmt == "int4" else 8}

@@ -70,6 +70,7 @@ def interleave_gate_up(t: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> t
 class OrtLowering(PortableLowering):
     flavour = Flavour.ORT
     pipeline = _INFERENCE
+    matmul_nbits = True  # quantized shared-expert and dense FFN projections: com.microsoft.MatMulNBits
     needs = ("needs onnxruntime (com.microsoft.MoE contrib op)",)
 
     @classmethod

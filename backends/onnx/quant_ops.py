@@ -16,6 +16,7 @@ import torch
 from moe_ir.ir import ElemType, Graph, Node, OpCode, Value
 from moe_ir.quantization import dequantize_nodes
 from moe_ir.spec import QuantFormat
+from .emit import MS_DOMAIN
 
 # The opset whose DequantizeLinear takes `block_size` (blocked quantization).
 BLOCKED_DQ_OPSET = 21
@@ -67,13 +68,54 @@ def _unpack_int4(t: torch.Tensor) -> torch.Tensor:
 
 
 class QuantOps:
-    """Mixin of the lowering classes: DEQUANTIZE as DequantizeLinear, never folded into a float initializer."""
+    """Mixin of the lowering classes: DEQUANTIZE as DequantizeLinear, never folded into a float initializer;
+    with `matmul_nbits` (the ort flavour) an int8/int4 weight read only by FFN projections becomes the
+    weight of com.microsoft.MatMulNBits instead."""
+
+    matmul_nbits = False
 
     def __init__(self, graph: Graph, weights) -> None:
         super().__init__(graph, weights)
         # The dequantized values stay computed in the file (DequantizeLinear), so the initializers are the
         # quantized parts.
         self.inits.folded -= {v.name for n in dequantize_nodes(graph) for v in n.outputs}
+        self.nbits: dict[str, Node] = {}
+        if self.matmul_nbits:
+            for node in dequantize_nodes(graph):
+                users = graph.users(node.outputs[0])
+                if (node.attrs["format"] in (QuantFormat.INT4, QuantFormat.INT8) and node.attrs["block"] >= 16
+                        and node.attrs["dtype"] == ElemType.FLOAT32 and users
+                        and all(u.op == OpCode.FFN for u in users)):
+                    self.nbits[node.outputs[0].name] = node
+
+    def matmul_transposed(self, x: str, weight: str, bias: str | None, out: str | None = None) -> str:
+        node = self.nbits.get(weight)
+        if node is None:
+            return super().matmul_transposed(x, weight, bias, out)
+        # MatMulNBits: B [N, K/block, block*bits/8] (the stored bytes, regrouped by block), scales [N*K/block],
+        # zero points uint8 [N*K/block] (int8) or two a byte per row (int4); absent: 2^(bits-1), which is
+        # the stored int4 nibble's 8 and, for signed int8 codes stored + 128, 128.
+        qweight, scales, zeros = node.inputs
+        fmt, block = node.attrs["format"], node.attrs["block"]
+        n, k = (int(d) for d in node.outputs[0].type.shape)
+        bits = 4 if fmt == QuantFormat.INT4 else 8
+        blob = block * bits // 8
+
+        def codes(t: torch.Tensor) -> torch.Tensor:
+            if t.dtype == torch.int8:
+                t = (t.to(torch.int16) + 128).to(torch.uint8)
+            return t.reshape(n, k // block, blob)
+
+        ins = [x, self.inits.add(qweight, codes, name=f"{qweight.name}.nbits", dtype=torch.uint8),
+               self.inits.add(scales, lambda t: t.reshape(-1), name=f"{scales.name}.nbits")]
+        if zeros is not None:
+            pack = (lambda t: _pack_nibbles(t).reshape(-1)) if bits == 4 else (lambda t: t.reshape(-1))
+            ins.append(self.inits.add(zeros, pack, name=f"{zeros.name}.nbits"))
+        y = self.em.op("MatMulNBits", ins, domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block,
+                       **({"out": out} if out and not bias else {}))
+        if bias:
+            y = self.em.op("Add", [y, bias], **({"out": out} if out else {}))
+        return y
 
     @classmethod
     def stored_dtype_ok(cls, value: Value) -> bool:
@@ -155,6 +197,8 @@ class QuantOps:
         users = self.graph.users(node.outputs[0])
         if users and all(u.op == OpCode.GROUPED_FFN for u in users):
             return  # dequantized one expert at a time where the experts are lowered (expert_weight)
+        if node.outputs[0].name in self.nbits:
+            return  # the weight of MatMulNBits where it is read
         out = node.outputs[0].name
         if node.attrs["dtype"] == ElemType.FLOAT32:
             self._dequantize_linear(node, None, out=out)
