@@ -690,16 +690,20 @@ def dequantize_weight(qweight, scales, zeros, fmt, block):
         tiles = scales.repeat_interleave(block, dim=-2)[..., :n, :].repeat_interleave(block, dim=-1)[..., :k]
         return qweight.to(scales.dtype) * tiles
     dtype = scales.dtype
+    # One float buffer, filled and then scaled in place: each extra temporary of a weight's size is a pass
+    # over fresh memory, which dominated when decode dequantizes an expert per call.
     if fmt == "int4":
-        codes = torch.stack(((qweight & 0xF).to(dtype), (qweight >> 4).to(dtype)), dim=-1)
+        codes = torch.empty(*qweight.shape, 2, dtype=dtype, device=qweight.device)
+        codes[..., 0] = qweight & 0xF
+        codes[..., 1] = qweight >> 4
     else:
         codes = qweight.to(dtype)
-    blocks = codes.reshape(*scales.shape, block)
+    blocks = codes.view(*scales.shape, block)
     if zeros is not None:
-        blocks = blocks - zeros.to(dtype).unsqueeze(-1)
+        blocks.sub_(zeros.to(dtype).unsqueeze(-1))
     elif fmt == "int4":
-        blocks = blocks - 8.0
-    return (blocks * scales.unsqueeze(-1)).reshape(*qweight.shape[:-1], -1)
+        blocks.sub_(8.0)
+    return blocks.mul_(scales.unsqueeze(-1)).view(*qweight.shape[:-1], -1)
 
 
 def int4_matmul_takes(qweight, fmt, block):

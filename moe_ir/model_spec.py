@@ -445,4 +445,4 @@ def miniature_model(spec: ModelSpec, hidden: int, *, vocab_size: int = 128, head
                                 layers=layers, **schedule, dense_width=dense_width,
                                 attention=dataclasses.replace(a, **changes))
     moe = dataclasses.replace(miniature(spec.moe, hidden), name=default_moe_name(model.name))
-    return ModelSpec(model=model, moe=moe)
+    return ModelSpec(model=model, moe=moe, quantization=spec.quantization)

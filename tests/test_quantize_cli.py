@@ -81,3 +81,12 @@ def test_quantize_option_errors(tmp_path, capsys):
     spec.write_text(LAYER_YAML + "quantization: {format: int8}\n")
     assert main(["validate", str(spec), "--quantize", "int4"]) == 2
     assert "already has a quantization section" in capsys.readouterr().err
+
+
+def test_shrunk_model_keeps_its_quantization(tmp_path, capsys):
+    spec = tmp_path / "model.yaml"
+    spec.write_text(MODEL_YAML)
+    assert main(["validate", str(spec), "--shrink", "16", "--quantize", "int8:16", "--backends", "torch",
+                 "--generate", "0", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["quantization"]["scheme"] == "int8:16" and report["quantization"]["top1_agree"] is not None

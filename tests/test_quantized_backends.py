@@ -175,10 +175,11 @@ def test_onnx_portable_quantized_model():
     torch.testing.assert_close(got.double(), ref, **TOL)
 
 
-@pytest.mark.parametrize("name,words", [("onnx:ort", "QMoE"), ("onnx:plugin", "float expert weights"),
-                                        ("tensorrt", "u8")])
-def test_onnx_flavours_without_quantized_lowering_say_so(name, words):
-    graph, _ = quantized_layer("int4", True, 16)
+@pytest.mark.parametrize("name,fmt,words", [("onnx:ort", "int8", "int4 only"),
+                                            ("onnx:plugin", "int4", "float expert weights"),
+                                            ("tensorrt", "int4", "u8")])
+def test_onnx_flavours_without_quantized_lowering_say_so(name, fmt, words):
+    graph, _ = quantized_layer(fmt, True, 16)
     try:
         backend = get_backend(name)
     except Exception as err:
@@ -192,3 +193,50 @@ def test_onnx_refuses_fp8_tiles():
     backend = get_backend("onnx:portable")
     ok, reason = backend.supports(run_pipeline(graph, backend.pipeline))
     assert not ok and "fp8_e4m3" in reason
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_onnx_ort_qmoe_equals_the_reference(tmp_path, symmetric):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    graph, weights = quantized_layer("int4", symmetric, 16)
+    spec = spec_from_dict({**LAYER, "quantization": {"format": "int4", "block": 16, "symmetric": symmetric}})
+    backend = get_backend("onnx:ort")
+    piped = run_pipeline(graph, backend.pipeline)
+    assert backend.supports(piped) == (True, "")
+    run = backend.prepare(piped, weights)
+    for tokens in (1, 6):
+        x = inputs(tokens)
+        ref = interpret(graph, {"x": x}, weights, dtype=torch.float64)["out"]
+        torch.testing.assert_close(run(x)["out"].double(), ref, **TOL)
+    result = backend.build(spec, piped, weights, tmp_path / "onnx")
+    model = onnx.load(str(next(p for p in result.files if p.suffix == ".onnx")))
+    (qmoe,) = [n for n in model.graph.node if n.op_type == "QMoE"]
+    attrs = {a.name: a for a in qmoe.attribute}
+    assert attrs["expert_weight_bits"].i == 4 and attrs["block_size"].i == 16
+    codes = next(i for i in model.graph.initializer if i.name == qmoe.input[2])
+    assert codes.data_type == onnx.TensorProto.UINT8 and list(codes.dims) == [5, 32, 24]  # [E, 2F, H/2]
+
+
+@pytest.mark.parametrize("fmt,symmetric", [("int4", False), ("int8", True), ("int8", False)])
+def test_onnx_ort_matmul_nbits_for_dense_and_shared_ffns(tmp_path, fmt, symmetric):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    text = {"model": {"name": "qn", "vocab_size": 64, "hidden": 32, "layers": 2, "first_dense": 1, "dense_width": 32,
+                      "attention": {"kind": "gqa", "heads": 4, "kv_heads": 2, "head_dim": 8}},
+            "moe": {"experts": {"routed": 4, "shared": 1, "width": 16, "top_k": 2}},
+            "quantization": {"format": fmt, "block": 16, "symmetric": symmetric,
+                             "weights": {"dense_ffn": True, "routed_experts": fmt == "int4"}}}
+    spec = model_spec_from_dict(text)
+    graph = build_model_graph(spec, routing=True)
+    weights = init_weights(graph, 0)
+    backend = get_backend("onnx:ort")
+    piped = run_pipeline(graph, backend.pipeline)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    ref = interpret(graph, {"input_ids": ids}, weights, dtype=torch.float64)["logits"]
+    torch.testing.assert_close(backend.prepare(piped, weights)(ids)["logits"].double(), ref, **TOL)
+    result = backend.build(spec, piped, weights, tmp_path / "onnx")
+    model = onnx.load(str(next(p for p in result.files if p.suffix == ".onnx")))
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 6  # the dense layer's and the shared expert's gate/up/down
+    assert {next(a.i for a in n.attribute if a.name == "bits") for n in nbits} == {4 if fmt == "int4" else 8}

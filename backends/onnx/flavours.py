@@ -10,8 +10,10 @@
             layout the CPU kernel implements. float32 only. SparseMixer routing (PhiMoE) takes the same
             path: onnxruntime 1.32's CPU kernel accepts use_sparse_mixer=1 but computes plain softmax top-2
             with it (measured: max error 1.1 on outputs of ~1.4 against SparseMixer, 1e-7 against softmax
-            top-2), so the op is not asked to route. In decoders (decode graphs)
-            also: cached MHA/GQA attention as com.microsoft.GroupQueryAttention (the KV cache append and the attention; seqlens_k and
+            top-2), so the op is not asked to route. int4 experts become com.microsoft.QMoE
+            (quant_ops.py); other quantized weights DequantizeLinear as in portable. In decoders (decode graphs)
+            also: cached MHA/GQA attention as com.microsoft.GroupQueryAttention (the KV cache append and the
+            attention; seqlens_k and
             total_sequence_length computed in the graph from attention_mask's length, the mask's padding as
             its attention_bias) and each residual add + RMSNorm as SkipSimplifiedLayerNormalization;
             `OrtLowering.contrib_notes` reports what was used and why not elsewhere (gqa_refusal: MLA, head_dim
@@ -43,7 +45,7 @@ from .decoder_ops import DecoderOps
 from .emit import MS_DOMAIN
 from .lowering import Flavour, Lowering
 from .moe_ops import MoeOps
-from .quant_ops import QuantOps, dequantize_refusal
+from .quant_ops import QuantOps, dequantize_refusal, is_quantized, qmoe_refusal
 from .weights import LoweredModel
 
 _INFERENCE = ("strip-training-outputs", "fuse-shared-experts", "fuse-gate-up", "dce")
@@ -82,19 +84,18 @@ def interleave_gate_up(t: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> t
 class OrtLowering(PortableLowering):
     flavour = Flavour.ORT
     pipeline = _INFERENCE
+    matmul_nbits = True  # quantized shared-expert and dense FFN projections: com.microsoft.MatMulNBits
     needs = ("needs onnxruntime (com.microsoft.MoE contrib op)",)
 
     @classmethod
     def dtype_refusal(cls, value: Value) -> str:
+        if cls.stored_dtype_ok(value):  # the codes of quantized weights
+            return ""
         return super().dtype_refusal(value) or support.ort_dtype_refusal(value)
 
     @classmethod
     def refusal(cls, graph: Graph) -> str:
-        formats = quantized_formats(graph)
-        if formats:
-            return (f"quantized weights ({', '.join(sorted(f.value for f in formats))}) are not lowered to "
-                    "com.microsoft.QMoE/MatMulNBits yet; the portable flavour exports them (DequantizeLinear)")
-        return super().refusal(graph) or support.ort_refusal(graph)
+        return qmoe_refusal(graph) or super().refusal(graph) or support.ort_refusal(graph)
 
     def _lower_dispatch(self, node: Node) -> None:
         pass  # com.microsoft.MoE dispatches internally; emitted at the combine node
@@ -118,6 +119,13 @@ class OrtLowering(PortableLowering):
         log_w = em.op("Log", [em.op("Max", [w, em.const(1e-30, np.float32)])])
         probs = em.op("ScatterElements", [neg_inf, idx, log_w], axis=1)
         ops = self._weight_operands(ffn)
+        if is_quantized(ops["w_up"]):
+            ins, qattrs = self.qmoe_inputs(ffn, tokens, probs)
+            moe = em.op("QMoE", ins, domain=MS_DOMAIN, name=ffn.name, k=k, normalize_routing_weights=1, **qattrs)
+            em.prefix = combine.name
+            total = em.op("ReduceSum", [w, em.const([-1])], keepdims=1)
+            em.op("Mul", [moe, total], out=combine.outputs[0].name, name=combine.name)
+            return
         if act.gated:
             fc1 = self.inits.add(ops["w_up"], interleave_gate_up, name=f"{ffn.name}.fc1_interleaved",
                                  evaluate=self._gate_up_parts)

@@ -227,7 +227,7 @@ class MoeOps(Lowering):
         fused = act.gated and node.attrs["weight_layout"] == WeightLayout.GATE_UP_FUSED
 
         def linear(inp: str, weight: str, bias: str | None) -> str:
-            return em.op("Gemm", [inp, weight] + ([bias] if bias else []), transB=1)
+            return self.matmul_transposed(inp, weight, bias)
 
         if fused:
             gate, up = em.op("Split", [linear(x, w["w_up"], w["b_up"])], 2, axis=1, num_outputs=2)
@@ -251,14 +251,17 @@ class MoeOps(Lowering):
             hidden = self._gelu(up, dt)
         else:
             hidden = em.op("Relu", [up])
-        ins = [hidden, w["w_down"]] + ([w["b_down"]] if w["b_down"] else [])
-        return em.op("Gemm", ins, transB=1, **({"out": out} if out else {}))
+        return self.matmul_transposed(hidden, w["w_down"], w["b_down"], out=out)
 
     def _gelu(self, x: str, dt: ElemType) -> str:
         # Erf form: the spec's GELU is PyTorch's exact one (opset 20's Gelu would pin a newer opset).
         em = self.em
         erf = em.op("Erf", [em.op("Mul", [x, em.fconst(1 / math.sqrt(2), dt)])])
         return em.op("Mul", [em.op("Mul", [x, em.fconst(0.5, dt)]), em.op("Add", [erf, em.fconst(1.0, dt)])])
+
+    def matmul_transposed(self, x: str, weight: str, bias: str | None, out: str | None = None) -> str:
+        """x @ weight.T (+ bias) for a [N, K] weight (quant_ops.py lowers quantized weights its own way)."""
+        return self.em.op("Gemm", [x, weight] + ([bias] if bias else []), transB=1, **({"out": out} if out else {}))
 
     def expert_weight(self, value: Value, e: int) -> str:
         """Expert e's slice of a stacked expert weight (an initializer; quant_ops.py lowers quantized ones)."""

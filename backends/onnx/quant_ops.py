@@ -16,6 +16,7 @@ import torch
 from moe_ir.ir import ElemType, Graph, Node, OpCode, Value
 from moe_ir.quantization import dequantize_nodes
 from moe_ir.spec import QuantFormat
+from .emit import MS_DOMAIN
 
 # The opset whose DequantizeLinear takes `block_size` (blocked quantization).
 BLOCKED_DQ_OPSET = 21
@@ -35,18 +36,86 @@ def dequantize_refusal(graph: Graph) -> str:
     return ""
 
 
+def qmoe_refusal(graph: Graph) -> str:
+    """Why com.microsoft.QMoE cannot take this graph's quantized routed experts ('' when it can): its CPU kernel
+    matches the reference for int4 blocks (symmetric: code + 8, or with zero points); its 8-bit layout did not
+    (checked on onnxruntime 1.32)."""
+    for node in graph.find(OpCode.GROUPED_FFN):
+        for value in node.inputs[3:6]:
+            if is_quantized(value) and value.producer.attrs["format"] != QuantFormat.INT4:
+                return (f"{value.producer.name}: {value.producer.attrs['format'].value} experts do not lower to "
+                        "com.microsoft.QMoE here (int4 only); the portable flavour exports them (DequantizeLinear)")
+            if is_quantized(value) and value.producer.attrs["block"] < 16:
+                return f"{value.producer.name}: com.microsoft.QMoE takes blocks of 16 or more"
+    return ""
+
+
+def _pack_nibbles(t: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..15 [..., n] -> two a byte [..., ceil(n/2)], the even index low (odd n: padded with 0)."""
+    if t.shape[-1] % 2:
+        t = torch.nn.functional.pad(t, (0, 1))
+    return (t[..., 0::2] | (t[..., 1::2] << 4)).to(torch.uint8)
+
+
+def _interleave_rows(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """(gate [E, F, ...], up [E, F, ...]) -> rows g0, u0, g1, u1, ... (QMoE/MoE swiglu_fusion=1)."""
+    gate, up = pair
+    return torch.stack([gate, up], dim=2).flatten(1, 2).contiguous()
+
+
 def _unpack_int4(t: torch.Tensor) -> torch.Tensor:
     return torch.stack((t & 0xF, t >> 4), dim=-1).flatten(-2)
 
 
 class QuantOps:
-    """Mixin of the lowering classes: DEQUANTIZE as DequantizeLinear, never folded into a float initializer."""
+    """Mixin of the lowering classes: DEQUANTIZE as DequantizeLinear, never folded into a float initializer;
+    with `matmul_nbits` (the ort flavour) an int8/int4 weight read only by FFN projections becomes the
+    weight of com.microsoft.MatMulNBits instead."""
+
+    matmul_nbits = False
 
     def __init__(self, graph: Graph, weights) -> None:
         super().__init__(graph, weights)
         # The dequantized values stay computed in the file (DequantizeLinear), so the initializers are the
         # quantized parts.
         self.inits.folded -= {v.name for n in dequantize_nodes(graph) for v in n.outputs}
+        self.nbits: dict[str, Node] = {}
+        if self.matmul_nbits:
+            for node in dequantize_nodes(graph):
+                users = graph.users(node.outputs[0])
+                if (node.attrs["format"] in (QuantFormat.INT4, QuantFormat.INT8) and node.attrs["block"] >= 16
+                        and node.attrs["dtype"] == ElemType.FLOAT32 and users
+                        and all(u.op == OpCode.FFN for u in users)):
+                    self.nbits[node.outputs[0].name] = node
+
+    def matmul_transposed(self, x: str, weight: str, bias: str | None, out: str | None = None) -> str:
+        node = self.nbits.get(weight)
+        if node is None:
+            return super().matmul_transposed(x, weight, bias, out)
+        # MatMulNBits: B [N, K/block, block*bits/8] (the stored bytes, regrouped by block), scales [N*K/block],
+        # zero points uint8 [N*K/block] (int8) or two a byte per row (int4); absent: 2^(bits-1), which is
+        # the stored int4 nibble's 8 and, for signed int8 codes stored + 128, 128.
+        qweight, scales, zeros = node.inputs
+        fmt, block = node.attrs["format"], node.attrs["block"]
+        n, k = (int(d) for d in node.outputs[0].type.shape)
+        bits = 4 if fmt == QuantFormat.INT4 else 8
+        blob = block * bits // 8
+
+        def codes(t: torch.Tensor) -> torch.Tensor:
+            if t.dtype == torch.int8:
+                t = (t.to(torch.int16) + 128).to(torch.uint8)
+            return t.reshape(n, k // block, blob)
+
+        ins = [x, self.inits.add(qweight, codes, name=f"{qweight.name}.nbits", dtype=torch.uint8),
+               self.inits.add(scales, lambda t: t.reshape(-1), name=f"{scales.name}.nbits")]
+        if zeros is not None:
+            pack = (lambda t: _pack_nibbles(t).reshape(-1)) if bits == 4 else (lambda t: t.reshape(-1))
+            ins.append(self.inits.add(zeros, pack, name=f"{zeros.name}.nbits"))
+        y = self.em.op("MatMulNBits", ins, domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block,
+                       **({"out": out} if out and not bias else {}))
+        if bias:
+            y = self.em.op("Add", [y, bias], **({"out": out} if out else {}))
+        return y
 
     @classmethod
     def stored_dtype_ok(cls, value: Value) -> bool:
@@ -82,10 +151,54 @@ class QuantOps:
             return self._dequantize_linear(value.producer, e)
         return super().expert_weight(value, e)
 
+    def qmoe_inputs(self, ffn: Node, tokens: str, probs: str) -> tuple[list[str], dict]:
+        """Inputs and attributes of com.microsoft.QMoE for a grouped FFN on int4 experts: fc1 = gate and up
+        rows interleaved (swiglu_fusion=1) or up alone, fc2 = down; codes as stored (two a byte, low nibble
+        first), scales [E, rows, K/block], zero points packed two a byte along the blocks."""
+        w = {k: ffn.input(k) for k in ("w_up", "w_down", "w_gate", "b_up", "b_down", "b_gate")}
+        act = ffn.attrs["activation"]
+        parts = {key: dict(zip(("qweight", "scales", "zeros"), w[key].producer.inputs))
+                 for key in ("w_up", "w_down", "w_gate") if w[key] is not None}
+        asym = parts["w_up"]["zeros"] is not None
+
+        def fc1(part: str, transform=None, name: str = "") -> str:
+            up = parts["w_up"][part]
+            if not act.gated:
+                return self.inits.add(up, transform, name=f"{ffn.name}.fc1_{name}" if transform else None)
+            gate = parts["w_gate"][part]
+            return self.inits.add(up, (lambda t: transform(_interleave_rows(t))) if transform else _interleave_rows,
+                                  name=f"{ffn.name}.fc1_{name}",
+                                  evaluate=lambda v, gate=gate, up=up: (self.inits.given(gate), self.inits.given(up)))
+
+        ins = [tokens, probs, fc1("qweight", name="codes"), fc1("scales", name="scales"),
+               self._qmoe_bias(ffn, w, act), self.operand(parts["w_down"]["qweight"]),
+               self.operand(parts["w_down"]["scales"]), self.operand(w["b_down"])]
+        if asym:
+            ins += ["", "", "", fc1("zeros", _pack_nibbles, name="zeros"),
+                    self.inits.add(parts["w_down"]["zeros"], _pack_nibbles, name=f"{ffn.name}.fc2_zeros")]
+        while ins[-1] == "":
+            ins.pop()
+        attrs = {"expert_weight_bits": 4, "block_size": w["w_up"].producer.attrs["block"]}
+        if act.gated:
+            attrs.update(activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0)
+        else:
+            attrs.update(activation_type=act.value)
+        return ins, attrs
+
+    def _qmoe_bias(self, ffn: Node, w: dict, act) -> str:
+        if w["b_up"] is None:
+            return ""
+        if not act.gated:
+            return self.operand(w["b_up"])
+        return self.inits.add(w["b_up"], _interleave_rows, name=f"{ffn.name}.fc1_bias",
+                              evaluate=lambda v: (self.inits.evaluate(w["b_gate"]), self.inits.evaluate(w["b_up"])))
+
     def _lower_dequantize(self, node: Node) -> None:
         users = self.graph.users(node.outputs[0])
         if users and all(u.op == OpCode.GROUPED_FFN for u in users):
             return  # dequantized one expert at a time where the experts are lowered (expert_weight)
+        if node.outputs[0].name in self.nbits:
+            return  # the weight of MatMulNBits where it is read
         out = node.outputs[0].name
         if node.attrs["dtype"] == ElemType.FLOAT32:
             self._dequantize_linear(node, None, out=out)

@@ -71,7 +71,8 @@ def ort_refusal(graph: Graph) -> str:
         if act == Activation.GELU:
             return ("com.microsoft.MoE's CPU gelu is an approximation (max error ~2e-4 against the erf "
                     "GELU of the spec), beyond the float32 tolerance")
-        if act.gated and ffn.attrs["weight_layout"] != WeightLayout.GATE_UP_FUSED:
+        quantized = ffn.inputs[3].producer is not None and ffn.inputs[3].producer.op == OpCode.DEQUANTIZE
+        if act.gated and ffn.attrs["weight_layout"] != WeightLayout.GATE_UP_FUSED and not quantized:
             return "com.microsoft.MoE takes gate/up fused weights; run fuse-gate-up before lowering"
     return ""
 

@@ -93,11 +93,12 @@ class Initializers:
             return op_def(node.op).reference(sliced_attrs, *parts)[value.index]
 
     def add(self, value: Value, transform: Callable | None = None, name: str | None = None,
-            evaluate: Callable | None = None) -> str:
-        """Name of an initializer holding `value` (folded when computed), optionally transformed."""
+            evaluate: Callable | None = None, dtype: torch.dtype | None = None) -> str:
+        """Name of an initializer holding `value` (folded when computed), optionally transformed, in `dtype`
+        (default: the value's)."""
         name = name or value.name
         if name not in self.thunks:
-            dtype = value.type.dtype.torch
+            dtype = dtype or value.type.dtype.torch
 
             def thunk(value=value, transform=transform, evaluate=evaluate or self.evaluate_stored, dtype=dtype):
                 t = evaluate(value)
