@@ -53,6 +53,11 @@ def noisy_logits(logits, x, w_noise, std, training, generator):
     return router_noise(logits, x, w_noise, std, generator) if training else logits
 
 
+def scale(x, factor):
+    """x * factor (a model's multipliers)."""
+    return x * factor
+
+
 def topk_route(scores, bias, k, groups, kept, group_score):
     """(expert_idx [T, k], weights [T, k]); the selection bias (a float32 buffer) in the scores' dtype."""
     return route_topk(scores, None if bias is None else bias.to(scores.dtype), k, groups, kept, group_score)
@@ -239,6 +244,7 @@ TORCH_OPS: dict[OpCode, Callable[[Node], OpCall]] = {
     OpCode.FUSED_MOE: _fused_moe,
     OpCode.EMBEDDING: lambda n: OpCall(embedding),
     OpCode.RMS_NORM: lambda n: OpCall(rms_norm, (n.attrs["eps"],)),
+    OpCode.SCALE: lambda n: OpCall(scale, (n.attrs["factor"],)),
     OpCode.ATTENTION: _attention,
     OpCode.MLA_ATTENTION: _mla_attention,
     # decode form: the same attributes, the cache operands before the weights; MLA adds its cache layout

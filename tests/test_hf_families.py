@@ -78,7 +78,7 @@ def _configs():
         # q/k RMSNorm over the whole projections, rotary_dim 4 of head_dim 8 (the released models' legacy key)
         "minimax_m2": lambda: t.MiniMaxM2Config(
             **COMMON, intermediate_size=16, num_key_value_heads=2, head_dim=8, rotary_dim=4, num_local_experts=7,
-            num_experts_per_tok=3, bos_token_id=1, eos_token_id=2),
+            num_experts_per_tok=3, bos_token_id=1, eos_token_id=None),
         "dots1": lambda: t.Dots1Config(
             **COMMON, intermediate_size=48, moe_intermediate_size=16, num_key_value_heads=2, n_routed_experts=6,
             n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=1, n_group=2, topk_group=1,
@@ -88,6 +88,15 @@ def _configs():
             **dict(COMMON, num_hidden_layers=4, tie_word_embeddings=True), intermediate_size=40,
             moe_intermediate_size=16, num_key_value_heads=1, moe_num_experts=7, moe_k=3, moe_num_shared_experts=1,
             moe_layer_start_index=1, moe_layer_end_index=3, moe_layer_interval=2),
+        # post-norm layers (norms on the attention and FFN outputs), q/k norm over the projections, GQA 2:1
+        "flex_olmo": lambda: t.FlexOlmoConfig(
+            **COMMON, intermediate_size=16, num_key_value_heads=2, num_experts=5, num_experts_per_tok=3,
+            norm_topk_prob=True, pad_token_id=0, eos_token_id=None),
+        # every multiplier away from 1; GQA 4:1
+        "granitemoe": lambda: t.GraniteMoeConfig(
+            **COMMON, intermediate_size=16, num_key_value_heads=1, num_local_experts=5, num_experts_per_tok=2,
+            embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.2, logits_scaling=2.5,
+            pad_token_id=0, bos_token_id=1, eos_token_id=None),
     }
 
 
@@ -188,7 +197,8 @@ def test_import_hf_model_cli_with_weights(tmp_path):
     from moe_ir.frontends import load_model_spec
     from moe_ir.params import load_weights
 
-    for family in ("qwen3_moe", "glm4_moe", "glm4_moe_lite", "minimax_m2", "dots1", "ernie4_5_moe"):
+    for family in ("qwen3_moe", "glm4_moe", "glm4_moe_lite", "minimax_m2", "dots1", "ernie4_5_moe", "flex_olmo",
+                   "granitemoe"):
         cfg = _configs()[family]()
         hf = _hf_model(cfg)
         folder = tmp_path / family
@@ -241,9 +251,8 @@ def test_dense_moe_pattern_equals_transformers_layers(family):
     cfg = {**_configs(), **_schedule_configs()}[family]()
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(cfg)
-    theirs = [any(name.startswith("experts") for name, _ in layer.mlp.named_modules()) or
-              any(name.startswith("experts") for name, _ in layer.mlp.named_parameters())
-              for layer in hf.model.layers]
+    blocks = [getattr(layer, "mlp", None) or layer.block_sparse_moe for layer in hf.model.layers]
+    theirs = [any(name.startswith("experts") for name, _ in block.named_modules()) for block in blocks]
     spec = model_spec_from_hf_config(cfg)
     assert [spec.model.is_moe_layer(i) for i in range(cfg.num_hidden_layers)] == theirs
     # ERNIE's correction bias is a frozen nn.Parameter, a buffer elsewhere: ours is never trained
@@ -316,6 +325,27 @@ RELEASED = {  # values from the released config.json files (the keys the decoder
         "rms_norm_eps": 1e-6, "rope_theta": 10000,
         "rope_scaling": {**_RELEASED_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
         "tie_word_embeddings": False, "torch_dtype": "bfloat16", "attention_bias": False},
+    "qwen3-30b-a3b.yaml": {
+        "attention_bias": False, "decoder_sparse_step": 1, "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 2048, "intermediate_size": 6144, "max_position_embeddings": 40960, "max_window_layers": 48,
+        "mlp_only_layers": [], "model_type": "qwen3_moe", "moe_intermediate_size": 768, "norm_topk_prob": True,
+        "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 48,
+        "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0,
+        "router_aux_loss_coef": 0.001, "sliding_window": None, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "use_sliding_window": False, "vocab_size": 151936},
+    "ernie-4.5-21b-a3b.yaml": {
+        "model_type": "ernie4_5_moe", "hidden_act": "silu", "hidden_size": 2560, "intermediate_size": 12288,
+        "max_position_embeddings": 131072, "num_attention_heads": 20, "num_key_value_heads": 4,
+        "num_hidden_layers": 28, "rms_norm_eps": 1e-05, "rope_theta": 500000, "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16", "use_bias": False, "vocab_size": 103424, "moe_num_experts": 64,
+        "moe_num_shared_experts": 2, "moe_layer_start_index": 1, "moe_layer_end_index": 27, "moe_layer_interval": 1,
+        "moe_intermediate_size": 1536, "moe_k": 6},
+    "minimax-m2.yaml": {
+        "model_type": "minimax_m2", "head_dim": 128, "hidden_act": "silu", "hidden_size": 3072,
+        "intermediate_size": 1536, "max_position_embeddings": 196608, "num_attention_heads": 48,
+        "num_experts_per_tok": 8, "num_hidden_layers": 62, "num_key_value_heads": 8, "num_local_experts": 256,
+        "rms_norm_eps": 1e-06, "rope_theta": 5000000, "rotary_dim": 64, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "vocab_size": 200064, "router_aux_loss_coef": 0.001},
 }
 
 
@@ -327,10 +357,31 @@ def test_released_config_imports_as_the_shipped_spec(spec_file):
     from moe_ir.model_spec import model_spec_to_dict
 
     ours = load_model_spec(MODELS / spec_file)
-    assert ours.model.attention.rope_scaling is not None
+    assert ours.model.attention.rope_scaling is not None or not spec_file.startswith("deepseek")
     imported = model_spec_from_hf_config(RELEASED[spec_file], name=ours.model.name)
     strip = lambda d: {**d, "model": {k: v for k, v in d["model"].items() if k != "source"}}  # noqa: E731
     assert strip(model_spec_to_dict(imported)) == strip(model_spec_to_dict(ours))
+
+
+@pytest.mark.parametrize("spec_file", sorted(RELEASED))
+def test_shipped_spec_parameters_equal_transformers_meta_model(spec_file):
+    """Exact totals against transformers' model of the released config on the meta device (stored tensors:
+    the state dict, correction-bias buffers included, inv_freq not)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from moe_ir.frontends import load_model_spec
+    from moe_ir.model_analysis import analyse_model
+
+    config = dict(RELEASED[spec_file])
+    cfg = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    ours = analyse_model(load_model_spec(MODELS / spec_file))
+    stored = {name: t.numel() for name, t in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        stored.pop("lm_head.weight", None)
+    assert ours.total_params == sum(stored.values())
 
 
 @pytest.mark.parametrize("rope, words", [
@@ -350,7 +401,7 @@ def test_rope_scalings_not_modelled_name_what_is_missing(rope, words):
 
 
 @pytest.mark.parametrize("model_type, words", [
-    ("granitemoe", "residual_multiplier"), ("flex_olmo", "post-norm"), ("exaone_moe", "sliding-window"),
+    ("granitemoeshared", "residual_multiplier"), ("exaone_moe", "sliding-window"),
     ("dbrx", "p-norm"), ("hunyuan_v1_moe", "after RoPE"), ("afmoe", "dual norms"),
 ])
 def test_families_not_modelled_name_the_missing_feature(model_type, words):

@@ -34,6 +34,11 @@ class DecoderOps(Lowering):
         self.em.op("Gather", [self.operand(weight), self.operand(ids)], axis=0, out=node.outputs[0].name,
                    name=node.name)
 
+    def _lower_scale(self, node: Node) -> None:
+        x = node.inputs[0]
+        self.em.op("Mul", [self.operand(x), self.em.fconst(node.attrs["factor"], x.type.dtype, "factor")],
+                   out=node.outputs[0].name, name=node.name)
+
     def _lower_rms_norm(self, node: Node) -> None:
         x, weight = node.inputs
         self._rms_norm(self.operand(x), weight, node.attrs["eps"], x.type.dtype, out=node.outputs[0].name,

@@ -111,6 +111,14 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "num_experts_per_tok": 8, "intermediate_size": 1536, "router_aux_loss_coef": 0.001,
         "router_jitter_noise": 0.0,
     },
+    "flex_olmo": {
+        "hidden_size": 4096, "num_hidden_layers": 32, "hidden_act": "silu", "num_experts": 7,
+        "num_experts_per_tok": 5, "intermediate_size": 11008, "norm_topk_prob": False, "router_aux_loss_coef": 0.01,
+    },
+    "granitemoe": {
+        "hidden_size": 4096, "num_hidden_layers": 32, "hidden_act": "silu", "num_local_experts": 8,
+        "num_experts_per_tok": 2, "intermediate_size": 11008, "router_aux_loss_coef": 0.001,
+    },
     "ernie4_5_moe": {
         "hidden_size": 2560, "num_hidden_layers": 28, "hidden_act": "silu", "moe_num_experts": 64, "moe_k": 6,
         "moe_intermediate_size": 1536, "moe_num_shared_experts": 2, "moe_layer_start_index": 1,
@@ -130,6 +138,7 @@ _ALIASES: dict[str, dict[str, str]] = {
     "glm4_moe_lite": {"num_local_experts": "n_routed_experts"},
     "dots1": {"num_local_experts": "n_routed_experts"},
     "minimax_m2": {"num_experts": "num_local_experts"},
+    "flex_olmo": {"num_local_experts": "num_experts"},
     "ernie4_5_moe": {"num_experts": "moe_num_experts", "num_experts_per_tok": "moe_k"},
 }
 
@@ -139,11 +148,8 @@ SUPPORTED_MODEL_TYPES = tuple(FAMILY_DEFAULTS)
 # files in transformers 5.24), so a user learns what is missing rather than which families are supported.
 NOT_MODELLED: dict[str, str] = {
     "hunyuan_v1_moe": "q/k RMSNorm applied after RoPE (query_layernorm / key_layernorm) and per-layer expert counts",
-    "granitemoe": "the embedding, residual, attention and logits multipliers (embedding_multiplier, "
-                  "residual_multiplier, attention_multiplier, logits_scaling)",
     "granitemoeshared": "the embedding, residual, attention and logits multipliers (embedding_multiplier, "
                         "residual_multiplier, attention_multiplier, logits_scaling)",
-    "flex_olmo": "post-norm decoder layers (RMSNorm on the attention and FFN outputs inside the residual)",
     "exaone_moe": "per-layer sliding-window attention (layer_types with sliding_attention)",
     "dbrx": "LayerNorm instead of RMSNorm, q/k/v clipping (clip_qkv) and router weights normalised by a p-norm "
             "(moe_normalize_expert_weights)",
@@ -399,7 +405,7 @@ def _all_layers(layer: int) -> bool:
 
 def _map_mixtral(c: FamilyConfig) -> _Mapped:
     """Mixtral: softmax top-k renormalised over the chosen k."""
-    jitter = c.get("router_jitter_noise", float)
+    jitter = c.get("router_jitter_noise", float, optional=True) or 0.0  # granitemoe has no such key
     if jitter != 0:
         raise c.fail("router_jitter_noise", f"router_jitter_noise={jitter}: multiplicative input jitter in "
                                             "training is not modelled (router.noise is additive noisy top-k)")
@@ -533,6 +539,8 @@ _FAMILIES: dict[str, Callable[[FamilyConfig], _Mapped]] = {
     "mixtral": _map_mixtral, "qwen2_moe": _map_qwen2_moe, "olmoe": _map_olmoe,
     "qwen3_moe": _map_qwen3_moe, "glm4_moe": _map_sigmoid_grouped, "glm4_moe_lite": _map_sigmoid_grouped,
     "dots1": _map_sigmoid_grouped, "minimax_m2": _map_minimax_m2, "ernie4_5_moe": _map_ernie4_5_moe,
+    "flex_olmo": _map_olmoe,  # OLMoE's block; its post-norm layers are the decoder's (model.py)
+    "granitemoe": _map_mixtral,  # softmax over the top-k logits = the top-k softmax renormalised; multipliers: model.py
 }
 
 
@@ -604,7 +612,8 @@ def describe_hf_config(config: Any, *, layer: int | None = None, name: str | Non
     # Router projection and scores in float32: DeepSeek casts explicitly; Mixtral/Qwen2-MoE/OLMoE
     # project in the model dtype and take the softmax in float32.
     router = {**mapped.router, "dtype": DType.FLOAT32.value}
-    if dtype != DType.FLOAT32 and model_type in ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "minimax_m2"):
+    if dtype != DType.FLOAT32 and model_type in ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "minimax_m2",
+                                                 "flex_olmo", "granitemoe"):
         notes.append(f"transformers projects this router in {dtype.value} before a float32 softmax; the spec "
                      "projects in float32, so near-tied experts may rank differently in low precision")
     layer_name = name or f"{model_type}_layer{layer}"

@@ -36,11 +36,13 @@ from .config import FAMILY_DEFAULTS, FamilyConfig, config_dict, describe_hf_conf
 __all__ = ["MODEL_DEFAULTS", "model_spec_from_hf_config", "weights_from_hf_model"]
 
 _LLAMA_ATTENTION = ("deepseek", "mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "glm4_moe", "dots1", "minimax_m2",
-                    "ernie4_5_moe")
+                    "ernie4_5_moe", "flex_olmo", "granitemoe")
+# Families whose decoder layers normalise the attention and FFN outputs (post-norm) instead of their inputs.
+_POST_NORM = ("flex_olmo",)
 _MLA = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")
 # q/k RMSNorm per family: over each head (Qwen3 style) or the whole projection (OLMoE style); glm4_moe has it
 # when use_qk_norm is set.
-_QK_NORM = {"olmoe": "full", "minimax_m2": "full", "qwen3_moe": "head", "dots1": "head"}
+_QK_NORM = {"olmoe": "full", "minimax_m2": "full", "flex_olmo": "full", "qwen3_moe": "head", "dots1": "head"}
 # Families whose attention_bias puts biases on q, k and v only (the output projection has none).
 _QKV_BIAS_ONLY = ("glm4_moe",)
 # The rotated fraction of each head when the config states none (glm4_moe's class default).
@@ -86,6 +88,13 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "ernie4_5_moe": {"vocab_size": 103424, "num_attention_heads": 20, "num_key_value_heads": 4,
                      "intermediate_size": 12288, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
                      "rope_theta": 500000.0, "max_position_embeddings": 131072},
+    "flex_olmo": {"vocab_size": 100352, "num_attention_heads": 32, "num_key_value_heads": 32,
+                  "intermediate_size": 11008, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                  "attention_bias": False, "rope_theta": 500000.0, "max_position_embeddings": 4096},
+    "granitemoe": {"vocab_size": 32000, "num_attention_heads": 32, "num_key_value_heads": 32,
+                   "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False, "rope_theta": 10000.0,
+                   "max_position_embeddings": 2048, "embedding_multiplier": 1.0, "residual_multiplier": 1.0,
+                   "attention_multiplier": 1.0, "logits_scaling": 1.0},
     "minimax_m2": {"vocab_size": 200064, "num_attention_heads": 48, "num_key_value_heads": 8, "head_dim": 128,
                    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 5e6,
                    "max_position_embeddings": 196608},
@@ -284,7 +293,13 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
              "vocab_size": _positive(c, "vocab_size"), "hidden": hidden, "layers": info.num_layers,
              "tied_embeddings": c.get("tie_word_embeddings", bool),
              **_layer_schedule(info.moe_layers, info.num_layers, c), "attention": attention,
-             "rms_norm_eps": eps, "dtype": layer_spec.dtype.value}
+             "rms_norm_eps": eps, "dtype": layer_spec.dtype.value,
+             "norm_position": "post" if t in _POST_NORM else "pre"}
+    if t == "granitemoe":  # muP multipliers; the attention one replaces the softmax scale
+        model["multipliers"] = {"embedding": c.get("embedding_multiplier", float),
+                                "residual": c.get("residual_multiplier", float),
+                                "logits": c.get("logits_scaling", float)}
+        attention["softmax_scale"] = c.get("attention_multiplier", float)
     if len(info.moe_layers) < info.num_layers:
         model["dense_width"] = _positive(c, "intermediate_size")
         model["dense_activation"] = layer_spec.experts.activation.value

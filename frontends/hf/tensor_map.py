@@ -18,11 +18,12 @@ import enum
 from typing import Iterable, Mapping, Sequence
 
 from moe_ir.builder import ROUTER_BIAS, ROUTER_WEIGHT, SHARED_GATE_WEIGHT
-from moe_ir.model_spec import AttentionKind, ModelSpec
+from moe_ir.model_spec import AttentionKind, ModelSpec, NormPosition
 from moe_ir.spec import LayerSpec
 
-__all__ = ["HFLayout", "Join", "TensorRule", "PER_EXPERT_NAMES", "ROUTER_BIAS_NAMES", "moe_block_rules", "model_rules",
-           "prefixed", "detect_layout", "detect_model_layout", "detect_router_bias", "shared_mlp_names"]
+__all__ = ["HFLayout", "Join", "TensorRule", "PER_EXPERT_NAMES", "ROUTER_BIAS_NAMES", "ROUTER_WEIGHT_NAMES",
+           "moe_block_rules", "model_rules",
+           "prefixed", "detect_layout", "detect_model_layout", "detect_router_names", "shared_mlp_names"]
 
 
 class HFLayout(enum.StrEnum):
@@ -31,6 +32,7 @@ class HFLayout(enum.StrEnum):
     STACKED = "stacked"
     PER_EXPERT = "per_expert"
     PER_EXPERT_W123 = "per_expert_w123"
+    STACKED_LINEAR = "stacked_linear"  # Granite hub checkpoints: input_linear [E, 2F, H] (gate, up), output_linear
 
 
 # Per-expert projection names: (gate, up, down).
@@ -107,18 +109,26 @@ ROUTER_BIAS_NAMES = ("gate.e_score_correction_bias", "e_score_correction_bias",
                      "gate.moe_statics.e_score_correction_bias", "moe_statics.e_score_correction_bias")
 
 
-def moe_block_rules(spec: LayerSpec, layout: HFLayout | str,
-                    router_bias: str = ROUTER_BIAS_NAMES[0]) -> list[TensorRule]:
+# The router projection's name in a block: `gate` in most families, `router` in Granite's module, `router.layer`
+# in Granite's hub checkpoints.
+ROUTER_WEIGHT_NAMES = ("gate.weight", "router.weight", "router.layer.weight")
+
+
+def moe_block_rules(spec: LayerSpec, layout: HFLayout | str, router_bias: str = ROUTER_BIAS_NAMES[0],
+                    router_weight: str = ROUTER_WEIGHT_NAMES[0]) -> list[TensorRule]:
     """Rules of one MoE block, names relative to the block (`gate.weight`) and to the layer (`router.weight`)."""
     layout = HFLayout(layout)
     e = spec.experts
-    rules = [TensorRule((ROUTER_WEIGHT,), ("gate.weight",))]
+    rules = [TensorRule((ROUTER_WEIGHT,), (router_weight,))]
     if spec.balance.aux_free is not None:
         join = Join.UNSQUEEZE if "moe_statics." in router_bias else Join.COPY
         rules.append(TensorRule((ROUTER_BIAS,), (router_bias,), join))
     if layout == HFLayout.STACKED:
         rules.append(TensorRule(("experts.w_gate", "experts.w_up"), ("experts.gate_up_proj",), Join.SPLIT, dim=1))
         rules.append(TensorRule(("experts.w_down",), ("experts.down_proj",)))
+    elif layout == HFLayout.STACKED_LINEAR:
+        rules.append(TensorRule(("experts.w_gate", "experts.w_up"), ("input_linear.weight",), Join.SPLIT, dim=1))
+        rules.append(TensorRule(("experts.w_down",), ("output_linear.weight",)))
     else:
         for ours, theirs in zip(("w_gate", "w_up", "w_down"), PER_EXPERT_NAMES[layout]):
             rules.append(TensorRule((f"experts.{ours}",),
@@ -155,7 +165,8 @@ def _attention_names(spec: ModelSpec) -> dict[str, str]:
 
 def model_rules(spec: ModelSpec, graph_weights: Iterable[str], *, moe_block: str = "mlp",
                 layout: HFLayout | str = HFLayout.PER_EXPERT, prefix: str = "model.",
-                router_bias: str = ROUTER_BIAS_NAMES[0]) -> list[TensorRule]:
+                router_bias: str = ROUTER_BIAS_NAMES[0], router_weight: str = ROUTER_WEIGHT_NAMES[0]
+                ) -> list[TensorRule]:
     """Rules of a whole causal LM (transformers' names under `prefix`), one per graph weight group.
 
     `moe_block`: the MoE module's name in the checkpoint (`mlp`, or `block_sparse_moe` in Mixtral hub
@@ -167,11 +178,16 @@ def model_rules(spec: ModelSpec, graph_weights: Iterable[str], *, moe_block: str
     if not m.tied_embeddings:
         rules.append(TensorRule(("lm_head.weight",), ("lm_head.weight",)))
     attention = _attention_names(spec)
-    block = moe_block_rules(spec.moe, layout, router_bias)
+    # Pre-norm: the norms before attention and FFN; post-norm (OLMo 2 style): the norms on their outputs.
+    norms = [("attn_norm.weight", "input_layernorm.weight"), ("ffn_norm.weight", "post_attention_layernorm.weight")]
+    if m.norm_position == NormPosition.POST:
+        norms = [("attn_norm.weight", "post_attention_layernorm.weight"),
+                 ("ffn_norm.weight", "post_feedforward_layernorm.weight")]
+    block = moe_block_rules(spec.moe, layout, router_bias, router_weight)
     for i in range(m.layers):
         ours, theirs = f"layers.{i}.", f"{prefix}layers.{i}."
-        rules.append(TensorRule((ours + "attn_norm.weight",), (theirs + "input_layernorm.weight",)))
-        rules.append(TensorRule((ours + "ffn_norm.weight",), (theirs + "post_attention_layernorm.weight",)))
+        for rule in norms:
+            rules.append(TensorRule((ours + rule[0],), (theirs + rule[1],)))
         rules += [TensorRule((f"{ours}attn.{a}",), (f"{theirs}self_attn.{b}",)) for a, b in attention.items()
                   if f"{ours}attn.{a}" in present]
         if m.is_moe_layer(i):
@@ -191,14 +207,18 @@ def detect_layout(names: Iterable[str]) -> HFLayout:
         return HFLayout.PER_EXPERT_W123
     if any(re.fullmatch(r"experts\.\d+\.(gate|up|down)_proj\.weight", k) for k in names):
         return HFLayout.PER_EXPERT
+    if "input_linear.weight" in names:
+        return HFLayout.STACKED_LINEAR
     return HFLayout.STACKED
 
 
-def detect_router_bias(spec: ModelSpec, names: Iterable[str], block: str, prefix: str = "model.") -> str:
-    """The selection bias's name in a block of this checkpoint (ROUTER_BIAS_NAMES), read at the first MoE layer."""
+def detect_router_names(spec: ModelSpec, names: Iterable[str], block: str, prefix: str = "model.") -> dict[str, str]:
+    """The router's tensor names in a block of this checkpoint (ROUTER_WEIGHT_NAMES, ROUTER_BIAS_NAMES), read at
+    the first MoE layer: keyword arguments of model_rules."""
     under = f"{prefix}layers.{spec.model.moe_layers[0]}.{block}."
     present = set(names)
-    return next((n for n in ROUTER_BIAS_NAMES if under + n in present), ROUTER_BIAS_NAMES[0])
+    return {"router_weight": next((n for n in ROUTER_WEIGHT_NAMES if under + n in present), ROUTER_WEIGHT_NAMES[0]),
+            "router_bias": next((n for n in ROUTER_BIAS_NAMES if under + n in present), ROUTER_BIAS_NAMES[0])}
 
 
 def detect_model_layout(spec: ModelSpec, names: Iterable[str], prefix: str = "model.") -> tuple[str, HFLayout]:
@@ -208,6 +228,6 @@ def detect_model_layout(spec: ModelSpec, names: Iterable[str], prefix: str = "mo
     for block in ("mlp", "block_sparse_moe"):
         under = f"{prefix}layers.{first}.{block}."
         inside = [n[len(under):] for n in names if n.startswith(under)]
-        if any(n.startswith("experts.") for n in inside):
+        if any(n.startswith("experts.") or n == "input_linear.weight" for n in inside):
             return block, detect_layout(inside)
     return "mlp", HFLayout.STACKED

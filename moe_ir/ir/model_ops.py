@@ -238,6 +238,22 @@ class Embedding(OpDef):
 
 
 @register
+class Scale(OpDef):
+    opcode = OpCode.SCALE
+    doc = "x * factor, in x's dtype"
+    inputs = (Port("x"),)
+    output_names = ("y",)
+    attrs = {"factor": Attr(float)}
+
+    def infer_types(self, node, x):
+        expect_float(x, node, "x")
+        return [x]
+
+    def reference(self, attrs, x):
+        return (x * attrs["factor"],)
+
+
+@register
 class RMSNorm(OpDef):
     opcode = OpCode.RMS_NORM
     doc = "x * rsqrt(mean(x^2, last dim) + eps) * weight, the statistics in float32"
