@@ -449,16 +449,22 @@ def apply_rope(x, cos, sin, layout):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
-def causal_attention(q, k, v, scale):
+def causal_attention(q, k, v, scale, window=None):
     """q [B, h, S, d], k [B, hk, S, d], v [B, hk, S, dv] -> [B, S, h*dv]; query head i reads kv head
-    i // (h / hk). The kv heads are expanded before the fused kernel rather than passed with enable_gqa,
-    which not every SDPA backend (nor torch.export on every torch) takes."""
+    i // (h / hk); with a sliding window W query i sees only keys j with i - W < j <= i. The kv heads are
+    expanded before the fused kernel rather than passed with enable_gqa, which not every SDPA backend (nor
+    torch.export on every torch) takes."""
     b, h, s, _ = q.shape
     rep = h // k.shape[1]
     if rep > 1:
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if window is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    else:
+        pos = torch.arange(s, device=q.device)
+        seen = (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] < window)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, scale=scale)
     return y.transpose(1, 2).reshape(b, s, h * v.shape[-1])
 
 
@@ -479,13 +485,13 @@ def attention_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm, cos, sin, hea
 
 
 def attention(x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm, heads, kv_heads, head_dim, qk_norm,
-              rope, norm_eps, scale):
+              rope, norm_eps, scale, window):
     """Causal MHA/GQA self-attention with RoPE (rope: rope_inverse_frequencies) on x [B, S, H] (positions
     0..S-1), softmax scale `scale`."""
     cos, sin = rope_cos_sin(x.shape[1], rope_dim(rope, head_dim), rope, x)
     q, k, v = attention_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm, cos, sin, heads, kv_heads, head_dim,
                             qk_norm, rope[1], norm_eps)
-    return F.linear(causal_attention(q, k, v, scale), w_o, b_o)
+    return F.linear(causal_attention(q, k, v, scale, window), w_o, b_o)
 
 
 def mla_latents(x, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, b_q_a, b_kv_a, cos, sin, heads, kv_lora_rank,
@@ -539,14 +545,17 @@ def rope_cos_sin_at(positions, dim, rope, like):
     return cos[:, None], sin[:, None]
 
 
-def visible_keys(attention_mask, new_len):
+def visible_keys(attention_mask, new_len, window=None):
     """bool [B, 1, S, L] from attention_mask [B, L] (1 = real token): new token i, in cache slot L-S+i, sees
-    slot j when j <= L-S+i and the mask keeps j; it always sees itself, so a padding token's row is never
-    empty (no NaN) and no real token reads a padding slot."""
+    slot j when j <= L-S+i and the mask keeps j (with a sliding window W also L-S+i - j < W); it always sees
+    itself, so a padding token's row is never empty (no NaN) and no real token reads a padding slot."""
     total = attention_mask.shape[1]
     slot = torch.arange(new_len, device=attention_mask.device)[:, None] + (total - new_len)
     key = torch.arange(total, device=attention_mask.device)[None, :]
-    return (attention_mask.bool()[:, None, None, :] & (key <= slot)) | (key == slot)
+    seen = key <= slot
+    if window is not None:
+        seen = seen & (slot - key < window)
+    return (attention_mask.bool()[:, None, None, :] & seen) | (key == slot)
 
 
 def masked_attention(q, k, v, scale, visible):
@@ -568,7 +577,7 @@ def merge_heads(y):
 
 
 def cached_attention(x, position_ids, attention_mask, past_key, past_value, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o,
-                     q_norm, k_norm, heads, kv_heads, head_dim, qk_norm, rope, norm_eps, scale):
+                     q_norm, k_norm, heads, kv_heads, head_dim, qk_norm, rope, norm_eps, scale, window):
     """`attention` on the new tokens x [B, S, H] at position_ids [B, S] after the past K/V [B, kv_heads, P, d]:
     (y [B, S, H], present key, present value [B, kv_heads, P+S, d])."""
     cos, sin = rope_cos_sin_at(position_ids, rope_dim(rope, head_dim), rope, x)
@@ -576,7 +585,7 @@ def cached_attention(x, position_ids, attention_mask, past_key, past_value, w_q,
                             qk_norm, rope[1], norm_eps)
     k = torch.cat([past_key.to(k.dtype), k], dim=2)
     v = torch.cat([past_value.to(v.dtype), v], dim=2)
-    y = masked_attention(q, k, v, scale, visible_keys(attention_mask, x.shape[1]))
+    y = masked_attention(q, k, v, scale, visible_keys(attention_mask, x.shape[1], window))
     return F.linear(merge_heads(y), w_o, b_o), k, v
 
 

@@ -148,6 +148,11 @@ def _attention(g: Graph, spec: ModelSpec, x: Value, p: str, dtype: ElemType, lay
         node = g.add_node(OpCode.CACHED_MLA_ATTENTION, [x, *cache, *weights], attrs, name=p.rstrip("."))
         return _present_outputs(node, layer, decode, decode.mla_cache)
     d, nq, nkv = a.dim(h), a.heads, a.num_kv_heads
+    if a.sliding_window is not None:
+        sliding = a.sliding_layers is None or layer in a.sliding_layers
+        rope["sliding_window"] = a.sliding_window if sliding else None
+        if not sliding and a.global_nope:
+            rope["rotary_dim"] = 0  # no positional encoding in the global layers
     w = [weight("w_q", nq * d, h), weight("w_k", nkv * d, h), weight("w_v", nkv * d, h), weight("w_o", h, nq * d)]
     biases = [weight(f"b_{k}", size) if a.qkv_bias else None for k, size in (("q", nq * d), ("k", nkv * d), ("v", nkv * d))]
     biases.append(weight("b_o", h) if a.out_bias else None)

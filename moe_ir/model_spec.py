@@ -142,6 +142,14 @@ class AttentionSpec:
                                                   "(partial rotary embedding); default: all of head_dim",
                                         minimum=2, maximum=MAX_HEAD_DIM)
     rope_scaling: RopeScaling | None = spec_field(None, doc="RoPE scaling (YaRN); absent: plain RoPE")
+    sliding_window: int | None = spec_field(None, doc="mha/gqa: a query sees only the W latest keys (itself "
+                                                      "included) in the layers that slide; absent: every earlier key",
+                                            minimum=1, maximum=1 << 40)
+    sliding_layers: tuple[int, ...] | None = spec_field(
+        None, doc="the layers (0-based) that use sliding_window, the others attend globally; absent: every layer",
+        minimum=0, maximum=MAX_LAYERS - 1)
+    global_nope: bool | None = spec_field(None, doc="true: the global (non-sliding) layers apply no RoPE (EXAONE 4 "
+                                                    "style); absent: false")
     softmax_scale: float | None = spec_field(None, doc="the attention softmax scale (Granite's attention_multiplier); "
                                                       "default: 1/sqrt(query/key head dim)", exclusive_minimum=0.0)
     qkv_bias: bool = spec_field(False, doc="q/k/v projections carry biases (mla: the q_a and kv_a down-projections)")
@@ -161,6 +169,14 @@ class AttentionSpec:
         if self.softmax_scale is not None and self.rope_scaling is not None and self.rope_scaling.softmax_mscale:
             ctx.fail(join_key_path(path, "softmax_scale"), "rope_scaling.softmax_mscale sets the softmax scale; give "
                                                            "one of them")
+        if self.sliding_window is None:
+            for name in ("sliding_layers", "global_nope"):
+                if getattr(self, name) is not None:
+                    ctx.fail(join_key_path(path, name), f"{name} needs a sliding_window")
+        elif self.kind == AttentionKind.MLA:
+            ctx.fail(join_key_path(path, "sliding_window"), "sliding-window attention is for mha/gqa")
+        if self.sliding_layers is not None and list(self.sliding_layers) != sorted(set(self.sliding_layers)):
+            ctx.fail(join_key_path(path, "sliding_layers"), "expected increasing layer indices")
         if self.kind == AttentionKind.MLA:
             for name in _MLA_FIELDS:
                 if getattr(self, name) is None:
@@ -261,6 +277,9 @@ class ModelSection:
         if a.kind != AttentionKind.MLA and a.head_dim is None and self.hidden % a.heads:
             ctx.fail(join_key_path(path, "attention.heads"), f"{a.heads} heads do not divide hidden={self.hidden}; give "
                                                      "attention.head_dim")
+        if a.sliding_layers and a.sliding_layers[-1] >= self.layers:
+            ctx.fail(join_key_path(path, "attention.sliding_layers"), f"layer {a.sliding_layers[-1]} is not below "
+                                                                      f"layers={self.layers}")
         if a.rotary_dim is not None and a.kind != AttentionKind.MLA and a.rotary_dim > a.dim(self.hidden):
             ctx.fail(join_key_path(path, "attention.rotary_dim"), f"rotary_dim={a.rotary_dim} is more than the "
                                                                   f"head dim {a.dim(self.hidden)}")
@@ -425,6 +444,10 @@ def miniature_model(spec: ModelSpec, hidden: int, *, vocab_size: int = 128, head
         # heads that do not divide the hidden size (a 6:1 GQA ratio at hidden 64) get an explicit even head_dim
         head_dim = max(2, head_dim // 2 * 2)
         changes["head_dim"] = head_dim
+    if a.sliding_window is not None:  # a window the validation's short sequences reach; the sliding layers kept
+        changes["sliding_window"] = min(a.sliding_window, 5)
+        if a.sliding_layers is not None:
+            changes["sliding_layers"] = tuple(i for i in a.sliding_layers if i < 2) or (0,)
     if a.rotary_dim is not None and a.kind != AttentionKind.MLA:  # keep the rotated fraction of each head
         changes["rotary_dim"] = max(2, round(a.rotary_dim / a.dim(m.hidden) * head_dim / 2) * 2)
     first_dense = min(m.first_dense, 1)

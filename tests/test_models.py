@@ -434,7 +434,7 @@ def _model_config_classes():
             "deepseek_v2": t.DeepseekV2Config, "deepseek_v3": t.DeepseekV3Config, "qwen3_moe": t.Qwen3MoeConfig,
             "glm4_moe": t.Glm4MoeConfig, "glm4_moe_lite": t.Glm4MoeLiteConfig, "dots1": t.Dots1Config,
             "minimax_m2": t.MiniMaxM2Config, "ernie4_5_moe": t.Ernie4_5_MoeConfig, "flex_olmo": t.FlexOlmoConfig,
-            "granitemoe": t.GraniteMoeConfig}
+            "granitemoe": t.GraniteMoeConfig, "exaone_moe": t.ExaoneMoeConfig}
 
 
 def test_model_defaults_match_installed_transformers():

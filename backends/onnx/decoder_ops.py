@@ -111,17 +111,23 @@ class DecoderOps(Lowering):
         second = em.op("Add", [em.op("Mul", [x2, cos]), em.op("Mul", [x1, sin])])
         return em.op("Concat", [first, second] + ([rest] if rest is not None else []), axis=-1)
 
-    def _future_mask(self, x: str) -> str:
-        """[S, S] bool, true where key position j > query position i (what causal attention hides)."""
-        if "future" not in self.shared:
+    def _future_mask(self, x: str, window: int | None = None) -> str:
+        """[S, S] bool, true where key position j > query position i (what causal attention hides), and with a
+        sliding window W also where i - j >= W."""
+        key = ("future", window)
+        if key not in self.shared:
             em = self.em
             pos = em.op("Range", [em.const(0), self._seq_len(x), em.const(1)])
-            self.shared["future"] = em.op("Greater", [em.op("Unsqueeze", [pos, em.const([0])]),
-                                                      em.op("Unsqueeze", [pos, em.const([1])])])
-        return self.shared["future"]
+            keys, queries = em.op("Unsqueeze", [pos, em.const([0])]), em.op("Unsqueeze", [pos, em.const([1])])
+            hidden = em.op("Greater", [keys, queries])
+            if window is not None:
+                too_old = em.op("Not", [em.op("Less", [em.op("Sub", [queries, keys]), em.const(window)])])
+                hidden = em.op("Or", [hidden, too_old])
+            self.shared[key] = hidden
+        return self.shared[key]
 
     def _causal_attention(self, x: str, q: str, k: str, v: str, heads: int, kv_heads: int, dv: int,
-                          scale: float, dt: ElemType) -> str:
+                          scale: float, dt: ElemType, window: int | None = None) -> str:
         """model_ops.causal_attention: q [B,h,S,d], k [B,hk,S,d], v [B,hk,S,dv] -> [B*S, h*dv]."""
         em = self.em
         rep = heads // kv_heads
@@ -136,7 +142,7 @@ class DecoderOps(Lowering):
         perm = [0, 1, 2, 4, 3] if rep > 1 else [0, 1, 3, 2]
         scores = em.op("Mul", [em.op("MatMul", [q, em.op("Transpose", [k], perm=perm)]),
                                em.fconst(scale, dt, "scale")])
-        scores = em.op("Where", [self._future_mask(x), em.fconst(-np.inf, dt, "neg_inf"), scores])
+        scores = em.op("Where", [self._future_mask(x, window), em.fconst(-np.inf, dt, "neg_inf"), scores])
         # Softmax in float32 (the reference's compute type for f16/bf16 graphs), probabilities back in dt.
         probs = em.op("Softmax", [em.cast(scores, dt, ElemType.FLOAT32)], axis=-1)
         out = em.op("MatMul", [em.cast(probs, ElemType.FLOAT32, dt), v])   # [B, hk, (rep,) S, dv]
@@ -175,9 +181,10 @@ class DecoderOps(Lowering):
             q = self._rms_norm(q, node.input("q_norm"), eps, dt)
             k = self._rms_norm(k, node.input("k_norm"), eps, dt)
         rotated = rope_dims(a, d)
-        tables = self._rope_tables(xs, rotated, a, dt)
-        q, k = (self._rope(t, d, tables, a["rope_layout"], rotated) for t in (q, k))
-        o = self._causal_attention(xs, q, k, v, heads, kv_heads, d, attention_scale(a, d), dt)
+        if rotated:  # 0: a layer without positional encoding
+            tables = self._rope_tables(xs, rotated, a, dt)
+            q, k = (self._rope(t, d, tables, a["rope_layout"], rotated) for t in (q, k))
+        o = self._causal_attention(xs, q, k, v, heads, kv_heads, d, attention_scale(a, d), dt, a["sliding_window"])
         self._output_projection(node, o, batch_seq)
 
     def _lower_mla_attention(self, node: Node) -> None:

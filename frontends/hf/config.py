@@ -115,6 +115,11 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "hidden_size": 4096, "num_hidden_layers": 32, "hidden_act": "silu", "num_experts": 7,
         "num_experts_per_tok": 5, "intermediate_size": 11008, "norm_topk_prob": False, "router_aux_loss_coef": 0.01,
     },
+    "exaone_moe": {
+        "hidden_size": 4096, "num_hidden_layers": 32, "hidden_act": "silu", "n_routed_experts": 64,
+        "n_shared_experts": 1, "num_experts_per_tok": 8, "moe_intermediate_size": 1024, "first_k_dense_replace": 1,
+        "norm_topk_prob": True, "routed_scaling_factor": 2.5, "n_group": 1, "topk_group": 1, "mlp_layer_types": None,
+    },
     "granitemoe": {
         "hidden_size": 4096, "num_hidden_layers": 32, "hidden_act": "silu", "num_local_experts": 8,
         "num_experts_per_tok": 2, "intermediate_size": 11008, "router_aux_loss_coef": 0.001,
@@ -139,6 +144,7 @@ _ALIASES: dict[str, dict[str, str]] = {
     "dots1": {"num_local_experts": "n_routed_experts"},
     "minimax_m2": {"num_experts": "num_local_experts"},
     "flex_olmo": {"num_local_experts": "num_experts"},
+    "exaone_moe": {"num_experts": "n_routed_experts", "num_shared_experts": "n_shared_experts"},
     "ernie4_5_moe": {"num_experts": "moe_num_experts", "num_experts_per_tok": "moe_k"},
 }
 
@@ -150,7 +156,6 @@ NOT_MODELLED: dict[str, str] = {
     "hunyuan_v1_moe": "q/k RMSNorm applied after RoPE (query_layernorm / key_layernorm) and per-layer expert counts",
     "granitemoeshared": "the embedding, residual, attention and logits multipliers (embedding_multiplier, "
                         "residual_multiplier, attention_multiplier, logits_scaling)",
-    "exaone_moe": "per-layer sliding-window attention (layer_types with sliding_attention)",
     "dbrx": "LayerNorm instead of RMSNorm, q/k/v clipping (clip_qkv) and router weights normalised by a p-norm "
             "(moe_normalize_expert_weights)",
     "afmoe": "per-layer sliding-window attention, a sigmoid gate on the attention output, a norm after the "
@@ -382,7 +387,7 @@ def _map_deepseek_v3(c: FamilyConfig) -> _Mapped:
     notes.append(f"e_score_correction_bias -> router.bias (balance.aux_free); the bias update rate is not "
                  f"in the config: gamma={AuxFree().gamma} is the paper's value")
     # glm4_moe_lite lists its dense layers instead (_map_sigmoid_grouped)
-    is_moe, reason = _deepseek_layers(c) if c.model_type != "glm4_moe_lite" else (_all_layers, lambda i: "")
+    is_moe, reason = _deepseek_layers(c) if c.model_type not in _LISTED_MLP_LAYERS else (_all_layers, lambda i: "")
     return _Mapped({"routed": routed, "width": width, "top_k": k, **_shared(c)}, router, balance,
                    is_moe, reason, notes)
 
@@ -464,17 +469,23 @@ def _map_olmoe(c: FamilyConfig) -> _Mapped:
 # families that fit today's layer (issue 17): transformers 5.24's modules, read for what they compute
 
 
+# Families whose decoder reads mlp_layer_types ("dense" / "sparse" per layer) for its schedule.
+_LISTED_MLP_LAYERS = ("glm4_moe_lite", "exaone_moe")
+
+
 def _map_sigmoid_grouped(c: FamilyConfig) -> _Mapped:
-    """GLM-4.5 (glm4_moe), GLM-4.7-Flash (glm4_moe_lite) and dots.llm1 (dots1): DeepSeek-V3's router (sigmoid,
+    """GLM-4.5 (glm4_moe), GLM-4.7-Flash (glm4_moe_lite), dots.llm1 (dots1) and EXAONE MoE (exaone_moe):
+    DeepSeek-V3's router (sigmoid,
     selection on scores + e_score_correction_bias, groups scored by their top-2 sum, norm_topk_prob,
     routed_scaling_factor) under these families' own keys. Dense layers: the first first_k_dense_replace, or
-    glm4_moe_lite's mlp_layer_types."""
+    the mlp_layer_types of glm4_moe_lite and exaone_moe."""
     mapped = _map_deepseek_v3(c)
-    if c.model_type != "glm4_moe_lite":
+    if c.model_type not in _LISTED_MLP_LAYERS:
         return mapped
     kinds = c.get("mlp_layer_types", list, optional=True)
-    if kinds is None:  # the class default: layer 0 dense, the others sparse
-        kinds = ["dense"] + ["sparse"] * (c.positive("num_hidden_layers") - 1)
+    if kinds is None:  # the class defaults: the first first_k_dense_replace layers dense (glm4_moe_lite: 1)
+        first = c.get("first_k_dense_replace", int) if c.model_type == "exaone_moe" else 1
+        kinds = ["dense"] * first + ["sparse"] * (c.positive("num_hidden_layers") - first)
     if any(kind not in ("dense", "sparse") for kind in kinds) or len(kinds) != c.positive("num_hidden_layers"):
         raise c.fail("mlp_layer_types", "expected one of 'dense' / 'sparse' per decoder layer")
     mapped.is_moe_layer = lambda layer: kinds[layer] == "sparse"
@@ -540,6 +551,7 @@ _FAMILIES: dict[str, Callable[[FamilyConfig], _Mapped]] = {
     "qwen3_moe": _map_qwen3_moe, "glm4_moe": _map_sigmoid_grouped, "glm4_moe_lite": _map_sigmoid_grouped,
     "dots1": _map_sigmoid_grouped, "minimax_m2": _map_minimax_m2, "ernie4_5_moe": _map_ernie4_5_moe,
     "flex_olmo": _map_olmoe,  # OLMoE's block; its post-norm layers are the decoder's (model.py)
+    "exaone_moe": _map_sigmoid_grouped,
     "granitemoe": _map_mixtral,  # softmax over the top-k logits = the top-k softmax renormalised; multipliers: model.py
 }
 
