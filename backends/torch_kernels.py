@@ -471,7 +471,8 @@ def causal_attention(q, k, v, scale, window=None):
 def attention_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm, cos, sin, heads, kv_heads, head_dim, qk_norm,
                   rope_layout, norm_eps):
     """q [B, heads, S, d], k and v [B, kv_heads, S, d] of the tokens x [B, S, H]: projected, q and k normalised
-    ("full": the whole projection, OLMoE; "head": each head, Qwen3) and rotated by cos/sin."""
+    ("full": the whole projection, OLMoE; "head": each head, Qwen3) and rotated by cos/sin ("head_after_rope":
+    rotated, then each head normalised, Hunyuan)."""
     b, s, _ = x.shape
     q, k, v = F.linear(x, w_q, b_q), F.linear(x, w_k, b_k), F.linear(x, w_v, b_v)
     if qk_norm == "full":
@@ -481,7 +482,10 @@ def attention_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm, cos, sin, hea
     v = v.view(b, s, kv_heads, head_dim).transpose(1, 2)
     if qk_norm == "head":
         q, k = rms_norm(q, q_norm, norm_eps), rms_norm(k, k_norm, norm_eps)
-    return apply_rope(q, cos, sin, rope_layout), apply_rope(k, cos, sin, rope_layout), v
+    q, k = apply_rope(q, cos, sin, rope_layout), apply_rope(k, cos, sin, rope_layout)
+    if qk_norm == "head_after_rope":
+        q, k = rms_norm(q, q_norm, norm_eps), rms_norm(k, k_norm, norm_eps)
+    return q, k, v
 
 
 def attention(x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm, heads, kv_heads, head_dim, qk_norm,

@@ -157,7 +157,7 @@ def _attention(g: Graph, spec: ModelSpec, x: Value, p: str, dtype: ElemType, lay
     biases = [weight(f"b_{k}", size) if a.qkv_bias else None for k, size in (("q", nq * d), ("k", nkv * d), ("v", nkv * d))]
     biases.append(weight("b_o", h) if a.out_bias else None)
     norms = [None, None]
-    if a.qk_norm == QKNorm.HEAD:
+    if a.qk_norm in (QKNorm.HEAD, QKNorm.HEAD_AFTER_ROPE):
         norms = [weight("q_norm.weight", d), weight("k_norm.weight", d)]
     elif a.qk_norm == QKNorm.FULL:
         norms = [weight("q_norm.weight", nq * d), weight("k_norm.weight", nkv * d)]

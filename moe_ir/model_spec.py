@@ -44,6 +44,7 @@ class QKNorm(enum.StrEnum):
     NONE = "none"
     HEAD = "head"  # RMSNorm over each head's head_dim (Qwen3 style), weights [head_dim]
     FULL = "full"  # RMSNorm over the whole q / k projection (OLMoE), weights [heads*head_dim] / [kv_heads*head_dim]
+    HEAD_AFTER_ROPE = "head_after_rope"  # RMSNorm over each head after RoPE (Hunyuan), weights [head_dim]
 
 
 class RopeLayout(enum.StrEnum):
@@ -154,7 +155,8 @@ class AttentionSpec:
                                                       "default: 1/sqrt(query/key head dim)", exclusive_minimum=0.0)
     qkv_bias: bool = spec_field(False, doc="q/k/v projections carry biases (mla: the q_a and kv_a down-projections)")
     out_bias: bool = spec_field(False, doc="the output projection carries a bias")
-    qk_norm: QKNorm = spec_field(QKNorm.NONE, doc="RMSNorm on queries and keys before RoPE")
+    qk_norm: QKNorm = spec_field(QKNorm.NONE, doc="RMSNorm on queries and keys (before RoPE, or after it with "
+                                                 "head_after_rope)")
     q_lora_rank: int | None = spec_field(None, doc="mla: rank of the query down-projection; absent: a full q_proj",
                                          minimum=1, maximum=MAX_HEAD_DIM)
     kv_lora_rank: int | None = spec_field(None, doc="mla: rank of the compressed key/value latent", minimum=1,

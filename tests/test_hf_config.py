@@ -172,7 +172,8 @@ def test_family_defaults_match_installed_transformers():
                "glm4_moe": transformers.Glm4MoeConfig, "glm4_moe_lite": transformers.Glm4MoeLiteConfig,
                "dots1": transformers.Dots1Config, "minimax_m2": transformers.MiniMaxM2Config,
                "ernie4_5_moe": transformers.Ernie4_5_MoeConfig, "flex_olmo": transformers.FlexOlmoConfig,
-               "granitemoe": transformers.GraniteMoeConfig, "exaone_moe": transformers.ExaoneMoeConfig}
+               "granitemoe": transformers.GraniteMoeConfig, "exaone_moe": transformers.ExaoneMoeConfig,
+               "hunyuan_v1_moe": transformers.HunYuanMoEV1Config}
     # Keys whose class default is computed or renamed: the number of experts of Qwen3-MoE is num_local_experts
     # (num_experts an alias), glm4_moe_lite's mlp_layer_types is filled from num_hidden_layers, ERNIE's -1 (the last
     # layer) of moe_layer_end_index is replaced by that layer's index.

@@ -118,6 +118,10 @@ def _configs():
             **dict(COMMON, num_hidden_layers=4), intermediate_size=40, moe_intermediate_size=16,
             num_key_value_heads=2, num_experts=6, num_shared_experts=1, num_experts_per_tok=2, n_group=2,
             topk_group=1, sliding_window=3, pad_token_id=0, bos_token_id=1, eos_token_id=None),
+        # q/k RMSNorm per head after RoPE, an ungated shared MLP, top-k per layer given as a list of equal values
+        "hunyuan_v1_moe": lambda: t.HunYuanMoEV1Config(
+            **COMMON, intermediate_size=16, num_key_value_heads=2, head_dim=8, num_experts=5, moe_topk=[2, 2, 2],
+            attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=None),
     }
 
 
@@ -206,20 +210,28 @@ def _greedy_check(family, new_tokens=5):
         torch.testing.assert_close(got.logits.float(), theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
 
 
-@pytest.mark.parametrize("family", sorted(_configs()))
+# One family per feature the decode form must carry (the logits tests above cover every family in prefill):
+# YaRN with MLA (both cache layouts), partial rotary, sliding windows with NoPE global layers, multipliers,
+# post-norm, a listed schedule with interleaved RoPE, sliding windows by layer_types.
+GENERATION_FAMILIES = ["deepseek_v3_yarn", "minimax_m2", "exaone_moe", "granitemoe", "flex_olmo", "ernie4_5_moe",
+                       "qwen2_moe_sliding_layers", "glm4_moe", "hunyuan_v1_moe"]
+
+
+@pytest.mark.parametrize("family", GENERATION_FAMILIES)
 def test_greedy_generation_matches_transformers(family):
     _greedy_check(family)
 
 
 def test_import_hf_model_cli_with_weights(tmp_path):
-    """`moe-ir import-hf --model --weights` on folders transformers saved (sharded), one per new family; the
-    imported spec and weights give transformers' logits through the reference interpreter."""
+    """`moe-ir import-hf --model --weights` on folders transformers saved (sharded); the imported spec and
+    weights give transformers' logits through the reference interpreter."""
     from moe_ir.cli import main
     from moe_ir.frontends import load_model_spec
     from moe_ir.params import load_weights
 
-    for family in ("qwen3_moe", "glm4_moe", "glm4_moe_lite", "minimax_m2", "dots1", "ernie4_5_moe", "flex_olmo",
-                   "granitemoe", "exaone_moe"):
+    # the hub names each family saves under: ERNIE's moe_statics bias, Granite's input_linear / router.layer,
+    # MiniMax's block-level bias, GLM-4.7-Flash's MLA with a listed schedule, FlexOlmo's post-norm weights
+    for family in ("ernie4_5_moe", "granitemoe", "minimax_m2", "glm4_moe_lite", "flex_olmo", "hunyuan_v1_moe"):
         cfg = _configs()[family]()
         hf = _hf_model(cfg)
         folder = tmp_path / family
@@ -438,7 +450,7 @@ def test_rope_scalings_not_modelled_name_what_is_missing(rope, words):
 
 @pytest.mark.parametrize("model_type, words", [
     ("granitemoeshared", "residual_multiplier"),
-    ("dbrx", "p-norm"), ("hunyuan_v1_moe", "after RoPE"), ("afmoe", "dual norms"),
+    ("dbrx", "p-norm"), ("afmoe", "dual norms"),
 ])
 def test_families_not_modelled_name_the_missing_feature(model_type, words):
     from moe_ir.frontends.hf.config import spec_from_hf_config
@@ -453,6 +465,7 @@ def test_families_not_modelled_name_the_missing_feature(model_type, words):
     ("ernie4_5_moe", {"use_bias": True}, "use_bias", "LM head"),
     ("glm4_moe", {"partial_rotary_factor": 0.1}, "partial_rotary_factor", "pairs"),
     ("minimax_m2", {"router_jitter_noise": 0.1}, "router_jitter_noise", "jitter"),
+    ("hunyuan_v1_moe", {"moe_topk": [2, 3, 2]}, "moe_topk", "per-layer"),
 ])
 def test_options_not_modelled_name_the_key(family, changes, key, words):
     from moe_ir.frontends.hf.model import model_spec_from_hf_config

@@ -184,6 +184,9 @@ class DecoderOps(Lowering):
         if rotated:  # 0: a layer without positional encoding
             tables = self._rope_tables(xs, rotated, a, dt)
             q, k = (self._rope(t, d, tables, a["rope_layout"], rotated) for t in (q, k))
+        if norm == QKNorm.HEAD_AFTER_ROPE:  # over each head, after RoPE (Hunyuan)
+            q = self._rms_norm(q, node.input("q_norm"), eps, dt)
+            k = self._rms_norm(k, node.input("k_norm"), eps, dt)
         o = self._causal_attention(xs, q, k, v, heads, kv_heads, d, attention_scale(a, d), dt, a["sliding_window"])
         self._output_projection(node, o, batch_seq)
 

@@ -120,6 +120,10 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "n_shared_experts": 1, "num_experts_per_tok": 8, "moe_intermediate_size": 1024, "first_k_dense_replace": 1,
         "norm_topk_prob": True, "routed_scaling_factor": 2.5, "n_group": 1, "topk_group": 1, "mlp_layer_types": None,
     },
+    "hunyuan_v1_moe": {
+        "hidden_size": 4096, "num_hidden_layers": 32, "hidden_act": "silu", "num_experts": 1, "moe_topk": 1,
+        "intermediate_size": 11008,
+    },
     "granitemoe": {
         "hidden_size": 4096, "num_hidden_layers": 32, "hidden_act": "silu", "num_local_experts": 8,
         "num_experts_per_tok": 2, "intermediate_size": 11008, "router_aux_loss_coef": 0.001,
@@ -145,6 +149,7 @@ _ALIASES: dict[str, dict[str, str]] = {
     "minimax_m2": {"num_experts": "num_local_experts"},
     "flex_olmo": {"num_local_experts": "num_experts"},
     "exaone_moe": {"num_experts": "n_routed_experts", "num_shared_experts": "n_shared_experts"},
+    "hunyuan_v1_moe": {"num_local_experts": "num_experts", "num_experts_per_tok": "moe_topk"},
     "ernie4_5_moe": {"num_experts": "moe_num_experts", "num_experts_per_tok": "moe_k"},
 }
 
@@ -153,7 +158,6 @@ SUPPORTED_MODEL_TYPES = tuple(FAMILY_DEFAULTS)
 # transformers MoE families moe-ir does not read yet -> what they need that it lacks (read from their modeling
 # files in transformers 5.24), so a user learns what is missing rather than which families are supported.
 NOT_MODELLED: dict[str, str] = {
-    "hunyuan_v1_moe": "q/k RMSNorm applied after RoPE (query_layernorm / key_layernorm) and per-layer expert counts",
     "granitemoeshared": "the embedding, residual, attention and logits multipliers (embedding_multiplier, "
                         "residual_multiplier, attention_multiplier, logits_scaling)",
     "dbrx": "LayerNorm instead of RMSNorm, q/k/v clipping (clip_qkv) and router weights normalised by a p-norm "
@@ -545,6 +549,27 @@ def _map_ernie4_5_moe(c: FamilyConfig) -> _Mapped:
                    {"score": "softmax", "normalize": True}, balance, is_moe, reason, notes)
 
 
+def _per_layer_constant(c: FamilyConfig, key: str) -> int:
+    """An int, or a per-layer list of equal ints (every MoE layer of a spec has one expert count and top-k)."""
+    value = c.data.get(key, c.defaults.get(key))
+    if isinstance(value, list):
+        if not value or len(set(value)) != 1 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                        for v in value):
+            raise c.fail(key, f"{key}={str(value)[:60]} varies by layer: per-layer expert counts and top-k are "
+                              "not modelled (every MoE layer of a spec has the same)")
+        return value[0]
+    return c.positive(key)
+
+
+def _map_hunyuan_v1_moe(c: FamilyConfig) -> _Mapped:
+    """Hunyuan-A13B (hunyuan_v1_moe): a float32 softmax router, top-k renormalised, and one ungated shared MLP
+    of the experts' width (intermediate_size) in every layer."""
+    return _Mapped({"routed": _per_layer_constant(c, "num_experts"), "width": c.positive("intermediate_size"),
+                    "top_k": _per_layer_constant(c, "moe_topk"), "shared": 1},
+                   {"score": "softmax", "normalize": True}, {}, _all_layers, lambda i: "",
+                   ["transformers computes no balance loss for this family"])
+
+
 _FAMILIES: dict[str, Callable[[FamilyConfig], _Mapped]] = {
     "deepseek": _map_deepseek, "deepseek_v2": _map_deepseek_v2, "deepseek_v3": _map_deepseek_v3,
     "mixtral": _map_mixtral, "qwen2_moe": _map_qwen2_moe, "olmoe": _map_olmoe,
@@ -552,6 +577,7 @@ _FAMILIES: dict[str, Callable[[FamilyConfig], _Mapped]] = {
     "dots1": _map_sigmoid_grouped, "minimax_m2": _map_minimax_m2, "ernie4_5_moe": _map_ernie4_5_moe,
     "flex_olmo": _map_olmoe,  # OLMoE's block; its post-norm layers are the decoder's (model.py)
     "exaone_moe": _map_sigmoid_grouped,
+    "hunyuan_v1_moe": _map_hunyuan_v1_moe,
     "granitemoe": _map_mixtral,  # softmax over the top-k logits = the top-k softmax renormalised; multipliers: model.py
 }
 

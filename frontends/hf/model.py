@@ -36,7 +36,7 @@ from .config import FAMILY_DEFAULTS, FamilyConfig, config_dict, describe_hf_conf
 __all__ = ["MODEL_DEFAULTS", "model_spec_from_hf_config", "weights_from_hf_model"]
 
 _LLAMA_ATTENTION = ("deepseek", "mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "glm4_moe", "dots1", "minimax_m2",
-                    "ernie4_5_moe", "flex_olmo", "granitemoe", "exaone_moe")
+                    "ernie4_5_moe", "flex_olmo", "granitemoe", "exaone_moe", "hunyuan_v1_moe")
 # Families whose attention reads layer_types for its sliding-window layers (transformers 5.24).
 _SLIDING_BY_LAYER_TYPES = ("qwen2_moe", "dots1", "exaone_moe")
 # Families whose global (non-sliding) layers apply no RoPE once a sliding_window is set (EXAONE 4 style).
@@ -47,7 +47,7 @@ _MLA = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")
 # q/k RMSNorm per family: over each head (Qwen3 style) or the whole projection (OLMoE style); glm4_moe has it
 # when use_qk_norm is set.
 _QK_NORM = {"olmoe": "full", "minimax_m2": "full", "flex_olmo": "full", "qwen3_moe": "head", "dots1": "head",
-            "exaone_moe": "head"}
+            "exaone_moe": "head", "hunyuan_v1_moe": "head_after_rope"}
 # Families whose attention_bias puts biases on q, k and v only (the output projection has none).
 _QKV_BIAS_ONLY = ("glm4_moe",)
 # The rotated fraction of each head when the config states none (glm4_moe's class default).
@@ -99,6 +99,9 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "exaone_moe": {"vocab_size": 102400, "num_attention_heads": 32, "num_key_value_heads": 32,
                    "intermediate_size": 16384, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
                    "rope_theta": 10000.0, "max_position_embeddings": 2048, "sliding_window": 4096},
+    "hunyuan_v1_moe": {"vocab_size": 290943, "num_attention_heads": 32, "num_key_value_heads": None,
+                       "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "attention_bias": False,
+                       "rope_theta": 10000.0, "max_position_embeddings": 2048},
     "granitemoe": {"vocab_size": 32000, "num_attention_heads": 32, "num_key_value_heads": 32,
                    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False, "rope_theta": 10000.0,
                    "max_position_embeddings": 2048, "embedding_multiplier": 1.0, "residual_multiplier": 1.0,

@@ -18,10 +18,11 @@ import enum
 from typing import Iterable, Mapping, Sequence
 
 from moe_ir.builder import ROUTER_BIAS, ROUTER_WEIGHT, SHARED_GATE_WEIGHT
-from moe_ir.model_spec import AttentionKind, ModelSpec, NormPosition
+from moe_ir.model_spec import AttentionKind, ModelSpec, NormPosition, QKNorm
 from moe_ir.spec import LayerSpec
 
 __all__ = ["HFLayout", "Join", "TensorRule", "PER_EXPERT_NAMES", "ROUTER_BIAS_NAMES", "ROUTER_WEIGHT_NAMES",
+           "SHARED_MLP_NAMES",
            "moe_block_rules", "model_rules",
            "prefixed", "detect_layout", "detect_model_layout", "detect_router_names", "shared_mlp_names"]
 
@@ -95,11 +96,12 @@ def prefixed(rules: Iterable[TensorRule], ours: str, theirs: str) -> list[Tensor
             for r in rules]
 
 
-def shared_mlp_names(spec: LayerSpec) -> tuple[str, str | None]:
-    """(module name of the shared MLP, name of its gate weight): Qwen2-MoE's gated one or DeepSeek's."""
+def shared_mlp_names(spec: LayerSpec, ungated: str = "shared_experts") -> tuple[str, str | None]:
+    """(module name of the shared MLP, name of its gate weight): Qwen2-MoE's gated one, or the ungated one
+    (DeepSeek's `shared_experts`, Hunyuan's `shared_mlp`)."""
     if spec.experts.shared_gate:
         return "shared_expert", "shared_expert_gate.weight"
-    return "shared_experts", None
+    return ungated, None
 
 
 # Where the selection bias sits in a block: under the router (DeepSeek-V3, GLM-4.5, dots1), on the block itself
@@ -110,12 +112,15 @@ ROUTER_BIAS_NAMES = ("gate.e_score_correction_bias", "e_score_correction_bias",
 
 
 # The router projection's name in a block: `gate` in most families, `router` in Granite's module, `router.layer`
-# in Granite's hub checkpoints.
-ROUTER_WEIGHT_NAMES = ("gate.weight", "router.weight", "router.layer.weight")
+# in Granite's hub checkpoints, `gate.wg` in Hunyuan's.
+ROUTER_WEIGHT_NAMES = ("gate.weight", "router.weight", "router.layer.weight", "gate.wg.weight")
+# The ungated shared MLP's module name in a block: DeepSeek's and most families', or Hunyuan's.
+SHARED_MLP_NAMES = ("shared_experts", "shared_mlp")
 
 
 def moe_block_rules(spec: LayerSpec, layout: HFLayout | str, router_bias: str = ROUTER_BIAS_NAMES[0],
-                    router_weight: str = ROUTER_WEIGHT_NAMES[0]) -> list[TensorRule]:
+                    router_weight: str = ROUTER_WEIGHT_NAMES[0], shared_mlp: str = SHARED_MLP_NAMES[0]
+                    ) -> list[TensorRule]:
     """Rules of one MoE block, names relative to the block (`gate.weight`) and to the layer (`router.weight`)."""
     layout = HFLayout(layout)
     e = spec.experts
@@ -134,7 +139,7 @@ def moe_block_rules(spec: LayerSpec, layout: HFLayout | str, router_bias: str = 
             rules.append(TensorRule((f"experts.{ours}",),
                                     tuple(f"experts.{i}.{theirs}.weight" for i in range(e.routed)), Join.STACK))
     if e.shared:
-        mlp, gate = shared_mlp_names(spec)
+        mlp, gate = shared_mlp_names(spec, shared_mlp)
         for ours, theirs, dim in (("w_gate", "gate_proj", 0), ("w_up", "up_proj", 0), ("w_down", "down_proj", 1)):
             rules.append(TensorRule(tuple(f"shared.{i}.{ours}" for i in range(e.shared)), (f"{mlp}.{theirs}.weight",),
                                     Join.SPLIT, dim=dim))
@@ -160,13 +165,15 @@ def _attention_names(spec: ModelSpec) -> dict[str, str]:
     names = {f"w_{k}": f"{k}_proj.weight" for k in "qkvo"}
     names.update({f"b_{k}": f"{k}_proj.bias" for k in "qkvo"})
     names.update({"q_norm.weight": "q_norm.weight", "k_norm.weight": "k_norm.weight"})
+    if a.qk_norm == QKNorm.HEAD_AFTER_ROPE:  # Hunyuan, the one family normalising after RoPE, names them so
+        names.update({"q_norm.weight": "query_layernorm.weight", "k_norm.weight": "key_layernorm.weight"})
     return names
 
 
 def model_rules(spec: ModelSpec, graph_weights: Iterable[str], *, moe_block: str = "mlp",
                 layout: HFLayout | str = HFLayout.PER_EXPERT, prefix: str = "model.",
-                router_bias: str = ROUTER_BIAS_NAMES[0], router_weight: str = ROUTER_WEIGHT_NAMES[0]
-                ) -> list[TensorRule]:
+                router_bias: str = ROUTER_BIAS_NAMES[0], router_weight: str = ROUTER_WEIGHT_NAMES[0],
+                shared_mlp: str = SHARED_MLP_NAMES[0]) -> list[TensorRule]:
     """Rules of a whole causal LM (transformers' names under `prefix`), one per graph weight group.
 
     `moe_block`: the MoE module's name in the checkpoint (`mlp`, or `block_sparse_moe` in Mixtral hub
@@ -183,7 +190,7 @@ def model_rules(spec: ModelSpec, graph_weights: Iterable[str], *, moe_block: str
     if m.norm_position == NormPosition.POST:
         norms = [("attn_norm.weight", "post_attention_layernorm.weight"),
                  ("ffn_norm.weight", "post_feedforward_layernorm.weight")]
-    block = moe_block_rules(spec.moe, layout, router_bias, router_weight)
+    block = moe_block_rules(spec.moe, layout, router_bias, router_weight, shared_mlp)
     for i in range(m.layers):
         ours, theirs = f"layers.{i}.", f"{prefix}layers.{i}."
         for rule in norms:
@@ -213,12 +220,14 @@ def detect_layout(names: Iterable[str]) -> HFLayout:
 
 
 def detect_router_names(spec: ModelSpec, names: Iterable[str], block: str, prefix: str = "model.") -> dict[str, str]:
-    """The router's tensor names in a block of this checkpoint (ROUTER_WEIGHT_NAMES, ROUTER_BIAS_NAMES), read at
-    the first MoE layer: keyword arguments of model_rules."""
+    """The router's and the shared MLP's names in a block of this checkpoint (ROUTER_WEIGHT_NAMES,
+    ROUTER_BIAS_NAMES, SHARED_MLP_NAMES), read at the first MoE layer: keyword arguments of model_rules."""
     under = f"{prefix}layers.{spec.model.moe_layers[0]}.{block}."
     present = set(names)
     return {"router_weight": next((n for n in ROUTER_WEIGHT_NAMES if under + n in present), ROUTER_WEIGHT_NAMES[0]),
-            "router_bias": next((n for n in ROUTER_BIAS_NAMES if under + n in present), ROUTER_BIAS_NAMES[0])}
+            "router_bias": next((n for n in ROUTER_BIAS_NAMES if under + n in present), ROUTER_BIAS_NAMES[0]),
+            "shared_mlp": next((n for n in SHARED_MLP_NAMES if any(p.startswith(f"{under}{n}.") for p in present)),
+                               SHARED_MLP_NAMES[0])}
 
 
 def detect_model_layout(spec: ModelSpec, names: Iterable[str], prefix: str = "model.") -> tuple[str, HFLayout]:

@@ -322,7 +322,7 @@ def _mha_types(node, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm) 
     if norm == QKNorm.NONE:
         expect(q_norm is None and k_norm is None, node, "qk_norm none takes no q/k norm weights")
     else:
-        qs, ks = (d, d) if norm == QKNorm.HEAD else (nq, nkv)
+        qs, ks = (nq, nkv) if norm == QKNorm.FULL else (d, d)
         _expect_vector(node, q_norm, qs, "q_norm")
         _expect_vector(node, k_norm, ks, "k_norm")
         expect(q_norm is not None and k_norm is not None, node, f"qk_norm {norm.value} needs q_norm and k_norm")
@@ -339,7 +339,10 @@ def _mha_qkv(attrs, x, cos, sin, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm):
     q, k, v = _heads(q, heads), _heads(k, kv_heads), _heads(v, kv_heads)
     if norm == QKNorm.HEAD:
         q, k = rms_norm_math(q, q_norm, eps), rms_norm_math(k, k_norm, eps)
-    return apply_rope(q, cos, sin, attrs["rope_layout"]), apply_rope(k, cos, sin, attrs["rope_layout"]), v
+    q, k = apply_rope(q, cos, sin, attrs["rope_layout"]), apply_rope(k, cos, sin, attrs["rope_layout"])
+    if norm == QKNorm.HEAD_AFTER_ROPE:
+        q, k = rms_norm_math(q, q_norm, eps), rms_norm_math(k, k_norm, eps)
+    return q, k, v
 
 
 @register
