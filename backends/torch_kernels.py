@@ -499,23 +499,30 @@ def attention_with_sinks(q, k, v, scale, visible, sinks):
     return torch.matmul(probs.to(q.dtype), v)
 
 
-def causal_attention(q, k, v, scale):
+def causal_attention(q, k, v, scale, window=None):
     """q [B, h, S, d], k [B, hk, S, d], v [B, hk, S, dv] -> [B, S, h*dv]; query head i reads kv head
-    i // (h / hk). The kv heads are expanded before the fused kernel rather than passed with enable_gqa,
-    which not every SDPA backend (nor torch.export on every torch) takes."""
+    i // (h / hk); with a sliding window W query i sees only keys j with i - W < j <= i. The kv heads are
+    expanded before the fused kernel rather than passed with enable_gqa, which not every SDPA backend (nor
+    torch.export on every torch) takes."""
     b, h, s, _ = q.shape
     rep = h // k.shape[1]
     if rep > 1:
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if window is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    else:
+        pos = torch.arange(s, device=q.device)
+        seen = (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] < window)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, scale=scale)
     return y.transpose(1, 2).reshape(b, s, h * v.shape[-1])
 
 
 def attention_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm, cos, sin, heads, kv_heads, head_dim, qk_norm,
                   rope_layout, norm_eps):
     """q [B, heads, S, d], k and v [B, kv_heads, S, d] of the tokens x [B, S, H]: projected, q and k normalised
-    ("full": the whole projection, OLMoE; "head": each head, Qwen3) and rotated by cos/sin."""
+    ("full": the whole projection, OLMoE; "head": each head, Qwen3) and rotated by cos/sin ("head_after_rope":
+    rotated, then each head normalised, Hunyuan)."""
     b, s, _ = x.shape
     q, k, v = F.linear(x, w_q, b_q), F.linear(x, w_k, b_k), F.linear(x, w_v, b_v)
     if qk_norm == "full":
@@ -525,11 +532,14 @@ def attention_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm, cos, sin, hea
     v = v.view(b, s, kv_heads, head_dim).transpose(1, 2)
     if qk_norm == "head":
         q, k = rms_norm(q, q_norm, norm_eps), rms_norm(k, k_norm, norm_eps)
-    return apply_rope(q, cos, sin, rope_layout), apply_rope(k, cos, sin, rope_layout), v
+    q, k = apply_rope(q, cos, sin, rope_layout), apply_rope(k, cos, sin, rope_layout)
+    if qk_norm == "head_after_rope":
+        q, k = rms_norm(q, q_norm, norm_eps), rms_norm(k, k_norm, norm_eps)
+    return q, k, v
 
 
 def attention(x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm, sinks, heads, kv_heads, head_dim, qk_norm,
-              rope, norm_eps, scale):
+              rope, norm_eps, scale, window):
     """Causal MHA/GQA self-attention with RoPE (rope: rope_inverse_frequencies) on x [B, S, H] (positions
     0..S-1), softmax scale `scale`; optional sinks [heads] (gpt-oss)."""
     cos, sin = rope_cos_sin(x.shape[1], rope_dim(rope, head_dim), rope, x)
@@ -537,9 +547,11 @@ def attention(x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm, sinks, 
                             qk_norm, rope[1], norm_eps)
     if sinks is not None:
         s = x.shape[1]
-        future = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
-        return F.linear(merge_heads(attention_with_sinks(q, k, v, scale, ~future, sinks)), w_o, b_o)
-    return F.linear(causal_attention(q, k, v, scale), w_o, b_o)
+        hidden = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
+        if window is not None:
+            hidden = hidden | torch.ones(s, s, dtype=torch.bool, device=x.device).tril(-window)
+        return F.linear(merge_heads(attention_with_sinks(q, k, v, scale, ~hidden, sinks)), w_o, b_o)
+    return F.linear(causal_attention(q, k, v, scale, window), w_o, b_o)
 
 
 def mla_latents(x, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, b_q_a, b_kv_a, cos, sin, heads, kv_lora_rank,
@@ -593,14 +605,17 @@ def rope_cos_sin_at(positions, dim, rope, like):
     return cos[:, None], sin[:, None]
 
 
-def visible_keys(attention_mask, new_len):
+def visible_keys(attention_mask, new_len, window=None):
     """bool [B, 1, S, L] from attention_mask [B, L] (1 = real token): new token i, in cache slot L-S+i, sees
-    slot j when j <= L-S+i and the mask keeps j; it always sees itself, so a padding token's row is never
-    empty (no NaN) and no real token reads a padding slot."""
+    slot j when j <= L-S+i and the mask keeps j (with a sliding window W also L-S+i - j < W); it always sees
+    itself, so a padding token's row is never empty (no NaN) and no real token reads a padding slot."""
     total = attention_mask.shape[1]
     slot = torch.arange(new_len, device=attention_mask.device)[:, None] + (total - new_len)
     key = torch.arange(total, device=attention_mask.device)[None, :]
-    return (attention_mask.bool()[:, None, None, :] & (key <= slot)) | (key == slot)
+    seen = key <= slot
+    if window is not None:
+        seen = seen & (slot - key < window)
+    return (attention_mask.bool()[:, None, None, :] & seen) | (key == slot)
 
 
 def masked_attention(q, k, v, scale, visible):
@@ -622,7 +637,7 @@ def merge_heads(y):
 
 
 def cached_attention(x, position_ids, attention_mask, past_key, past_value, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o,
-                     q_norm, k_norm, sinks, heads, kv_heads, head_dim, qk_norm, rope, norm_eps, scale):
+                     q_norm, k_norm, sinks, heads, kv_heads, head_dim, qk_norm, rope, norm_eps, scale, window):
     """`attention` on the new tokens x [B, S, H] at position_ids [B, S] after the past K/V [B, kv_heads, P, d]:
     (y [B, S, H], present key, present value [B, kv_heads, P+S, d])."""
     cos, sin = rope_cos_sin_at(position_ids, rope_dim(rope, head_dim), rope, x)
@@ -630,7 +645,7 @@ def cached_attention(x, position_ids, attention_mask, past_key, past_value, w_q,
                             qk_norm, rope[1], norm_eps)
     k = torch.cat([past_key.to(k.dtype), k], dim=2)
     v = torch.cat([past_value.to(v.dtype), v], dim=2)
-    visible = visible_keys(attention_mask, x.shape[1])
+    visible = visible_keys(attention_mask, x.shape[1], window)
     if sinks is not None:
         y = attention_with_sinks(q, k, v, scale, visible, sinks)
     else:

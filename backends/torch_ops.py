@@ -58,6 +58,11 @@ def noisy_logits(logits, x, w_noise, std, training, generator):
     return router_noise(logits, x, w_noise, std, generator) if training else logits
 
 
+def scale(x, factor):
+    """x * factor (a model's multipliers)."""
+    return x * factor
+
+
 def topk_route(scores, bias, k, groups, kept, group_score):
     """(expert_idx [T, k], weights [T, k]); the selection bias (a float32 buffer) in the scores' dtype."""
     return route_topk(scores, None if bias is None else bias.to(scores.dtype), k, groups, kept, group_score)
@@ -242,7 +247,7 @@ def _softmax_scale(attrs, qk_head_dim: int) -> float:
 def _attention(node: Node) -> OpCall:
     a = node.attrs
     return OpCall(attention, (a["heads"], a["kv_heads"], a["head_dim"], _plain(a["qk_norm"]), rope_descriptor(a),
-                              a["norm_eps"], _softmax_scale(a, a["head_dim"])))
+                              a["norm_eps"], _softmax_scale(a, a["head_dim"]), a["sliding_window"]))
 
 
 def _mla_attention(node: Node) -> OpCall:
@@ -275,6 +280,7 @@ TORCH_OPS: dict[OpCode, Callable[[Node], OpCall]] = {
     OpCode.EMBEDDING: lambda n: OpCall(embedding),
     OpCode.RMS_NORM: lambda n: OpCall(rms_norm, (n.attrs["eps"],)),
     OpCode.LAYER_NORM: lambda n: OpCall(layer_norm, (n.attrs["eps"],)),
+    OpCode.SCALE: lambda n: OpCall(scale, (n.attrs["factor"],)),
     OpCode.ATTENTION: _attention,
     OpCode.MLA_ATTENTION: _mla_attention,
     # decode form: the same attributes, the cache operands before the weights; MLA adds its cache layout

@@ -51,7 +51,7 @@ from .builder import add_moe_layer
 from .errors import IRError
 from .ir import ElemType, Graph, GraphKind, OpCode, TensorType, Value
 from .ir.model_ops import MLACacheLayout, mla_cache_dims
-from .model_spec import AttentionKind, ModelSpec, NormKind, QKNorm, model_spec_to_dict
+from .model_spec import AttentionKind, ModelSpec, NormKind, NormPosition, QKNorm, model_spec_to_dict
 from .spec import canonical_spec_hash
 
 __all__ = ["CacheEntry", "DECODE_INPUTS", "GraphForm", "MLACacheLayout", "build_model_graph", "cache_entries",
@@ -122,6 +122,8 @@ def _attention(g: Graph, spec: ModelSpec, x: Value, p: str, dtype: ElemType, lay
                     yarn_beta_fast=scaling.beta_fast, yarn_beta_slow=scaling.beta_slow,
                     yarn_truncate=scaling.truncate, rope_attention_factor=scaling.cos_sin_factor,
                     softmax_scale=scaling.softmax_scale(a.qk_head_dim(h)) if scaling.softmax_mscale else None)
+    if a.softmax_scale is not None:
+        rope["softmax_scale"] = a.softmax_scale
     if a.kind == AttentionKind.MLA:
         n, dqk = a.heads, a.qk_nope_head_dim + a.qk_rope_head_dim
         if a.q_lora_rank is None:
@@ -148,11 +150,16 @@ def _attention(g: Graph, spec: ModelSpec, x: Value, p: str, dtype: ElemType, lay
         node = g.add_node(OpCode.CACHED_MLA_ATTENTION, [x, *cache, *weights], attrs, name=p.rstrip("."))
         return _present_outputs(node, layer, decode, decode.mla_cache)
     d, nq, nkv = a.dim(h), a.heads, a.num_kv_heads
+    if a.sliding_window is not None:
+        sliding = a.sliding_layers is None or layer in a.sliding_layers
+        rope["sliding_window"] = a.sliding_window if sliding else None
+        if not sliding and a.global_nope:
+            rope["rotary_dim"] = 0  # no positional encoding in the global layers
     w = [weight("w_q", nq * d, h), weight("w_k", nkv * d, h), weight("w_v", nkv * d, h), weight("w_o", h, nq * d)]
     biases = [weight(f"b_{k}", size) if a.qkv_bias else None for k, size in (("q", nq * d), ("k", nkv * d), ("v", nkv * d))]
     biases.append(weight("b_o", h) if a.out_bias else None)
     norms = [None, None]
-    if a.qk_norm == QKNorm.HEAD:
+    if a.qk_norm in (QKNorm.HEAD, QKNorm.HEAD_AFTER_ROPE):
         norms = [weight("q_norm.weight", d), weight("k_norm.weight", d)]
     elif a.qk_norm == QKNorm.FULL:
         norms = [weight("q_norm.weight", nq * d), weight("k_norm.weight", nkv * d)]
@@ -218,13 +225,26 @@ def build_model_graph(spec: ModelSpec, *, routing: bool = False, training: bool 
         decode = _DecodeInputs(positions, mask, mla_cache, {})
     embed = g.add_weight("embed.weight", TensorType((m.vocab_size, m.hidden), dtype))
     x = g.add_node(OpCode.EMBEDDING, [ids, embed], name="embed").outputs[0]
+    mult = m.multipliers
+
+    def scaled(v: Value, factor: float, name: str) -> Value:
+        return v if factor == 1.0 else g.add_node(OpCode.SCALE, [v], {"factor": factor}, name=name).outputs[0]
+
+    if mult is not None:
+        x = scaled(x, mult.embedding, "embed.scale")
+    residual = 1.0 if mult is None else mult.residual
     routing_outputs: dict[str, Value] = {}
     for i in range(m.layers):
         p = layer_prefix(i)
-        a = _norm(g, spec, x, f"{p}attn_norm", dtype)
-        a = _attention(g, spec, a, f"{p}attn.", dtype, i, decode)
+        post = m.norm_position == NormPosition.POST
+
+        def norm(v: Value, name: str) -> Value:
+            return _norm(g, spec, v, f"{p}{name}", dtype)
+
+        a = _attention(g, spec, x if post else norm(x, "attn_norm"), f"{p}attn.", dtype, i, decode)
+        a = scaled(norm(a, "attn_norm") if post else a, residual, f"{p}attn_scale")
         x = g.add_node(OpCode.ADD, [x, a], name=f"{p}attn_residual").outputs[0]
-        f = _norm(g, spec, x, f"{p}ffn_norm", dtype)
+        f = x if post else norm(x, "ffn_norm")
         if m.is_moe_layer(i):
             layer = add_moe_layer(g, spec.moe, f, prefix=f"{p}moe.", training=training)
             f = layer.pop("out")
@@ -233,12 +253,15 @@ def build_model_graph(spec: ModelSpec, *, routing: bool = False, training: bool 
                     routing_outputs[f"{p}{key}"] = value
         else:
             f = _dense_ffn(g, spec, f, f"{p}ffn.", dtype)
+        f = scaled(norm(f, "ffn_norm") if post else f, residual, f"{p}ffn_scale")
         x = g.add_node(OpCode.ADD, [x, f], name=f"{p}ffn_residual").outputs[0]
     x = _norm(g, spec, x, "norm", dtype)
     head = embed if m.tied_embeddings else g.add_weight("lm_head.weight", TensorType((m.vocab_size, m.hidden), dtype))
     head_bias = g.add_weight("lm_head.bias", TensorType((m.vocab_size,), dtype)) if m.lm_head_bias else None
     tokens = g.add_node(OpCode.FLATTEN_TOKENS, [x], name="lm_head.tokens").outputs[0]
     logits = g.add_node(OpCode.LINEAR, [tokens, head, head_bias], {"out_dtype": dtype}, name="lm_head").outputs[0]
+    if mult is not None:
+        logits = scaled(logits, 1.0 / mult.logits, "lm_head.scale")
     g.set_output("logits", g.add_node(OpCode.RESTORE_TOKENS, [logits, x], name="logits").outputs[0])
     for key, value in (decode.present.items() if decode is not None else ()):
         g.set_output(key, value)

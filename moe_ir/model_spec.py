@@ -8,8 +8,10 @@ A model spec is a YAML document with two sections:
                       are taken from `model:` and may be omitted
 
 Layer i (0-based) is MoE when i >= first_dense and (i - first_dense) % moe_every == 0, or, when the spec lists
-them, when moe_layer_indices holds i; the others use a dense FFN of width `dense_width`. Every decoder layer is pre-norm:
-    h = x + attn(rms_norm(x));  y = h + ffn(rms_norm(h))
+them, when moe_layer_indices holds i; the others use a dense FFN of width `dense_width`. A decoder layer is
+pre-norm (norm_position pre, the default) or post-norm (OLMo 2 / FlexOlmo):
+    pre:   h = x + attn(rms_norm(x));  y = h + ffn(rms_norm(h))
+    post:  h = x + rms_norm(attn(x));  y = h + rms_norm(ffn(h))
 and the model is embed -> layers -> rms_norm -> lm_head (tied to the embedding when `tied_embeddings`).
 
 Parsing reuses the layer spec's generic parser (types, bounds, did-you-mean, YAML lines); the `moe`
@@ -28,9 +30,9 @@ from .spec import (QuantizationSpec, MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_LA
                    DType, LayerSpec, ParseContext, describe_value, join_key_path, parse_section, suggest_key,
                    schema_of_section, spec_field, spec_to_dict)
 
-__all__ = ["AttentionKind", "AttentionSpec", "ModelSection", "ModelSpec", "NormKind", "QKNorm", "RopeLayout",
-           "RopeScaling", "RopeScalingKind", "model_json_schema", "model_spec_from_dict", "model_spec_to_dict",
-           "yarn_mscale"]
+__all__ = ["AttentionKind", "AttentionSpec", "ModelSection", "ModelSpec", "Multipliers", "NormKind", "NormPosition",
+           "QKNorm", "RopeLayout", "RopeScaling", "RopeScalingKind", "model_json_schema", "model_spec_from_dict",
+           "model_spec_to_dict", "yarn_mscale"]
 
 
 class AttentionKind(enum.StrEnum):
@@ -43,6 +45,7 @@ class QKNorm(enum.StrEnum):
     NONE = "none"
     HEAD = "head"  # RMSNorm over each head's head_dim (Qwen3 style), weights [head_dim]
     FULL = "full"  # RMSNorm over the whole q / k projection (OLMoE), weights [heads*head_dim] / [kv_heads*head_dim]
+    HEAD_AFTER_ROPE = "head_after_rope"  # RMSNorm over each head after RoPE (Hunyuan), weights [head_dim]
 
 
 class NormKind(enum.StrEnum):
@@ -109,6 +112,23 @@ class RopeScaling:
         return scale
 
 
+@dataclass(frozen=True, kw_only=True)
+class Multipliers:
+    """Constant factors of a decoder (Granite's muP settings): the embedding output is multiplied by `embedding`,
+    each attention and FFN output by `residual` before it joins the residual stream, and the logits are divided by
+    `logits`."""
+
+    embedding: float = spec_field(1.0, doc="multiplier of the embedding output", exclusive_minimum=0.0)
+    residual: float = spec_field(1.0, doc="multiplier of each attention / FFN output before the residual add",
+                                 exclusive_minimum=0.0)
+    logits: float = spec_field(1.0, doc="divisor of the logits", exclusive_minimum=0.0)
+
+
+class NormPosition(enum.StrEnum):
+    PRE = "pre"    # h = x + attn(norm(x)); y = h + ffn(norm(h))   (Llama, DeepSeek, Mixtral, ...)
+    POST = "post"  # h = x + norm(attn(x)); y = h + norm(ffn(h))   (OLMo 2, FlexOlmo)
+
+
 _MLA_FIELDS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
 
@@ -129,9 +149,20 @@ class AttentionSpec:
                                                   "(partial rotary embedding); default: all of head_dim",
                                         minimum=2, maximum=MAX_HEAD_DIM)
     rope_scaling: RopeScaling | None = spec_field(None, doc="RoPE scaling (YaRN); absent: plain RoPE")
+    sliding_window: int | None = spec_field(None, doc="mha/gqa: a query sees only the W latest keys (itself "
+                                                      "included) in the layers that slide; absent: every earlier key",
+                                            minimum=1, maximum=1 << 40)
+    sliding_layers: tuple[int, ...] | None = spec_field(
+        None, doc="the layers (0-based) that use sliding_window, the others attend globally; absent: every layer",
+        minimum=0, maximum=MAX_LAYERS - 1)
+    global_nope: bool | None = spec_field(None, doc="true: the global (non-sliding) layers apply no RoPE (EXAONE 4 "
+                                                    "style); absent: false")
+    softmax_scale: float | None = spec_field(None, doc="the attention softmax scale (Granite's attention_multiplier); "
+                                                      "default: 1/sqrt(query/key head dim)", exclusive_minimum=0.0)
     qkv_bias: bool = spec_field(False, doc="q/k/v projections carry biases (mla: the q_a and kv_a down-projections)")
     out_bias: bool = spec_field(False, doc="the output projection carries a bias")
-    qk_norm: QKNorm = spec_field(QKNorm.NONE, doc="RMSNorm on queries and keys before RoPE")
+    qk_norm: QKNorm = spec_field(QKNorm.NONE, doc="RMSNorm on queries and keys (before RoPE, or after it with "
+                                                 "head_after_rope)")
     sinks: bool = spec_field(False, doc="a learned logit per query head joins every softmax with no value, so "
                                         "attention may attend to nothing (gpt-oss); mha/gqa only",
                               omit_default=True)
@@ -146,6 +177,17 @@ class AttentionSpec:
     v_head_dim: int | None = spec_field(None, doc="mla: per-head value dim", minimum=1, maximum=MAX_HEAD_DIM)
 
     def check(self, ctx: ParseContext, path: str) -> None:
+        if self.softmax_scale is not None and self.rope_scaling is not None and self.rope_scaling.softmax_mscale:
+            ctx.fail(join_key_path(path, "softmax_scale"), "rope_scaling.softmax_mscale sets the softmax scale; give "
+                                                           "one of them")
+        if self.sliding_window is None:
+            for name in ("sliding_layers", "global_nope"):
+                if getattr(self, name) is not None:
+                    ctx.fail(join_key_path(path, name), f"{name} needs a sliding_window")
+        elif self.kind == AttentionKind.MLA:
+            ctx.fail(join_key_path(path, "sliding_window"), "sliding-window attention is for mha/gqa")
+        if self.sliding_layers is not None and list(self.sliding_layers) != sorted(set(self.sliding_layers)):
+            ctx.fail(join_key_path(path, "sliding_layers"), "expected increasing layer indices")
         if self.kind == AttentionKind.MLA:
             for name in _MLA_FIELDS:
                 if getattr(self, name) is None:
@@ -235,6 +277,11 @@ class ModelSection:
                                          minimum=1, maximum=MAX_WIDTH)
     dense_activation: Activation = spec_field(Activation.SWIGLU, doc="activation of the dense FFNs")
     attention: AttentionSpec = spec_field(doc="self-attention")
+    multipliers: Multipliers | None = spec_field(None, doc="embedding / residual / logits factors (Granite); "
+                                                          "absent: none")
+    norm_position: NormPosition = spec_field(NormPosition.PRE, doc="where each layer's two RMSNorms sit: before "
+                                                                   "attention and FFN (pre) or on their outputs "
+                                                                   "inside the residual (post)")
     rms_norm_eps: float = spec_field(1e-6, doc="epsilon of every decoder norm (RMSNorm or LayerNorm)",
                                      exclusive_minimum=0.0)
     norm: NormKind = spec_field(NormKind.RMS, doc="the decoder norms (before attention, before the FFN, final): "
@@ -249,6 +296,9 @@ class ModelSection:
         if a.kind != AttentionKind.MLA and a.head_dim is None and self.hidden % a.heads:
             ctx.fail(join_key_path(path, "attention.heads"), f"{a.heads} heads do not divide hidden={self.hidden}; give "
                                                      "attention.head_dim")
+        if a.sliding_layers and a.sliding_layers[-1] >= self.layers:
+            ctx.fail(join_key_path(path, "attention.sliding_layers"), f"layer {a.sliding_layers[-1]} is not below "
+                                                                      f"layers={self.layers}")
         if a.rotary_dim is not None and a.kind != AttentionKind.MLA and a.rotary_dim > a.dim(self.hidden):
             ctx.fail(join_key_path(path, "attention.rotary_dim"), f"rotary_dim={a.rotary_dim} is more than the "
                                                                   f"head dim {a.dim(self.hidden)}")
@@ -423,10 +473,17 @@ def miniature_model(spec: ModelSpec, hidden: int, *, vocab_size: int = 128, head
     elif a.kind == AttentionKind.MLA:
         changes.update({k: v for k, v in _MINI_MLA.items() if k != "q_lora_rank"}, head_dim=None)
         changes["q_lora_rank"] = None if a.q_lora_rank is None else _MINI_MLA["q_lora_rank"]
-    if a.rotary_dim is not None and a.kind != AttentionKind.MLA:  # keep the rotated fraction of each head
-        changes["rotary_dim"] = max(2, round(a.rotary_dim / a.dim(m.hidden) * (hidden // heads) / 2) * 2)
+    head_dim = hidden // heads
     if a.kind != AttentionKind.MLA and hidden % heads:
-        raise SpecError(f"miniature of {m.name}: hidden {hidden} must be a multiple of {heads} heads")
+        # heads that do not divide the hidden size (a 6:1 GQA ratio at hidden 64) get an explicit even head_dim
+        head_dim = max(2, head_dim // 2 * 2)
+        changes["head_dim"] = head_dim
+    if a.sliding_window is not None:  # a window the validation's short sequences reach; the sliding layers kept
+        changes["sliding_window"] = min(a.sliding_window, 5)
+        if a.sliding_layers is not None:
+            changes["sliding_layers"] = tuple(i for i in a.sliding_layers if i < 2) or (0,)
+    if a.rotary_dim is not None and a.kind != AttentionKind.MLA:  # keep the rotated fraction of each head
+        changes["rotary_dim"] = max(2, round(a.rotary_dim / a.dim(m.hidden) * head_dim / 2) * 2)
     first_dense = min(m.first_dense, 1)
     layers = min(m.layers, first_dense + m.moe_every + 1)  # two MoE layers (with the dense ones between)
     schedule: dict[str, Any] = {"first_dense": first_dense}

@@ -34,6 +34,9 @@ ATTENTION = {
     # YaRN over a pretraining context shorter than the test's sequences, and a partly rotated head
     "gqa-yarn-partial": "{kind: gqa, heads: 4, kv_heads: 2, head_dim: 8, rotary_dim: 4, rope_scaling: {factor: 4.0, "
                         "original_max_positions: 4, mscale: 0.8, mscale_all_dim: 0.5}}",
+    # a sliding layer and a global one without RoPE, q/k norm after RoPE, attention sinks
+    "gqa-window-sinks": "{kind: gqa, heads: 4, kv_heads: 2, head_dim: 6, qk_norm: head_after_rope, sliding_window: 3, "
+                        "sliding_layers: [0], global_nope: true, sinks: true}",
     "mla-yarn": "{kind: mla, heads: 3, kv_lora_rank: 10, qk_nope_head_dim: 6, qk_rope_head_dim: 4, v_head_dim: 5, "
                 "rope_scaling: {factor: 8.0, original_max_positions: 4, mscale: 1.0, mscale_all_dim: 1.0}}",
 }

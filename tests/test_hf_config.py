@@ -172,13 +172,16 @@ def test_family_defaults_match_installed_transformers():
                "glm4_moe": transformers.Glm4MoeConfig, "glm4_moe_lite": transformers.Glm4MoeLiteConfig,
                "dots1": transformers.Dots1Config, "minimax_m2": transformers.MiniMaxM2Config,
                "ernie4_5_moe": transformers.Ernie4_5_MoeConfig, "phimoe": transformers.PhimoeConfig,
-               "gpt_oss": transformers.GptOssConfig, "llama4_text": transformers.Llama4TextConfig}
+               "gpt_oss": transformers.GptOssConfig, "llama4_text": transformers.Llama4TextConfig,
+               "flex_olmo": transformers.FlexOlmoConfig, "granitemoe": transformers.GraniteMoeConfig,
+               "exaone_moe": transformers.ExaoneMoeConfig, "hunyuan_v1_moe": transformers.HunYuanMoEV1Config}
     # Keys whose class default is computed or renamed: the number of experts of Qwen3-MoE is num_local_experts
     # (num_experts an alias), glm4_moe_lite's mlp_layer_types is filled from num_hidden_layers, ERNIE's -1 (the last
     # layer) of moe_layer_end_index is replaced by that layer's index.
-    renamed = {("qwen3_moe", "num_experts"): "num_local_experts"}
-    computed = {("glm4_moe_lite", "mlp_layer_types"): None, ("ernie4_5_moe", "moe_layer_end_index"): -1,
-                ("llama4_text", "moe_layers"): None}
+    renamed = {("qwen3_moe", "num_experts"): "num_local_experts", ("exaone_moe", "n_routed_experts"): "num_experts",
+               ("exaone_moe", "n_shared_experts"): "num_shared_experts"}
+    computed = {("glm4_moe_lite", "mlp_layer_types"): None, ("exaone_moe", "mlp_layer_types"): None,
+                ("ernie4_5_moe", "moe_layer_end_index"): -1, ("llama4_text", "moe_layers"): None}
     assert set(FAMILY_DEFAULTS) == set(classes) | {"deepseek"}
     for model_type, cls in classes.items():
         defaults = cls().to_dict()

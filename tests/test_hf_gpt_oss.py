@@ -180,12 +180,18 @@ YARN = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast"
         "truncate": False, "original_max_position_embeddings": 4}
 
 
-@pytest.mark.parametrize("rope", [None, YARN], ids=["rope", "yarn"])
-def test_model_logits_equal_transformers_on_every_backend_that_lowers_it(rope):
+# The released layout: sliding-window layers alternating with global ones (a window shorter than the test's 9
+# tokens, so it binds).
+SLIDING = {"layer_types": ["sliding_attention", "full_attention", "sliding_attention"], "sliding_window": 3}
+
+
+@pytest.mark.parametrize("rope, layers", [(None, None), (YARN, None), (YARN, SLIDING)],
+                         ids=["rope", "yarn", "yarn-sliding"])
+def test_model_logits_equal_transformers_on_every_backend_that_lowers_it(rope, layers):
     from moe_ir.frontends.hf.model import model_spec_from_hf_config, weights_from_hf_model
     from moe_ir.model_builder import build_model_graph
 
-    cfg, hf = _tiny_model(**({"rope_parameters": rope} if rope else {}))
+    cfg, hf = _tiny_model(**({"rope_parameters": rope} if rope else {}), **(layers or {}))
     spec = model_spec_from_hf_config(cfg)
     a = spec.model.attention
     assert a.sinks and a.qkv_bias and a.out_bias and a.head_dim == 12 and a.rope_theta == 150000.0
@@ -230,11 +236,9 @@ def test_model_defaults_and_refusals_name_the_missing_feature():
     for key, value in MODEL_DEFAULTS["gpt_oss"].items():
         theirs = defaults["rope_parameters"]["rope_theta"] if key == "rope_theta" else defaults.get(key)
         assert theirs == value, key
-    # The class defaults alternate sliding-window layers (refused by name) and use YaRN (modelled).
-    assert model_spec_from_hf_config(_config(layer_types=["full_attention"] * 2)).model.attention.rope_scaling
-    with pytest.raises(SpecError, match="sliding-window attention") as err:
-        model_spec_from_hf_config(_config(rope_parameters={"rope_type": "default", "rope_theta": 150000.0}))
-    assert err.value.path == "layer_types"
+    # The class defaults alternate sliding-window layers and use YaRN: both modelled.
+    a = model_spec_from_hf_config(_config()).model.attention
+    assert a.rope_scaling is not None and a.sliding_window == 128 and a.sliding_layers == (0,)
     from moe_ir.model_spec import model_spec_from_dict
 
     with pytest.raises(SpecError) as err:

@@ -34,7 +34,7 @@ NEW_TOKENS = 4
 # (attention kind, MLA cache layout): MHA, GQA (both q/k norms, both RoPE layouts), MLA in both layouts.
 CASES = [("mha-bias", None), ("gqa-head-norm", None), ("gqa-full-norm-interleaved", None),
          ("mla", MLACacheLayout.EXPANDED), ("mla-qlora-half", MLACacheLayout.LATENT),
-         ("gqa-yarn-partial", None), ("mla-yarn", MLACacheLayout.LATENT)]
+         ("gqa-yarn-partial", None), ("mla-yarn", MLACacheLayout.LATENT), ("gqa-window-sinks", None)]
 
 
 def decode_graph(spec, layout=None, backend=None):

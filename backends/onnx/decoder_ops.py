@@ -45,6 +45,11 @@ class DecoderOps(Lowering):
         self.em.op("Gather", [self.operand(weight), self.operand(ids)], axis=0, out=node.outputs[0].name,
                    name=node.name)
 
+    def _lower_scale(self, node: Node) -> None:
+        x = node.inputs[0]
+        self.em.op("Mul", [self.operand(x), self.em.fconst(node.attrs["factor"], x.type.dtype, "factor")],
+                   out=node.outputs[0].name, name=node.name)
+
     def _lower_rms_norm(self, node: Node) -> None:
         x, weight = node.inputs
         self._rms_norm(self.operand(x), weight, node.attrs["eps"], x.type.dtype, out=node.outputs[0].name,
@@ -134,19 +139,26 @@ class DecoderOps(Lowering):
         second = em.op("Add", [em.op("Mul", [x2, cos]), em.op("Mul", [x1, sin])])
         return em.op("Concat", [first, second] + ([rest] if rest is not None else []), axis=-1)
 
-    def _future_mask(self, x: str) -> str:
-        """[S, S] bool, true where key position j > query position i (what causal attention hides)."""
-        if "future" not in self.shared:
+    def _future_mask(self, x: str, window: int | None = None) -> str:
+        """[S, S] bool, true where key position j > query position i (what causal attention hides), and with a
+        sliding window W also where i - j >= W."""
+        key = ("future", window)
+        if key not in self.shared:
             em = self.em
             pos = em.op("Range", [em.const(0), self._seq_len(x), em.const(1)])
-            self.shared["future"] = em.op("Greater", [em.op("Unsqueeze", [pos, em.const([0])]),
-                                                      em.op("Unsqueeze", [pos, em.const([1])])])
-        return self.shared["future"]
+            keys, queries = em.op("Unsqueeze", [pos, em.const([0])]), em.op("Unsqueeze", [pos, em.const([1])])
+            hidden = em.op("Greater", [keys, queries])
+            if window is not None:
+                too_old = em.op("Not", [em.op("Less", [em.op("Sub", [queries, keys]), em.const(window)])])
+                hidden = em.op("Or", [hidden, too_old])
+            self.shared[key] = hidden
+        return self.shared[key]
 
     def _causal_attention(self, x: str, q: str, k: str, v: str, heads: int, kv_heads: int, dv: int,
-                          scale: float, dt: ElemType, sinks: Value | None = None) -> str:
+                          scale: float, dt: ElemType, sinks: Value | None = None, window: int | None = None) -> str:
         """model_ops.causal_attention: q [B,h,S,d], k [B,hk,S,d], v [B,hk,S,dv] -> [B*S, h*dv]."""
-        return self._attend(q, k, v, heads, kv_heads, dv, scale, dt, lambda: (self._future_mask(x),) * 2, sinks)
+        return self._attend(q, k, v, heads, kv_heads, dv, scale, dt, lambda: (self._future_mask(x, window),) * 2,
+                            sinks)
 
     def _attend(self, q: str, k: str, v: str, heads: int, kv_heads: int, dv: int, scale: float, dt: ElemType,
                 masks: Callable[[], tuple[str, str]], sinks: Value | None = None) -> str:
@@ -219,9 +231,14 @@ class DecoderOps(Lowering):
             q = self._rms_norm(q, node.input("q_norm"), eps, dt)
             k = self._rms_norm(k, node.input("k_norm"), eps, dt)
         rotated = rope_dims(a, d)
-        tables = self._rope_tables(xs, rotated, a, dt)
-        q, k = (self._rope(t, d, tables, a["rope_layout"], rotated) for t in (q, k))
-        o = self._causal_attention(xs, q, k, v, heads, kv_heads, d, attention_scale(a, d), dt, node.input("sinks"))
+        if rotated:  # 0: a layer without positional encoding
+            tables = self._rope_tables(xs, rotated, a, dt)
+            q, k = (self._rope(t, d, tables, a["rope_layout"], rotated) for t in (q, k))
+        if norm == QKNorm.HEAD_AFTER_ROPE:  # over each head, after RoPE (Hunyuan)
+            q = self._rms_norm(q, node.input("q_norm"), eps, dt)
+            k = self._rms_norm(k, node.input("k_norm"), eps, dt)
+        o = self._causal_attention(xs, q, k, v, heads, kv_heads, d, attention_scale(a, d), dt, node.input("sinks"),
+                                   a["sliding_window"])
         self._output_projection(node, o, batch_seq)
 
     def _lower_mla_attention(self, node: Node) -> None:
@@ -274,11 +291,13 @@ class DecoderOps(Lowering):
             self.shared[key] = (em.cast(cos, ElemType.FLOAT32, dt), em.cast(sin, ElemType.FLOAT32, dt))
         return self.shared[key]
 
-    def _hidden_keys(self, x: str, attention_mask: str) -> tuple[str, str]:
+    def _hidden_keys(self, x: str, attention_mask: str, window: int | None = None) -> tuple[str, str]:
         """model_ops.visible_keys, negated: bool [B, 1, S, L], true where new token i (cache slot L-S+i) must
-        not see key slot j (j > L-S+i, or padding, but never itself); and the same as [B, 1, 1, S, L] for the
-        grouped scores of GQA. Built once from the run's mask and S, shared by every layer."""
-        if "hidden" not in self.shared:
+        not see key slot j (j > L-S+i, or padding, or with a sliding window W slot - j >= W, but never itself);
+        and the same as [B, 1, 1, S, L] for the grouped scores of GQA. Built once per window from the run's
+        mask and S, shared by every layer."""
+        name = ("hidden", window)
+        if name not in self.shared:
             em = self.em
             total = em.op("Shape", [attention_mask], start=1, end=2)
             new = em.op("Shape", [x], start=1, end=2)
@@ -288,11 +307,13 @@ class DecoderOps(Lowering):
             key = em.op("Unsqueeze", [em.op("Range", [em.const(0), em.scalar(total), em.const(1)]),
                                       em.const([0])])                                            # [1, L]
             kept = em.op("Cast", [em.op("Unsqueeze", [attention_mask, em.const([1, 2])])], to=TensorProto.BOOL)
-            visible = em.op("Or", [em.op("And", [kept, em.op("LessOrEqual", [key, slot])]),
-                                   em.op("Equal", [key, slot])])                                 # [B, 1, S, L]
+            seen = em.op("LessOrEqual", [key, slot])
+            if window is not None:
+                seen = em.op("And", [seen, em.op("Less", [em.op("Sub", [slot, key]), em.const(window)])])
+            visible = em.op("Or", [em.op("And", [kept, seen]), em.op("Equal", [key, slot])])   # [B, 1, S, L]
             hidden = em.op("Not", [visible])
-            self.shared["hidden"] = (hidden, em.op("Unsqueeze", [hidden, em.const([2])]))
-        return self.shared["hidden"]
+            self.shared[name] = (hidden, em.op("Unsqueeze", [hidden, em.const([2])]))
+        return self.shared[name]
 
     def _append_cache(self, node: Node, port: str, new: str) -> str:
         """The present cache of one slot: the past [B, heads, P, dim] and the new tokens [B, heads, S, dim]
@@ -320,13 +341,17 @@ class DecoderOps(Lowering):
             q = self._rms_norm(q, node.input("q_norm"), eps, dt)
             k = self._rms_norm(k, node.input("k_norm"), eps, dt)
         rotated = rope_dims(a, d)
-        tables = self._rope_tables_at(self.operand(node.input("position_ids")), rotated, a, dt)
-        q, k = (self._rope(t, d, tables, a["rope_layout"], rotated) for t in (q, k))
+        if rotated:  # 0: a layer without positional encoding
+            tables = self._rope_tables_at(self.operand(node.input("position_ids")), rotated, a, dt)
+            q, k = (self._rope(t, d, tables, a["rope_layout"], rotated) for t in (q, k))
+        if norm == QKNorm.HEAD_AFTER_ROPE:  # over each head, after RoPE (Hunyuan)
+            q = self._rms_norm(q, node.input("q_norm"), eps, dt)
+            k = self._rms_norm(k, node.input("k_norm"), eps, dt)
         k = self._append_cache(node, "past_key", k)
         v = self._append_cache(node, "past_value", v)
-        mask = self.operand(node.input("attention_mask"))
-        o = self._attend(q, k, v, heads, kv_heads, d, attention_scale(a, d), dt, lambda: self._hidden_keys(xs, mask),
-                         node.input("sinks"))
+        mask, window = self.operand(node.input("attention_mask")), a["sliding_window"]
+        o = self._attend(q, k, v, heads, kv_heads, d, attention_scale(a, d), dt,
+                         lambda: self._hidden_keys(xs, mask, window), node.input("sinks"))
         self._output_projection(node, o, batch_seq)
 
     def _lower_cached_mla_attention(self, node: Node) -> None:

@@ -22,7 +22,7 @@ from moe_ir.model_spec import ModelSpec, model_spec_to_dict
 from moe_ir.spec import canonical_spec_hash
 from .fp8 import FP8, DequantizedCheckpoint
 from .safetensors_io import FLOAT_DTYPES, Checkpoint, SafetensorsWriter
-from .tensor_map import TensorRule, detect_model_layout, detect_router_bias, model_rules
+from .tensor_map import TensorRule, detect_model_layout, detect_router_names, model_rules
 
 __all__ = ["convert_checkpoint", "canonical_tensors", "import_hf_model", "load_hf_checkpoint", "plan_import",
            "spec_hash"]
@@ -49,7 +49,7 @@ def plan_import(spec: ModelSpec, ckpt: Checkpoint, *, prefix: str = "model."):
     our_shapes = {name: tuple(v.type.shape) for name, v in graph.weights.items()}
     block, layout = detect_model_layout(spec, ckpt.entries, prefix)
     rules = model_rules(spec, graph.weights, moe_block=block, layout=layout, prefix=prefix,
-                        router_bias=detect_router_bias(spec, ckpt.entries, block, prefix))
+                        **detect_router_names(spec, ckpt.entries, block, prefix))
     expected: dict[str, tuple[int, ...]] = {}
     for rule in rules:
         expected.update(rule.their_shapes(our_shapes))

@@ -129,6 +129,23 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "num_experts_per_tok": 8, "intermediate_size": 1536, "router_aux_loss_coef": 0.001,
         "router_jitter_noise": 0.0,
     },
+    "flex_olmo": {
+        "hidden_size": 4096, "num_hidden_layers": 32, "hidden_act": "silu", "num_experts": 7,
+        "num_experts_per_tok": 5, "intermediate_size": 11008, "norm_topk_prob": False, "router_aux_loss_coef": 0.01,
+    },
+    "exaone_moe": {
+        "hidden_size": 4096, "num_hidden_layers": 32, "hidden_act": "silu", "n_routed_experts": 64,
+        "n_shared_experts": 1, "num_experts_per_tok": 8, "moe_intermediate_size": 1024, "first_k_dense_replace": 1,
+        "norm_topk_prob": True, "routed_scaling_factor": 2.5, "n_group": 1, "topk_group": 1, "mlp_layer_types": None,
+    },
+    "hunyuan_v1_moe": {
+        "hidden_size": 4096, "num_hidden_layers": 32, "hidden_act": "silu", "num_experts": 1, "moe_topk": 1,
+        "intermediate_size": 11008,
+    },
+    "granitemoe": {
+        "hidden_size": 4096, "num_hidden_layers": 32, "hidden_act": "silu", "num_local_experts": 8,
+        "num_experts_per_tok": 2, "intermediate_size": 11008, "router_aux_loss_coef": 0.001,
+    },
     "ernie4_5_moe": {
         "hidden_size": 2560, "num_hidden_layers": 28, "hidden_act": "silu", "moe_num_experts": 64, "moe_k": 6,
         "moe_intermediate_size": 1536, "moe_num_shared_experts": 2, "moe_layer_start_index": 1,
@@ -148,6 +165,9 @@ _ALIASES: dict[str, dict[str, str]] = {
     "glm4_moe_lite": {"num_local_experts": "n_routed_experts"},
     "dots1": {"num_local_experts": "n_routed_experts"},
     "minimax_m2": {"num_experts": "num_local_experts"},
+    "flex_olmo": {"num_local_experts": "num_experts"},
+    "exaone_moe": {"num_experts": "n_routed_experts", "num_shared_experts": "n_shared_experts"},
+    "hunyuan_v1_moe": {"num_local_experts": "num_experts", "num_experts_per_tok": "moe_topk"},
     "ernie4_5_moe": {"num_experts": "moe_num_experts", "num_experts_per_tok": "moe_k"},
 }
 
@@ -156,13 +176,8 @@ SUPPORTED_MODEL_TYPES = tuple(FAMILY_DEFAULTS)
 # transformers MoE families moe-ir does not read yet -> what they need that it lacks (read from their modeling
 # files in transformers 5.24), so a user learns what is missing rather than which families are supported.
 NOT_MODELLED: dict[str, str] = {
-    "hunyuan_v1_moe": "q/k RMSNorm applied after RoPE (query_layernorm / key_layernorm) and per-layer expert counts",
-    "granitemoe": "the embedding, residual, attention and logits multipliers (embedding_multiplier, "
-                  "residual_multiplier, attention_multiplier, logits_scaling)",
     "granitemoeshared": "the embedding, residual, attention and logits multipliers (embedding_multiplier, "
                         "residual_multiplier, attention_multiplier, logits_scaling)",
-    "flex_olmo": "post-norm decoder layers (RMSNorm on the attention and FFN outputs inside the residual)",
-    "exaone_moe": "per-layer sliding-window attention (layer_types with sliding_attention)",
     "dbrx": "LayerNorm instead of RMSNorm, q/k/v clipping (clip_qkv) and router weights normalised by a p-norm "
             "(moe_normalize_expert_weights)",
     "afmoe": "per-layer sliding-window attention, a sigmoid gate on the attention output, a norm after the "
@@ -394,7 +409,7 @@ def _map_deepseek_v3(c: FamilyConfig) -> _Mapped:
     notes.append(f"e_score_correction_bias -> router.bias (balance.aux_free); the bias update rate is not "
                  f"in the config: gamma={AuxFree().gamma} is the paper's value")
     # glm4_moe_lite lists its dense layers instead (_map_sigmoid_grouped)
-    is_moe, reason = _deepseek_layers(c) if c.model_type != "glm4_moe_lite" else (_all_layers, lambda i: "")
+    is_moe, reason = _deepseek_layers(c) if c.model_type not in _LISTED_MLP_LAYERS else (_all_layers, lambda i: "")
     return _Mapped({"routed": routed, "width": width, "top_k": k, **_shared(c)}, router, balance,
                    is_moe, reason, notes)
 
@@ -417,7 +432,7 @@ def _all_layers(layer: int) -> bool:
 
 def _map_mixtral(c: FamilyConfig) -> _Mapped:
     """Mixtral: softmax top-k renormalised over the chosen k."""
-    jitter = c.get("router_jitter_noise", float)
+    jitter = c.get("router_jitter_noise", float, optional=True) or 0.0  # granitemoe has no such key
     if jitter != 0:
         raise c.fail("router_jitter_noise", f"router_jitter_noise={jitter}: multiplicative input jitter in "
                                             "training is not modelled (router.noise is additive noisy top-k)")
@@ -498,17 +513,23 @@ def _map_phimoe(c: FamilyConfig) -> _Mapped:
 # families that fit today's layer (issue 17): transformers 5.24's modules, read for what they compute
 
 
+# Families whose decoder reads mlp_layer_types ("dense" / "sparse" per layer) for its schedule.
+_LISTED_MLP_LAYERS = ("glm4_moe_lite", "exaone_moe")
+
+
 def _map_sigmoid_grouped(c: FamilyConfig) -> _Mapped:
-    """GLM-4.5 (glm4_moe), GLM-4.7-Flash (glm4_moe_lite) and dots.llm1 (dots1): DeepSeek-V3's router (sigmoid,
+    """GLM-4.5 (glm4_moe), GLM-4.7-Flash (glm4_moe_lite), dots.llm1 (dots1) and EXAONE MoE (exaone_moe):
+    DeepSeek-V3's router (sigmoid,
     selection on scores + e_score_correction_bias, groups scored by their top-2 sum, norm_topk_prob,
     routed_scaling_factor) under these families' own keys. Dense layers: the first first_k_dense_replace, or
-    glm4_moe_lite's mlp_layer_types."""
+    the mlp_layer_types of glm4_moe_lite and exaone_moe."""
     mapped = _map_deepseek_v3(c)
-    if c.model_type != "glm4_moe_lite":
+    if c.model_type not in _LISTED_MLP_LAYERS:
         return mapped
     kinds = c.get("mlp_layer_types", list, optional=True)
-    if kinds is None:  # the class default: layer 0 dense, the others sparse
-        kinds = ["dense"] + ["sparse"] * (c.positive("num_hidden_layers") - 1)
+    if kinds is None:  # the class defaults: the first first_k_dense_replace layers dense (glm4_moe_lite: 1)
+        first = c.get("first_k_dense_replace", int) if c.model_type == "exaone_moe" else 1
+        kinds = ["dense"] * first + ["sparse"] * (c.positive("num_hidden_layers") - first)
     if any(kind not in ("dense", "sparse") for kind in kinds) or len(kinds) != c.positive("num_hidden_layers"):
         raise c.fail("mlp_layer_types", "expected one of 'dense' / 'sparse' per decoder layer")
     mapped.is_moe_layer = lambda layer: kinds[layer] == "sparse"
@@ -610,12 +631,37 @@ def _map_llama4_text(c: FamilyConfig) -> _Mapped:
                     "the shared expert has the experts' width (intermediate_size)"])
 
 
+def _per_layer_constant(c: FamilyConfig, key: str) -> int:
+    """An int, or a per-layer list of equal ints (every MoE layer of a spec has one expert count and top-k)."""
+    value = c.data.get(key, c.defaults.get(key))
+    if isinstance(value, list):
+        if not value or len(set(value)) != 1 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                        for v in value):
+            raise c.fail(key, f"{key}={str(value)[:60]} varies by layer: per-layer expert counts and top-k are "
+                              "not modelled (every MoE layer of a spec has the same)")
+        return value[0]
+    return c.positive(key)
+
+
+def _map_hunyuan_v1_moe(c: FamilyConfig) -> _Mapped:
+    """Hunyuan-A13B (hunyuan_v1_moe): a float32 softmax router, top-k renormalised, and one ungated shared MLP
+    of the experts' width (intermediate_size) in every layer."""
+    return _Mapped({"routed": _per_layer_constant(c, "num_experts"), "width": c.positive("intermediate_size"),
+                    "top_k": _per_layer_constant(c, "moe_topk"), "shared": 1},
+                   {"score": "softmax", "normalize": True}, {}, _all_layers, lambda i: "",
+                   ["transformers computes no balance loss for this family"])
+
+
 _FAMILIES: dict[str, Callable[[FamilyConfig], _Mapped]] = {
     "deepseek": _map_deepseek, "deepseek_v2": _map_deepseek_v2, "deepseek_v3": _map_deepseek_v3,
     "mixtral": _map_mixtral, "qwen2_moe": _map_qwen2_moe, "olmoe": _map_olmoe, "phimoe": _map_phimoe,
     "qwen3_moe": _map_qwen3_moe, "glm4_moe": _map_sigmoid_grouped, "glm4_moe_lite": _map_sigmoid_grouped,
     "dots1": _map_sigmoid_grouped, "minimax_m2": _map_minimax_m2, "ernie4_5_moe": _map_ernie4_5_moe,
     "gpt_oss": _map_gpt_oss, "llama4_text": _map_llama4_text,
+    "flex_olmo": _map_olmoe,  # OLMoE's block; its post-norm layers are the decoder's (model.py)
+    "exaone_moe": _map_sigmoid_grouped,
+    "hunyuan_v1_moe": _map_hunyuan_v1_moe,
+    "granitemoe": _map_mixtral,  # softmax over the top-k logits = the top-k softmax renormalised; multipliers: model.py
 }
 
 
@@ -691,7 +737,8 @@ def describe_hf_config(config: Any, *, layer: int | None = None, name: str | Non
     # Router projection and scores in float32: DeepSeek casts explicitly; Mixtral/Qwen2-MoE/OLMoE
     # project in the model dtype and take the softmax in float32.
     router = {**mapped.router, "dtype": DType.FLOAT32.value}
-    if dtype != DType.FLOAT32 and model_type in ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "minimax_m2"):
+    if dtype != DType.FLOAT32 and model_type in ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "minimax_m2",
+                                                 "flex_olmo", "granitemoe"):
         notes.append(f"transformers projects this router in {dtype.value} before a float32 softmax; the spec "
                      "projects in float32, so near-tied experts may rank differently in low precision")
     if dtype != DType.FLOAT32 and model_type in ("phimoe", "gpt_oss"):

@@ -40,11 +40,19 @@ from .config import FAMILY_DEFAULTS, FamilyConfig, config_dict, describe_hf_conf
 __all__ = ["MODEL_DEFAULTS", "model_spec_from_hf_config", "weights_from_hf_model"]
 
 _LLAMA_ATTENTION = ("deepseek", "mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "glm4_moe", "dots1", "minimax_m2",
-                    "ernie4_5_moe", "phimoe", "gpt_oss")
+                    "ernie4_5_moe", "flex_olmo", "granitemoe", "exaone_moe", "hunyuan_v1_moe", "phimoe",
+                    "gpt_oss")
+# Families whose attention reads layer_types for its sliding-window layers (transformers 5.24).
+_SLIDING_BY_LAYER_TYPES = ("qwen2_moe", "dots1", "exaone_moe", "gpt_oss")
+# Families whose global (non-sliding) layers apply no RoPE once a sliding_window is set (EXAONE 4 style).
+_GLOBAL_NOPE = ("exaone_moe",)
+# Families whose decoder layers normalise the attention and FFN outputs (post-norm) instead of their inputs.
+_POST_NORM = ("flex_olmo",)
 _MLA = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")
 # q/k RMSNorm per family: over each head (Qwen3 style) or the whole projection (OLMoE style); glm4_moe has it
 # when use_qk_norm is set.
-_QK_NORM = {"olmoe": "full", "minimax_m2": "full", "qwen3_moe": "head", "dots1": "head"}
+_QK_NORM = {"olmoe": "full", "minimax_m2": "full", "flex_olmo": "full", "qwen3_moe": "head", "dots1": "head",
+            "exaone_moe": "head", "hunyuan_v1_moe": "head_after_rope"}
 # Families whose attention_bias puts biases on q, k and v only (the output projection has none).
 _QKV_BIAS_ONLY = ("glm4_moe",)
 # The rotated fraction of each head when the config states none (glm4_moe's class default).
@@ -95,6 +103,19 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "ernie4_5_moe": {"vocab_size": 103424, "num_attention_heads": 20, "num_key_value_heads": 4,
                      "intermediate_size": 12288, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
                      "rope_theta": 500000.0, "max_position_embeddings": 131072},
+    "flex_olmo": {"vocab_size": 100352, "num_attention_heads": 32, "num_key_value_heads": 32,
+                  "intermediate_size": 11008, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                  "attention_bias": False, "rope_theta": 500000.0, "max_position_embeddings": 4096},
+    "exaone_moe": {"vocab_size": 102400, "num_attention_heads": 32, "num_key_value_heads": 32,
+                   "intermediate_size": 16384, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+                   "rope_theta": 10000.0, "max_position_embeddings": 2048, "sliding_window": 4096},
+    "hunyuan_v1_moe": {"vocab_size": 290943, "num_attention_heads": 32, "num_key_value_heads": None,
+                       "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "attention_bias": False,
+                       "rope_theta": 10000.0, "max_position_embeddings": 2048},
+    "granitemoe": {"vocab_size": 32000, "num_attention_heads": 32, "num_key_value_heads": 32,
+                   "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False, "rope_theta": 10000.0,
+                   "max_position_embeddings": 2048, "embedding_multiplier": 1.0, "residual_multiplier": 1.0,
+                   "attention_multiplier": 1.0, "logits_scaling": 1.0},
     "minimax_m2": {"vocab_size": 200064, "num_attention_heads": 48, "num_key_value_heads": 8, "head_dim": 128,
                    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 5e6,
                    "max_position_embeddings": 196608},
@@ -207,6 +228,40 @@ def _rotary_dim(c: FamilyConfig, head_dim: int) -> int | None:
     return None if dim == head_dim else dim
 
 
+def _sliding_window(c: FamilyConfig, num_layers: int) -> dict[str, Any]:
+    """The attention section's sliding_window / sliding_layers: from layer_types (a sliding_attention entry per
+    sliding layer) where the family has them, else every layer for Mixtral's sliding_window and Qwen3-MoE's
+    use_sliding_window (their masks slide in every layer)."""
+    t = c.model_type
+    layer_types = c.get("layer_types", list, optional=True) or []
+    if layer_types:
+        if any(kind not in ("full_attention", "sliding_attention") for kind in layer_types) or \
+                len(layer_types) != num_layers:
+            raise c.fail("layer_types", f"expected full_attention / sliding_attention per layer, found "
+                                        f"{sorted(set(map(str, layer_types)))[:4]} for {num_layers} layers")
+        sliding = [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
+        nope = t in _GLOBAL_NOPE and c.get("sliding_window", int, optional=True) is not None
+        if not sliding and not nope:
+            return {}
+        if t not in _SLIDING_BY_LAYER_TYPES:
+            raise c.fail("layer_types", f"sliding_attention layers of {t} are not read by moe-ir")
+        window = c.get("sliding_window", int, optional=True)
+        if not window or window < 1:
+            raise c.fail("layer_types", f"sliding_attention layers need a positive sliding_window, found {window}")
+        out: dict[str, Any] = {"sliding_window": window}
+        if len(sliding) < num_layers:
+            out["sliding_layers"] = sliding
+        if nope:
+            out["global_nope"] = True
+        return out
+    window = None
+    if t == "mixtral":
+        window = c.get("sliding_window", int, optional=True)
+    elif t == "qwen3_moe" and c.get("use_sliding_window", bool):
+        window = c.positive("sliding_window")
+    return {} if window is None else {"sliding_window": window}
+
+
 def _layer_schedule(moe_layers: tuple[int, ...], num_layers: int, c: FamilyConfig) -> dict:
     """The spec's schedule of the config's MoE layers: first_dense / moe_every when they follow that rule (a lone
     MoE layer before dense ones included), otherwise the list itself (moe_layer_indices)."""
@@ -275,16 +330,14 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
         raise c.fail("num_key_value_heads", f"expected a positive integer, found {kv_heads}")
     model_name = name or _name_from_path(str(data.get("_name_or_path") or ""), t)
     attention: dict[str, Any] = {"heads": heads, **_rope(c)}
-    layer_types = c.get("layer_types", list, optional=True) or []
-    if any(kind != "full_attention" for kind in layer_types):
-        raise c.fail("layer_types", f"only full_attention layers are modelled, found {sorted(set(layer_types))}: "
-                                    "sliding-window attention is not modelled yet")
+    attention.update(_sliding_window(c, info.num_layers))
     if t == "mixtral" and c.data.get("attention_bias"):
         raise c.fail("attention_bias", "attention_bias=true: transformers' Mixtral ignores it (its attention has no "
                                        "biases), so the config is ambiguous")
     # Qwen2-MoE reads qkv_bias instead (below); Mixtral and MiniMax-M2 have no attention biases; ERNIE's come with
     # use_bias, which the layer import refuses.
-    bias = c.get("attention_bias", bool) if t not in ("mixtral", "qwen2_moe", "minimax_m2", "ernie4_5_moe") else False
+    bias = c.get("attention_bias", bool) if t not in ("mixtral", "qwen2_moe", "minimax_m2", "ernie4_5_moe",
+                                                      "exaone_moe") else False
     if t in _MLA:
         attention.update(kind=AttentionKind.MLA.value, q_lora_rank=c.get("q_lora_rank", int, optional=True),
                          kv_lora_rank=c.positive("kv_lora_rank"), qk_nope_head_dim=c.positive("qk_nope_head_dim"),
@@ -305,19 +358,16 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
         if rotary is not None:
             attention["rotary_dim"] = rotary
         if t == "qwen2_moe":
-            if c.get("use_sliding_window", bool):
-                raise c.fail("use_sliding_window", "sliding-window attention is not modelled")
+            if c.get("use_sliding_window", bool) and not c.data.get("layer_types"):
+                raise c.fail("use_sliding_window", "use_sliding_window without layer_types: state which layers slide "
+                                                   "(transformers derives them from max_window_layers)")
             attention["qkv_bias"] = c.get("qkv_bias", bool)
         else:
             attention.update(qkv_bias=bias, out_bias=bias and t not in _QKV_BIAS_ONLY)
         if t == "olmoe" and c.get("clip_qkv", float, optional=True) is not None:
             raise c.fail("clip_qkv", "clipping q/k/v is not modelled")
-        if t == "qwen3_moe" and c.get("use_sliding_window", bool):
-            raise c.fail("use_sliding_window", "sliding-window attention is not modelled")
         if t in _QK_NORM or (t == "glm4_moe" and c.get("use_qk_norm", bool)):
             attention["qk_norm"] = _QK_NORM.get(t, "head")
-        if t == "mixtral" and c.get("sliding_window", int, optional=True) is not None:
-            raise c.fail("sliding_window", "sliding-window attention is not modelled; set it to null")
     decoder = _phimoe_decoder(c) if t == "phimoe" else {}
     if t == "gpt_oss":
         attention.update(_gpt_oss_attention(c))
@@ -327,7 +377,13 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
              "vocab_size": _positive(c, "vocab_size"), "hidden": hidden, "layers": info.num_layers,
              "tied_embeddings": c.get("tie_word_embeddings", bool),
              **_layer_schedule(info.moe_layers, info.num_layers, c), "attention": attention,
-             "rms_norm_eps": eps, "dtype": layer_spec.dtype.value, **decoder}
+             "rms_norm_eps": eps, "dtype": layer_spec.dtype.value,
+             "norm_position": "post" if t in _POST_NORM else "pre", **decoder}
+    if t == "granitemoe":  # muP multipliers; the attention one replaces the softmax scale
+        model["multipliers"] = {"embedding": c.get("embedding_multiplier", float),
+                                "residual": c.get("residual_multiplier", float),
+                                "logits": c.get("logits_scaling", float)}
+        attention["softmax_scale"] = c.get("attention_multiplier", float)
     if len(info.moe_layers) < info.num_layers:
         model["dense_width"] = _positive(c, "intermediate_size")
         model["dense_activation"] = layer_spec.experts.activation.value

@@ -23,11 +23,12 @@ from typing import Iterable, Mapping, Sequence
 
 from moe_ir.builder import ROUTER_BIAS, ROUTER_LOGIT_BIAS, ROUTER_WEIGHT, SHARED_GATE_WEIGHT
 from moe_ir.errors import WeightsError
-from moe_ir.model_spec import AttentionKind, ModelSpec, NormKind
+from moe_ir.model_spec import AttentionKind, ModelSpec, NormKind, NormPosition, QKNorm
 from moe_ir.spec import Activation, LayerSpec
 
-__all__ = ["HFLayout", "Join", "TensorRule", "PER_EXPERT_NAMES", "ROUTER_BIAS_NAMES", "moe_block_rules", "model_rules",
-           "prefixed", "detect_layout", "detect_model_layout", "detect_router_bias", "router_name", "shared_mlp_names"]
+__all__ = ["HFLayout", "Join", "TensorRule", "PER_EXPERT_NAMES", "ROUTER_BIAS_NAMES", "ROUTER_WEIGHT_NAMES",
+           "SHARED_MLP_NAMES", "moe_block_rules", "model_rules", "prefixed", "detect_layout", "detect_model_layout",
+           "detect_router_names", "router_name", "shared_mlp_names"]
 
 
 class HFLayout(enum.StrEnum):
@@ -36,6 +37,7 @@ class HFLayout(enum.StrEnum):
     STACKED = "stacked"
     PER_EXPERT = "per_expert"
     PER_EXPERT_W123 = "per_expert_w123"
+    STACKED_LINEAR = "stacked_linear"  # Granite hub checkpoints: input_linear [E, 2F, H] (gate, up), output_linear
 
 
 # Per-expert projection names: (gate, up, down).
@@ -114,13 +116,14 @@ def prefixed(rules: Iterable[TensorRule], ours: str, theirs: str) -> list[Tensor
             for r in rules]
 
 
-def shared_mlp_names(spec: LayerSpec) -> tuple[str, str | None]:
-    """(module name of the shared MLP, name of its gate weight): Qwen2-MoE's gated one or DeepSeek's."""
+def shared_mlp_names(spec: LayerSpec, ungated: str = "shared_experts") -> tuple[str, str | None]:
+    """(module name of the shared MLP, name of its gate weight): Qwen2-MoE's gated one, or the ungated one
+    (DeepSeek's `shared_experts`, Hunyuan's `shared_mlp`)."""
     if spec.experts.shared_gate:
         return "shared_expert", "shared_expert_gate.weight"
     if spec.router.scale_input:  # Llama 4: one ungated shared expert
         return "shared_expert", None
-    return "shared_experts", None
+    return ungated, None
 
 
 def router_name(spec: LayerSpec, layout: HFLayout | str) -> str:
@@ -159,15 +162,24 @@ ROUTER_BIAS_NAMES = ("gate.e_score_correction_bias", "e_score_correction_bias",
                      "gate.moe_statics.e_score_correction_bias", "moe_statics.e_score_correction_bias")
 
 
-def moe_block_rules(spec: LayerSpec, layout: HFLayout | str,
-                    router_bias: str = ROUTER_BIAS_NAMES[0]) -> list[TensorRule]:
+# The router projection's name in a block: `gate` in most families, `router` in Granite's module, `router.layer`
+# in Granite's hub checkpoints, `gate.wg` in Hunyuan's.
+ROUTER_WEIGHT_NAMES = ("gate.weight", "router.weight", "router.layer.weight", "gate.wg.weight")
+# The ungated shared MLP's module name in a block: DeepSeek's and most families', or Hunyuan's.
+SHARED_MLP_NAMES = ("shared_experts", "shared_mlp")
+
+
+def moe_block_rules(spec: LayerSpec, layout: HFLayout | str, router_bias: str = ROUTER_BIAS_NAMES[0],
+                    router_weight: str | None = None, shared_mlp: str = SHARED_MLP_NAMES[0]
+                    ) -> list[TensorRule]:
     """Rules of one MoE block, names relative to the block (`gate.weight`) and to the layer (`router.weight`)."""
     layout = HFLayout(layout)
     e = spec.experts
-    router = router_name(spec, layout)
-    rules = [TensorRule((ROUTER_WEIGHT,), (f"{router}.weight",))]
+    # The checkpoint's own name (detect_router_names) or the family's (router_name); a logit bias sits beside it.
+    router_weight = router_weight or f"{router_name(spec, layout)}.weight"
+    rules = [TensorRule((ROUTER_WEIGHT,), (router_weight,))]
     if spec.router.logit_bias:
-        rules.append(TensorRule((ROUTER_LOGIT_BIAS,), (f"{router}.bias",)))
+        rules.append(TensorRule((ROUTER_LOGIT_BIAS,), (router_weight.removesuffix(".weight") + ".bias",)))
     if spec.balance.aux_free is not None:
         join = Join.UNSQUEEZE if "moe_statics." in router_bias else Join.COPY
         rules.append(TensorRule((ROUTER_BIAS,), (router_bias,), join))
@@ -184,12 +196,15 @@ def moe_block_rules(spec: LayerSpec, layout: HFLayout | str,
     elif layout == HFLayout.STACKED:
         rules.append(TensorRule(("experts.w_gate", "experts.w_up"), ("experts.gate_up_proj",), Join.SPLIT, dim=1))
         rules.append(TensorRule(("experts.w_down",), ("experts.down_proj",)))
+    elif layout == HFLayout.STACKED_LINEAR:
+        rules.append(TensorRule(("experts.w_gate", "experts.w_up"), ("input_linear.weight",), Join.SPLIT, dim=1))
+        rules.append(TensorRule(("experts.w_down",), ("output_linear.weight",)))
     else:
         for ours, theirs in zip(("w_gate", "w_up", "w_down"), PER_EXPERT_NAMES[layout]):
             rules.append(TensorRule((f"experts.{ours}",),
                                     tuple(f"experts.{i}.{theirs}.weight" for i in range(e.routed)), Join.STACK))
     if e.shared:
-        mlp, gate = shared_mlp_names(spec)
+        mlp, gate = shared_mlp_names(spec, shared_mlp)
         for ours, theirs, dim in (("w_gate", "gate_proj", 0), ("w_up", "up_proj", 0), ("w_down", "down_proj", 1)):
             rules.append(TensorRule(tuple(f"shared.{i}.{ours}" for i in range(e.shared)), (f"{mlp}.{theirs}.weight",),
                                     Join.SPLIT, dim=dim))
@@ -215,12 +230,15 @@ def _attention_names(spec: ModelSpec) -> dict[str, str]:
     names = {f"w_{k}": f"{k}_proj.weight" for k in "qkvo"}
     names.update({f"b_{k}": f"{k}_proj.bias" for k in "qkvo"})
     names.update({"q_norm.weight": "q_norm.weight", "k_norm.weight": "k_norm.weight", "sinks": "sinks"})
+    if a.qk_norm == QKNorm.HEAD_AFTER_ROPE:  # Hunyuan, the one family normalising after RoPE, names them so
+        names.update({"q_norm.weight": "query_layernorm.weight", "k_norm.weight": "key_layernorm.weight"})
     return names
 
 
 def model_rules(spec: ModelSpec, graph_weights: Iterable[str], *, moe_block: str = "mlp",
                 layout: HFLayout | str = HFLayout.PER_EXPERT, prefix: str = "model.",
-                router_bias: str = ROUTER_BIAS_NAMES[0]) -> list[TensorRule]:
+                router_bias: str = ROUTER_BIAS_NAMES[0], router_weight: str | None = None,
+                shared_mlp: str = SHARED_MLP_NAMES[0]) -> list[TensorRule]:
     """Rules of a whole causal LM (transformers' names under `prefix`), one per graph weight group.
 
     `moe_block`: the MoE module's name in the checkpoint (`mlp`, or `block_sparse_moe` in Mixtral hub
@@ -236,12 +254,16 @@ def model_rules(spec: ModelSpec, graph_weights: Iterable[str], *, moe_block: str
     if m.lm_head_bias:
         rules.append(TensorRule(("lm_head.bias",), ("lm_head.bias",)))
     attention = _attention_names(spec)
-    block = moe_block_rules(spec.moe, layout, router_bias)
+    # Pre-norm: the norms before attention and FFN; post-norm (OLMo 2 style): the norms on their outputs.
+    norms = [("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")]
+    if m.norm_position == NormPosition.POST:
+        norms = [("attn_norm", "post_attention_layernorm"), ("ffn_norm", "post_feedforward_layernorm")]
+    block = moe_block_rules(spec.moe, layout, router_bias, router_weight, shared_mlp)
     for i in range(m.layers):
         ours, theirs = f"layers.{i}.", f"{prefix}layers.{i}."
-        for part in norm_parts:
-            rules.append(TensorRule((f"{ours}attn_norm.{part}",), (f"{theirs}input_layernorm.{part}",)))
-            rules.append(TensorRule((f"{ours}ffn_norm.{part}",), (f"{theirs}post_attention_layernorm.{part}",)))
+        for our_norm, their_norm in norms:
+            for part in norm_parts:
+                rules.append(TensorRule((f"{ours}{our_norm}.{part}",), (f"{theirs}{their_norm}.{part}",)))
         rules += [TensorRule((f"{ours}attn.{a}",), (f"{theirs}self_attn.{b}",)) for a, b in attention.items()
                   if f"{ours}attn.{a}" in present]
         if m.is_moe_layer(i):
@@ -261,14 +283,20 @@ def detect_layout(names: Iterable[str]) -> HFLayout:
         return HFLayout.PER_EXPERT_W123
     if any(re.fullmatch(r"experts\.\d+\.(gate|up|down)_proj\.weight", k) for k in names):
         return HFLayout.PER_EXPERT
+    if "input_linear.weight" in names:
+        return HFLayout.STACKED_LINEAR
     return HFLayout.STACKED
 
 
-def detect_router_bias(spec: ModelSpec, names: Iterable[str], block: str, prefix: str = "model.") -> str:
-    """The selection bias's name in a block of this checkpoint (ROUTER_BIAS_NAMES), read at the first MoE layer."""
+def detect_router_names(spec: ModelSpec, names: Iterable[str], block: str, prefix: str = "model.") -> dict[str, str]:
+    """The router's and the shared MLP's names in a block of this checkpoint (ROUTER_WEIGHT_NAMES,
+    ROUTER_BIAS_NAMES, SHARED_MLP_NAMES), read at the first MoE layer: keyword arguments of model_rules."""
     under = f"{prefix}layers.{spec.model.moe_layers[0]}.{block}."
     present = set(names)
-    return next((n for n in ROUTER_BIAS_NAMES if under + n in present), ROUTER_BIAS_NAMES[0])
+    return {"router_weight": next((n for n in ROUTER_WEIGHT_NAMES if under + n in present), None),
+            "router_bias": next((n for n in ROUTER_BIAS_NAMES if under + n in present), ROUTER_BIAS_NAMES[0]),
+            "shared_mlp": next((n for n in SHARED_MLP_NAMES if any(p.startswith(f"{under}{n}.") for p in present)),
+                               SHARED_MLP_NAMES[0])}
 
 
 def detect_model_layout(spec: ModelSpec, names: Iterable[str], prefix: str = "model.") -> tuple[str, HFLayout]:
@@ -278,6 +306,6 @@ def detect_model_layout(spec: ModelSpec, names: Iterable[str], prefix: str = "mo
     for block in ("mlp", "block_sparse_moe"):
         under = f"{prefix}layers.{first}.{block}."
         inside = [n[len(under):] for n in names if n.startswith(under)]
-        if any(n.startswith("experts.") for n in inside):
+        if any(n.startswith("experts.") or n == "input_linear.weight" for n in inside):
             return block, detect_layout(inside)
     return "mlp", HFLayout.STACKED

@@ -146,14 +146,18 @@ def attention_scale(attrs, qk_head_dim: int) -> float:
     return scale if scale is not None else qk_head_dim ** -0.5
 
 
-def visible_keys(attention_mask: torch.Tensor, new_len: int) -> torch.Tensor:
+def visible_keys(attention_mask: torch.Tensor, new_len: int, window: int | None = None) -> torch.Tensor:
     """bool [B, 1, S, L] from attention_mask [B, L]: new token i (cache slot L-S+i) sees slot j when
-    j <= L-S+i and the mask keeps j, and always sees itself (a padding token attends to itself only, so
-    no row is all -inf and no NaN reaches a later layer through the padding's keys and values)."""
+    j <= L-S+i and the mask keeps j (with a sliding window W, also when L-S+i - j < W: the W latest slots), and
+    always sees itself (a padding token attends to itself only, so no row is all -inf and no NaN reaches a later
+    layer through the padding's keys and values)."""
     total = attention_mask.shape[1]
     slot = torch.arange(new_len, device=attention_mask.device)[:, None] + (total - new_len)
     key = torch.arange(total, device=attention_mask.device)[None, :]
-    return (attention_mask.bool()[:, None, None, :] & (key <= slot)) | (key == slot)
+    seen = key <= slot
+    if window is not None:
+        seen = seen & (slot - key < window)
+    return (attention_mask.bool()[:, None, None, :] & seen) | (key == slot)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, visible: torch.Tensor,
@@ -179,11 +183,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, visi
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                     sinks: torch.Tensor | None = None) -> torch.Tensor:
-    """q [B,h,S,d], k [B,hk,S,d], v [B,hk,S,dv] -> [B,S,h*dv]: `attend` with no past and no padding."""
+                     sinks: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
+    """q [B,h,S,d], k [B,hk,S,d], v [B,hk,S,dv] -> [B,S,h*dv]: `attend` with no past and no padding (query i
+    sees keys j <= i, and with a sliding window W only those with i - j < W)."""
     s = q.shape[2]
-    future = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
-    return attend(q, k, v, scale, ~future, sinks)
+    hidden = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+    if window is not None:
+        hidden = hidden | torch.ones(s, s, dtype=torch.bool, device=q.device).tril(-window)
+    return attend(q, k, v, scale, ~hidden, sinks)
 
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -246,6 +253,22 @@ class Embedding(OpDef):
 
 
 @register
+class Scale(OpDef):
+    opcode = OpCode.SCALE
+    doc = "x * factor, in x's dtype"
+    inputs = (Port("x"),)
+    output_names = ("y",)
+    attrs = {"factor": Attr(float)}
+
+    def infer_types(self, node, x):
+        expect_float(x, node, "x")
+        return [x]
+
+    def reference(self, attrs, x):
+        return (x * attrs["factor"],)
+
+
+@register
 class RMSNorm(OpDef):
     opcode = OpCode.RMS_NORM
     doc = "x * rsqrt(mean(x^2, last dim) + eps) * weight, the statistics in float32"
@@ -293,7 +316,7 @@ class LayerNorm(OpDef):
 
 _ROPE_ATTRS = {"rope_theta": Attr(float, 10000.0), "rope_layout": Attr(RopeLayout, RopeLayout.HALF),
                "norm_eps": Attr(float, 1e-6, "epsilon of the q/k (or latent) RMSNorms"),
-               "rotary_dim": Attr((int, type(None)), None, "leading dims of each head RoPE rotates; None: all"),
+               "rotary_dim": Attr((int, type(None)), None, "leading dims of each head RoPE rotates; None: all, 0: none"),
                "yarn_factor": Attr((float, type(None)), None, "YaRN context factor; None: plain RoPE"),
                "yarn_original_max_positions": Attr(int, 4096, "YaRN: the pretraining context"),
                "yarn_beta_fast": Attr(float, 32.0), "yarn_beta_slow": Attr(float, 1.0),
@@ -310,7 +333,9 @@ _MHA_WEIGHTS = (Port("w_q"), Port("w_k"), Port("w_v"), Port("w_o"), Port("b_q", 
                 Port("b_k", optional=True), Port("b_v", optional=True), Port("b_o", optional=True),
                 Port("q_norm", optional=True), Port("k_norm", optional=True), Port("sinks", optional=True))
 _MHA_ATTRS = {"heads": Attr(int), "kv_heads": Attr(int), "head_dim": Attr(int),
-              "qk_norm": Attr(QKNorm, QKNorm.NONE), **_ROPE_ATTRS}
+              "qk_norm": Attr(QKNorm, QKNorm.NONE), **_ROPE_ATTRS,
+              "sliding_window": Attr((int, type(None)), None, "a query sees only the W latest keys (itself "
+                                                              "included); None: every earlier key")}
 
 
 def _mha_types(node, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm, sinks) -> TensorType:
@@ -321,7 +346,8 @@ def _mha_types(node, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm, 
     nq, nkv, d = a["heads"] * a["head_dim"], a["kv_heads"] * a["head_dim"], a["head_dim"]
     expect(a["heads"] % a["kv_heads"] == 0, node, f"kv_heads={a['kv_heads']} must divide heads={a['heads']}")
     r = rope_dims(a, d)
-    expect(r % 2 == 0 and 0 < r <= d, node, f"RoPE rotates pairs of dims: {r} rotated dims of a head of {d}")
+    expect(r % 2 == 0 and 0 <= r <= d, node, f"RoPE rotates pairs of dims: {r} rotated dims of a head of {d}")
+    expect(a["sliding_window"] is None or a["sliding_window"] >= 1, node, "sliding_window must be at least 1")
     _expect_linear(node, w_q, nq, h, "w_q")
     _expect_linear(node, w_k, nkv, h, "w_k")
     _expect_linear(node, w_v, nkv, h, "w_v")
@@ -332,7 +358,7 @@ def _mha_types(node, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm, 
     if norm == QKNorm.NONE:
         expect(q_norm is None and k_norm is None, node, "qk_norm none takes no q/k norm weights")
     else:
-        qs, ks = (d, d) if norm == QKNorm.HEAD else (nq, nkv)
+        qs, ks = (nq, nkv) if norm == QKNorm.FULL else (d, d)
         _expect_vector(node, q_norm, qs, "q_norm")
         _expect_vector(node, k_norm, ks, "k_norm")
         expect(q_norm is not None and k_norm is not None, node, f"qk_norm {norm.value} needs q_norm and k_norm")
@@ -350,7 +376,10 @@ def _mha_qkv(attrs, x, cos, sin, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm):
     q, k, v = _heads(q, heads), _heads(k, kv_heads), _heads(v, kv_heads)
     if norm == QKNorm.HEAD:
         q, k = rms_norm_math(q, q_norm, eps), rms_norm_math(k, k_norm, eps)
-    return apply_rope(q, cos, sin, attrs["rope_layout"]), apply_rope(k, cos, sin, attrs["rope_layout"]), v
+    q, k = apply_rope(q, cos, sin, attrs["rope_layout"]), apply_rope(k, cos, sin, attrs["rope_layout"])
+    if norm == QKNorm.HEAD_AFTER_ROPE:
+        q, k = rms_norm_math(q, q_norm, eps), rms_norm_math(k, k_norm, eps)
+    return q, k, v
 
 
 @register
@@ -368,7 +397,8 @@ class Attention(OpDef):
         d = attrs["head_dim"]
         cos, sin = rope_cos_sin(x.shape[1], rope_dims(attrs, d), attrs, x)
         q, k, v = _mha_qkv(attrs, x, cos, sin, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm)
-        return (F.linear(causal_attention(q, k, v, attention_scale(attrs, d), sinks), w_o, b_o),)
+        return (F.linear(causal_attention(q, k, v, attention_scale(attrs, d), sinks, attrs["sliding_window"]), w_o,
+                         b_o),)
 
 
 @register
@@ -392,7 +422,8 @@ class CachedAttention(OpDef):
         cos, sin = rope_cos_sin_at(position_ids, rope_dims(attrs, d), attrs, x)
         q, k, v = _mha_qkv(attrs, x, cos, sin, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm)
         k, v = torch.cat([past_key.to(k.dtype), k], dim=2), torch.cat([past_value.to(v.dtype), v], dim=2)
-        y = attend(q, k, v, attention_scale(attrs, d), visible_keys(attention_mask, x.shape[1]), sinks)
+        y = attend(q, k, v, attention_scale(attrs, d), visible_keys(attention_mask, x.shape[1], attrs["sliding_window"]),
+                   sinks)
         return F.linear(y, w_o, b_o), k, v
 
 

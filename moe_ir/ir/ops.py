@@ -56,6 +56,7 @@ class OpCode(enum.StrEnum):
     MLA_ATTENTION = "mla_attention"
     CACHED_ATTENTION = "cached_attention"          # the decode form of ATTENTION: past K/V in, present out
     CACHED_MLA_ATTENTION = "cached_mla_attention"  # the decode form of MLA_ATTENTION (expanded or latent cache)
+    SCALE = "scale"                # x * factor (Granite's embedding, residual and logits multipliers)
 
 
 class WeightLayout(enum.StrEnum):
