@@ -449,7 +449,7 @@ def test_rope_scalings_not_modelled_name_what_is_missing(rope, words):
 
 
 @pytest.mark.parametrize("model_type, words", [
-    ("granitemoeshared", "residual_multiplier"),
+    ("granitemoeshared", "beside the MoE block"),
     ("dbrx", "p-norm"), ("afmoe", "dual norms"),
 ])
 def test_families_not_modelled_name_the_missing_feature(model_type, words):
