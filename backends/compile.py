@@ -48,14 +48,18 @@ from .torch_ops import unsupported_ops
 @torch.library.custom_op("moe_ir::expert_ffns", mutates_args=())
 def expert_ffns(x: torch.Tensor, rows: torch.Tensor, group_sizes: torch.Tensor, w_up: torch.Tensor,
                 w_down: torch.Tensor, w_gate: torch.Tensor | None, b_up: torch.Tensor | None,
-                b_down: torch.Tensor | None, b_gate: torch.Tensor | None, activation: str) -> torch.Tensor:
+                b_down: torch.Tensor | None, b_gate: torch.Tensor | None, activation: str, clamp_alpha: float = 0.0,
+                clamp_limit: float = 0.0) -> torch.Tensor:
     """torch_kernels.grouped_ffn as one opaque op of the compiled graph (inference: no autograd).
 
     Inside the graph every expert's GEMM chain would be nodes of its own with a data-dependent row count:
     compile time grows with experts x layers (measured: 78 s for one 64-expert layer at hidden 32, where
     this op's graph compiles in seconds) and the graph carries a symbol per expert. As one op the graph
     is the same for 8 or 256 experts and its output shape [A, H] is known without the data. The
-    GEMMs run through oneDNN (`torch_kernels.onednn_linear`)."""
+    GEMMs run through oneDNN (`torch_kernels.onednn_linear`). An op's schema takes a name, not the kernels'
+    ("clamped_swiglu", alpha, limit) tuple: clamped SwiGLU's parameters come as two floats (unused otherwise)."""
+    if activation == "clamped_swiglu":
+        activation = (activation, clamp_alpha, clamp_limit)
     sizes = group_sizes.tolist()
     y = x.new_zeros(rows.shape[0], x.shape[1])  # rows past every group (dropped assignments) stay 0
     start = 0
@@ -71,7 +75,8 @@ def expert_ffns(x: torch.Tensor, rows: torch.Tensor, group_sizes: torch.Tensor, 
 
 
 @expert_ffns.register_fake
-def _expert_ffns_shape(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation):
+def _expert_ffns_shape(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation, clamp_alpha=0.0,
+                       clamp_limit=0.0):
     return x.new_empty(rows.shape[0], x.shape[1])
 
 
@@ -116,6 +121,14 @@ def packed_expert_op(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b
                                                b_up, b_down, b_gate, w_up[3], w_up[4], activation)
 
 
+def expert_ffns_kernel(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation):
+    """`moe_ir::expert_ffns` with grouped_ffn's signature (the op table's `expert_kernel`): the activation as
+    the kernels give it, a name or ("clamped_swiglu", alpha, limit), split into what the op's schema takes."""
+    name, alpha, limit = activation if isinstance(activation, tuple) else (activation, 0.0, 0.0)
+    return torch.ops.moe_ir.expert_ffns(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, name,
+                                        float(alpha), float(limit))
+
+
 def compile_settings():
     """The inductor settings every call of a compiled runner runs under (recompiles included): `freezing`.
 
@@ -151,7 +164,7 @@ class CompiledRunner:
     def __init__(self, module: GraphModule, *, dynamic: bool = True, mode: str | None = None,
                  compiler: str = "inductor"):
         self.module = module.eval()
-        module.grouped_ffn_kernel = torch.ops.moe_ir.expert_ffns
+        module.grouped_ffn_kernel = expert_ffns_kernel
         module.packed_ffn_kernel = packed_expert_op
         # fullgraph: a graph break would split the layer into pieces compiled apart (and, frozen, each
         # holding its own constants); it is an error, not a slowdown. `compiler` is torch.compile's backend
@@ -202,7 +215,7 @@ class CompiledDecodeRunner:
     def __init__(self, module: MoEModel, *, dynamic: bool = True, mode: str | None = None,
                  compiler: str = "inductor"):
         self.module = module.eval()
-        module.grouped_ffn_kernel = torch.ops.moe_ir.expert_ffns
+        module.grouped_ffn_kernel = expert_ffns_kernel
         module.packed_ffn_kernel = packed_expert_op
         self.entries = module.cache_entries
         self.input_names = [v.name for v in module.graph.inputs]

@@ -88,6 +88,19 @@ def expert_ffns(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate
     return expert_kernel(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation)
 
 
+def identity_expert_ffns(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, row_scale, activation,
+                         layout, identity, expert_kernel, packed_expert_kernel):
+    """`expert_ffns` when `identity` groups follow the FFN experts' (LongCat-Flash's zero-computation experts):
+    the kernel runs the FFN groups (the rows after them come back 0), then the identity rows take their
+    tokens. No size is read on the host, so the graph stays traceable."""
+    y = expert_ffns(x, rows, group_sizes[:w_up.shape[0]], w_up, w_down, w_gate, b_up, b_down, b_gate, row_scale,
+                    activation, layout, expert_kernel, packed_expert_kernel)
+    ends = torch.cumsum(group_sizes, 0)
+    position = torch.arange(rows.shape[0], device=rows.device)
+    passed = (position >= ends[w_up.shape[0] - 1]) & (position < ends[-1])
+    return torch.where(passed.unsqueeze(-1), x.index_select(0, rows), y)
+
+
 def combine_unweighted(y, rows, row_weights, like):
     """The un-permute as a plain sum: the weights were applied to the expert inputs."""
     return combine(y, rows, torch.ones_like(row_weights), like.shape[0])
@@ -269,7 +282,9 @@ TORCH_OPS: dict[OpCode, Callable[[Node], OpCall]] = {
     OpCode.SCALE_WEIGHTS: lambda n: OpCall(scale_weights, (n.attrs["normalize"], n.attrs["scale"])),
     OpCode.DISPATCH: _dispatch,
     OpCode.EXPERT_CHOICE_ROUTE: lambda n: OpCall(expert_choice, (n.attrs["capacity_factor"], n.attrs["top_k"])),
-    OpCode.GROUPED_FFN: lambda n: OpCall(expert_ffns, kernel_ffn_attrs(n), ("expert_kernel", "packed_expert_kernel")),
+    OpCode.GROUPED_FFN: lambda n: (OpCall(identity_expert_ffns, kernel_ffn_attrs(n) + (n.attrs["identity_experts"],),
+                                          ("expert_kernel", "packed_expert_kernel")) if n.attrs["identity_experts"] else
+                                   OpCall(expert_ffns, kernel_ffn_attrs(n), ("expert_kernel", "packed_expert_kernel"))),
     OpCode.COMBINE: lambda n: OpCall(combine_rows if n.attrs["weighted"] else combine_unweighted),
     OpCode.FFN: lambda n: OpCall(dense_ffn, kernel_ffn_attrs(n)),
     OpCode.SIGMOID_GATE: lambda n: OpCall(sigmoid_gate),

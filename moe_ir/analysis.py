@@ -64,7 +64,7 @@ def analyse(spec: LayerSpec) -> LayerAnalysis:
     activated = router + shared + e.top_k * per_expert
     h = spec.hidden
     ffn_matmuls = 3 if e.activation.gated else 2
-    flops = 2 * h * e.routed  # router projection
+    flops = 2 * h * e.choices  # router projection (identity experts are scored too)
     flops += e.top_k * 2 * ffn_matmuls * h * e.width
     flops += e.shared * 2 * ffn_matmuls * h * e.shared_ffn_width
     if e.shared_gate:
@@ -77,7 +77,7 @@ def analyse(spec: LayerSpec) -> LayerAnalysis:
         explicit["note"] = "expert-choice: top_k is the average experts per token at capacity factor 1"
     return LayerAnalysis(name=spec.name, total_params=total, activated_params=activated, router_params=router,
                          routed_expert_params=routed, params_per_routed_expert=per_expert, shared_params=shared,
-                         flops_per_token=flops, combinations=math.comb(e.routed, e.top_k), explicit=explicit,
+                         flops_per_token=flops, combinations=math.comb(e.choices, e.top_k), explicit=explicit,
                          paper=e.paper_view(), parallel=_parallel(spec, total, routed, shared, per_expert))
 
 

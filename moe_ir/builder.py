@@ -69,7 +69,8 @@ def add_moe_layer(g: Graph, spec: LayerSpec, x: Value, *, prefix: str = "", trai
     e, r, b = spec.experts, spec.router, spec.balance
     dtype = ElemType.from_name(spec.dtype)
     router_dtype = ElemType.from_name(r.dtype)
-    h, n = spec.hidden, e.routed
+    # n: what the router scores and dispatch groups by (routed FFN experts, then identity ones, LongCat-Flash)
+    h, n = spec.hidden, e.choices
     p = prefix
     outputs: dict[str, Value] = {}
 
@@ -110,13 +111,14 @@ def add_moe_layer(g: Graph, spec: LayerSpec, x: Value, *, prefix: str = "", trai
                           output_names=[f"{p}rows", f"{p}row_weights", f"{p}group_sizes"])
     rows, row_weights, group_sizes = disp.outputs
 
-    expert_w = _ffn_weights(g, f"{p}experts", (n,), e.width, h, spec, dtype)
+    expert_w = _ffn_weights(g, f"{p}experts", (e.routed,), e.width, h, spec, dtype)
     ffn_attrs = {"activation": e.activation}
+    expert_attrs = {"identity_experts": e.identity} if e.identity else {}
     if e.clamp is not None:
         ffn_attrs.update(clamp_alpha=e.clamp.alpha, clamp_limit=e.clamp.limit)
     # Llama 4 (router.scale_input): the routing weight scales each row's input, and the rows are summed unweighted.
     row_scale = row_weights if r.scale_input else None
-    y = g.add_node(OpCode.GROUPED_FFN, [tokens, rows, group_sizes, *expert_w, row_scale], ffn_attrs,
+    y = g.add_node(OpCode.GROUPED_FFN, [tokens, rows, group_sizes, *expert_w, row_scale], {**ffn_attrs, **expert_attrs},
                    name=f"{p}experts").outputs[0]
     out = g.add_node(OpCode.COMBINE, [y, rows, row_weights, tokens], {"weighted": not r.scale_input},
                      name=f"{p}combine").outputs[0]

@@ -165,9 +165,17 @@ class ExpertsSpec:
     shared_gate: bool = spec_field(False, doc="multiply the shared output by sigmoid(x w) (Qwen2-MoE)")
     activation: Activation = spec_field(Activation.SWIGLU, doc="expert activation")
     bias: bool = spec_field(False, doc="expert projections carry biases")
+    identity: int = spec_field(0, doc="zero-computation experts (LongCat-Flash): router choices after the routed "
+                                      "ones whose output is the token itself, weighted", minimum=0,
+                               maximum=MAX_EXPERTS, omit_default=True)
     clamp: ClampedSwiglu | None = spec_field(None, doc="alpha and limit of activation clamped_swiglu (required with "
                                                        "it, refused with any other activation)")
     paper: PaperExperts | None = spec_field(None, doc="the paper's parametrisation; routed/width/top_k/shared follow from it")
+
+    @property
+    def choices(self) -> int:
+        """Experts the router scores and a token may pick: the routed FFN experts, then the identity ones."""
+        return self.routed + self.identity
 
     @property
     def shared_ffn_width(self) -> int:
@@ -182,8 +190,9 @@ class ExpertsSpec:
                 "Ks": self.shared}
 
     def check(self, ctx: "ParseContext", path: str) -> None:
-        if self.top_k > self.routed:
-            ctx.fail(f"{path}.top_k", f"top_k={self.top_k} exceeds the {self.routed} routed experts")
+        if self.top_k > self.choices:
+            ctx.fail(f"{path}.top_k", f"top_k={self.top_k} exceeds the {self.choices} routed experts"
+                                      + (f" ({self.routed} + {self.identity} identity)" if self.identity else ""))
         if self.shared_gate and self.shared == 0:
             ctx.fail(f"{path}.shared_gate", "a shared-expert gate needs at least one shared expert")
         if self.shared_width is not None and self.shared == 0:
@@ -395,11 +404,28 @@ class LayerSpec:
                                                 "is balanced by construction (only z_loss applies)")
         if r.sparse_mixer is not None:
             self._check_sparse_mixer(ctx)
+        if e.identity:
+            self._check_identity(ctx)
         if r.scale_input and r.choice == Choice.EXPERT:
             ctx.fail("router.scale_input", "scale_input is modelled for token-choice routing (Llama 4), not "
                                            "expert-choice")
         if b.device is not None and e.routed % b.device.devices:
             ctx.fail("balance.device.devices", f"{b.device.devices} devices must divide the {e.routed} routed experts")
+
+    def _check_identity(self, ctx: "ParseContext") -> None:
+        # Identity experts are modelled as LongCat-Flash uses them: token-choice top-k over routed + identity
+        # experts, dropless, on one device; the other combinations are refused rather than guessed.
+        r, path = self.router, "experts.identity"
+        for what, present in (("expert-choice routing", r.choice == Choice.EXPERT),
+                              ("a group or device limit", self.routing_group_limit is not None),
+                              ("expert parallelism", self.parallel is not None),
+                              ("a capacity factor", self.capacity.factor is not None),
+                              ("router.sparse_mixer", r.sparse_mixer is not None),
+                              ("router.scale_input", r.scale_input),
+                              ("balance.device", self.balance.device is not None)):
+            if present:
+                ctx.fail(path, f"identity experts are modelled for dropless token-choice routing on one device; "
+                               f"they cannot combine with {what}")
 
     def _check_sparse_mixer(self, ctx: "ParseContext") -> None:
         # SparseMixer is a selection rule of its own (sequential argmax on the logits, a softmax per pick over

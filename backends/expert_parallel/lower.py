@@ -64,6 +64,9 @@ def routed_path(graph: Graph) -> RoutedPath:
     if route is None or route.op != OpCode.TOPK_ROUTE:
         raise BackendError(f"the expert ids of '{dispatch.name}' do not come from a topk_route node")
     rows, row_weights, group_sizes = dispatch.outputs
+    if any(n.op == OpCode.GROUPED_FFN and n.attrs["identity_experts"] for n in graph.users(rows)):
+        raise BackendError("identity experts (experts.identity, LongCat-Flash) are not placed by expert "
+                           "parallelism: its ranks hold FFN experts only")
     scaled = [n for n in graph.users(rows) if n.op == OpCode.GROUPED_FFN and n.input("row_scale") is not None]
     if scaled:
         raise BackendError("routing weights on the expert inputs (router.scale_input, Llama 4) are not lowered by "

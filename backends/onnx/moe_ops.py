@@ -285,8 +285,13 @@ class MoeOps(Lowering):
             gathered = em.op("Mul", [gathered, em.op("Unsqueeze", [scale, em.const([1])])])
         n_rows = em.rows_of(gathered)
         dropped = em.op("Sub", [n_rows, em.op("ReduceSum", [sizes, em.const([0])], keepdims=1)])
+        identity = node.attrs["identity_experts"]
+        if identity:  # LongCat-Flash: the identity experts' rows, after the FFN experts', pass through as one part
+            passed = em.op("ReduceSum", [em.op("Slice", [sizes, em.const([n_exp]), em.const([n_exp + identity])]),
+                                         em.const([0])], keepdims=1)
+            sizes = em.op("Concat", [em.op("Slice", [sizes, em.const([0]), em.const([n_exp])]), passed], axis=0)
         split = em.op("Concat", [sizes, dropped], axis=0)              # E groups, then dropped rows
-        parts = em.op("Split", [gathered, split], n_exp + 1, axis=0)
+        parts = em.op("Split", [gathered, split], n_exp + 1 + (1 if identity else 0), axis=0)
         outs = []
         for e in range(n_exp):
             em.prefix = f"{node.name}/expert{e}"
@@ -295,8 +300,10 @@ class MoeOps(Lowering):
                 w[key] = None if value is None else self.expert_weight(value, e)
             outs.append(self._ffn(parts[e], node, w))
         em.prefix = node.name
+        if identity:
+            outs.append(parts[n_exp])
         # Dropped rows (past every group) are zeros, as in the reference.
-        tail = em.op("Mul", [parts[n_exp], em.fconst(0.0, node.inputs[0].type.dtype)])
+        tail = em.op("Mul", [parts[-1], em.fconst(0.0, node.inputs[0].type.dtype)])
         em.op("Concat", outs + [tail], axis=0, out=node.outputs[0].name, name=node.name)
 
     def _lower_combine(self, node: Node) -> None:

@@ -60,6 +60,8 @@ def ort_refusal(graph: Graph) -> str:
             disp, ffn = moe_chain(graph, combine)
         except BackendError as err:
             return str(err)
+        if ffn.attrs["identity_experts"]:
+            return "com.microsoft.MoE has FFN experts only; identity experts (experts.identity) do not fit it"
         if ffn.input("row_scale") is not None:
             return ("com.microsoft.MoE weighs the expert outputs; routing weights on the expert inputs "
                     "(router.scale_input, Llama 4) do not fit it")
@@ -100,9 +102,11 @@ def plugin_refusal(graph: Graph) -> str:
                       or graph.find(OpCode.SPARSEMIXER_ROUTE))
         biased = any(n.inputs[2] is not None for n in graph.find(OpCode.LINEAR) if n.name.endswith("router_logits"))
         scaled = any(n.input("row_scale") is not None for n in graph.find(OpCode.GROUPED_FFN))
+        identity = any(n.attrs["identity_experts"] for n in graph.find(OpCode.GROUPED_FFN))
         why = (f"{routed[0].op.value} is not fusable" if routed else
                "a router projection with a bias (router.logit_bias) is not fusable" if biased else
                "routing weights on the expert inputs (router.scale_input) are not fusable" if scaled else
+               "identity experts (experts.identity) are not fusable" if identity else
                "fuse-moe did not apply")
         return f"the plugin flavour needs the routed path as one fused_moe node ({why})"
     ok, reason = plugin_op.plugin_supports(fused[0])

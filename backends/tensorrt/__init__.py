@@ -114,9 +114,11 @@ class TensorRTBackend(Backend):
                       or graph.find(OpCode.SPARSEMIXER_ROUTE))
             biased = any(n.inputs[2] is not None for n in graph.find(OpCode.LINEAR) if n.name.endswith("router_logits"))
             scaled = any(n.input("row_scale") is not None for n in graph.find(OpCode.GROUPED_FFN))
+            identity = any(n.attrs["identity_experts"] for n in graph.find(OpCode.GROUPED_FFN))
             why = (f"{routed[0].op.value} is not fusable" if routed else
                    "a router projection with a bias (router.logit_bias) is not fusable" if biased else
                    "routing weights on the expert inputs (router.scale_input) are not fusable" if scaled else
+                   "identity experts (experts.identity) are not fusable" if identity else
                    "fuse-moe did not apply")
             return False, f"the moe_ir::FusedMoE plugin needs the routed path as one fused_moe node ({why})"
         return plugin_op.plugin_supports(fused[0])

@@ -107,6 +107,9 @@ def graph_problem(graph: Graph) -> str:
         for op, reason in _UNFUSED_REASONS.items():
             if op in present:
                 return reason
+        if any(n.attrs["identity_experts"] for n in graph.find(OpCode.GROUPED_FFN)):
+            return ("identity experts (experts.identity, LongCat-Flash): fuse-moe leaves them unfused and the grouped "
+                    "GEMM kernels run FFN experts only")
         if any(n.input("row_scale") is not None for n in graph.find(OpCode.GROUPED_FFN)):
             return ("routing weights on the expert inputs (router.scale_input, Llama 4): fuse-moe leaves them "
                     "unfused and the grouped GEMM kernels weigh the outputs")

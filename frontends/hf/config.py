@@ -17,6 +17,7 @@ Semantics checked against transformers 5.23 by tests/test_hf_modules.py:
   qwen2_moe    Qwen2MoeSparseMoeBlock: softmax top-k (norm_topk_prob), one shared expert gated by
                sigmoid(shared_expert_gate(x))
   olmoe        OlmoeSparseMoeBlock: softmax top-k (norm_topk_prob)
+  longcat_flash LongcatFlashMoE: softmax over FFN + identity experts, selection with a correction bias, x scale
   llama4_text  Llama4TextMoe: sigmoid of the top-k logits scaling the chosen experts' inputs, one shared expert
   gpt_oss      GptOssMLP: router logit bias, softmax over the top-k logits, expert biases, clamped SwiGLU
   phimoe       PhimoeSparseMoeBlock in eval mode: SparseMixer (router.sparse_mixer, top-2 only), every layer MoE
@@ -91,6 +92,10 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "gpt_oss": {
         "hidden_size": 2880, "num_hidden_layers": 36, "num_local_experts": 128, "num_experts_per_tok": 4,
         "intermediate_size": 2880, "router_aux_loss_coef": 0.001, "swiglu_alpha": 1.702, "swiglu_limit": 7.0,
+    },
+    "longcat_flash": {
+        "hidden_size": 6144, "num_layers": 28, "hidden_act": "silu", "n_routed_experts": 512, "zero_expert_num": 256,
+        "moe_topk": 12, "expert_ffn_hidden_size": 2048, "routed_scaling_factor": 6.0,
     },
     "llama4_text": {
         "hidden_size": 5120, "num_hidden_layers": 48, "hidden_act": "silu", "num_local_experts": 16,
@@ -169,6 +174,8 @@ _ALIASES: dict[str, dict[str, str]] = {
     "exaone_moe": {"num_experts": "n_routed_experts", "num_shared_experts": "n_shared_experts"},
     "hunyuan_v1_moe": {"num_local_experts": "num_experts", "num_experts_per_tok": "moe_topk"},
     "ernie4_5_moe": {"num_experts": "moe_num_experts", "num_experts_per_tok": "moe_k"},
+    "longcat_flash": {"num_local_experts": "n_routed_experts", "num_experts_per_tok": "moe_topk",
+                      "moe_intermediate_size": "expert_ffn_hidden_size"},
 }
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILY_DEFAULTS)
@@ -196,6 +203,8 @@ _MAXIMA = {
     "num_experts_per_tok": MAX_EXPERTS, "moe_num_experts": MAX_EXPERTS, "moe_k": MAX_EXPERTS,
     "moe_intermediate_size": MAX_WIDTH, "moe_num_shared_experts": MAX_SHARED_EXPERTS, "n_group": MAX_EXPERTS, "topk_group": MAX_EXPERTS,
     "n_shared_experts": MAX_SHARED_EXPERTS, "decoder_sparse_step": MAX_LAYERS, "moe_layer_freq": MAX_LAYERS,
+    "num_layers": MAX_LAYERS, "zero_expert_num": MAX_EXPERTS, "moe_topk": MAX_EXPERTS,
+    "expert_ffn_hidden_size": MAX_WIDTH, "intermediate_size_mlp": MAX_WIDTH,
     "first_k_dense_replace": MAX_LAYERS, "num_attention_heads": MAX_HEADS, "num_key_value_heads": MAX_HEADS,
     "kv_lora_rank": MAX_HEAD_DIM, "q_lora_rank": MAX_HEAD_DIM, "qk_nope_head_dim": MAX_HEAD_DIM,
     "qk_rope_head_dim": MAX_HEAD_DIM, "v_head_dim": MAX_HEAD_DIM, "head_dim": MAX_HEAD_DIM,
@@ -282,6 +291,7 @@ class _Mapped:
     is_moe_layer: Callable[[int], bool]
     dense_reason: Callable[[int], str]
     notes: list[str]
+    layers_key: str = "num_hidden_layers"  # the key that counts the decoder layers
 
 
 def _activation(c: FamilyConfig) -> Activation:
@@ -606,6 +616,29 @@ def _map_gpt_oss(c: FamilyConfig) -> _Mapped:
                    lambda i: "", notes)
 
 
+def _map_longcat_flash(c: FamilyConfig) -> _Mapped:
+    """LongCat-Flash's MoE block: softmax over n_routed_experts + zero_expert_num, selection on the scores plus
+    e_score_correction_bias, weights x routed_scaling_factor; a zero (identity) expert returns the token itself.
+    One MoE block per decoder layer (num_layers; each layer also has two attention blocks and two dense MLPs)."""
+    if c.data.get("router_bias"):
+        raise c.fail("router_bias", "router_bias=true: transformers' LongCat-Flash router creates the bias but "
+                                    "computes its logits without it, so the config is ambiguous")
+    identity = c.get("zero_expert_num", int, optional=True) or 0
+    if identity < 0:
+        raise c.fail("zero_expert_num", f"expected a value >= 0, found {identity}")
+    experts = {"routed": c.positive("n_routed_experts"), "width": c.positive("expert_ffn_hidden_size"),
+               "top_k": c.positive("moe_topk")}
+    if identity:
+        experts["identity"] = identity
+    notes = [f"zero_expert_num={identity} -> experts.identity",
+             f"e_score_correction_bias -> router.bias (balance.aux_free); the bias update rate is not in the config: "
+             f"gamma={AuxFree().gamma} is the paper's value",
+             "transformers' gate_up_proj also holds rows for the identity experts, which nothing reads: the import "
+             "drops them, the export writes zeros"]
+    return _Mapped(experts, {"score": "softmax", "scaling": c.get("routed_scaling_factor", float)},
+                   {"aux_free": {"gamma": AuxFree().gamma}}, _all_layers, lambda i: "", notes, layers_key="num_layers")
+
+
 def _map_llama4_text(c: FamilyConfig) -> _Mapped:
     """Llama 4 (text): sigmoid of the top-k router logits, the weight multiplying the chosen expert's input
     (router.scale_input), one shared expert of the experts' width; MoE layers listed by moe_layers (default:
@@ -662,6 +695,7 @@ _FAMILIES: dict[str, Callable[[FamilyConfig], _Mapped]] = {
     "exaone_moe": _map_sigmoid_grouped,
     "hunyuan_v1_moe": _map_hunyuan_v1_moe,
     "granitemoe": _map_mixtral,  # softmax over the top-k logits = the top-k softmax renormalised; multipliers: model.py
+    "longcat_flash": _map_longcat_flash,
 }
 
 
@@ -711,7 +745,7 @@ def describe_hf_config(config: Any, *, layer: int | None = None, name: str | Non
     c = FamilyConfig(data, model_type, file)
     mapped = _FAMILIES[model_type](c)
     hidden = c.positive("hidden_size")
-    num_layers = c.positive("num_hidden_layers")
+    num_layers = c.positive(mapped.layers_key)
     moe_layers = tuple(i for i in range(num_layers) if mapped.is_moe_layer(i))
     if not moe_layers:
         raise c.fail("num_hidden_layers", "no decoder layer of this config is an MoE layer")

@@ -129,6 +129,9 @@ DECODER_REFUSALS: dict[str, tuple[str, str]] = {
                                             "(no_rope_layers) with attention temperature tuning, a weightless L2 "
                                             "q/k norm (use_qk_norm) and a dense FFN width of its own "
                                             "(intermediate_size_mlp) are not modelled"),
+    "longcat_flash": ("num_layers", "each decoder layer has two attention blocks and two dense FFN paths beside its "
+                                    "MoE block (a shortcut-connected MoE), which a model spec's one attention + one "
+                                    "FFN per layer cannot express"),
 }
 
 

@@ -60,6 +60,9 @@ class TensorRule:
     join: Join = Join.COPY
     dim: int = 0
     transposed: bool = False
+    # theirs[0] holds `pad` more entries along dim 0 after ours, which the model never reads (LongCat-Flash's
+    # gate_up_proj has rows for its identity experts): dropped on import, zeros on export.
+    pad: int = 0
 
     def their_shapes(self, our_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         """Checkpoint shapes that give the canonical shapes `our_shapes` through this rule."""
@@ -76,6 +79,8 @@ class TensorRule:
             out = {self.theirs[0]: tuple(whole)}
         if self.transposed:
             out = {name: shape[:-2] + (shape[-1], shape[-2]) for name, shape in out.items()}
+        if self.pad:
+            out = {name: (shape[0] + self.pad,) + shape[1:] for name, shape in out.items()}
         return out
 
     def to_ours(self, tensors: Sequence):
@@ -83,6 +88,8 @@ class TensorRule:
 
         if self.transposed:
             tensors = [t.transpose(-1, -2) for t in tensors]
+        if self.pad:
+            tensors = [t[:t.shape[0] - self.pad] for t in tensors]
         if self.join == Join.COPY:
             return [tensors[0]]
         if self.join == Join.STACK:
@@ -108,7 +115,11 @@ class TensorRule:
             out = [torch.stack(list(tensors), dim=dim + 1).flatten(dim, dim + 1)]
         else:
             out = [torch.cat(list(tensors), dim=self.dim)]
-        return [t.transpose(-1, -2) for t in out] if self.transposed else out
+        if self.transposed:
+            out = [t.transpose(-1, -2) for t in out]
+        if self.pad:
+            out = [torch.cat([t, t.new_zeros((self.pad,) + tuple(t.shape[1:]))]) for t in out]
+        return out
 
 
 def prefixed(rules: Iterable[TensorRule], ours: str, theirs: str) -> list[TensorRule]:
@@ -132,6 +143,8 @@ def router_name(spec: LayerSpec, layout: HFLayout | str) -> str:
     module (the one family with SparseMixer routing; PhiMoE hub
     checkpoints keep `gate`)."""
     r = spec.router
+    if spec.experts.identity:  # LongCat-Flash: router.classifier
+        return "router.classifier"
     if r.logit_bias or r.scale_input or (r.sparse_mixer is not None and HFLayout(layout) == HFLayout.STACKED):
         return "router"
     return "gate"
@@ -181,8 +194,11 @@ def moe_block_rules(spec: LayerSpec, layout: HFLayout | str, router_bias: str = 
     if spec.router.logit_bias:
         rules.append(TensorRule((ROUTER_LOGIT_BIAS,), (router_weight.removesuffix(".weight") + ".bias",)))
     if spec.balance.aux_free is not None:
-        join = Join.UNSQUEEZE if "moe_statics." in router_bias else Join.COPY
-        rules.append(TensorRule((ROUTER_BIAS,), (router_bias,), join))
+        if e.identity:  # LongCat-Flash keeps it under its router
+            rules.append(TensorRule((ROUTER_BIAS,), ("router.e_score_correction_bias",)))
+        else:
+            join = Join.UNSQUEEZE if "moe_statics." in router_bias else Join.COPY
+            rules.append(TensorRule((ROUTER_BIAS,), (router_bias,), join))
     if e.activation == Activation.CLAMPED_SWIGLU:
         if layout != HFLayout.STACKED:
             raise WeightsError(f"gpt-oss experts (clamped_swiglu, biases) have one Hugging Face layout, stacked "
@@ -194,7 +210,9 @@ def moe_block_rules(spec: LayerSpec, layout: HFLayout | str, router_bias: str = 
                                f"[E, H, 2F]); not {layout.value}")
         rules += _llama4_experts()
     elif layout == HFLayout.STACKED:
-        rules.append(TensorRule(("experts.w_gate", "experts.w_up"), ("experts.gate_up_proj",), Join.SPLIT, dim=1))
+        # LongCat-Flash's gate_up_proj also holds (unused) rows for its identity experts.
+        rules.append(TensorRule(("experts.w_gate", "experts.w_up"), ("experts.gate_up_proj",), Join.SPLIT, dim=1,
+                                pad=e.identity))
         rules.append(TensorRule(("experts.w_down",), ("experts.down_proj",)))
     elif layout == HFLayout.STACKED_LINEAR:
         rules.append(TensorRule(("experts.w_gate", "experts.w_up"), ("input_linear.weight",), Join.SPLIT, dim=1))

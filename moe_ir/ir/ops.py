@@ -390,11 +390,14 @@ def dispatch_assignments(expert_idx: torch.Tensor, weights: torch.Tensor, num_ex
 def grouped_ffn_math(x: torch.Tensor, rows: torch.Tensor, group_sizes: torch.Tensor, w_up, w_down, w_gate,
                      b_up, b_down, b_gate, activation: Activation, layout: WeightLayout,
                      clamp: tuple[float, float] | None = None) -> torch.Tensor:
-    """y[A, H]: row r is expert e's FFN of x[rows[r]] where r falls in e's group; rows past all groups are 0."""
+    """y[A, H]: row r is expert e's FFN of x[rows[r]] where r falls in e's group; rows past all groups are 0.
+    Groups past the stacked weights' experts are identity experts: y[r] = x[rows[r]]."""
     y = x.new_zeros(rows.shape[0], x.shape[1])
     start = 0
     for e, size in enumerate(group_sizes.tolist()):
-        if size:
+        if size and e >= w_up.shape[0]:
+            y[start:start + size] = x[rows[start:start + size]]
+        elif size:
             sel = rows[start:start + size]
             pick = lambda w: None if w is None else w[e]  # noqa: E731
             y[start:start + size] = ffn_math(x[sel], w_up[e], w_down[e], pick(w_gate), pick(b_up), pick(b_down),
@@ -676,7 +679,8 @@ class GroupedFFN(OpDef):
     inputs = (Port("x"), Port("rows"), Port("group_sizes")) + _FFN_WEIGHT_PORTS + (Port("row_scale", optional=True,
                                                                                         quiet=True),)
     output_names = ("y",)
-    attrs = dict(_FFN_ATTRS)
+    attrs = {**_FFN_ATTRS, "identity_experts": Attr(int, 0, "groups after the stacked experts whose rows pass "
+                                                           "through unchanged (LongCat-Flash)", quiet=True)}
 
     def infer_types(self, node, x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, row_scale):
         expect_rank(x, 2, node, "x")
@@ -686,8 +690,10 @@ class GroupedFFN(OpDef):
             expect_dim(row_scale.shape[0], rows.shape[0], node, "row_scale vs rows")
         width, hidden = _ffn_widths(node, w_up, w_down, w_gate, stacked=True)
         expect_dim(hidden, x.shape[1], node, "expert hidden size vs x")
-        expect(group_sizes.shape == (w_up.shape[0],), node,
-                f"group_sizes {group_sizes} must have one entry per expert ({w_up.shape[0]})")
+        z = node.attrs["identity_experts"]
+        expect(z >= 0 and (z == 0 or row_scale is None), node, "identity experts take no row_scale")
+        expect(group_sizes.shape == (w_up.shape[0] + z,), node,
+                f"group_sizes {group_sizes} must have one entry per expert ({w_up.shape[0]} + {z} identity)")
         return [TensorType((rows.shape[0], x.shape[1]), x.dtype)]
 
     def reference(self, attrs, x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, row_scale):

@@ -172,6 +172,8 @@ class FuseMoE(Pass):
             return None
         if ffn.input("row_scale") is not None or not combine.attrs["weighted"]:
             return None  # weights on the expert inputs (Llama 4): fused_moe weighs the outputs
+        if ffn.attrs["identity_experts"]:
+            return None  # fused_moe has FFN experts only
         scale = disp.inputs[1].producer
         route = disp.inputs[0].producer
         if scale is None or scale.op != OpCode.SCALE_WEIGHTS or route is None or route.op != OpCode.TOPK_ROUTE:
