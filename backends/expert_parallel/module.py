@@ -376,7 +376,8 @@ class ExpertParallelMoE(nn.Module):
         # The received rows as the dispatch lays out assignments: sorted by (local) expert, row order within.
         expert_of, rows = rmask.t().nonzero(as_tuple=True)
         group_sizes = K.count_ids(expert_of, rmask.shape[1])
-        y = expert_ffns(rx, rows, group_sizes, *expert_weights, activation, layout, K.grouped_ffn)
+        y = expert_ffns(rx, rows, group_sizes, *expert_weights, activation, layout, K.grouped_ffn,
+                        K.grouped_ffn_packed)
         return K.combine(y, rows, rgate[rows, expert_of], rx.shape[0])
 
     def _tensor_parallel_ffn(self, tokens, w_up, w_down, w_gate, b_up, b_down, b_gate, activation, layout):
