@@ -740,7 +740,8 @@ def int4_matmul_layout(qweight, scales, zeros, block):
     s = scales.to(torch.float32).reshape(-1, *scales.shape[-2:])
     z = torch.zeros_like(s) if zeros is None else (8 - zeros.to(torch.float32).reshape(s.shape)) * s
     layout = torch.stack((s, z), dim=-1).transpose(1, 2).contiguous().to(torch.bfloat16)
-    return packed.reshape(*qweight.shape[:-2], *packed.shape[-2:]), layout.reshape(*scales.shape[:-2], *layout.shape[-3:])
+    return (packed.reshape(*qweight.shape[:-2], *packed.shape[-2:]),
+            layout.reshape(*scales.shape[:-2], *layout.shape[-3:]))
 
 
 def packed_weight(qweight, scales, zeros, fmt, block, int4_activations):
@@ -810,8 +811,8 @@ def grouped_ffn_packed(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down,
         pieces, start = [], 0
         for e, end in enumerate(ends):
             pieces.append(ffn_packed(xs[start:end], packed_expert(w_up, e), packed_expert(w_down, e),
-                                     packed_expert(w_gate, e), *(None if b is None else b[e] for b in (b_up, b_down, b_gate)),
-                                     activation))
+                                     packed_expert(w_gate, e),
+                                     *(None if b is None else b[e] for b in (b_up, b_down, b_gate)), activation))
             start = end
         pieces.append(x.new_zeros(rows.shape[0] - kept, x.shape[1]))
         return torch.cat(pieces)

@@ -26,6 +26,8 @@ Conventions (the same as the layer analysis in analysis.py):
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import asdict, dataclass
 
@@ -92,7 +94,8 @@ def _numel(shape) -> int:
 def analyse_model(spec: ModelSpec, *, context: int | None = None) -> ModelAnalysis:
     """Counts and FLOPs of `spec` (see the module docstring for the conventions)."""
     m = spec.model
-    graph = build_model_graph(spec)
+    # parameters are counted as the model's (a quantized spec stores them as codes and scales)
+    graph = build_model_graph(dataclasses.replace(spec, quantization=None))
     sizes = {name: _numel(v.type.shape) for name, v in graph.weights.items()}
     buffers = {name for name, v in graph.weights.items() if v.kind == ValueKind.BUFFER}
     moe = analyse(spec.moe)

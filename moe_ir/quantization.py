@@ -417,12 +417,14 @@ def compare_outputs(output: str, float_out: "torch.Tensor", quant_out: "torch.Te
         kl = (logp.exp() * (logp - logq)).sum(-1)
         kl_mean, kl_max = float(kl.mean()), float(kl.max())
     return QuantizationAccuracy(output, float(diff.max()) if diff.numel() else 0.0,
-                                float(diff.mean()) if diff.numel() else 0.0, float((q - f).norm()) / norm if norm else 0.0,
+                                float(diff.mean()) if diff.numel() else 0.0,
+                                float((q - f).norm()) / norm if norm else 0.0,
                                 changed, units, top1, kl_mean, kl_max, scheme)
 
 
 def accuracy_report(float_graph: Graph, float_weights: Mapping[str, "torch.Tensor"], graph: Graph,
-                    weights: Mapping[str, "torch.Tensor"], inputs: Mapping[str, "torch.Tensor"]) -> QuantizationAccuracy:
+                    weights: Mapping[str, "torch.Tensor"],
+                    inputs: Mapping[str, "torch.Tensor"]) -> QuantizationAccuracy:
     """Both graphs in the float64 reference on `inputs`, compared (`compare_outputs`). Each graph must output
     its routing (`expert_idx` of a layer, `layers.<i>.expert_idx` of a model built with routing=True)."""
     from .interpreter import interpret

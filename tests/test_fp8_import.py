@@ -42,7 +42,8 @@ def to_fp8_tiles(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             tile = w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].double()
             s = float(tile.abs().max()) / 448.0 or 1.0
             scales[i, j] = s
-            codes[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = (tile / torch.tensor(s, dtype=torch.float32).double()).to(torch.float8_e4m3fn)
+            stored_scale = torch.tensor(s, dtype=torch.float32).double()
+            codes[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = (tile / stored_scale).to(torch.float8_e4m3fn)
     return codes, scales
 
 
@@ -157,4 +158,5 @@ def test_hf_folder_loads_kept_and_import_hf_writes_dequantized(fp8_folder, tmp_p
     assert main(["import-hf", str(folder), "--model", "--weights", str(folder), "-o", str(out / "m.yaml"),
                  "--weights-out", str(out / "m.safetensors")]) == 0
     written = load_file(str(out / "m.safetensors"))
-    assert torch.equal(written["layers.1.moe.experts.w_gate"][4], dequantized["model.layers.1.mlp.experts.4.gate_proj.weight"])
+    assert torch.equal(written["layers.1.moe.experts.w_gate"][4],
+                       dequantized["model.layers.1.mlp.experts.4.gate_proj.weight"])

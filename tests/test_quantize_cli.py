@@ -90,3 +90,21 @@ def test_shrunk_model_keeps_its_quantization(tmp_path, capsys):
                  "--generate", "0", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["quantization"]["scheme"] == "int8:16" and report["quantization"]["top1_agree"] is not None
+
+
+def test_inspect_counts_a_quantized_model_like_its_float_form(tmp_path, capsys):
+    spec = tmp_path / "model.yaml"
+    spec.write_text(MODEL_YAML)
+    assert main(["inspect", str(spec), "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    spec.write_text(MODEL_YAML + "quantization: {format: int4, block: 16, weights: {embeddings: true, head: true}}\n")
+    assert main(["inspect", str(spec), "--json"]) == 0
+    quantized = json.loads(capsys.readouterr().out)
+    assert quantized["total_params"] == plain["total_params"] > 0
+
+
+def test_generate_with_quantized_embeddings_and_head(tmp_path, capsys):
+    spec = tmp_path / "model.yaml"
+    spec.write_text(MODEL_YAML + "quantization: {format: int8, block: 16, weights: {embeddings: true, head: true}}\n")
+    assert main(["generate", str(spec), "--prompt-ids", "1,2,3", "--max-new-tokens", "3", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["tokens"][0]) >= 3

@@ -9,8 +9,9 @@ Contenders (one set of float weights, quantized round-to-nearest with block 32 a
                   dequantized on its own (never a float copy of all experts), then a float GEMM
   int4 bf16-act   int4 decode through torch's CPU int4 matmul on bfloat16 activations (the backend's
                   int4_activations="bf16"; 1-3 rows per expert), ~3e-3 relative error; more rows dequantize
-  ort int4 QMoE   the onnx:ort export (routed experts as com.microsoft.QMoE, the shared experts through
-                  DequantizeLinear + Gemm) in onnxruntime, same threads (--no-ort leaves it out)
+  ort float32     the onnx:ort export of the float layer (routed experts as com.microsoft.MoE) in onnxruntime
+  ort int4 QMoE   the onnx:ort export (routed experts as com.microsoft.QMoE, the shared experts as
+                  com.microsoft.MatMulNBits) in onnxruntime, same threads (--no-ort leaves both out)
 The header gives the CPU model and the copy bandwidth of this run (a 512 MiB clone: bytes read + written per
 second). Each row gives the weight bytes a call touches (the router, the shared experts and each routed
 expert hit at least once, in the format's storage: codes + scales (+ zero points)), and those bytes over the
@@ -113,11 +114,14 @@ def main() -> None:
         runners[label] = backend.prepare(run_pipeline(graph, backend.pipeline), weights, **options)
     if not args.no_ort:
         ort = get_backend("onnx:ort")
+        contenders["ort float32"] = (float_graph, float_weights, {})
+        runners["ort float32"] = ort.prepare(run_pipeline(float_graph, ort.pipeline), float_weights,
+                                             threads=args.threads)
         graph, weights, _ = contenders["int4"]
         contenders["ort int4 QMoE"] = (graph, weights, {})
         runners["ort int4 QMoE"] = ort.prepare(run_pipeline(graph, ort.pipeline), weights, threads=args.threads)
-    del float_weights  # the float module holds its own copy
 
+    del float_weights  # each runner holds its own copy
     for tokens in tokens_list:
         x = torch.randn(1, tokens, HIDDEN, generator=torch.Generator().manual_seed(tokens))
         times = {label: [] for label in runners}

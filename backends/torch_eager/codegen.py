@@ -160,7 +160,8 @@ def _decode_forward(graph: Graph, local: _LocalNames) -> tuple[list[str], list[s
     so it feeds the next call as is; position_ids are computed from the attention mask."""
     entries = cache_entries(graph)
     table = ", ".join(f"({e.past!r}, {e.present!r}, {e.heads}, {e.dim})" for e in entries)
-    dtype_of = weight_expression("embed.weight")
+    # the embedding table's dtype (a quantized table: its scales')
+    dtype_of = weight_expression("embed.weight" if "embed.weight" in graph.weights else "embed.weight.scales")
     first = entries[0].past
     head = [
         "        if cache is None:",

@@ -358,11 +358,16 @@ class MoEModel(GraphModule):
         return (f"model '{self.graph.name}' was lowered from a prefill graph and {what}; lower the decode graph "
                 "(build_model_graph(spec, form='decode'), or MoEModel.from_spec(spec, form='decode')) to generate")
 
+    def _embedding_like(self) -> torch.Tensor:
+        """The embedding table, whose dtype and device the cache takes (a quantized table: its scales)."""
+        weight = self.embed.weight
+        return weight if isinstance(weight, torch.Tensor) else weight.scales
+
     def new_cache(self, batch: int) -> KVCache:
         """An empty cache for `batch` sequences, in the weights' dtype and device."""
         if not self.cache_entries:
             raise BackendError(self._not_decode("has no cache"))
-        like = self.embed.weight
+        like = self._embedding_like()
         return KVCache.empty(self.cache_entries, batch, dtype=like.dtype, device=like.device)
 
     def step(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -380,7 +385,7 @@ class MoEModel(GraphModule):
         if not self.cache_entries:
             raise BackendError(self._not_decode("cannot generate"))
         self.check_input_ids(input_ids)
-        like = self.embed.weight
+        like = self._embedding_like()
         return greedy_generate(self.step, self.cache_entries, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                                eos_token_id=eos_token_id, cache_dtype=like.dtype, choose=choose,
                                on_token=on_token).tokens

@@ -58,8 +58,9 @@ class Dequantize(OpDef):
             want = (*lead, -(-n // block), -(-k // block))
         else:
             expected = (ElemType.UINT8,) if fmt == QuantFormat.INT4 or zeros is not None else (ElemType.INT8,)
-            expect(qweight.dtype in expected, node, f"{fmt.value} qweight must be {expected[0].value} "
-                                                    f"{'with' if zeros is not None else 'without'} zero points, found {qweight}")
+            zp = "with" if zeros is not None else "without"
+            expect(qweight.dtype in expected, node,
+                   f"{fmt.value} qweight must be {expected[0].value} {zp} zero points, found {qweight}")
             k = stored * 2 if fmt == QuantFormat.INT4 else stored
             expect(k % block == 0, node, f"block {block} does not divide the input dimension {k}")
             want = (*lead, n, k // block)
