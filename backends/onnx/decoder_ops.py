@@ -211,7 +211,10 @@ class DecoderOps(Lowering):
         shape = em.op("Concat", [batch_seq, em.const([hidden])], axis=0)
         em.op("Reshape", [y, shape], allowzero=1, out=node.outputs[0].name, name=node.name)
 
-    def _lower_attention(self, node: Node) -> None:
+    def _mha_heads(self, node: Node, tables: Callable[[str, int], tuple[str, str]]):
+        """The shared front of (cached) MHA/GQA: x's projections, the q/k norms, the split into heads and RoPE
+        (`tables(x, rotated dims)` gives cos/sin: at positions 0..S-1, or at position_ids). Returns (x, [B, S],
+        q [B,h,S,d], k [B,hk,S,d], v [B,hk,S,d])."""
         em, a = self.em, node.attrs
         x = node.inputs[0]
         dt = x.type.dtype
@@ -232,21 +235,29 @@ class DecoderOps(Lowering):
             k = self._rms_norm(k, node.input("k_norm"), eps, dt)
         rotated = rope_dims(a, d)
         if rotated:  # 0: a layer without positional encoding
-            tables = self._rope_tables(xs, rotated, a, dt)
-            q, k = (self._rope(t, d, tables, a["rope_layout"], rotated) for t in (q, k))
+            cos_sin = tables(xs, rotated)
+            q, k = (self._rope(t, d, cos_sin, a["rope_layout"], rotated) for t in (q, k))
         if norm == QKNorm.HEAD_AFTER_ROPE:  # over each head, after RoPE (Hunyuan)
             q = self._rms_norm(q, node.input("q_norm"), eps, dt)
             k = self._rms_norm(k, node.input("k_norm"), eps, dt)
-        o = self._causal_attention(xs, q, k, v, heads, kv_heads, d, attention_scale(a, d), dt, node.input("sinks"),
-                                   a["sliding_window"])
+        return xs, batch_seq, q, k, v
+
+    def _lower_attention(self, node: Node) -> None:
+        a, dt = node.attrs, node.inputs[0].type.dtype
+        xs, batch_seq, q, k, v = self._mha_heads(node, lambda xs, r: self._rope_tables(xs, r, a, dt))
+        o = self._causal_attention(xs, q, k, v, a["heads"], a["kv_heads"], a["head_dim"],
+                                   attention_scale(a, a["head_dim"]), dt, node.input("sinks"), a["sliding_window"])
         self._output_projection(node, o, batch_seq)
 
-    def _lower_mla_attention(self, node: Node) -> None:
+    def _mla_latents(self, node: Node, tables: Callable[[str, int], tuple[str, str]]):
+        """The shared front of (cached) MLA: the queries (full or low-rank), the normalised latent c_kv and the
+        one rotary key every head shares, RoPE applied (`tables` as in _mha_heads). Returns (x, [B, S],
+        q_nope [B,n,S,nope], q_rot [B,n,S,rope], c_kv [B*S, rank], k_rot [B,1,S,rope])."""
         em, a = self.em, node.attrs
         x = node.inputs[0]
         dt = x.type.dtype
         n, eps = a["heads"], a["norm_eps"]
-        nope, rope, dv, rank = a["qk_nope_head_dim"], a["qk_rope_head_dim"], a["v_head_dim"], a["kv_lora_rank"]
+        nope, rope, rank = a["qk_nope_head_dim"], a["qk_rope_head_dim"], a["kv_lora_rank"]
         xs = self.operand(x)
         tokens = em.op("Reshape", [xs, em.const([-1, x.type.shape[2]])])
         batch_seq = em.op("Shape", [xs], start=0, end=2)
@@ -260,11 +271,19 @@ class DecoderOps(Lowering):
         # The compressed latent c_kv and the one rotary key every head shares.
         c_kv, k_rot = em.op("Split", [self._project(tokens, node.input("w_kv_a"), node.input("b_kv_a"), dt),
                                       em.const([rank, rope])], 2, axis=-1)
-        kv = self._project(self._rms_norm(c_kv, node.input("kv_a_norm"), eps, dt), node.input("w_kv_b"), None, dt)
+        c_kv = self._rms_norm(c_kv, node.input("kv_a_norm"), eps, dt)
+        cos_sin = tables(xs, rope)
+        q_rot = self._rope(q_rot, rope, cos_sin, a["rope_layout"])
+        k_rot = self._rope(self._split_heads(k_rot, batch_seq, 1, rope), rope, cos_sin, a["rope_layout"])
+        return xs, batch_seq, q_nope, q_rot, c_kv, k_rot
+
+    def _lower_mla_attention(self, node: Node) -> None:
+        em, a, dt = self.em, node.attrs, node.inputs[0].type.dtype
+        n, nope, rope, dv = a["heads"], a["qk_nope_head_dim"], a["qk_rope_head_dim"], a["v_head_dim"]
+        xs, batch_seq, q_nope, q_rot, c_kv, k_rot = self._mla_latents(
+            node, lambda xs, r: self._rope_tables(xs, r, a, dt))
+        kv = self._project(c_kv, node.input("w_kv_b"), None, dt)
         k_nope, v = em.op("Split", [self._split_heads(kv, batch_seq, n, nope + dv), em.const([nope, dv])], 2, axis=-1)
-        tables = self._rope_tables(xs, rope, a, dt)
-        q_rot = self._rope(q_rot, rope, tables, a["rope_layout"])
-        k_rot = self._rope(self._split_heads(k_rot, batch_seq, 1, rope), rope, tables, a["rope_layout"])
         k_rot = em.op("Expand", [k_rot, em.op("Shape", [q_rot])])   # [B, 1, S, rope] -> [B, n, S, rope]
         q = em.op("Concat", [q_nope, q_rot], axis=-1)
         k = em.op("Concat", [k_nope, k_rot], axis=-1)
@@ -322,60 +341,23 @@ class DecoderOps(Lowering):
         return self.em.op("Concat", [self.operand(node.input(port)), new], axis=2, out=out.name)
 
     def _lower_cached_attention(self, node: Node) -> None:
-        em, a = self.em, node.attrs
-        x = node.inputs[0]
-        dt = x.type.dtype
-        heads, kv_heads, d = a["heads"], a["kv_heads"], a["head_dim"]
-        norm, eps = a["qk_norm"], a["norm_eps"]
-        xs = self.operand(x)
-        tokens = em.op("Reshape", [xs, em.const([-1, x.type.shape[2]])])
-        batch_seq = em.op("Shape", [xs], start=0, end=2)
-        q, k, v = (self._project(tokens, node.input(f"w_{p}"), node.input(f"b_{p}"), dt) for p in "qkv")
-        if norm == QKNorm.FULL:
-            q = self._rms_norm(q, node.input("q_norm"), eps, dt)
-            k = self._rms_norm(k, node.input("k_norm"), eps, dt)
-        q = self._split_heads(q, batch_seq, heads, d)
-        k = self._split_heads(k, batch_seq, kv_heads, d)
-        v = self._split_heads(v, batch_seq, kv_heads, d)
-        if norm == QKNorm.HEAD:
-            q = self._rms_norm(q, node.input("q_norm"), eps, dt)
-            k = self._rms_norm(k, node.input("k_norm"), eps, dt)
-        rotated = rope_dims(a, d)
-        if rotated:  # 0: a layer without positional encoding
-            tables = self._rope_tables_at(self.operand(node.input("position_ids")), rotated, a, dt)
-            q, k = (self._rope(t, d, tables, a["rope_layout"], rotated) for t in (q, k))
-        if norm == QKNorm.HEAD_AFTER_ROPE:  # over each head, after RoPE (Hunyuan)
-            q = self._rms_norm(q, node.input("q_norm"), eps, dt)
-            k = self._rms_norm(k, node.input("k_norm"), eps, dt)
+        a, dt = node.attrs, node.inputs[0].type.dtype
+        positions = self.operand(node.input("position_ids"))
+        xs, batch_seq, q, k, v = self._mha_heads(node, lambda xs, r: self._rope_tables_at(positions, r, a, dt))
         k = self._append_cache(node, "past_key", k)
         v = self._append_cache(node, "past_value", v)
         mask, window = self.operand(node.input("attention_mask")), a["sliding_window"]
-        o = self._attend(q, k, v, heads, kv_heads, d, attention_scale(a, d), dt,
+        o = self._attend(q, k, v, a["heads"], a["kv_heads"], a["head_dim"], attention_scale(a, a["head_dim"]), dt,
                          lambda: self._hidden_keys(xs, mask, window), node.input("sinks"))
         self._output_projection(node, o, batch_seq)
 
     def _lower_cached_mla_attention(self, node: Node) -> None:
-        em, a = self.em, node.attrs
-        x = node.inputs[0]
-        dt = x.type.dtype
-        n, eps = a["heads"], a["norm_eps"]
-        nope, rope, dv, rank = a["qk_nope_head_dim"], a["qk_rope_head_dim"], a["v_head_dim"], a["kv_lora_rank"]
-        xs = self.operand(x)
-        tokens = em.op("Reshape", [xs, em.const([-1, x.type.shape[2]])])
-        batch_seq = em.op("Shape", [xs], start=0, end=2)
-        if node.input("w_q") is not None:
-            q = self._project(tokens, node.input("w_q"), None, dt)
-        else:
-            q_a = self._project(tokens, node.input("w_q_a"), node.input("b_q_a"), dt)
-            q = self._project(self._rms_norm(q_a, node.input("q_a_norm"), eps, dt), node.input("w_q_b"), None, dt)
-        q_nope, q_rot = em.op("Split", [self._split_heads(q, batch_seq, n, nope + rope), em.const([nope, rope])], 2,
-                              axis=-1)
-        c_kv, k_rot = em.op("Split", [self._project(tokens, node.input("w_kv_a"), node.input("b_kv_a"), dt),
-                                      em.const([rank, rope])], 2, axis=-1)
-        c_kv = self._rms_norm(c_kv, node.input("kv_a_norm"), eps, dt)                       # [B*S, r]
-        tables = self._rope_tables_at(self.operand(node.input("position_ids")), rope, a, dt)
-        q_rot = self._rope(q_rot, rope, tables, a["rope_layout"])
-        k_rot = self._rope(self._split_heads(k_rot, batch_seq, 1, rope), rope, tables, a["rope_layout"])
+        em, a, dt = self.em, node.attrs, node.inputs[0].type.dtype
+        n, nope, rope, dv, rank = (a["heads"], a["qk_nope_head_dim"], a["qk_rope_head_dim"], a["v_head_dim"],
+                                   a["kv_lora_rank"])
+        positions = self.operand(node.input("position_ids"))
+        xs, batch_seq, q_nope, q_rot, c_kv, k_rot = self._mla_latents(
+            node, lambda xs, r: self._rope_tables_at(positions, r, a, dt))
         if a["cache_layout"] == MLACacheLayout.LATENT:
             # The cache holds the latent and the shared rotary key; per-head K/V are expanded from the whole
             # cache at each call, as the reference does (an absorbed kernel would skip the expansion).
