@@ -30,12 +30,14 @@ TOKENIZER_FILE = "tokenizer.json"
 @dataclass
 class Source:
     """What generation runs: the model spec, its canonical weights (None: seeded random ones), the folder
-    a tokenizer may sit in, and the end-of-sequence id the checkpoint declares (None: none)."""
+    a tokenizer may sit in, the end-of-sequence id the checkpoint declares (None: none) and the longest
+    sequence it was made for (max_position_embeddings; None: not stated)."""
     spec: Any
     weights: dict[str, torch.Tensor] | None
     folder: Path | None
     eos_token_id: int | None = None
     description: str = ""
+    max_positions: int | None = None
 
 
 def _weights_spec_hash(path: Path) -> str | None:
@@ -68,16 +70,21 @@ def _load_weights_for(spec, path: Path, where: str) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _hf_eos(folder: Path) -> int | None:
-    """The checkpoint's end-of-sequence id (config.json `eos_token_id`, the first of a list)."""
+def _hf_config_ints(folder: Path) -> tuple[int | None, int | None]:
+    """(end-of-sequence id, max_position_embeddings) of a checkpoint's config.json (eos: the first of a list);
+    None where it states none."""
     try:
         data = json.loads((folder / "config.json").read_text(encoding="utf-8")[: 1 << 20])
     except (OSError, ValueError):
-        return None
-    eos = data.get("eos_token_id") if isinstance(data, dict) else None
+        return None, None
+    data = data if isinstance(data, dict) else {}
+    eos, longest = data.get("eos_token_id"), data.get("max_position_embeddings")
     if isinstance(eos, list):
         eos = eos[0] if eos else None
-    return eos if isinstance(eos, int) and not isinstance(eos, bool) else None
+
+    def plain_int(v):
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+    return plain_int(eos), plain_int(longest)
 
 
 def load_source(source: str, weights_path: str | None, shrink: int | None = None) -> Source:
@@ -98,7 +105,8 @@ def load_source(source: str, weights_path: str | None, shrink: int | None = None
             from .frontends.hf.checkpoint import load_hf_checkpoint
 
             spec, weights = load_hf_checkpoint(path)
-            return Source(spec, weights, path, _hf_eos(path), f"Hugging Face checkpoint {path}")
+            eos, longest = _hf_config_ints(path)
+            return Source(spec, weights, path, eos, f"Hugging Face checkpoint {path}", longest)
         if (path / BUILT_SPEC).is_file() and (path / BUILT_WEIGHTS).is_file():
             spec = load_any(path / BUILT_SPEC)
             if not isinstance(spec, ModelSpec):
@@ -402,6 +410,11 @@ def run_generate(args: argparse.Namespace) -> int:
     prompts = parse_prompts(args, tokenizer)
     vocab = spec.model.vocab_size
     _check_vocab(prompts, vocab, spec.name)
+    longest = max(len(p) for p in prompts)
+    if source.max_positions is not None and longest + args.max_new_tokens > source.max_positions:
+        raise UsageError(f"a prompt of {longest} tokens + --max-new-tokens {args.max_new_tokens} is longer than the "
+                         f"{source.max_positions} positions {spec.name} was made for (max_position_embeddings); "
+                         f"shorten the prompt or ask for fewer tokens")
     ids, mask = left_padded(prompts)
 
     layout = MLACacheLayout(args.mla_cache or "expanded")

@@ -196,6 +196,20 @@ def test_hf_checkpoint_folder_generates_what_transformers_generates(family, tmp_
     assert got["tokens"] == [want]
 
 
+def test_a_checkpoint_refuses_more_positions_than_it_was_made_for(tmp_path, capsys):
+    folder = tmp_path / "olmoe"
+    hf_model("olmoe", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = 12
+    (folder / "config.json").write_text(json.dumps(config))
+    argv = ["generate", str(folder), "--prompt-ids", "3 14 15 9 26 53 5"]
+    capsys.readouterr()
+    assert main([*argv, "--max-new-tokens", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "a prompt of 7 tokens + --max-new-tokens 6 is longer than the 12 positions" in err, err
+    assert len(generate_json(capsys, *argv[1:], "--max-new-tokens", "5")["tokens"][0]) <= 5
+
+
 def test_prompt_text_through_the_folder_tokenizer(tmp_path, capsys):
     tokenizers = pytest.importorskip("tokenizers")
     folder = tmp_path / "olmoe"
