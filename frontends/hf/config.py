@@ -47,9 +47,9 @@ from moe_ir.errors import SpecError
 from moe_ir.spec import (MAX_EXPERTS, MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_LAYERS, MAX_SHARED_EXPERTS, MAX_VOCAB,
                          MAX_WIDTH, Activation, AuxFree, DType, GroupScore, LayerSpec, show_number, spec_from_dict,
                          spec_to_dict)
-from .unexpressible import unexpressible_reason
+from .refused_families import refusal_of_family
 
-__all__ = ["FAMILY_DEFAULTS", "NOT_MODELLED", "SUPPORTED_MODEL_TYPES", "HFLayerInfo", "describe_hf_config", "describe_hf_config_file",
+__all__ = ["FAMILY_DEFAULTS", "SUPPORTED_MODEL_TYPES", "HFLayerInfo", "describe_hf_config", "describe_hf_config_file",
            "import_hf_config_file", "info_comment", "moe_layer_indices", "spec_from_hf_config", "spec_yaml_text"]
 
 # Defaults of the MoE-relevant keys, as the implementation reads them when config.json omits a key.
@@ -179,19 +179,6 @@ _ALIASES: dict[str, dict[str, str]] = {
 }
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILY_DEFAULTS)
-
-# transformers MoE families moe-ir does not read yet -> what they need that it lacks (read from their modeling
-# files in transformers 5.24), so a user learns what is missing rather than which families are supported.
-NOT_MODELLED: dict[str, str] = {
-    "granitemoeshared": "a shared MLP beside the MoE block (layers.i.shared_mlp, gate and up fused in input_linear), "
-                        "a tensor layout the weight mapping does not have (granitemoe itself is read)",
-    "dbrx": "LayerNorm instead of RMSNorm, q/k/v clipping (clip_qkv) and router weights normalised by a p-norm "
-            "(moe_normalize_expert_weights)",
-    "afmoe": "per-layer sliding-window attention, a sigmoid gate on the attention output, a norm after the "
-             "attention and after the FFN besides the one before each (dual norms) and muP input scaling",
-    "sarvam_moe": "a modelling implementation: transformers 5.24 carries only its configuration (a Glm4MoeConfig), "
-                  "so there is no model to check an import against",
-}
 
 # Upper bounds of a config's sizes: the spec's own (moe_ir.spec), stated under the config's key names so
 # that `num_hidden_layers: 10**12` is refused by name before any per-layer table is made. A config.json
@@ -732,12 +719,9 @@ def describe_hf_config(config: Any, *, layer: int | None = None, name: str | Non
     names the spec and selects which weights `weights_from_hf` reads."""
     data = config_dict(config)
     model_type = data.get("model_type")
-    missing = unexpressible_reason(model_type)
-    if missing is not None:
-        raise SpecError(f"model_type {model_type} cannot be imported: {missing}", path="model_type", file=file)
-    if isinstance(model_type, str) and model_type in NOT_MODELLED:
-        raise SpecError(f"model_type {model_type} needs {NOT_MODELLED[model_type]}, which moe-ir does not model yet",
-                        path="model_type", file=file)
+    refusal = refusal_of_family(model_type)
+    if refusal is not None:
+        raise SpecError(refusal, path="model_type", file=file)
     if not isinstance(model_type, str) or model_type not in _FAMILIES:
         found = "no model_type" if model_type is None else f"model_type {repr(model_type)[:60]}"
         raise SpecError(f"{found}; supported Hugging Face MoE families: {', '.join(SUPPORTED_MODEL_TYPES)}",

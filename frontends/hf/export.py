@@ -103,7 +103,7 @@ def _first_dense_only(spec: ModelSpec, family: str) -> int:
 
 
 def _deepseek(spec: ModelSpec, family: str) -> dict:
-    m, a, moe = spec.model, spec.model.attention, spec.moe
+    a, moe = spec.model.attention, spec.moe
     e, r = moe.experts, moe.router
     if a.kind != AttentionKind.MLA:
         raise _Unfit(f"{a.kind.value} attention: {family} attention is MLA")

@@ -1,12 +1,13 @@
-"""Hugging Face MoE families whose attention (or token mixer) moe-ir cannot express: the exact missing feature,
-so `import-hf` says what stops it instead of listing the families it takes.
+"""Hugging Face MoE families `import-hf` refuses, each with the exact missing feature, so a user learns what
+stops it instead of reading the list of families it takes: those whose attention (or token mixer) moe-ir's
+ops cannot express, and those it does not model yet.
 
 Each entry was read from the family's transformers 5 modeling file: the class that does what moe-ir's
 attention ops (MHA / GQA / MLA with RoPE, causal softmax over every earlier key) do not.
 """
 from __future__ import annotations
 
-__all__ = ["UNEXPRESSIBLE_FAMILIES", "unexpressible_reason"]
+__all__ = ["NOT_MODELLED", "UNEXPRESSIBLE_FAMILIES", "refusal_of_family", "unexpressible_reason"]
 
 # model_type -> the missing feature, named as the modeling file names it.
 UNEXPRESSIBLE_FAMILIES: dict[str, str] = {
@@ -35,3 +36,27 @@ UNEXPRESSIBLE_FAMILIES: dict[str, str] = {
 def unexpressible_reason(model_type: object) -> str | None:
     """Why moe-ir cannot import this family ('' -> None when it is not one of them)."""
     return UNEXPRESSIBLE_FAMILIES.get(model_type) if isinstance(model_type, str) else None
+
+
+# MoE families moe-ir does not read yet -> what they need that it lacks (read from their modeling
+# files in transformers 5.24), so a user learns what is missing rather than which families are supported.
+NOT_MODELLED: dict[str, str] = {
+    "granitemoeshared": "a shared MLP beside the MoE block (layers.i.shared_mlp, gate and up fused in input_linear), "
+                        "a tensor layout the weight mapping does not have (granitemoe itself is read)",
+    "dbrx": "LayerNorm instead of RMSNorm, q/k/v clipping (clip_qkv) and router weights normalised by a p-norm "
+            "(moe_normalize_expert_weights)",
+    "afmoe": "per-layer sliding-window attention, a sigmoid gate on the attention output, a norm after the "
+             "attention and after the FFN besides the one before each (dual norms) and muP input scaling",
+    "sarvam_moe": "a modelling implementation: transformers 5.24 carries only its configuration (a Glm4MoeConfig), "
+                  "so there is no model to check an import against",
+}
+
+
+def refusal_of_family(model_type: object) -> str | None:
+    """The one-line refusal of a family import-hf does not take, naming what it lacks (None: not one of them)."""
+    missing = unexpressible_reason(model_type)
+    if missing is not None:
+        return f"model_type {model_type} cannot be imported: {missing}"
+    if isinstance(model_type, str) and model_type in NOT_MODELLED:
+        return f"model_type {model_type} needs {NOT_MODELLED[model_type]}, which moe-ir does not model yet"
+    return None
