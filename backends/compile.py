@@ -58,8 +58,7 @@ def expert_ffns(x: torch.Tensor, rows: torch.Tensor, group_sizes: torch.Tensor, 
     is the same for 8 or 256 experts and its output shape [A, H] is known without the data. The
     GEMMs run through oneDNN (`torch_kernels.onednn_linear`). An op's schema takes a name, not the kernels'
     ("clamped_swiglu", alpha, limit) tuple: clamped SwiGLU's parameters come as two floats (unused otherwise)."""
-    if activation == "clamped_swiglu":
-        activation = (activation, clamp_alpha, clamp_limit)
+    activation = _activation_of(activation, clamp_alpha, clamp_limit)
     sizes = group_sizes.tolist()
     y = x.new_zeros(rows.shape[0], x.shape[1])  # rows past every group (dropped assignments) stay 0
     start = 0
@@ -80,20 +79,33 @@ def _expert_ffns_shape(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down,
     return x.new_empty(rows.shape[0], x.shape[1])
 
 
+def _activation_of(name: str, clamp_alpha: float, clamp_limit: float):
+    """The kernels' activation from an op's schema: a name, or ("clamped_swiglu", alpha, limit)."""
+    return (name, clamp_alpha, clamp_limit) if name == "clamped_swiglu" else name
+
+
+def _activation_parts(activation) -> tuple[str, float, float]:
+    """The kernels' activation as an op's schema takes it: (name, clamp alpha, clamp limit)."""
+    name, alpha, limit = activation if isinstance(activation, tuple) else (activation, 0.0, 0.0)
+    return name, float(alpha), float(limit)
+
+
 @torch.library.custom_op("moe_ir::packed_expert_ffns", mutates_args=())
 def packed_expert_ffns(x: torch.Tensor, rows: torch.Tensor, group_sizes: torch.Tensor, up: list[torch.Tensor],
                        down: list[torch.Tensor], gate: list[torch.Tensor], b_up: torch.Tensor | None,
                        b_down: torch.Tensor | None, b_gate: torch.Tensor | None, fmt: str, block: int,
-                       activation: str) -> torch.Tensor:
+                       activation: str, clamp_alpha: float = 0.0, clamp_limit: float = 0.0) -> torch.Tensor:
     """torch_kernels.grouped_ffn_packed as one opaque op, for the reason `expert_ffns` is one. A packed weight
     travels as its tensors [qweight, scales, zeros?, int4 codes?, int4 scales?] with `has_*` told by length:
-    custom ops take lists of tensors, not the kernels' tuples."""
+    custom ops take lists of tensors, not the kernels' tuples (nor the activation's tuple: see expert_ffns)."""
     return K.grouped_ffn_packed(x, rows, group_sizes, _packed(up, fmt, block), _packed(down, fmt, block),
-                                _packed(gate, fmt, block), b_up, b_down, b_gate, activation)
+                                _packed(gate, fmt, block), b_up, b_down, b_gate,
+                                _activation_of(activation, clamp_alpha, clamp_limit))
 
 
 @packed_expert_ffns.register_fake
-def _packed_expert_ffns_shape(x, rows, group_sizes, up, down, gate, b_up, b_down, b_gate, fmt, block, activation):
+def _packed_expert_ffns_shape(x, rows, group_sizes, up, down, gate, b_up, b_down, b_gate, fmt, block, activation,
+                              clamp_alpha=0.0, clamp_limit=0.0):
     return x.new_empty(rows.shape[0], x.shape[1])
 
 
@@ -118,15 +130,14 @@ def _packed(parts: list[torch.Tensor], fmt: str, block: int):
 def packed_expert_op(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation):
     """grouped_ffn_packed's signature over the opaque op (what the compiled module's packed kernel is)."""
     return torch.ops.moe_ir.packed_expert_ffns(x, rows, group_sizes, _flat(w_up), _flat(w_down), _flat(w_gate),
-                                               b_up, b_down, b_gate, w_up[3], w_up[4], activation)
+                                               b_up, b_down, b_gate, w_up[3], w_up[4], *_activation_parts(activation))
 
 
 def expert_ffns_kernel(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation):
     """`moe_ir::expert_ffns` with grouped_ffn's signature (the op table's `expert_kernel`): the activation as
     the kernels give it, a name or ("clamped_swiglu", alpha, limit), split into what the op's schema takes."""
-    name, alpha, limit = activation if isinstance(activation, tuple) else (activation, 0.0, 0.0)
-    return torch.ops.moe_ir.expert_ffns(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, name,
-                                        float(alpha), float(limit))
+    return torch.ops.moe_ir.expert_ffns(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate,
+                                        *_activation_parts(activation))
 
 
 def compile_settings():

@@ -87,8 +87,16 @@ def test_generated_model_py_equals_the_reference(tmp_path, fmt, symmetric, block
     torch.testing.assert_close(out.double(), ref, **TOL)
 
 
-def test_compile_equals_the_quantized_reference():
-    graph, weights = quantized_layer("int4", False, 16)
+# gpt-oss's experts: clamped SwiGLU with biases (the compiled op carries the clamp's alpha and limit as floats)
+CLAMPED = {"bias": True, "activation": "clamped_swiglu", "clamp": {"alpha": 1.702, "limit": 0.5}}
+
+
+@pytest.mark.parametrize("experts", [{}, CLAMPED], ids=["swiglu", "clamped-swiglu"])
+def test_compile_equals_the_quantized_reference(experts):
+    spec = {**LAYER, "experts": {**LAYER["experts"], **experts},
+            "quantization": {"format": "int4", "block": 16, "symmetric": False}}
+    graph = build_graph(spec_from_dict(spec))
+    weights = init_weights(graph, 3)
     backend = get_backend("compile")
     run = backend.prepare(run_pipeline(graph, backend.pipeline), weights)
     for tokens in (1, 6):
