@@ -8,6 +8,7 @@ from __future__ import annotations
 from moe_ir.errors import BackendError
 from moe_ir.ir import ElemType, Graph, Node, OpCode, Value, WeightLayout
 from moe_ir.model_builder import DECODE_INPUTS
+from moe_ir.passes import unfused_moe_reason
 from moe_ir.spec import Activation
 from . import plugin_op
 
@@ -98,17 +99,7 @@ def plugin_refusal(graph: Graph) -> str:
     """Why the routed path of this graph is not one node of the plugin contract ('' when it is)."""
     fused = graph.find(OpCode.FUSED_MOE)
     if len(fused) != 1:
-        routed = (graph.find(OpCode.EXPERT_CHOICE_ROUTE) or graph.find(OpCode.ROUTER_NOISE)
-                      or graph.find(OpCode.SPARSEMIXER_ROUTE))
-        biased = any(n.inputs[2] is not None for n in graph.find(OpCode.LINEAR) if n.name.endswith("router_logits"))
-        scaled = any(n.input("row_scale") is not None for n in graph.find(OpCode.GROUPED_FFN))
-        identity = any(n.attrs["identity_experts"] for n in graph.find(OpCode.GROUPED_FFN))
-        why = (f"{routed[0].op.value} is not fusable" if routed else
-               "a router projection with a bias (router.logit_bias) is not fusable" if biased else
-               "routing weights on the expert inputs (router.scale_input) are not fusable" if scaled else
-               "identity experts (experts.identity) are not fusable" if identity else
-               "fuse-moe did not apply")
-        return f"the plugin flavour needs the routed path as one fused_moe node ({why})"
+        return f"the plugin flavour needs the routed path as one fused_moe node ({unfused_moe_reason(graph)})"
     ok, reason = plugin_op.plugin_supports(fused[0])
     if not ok:
         return reason

@@ -30,6 +30,7 @@ from moe_ir.artifacts import OutputFolder
 from moe_ir.builder import spec_hash
 from moe_ir.errors import BackendError, BackendUnavailable
 from moe_ir.ir import ElemType, Graph, OpCode
+from moe_ir.passes import unfused_moe_reason
 from moe_ir.spec import DType, LayerSpec
 from ..base import Backend, BuildResult, Runner
 from ..integrity import sha256_file
@@ -110,17 +111,8 @@ class TensorRTBackend(Backend):
             return False, "balance losses are training outputs; TensorRT engines are inference graphs"
         fused = graph.find(OpCode.FUSED_MOE)
         if len(fused) != 1:
-            routed = (graph.find(OpCode.EXPERT_CHOICE_ROUTE) or graph.find(OpCode.ROUTER_NOISE)
-                      or graph.find(OpCode.SPARSEMIXER_ROUTE))
-            biased = any(n.inputs[2] is not None for n in graph.find(OpCode.LINEAR) if n.name.endswith("router_logits"))
-            scaled = any(n.input("row_scale") is not None for n in graph.find(OpCode.GROUPED_FFN))
-            identity = any(n.attrs["identity_experts"] for n in graph.find(OpCode.GROUPED_FFN))
-            why = (f"{routed[0].op.value} is not fusable" if routed else
-                   "a router projection with a bias (router.logit_bias) is not fusable" if biased else
-                   "routing weights on the expert inputs (router.scale_input) are not fusable" if scaled else
-                   "identity experts (experts.identity) are not fusable" if identity else
-                   "fuse-moe did not apply")
-            return False, f"the moe_ir::FusedMoE plugin needs the routed path as one fused_moe node ({why})"
+            return False, (f"the moe_ir::FusedMoE plugin needs the routed path as one fused_moe node "
+                           f"({unfused_moe_reason(graph)})")
         return plugin_op.plugin_supports(fused[0])
 
     def supports(self, graph: Graph) -> tuple[bool, str]:

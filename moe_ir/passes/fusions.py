@@ -145,6 +145,22 @@ class FuseGateUp(Pass):
         return graph, modified
 
 
+def unfused_moe_reason(graph: Graph) -> str:
+    """Why fuse-moe left this graph's routed path unfused: what a target that needs one fused_moe node (the
+    plugin flavour, TensorRT) reports."""
+    routed = (graph.find(OpCode.EXPERT_CHOICE_ROUTE) or graph.find(OpCode.ROUTER_NOISE)
+              or graph.find(OpCode.SPARSEMIXER_ROUTE))
+    if routed:
+        return f"{routed[0].op.value} is not fusable"
+    if any(n.inputs[2] is not None for n in graph.find(OpCode.LINEAR) if n.name.endswith("router_logits")):
+        return "a router projection with a bias (router.logit_bias) is not fusable"
+    if any(n.input("row_scale") is not None for n in graph.find(OpCode.GROUPED_FFN)):
+        return "routing weights on the expert inputs (router.scale_input) are not fusable"
+    if any(n.attrs["identity_experts"] for n in graph.find(OpCode.GROUPED_FFN)):
+        return "identity experts (experts.identity) are not fusable"
+    return "fuse-moe did not apply"
+
+
 @register_pass
 @dataclass(frozen=True)
 class FuseMoE(Pass):
