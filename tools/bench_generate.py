@@ -20,11 +20,12 @@ over a 1 GiB tensor) that bounds the tokens/s at bytes-per-token / bandwidth. Th
 row's fraction of that bound.
 
     python tools/bench_generate.py [--layers 16] [--prompt 128] [--new-tokens 64] [--repeats 2]
-        [--batches 1 8] [--workdir /tmp/moe-ir-bench-generate] [--threads 2]
+        [--batches 1 8] [--workdir DIR] [--threads 2]
 """
 from __future__ import annotations
 
 import argparse
+import tempfile
 import gc
 import os
 import statistics
@@ -178,7 +179,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/moe-ir-bench-generate"))
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "moe-ir-bench-generate",
+                        help="where the checkpoint and builds go (default: moe-ir-bench-generate in the temp folder)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 

@@ -17,11 +17,12 @@ embedding row, top-k of the routed experts); at the read bandwidth measured in t
 tokens/s. The table gives each batch-1 row's fraction of it.
 
     python tools/bench_generate_onnx.py [--layers 4] [--prompt 128] [--new-tokens 32] [--repeats 2]
-        [--batches 1 8] [--workdir /tmp/moe-ir-bench-generate] [--threads 2] [--no-transformers]
+        [--batches 1 8] [--workdir DIR] [--threads 2] [--no-transformers]
 """
 from __future__ import annotations
 
 import argparse
+import tempfile
 import contextlib
 import gc
 import io
@@ -119,7 +120,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/moe-ir-bench-generate"))
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "moe-ir-bench-generate",
+                        help="where the checkpoint and builds go (default: moe-ir-bench-generate in the temp folder)")
     parser.add_argument("--no-transformers", action="store_true", help="leave transformers' generate out")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

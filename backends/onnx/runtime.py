@@ -139,18 +139,24 @@ def make_model_runner(session, graph: Graph | None = None) -> Runner:
                 raise BackendError(f"{where}: token ids must be in [0, {vocab}), found "
                                    f"{low if low < 0 else high}")
         feed = {ids_info.name: input_ids.detach().cpu().contiguous().numpy()}
-        try:
-            results = session.run(out_names, feed)
-        except Exception as err:  # onnxruntime raises its own pybind exception types
-            raise BackendError(f"{where} failed on input_ids {list(input_ids.shape)}: "
-                               f"{str(err).strip()[:300]}") from None
-        out = {}
-        for name, arr in zip(out_names, results):
-            t = torch.from_numpy(np.ascontiguousarray(arr))
-            out[name] = t.to(out_dtypes[name]) if name in out_dtypes else t
-        return out
+        return run_session(session, out_names, feed, out_dtypes, where, input_ids.shape)
 
     return run
+
+
+def run_session(session, out_names: Sequence[str], feed: Mapping, out_dtypes: Mapping[str, torch.dtype], where: str,
+                ids_shape) -> dict[str, torch.Tensor]:
+    """One ONNX Runtime call of a runner: its outputs as torch tensors (in the graph's dtypes where ONNX
+    Runtime returns another), a failure as one BackendError naming the call's input_ids shape."""
+    try:
+        results = session.run(list(out_names), dict(feed))
+    except Exception as err:  # onnxruntime raises its own pybind exception types
+        raise BackendError(f"{where} failed on input_ids {list(ids_shape)}: {str(err).strip()[:300]}") from None
+    out = {}
+    for name, arr in zip(out_names, results):
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+        out[name] = t.to(out_dtypes[name]) if name in out_dtypes else t
+    return out
 
 
 _INT_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -225,16 +231,7 @@ def make_decode_runner(session, graph: Graph | None = None) -> Runner:
             if t.dtype not in (torch.float32, torch.float16):
                 t = t.to(torch.float32)
             feed[info.name] = t.contiguous().numpy().astype(_FEED_TYPES[info.type], copy=False)
-        try:
-            results = session.run(out_names, feed)
-        except Exception as err:  # onnxruntime raises its own pybind exception types
-            raise BackendError(f"{where} failed on input_ids {list(inputs['input_ids'].shape)}: "
-                               f"{str(err).strip()[:300]}") from None
-        out = {}
-        for name, arr in zip(out_names, results):
-            t = torch.from_numpy(np.ascontiguousarray(arr))
-            out[name] = t.to(out_dtypes[name]) if name in out_dtypes else t
-        return out
+        return run_session(session, out_names, feed, out_dtypes, where, inputs['input_ids'].shape)
 
     return run
 
