@@ -8,7 +8,7 @@ contiguous rows of a token array sorted by expert (never a tokens x experts x hi
 un-permute is an index_add over the sorted rows, and attention runs through the fused
 scaled_dot_product_attention kernel rather than a materialised [S, S] score matrix.
 
-This module imports nothing but torch and math on purpose: the code generator copies the functions a
+This module imports nothing but torch and the standard library on purpose: the code generator copies the functions a
 spec needs verbatim into the standalone `model.py` it writes, so the generated layer and the eager
 module run the same instructions and agree bitwise. Options are therefore plain strings, ints and bools
 here, not moe_ir enums.
@@ -16,6 +16,10 @@ here, not moe_ir enums.
 from __future__ import annotations
 
 import math
+import os
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -248,6 +252,40 @@ def _use_grouped_mm(xs, w_up, w_down, w_gate, b_up, b_down, b_gate):
     return not (torch.is_grad_enabled() and any(w.requires_grad for w in weights))
 
 
+def expert_pool(threads, pools={}):
+    """Threads that run experts side by side at inference (grouped_ffn): `threads` of them, each computing with
+    one intra-op thread, made once per process (the dict default is this function's own cache, so a copy of
+    the function carries it; keyed by process id, so a forked child makes its own)."""
+    key = (os.getpid(), threads)
+    pool = pools.get(key)
+    if pool is None:
+        ready = threading.Barrier(threads + 1)
+
+        def one_thread():
+            torch.set_num_threads(1)
+            ready.wait()
+
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="moe-experts")
+        for _ in range(threads):  # every worker starts now and sets its own thread count
+            pool.submit(one_thread)
+        ready.wait()
+        # A worker's set_num_threads(1) is also the count a thread takes when it first runs an op: put the
+        # caller's back, so threads started later are not left with one.
+        torch.set_num_threads(threads)
+        pools[key] = pool
+    return pool
+
+
+def balanced_parts(experts, sizes, parts):
+    """`experts` split into `parts` lists of about equal rows (largest first, each to the lightest list)."""
+    loads, lists = [0] * parts, [[] for _ in range(parts)]
+    for e in sorted(experts, key=lambda e: -sizes[e]):
+        lightest = loads.index(min(loads))
+        loads[lightest] += sizes[e]
+        lists[lightest].append(e)
+    return [part for part in lists if part]
+
+
 def grouped_ffn(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation):
     """y [A, H]: row r is FFN_e(x[rows[r]]) for r in expert e's group; rows past every group are 0.
 
@@ -275,14 +313,26 @@ def grouped_ffn(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate
         # [A, H] array of gathered rows nor a concatenation of every expert's output is made (each a pass
         # over memory, on fresh pages the OS must fault in).
         y = x.new_empty(rows.shape[0], x.shape[1])
-        start = 0
-        for e, size in enumerate(sizes):
-            if size:
-                end = start + size
+        ends = torch.cumsum(group_sizes, 0).tolist()
+        weights = (w_up, w_down, w_gate, b_up, b_down, b_gate)
+
+        def run_experts(experts):
+            for e in experts:
+                start, end = ends[e] - sizes[e], ends[e]
                 y[start:end] = ffn(x.index_select(0, rows[start:end]),
-                                   *(None if w is None else w[e] for w in (w_up, w_down, w_gate, b_up, b_down, b_gate)),
-                                   activation)
-                start = end
+                                   *(None if w is None else w[e] for w in weights), activation)
+
+        active = [e for e, size in enumerate(sizes) if size]
+        threads = torch.get_num_threads()
+        if threads > 1 and len(active) >= 2 * threads and x.device.type == "cpu":
+            # Whole experts side by side, one per thread, each GEMM on one thread: a per-expert GEMM of ~100
+            # rows split over threads scales worse than the dense GEMM does, and each of its parallel
+            # regions ends in a barrier that one descheduled thread holds up on a shared machine.
+            pool = expert_pool(threads)
+            for done in [pool.submit(run_experts, part) for part in balanced_parts(active, sizes, threads)]:
+                done.result()
+        else:
+            run_experts(active)
         y[kept:] = 0  # dropped assignments
         return y
     xs = x.index_select(0, rows[:kept])
@@ -330,7 +380,21 @@ def grouped_ffn_traced(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down,
 
 
 def combine(y, rows, row_weights, tokens):
-    """out[t] = Σ_{r: rows[r]=t} row_weights[r] * y[r]."""
+    """out[t] = Σ_{r: rows[r]=t} row_weights[r] * y[r].
+
+    At inference on CPU in float32/float64: one sparse [tokens, A] x [A, H] product whose row t holds token
+    t's weights at its rows, which reads y once (the weighted copy of y that index_add needs is a second
+    [A, H] array, written and read again: ~5x the time at DeepSeekMoE-16B's 1024 tokens)."""
+    if (y.device.type == "cpu" and y.dtype in (torch.float32, torch.float64) and rows.shape[0] > 0
+            and not torch.compiler.is_compiling() and not needs_autograd(y, row_weights)):
+        order = torch.argsort(rows, stable=True)
+        starts = torch.zeros(tokens + 1, dtype=torch.int64, device=y.device)
+        starts[1:] = torch.cumsum(torch.bincount(rows, minlength=tokens), 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta" (once per process)
+            by_token = torch.sparse_csr_tensor(starts, order, row_weights.to(y.dtype)[order], (tokens, y.shape[0]),
+                                               check_invariants=False)
+            return by_token @ y
     out = y.new_zeros(tokens, y.shape[1])
     return out.index_add(0, rows, y * row_weights.to(y.dtype).unsqueeze(-1))
 

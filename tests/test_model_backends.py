@@ -265,7 +265,7 @@ def test_generated_model_equals_module(family, tmp_path):
     tree = ast.parse(source)
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert imported <= {"torch", "math"}
+    assert {m for m in imported if m not in sys.stdlib_module_names} == {"torch"}  # runs without moe_ir
     assert ("mla_attention" in source) == (spec.model.attention.kind == "mla")
 
     generated = import_generated(out / "model.py").DecoderModel()
