@@ -276,8 +276,10 @@ def test_sparse_unpermute_equals_the_sum(dtype):
     """combine at inference (one sparse product): tokens with several rows, with none, rows of dropped
     assignments (y 0), in any order; equal to the float64 sum written here, and to the autograd path."""
     gen = torch.Generator().manual_seed(3)
-    tokens, h = 7, 5
-    rows = torch.tensor([3, 0, 3, 6, 1, 3, 0, 6, 2])  # token 4 and 5: no row; token 3: three
+    tokens, h = 19, 5
+    # 72 rows (the sparse path takes 64 or more) in no order; tokens 4, 17 and 18 get none
+    rows = torch.randint(0, 17, (72,), generator=gen)
+    rows[rows == 4] = 3
     y = torch.randn(rows.shape[0], h, generator=gen, dtype=dtype)
     y[-2:] = 0  # dropped
     row_weights = torch.rand(rows.shape[0], generator=gen)
@@ -290,4 +292,4 @@ def test_sparse_unpermute_equals_the_sum(dtype):
     assert fast.dtype == dtype and fast.layout == torch.strided and slow.requires_grad
     torch.testing.assert_close(fast.double(), want, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(fast, slow.detach(), rtol=1e-6, atol=1e-7)
-    assert torch.equal(fast[4], torch.zeros(h, dtype=dtype))
+    assert torch.equal(fast[[4, 17, 18]], torch.zeros(3, h, dtype=dtype))
