@@ -122,6 +122,10 @@ def _configs():
         "hunyuan_v1_moe": lambda: t.HunYuanMoEV1Config(
             **COMMON, intermediate_size=16, num_key_value_heads=2, head_dim=8, num_experts=5, moe_topk=[2, 2, 2],
             attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=None),
+        # the released models' "dynamic" RoPE with an alpha: a fixed NTK-alpha base, read as rope_theta
+        "hunyuan_v1_moe_ntk_alpha": lambda: t.HunYuanMoEV1Config(
+            **COMMON, intermediate_size=16, num_key_value_heads=1, head_dim=8, num_experts=3, moe_topk=2,
+            rope_scaling={"type": "dynamic", "alpha": 50.0, "factor": 1.0}, pad_token_id=0, bos_token_id=1, eos_token_id=None),
     }
 
 
@@ -394,6 +398,50 @@ RELEASED = {  # values from the released config.json files (the keys the decoder
         "num_experts_per_tok": 8, "num_hidden_layers": 62, "num_key_value_heads": 8, "num_local_experts": 256,
         "rms_norm_eps": 1e-06, "rope_theta": 5000000, "rotary_dim": 64, "tie_word_embeddings": False,
         "torch_dtype": "bfloat16", "vocab_size": 200064, "router_aux_loss_coef": 0.001},
+    # The released configs of the families whose config class defaults are not the model (each spec's header
+    # says where its values come from); FlexOlmo's class defaults are FlexOlmo-7x7B-1T.
+    "glm-4.5-air.yaml": {
+        "model_type": "glm4_moe", "attention_bias": True, "first_k_dense_replace": 1, "head_dim": 128,
+        "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 10944, "max_position_embeddings": 131072,
+        "moe_intermediate_size": 1408, "n_group": 1, "n_routed_experts": 128, "n_shared_experts": 1,
+        "norm_topk_prob": True, "num_attention_heads": 96, "num_experts_per_tok": 8, "num_hidden_layers": 46,
+        "num_key_value_heads": 8, "num_nextn_predict_layers": 1, "partial_rotary_factor": 0.5,
+        "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 1000000, "routed_scaling_factor": 1.0,
+        "tie_word_embeddings": False, "topk_group": 1, "torch_dtype": "bfloat16", "use_qk_norm": False,
+        "vocab_size": 151552},
+    "glm-4.7-flash.yaml": {
+        "model_type": "glm4_moe_lite", "vocab_size": 154880, "hidden_size": 2048, "intermediate_size": 10240,
+        "moe_intermediate_size": 1536, "num_hidden_layers": 47, "num_attention_heads": 20,
+        "num_key_value_heads": 20, "hidden_act": "silu", "rms_norm_eps": 1e-5, "attention_bias": False,
+        "max_position_embeddings": 202752, "rope_theta": 1000000.0, "rope_scaling": None,
+        "partial_rotary_factor": 1.0, "q_lora_rank": 768, "kv_lora_rank": 512, "qk_nope_head_dim": 192,
+        "qk_rope_head_dim": 64, "v_head_dim": 256, "n_routed_experts": 64, "n_shared_experts": 1,
+        "num_experts_per_tok": 4, "norm_topk_prob": True, "routed_scaling_factor": 1.8, "n_group": 1,
+        "topk_group": 1, "topk_method": "noaux_tc", "first_k_dense_replace": 1, "num_nextn_predict_layers": 1,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    "dots.llm1.yaml": {
+        "model_type": "dots1", "hidden_size": 4096, "num_hidden_layers": 62, "intermediate_size": 10944,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-05, "vocab_size": 152064,
+        "first_k_dense_replace": 1, "moe_intermediate_size": 1408, "n_routed_experts": 128, "n_shared_experts": 2,
+        "num_experts_per_tok": 6, "norm_topk_prob": True, "routed_scaling_factor": 2.5,
+        "max_position_embeddings": 32768, "rope_theta": 10000000, "scoring_func": "sigmoid",
+        "attention_bias": False, "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    "hunyuan-a13b.yaml": {
+        "model_type": "hunyuan_v1_moe", "attention_bias": False, "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 4096, "intermediate_size": 3072, "moe_intermediate_size": [3072] * 32,
+        "moe_topk": [8] * 32, "num_attention_heads": 32, "num_experts": 64, "num_hidden_layers": 32,
+        "num_key_value_heads": 8, "num_shared_expert": [1] * 32, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"alpha": 1000.0, "factor": 1.0, "type": "dynamic"}, "rope_theta": 10000.0,
+        "tie_word_embeddings": True, "use_cla": False, "use_mixed_mlp_moe": True, "use_qk_norm": True,
+        "vocab_size": 128167, "torch_dtype": "bfloat16"},
+    "flexolmo-7x7b-1t.yaml": {"model_type": "flex_olmo"},
+    "granite-3.0-1b-a400m.yaml": {
+        "model_type": "granitemoe", "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+        "num_key_value_heads": 8, "num_local_experts": 32, "num_experts_per_tok": 8, "intermediate_size": 512,
+        "hidden_act": "silu", "attention_bias": False, "embedding_multiplier": 12.0,
+        "attention_multiplier": 0.015625, "residual_multiplier": 0.22, "logits_scaling": 6.0,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000, "rope_scaling": None, "tie_word_embeddings": True,
+        "vocab_size": 49155, "torch_dtype": "bfloat16"},
 }
 
 
@@ -430,6 +478,28 @@ def test_shipped_spec_parameters_equal_transformers_meta_model(spec_file):
     if cfg.tie_word_embeddings:
         stored.pop("lm_head.weight", None)
     assert ours.total_params == sum(stored.values())
+
+
+# The shipped specs of the families above: each validates as its miniature (`moe-ir validate --shrink`).
+SHIPPED_FAMILY_SPECS = ["glm-4.5-air.yaml", "glm-4.7-flash.yaml", "dots.llm1.yaml", "hunyuan-a13b.yaml",
+                        "flexolmo-7x7b-1t.yaml", "granite-3.0-1b-a400m.yaml", "qwen3-30b-a3b.yaml",
+                        "ernie-4.5-21b-a3b.yaml", "minimax-m2.yaml"]
+
+
+@pytest.mark.parametrize("spec_file", SHIPPED_FAMILY_SPECS)
+def test_shipped_family_spec_validates_shrunk(spec_file, capsys):
+    """`moe-ir validate SPEC --shrink 32` on the reference, torch and portable ONNX backends: logits and every MoE
+    layer's routing agree (the spec's attention, schedule and routing kept). Generation (--generate, seconds a
+    spec) is left to the decode tests above, which run these families against transformers' generate."""
+    import json
+
+    from moe_ir.cli import main
+
+    rc = main(["validate", str(MODELS / spec_file), "--shrink", "32", "--tokens", "6", "--backends", "reference",
+               "torch", "onnx:portable", "--generate", "0", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["ok"], out
+    assert {r["backend"] for r in out["results"] if r["status"] == "ok"} == {"reference", "torch", "onnx:portable"}
 
 
 @pytest.mark.parametrize("rope, words", [

@@ -185,6 +185,9 @@ def _rope(c: FamilyConfig) -> dict[str, Any]:
             else c.get("rope_theta", float)
     if rope_type == "default":
         return out
+    if rope_type == "dynamic" and c.model_type in _NTK_ALPHA and section.get("alpha") is not None:
+        out["rope_theta"] = _ntk_alpha_theta(c, key, section, out["rope_theta"])
+        return out
     if rope_type != "yarn":
         missing = _ROPE_TYPES_MISSING.get(rope_type, f"the RoPE type {str(rope_type)[:40]!r}")
         raise c.fail(key, f"RoPE scaling '{str(rope_type)[:40]}' needs {missing}, which moe-ir does not model; "
@@ -208,6 +211,22 @@ def _rope(c: FamilyConfig) -> dict[str, Any]:
         scaling["softmax_mscale"] = True
     out["rope_scaling"] = scaling
     return out
+
+
+# Families whose "dynamic" RoPE with an `alpha` is static NTK-alpha scaling: the base becomes
+# theta * alpha^(d / (d - 2)) for head dim d, whatever the sequence length (Hunyuan's released configs).
+_NTK_ALPHA = ("hunyuan_v1_moe",)
+
+
+def _ntk_alpha_theta(c: FamilyConfig, key: str, section: Mapping[str, Any], theta: float) -> float:
+    """The RoPE base NTK-alpha scaling gives: one plain rope_theta, as transformers computes it."""
+    alpha = _rope_number(c, key, section, "alpha")
+    if alpha <= 0:
+        raise c.fail(key, f"alpha={alpha}: NTK-alpha scaling needs a positive alpha")
+    dim = c.get("head_dim", int, optional=True) or _positive(c, "hidden_size") // _positive(c, "num_attention_heads")
+    if dim <= 2:
+        raise c.fail("head_dim", f"head_dim={dim}: NTK-alpha scaling needs a head of more than 2 dims")
+    return theta * alpha ** (dim / (dim - 2))
 
 
 def _rotary_dim(c: FamilyConfig, head_dim: int) -> int | None:
