@@ -545,3 +545,41 @@ def test_options_not_modelled_name_the_key(family, changes, key, words):
     with pytest.raises(SpecError, match=words) as err:
         model_spec_from_hf_config(cfg)
     assert err.value.path == key
+
+
+# export-hf for these families: each tiny config (the family's own options on) imported, exported, loaded by
+# transformers, and imported back.
+EXPORT_CONFIGS = {"qwen3_moe": "qwen3_moe", "glm4_moe": "glm4_moe", "glm4_moe_partial_3_4": "glm4_moe",
+                  "dots1": "dots1", "ernie4_5_moe": "ernie4_5_moe", "minimax_m2": "minimax_m2",
+                  "hunyuan_v1_moe": "hunyuan_v1_moe", "flex_olmo": "flex_olmo", "granitemoe": "granitemoe"}
+
+
+@pytest.mark.parametrize("config_name", sorted(EXPORT_CONFIGS))
+def test_export_hf_loads_in_transformers_with_moe_ir_logits(config_name, tmp_path):
+    """export-hf of an imported tiny model: `AutoModelForCausalLM.from_pretrained` on the folder loads every
+    tensor, its float32 logits equal moe-ir's reference interpreter's, and import-hf of the folder gives the
+    same spec back."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from moe_ir.frontends.hf.export import export_hf_checkpoint
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config
+    from moe_ir.model_spec import model_spec_to_dict
+
+    _, _, spec, weights = _imported(config_name)
+    family, _ = export_hf_checkpoint(spec, weights, tmp_path / "out", family=EXPORT_CONFIGS[config_name])
+    back, info = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", local_files_only=True, attn_implementation="eager", experts_implementation="eager",
+        output_loading_info=True, dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ids = _ids()
+    with torch.no_grad():
+        theirs = back.eval()(input_ids=ids).logits
+    ours = interpret(build_model_graph(spec), {"input_ids": ids}, weights)["logits"]
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=2e-5 * float(ours.abs().max()))
+    assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    again = model_spec_from_hf_config(config, name=spec.name)
+    strip = lambda d: {**d, "model": {k: v for k, v in d["model"].items() if k != "source"}}  # noqa: E731
+    assert strip(model_spec_to_dict(again)) == strip(model_spec_to_dict(spec)) and family == config["model_type"]
