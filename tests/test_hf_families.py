@@ -122,6 +122,11 @@ def _configs():
         "hunyuan_v1_moe": lambda: t.HunYuanMoEV1Config(
             **COMMON, intermediate_size=16, num_key_value_heads=2, head_dim=8, num_experts=5, moe_topk=[2, 2, 2],
             attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=None),
+        # Granite's multipliers and an ungated shared MLP of its own width beside the block; GQA 2:1
+        "granitemoeshared": lambda: t.GraniteMoeSharedConfig(
+            **COMMON, intermediate_size=16, num_key_value_heads=2, num_local_experts=5, num_experts_per_tok=3,
+            shared_intermediate_size=24, embedding_multiplier=2.0, residual_multiplier=0.5,
+            attention_multiplier=0.3, logits_scaling=1.5, pad_token_id=0, bos_token_id=1, eos_token_id=None),
         # the released models' "dynamic" RoPE with an alpha: a fixed NTK-alpha base, read as rope_theta
         "hunyuan_v1_moe_ntk_alpha": lambda: t.HunYuanMoEV1Config(
             **COMMON, intermediate_size=16, num_key_value_heads=1, head_dim=8, num_experts=3, moe_topk=2,
@@ -234,8 +239,10 @@ def test_import_hf_model_cli_with_weights(tmp_path):
     from moe_ir.params import load_weights
 
     # the hub names each family saves under: ERNIE's moe_statics bias, Granite's input_linear / router.layer,
-    # MiniMax's block-level bias, GLM-4.7-Flash's MLA with a listed schedule, FlexOlmo's post-norm weights
-    for family in ("ernie4_5_moe", "granitemoe", "minimax_m2", "glm4_moe_lite", "flex_olmo", "hunyuan_v1_moe"):
+    # MiniMax's block-level bias, GLM-4.7-Flash's MLA with a listed schedule, FlexOlmo's post-norm weights,
+    # GraniteMoeShared's shared MLP beside the block
+    for family in ("ernie4_5_moe", "granitemoe", "minimax_m2", "glm4_moe_lite", "flex_olmo", "hunyuan_v1_moe",
+                   "granitemoeshared"):
         cfg = _configs()[family]()
         hf = _hf_model(cfg)
         folder = tmp_path / family
@@ -519,7 +526,7 @@ def test_rope_scalings_not_modelled_name_what_is_missing(rope, words):
 
 
 @pytest.mark.parametrize("model_type, words", [
-    ("granitemoeshared", "beside the MoE block"),
+    ("sarvam_moe", "modelling implementation"),
     ("dbrx", "p-norm"), ("afmoe", "dual norms"),
 ])
 def test_families_not_modelled_name_the_missing_feature(model_type, words):
@@ -551,7 +558,8 @@ def test_options_not_modelled_name_the_key(family, changes, key, words):
 # transformers, and imported back.
 EXPORT_CONFIGS = {"qwen3_moe": "qwen3_moe", "glm4_moe": "glm4_moe", "glm4_moe_partial_3_4": "glm4_moe",
                   "dots1": "dots1", "ernie4_5_moe": "ernie4_5_moe", "minimax_m2": "minimax_m2",
-                  "hunyuan_v1_moe": "hunyuan_v1_moe", "flex_olmo": "flex_olmo", "granitemoe": "granitemoe"}
+                  "hunyuan_v1_moe": "hunyuan_v1_moe", "flex_olmo": "flex_olmo", "granitemoe": "granitemoe",
+                  "granitemoeshared": "granitemoeshared"}
 
 
 @pytest.mark.parametrize("config_name", sorted(EXPORT_CONFIGS))

@@ -435,7 +435,7 @@ def _model_config_classes():
             "glm4_moe": t.Glm4MoeConfig, "glm4_moe_lite": t.Glm4MoeLiteConfig, "dots1": t.Dots1Config,
             "minimax_m2": t.MiniMaxM2Config, "ernie4_5_moe": t.Ernie4_5_MoeConfig, "flex_olmo": t.FlexOlmoConfig,
             "granitemoe": t.GraniteMoeConfig, "exaone_moe": t.ExaoneMoeConfig,
-            "hunyuan_v1_moe": t.HunYuanMoEV1Config}
+            "hunyuan_v1_moe": t.HunYuanMoEV1Config, "granitemoeshared": t.GraniteMoeSharedConfig}
 
 
 def test_model_defaults_match_installed_transformers():

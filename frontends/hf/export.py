@@ -2,7 +2,7 @@
 
 The config is written for one of the families moe-ir imports natively in transformers (EXPORT_FAMILIES:
 deepseek_v2, deepseek_v3, mixtral, qwen2_moe, olmoe, qwen3_moe, glm4_moe, dots1, ernie4_5_moe, minimax_m2,
-hunyuan_v1_moe, flex_olmo, granitemoe) and then read back through the importer
+hunyuan_v1_moe, flex_olmo, granitemoe, granitemoeshared) and then read back through the importer
 (`model_spec_from_hf_config`): the export is accepted only if that gives the same spec, so the importer
 stays the one statement of what each config key means and an export can never silently change the model.
 Balance losses are the one exception: they shape training only and several have no config key in a given
@@ -48,6 +48,7 @@ EXPORT_FAMILIES: dict[str, tuple[str, str, HFLayout]] = {
     "hunyuan_v1_moe": ("HunYuanMoEV1ForCausalLM", "mlp", HFLayout.PER_EXPERT),
     "flex_olmo": ("FlexOlmoForCausalLM", "mlp", HFLayout.PER_EXPERT),
     "granitemoe": ("GraniteMoeForCausalLM", "block_sparse_moe", HFLayout.STACKED_LINEAR),
+    "granitemoeshared": ("GraniteMoeSharedForCausalLM", "block_sparse_moe", HFLayout.STACKED_LINEAR),
 }
 # Tensor names a family's checkpoint gives its router and shared MLP, where they are not the common ones
 # (keyword arguments of tensor_map.model_rules; the names import-hf detects, tensor_map.detect_router_names).
@@ -56,6 +57,7 @@ _BLOCK_NAMES: dict[str, dict[str, str]] = {
     "minimax_m2": {"router_bias": "e_score_correction_bias"},
     "hunyuan_v1_moe": {"router_weight": "gate.wg.weight", "shared_mlp": "shared_mlp"},
     "granitemoe": {"router_weight": "router.layer.weight"},
+    "granitemoeshared": {"router_weight": "router.layer.weight", "layer_shared_mlp": "shared_mlp"},
 }
 # Families whose router scores are sigmoids (the rest take a softmax).
 _SIGMOID_FAMILIES = ("deepseek_v3", "glm4_moe", "dots1", "minimax_m2")
@@ -282,10 +284,12 @@ def _flex_olmo(spec: ModelSpec) -> dict:
     return config
 
 
-def _granitemoe(spec: ModelSpec) -> dict:
+def _granitemoe(spec: ModelSpec, family: str = "granitemoe") -> dict:
     m, e, a = spec.model, spec.moe.experts, spec.model.attention
-    _first_dense_only(spec, "granitemoe")
-    config = _llama_family(spec, "granitemoe")
+    _first_dense_only(spec, family)
+    config = _llama_family(spec, family)
+    if family == "granitemoeshared":  # one ungated shared MLP beside the block, or none
+        config["shared_intermediate_size"] = e.shared_ffn_width if e.shared else 0
     mult = m.multipliers
     config.update(num_local_experts=e.routed, num_experts_per_tok=e.top_k, intermediate_size=e.width,
                   router_aux_loss_coef=_balance_coef(spec),
@@ -299,7 +303,8 @@ _BUILDERS = {"deepseek_v3": lambda s: _deepseek(s, "deepseek_v3"), "deepseek_v2"
              "qwen2_moe": _qwen2_moe, "olmoe": _olmoe, "mixtral": _mixtral, "qwen3_moe": _qwen3_moe,
              "glm4_moe": lambda s: _sigmoid_grouped(s, "glm4_moe"), "dots1": lambda s: _sigmoid_grouped(s, "dots1"),
              "ernie4_5_moe": _ernie4_5_moe, "minimax_m2": _minimax_m2, "hunyuan_v1_moe": _hunyuan_v1_moe,
-             "flex_olmo": _flex_olmo, "granitemoe": _granitemoe}
+             "flex_olmo": _flex_olmo, "granitemoe": _granitemoe,
+             "granitemoeshared": lambda s: _granitemoe(s, "granitemoeshared")}
 
 
 def _semantic(data: Any, key: str = "") -> Any:

@@ -41,7 +41,7 @@ __all__ = ["MODEL_DEFAULTS", "model_spec_from_hf_config", "weights_from_hf_model
 
 _LLAMA_ATTENTION = ("deepseek", "mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "glm4_moe", "dots1", "minimax_m2",
                     "ernie4_5_moe", "flex_olmo", "granitemoe", "exaone_moe", "hunyuan_v1_moe", "phimoe",
-                    "gpt_oss")
+                    "gpt_oss", "granitemoeshared")
 # Families whose attention reads layer_types for its sliding-window layers (transformers 5.24).
 _SLIDING_BY_LAYER_TYPES = ("qwen2_moe", "dots1", "exaone_moe", "gpt_oss")
 # Families whose global (non-sliding) layers apply no RoPE once a sliding_window is set (EXAONE 4 style).
@@ -116,6 +116,10 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
                    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False, "rope_theta": 10000.0,
                    "max_position_embeddings": 2048, "embedding_multiplier": 1.0, "residual_multiplier": 1.0,
                    "attention_multiplier": 1.0, "logits_scaling": 1.0},
+    "granitemoeshared": {"vocab_size": 32000, "num_attention_heads": 32, "num_key_value_heads": 32,
+                         "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False,
+                         "rope_theta": 10000.0, "max_position_embeddings": 2048, "embedding_multiplier": 1.0,
+                         "residual_multiplier": 1.0, "attention_multiplier": 1.0, "logits_scaling": 1.0},
     "minimax_m2": {"vocab_size": 200064, "num_attention_heads": 48, "num_key_value_heads": 8, "head_dim": 128,
                    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 5e6,
                    "max_position_embeddings": 196608},
@@ -401,7 +405,7 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
              **_layer_schedule(info.moe_layers, info.num_layers, c), "attention": attention,
              "rms_norm_eps": eps, "dtype": layer_spec.dtype.value,
              "norm_position": "post" if t in _POST_NORM else "pre", **decoder}
-    if t == "granitemoe":  # muP multipliers; the attention one replaces the softmax scale
+    if t in ("granitemoe", "granitemoeshared"):  # muP multipliers; the attention one replaces the softmax scale
         model["multipliers"] = {"embedding": c.get("embedding_multiplier", float),
                                 "residual": c.get("residual_multiplier", float),
                                 "logits": c.get("logits_scaling", float)}

@@ -41,8 +41,6 @@ def unexpressible_reason(model_type: object) -> str | None:
 # MoE families moe-ir does not read yet -> what they need that it lacks (read from their modeling
 # files in transformers 5.24), so a user learns what is missing rather than which families are supported.
 NOT_MODELLED: dict[str, str] = {
-    "granitemoeshared": "a shared MLP beside the MoE block (layers.i.shared_mlp, gate and up fused in input_linear), "
-                        "a tensor layout the weight mapping does not have (granitemoe itself is read)",
     "dbrx": "LayerNorm instead of RMSNorm, q/k/v clipping (clip_qkv) and router weights normalised by a p-norm "
             "(moe_normalize_expert_weights)",
     "afmoe": "per-layer sliding-window attention, a sigmoid gate on the attention output, a norm after the "
