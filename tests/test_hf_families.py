@@ -127,10 +127,23 @@ def _configs():
             **COMMON, intermediate_size=16, num_key_value_heads=2, num_local_experts=5, num_experts_per_tok=3,
             shared_intermediate_size=24, embedding_multiplier=2.0, residual_multiplier=0.5,
             attention_multiplier=0.3, logits_scaling=1.5, pad_token_id=0, bos_token_id=1, eos_token_id=None),
+        # sinks, layers 1 and 2 sliding over 3 tokens with RoPE, layers 0 and 3 global without (layer_rope_theta 0),
+        # a shared MLP, the multipliers
+        "granitemoe_swa": lambda: t.GraniteMoeSWAConfig(
+            **dict(COMMON, num_hidden_layers=4), intermediate_size=16, num_key_value_heads=2, num_local_experts=5,
+            num_experts_per_tok=2, shared_intermediate_size=24, sliding_window=3, layer_rope_theta=[0, 5e4, 5e4, 0],
+            layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+            embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=1.5,
+            pad_token_id=0, bos_token_id=1, eos_token_id=None),
+        # one RoPE base everywhere (the class default), the default schedule of sliding layers, no shared MLP
+        "granitemoe_swa_one_theta": lambda: t.GraniteMoeSWAConfig(
+            **dict(COMMON, num_hidden_layers=5), intermediate_size=16, num_key_value_heads=4, num_local_experts=3,
+            num_experts_per_tok=2, sliding_window=2, pad_token_id=0, bos_token_id=1, eos_token_id=None),
         # the released models' "dynamic" RoPE with an alpha: a fixed NTK-alpha base, read as rope_theta
         "hunyuan_v1_moe_ntk_alpha": lambda: t.HunYuanMoEV1Config(
             **COMMON, intermediate_size=16, num_key_value_heads=1, head_dim=8, num_experts=3, moe_topk=2,
-            rope_scaling={"type": "dynamic", "alpha": 50.0, "factor": 1.0}, pad_token_id=0, bos_token_id=1, eos_token_id=None),
+            rope_scaling={"type": "dynamic", "alpha": 50.0, "factor": 1.0}, pad_token_id=0, bos_token_id=1,
+            eos_token_id=None),
     }
 
 
@@ -221,9 +234,9 @@ def _greedy_check(family, new_tokens=5):
 
 # One family per feature the decode form must carry (the logits tests above cover every family in prefill):
 # YaRN with MLA (both cache layouts), partial rotary, sliding windows with NoPE global layers, multipliers,
-# post-norm, a listed schedule with interleaved RoPE, sliding windows by layer_types.
+# post-norm, a listed schedule with interleaved RoPE, sliding windows by layer_types, sinks with NoPE global layers.
 GENERATION_FAMILIES = ["deepseek_v3_yarn", "minimax_m2", "exaone_moe", "granitemoe", "flex_olmo", "ernie4_5_moe",
-                       "qwen2_moe_sliding_layers", "glm4_moe", "hunyuan_v1_moe"]
+                       "qwen2_moe_sliding_layers", "glm4_moe", "hunyuan_v1_moe", "granitemoe_swa"]
 
 
 @pytest.mark.parametrize("family", GENERATION_FAMILIES)
@@ -544,6 +557,8 @@ def test_families_not_modelled_name_the_missing_feature(model_type, words):
     ("glm4_moe", {"partial_rotary_factor": 0.1}, "partial_rotary_factor", "pairs"),
     ("minimax_m2", {"router_jitter_noise": 0.1}, "router_jitter_noise", "jitter"),
     ("hunyuan_v1_moe", {"moe_topk": [2, 3, 2]}, "moe_topk", "per-layer"),
+    ("granitemoe_swa", {"layer_rope_theta": [0, 5e4, 1e4, 0]}, "layer_rope_theta", "differ by layer"),
+    ("granitemoe_swa", {"layer_rope_theta": [0, 0, 5e4, 5e4]}, "layer_rope_theta", "global layers"),
 ])
 def test_options_not_modelled_name_the_key(family, changes, key, words):
     from moe_ir.frontends.hf.model import model_spec_from_hf_config

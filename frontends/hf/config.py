@@ -157,6 +157,11 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "num_experts_per_tok": 2, "intermediate_size": 11008, "router_aux_loss_coef": 0.001,
         "shared_intermediate_size": 0,
     },
+    "granitemoe_swa": {
+        "hidden_size": 4096, "num_hidden_layers": 32, "hidden_act": "silu", "num_local_experts": 8,
+        "num_experts_per_tok": 2, "intermediate_size": 11008, "router_aux_loss_coef": 0.001,
+        "shared_intermediate_size": 0,
+    },
     "ernie4_5_moe": {
         "hidden_size": 2560, "num_hidden_layers": 28, "hidden_act": "silu", "moe_num_experts": 64, "moe_k": 6,
         "moe_intermediate_size": 1536, "moe_num_shared_experts": 2, "moe_layer_start_index": 1,
@@ -701,6 +706,7 @@ _FAMILIES: dict[str, Callable[[FamilyConfig], _Mapped]] = {
     "hunyuan_v1_moe": _map_hunyuan_v1_moe,
     "granitemoe": _map_mixtral,  # softmax over the top-k logits = the top-k softmax renormalised; multipliers: model.py
     "granitemoeshared": _map_granitemoeshared,
+    "granitemoe_swa": _map_granitemoeshared,  # its sinks, sliding layers and per-layer RoPE bases: model.py
     "longcat_flash": _map_longcat_flash,
 }
 
@@ -775,7 +781,8 @@ def describe_hf_config(config: Any, *, layer: int | None = None, name: str | Non
     # project in the model dtype and take the softmax in float32.
     router = {**mapped.router, "dtype": DType.FLOAT32.value}
     if dtype != DType.FLOAT32 and model_type in ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "minimax_m2",
-                                                 "flex_olmo", "granitemoe", "granitemoeshared"):
+                                                 "flex_olmo", "granitemoe", "granitemoeshared",
+                                                 "granitemoe_swa"):
         notes.append(f"transformers projects this router in {dtype.value} before a float32 softmax; the spec "
                      "projects in float32, so near-tied experts may rank differently in low precision")
     if dtype != DType.FLOAT32 and model_type in ("phimoe", "gpt_oss"):

@@ -41,9 +41,9 @@ __all__ = ["MODEL_DEFAULTS", "model_spec_from_hf_config", "weights_from_hf_model
 
 _LLAMA_ATTENTION = ("deepseek", "mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "glm4_moe", "dots1", "minimax_m2",
                     "ernie4_5_moe", "flex_olmo", "granitemoe", "exaone_moe", "hunyuan_v1_moe", "phimoe",
-                    "gpt_oss", "granitemoeshared")
+                    "gpt_oss", "granitemoeshared", "granitemoe_swa")
 # Families whose attention reads layer_types for its sliding-window layers (transformers 5.24).
-_SLIDING_BY_LAYER_TYPES = ("qwen2_moe", "dots1", "exaone_moe", "gpt_oss")
+_SLIDING_BY_LAYER_TYPES = ("qwen2_moe", "dots1", "exaone_moe", "gpt_oss", "granitemoe_swa")
 # Families whose global (non-sliding) layers apply no RoPE once a sliding_window is set (EXAONE 4 style).
 _GLOBAL_NOPE = ("exaone_moe",)
 # Families whose decoder layers normalise the attention and FFN outputs (post-norm) instead of their inputs.
@@ -116,6 +116,11 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
                    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False, "rope_theta": 10000.0,
                    "max_position_embeddings": 2048, "embedding_multiplier": 1.0, "residual_multiplier": 1.0,
                    "attention_multiplier": 1.0, "logits_scaling": 1.0},
+    "granitemoe_swa": {"vocab_size": 32000, "num_attention_heads": 32, "num_key_value_heads": None,
+                       "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False,
+                       "rope_theta": 10000.0, "max_position_embeddings": 2048, "embedding_multiplier": 1.0,
+                       "residual_multiplier": 1.0, "attention_multiplier": 1.0, "logits_scaling": 1.0,
+                       "sliding_window": 128},
     "granitemoeshared": {"vocab_size": 32000, "num_attention_heads": 32, "num_key_value_heads": 32,
                          "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False,
                          "rope_theta": 10000.0, "max_position_embeddings": 2048, "embedding_multiplier": 1.0,
@@ -334,6 +339,40 @@ def _gpt_oss_attention(c: FamilyConfig) -> dict:
     return {"sinks": True}
 
 
+def _granitemoe_swa_layer_types(c: FamilyConfig, num_layers: int) -> None:
+    """GraniteMoeSWA's layer_types when the config omits them, as its class fills them: every fourth layer
+    (0, 4, ...) global, the rest sliding."""
+    if not c.data.get("layer_types"):
+        c.data["layer_types"] = ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(num_layers)]
+
+
+def _granitemoe_swa_attention(c: FamilyConfig, num_layers: int, attention: Mapping[str, Any]) -> dict:
+    """GraniteMoeSWA's attention beyond Granite's: a learned sink per head (its sigmoid(lse - sink) scaling of the
+    output is the extra softmax-denominator logit moe-ir's `sinks` are) and a RoPE base per layer
+    (layer_rope_theta, 0 for a layer without RoPE): one base everywhere, or one on the sliding layers and none on
+    the global ones (global_nope); other patterns are refused naming the key."""
+    out: dict[str, Any] = {"sinks": True}
+    thetas = c.get("layer_rope_theta", list, optional=True)
+    if thetas is None:
+        return out
+    if len(thetas) != num_layers or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                                            for v in thetas):
+        raise c.fail("layer_rope_theta", f"expected a RoPE base >= 0 per layer, found {str(thetas)[:60]}")
+    sliding = set(attention.get("sliding_layers", range(num_layers)) if attention.get("sliding_window") else ())
+    roped = {float(v) for v in thetas if v}
+    if len(roped) > 1:
+        raise c.fail("layer_rope_theta", f"RoPE bases {sorted(roped)[:4]} differ by layer; a model spec has one")
+    nope = {i for i, v in enumerate(thetas) if not v}
+    if nope and (nope != set(range(num_layers)) - sliding or not sliding):
+        raise c.fail("layer_rope_theta", "layers without RoPE (0) other than exactly the global layers of a sliding "
+                                         "model are not modelled (global_nope leaves RoPE out of every global layer)")
+    if roped:
+        out["rope_theta"] = roped.pop()
+    if nope:
+        out["global_nope"] = True
+    return out
+
+
 def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str | None = None) -> ModelSpec:
     """ModelSpec of a transformers config object or config.json dict of a supported MoE family.
 
@@ -356,6 +395,8 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
         raise c.fail("num_key_value_heads", f"expected a positive integer, found {kv_heads}")
     model_name = name or _name_from_path(str(data.get("_name_or_path") or ""), t)
     attention: dict[str, Any] = {"heads": heads, **_rope(c)}
+    if t == "granitemoe_swa":
+        _granitemoe_swa_layer_types(c, info.num_layers)
     attention.update(_sliding_window(c, info.num_layers))
     if t == "mixtral" and c.data.get("attention_bias"):
         raise c.fail("attention_bias", "attention_bias=true: transformers' Mixtral ignores it (its attention has no "
@@ -405,7 +446,9 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
              **_layer_schedule(info.moe_layers, info.num_layers, c), "attention": attention,
              "rms_norm_eps": eps, "dtype": layer_spec.dtype.value,
              "norm_position": "post" if t in _POST_NORM else "pre", **decoder}
-    if t in ("granitemoe", "granitemoeshared"):  # muP multipliers; the attention one replaces the softmax scale
+    if t == "granitemoe_swa":
+        attention.update(_granitemoe_swa_attention(c, info.num_layers, attention))
+    if t in ("granitemoe", "granitemoeshared", "granitemoe_swa"):  # muP multipliers; attention's is the softmax scale
         model["multipliers"] = {"embedding": c.get("embedding_multiplier", float),
                                 "residual": c.get("residual_multiplier", float),
                                 "logits": c.get("logits_scaling", float)}
