@@ -52,6 +52,10 @@ def _configs():
             **COMMON, intermediate_size=24, num_key_value_heads=2, num_local_experts=5, num_experts_per_tok=2, head_dim=8,
             max_position_embeddings=1024, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
                                                            "original_max_position_embeddings": 128}),
+        # OLMoE's clip_qkv at 0.6 (the q/k norms make |q|, |k| about 1, so the clamp cuts), GQA 2:1
+        "olmoe_clip_qkv": lambda: t.OlmoeConfig(
+            **COMMON, intermediate_size=16, num_key_value_heads=2, num_experts=5, num_experts_per_tok=2,
+            clip_qkv=0.6, pad_token_id=0, eos_token_id=None),
         # -- families that fit today's layer --
         # GQA 2:1, head_dim 12 (not hidden/heads), q/k/v/o biases, a dense first layer through mlp_only_layers
         "qwen3_moe": lambda: t.Qwen3MoeConfig(
@@ -234,9 +238,10 @@ def _greedy_check(family, new_tokens=5):
 
 # One family per feature the decode form must carry (the logits tests above cover every family in prefill):
 # YaRN with MLA (both cache layouts), partial rotary, sliding windows with NoPE global layers, multipliers,
-# post-norm, a listed schedule with interleaved RoPE, sliding windows by layer_types, sinks with NoPE global layers.
+# post-norm, a listed schedule with interleaved RoPE, sliding windows by layer_types, sinks with NoPE global layers,
+# q/k/v clipping.
 GENERATION_FAMILIES = ["deepseek_v3_yarn", "minimax_m2", "exaone_moe", "granitemoe", "flex_olmo", "ernie4_5_moe",
-                       "qwen2_moe_sliding_layers", "glm4_moe", "hunyuan_v1_moe", "granitemoe_swa"]
+                       "qwen2_moe_sliding_layers", "glm4_moe", "hunyuan_v1_moe", "granitemoe_swa", "olmoe_clip_qkv"]
 
 
 @pytest.mark.parametrize("family", GENERATION_FAMILIES)
@@ -332,6 +337,21 @@ def test_yarn_changes_what_plain_rope_gives():
         plain = dataclasses.replace(spec, model=dataclasses.replace(spec.model, attention=attention))
         got = interpret(build_model_graph(plain), {"input_ids": ids}, weights)["logits"]
         assert float((got - expected).abs().max()) > 1e-3
+
+
+def test_clip_qkv_changes_what_unclipped_attention_gives():
+    """The clip_qkv config above is not passing by accident: without the clamp the logits differ."""
+    import dataclasses
+
+    _, hf, spec, weights = _imported("olmoe_clip_qkv")
+    assert spec.model.attention.clip_qkv == 0.6
+    ids = _ids()
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+    a = dataclasses.replace(spec.model.attention, clip_qkv=None)
+    unclipped = dataclasses.replace(spec, model=dataclasses.replace(spec.model, attention=a))
+    got = interpret(build_model_graph(unclipped), {"input_ids": ids}, weights)["logits"]
+    assert float((got - expected).abs().max()) > 1e-3
 
 
 @pytest.mark.parametrize("family", ["mixtral_sliding", "dots1_sliding_layers"])

@@ -172,7 +172,7 @@ def _olmoe(spec: ModelSpec) -> dict:
     _llama_attention(spec, config, "olmoe")
     config.update(num_experts=e.routed, num_experts_per_tok=e.top_k, intermediate_size=e.width,
                   norm_topk_prob=spec.moe.router.normalize, router_aux_loss_coef=_balance_coef(spec),
-                  attention_bias=a.qkv_bias, clip_qkv=None)
+                  attention_bias=a.qkv_bias, clip_qkv=a.clip_qkv)
     return config
 
 

@@ -13,7 +13,7 @@ Attention per family (transformers 5.23):
   mixtral                           Llama attention without biases (MixtralAttention ignores attention_bias,
                                     so attention_bias=true is refused as ambiguous)
   qwen2_moe                         biases on q, k, v only (qkv_bias); sliding windows are refused
-  olmoe                             RMSNorm over the whole q and k projections; clip_qkv is refused
+  olmoe                             RMSNorm over the whole q and k projections, then clip_qkv's clamp
   gpt_oss                           Llama attention (half RoPE), attention_bias on q, k, v and o, head_dim, attention
                                     sinks; sliding_attention layers and YaRN are refused (not modelled yet)
   phimoe                            Llama attention, attention_bias on q, k, v and o; LayerNorm (weight and
@@ -432,7 +432,7 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
         else:
             attention.update(qkv_bias=bias, out_bias=bias and t not in _QKV_BIAS_ONLY)
         if t == "olmoe" and c.get("clip_qkv", float, optional=True) is not None:
-            raise c.fail("clip_qkv", "clipping q/k/v is not modelled")
+            attention["clip_qkv"] = c.get("clip_qkv", float)
         if t in _QK_NORM or (t == "glm4_moe" and c.get("use_qk_norm", bool)):
             attention["qk_norm"] = _QK_NORM.get(t, "head")
     decoder = _phimoe_decoder(c) if t == "phimoe" else {}
