@@ -584,14 +584,17 @@ def causal_attention(q, k, v, scale, window=None):
 
 
 def attention_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm, cos, sin, heads, kv_heads, head_dim, qk_norm,
-                  rope_layout, norm_eps):
+                  rope_layout, norm_eps, clip=None):
     """q [B, heads, S, d], k and v [B, kv_heads, S, d] of the tokens x [B, S, H]: projected, q and k normalised
-    ("full": the whole projection, OLMoE; "head": each head, Qwen3) and rotated by cos/sin ("head_after_rope":
-    rotated, then each head normalised, Hunyuan)."""
+    ("full": the whole projection, OLMoE; "head": each head, Qwen3), clamped to [-clip, clip] after the projection
+    and a "full" norm (OLMoE, DBRX), and rotated by cos/sin ("head_after_rope": rotated, then each head
+    normalised, Hunyuan)."""
     b, s, _ = x.shape
     q, k, v = F.linear(x, w_q, b_q), F.linear(x, w_k, b_k), F.linear(x, w_v, b_v)
     if qk_norm == "full":
         q, k = rms_norm(q, q_norm, norm_eps), rms_norm(k, k_norm, norm_eps)
+    if clip is not None:
+        q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
     q = q.view(b, s, heads, head_dim).transpose(1, 2)
     k = k.view(b, s, kv_heads, head_dim).transpose(1, 2)
     v = v.view(b, s, kv_heads, head_dim).transpose(1, 2)
@@ -604,12 +607,12 @@ def attention_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm, cos, sin, hea
 
 
 def attention(x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm, sinks, heads, kv_heads, head_dim, qk_norm,
-              rope, norm_eps, scale, window):
+              rope, norm_eps, scale, window, clip=None):
     """Causal MHA/GQA self-attention with RoPE (rope: rope_inverse_frequencies) on x [B, S, H] (positions
-    0..S-1), softmax scale `scale`; optional sinks [heads] (gpt-oss)."""
+    0..S-1), softmax scale `scale`; optional sinks [heads] (gpt-oss), q/k/v clamped to [-clip, clip] (DBRX)."""
     cos, sin = rope_cos_sin(x.shape[1], rope_dim(rope, head_dim), rope, x)
     q, k, v = attention_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm, cos, sin, heads, kv_heads, head_dim,
-                            qk_norm, rope[1], norm_eps)
+                            qk_norm, rope[1], norm_eps, clip)
     if sinks is not None:
         s = x.shape[1]
         hidden = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
@@ -702,12 +705,13 @@ def merge_heads(y):
 
 
 def cached_attention(x, position_ids, attention_mask, past_key, past_value, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o,
-                     q_norm, k_norm, sinks, heads, kv_heads, head_dim, qk_norm, rope, norm_eps, scale, window):
+                     q_norm, k_norm, sinks, heads, kv_heads, head_dim, qk_norm, rope, norm_eps, scale, window,
+                     clip=None):
     """`attention` on the new tokens x [B, S, H] at position_ids [B, S] after the past K/V [B, kv_heads, P, d]:
     (y [B, S, H], present key, present value [B, kv_heads, P+S, d])."""
     cos, sin = rope_cos_sin_at(position_ids, rope_dim(rope, head_dim), rope, x)
     q, k, v = attention_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm, cos, sin, heads, kv_heads, head_dim,
-                            qk_norm, rope[1], norm_eps)
+                            qk_norm, rope[1], norm_eps, clip)
     k = torch.cat([past_key.to(k.dtype), k], dim=2)
     v = torch.cat([past_value.to(v.dtype), v], dim=2)
     visible = visible_keys(attention_mask, x.shape[1], window)

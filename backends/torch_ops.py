@@ -260,7 +260,7 @@ def _softmax_scale(attrs, qk_head_dim: int) -> float:
 def _attention(node: Node) -> OpCall:
     a = node.attrs
     return OpCall(attention, (a["heads"], a["kv_heads"], a["head_dim"], _plain(a["qk_norm"]), rope_descriptor(a),
-                              a["norm_eps"], _softmax_scale(a, a["head_dim"]), a["sliding_window"]))
+                              a["norm_eps"], _softmax_scale(a, a["head_dim"]), a["sliding_window"], a["clip_qkv"]))
 
 
 def _mla_attention(node: Node) -> OpCall:

@@ -164,7 +164,7 @@ def _attention(g: Graph, spec: ModelSpec, x: Value, p: str, dtype: ElemType, lay
     elif a.qk_norm == QKNorm.FULL:
         norms = [weight("q_norm.weight", nq * d), weight("k_norm.weight", nkv * d)]
     sinks = weight("sinks", nq) if a.sinks else None
-    attrs = {"heads": nq, "kv_heads": nkv, "head_dim": d, "qk_norm": a.qk_norm, **rope}
+    attrs = {"heads": nq, "kv_heads": nkv, "head_dim": d, "qk_norm": a.qk_norm, "clip_qkv": a.clip_qkv, **rope}
     if decode is None:
         return g.add_node(OpCode.ATTENTION, [x, *w, *biases, *norms, sinks], attrs, name=p.rstrip(".")).outputs[0]
     cache = _cache_inputs(g, layer, attrs, decode, dtype, None)

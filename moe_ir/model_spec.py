@@ -166,6 +166,10 @@ class AttentionSpec:
     sinks: bool = spec_field(False, doc="a learned logit per query head joins every softmax with no value, so "
                                         "attention may attend to nothing (gpt-oss); mha/gqa only",
                               omit_default=True)
+    clip_qkv: float | None = spec_field(None, doc="mha/gqa: the q, k and v projections clamped to [-clip_qkv, "
+                                                  "clip_qkv], after a whole-projection q/k norm (qk_norm full) and "
+                                                  "before per-head norms and RoPE (OLMoE, DBRX); absent: none",
+                                        exclusive_minimum=0.0, omit_default=True)
     q_lora_rank: int | None = spec_field(None, doc="mla: rank of the query down-projection; absent: a full q_proj",
                                          minimum=1, maximum=MAX_HEAD_DIM)
     kv_lora_rank: int | None = spec_field(None, doc="mla: rank of the compressed key/value latent", minimum=1,
@@ -203,6 +207,8 @@ class AttentionSpec:
                                                             "mha/gqa")
             if self.sinks:
                 ctx.fail(join_key_path(path, "sinks"), "attention sinks are modelled for mha/gqa attention, not mla")
+            if self.clip_qkv is not None:
+                ctx.fail(join_key_path(path, "clip_qkv"), "q/k/v clipping is modelled for mha/gqa attention, not mla")
             if self.qk_rope_head_dim % 2:
                 ctx.fail(join_key_path(path, "qk_rope_head_dim"), f"RoPE rotates pairs of dims; {self.qk_rope_head_dim} is odd")
             return

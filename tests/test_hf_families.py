@@ -52,6 +52,10 @@ def _configs():
             **COMMON, intermediate_size=24, num_key_value_heads=2, num_local_experts=5, num_experts_per_tok=2, head_dim=8,
             max_position_embeddings=1024, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
                                                            "original_max_position_embeddings": 128}),
+        # OLMoE's clip_qkv at 0.6 (the q/k norms make |q|, |k| about 1, so the clamp cuts), GQA 2:1
+        "olmoe_clip_qkv": lambda: t.OlmoeConfig(
+            **COMMON, intermediate_size=16, num_key_value_heads=2, num_experts=5, num_experts_per_tok=2,
+            clip_qkv=0.6, pad_token_id=0, eos_token_id=None),
         # -- families that fit today's layer --
         # GQA 2:1, head_dim 12 (not hidden/heads), q/k/v/o biases, a dense first layer through mlp_only_layers
         "qwen3_moe": lambda: t.Qwen3MoeConfig(
@@ -122,6 +126,28 @@ def _configs():
         "hunyuan_v1_moe": lambda: t.HunYuanMoEV1Config(
             **COMMON, intermediate_size=16, num_key_value_heads=2, head_dim=8, num_experts=5, moe_topk=[2, 2, 2],
             attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=None),
+        # Granite's multipliers and an ungated shared MLP of its own width beside the block; GQA 2:1
+        "granitemoeshared": lambda: t.GraniteMoeSharedConfig(
+            **COMMON, intermediate_size=16, num_key_value_heads=2, num_local_experts=5, num_experts_per_tok=3,
+            shared_intermediate_size=24, embedding_multiplier=2.0, residual_multiplier=0.5,
+            attention_multiplier=0.3, logits_scaling=1.5, pad_token_id=0, bos_token_id=1, eos_token_id=None),
+        # sinks, layers 1 and 2 sliding over 3 tokens with RoPE, layers 0 and 3 global without (layer_rope_theta 0),
+        # a shared MLP, the multipliers
+        "granitemoe_swa": lambda: t.GraniteMoeSWAConfig(
+            **dict(COMMON, num_hidden_layers=4), intermediate_size=16, num_key_value_heads=2, num_local_experts=5,
+            num_experts_per_tok=2, shared_intermediate_size=24, sliding_window=3, layer_rope_theta=[0, 5e4, 5e4, 0],
+            layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+            embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=1.5,
+            pad_token_id=0, bos_token_id=1, eos_token_id=None),
+        # one RoPE base everywhere (the class default), the default schedule of sliding layers, no shared MLP
+        "granitemoe_swa_one_theta": lambda: t.GraniteMoeSWAConfig(
+            **dict(COMMON, num_hidden_layers=5), intermediate_size=16, num_key_value_heads=4, num_local_experts=3,
+            num_experts_per_tok=2, sliding_window=2, pad_token_id=0, bos_token_id=1, eos_token_id=None),
+        # the released models' "dynamic" RoPE with an alpha: a fixed NTK-alpha base, read as rope_theta
+        "hunyuan_v1_moe_ntk_alpha": lambda: t.HunYuanMoEV1Config(
+            **COMMON, intermediate_size=16, num_key_value_heads=1, head_dim=8, num_experts=3, moe_topk=2,
+            rope_scaling={"type": "dynamic", "alpha": 50.0, "factor": 1.0}, pad_token_id=0, bos_token_id=1,
+            eos_token_id=None),
     }
 
 
@@ -212,9 +238,10 @@ def _greedy_check(family, new_tokens=5):
 
 # One family per feature the decode form must carry (the logits tests above cover every family in prefill):
 # YaRN with MLA (both cache layouts), partial rotary, sliding windows with NoPE global layers, multipliers,
-# post-norm, a listed schedule with interleaved RoPE, sliding windows by layer_types.
+# post-norm, a listed schedule with interleaved RoPE, sliding windows by layer_types, sinks with NoPE global layers,
+# q/k/v clipping.
 GENERATION_FAMILIES = ["deepseek_v3_yarn", "minimax_m2", "exaone_moe", "granitemoe", "flex_olmo", "ernie4_5_moe",
-                       "qwen2_moe_sliding_layers", "glm4_moe", "hunyuan_v1_moe"]
+                       "qwen2_moe_sliding_layers", "glm4_moe", "hunyuan_v1_moe", "granitemoe_swa", "olmoe_clip_qkv"]
 
 
 @pytest.mark.parametrize("family", GENERATION_FAMILIES)
@@ -230,8 +257,10 @@ def test_import_hf_model_cli_with_weights(tmp_path):
     from moe_ir.params import load_weights
 
     # the hub names each family saves under: ERNIE's moe_statics bias, Granite's input_linear / router.layer,
-    # MiniMax's block-level bias, GLM-4.7-Flash's MLA with a listed schedule, FlexOlmo's post-norm weights
-    for family in ("ernie4_5_moe", "granitemoe", "minimax_m2", "glm4_moe_lite", "flex_olmo", "hunyuan_v1_moe"):
+    # MiniMax's block-level bias, GLM-4.7-Flash's MLA with a listed schedule, FlexOlmo's post-norm weights,
+    # GraniteMoeShared's shared MLP beside the block
+    for family in ("ernie4_5_moe", "granitemoe", "minimax_m2", "glm4_moe_lite", "flex_olmo", "hunyuan_v1_moe",
+                   "granitemoeshared"):
         cfg = _configs()[family]()
         hf = _hf_model(cfg)
         folder = tmp_path / family
@@ -308,6 +337,21 @@ def test_yarn_changes_what_plain_rope_gives():
         plain = dataclasses.replace(spec, model=dataclasses.replace(spec.model, attention=attention))
         got = interpret(build_model_graph(plain), {"input_ids": ids}, weights)["logits"]
         assert float((got - expected).abs().max()) > 1e-3
+
+
+def test_clip_qkv_changes_what_unclipped_attention_gives():
+    """The clip_qkv config above is not passing by accident: without the clamp the logits differ."""
+    import dataclasses
+
+    _, hf, spec, weights = _imported("olmoe_clip_qkv")
+    assert spec.model.attention.clip_qkv == 0.6
+    ids = _ids()
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+    a = dataclasses.replace(spec.model.attention, clip_qkv=None)
+    unclipped = dataclasses.replace(spec, model=dataclasses.replace(spec.model, attention=a))
+    got = interpret(build_model_graph(unclipped), {"input_ids": ids}, weights)["logits"]
+    assert float((got - expected).abs().max()) > 1e-3
 
 
 @pytest.mark.parametrize("family", ["mixtral_sliding", "dots1_sliding_layers"])
@@ -394,6 +438,50 @@ RELEASED = {  # values from the released config.json files (the keys the decoder
         "num_experts_per_tok": 8, "num_hidden_layers": 62, "num_key_value_heads": 8, "num_local_experts": 256,
         "rms_norm_eps": 1e-06, "rope_theta": 5000000, "rotary_dim": 64, "tie_word_embeddings": False,
         "torch_dtype": "bfloat16", "vocab_size": 200064, "router_aux_loss_coef": 0.001},
+    # The released configs of the families whose config class defaults are not the model (each spec's header
+    # says where its values come from); FlexOlmo's class defaults are FlexOlmo-7x7B-1T.
+    "glm-4.5-air.yaml": {
+        "model_type": "glm4_moe", "attention_bias": True, "first_k_dense_replace": 1, "head_dim": 128,
+        "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 10944, "max_position_embeddings": 131072,
+        "moe_intermediate_size": 1408, "n_group": 1, "n_routed_experts": 128, "n_shared_experts": 1,
+        "norm_topk_prob": True, "num_attention_heads": 96, "num_experts_per_tok": 8, "num_hidden_layers": 46,
+        "num_key_value_heads": 8, "num_nextn_predict_layers": 1, "partial_rotary_factor": 0.5,
+        "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 1000000, "routed_scaling_factor": 1.0,
+        "tie_word_embeddings": False, "topk_group": 1, "torch_dtype": "bfloat16", "use_qk_norm": False,
+        "vocab_size": 151552},
+    "glm-4.7-flash.yaml": {
+        "model_type": "glm4_moe_lite", "vocab_size": 154880, "hidden_size": 2048, "intermediate_size": 10240,
+        "moe_intermediate_size": 1536, "num_hidden_layers": 47, "num_attention_heads": 20,
+        "num_key_value_heads": 20, "hidden_act": "silu", "rms_norm_eps": 1e-5, "attention_bias": False,
+        "max_position_embeddings": 202752, "rope_theta": 1000000.0, "rope_scaling": None,
+        "partial_rotary_factor": 1.0, "q_lora_rank": 768, "kv_lora_rank": 512, "qk_nope_head_dim": 192,
+        "qk_rope_head_dim": 64, "v_head_dim": 256, "n_routed_experts": 64, "n_shared_experts": 1,
+        "num_experts_per_tok": 4, "norm_topk_prob": True, "routed_scaling_factor": 1.8, "n_group": 1,
+        "topk_group": 1, "topk_method": "noaux_tc", "first_k_dense_replace": 1, "num_nextn_predict_layers": 1,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    "dots.llm1.yaml": {
+        "model_type": "dots1", "hidden_size": 4096, "num_hidden_layers": 62, "intermediate_size": 10944,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-05, "vocab_size": 152064,
+        "first_k_dense_replace": 1, "moe_intermediate_size": 1408, "n_routed_experts": 128, "n_shared_experts": 2,
+        "num_experts_per_tok": 6, "norm_topk_prob": True, "routed_scaling_factor": 2.5,
+        "max_position_embeddings": 32768, "rope_theta": 10000000, "scoring_func": "sigmoid",
+        "attention_bias": False, "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    "hunyuan-a13b.yaml": {
+        "model_type": "hunyuan_v1_moe", "attention_bias": False, "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 4096, "intermediate_size": 3072, "moe_intermediate_size": [3072] * 32,
+        "moe_topk": [8] * 32, "num_attention_heads": 32, "num_experts": 64, "num_hidden_layers": 32,
+        "num_key_value_heads": 8, "num_shared_expert": [1] * 32, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"alpha": 1000.0, "factor": 1.0, "type": "dynamic"}, "rope_theta": 10000.0,
+        "tie_word_embeddings": True, "use_cla": False, "use_mixed_mlp_moe": True, "use_qk_norm": True,
+        "vocab_size": 128167, "torch_dtype": "bfloat16"},
+    "flexolmo-7x7b-1t.yaml": {"model_type": "flex_olmo"},
+    "granite-3.0-1b-a400m.yaml": {
+        "model_type": "granitemoe", "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+        "num_key_value_heads": 8, "num_local_experts": 32, "num_experts_per_tok": 8, "intermediate_size": 512,
+        "hidden_act": "silu", "attention_bias": False, "embedding_multiplier": 12.0,
+        "attention_multiplier": 0.015625, "residual_multiplier": 0.22, "logits_scaling": 6.0,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000, "rope_scaling": None, "tie_word_embeddings": True,
+        "vocab_size": 49155, "torch_dtype": "bfloat16"},
 }
 
 
@@ -432,6 +520,28 @@ def test_shipped_spec_parameters_equal_transformers_meta_model(spec_file):
     assert ours.total_params == sum(stored.values())
 
 
+# The shipped specs of the families above: each validates as its miniature (`moe-ir validate --shrink`).
+SHIPPED_FAMILY_SPECS = ["glm-4.5-air.yaml", "glm-4.7-flash.yaml", "dots.llm1.yaml", "hunyuan-a13b.yaml",
+                        "flexolmo-7x7b-1t.yaml", "granite-3.0-1b-a400m.yaml", "qwen3-30b-a3b.yaml",
+                        "ernie-4.5-21b-a3b.yaml", "minimax-m2.yaml"]
+
+
+@pytest.mark.parametrize("spec_file", SHIPPED_FAMILY_SPECS)
+def test_shipped_family_spec_validates_shrunk(spec_file, capsys):
+    """`moe-ir validate SPEC --shrink 32` on the reference, torch and portable ONNX backends: logits and every MoE
+    layer's routing agree (the spec's attention, schedule and routing kept). Generation (--generate, seconds a
+    spec) is left to the decode tests above, which run these families against transformers' generate."""
+    import json
+
+    from moe_ir.cli import main
+
+    rc = main(["validate", str(MODELS / spec_file), "--shrink", "32", "--tokens", "6", "--backends", "reference",
+               "torch", "onnx:portable", "--generate", "0", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["ok"], out
+    assert {r["backend"] for r in out["results"] if r["status"] == "ok"} == {"reference", "torch", "onnx:portable"}
+
+
 @pytest.mark.parametrize("rope, words", [
     ({"rope_type": "dynamic", "factor": 2.0}, "dynamic NTK scaling"),
     ({"rope_type": "llama3", "factor": 8.0}, "Llama-3 frequency smoothing"),
@@ -449,8 +559,9 @@ def test_rope_scalings_not_modelled_name_what_is_missing(rope, words):
 
 
 @pytest.mark.parametrize("model_type, words", [
-    ("granitemoeshared", "beside the MoE block"),
-    ("dbrx", "p-norm"), ("afmoe", "dual norms"),
+    ("sarvam_moe", "modelling implementation"), ("cohere2_moe", "parallel attention and FFN"),
+    ("qwen3_vl_moe", "vision-language"), ("glm4v_moe", "mrope_section"), ("ernie4_5_vl_moe", "token type"),
+    ("qwen3_omni_moe", "talker"), ("dbrx", "p-norm"), ("afmoe", "gate on each head"),
 ])
 def test_families_not_modelled_name_the_missing_feature(model_type, words):
     from moe_ir.frontends.hf.config import spec_from_hf_config
@@ -466,6 +577,8 @@ def test_families_not_modelled_name_the_missing_feature(model_type, words):
     ("glm4_moe", {"partial_rotary_factor": 0.1}, "partial_rotary_factor", "pairs"),
     ("minimax_m2", {"router_jitter_noise": 0.1}, "router_jitter_noise", "jitter"),
     ("hunyuan_v1_moe", {"moe_topk": [2, 3, 2]}, "moe_topk", "per-layer"),
+    ("granitemoe_swa", {"layer_rope_theta": [0, 5e4, 1e4, 0]}, "layer_rope_theta", "differ by layer"),
+    ("granitemoe_swa", {"layer_rope_theta": [0, 0, 5e4, 5e4]}, "layer_rope_theta", "global layers"),
 ])
 def test_options_not_modelled_name_the_key(family, changes, key, words):
     from moe_ir.frontends.hf.model import model_spec_from_hf_config
@@ -475,3 +588,42 @@ def test_options_not_modelled_name_the_key(family, changes, key, words):
     with pytest.raises(SpecError, match=words) as err:
         model_spec_from_hf_config(cfg)
     assert err.value.path == key
+
+
+# export-hf for these families: each tiny config (the family's own options on) imported, exported, loaded by
+# transformers, and imported back.
+EXPORT_CONFIGS = {"qwen3_moe": "qwen3_moe", "glm4_moe": "glm4_moe", "glm4_moe_partial_3_4": "glm4_moe",
+                  "dots1": "dots1", "ernie4_5_moe": "ernie4_5_moe", "minimax_m2": "minimax_m2",
+                  "hunyuan_v1_moe": "hunyuan_v1_moe", "flex_olmo": "flex_olmo", "granitemoe": "granitemoe",
+                  "granitemoeshared": "granitemoeshared"}
+
+
+@pytest.mark.parametrize("config_name", sorted(EXPORT_CONFIGS))
+def test_export_hf_loads_in_transformers_with_moe_ir_logits(config_name, tmp_path):
+    """export-hf of an imported tiny model: `AutoModelForCausalLM.from_pretrained` on the folder loads every
+    tensor, its float32 logits equal moe-ir's reference interpreter's, and import-hf of the folder gives the
+    same spec back."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from moe_ir.frontends.hf.export import export_hf_checkpoint
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config
+    from moe_ir.model_spec import model_spec_to_dict
+
+    _, _, spec, weights = _imported(config_name)
+    family, _ = export_hf_checkpoint(spec, weights, tmp_path / "out", family=EXPORT_CONFIGS[config_name])
+    back, info = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", local_files_only=True, attn_implementation="eager", experts_implementation="eager",
+        output_loading_info=True, dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ids = _ids()
+    with torch.no_grad():
+        theirs = back.eval()(input_ids=ids).logits
+    ours = interpret(build_model_graph(spec), {"input_ids": ids}, weights)["logits"]
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=2e-5 * float(ours.abs().max()))
+    assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    again = model_spec_from_hf_config(config, name=spec.name)
+    strip = lambda d: {**d, "model": {k: v for k, v in d["model"].items() if k != "source"}}  # noqa: E731
+    assert strip(model_spec_to_dict(again)) == strip(model_spec_to_dict(spec)) and family == config["model_type"]

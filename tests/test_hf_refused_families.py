@@ -12,7 +12,8 @@ from moe_ir.frontends.hf import spec_from_hf_config  # noqa: E402
 
 
 @pytest.mark.parametrize("model_type, feature", [("deepseek_v32", "index_topk"), ("glm_moe_dsa", "indexer"),
-                                                 ("qwen3_next", "DeltaNet"), ("jamba", "Mamba")])
+                                                 ("qwen3_next", "DeltaNet"), ("jamba", "Mamba"),
+                                                 ("qwen3_5_moe", "DeltaNet"), ("nllb-moe", "encoder-decoder")])
 def test_families_whose_attention_moe_ir_cannot_express_are_refused_by_feature(model_type, feature):
     from moe_ir.frontends.hf.model import model_spec_from_hf_config
 

@@ -97,7 +97,7 @@ def test_model_json_schema():
 
 def test_every_model_spec_loads_and_builds():
     files = sorted(MODELS.glob("*.yaml"))
-    assert len(files) == 12  # 9 + qwen3-30b-a3b, ernie-4.5-21b-a3b, minimax-m2
+    assert len(files) == 18  # 9 + qwen3-30b-a3b, ernie-4.5-21b-a3b, minimax-m2 + the six of issue 17's families
     for f in files:
         spec = load_model_spec(f)
         assert f.read_text().startswith("#"), f"{f.name} must start with a comment naming its source"
@@ -435,7 +435,8 @@ def _model_config_classes():
             "glm4_moe": t.Glm4MoeConfig, "glm4_moe_lite": t.Glm4MoeLiteConfig, "dots1": t.Dots1Config,
             "minimax_m2": t.MiniMaxM2Config, "ernie4_5_moe": t.Ernie4_5_MoeConfig, "flex_olmo": t.FlexOlmoConfig,
             "granitemoe": t.GraniteMoeConfig, "exaone_moe": t.ExaoneMoeConfig,
-            "hunyuan_v1_moe": t.HunYuanMoEV1Config}
+            "hunyuan_v1_moe": t.HunYuanMoEV1Config, "granitemoeshared": t.GraniteMoeSharedConfig,
+            "granitemoe_swa": t.GraniteMoeSWAConfig}
 
 
 def test_model_defaults_match_installed_transformers():
@@ -445,7 +446,8 @@ def test_model_defaults_match_installed_transformers():
     for model_type, cls in _model_config_classes().items():
         defaults = cls().to_dict()
         for key, value in MODEL_DEFAULTS[model_type].items():
-            if (model_type, key) == ("hunyuan_v1_moe", "num_key_value_heads"):
+            if (model_type, key) in (("hunyuan_v1_moe", "num_key_value_heads"),
+                                     ("granitemoe_swa", "num_key_value_heads")):
                 # the class turns its None into num_attention_heads, as the importer does with a missing key
                 assert cls(num_attention_heads=6).num_key_value_heads == 6 and value is None
                 continue

@@ -227,6 +227,11 @@ class DecoderOps(Lowering):
         if norm == QKNorm.FULL:  # over the whole projection, before the split into heads (OLMoE)
             q = self._rms_norm(q, node.input("q_norm"), eps, dt)
             k = self._rms_norm(k, node.input("k_norm"), eps, dt)
+        if a["clip_qkv"] is not None:  # OLMoE, DBRX: each projection clamped to [-c, c], in float32 as the reference's bound
+            c = a["clip_qkv"]
+            bounds = [em.const(-c, np.float32, "clip_min"), em.const(c, np.float32, "clip_max")]
+            q, k, v = (em.cast(em.op("Clip", [em.cast(t, dt, ElemType.FLOAT32), *bounds]), ElemType.FLOAT32, dt)
+                       for t in (q, k, v))
         q = self._split_heads(q, batch_seq, heads, d)
         k = self._split_heads(k, batch_seq, kv_heads, d)
         v = self._split_heads(v, batch_seq, kv_heads, d)

@@ -302,6 +302,8 @@ def gqa_refusal(node: Node) -> str:
         return "q/k norm after RoPE or a layer without RoPE: the decoder keeps them in standard ops"
     if node.input("sinks") is not None:
         return "attention sinks (gpt-oss): the decoder keeps them as one more softmax column in standard ops"
+    if a["clip_qkv"] is not None:
+        return "q/k/v clipping (DBRX): the decoder clamps the projections in standard ops"
     return ""
 
 

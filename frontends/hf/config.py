@@ -21,6 +21,7 @@ Semantics checked against transformers 5.23 by tests/test_hf_modules.py:
   llama4_text  Llama4TextMoe: sigmoid of the top-k logits scaling the chosen experts' inputs, one shared expert
   gpt_oss      GptOssMLP: router logit bias, softmax over the top-k logits, expert biases, clamped SwiGLU
   phimoe       PhimoeSparseMoeBlock in eval mode: SparseMixer (router.sparse_mixer, top-2 only), every layer MoE
+  granitemoeshared  Granite's block (softmax over the top-k logits) and an ungated shared MLP beside it
 
 Shared experts. DeepSeek stores its n_shared_experts shared experts as ONE MLP of width
 n_shared_experts * moe_intermediate_size. The spec keeps the paper's reading (Ks = n_shared_experts
@@ -150,6 +151,16 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "granitemoe": {
         "hidden_size": 4096, "num_hidden_layers": 32, "hidden_act": "silu", "num_local_experts": 8,
         "num_experts_per_tok": 2, "intermediate_size": 11008, "router_aux_loss_coef": 0.001,
+    },
+    "granitemoeshared": {
+        "hidden_size": 4096, "num_hidden_layers": 32, "hidden_act": "silu", "num_local_experts": 8,
+        "num_experts_per_tok": 2, "intermediate_size": 11008, "router_aux_loss_coef": 0.001,
+        "shared_intermediate_size": 0,
+    },
+    "granitemoe_swa": {
+        "hidden_size": 4096, "num_hidden_layers": 32, "hidden_act": "silu", "num_local_experts": 8,
+        "num_experts_per_tok": 2, "intermediate_size": 11008, "router_aux_loss_coef": 0.001,
+        "shared_intermediate_size": 0,
     },
     "ernie4_5_moe": {
         "hidden_size": 2560, "num_hidden_layers": 28, "hidden_act": "silu", "moe_num_experts": 64, "moe_k": 6,
@@ -439,6 +450,18 @@ def _map_mixtral(c: FamilyConfig) -> _Mapped:
                    {"score": "softmax", "normalize": True}, balance, _all_layers, lambda i: "", notes)
 
 
+def _map_granitemoeshared(c: FamilyConfig) -> _Mapped:
+    """Granite's MoE block (as Mixtral's) plus, when shared_intermediate_size > 0, an ungated shared MLP of that
+    width beside the block (its output added to the block's, layers.i.shared_mlp)."""
+    mapped = _map_mixtral(c)
+    width = c.get("shared_intermediate_size", int)
+    if width < 0:
+        raise c.fail("shared_intermediate_size", f"expected a value >= 0, found {width}")
+    if width:
+        mapped.experts.update(shared=1, shared_width=width)
+    return mapped
+
+
 def _map_qwen2_moe(c: FamilyConfig) -> _Mapped:
     """Qwen2-MoE / Qwen1.5-MoE: softmax top-k, one sigmoid-gated shared expert."""
     mapped = _map_qwen3_moe(c)
@@ -682,6 +705,8 @@ _FAMILIES: dict[str, Callable[[FamilyConfig], _Mapped]] = {
     "exaone_moe": _map_sigmoid_grouped,
     "hunyuan_v1_moe": _map_hunyuan_v1_moe,
     "granitemoe": _map_mixtral,  # softmax over the top-k logits = the top-k softmax renormalised; multipliers: model.py
+    "granitemoeshared": _map_granitemoeshared,
+    "granitemoe_swa": _map_granitemoeshared,  # its sinks, sliding layers and per-layer RoPE bases: model.py
     "longcat_flash": _map_longcat_flash,
 }
 
@@ -756,7 +781,8 @@ def describe_hf_config(config: Any, *, layer: int | None = None, name: str | Non
     # project in the model dtype and take the softmax in float32.
     router = {**mapped.router, "dtype": DType.FLOAT32.value}
     if dtype != DType.FLOAT32 and model_type in ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "minimax_m2",
-                                                 "flex_olmo", "granitemoe"):
+                                                 "flex_olmo", "granitemoe", "granitemoeshared",
+                                                 "granitemoe_swa"):
         notes.append(f"transformers projects this router in {dtype.value} before a float32 softmax; the spec "
                      "projects in float32, so near-tied experts may rank differently in low precision")
     if dtype != DType.FLOAT32 and model_type in ("phimoe", "gpt_oss"):

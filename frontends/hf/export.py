@@ -1,19 +1,21 @@
 """moe-ir model spec + canonical weights -> a folder transformers loads (`config.json` + `model.safetensors`).
 
-The config is written for one of the families moe-ir imports natively in transformers (deepseek_v2,
-deepseek_v3, mixtral, qwen2_moe, olmoe) and then read back through the importer
+The config is written for one of the families moe-ir imports natively in transformers (EXPORT_FAMILIES:
+deepseek_v2, deepseek_v3, mixtral, qwen2_moe, olmoe, qwen3_moe, glm4_moe, dots1, ernie4_5_moe, minimax_m2,
+hunyuan_v1_moe, flex_olmo, granitemoe, granitemoeshared) and then read back through the importer
 (`model_spec_from_hf_config`): the export is accepted only if that gives the same spec, so the importer
 stays the one statement of what each config key means and an export can never silently change the model.
 Balance losses are the one exception: they shape training only and several have no config key in a given
 family, so a difference there is reported as a note, not refused.
 
 DeepSeekMoE (model_type `deepseek`) is remote code that transformers does not carry; a spec of that shape
-(Llama attention, softmax routing, ungated shared experts) matches none of the five families and is refused
+(Llama attention, softmax routing, ungated shared experts) matches none of the families and is refused
 with each family's reason.
 
 The weights are written in the layout `save_pretrained` writes (hub layout: per-expert tensors, Mixtral's
 under `block_sparse_moe` with w1/w3/w2), tensor by tensor from the canonical safetensors file, in the
-canonical dtypes. The folder is staged beside the destination and renamed when complete.
+canonical dtypes (a family's router and shared-MLP names where they differ: _BLOCK_NAMES). The folder is
+staged beside the destination and renamed when complete.
 """
 from __future__ import annotations
 
@@ -37,7 +39,28 @@ EXPORT_FAMILIES: dict[str, tuple[str, str, HFLayout]] = {
     "qwen2_moe": ("Qwen2MoeForCausalLM", "mlp", HFLayout.PER_EXPERT),
     "olmoe": ("OlmoeForCausalLM", "mlp", HFLayout.PER_EXPERT),
     "mixtral": ("MixtralForCausalLM", "block_sparse_moe", HFLayout.PER_EXPERT_W123),
+    # -- the families of issue 17 (transformers 5 names; save_pretrained writes per-expert tensors) --
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "mlp", HFLayout.PER_EXPERT),
+    "glm4_moe": ("Glm4MoeForCausalLM", "mlp", HFLayout.PER_EXPERT),
+    "dots1": ("Dots1ForCausalLM", "mlp", HFLayout.PER_EXPERT),
+    "ernie4_5_moe": ("Ernie4_5_MoeForCausalLM", "mlp", HFLayout.PER_EXPERT),
+    "minimax_m2": ("MiniMaxM2ForCausalLM", "block_sparse_moe", HFLayout.PER_EXPERT_W123),
+    "hunyuan_v1_moe": ("HunYuanMoEV1ForCausalLM", "mlp", HFLayout.PER_EXPERT),
+    "flex_olmo": ("FlexOlmoForCausalLM", "mlp", HFLayout.PER_EXPERT),
+    "granitemoe": ("GraniteMoeForCausalLM", "block_sparse_moe", HFLayout.STACKED_LINEAR),
+    "granitemoeshared": ("GraniteMoeSharedForCausalLM", "block_sparse_moe", HFLayout.STACKED_LINEAR),
 }
+# Tensor names a family's checkpoint gives its router and shared MLP, where they are not the common ones
+# (keyword arguments of tensor_map.model_rules; the names import-hf detects, tensor_map.detect_router_names).
+_BLOCK_NAMES: dict[str, dict[str, str]] = {
+    "ernie4_5_moe": {"router_bias": "moe_statics.e_score_correction_bias"},
+    "minimax_m2": {"router_bias": "e_score_correction_bias"},
+    "hunyuan_v1_moe": {"router_weight": "gate.wg.weight", "shared_mlp": "shared_mlp"},
+    "granitemoe": {"router_weight": "router.layer.weight"},
+    "granitemoeshared": {"router_weight": "router.layer.weight", "layer_shared_mlp": "shared_mlp"},
+}
+# Families whose router scores are sigmoids (the rest take a softmax).
+_SIGMOID_FAMILIES = ("deepseek_v3", "glm4_moe", "dots1", "minimax_m2")
 
 _HIDDEN_ACT = {Activation.SWIGLU: "silu", Activation.GEGLU: "gelu"}
 
@@ -149,7 +172,7 @@ def _olmoe(spec: ModelSpec) -> dict:
     _llama_attention(spec, config, "olmoe")
     config.update(num_experts=e.routed, num_experts_per_tok=e.top_k, intermediate_size=e.width,
                   norm_topk_prob=spec.moe.router.normalize, router_aux_loss_coef=_balance_coef(spec),
-                  attention_bias=a.qkv_bias, clip_qkv=None)
+                  attention_bias=a.qkv_bias, clip_qkv=a.clip_qkv)
     return config
 
 
@@ -168,8 +191,120 @@ def _qwen2_moe(spec: ModelSpec) -> dict:
     return config
 
 
+def _head_dim(spec: ModelSpec) -> int:
+    a = spec.model.attention
+    return a.head_dim or spec.model.hidden // a.heads
+
+
+def _llama_family(spec: ModelSpec, family: str) -> dict:
+    """The keys the Llama-attention families of issue 17 share: attention (head_dim written always, as some
+    classes default it to a fixed number), biases, partial rotary embedding."""
+    a = spec.model.attention
+    config = _common(spec, family)
+    _llama_attention(spec, config, family)
+    config["head_dim"] = _head_dim(spec)
+    config["attention_bias"] = a.qkv_bias
+    # A spec carries no token ids; a class's default pad id (FlexOlmo's 100277) can lie outside the vocabulary,
+    # which nn.Embedding refuses as its padding_idx.
+    config["pad_token_id"] = None
+    if a.rotary_dim is not None or family == "glm4_moe":  # glm4_moe's class rotates half a head by default
+        config["partial_rotary_factor"] = (a.rotary_dim or _head_dim(spec)) / _head_dim(spec)
+        config["rope_parameters"]["partial_rotary_factor"] = config["partial_rotary_factor"]
+    return config
+
+
+def _qwen3_moe(spec: ModelSpec) -> dict:
+    m, e = spec.model, spec.moe.experts
+    config = _llama_family(spec, "qwen3_moe")
+    # mlp_only_layers lists every dense layer, so any schedule maps.
+    config.update(num_experts=e.routed, num_experts_per_tok=e.top_k, moe_intermediate_size=e.width,
+                  norm_topk_prob=spec.moe.router.normalize, router_aux_loss_coef=_balance_coef(spec),
+                  decoder_sparse_step=1, mlp_only_layers=list(m.dense_layers), use_sliding_window=False)
+    config.setdefault("intermediate_size", e.width)
+    return config
+
+
+def _sigmoid_grouped(spec: ModelSpec, family: str) -> dict:
+    """GLM-4.5 and dots.llm1: DeepSeek-V3's routing with Llama attention, first_k_dense_replace."""
+    e, r = spec.moe.experts, spec.moe.router
+    leading = _first_dense_only(spec, family)
+    config = _llama_family(spec, family)
+    g = r.group_limit
+    config.update(n_routed_experts=e.routed, n_shared_experts=e.shared, moe_intermediate_size=e.width,
+                  num_experts_per_tok=e.top_k, first_k_dense_replace=leading, norm_topk_prob=r.normalize,
+                  routed_scaling_factor=r.scaling, n_group=g.groups if g else 1, topk_group=g.kept if g else 1)
+    config.setdefault("intermediate_size", e.width)
+    if family == "glm4_moe":
+        config["use_qk_norm"] = spec.model.attention.qk_norm.value != "none"
+    else:  # dots1: every layer attends globally (its class would otherwise derive sliding layers)
+        config.update(sliding_window=None, layer_types=["full_attention"] * spec.model.layers)
+    return config
+
+
+def _ernie4_5_moe(spec: ModelSpec) -> dict:
+    m, e = spec.model, spec.moe.experts
+    moe = list(m.moe_layers)
+    interval = moe[1] - moe[0] if len(moe) > 1 else 1
+    if moe != list(range(moe[0], moe[-1] + 1, interval)):
+        raise _Unfit(f"MoE layers {moe[:8]}: ERNIE's schedule is a start, an end and an interval")
+    config = _common(spec, "ernie4_5_moe")
+    _llama_attention(spec, config, "ernie4_5_moe")
+    config["head_dim"] = _head_dim(spec)
+    config.update(moe_num_experts=e.routed, moe_k=e.top_k, moe_intermediate_size=e.width,
+                  moe_num_shared_experts=e.shared, moe_layer_start_index=moe[0], moe_layer_end_index=moe[-1],
+                  moe_layer_interval=interval, router_aux_loss_coef=_balance_coef(spec), use_bias=False)
+    config.setdefault("intermediate_size", e.width)
+    return config
+
+
+def _minimax_m2(spec: ModelSpec) -> dict:
+    e = spec.moe.experts
+    _first_dense_only(spec, "minimax_m2")
+    config = _llama_family(spec, "minimax_m2")
+    del config["attention_bias"]  # MiniMax-M2's attention has no biases and no such key
+    config.update(num_local_experts=e.routed, num_experts_per_tok=e.top_k, intermediate_size=e.width,
+                  router_jitter_noise=0.0)
+    return config
+
+
+def _hunyuan_v1_moe(spec: ModelSpec) -> dict:
+    e = spec.moe.experts
+    _first_dense_only(spec, "hunyuan_v1_moe")
+    config = _llama_family(spec, "hunyuan_v1_moe")
+    config.update(num_experts=e.routed, moe_topk=e.top_k, intermediate_size=e.width)
+    return config
+
+
+def _flex_olmo(spec: ModelSpec) -> dict:
+    e = spec.moe.experts
+    _first_dense_only(spec, "flex_olmo")
+    config = _llama_family(spec, "flex_olmo")
+    config.update(num_experts=e.routed, num_experts_per_tok=e.top_k, intermediate_size=e.width,
+                  norm_topk_prob=spec.moe.router.normalize, router_aux_loss_coef=_balance_coef(spec))
+    return config
+
+
+def _granitemoe(spec: ModelSpec, family: str = "granitemoe") -> dict:
+    m, e, a = spec.model, spec.moe.experts, spec.model.attention
+    _first_dense_only(spec, family)
+    config = _llama_family(spec, family)
+    if family == "granitemoeshared":  # one ungated shared MLP beside the block, or none
+        config["shared_intermediate_size"] = e.shared_ffn_width if e.shared else 0
+    mult = m.multipliers
+    config.update(num_local_experts=e.routed, num_experts_per_tok=e.top_k, intermediate_size=e.width,
+                  router_aux_loss_coef=_balance_coef(spec),
+                  attention_multiplier=a.softmax_scale if a.softmax_scale is not None else _head_dim(spec) ** -0.5,
+                  embedding_multiplier=mult.embedding if mult else 1.0,
+                  residual_multiplier=mult.residual if mult else 1.0, logits_scaling=mult.logits if mult else 1.0)
+    return config
+
+
 _BUILDERS = {"deepseek_v3": lambda s: _deepseek(s, "deepseek_v3"), "deepseek_v2": lambda s: _deepseek(s, "deepseek_v2"),
-             "qwen2_moe": _qwen2_moe, "olmoe": _olmoe, "mixtral": _mixtral}
+             "qwen2_moe": _qwen2_moe, "olmoe": _olmoe, "mixtral": _mixtral, "qwen3_moe": _qwen3_moe,
+             "glm4_moe": lambda s: _sigmoid_grouped(s, "glm4_moe"), "dots1": lambda s: _sigmoid_grouped(s, "dots1"),
+             "ernie4_5_moe": _ernie4_5_moe, "minimax_m2": _minimax_m2, "hunyuan_v1_moe": _hunyuan_v1_moe,
+             "flex_olmo": _flex_olmo, "granitemoe": _granitemoe,
+             "granitemoeshared": lambda s: _granitemoe(s, "granitemoeshared")}
 
 
 def _semantic(data: Any, key: str = "") -> Any:
@@ -199,8 +334,8 @@ def _try_family(spec: ModelSpec, family: str) -> tuple[dict, list[str]]:
     """(config, notes) or _Unfit with the reason."""
     from .model import model_spec_from_hf_config
 
-    if spec.moe.router.score == ScoreFn.SIGMOID and family != "deepseek_v3":
-        raise _Unfit("sigmoid scores are DeepSeek-V3's")
+    if spec.moe.router.score == ScoreFn.SIGMOID and family not in _SIGMOID_FAMILIES:
+        raise _Unfit(f"{family} scores experts with a softmax, not sigmoids")
     g = spec.moe.router.group_limit
     if g is not None and family == "deepseek_v2" and g.score != GroupScore.MAX:
         raise _Unfit(f"group score {g.score.value}: DeepSeek-V2's group_limited_greedy scores a group by its max")
@@ -257,7 +392,7 @@ def export_hf_checkpoint(spec: ModelSpec, weights: Any, out_dir: str | os.PathLi
     family, config, notes = hf_config_from_model_spec(spec, family)
     graph = build_model_graph(spec)
     _, block, layout = EXPORT_FAMILIES[family]
-    rules = model_rules(spec, graph.weights, moe_block=block, layout=layout)
+    rules = model_rules(spec, graph.weights, moe_block=block, layout=layout, **_BLOCK_NAMES.get(family, {}))
     with Checkpoint(weights) as ckpt:
         where = ckpt.description
         missing = sorted(set(graph.weights) - set(ckpt.entries))

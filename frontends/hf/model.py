@@ -13,7 +13,7 @@ Attention per family (transformers 5.23):
   mixtral                           Llama attention without biases (MixtralAttention ignores attention_bias,
                                     so attention_bias=true is refused as ambiguous)
   qwen2_moe                         biases on q, k, v only (qkv_bias); sliding windows are refused
-  olmoe                             RMSNorm over the whole q and k projections; clip_qkv is refused
+  olmoe                             RMSNorm over the whole q and k projections, then clip_qkv's clamp
   gpt_oss                           Llama attention (half RoPE), attention_bias on q, k, v and o, head_dim, attention
                                     sinks; sliding_attention layers and YaRN are refused (not modelled yet)
   phimoe                            Llama attention, attention_bias on q, k, v and o; LayerNorm (weight and
@@ -41,9 +41,9 @@ __all__ = ["MODEL_DEFAULTS", "model_spec_from_hf_config", "weights_from_hf_model
 
 _LLAMA_ATTENTION = ("deepseek", "mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "glm4_moe", "dots1", "minimax_m2",
                     "ernie4_5_moe", "flex_olmo", "granitemoe", "exaone_moe", "hunyuan_v1_moe", "phimoe",
-                    "gpt_oss")
+                    "gpt_oss", "granitemoeshared", "granitemoe_swa")
 # Families whose attention reads layer_types for its sliding-window layers (transformers 5.24).
-_SLIDING_BY_LAYER_TYPES = ("qwen2_moe", "dots1", "exaone_moe", "gpt_oss")
+_SLIDING_BY_LAYER_TYPES = ("qwen2_moe", "dots1", "exaone_moe", "gpt_oss", "granitemoe_swa")
 # Families whose global (non-sliding) layers apply no RoPE once a sliding_window is set (EXAONE 4 style).
 _GLOBAL_NOPE = ("exaone_moe",)
 # Families whose decoder layers normalise the attention and FFN outputs (post-norm) instead of their inputs.
@@ -116,6 +116,15 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
                    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False, "rope_theta": 10000.0,
                    "max_position_embeddings": 2048, "embedding_multiplier": 1.0, "residual_multiplier": 1.0,
                    "attention_multiplier": 1.0, "logits_scaling": 1.0},
+    "granitemoe_swa": {"vocab_size": 32000, "num_attention_heads": 32, "num_key_value_heads": None,
+                       "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False,
+                       "rope_theta": 10000.0, "max_position_embeddings": 2048, "embedding_multiplier": 1.0,
+                       "residual_multiplier": 1.0, "attention_multiplier": 1.0, "logits_scaling": 1.0,
+                       "sliding_window": 128},
+    "granitemoeshared": {"vocab_size": 32000, "num_attention_heads": 32, "num_key_value_heads": 32,
+                         "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False,
+                         "rope_theta": 10000.0, "max_position_embeddings": 2048, "embedding_multiplier": 1.0,
+                         "residual_multiplier": 1.0, "attention_multiplier": 1.0, "logits_scaling": 1.0},
     "minimax_m2": {"vocab_size": 200064, "num_attention_heads": 48, "num_key_value_heads": 8, "head_dim": 128,
                    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 5e6,
                    "max_position_embeddings": 196608},
@@ -185,6 +194,9 @@ def _rope(c: FamilyConfig) -> dict[str, Any]:
             else c.get("rope_theta", float)
     if rope_type == "default":
         return out
+    if rope_type == "dynamic" and c.model_type in _NTK_ALPHA and section.get("alpha") is not None:
+        out["rope_theta"] = _ntk_alpha_theta(c, key, section, out["rope_theta"])
+        return out
     if rope_type != "yarn":
         missing = _ROPE_TYPES_MISSING.get(rope_type, f"the RoPE type {str(rope_type)[:40]!r}")
         raise c.fail(key, f"RoPE scaling '{str(rope_type)[:40]}' needs {missing}, which moe-ir does not model; "
@@ -208,6 +220,22 @@ def _rope(c: FamilyConfig) -> dict[str, Any]:
         scaling["softmax_mscale"] = True
     out["rope_scaling"] = scaling
     return out
+
+
+# Families whose "dynamic" RoPE with an `alpha` is static NTK-alpha scaling: the base becomes
+# theta * alpha^(d / (d - 2)) for head dim d, whatever the sequence length (Hunyuan's released configs).
+_NTK_ALPHA = ("hunyuan_v1_moe",)
+
+
+def _ntk_alpha_theta(c: FamilyConfig, key: str, section: Mapping[str, Any], theta: float) -> float:
+    """The RoPE base NTK-alpha scaling gives: one plain rope_theta, as transformers computes it."""
+    alpha = _rope_number(c, key, section, "alpha")
+    if alpha <= 0:
+        raise c.fail(key, f"alpha={alpha}: NTK-alpha scaling needs a positive alpha")
+    dim = c.get("head_dim", int, optional=True) or _positive(c, "hidden_size") // _positive(c, "num_attention_heads")
+    if dim <= 2:
+        raise c.fail("head_dim", f"head_dim={dim}: NTK-alpha scaling needs a head of more than 2 dims")
+    return theta * alpha ** (dim / (dim - 2))
 
 
 def _rotary_dim(c: FamilyConfig, head_dim: int) -> int | None:
@@ -311,6 +339,40 @@ def _gpt_oss_attention(c: FamilyConfig) -> dict:
     return {"sinks": True}
 
 
+def _granitemoe_swa_layer_types(c: FamilyConfig, num_layers: int) -> None:
+    """GraniteMoeSWA's layer_types when the config omits them, as its class fills them: every fourth layer
+    (0, 4, ...) global, the rest sliding."""
+    if not c.data.get("layer_types"):
+        c.data["layer_types"] = ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(num_layers)]
+
+
+def _granitemoe_swa_attention(c: FamilyConfig, num_layers: int, attention: Mapping[str, Any]) -> dict:
+    """GraniteMoeSWA's attention beyond Granite's: a learned sink per head (its sigmoid(lse - sink) scaling of the
+    output is the extra softmax-denominator logit moe-ir's `sinks` are) and a RoPE base per layer
+    (layer_rope_theta, 0 for a layer without RoPE): one base everywhere, or one on the sliding layers and none on
+    the global ones (global_nope); other patterns are refused naming the key."""
+    out: dict[str, Any] = {"sinks": True}
+    thetas = c.get("layer_rope_theta", list, optional=True)
+    if thetas is None:
+        return out
+    if len(thetas) != num_layers or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                                            for v in thetas):
+        raise c.fail("layer_rope_theta", f"expected a RoPE base >= 0 per layer, found {str(thetas)[:60]}")
+    sliding = set(attention.get("sliding_layers", range(num_layers)) if attention.get("sliding_window") else ())
+    roped = {float(v) for v in thetas if v}
+    if len(roped) > 1:
+        raise c.fail("layer_rope_theta", f"RoPE bases {sorted(roped)[:4]} differ by layer; a model spec has one")
+    nope = {i for i, v in enumerate(thetas) if not v}
+    if nope and (nope != set(range(num_layers)) - sliding or not sliding):
+        raise c.fail("layer_rope_theta", "layers without RoPE (0) other than exactly the global layers of a sliding "
+                                         "model are not modelled (global_nope leaves RoPE out of every global layer)")
+    if roped:
+        out["rope_theta"] = roped.pop()
+    if nope:
+        out["global_nope"] = True
+    return out
+
+
 def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str | None = None) -> ModelSpec:
     """ModelSpec of a transformers config object or config.json dict of a supported MoE family.
 
@@ -333,6 +395,8 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
         raise c.fail("num_key_value_heads", f"expected a positive integer, found {kv_heads}")
     model_name = name or _name_from_path(str(data.get("_name_or_path") or ""), t)
     attention: dict[str, Any] = {"heads": heads, **_rope(c)}
+    if t == "granitemoe_swa":
+        _granitemoe_swa_layer_types(c, info.num_layers)
     attention.update(_sliding_window(c, info.num_layers))
     if t == "mixtral" and c.data.get("attention_bias"):
         raise c.fail("attention_bias", "attention_bias=true: transformers' Mixtral ignores it (its attention has no "
@@ -368,7 +432,7 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
         else:
             attention.update(qkv_bias=bias, out_bias=bias and t not in _QKV_BIAS_ONLY)
         if t == "olmoe" and c.get("clip_qkv", float, optional=True) is not None:
-            raise c.fail("clip_qkv", "clipping q/k/v is not modelled")
+            attention["clip_qkv"] = c.get("clip_qkv", float)
         if t in _QK_NORM or (t == "glm4_moe" and c.get("use_qk_norm", bool)):
             attention["qk_norm"] = _QK_NORM.get(t, "head")
     decoder = _phimoe_decoder(c) if t == "phimoe" else {}
@@ -382,7 +446,9 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
              **_layer_schedule(info.moe_layers, info.num_layers, c), "attention": attention,
              "rms_norm_eps": eps, "dtype": layer_spec.dtype.value,
              "norm_position": "post" if t in _POST_NORM else "pre", **decoder}
-    if t == "granitemoe":  # muP multipliers; the attention one replaces the softmax scale
+    if t == "granitemoe_swa":
+        attention.update(_granitemoe_swa_attention(c, info.num_layers, attention))
+    if t in ("granitemoe", "granitemoeshared", "granitemoe_swa"):  # muP multipliers; attention's is the softmax scale
         model["multipliers"] = {"embedding": c.get("embedding_multiplier", float),
                                 "residual": c.get("residual_multiplier", float),
                                 "logits": c.get("logits_scaling", float)}

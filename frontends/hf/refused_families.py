@@ -30,6 +30,12 @@ UNEXPRESSIBLE_FAMILIES: dict[str, str] = {
                         "only",
     "lfm2_moe": "short-convolution token mixers (Lfm2MoeShortConv) in place of attention in most layers; moe-ir "
                 "models softmax attention only",
+    "qwen3_5_moe": "gated DeltaNet linear-attention layers (Qwen3_5MoeGatedDeltaNet) between the softmax-attention "
+                   "ones; moe-ir models softmax attention only",
+    "qwen3_5_moe_text": "gated DeltaNet linear-attention layers (Qwen3_5MoeGatedDeltaNet) between the "
+                        "softmax-attention ones; moe-ir models softmax attention only",
+    "nllb-moe": "an encoder-decoder translation model (NllbMoeEncoderLayer, cross-attention in NllbMoeDecoderLayer); "
+                "moe-ir models decoder-only language models",
 }
 
 
@@ -41,14 +47,29 @@ def unexpressible_reason(model_type: object) -> str | None:
 # MoE families moe-ir does not read yet -> what they need that it lacks (read from their modeling
 # files in transformers 5.24), so a user learns what is missing rather than which families are supported.
 NOT_MODELLED: dict[str, str] = {
-    "granitemoeshared": "a shared MLP beside the MoE block (layers.i.shared_mlp, gate and up fused in input_linear), "
-                        "a tensor layout the weight mapping does not have (granitemoe itself is read)",
-    "dbrx": "LayerNorm instead of RMSNorm, q/k/v clipping (clip_qkv) and router weights normalised by a p-norm "
-            "(moe_normalize_expert_weights)",
-    "afmoe": "per-layer sliding-window attention, a sigmoid gate on the attention output, a norm after the "
-             "attention and after the FFN besides the one before each (dual norms) and muP input scaling",
+    "dbrx": "LayerNorm without a bias (a model spec's LayerNorm has one), q/k/v clipping (clip_qkv) of the fused "
+            "Wqkv projection, router weights normalised by a p-norm (moe_normalize_expert_weights; p = 1 is the "
+            "renormalisation moe-ir has) and its own tensor names (transformer.blocks.i.norm_attn_norm, "
+            "ffn.experts.mlp.w1/v1/w2)",
+    "afmoe": "a sigmoid gate on each head's attention output (self_attn.gate_proj) and norms both before and after "
+             "the attention and the FFN (four per layer: input_layernorm, post_attention_layernorm, "
+             "pre_mlp_layernorm, post_mlp_layernorm), where a model spec's layer has one of the two",
+    "cohere2_moe": "parallel attention and FFN (Cohere2MoeDecoderLayer adds both to the residual from one norm), "
+                   "where a model spec's layer runs them in sequence, and a logit_scale on the logits",
     "sarvam_moe": "a modelling implementation: transformers 5.24 carries only its configuration (a Glm4MoeConfig), "
                   "so there is no model to check an import against",
+    # Vision-language models: their text decoders are MoE decoders, but transformers builds them only inside the
+    # multimodal model, whose RoPE takes 3-D positions (mrope_section).
+    **{model_type: f"its text decoder taken out of a vision-language model ({extra}; RoPE over 3-D multimodal "
+                   "positions, mrope_section), and transformers 5.24 has no text-only causal LM of it to check an "
+                   "import against"
+       for model_type, extra in (
+           ("qwen3_vl_moe", "visual features added into early decoder layers, deepstack"),
+           ("qwen3_vl_moe_text", "visual features added into early decoder layers, deepstack"),
+           ("qwen3_omni_moe", "audio and vision encoders and a speech talker"),
+           ("glm4v_moe", "a vision encoder"), ("glm4v_moe_text", "a vision encoder"),
+           ("ernie4_5_vl_moe", "separate text and vision experts chosen by token type"),
+           ("ernie4_5_vl_moe_text", "separate text and vision experts chosen by token type"))},
 }
 
 

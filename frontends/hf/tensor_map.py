@@ -26,9 +26,9 @@ from moe_ir.errors import WeightsError
 from moe_ir.model_spec import AttentionKind, ModelSpec, NormKind, NormPosition, QKNorm
 from moe_ir.spec import Activation, LayerSpec
 
-__all__ = ["HFLayout", "Join", "TensorRule", "PER_EXPERT_NAMES", "ROUTER_BIAS_NAMES", "ROUTER_WEIGHT_NAMES",
-           "SHARED_MLP_NAMES", "moe_block_rules", "model_rules", "prefixed", "detect_layout", "detect_model_layout",
-           "detect_router_names", "router_name", "shared_mlp_names"]
+__all__ = ["HFLayout", "Join", "LAYER_SHARED_MLP", "TensorRule", "PER_EXPERT_NAMES", "ROUTER_BIAS_NAMES",
+           "ROUTER_WEIGHT_NAMES", "SHARED_MLP_NAMES", "moe_block_rules", "model_rules", "prefixed", "detect_layout",
+           "detect_model_layout", "detect_router_names", "router_name", "shared_mlp_names"]
 
 
 class HFLayout(enum.StrEnum):
@@ -180,6 +180,8 @@ ROUTER_BIAS_NAMES = ("gate.e_score_correction_bias", "e_score_correction_bias",
 ROUTER_WEIGHT_NAMES = ("gate.weight", "router.weight", "router.layer.weight", "gate.wg.weight")
 # The ungated shared MLP's module name in a block: DeepSeek's and most families', or Hunyuan's.
 SHARED_MLP_NAMES = ("shared_experts", "shared_mlp")
+# The shared MLP GraniteMoeShared keeps in the decoder layer beside its block (layers.i.shared_mlp).
+LAYER_SHARED_MLP = "shared_mlp"
 
 
 def moe_block_rules(spec: LayerSpec, layout: HFLayout | str, router_bias: str = ROUTER_BIAS_NAMES[0],
@@ -256,11 +258,13 @@ def _attention_names(spec: ModelSpec) -> dict[str, str]:
 def model_rules(spec: ModelSpec, graph_weights: Iterable[str], *, moe_block: str = "mlp",
                 layout: HFLayout | str = HFLayout.PER_EXPERT, prefix: str = "model.",
                 router_bias: str = ROUTER_BIAS_NAMES[0], router_weight: str | None = None,
-                shared_mlp: str = SHARED_MLP_NAMES[0]) -> list[TensorRule]:
+                shared_mlp: str = SHARED_MLP_NAMES[0], layer_shared_mlp: str | None = None) -> list[TensorRule]:
     """Rules of a whole causal LM (transformers' names under `prefix`), one per graph weight group.
 
     `moe_block`: the MoE module's name in the checkpoint (`mlp`, or `block_sparse_moe` in Mixtral hub
-    checkpoints); `layout`: how its experts are stored; `router_bias`: the selection bias's name in a block."""
+    checkpoints); `layout`: how its experts are stored; `router_bias`: the selection bias's name in a block;
+    `layer_shared_mlp`: the name of a shared MLP kept beside the block in the decoder layer, gate and up fused
+    in input_linear (GraniteMoeShared's `shared_mlp`), instead of inside the block."""
     present = set(graph_weights)
     m = spec.model
     # LayerNorm models (PhiMoE) add each norm's bias beside its weight.
@@ -277,6 +281,8 @@ def model_rules(spec: ModelSpec, graph_weights: Iterable[str], *, moe_block: str
     if m.norm_position == NormPosition.POST:
         norms = [("attn_norm", "post_attention_layernorm"), ("ffn_norm", "post_feedforward_layernorm")]
     block = moe_block_rules(spec.moe, layout, router_bias, router_weight, shared_mlp)
+    if layer_shared_mlp:
+        block = [r for r in block if not r.ours[0].startswith("shared.")]
     for i in range(m.layers):
         ours, theirs = f"layers.{i}.", f"{prefix}layers.{i}."
         for our_norm, their_norm in norms:
@@ -286,10 +292,23 @@ def model_rules(spec: ModelSpec, graph_weights: Iterable[str], *, moe_block: str
                   if f"{ours}attn.{a}" in present]
         if m.is_moe_layer(i):
             rules += prefixed(block, f"{ours}moe.", f"{theirs}{moe_block}.")
+            if layer_shared_mlp and spec.moe.experts.shared:
+                rules += _layer_shared_mlp_rules(spec.moe, f"{ours}moe.", f"{theirs}{layer_shared_mlp}.")
         else:
             rules += [TensorRule((f"{ours}ffn.{a}",), (f"{theirs}mlp.{b}.weight",))
                       for a, b in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj"))]
     return rules
+
+
+def _layer_shared_mlp_rules(spec: LayerSpec, ours: str, theirs: str) -> list[TensorRule]:
+    """GraniteMoeShared's one shared MLP beside the block: input_linear [2S, H] is gate then up (its forward
+    chunks the output in two), output_linear [H, S] the down projection."""
+    if spec.experts.shared != 1:
+        raise WeightsError(f"a shared MLP beside the MoE block is one MLP; the spec has {spec.experts.shared} "
+                           "shared experts")
+    return [TensorRule((f"{ours}shared.0.w_gate", f"{ours}shared.0.w_up"), (f"{theirs}input_linear.weight",),
+                       Join.SPLIT, dim=0),
+            TensorRule((f"{ours}shared.0.w_down",), (f"{theirs}output_linear.weight",))]
 
 
 def detect_layout(names: Iterable[str]) -> HFLayout:
@@ -311,7 +330,9 @@ def detect_router_names(spec: ModelSpec, names: Iterable[str], block: str, prefi
     ROUTER_BIAS_NAMES, SHARED_MLP_NAMES), read at the first MoE layer: keyword arguments of model_rules."""
     under = f"{prefix}layers.{spec.model.moe_layers[0]}.{block}."
     present = set(names)
-    return {"router_weight": next((n for n in ROUTER_WEIGHT_NAMES if under + n in present), None),
+    beside = f"{prefix}layers.{spec.model.moe_layers[0]}.{LAYER_SHARED_MLP}.input_linear.weight"
+    return {"layer_shared_mlp": LAYER_SHARED_MLP if beside in present else None,
+            "router_weight": next((n for n in ROUTER_WEIGHT_NAMES if under + n in present), None),
             "router_bias": next((n for n in ROUTER_BIAS_NAMES if under + n in present), ROUTER_BIAS_NAMES[0]),
             "shared_mlp": next((n for n in SHARED_MLP_NAMES if any(p.startswith(f"{under}{n}.") for p in present)),
                                SHARED_MLP_NAMES[0])}

@@ -335,7 +335,10 @@ _MHA_WEIGHTS = (Port("w_q"), Port("w_k"), Port("w_v"), Port("w_o"), Port("b_q", 
 _MHA_ATTRS = {"heads": Attr(int), "kv_heads": Attr(int), "head_dim": Attr(int),
               "qk_norm": Attr(QKNorm, QKNorm.NONE), **_ROPE_ATTRS,
               "sliding_window": Attr((int, type(None)), None, "a query sees only the W latest keys (itself "
-                                                              "included); None: every earlier key")}
+                                                              "included); None: every earlier key"),
+              "clip_qkv": Attr((float, type(None)), None, "q, k and v clamped to [-c, c] after their projections "
+                                                          "and a whole-projection q/k norm, before the split into "
+                                                          "heads (OLMoE, DBRX); None: not clamped")}
 
 
 def _mha_types(node, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm, sinks) -> TensorType:
@@ -348,6 +351,7 @@ def _mha_types(node, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm, 
     r = rope_dims(a, d)
     expect(r % 2 == 0 and 0 <= r <= d, node, f"RoPE rotates pairs of dims: {r} rotated dims of a head of {d}")
     expect(a["sliding_window"] is None or a["sliding_window"] >= 1, node, "sliding_window must be at least 1")
+    expect(a["clip_qkv"] is None or a["clip_qkv"] > 0, node, "clip_qkv must be positive")
     _expect_linear(node, w_q, nq, h, "w_q")
     _expect_linear(node, w_k, nkv, h, "w_k")
     _expect_linear(node, w_v, nkv, h, "w_v")
@@ -373,6 +377,9 @@ def _mha_qkv(attrs, x, cos, sin, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm):
     q, k, v = F.linear(x, w_q, b_q), F.linear(x, w_k, b_k), F.linear(x, w_v, b_v)
     if norm == QKNorm.FULL:
         q, k = rms_norm_math(q, q_norm, eps), rms_norm_math(k, k_norm, eps)
+    clip = attrs["clip_qkv"]
+    if clip is not None:
+        q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
     q, k, v = _heads(q, heads), _heads(k, kv_heads), _heads(v, kv_heads)
     if norm == QKNorm.HEAD:
         q, k = rms_norm_math(q, q_norm, eps), rms_norm_math(k, k_norm, eps)
