@@ -247,3 +247,45 @@ def test_model_defaults_and_refusals_name_the_missing_feature():
             "v_head_dim": 2, "sinks": True}}, "moe": {"experts": {"routed": 4, "width": 4, "top_k": 2}}})
     assert err.value.path == "model.attention.sinks"
 
+
+
+def test_import_hf_model_cli_and_greedy_generation_equal_transformers(tmp_path):
+    """The released layout in small (YaRN, alternating sliding layers, sinks, biases): `moe-ir import-hf --model
+    --weights` on the folder transformers saved (sharded) gives its logits; greedy tokens of the decode graph on
+    torch and both ONNX flavours equal transformers' generate on left-padded prompts, each step's logits its."""
+    from moe_ir.cli import main
+    from moe_ir.frontends import load_model_spec
+    from moe_ir.generation import greedy_generate
+    from moe_ir.model_builder import GraphForm, build_model_graph
+    from moe_ir.params import load_weights
+
+    cfg, hf = _tiny_model(rope_parameters=YARN, **SLIDING)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    spec_file, weights_file = tmp_path / "model.yaml", tmp_path / "model.safetensors"
+    assert main(["import-hf", str(tmp_path / "hf"), "--model", "--weights", str(tmp_path / "hf"), "-o", str(spec_file),
+                 "--weights-out", str(weights_file)]) == 0
+    spec = load_model_spec(spec_file)
+    assert spec.model.attention.sliding_layers == (0, 2) and spec.model.attention.sinks
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+    graph = build_model_graph(spec)
+    weights = load_weights(weights_file, graph)
+    got = interpret(graph, {"input_ids": ids}, weights)["logits"]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-5 * float(expected.abs().max()))
+
+    prompts = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(prompts)
+    mask[1, :2] = 0  # the second prompt is 4 tokens, left-padded; 11 positions in all pass the window of 3
+    with torch.no_grad():
+        out = hf.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                          output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    theirs = torch.stack(out.logits, dim=1)
+    for name in ("torch", "onnx:portable", "onnx:ort"):
+        backend = get_backend(name)
+        decode = run_pipeline(build_model_graph(spec, form=GraphForm.DECODE), backend.pipeline)
+        step = backend.prepare(decode, {k: v for k, v in weights.items() if k in decode.weights})
+        result = greedy_generate(step, decode, prompts, mask, max_new_tokens=5)
+        assert torch.equal(result.tokens, out.sequences[:, prompts.shape[1]:]), name
+        torch.testing.assert_close(result.logits.float(), theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()),
+                                   msg=name)
