@@ -37,17 +37,37 @@ def dequantize_refusal(graph: Graph) -> str:
 
 
 def qmoe_refusal(graph: Graph) -> str:
-    """Why com.microsoft.QMoE cannot take this graph's quantized routed experts ('' when it can): its CPU kernel
-    matches the reference for int4 blocks (symmetric: code + 8, or with zero points); its 8-bit layout did not
-    (checked on onnxruntime 1.32)."""
+    """Why com.microsoft.QMoE cannot take this graph's quantized routed experts ('' when it can): int4 and int8
+    blocks (symmetric or with zero points) match the reference on onnxruntime 1.32's CPU kernel; fp8 tiles
+    have no QMoE layout."""
     for node in graph.find(OpCode.GROUPED_FFN):
         for value in node.inputs[3:6]:
-            if is_quantized(value) and value.producer.attrs["format"] != QuantFormat.INT4:
+            if is_quantized(value) and value.producer.attrs["format"] not in (QuantFormat.INT4, QuantFormat.INT8):
                 return (f"{value.producer.name}: {value.producer.attrs['format'].value} experts do not lower to "
-                        "com.microsoft.QMoE here (int4 only); the portable flavour exports them (DequantizeLinear)")
+                        "com.microsoft.QMoE here (int4 and int8 only); import the checkpoint dequantized")
             if is_quantized(value) and value.producer.attrs["block"] < 16:
                 return f"{value.producer.name}: com.microsoft.QMoE takes blocks of 16 or more"
     return ""
+
+
+# onnxruntime 1.32's CPU QMoE runs 8-bit experts through its QNBit GEMM on activations quantized to int8 (about
+# 1e-2 relative error against the quantized reference, measured on a tiny layer), whatever the node's
+# accuracy_level says; this variable, read when a session is created, keeps float32 activations (each hit
+# expert dequantized exactly, then a float GEMM). moe-ir's runner sets it while it creates a session, unless
+# the user set it; other hosts of an exported file (onnxruntime-genai, a user's session) must set it themselves.
+QMOE_FLOAT_ACTIVATIONS_ENV = ("ORT_QMOE_CPU_QNBIT_GEMM", "fp32")
+
+
+def qmoe_int8_note(graph: Graph) -> str:
+    """The build's note for a graph whose routed experts lower to 8-bit QMoE ('' otherwise)."""
+    int8 = any(is_quantized(v) and v.producer.attrs["format"] == QuantFormat.INT8
+               for node in graph.find(OpCode.GROUPED_FFN) for v in node.inputs[3:6])
+    if not int8:
+        return ""
+    name, value = QMOE_FLOAT_ACTIVATIONS_ENV
+    return (f"ort: int8 com.microsoft.QMoE: onnxruntime's CPU kernel quantizes its activations to int8 (~1e-2 "
+            f"relative error) unless {name}={value} is set when the session is created; moe-ir's runner sets "
+            f"it, onnxruntime-genai and other hosts need it in their environment")
 
 
 def _pack_nibbles(t: torch.Tensor) -> torch.Tensor:
@@ -55,6 +75,14 @@ def _pack_nibbles(t: torch.Tensor) -> torch.Tensor:
     if t.shape[-1] % 2:
         t = torch.nn.functional.pad(t, (0, 1))
     return (t[..., 0::2] | (t[..., 1::2] << 4)).to(torch.uint8)
+
+
+def _unsigned_codes(t: torch.Tensor) -> torch.Tensor:
+    """Stored codes as QMoE reads them, uint8: signed int8 codes (symmetric) shifted by its implicit zero
+    point 128; uint8 codes (int4 nibble pairs, or int8 with zero points) as they are."""
+    if t.dtype == torch.int8:
+        return (t.to(torch.int16) + 128).to(torch.uint8)
+    return t.to(torch.uint8)
 
 
 def _interleave_rows(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -102,9 +130,7 @@ class QuantOps:
         blob = block * bits // 8
 
         def codes(t: torch.Tensor) -> torch.Tensor:
-            if t.dtype == torch.int8:
-                t = (t.to(torch.int16) + 128).to(torch.uint8)
-            return t.reshape(n, k // block, blob)
+            return _unsigned_codes(t).reshape(n, k // block, blob)
 
         ins = [x, self.inits.add(qweight, codes, name=f"{qweight.name}.nbits", dtype=torch.uint8),
                self.inits.add(scales, lambda t: t.reshape(-1), name=f"{scales.name}.nbits")]
@@ -152,33 +178,39 @@ class QuantOps:
         return super().expert_weight(value, e)
 
     def qmoe_inputs(self, ffn: Node, tokens: str, probs: str) -> tuple[list[str], dict]:
-        """Inputs and attributes of com.microsoft.QMoE for a grouped FFN on int4 experts: fc1 = gate and up
-        rows interleaved (swiglu_fusion=1) or up alone, fc2 = down; codes as stored (two a byte, low nibble
-        first), scales [E, rows, K/block], zero points packed two a byte along the blocks."""
+        """Inputs and attributes of com.microsoft.QMoE for a grouped FFN on int4 or int8 experts: fc1 = gate and
+        up rows interleaved (swiglu_fusion=1) or up alone, fc2 = down; codes uint8 [E, rows, K*bits/8] (int4 as
+        stored: two a byte, low nibble first; symmetric int8 + 128, the op's implicit zero point), scales
+        [E, rows, K/block], zero points one a block (int8) or packed two a byte along the blocks (int4)."""
         w = {k: ffn.input(k) for k in ("w_up", "w_down", "w_gate", "b_up", "b_down", "b_gate")}
         act = ffn.attrs["activation"]
         parts = {key: dict(zip(("qweight", "scales", "zeros"), w[key].producer.inputs))
                  for key in ("w_up", "w_down", "w_gate") if w[key] is not None}
         asym = parts["w_up"]["zeros"] is not None
 
-        def fc1(part: str, transform=None, name: str = "") -> str:
+        def fc1(part: str, transform=None, name: str = "", dtype=None) -> str:
             up = parts["w_up"][part]
             if not act.gated:
-                return self.inits.add(up, transform, name=f"{ffn.name}.fc1_{name}" if transform else None)
+                return self.inits.add(up, transform, name=f"{ffn.name}.fc1_{name}" if transform else None,
+                                      dtype=dtype)
             gate = parts["w_gate"][part]
             return self.inits.add(up, (lambda t: transform(_interleave_rows(t))) if transform else _interleave_rows,
-                                  name=f"{ffn.name}.fc1_{name}",
+                                  name=f"{ffn.name}.fc1_{name}", dtype=dtype,
                                   evaluate=lambda v, gate=gate, up=up: (self.inits.given(gate), self.inits.given(up)))
 
-        ins = [tokens, probs, fc1("qweight", name="codes"), fc1("scales", name="scales"),
-               self._qmoe_bias(ffn, w, act), self.operand(parts["w_down"]["qweight"]),
+        bits = 4 if w["w_up"].producer.attrs["format"] == QuantFormat.INT4 else 8
+        ins = [tokens, probs, fc1("qweight", _unsigned_codes, name="codes", dtype=torch.uint8), fc1("scales", name="scales"),
+               self._qmoe_bias(ffn, w, act),
+               self.inits.add(parts["w_down"]["qweight"], _unsigned_codes, name=f"{ffn.name}.fc2_codes",
+                              dtype=torch.uint8),
                self.operand(parts["w_down"]["scales"]), self.operand(w["b_down"])]
         if asym:
-            ins += ["", "", "", fc1("zeros", _pack_nibbles, name="zeros"),
-                    self.inits.add(parts["w_down"]["zeros"], _pack_nibbles, name=f"{ffn.name}.fc2_zeros")]
+            pack = _pack_nibbles if bits == 4 else None
+            ins += ["", "", "", fc1("zeros", pack, name="zeros"),
+                    self.inits.add(parts["w_down"]["zeros"], pack, name=f"{ffn.name}.fc2_zeros")]
         while ins[-1] == "":
             ins.pop()
-        attrs = {"expert_weight_bits": 4, "block_size": w["w_up"].producer.attrs["block"]}
+        attrs = {"expert_weight_bits": bits, "block_size": w["w_up"].producer.attrs["block"]}
         if act.gated:
             attrs.update(activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0)
         else:
