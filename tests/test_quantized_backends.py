@@ -160,6 +160,47 @@ def test_onnx_portable_dequantize_linear_equals_the_reference(tmp_path, fmt, sym
     assert not big_float, big_float  # no float copy of a weight matrix: codes and scales only
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_onnx_portable_writes_int4_packed_two_a_byte(tmp_path, symmetric):
+    # odd counts: a 65-row head and embedding with 3 blocks a row hold 195 zero points (the last byte half used)
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    text = {"model": {"name": "q4", "vocab_size": 65, "hidden": 48, "layers": 2, "first_dense": 1, "dense_width": 32,
+                      "attention": {"kind": "gqa", "heads": 4, "kv_heads": 2, "head_dim": 8}},
+            "moe": {"experts": {"routed": 3, "shared": 1, "width": 16, "top_k": 2}},
+            "quantization": {"format": "int4", "block": 16, "symmetric": symmetric,
+                             "weights": {"embeddings": True, "head": True}}}
+    spec = model_spec_from_dict(text)
+    graph = build_model_graph(spec, routing=True)
+    weights = init_weights(graph, 0)
+    backend = get_backend("onnx:portable")
+    piped = run_pipeline(graph, backend.pipeline)
+    ids = torch.randint(0, 65, (2, 5), generator=torch.Generator().manual_seed(0))
+    ref = interpret(graph, {"input_ids": ids}, weights, dtype=torch.float64)["logits"]
+    torch.testing.assert_close(backend.prepare(piped, weights)(ids)["logits"].double(), ref, **TOL)
+    result = backend.build(spec, piped, weights, tmp_path / "onnx")
+    model = onnx.load(str(next(p for p in result.files if p.suffix == ".onnx")))
+    assert model.ir_version >= 10
+    inits = {i.name: i for i in model.graph.initializer}
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 3 * 3 + 3 + 2  # routed experts' and the shared expert's gate/up/down, embedding, head
+    code_type = onnx.TensorProto.INT4 if symmetric else onnx.TensorProto.UINT4
+    for node in dq:
+        codes = inits[node.input[0]]
+        assert codes.data_type == code_type and len(codes.raw_data) == (np_size(codes) + 1) // 2, node.name
+        assert len(node.input) == (2 if symmetric else 3)
+        if not symmetric:
+            zeros = inits[node.input[2]]
+            assert zeros.data_type == onnx.TensorProto.UINT4 and len(zeros.raw_data) == (np_size(zeros) + 1) // 2
+    head = inits[next(n.input[0] for n in dq if n.input[0].startswith("lm_head"))]
+    assert list(head.dims) == [65, 48] and len(head.raw_data) == 65 * 24  # the bytes as stored, half a code each
+    # the decoded codes are the stored ones: onnx's own unpacking against the reference's
+    stored = weights["lm_head.weight.qweight"]
+    nibbles = torch.stack((stored & 0xF, stored >> 4), dim=-1).flatten(-2).to(torch.int64)
+    decoded = torch.from_numpy(onnx.numpy_helper.to_array(head).astype("int64"))
+    assert torch.equal(decoded, nibbles - 8 if symmetric else nibbles)
+
+
 def np_size(init) -> int:
     n = 1
     for d in init.dims:

@@ -2,21 +2,23 @@
 DequantizeLinear (opset 21: `block_size` along the input axis) on the stored codes, scales and zero points,
 feeding the Gemm/MatMul that reads the weight, so the file holds the quantized weights, not float copies.
 
-int8 codes are initializers as stored (int8, or uint8 with zero points); int4 codes are written one per
-byte (uint8, the nibble as stored: code + 8 when symmetric, with zero point 8), since a 4-bit initializer
-would need a packed-int4 writer; the dequantized values are the same. Routed experts are sliced per expert
-(`<part>[e]` initializers, one DequantizeLinear each) as the float lowering slices them. fp8_e4m3 tiles are
-not lowered (the portable lowering says so).
+int8 codes are initializers as stored (int8, or uint8 with zero points); int4 codes are 4-bit initializers,
+two a byte as stored (ONNX packs the flattened tensor, low nibble first, which is the stored layout since
+every row holds whole bytes): symmetric ones as INT4 (the stored nibble code + 8 with its top bit flipped is
+the signed code, so no zero point), the others as UINT4 with UINT4 zero points (IR version 10). Routed
+experts are sliced per expert (`<part>[e]` initializers, one DequantizeLinear each) as the float lowering
+slices them. fp8_e4m3 tiles are not lowered (the portable lowering says so).
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
+from onnx import TensorProto
 
 from moe_ir.ir import ElemType, Graph, Node, OpCode, Value
 from moe_ir.quantization import dequantize_nodes
 from moe_ir.spec import QuantFormat
 from .emit import MS_DOMAIN
+from .weights import FourBit
 
 # The opset whose DequantizeLinear takes `block_size` (blocked quantization).
 BLOCKED_DQ_OPSET = 21
@@ -91,8 +93,20 @@ def _interleave_rows(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return torch.stack([gate, up], dim=2).flatten(1, 2).contiguous()
 
 
-def _unpack_int4(t: torch.Tensor) -> torch.Tensor:
-    return torch.stack((t & 0xF, t >> 4), dim=-1).flatten(-2)
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """Stored int4 codes (two a byte along each row, rows of whole bytes) in ONNX's 4-bit layout: the same
+    bytes, flattened."""
+    return t.reshape(-1)
+
+
+def _signed_nibbles(t: torch.Tensor) -> torch.Tensor:
+    """Stored symmetric int4 nibbles (code + 8) -> the codes as ONNX INT4 (two's complement nibbles)."""
+    return (t ^ 0x88).reshape(-1)
+
+
+def _pack_flat_nibbles(t: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..15 (zero points, one a byte) -> ONNX's 4-bit layout: flattened, two a byte."""
+    return _pack_nibbles(t.reshape(-1))
 
 
 class QuantOps:
@@ -150,24 +164,33 @@ class QuantOps:
     def opset(self) -> int:
         return BLOCKED_DQ_OPSET if any(n.op_type == "DequantizeLinear" for n in self.em.nodes) else 0
 
-    def _part(self, value: Value, fmt: QuantFormat, e: int | None, codes: bool) -> str:
-        """Initializer of a stored part (whole, or expert e's slice); int4 codes unpacked to one per byte."""
-        transform = _unpack_int4 if codes and fmt == QuantFormat.INT4 else None
+    def _part(self, value: Value, e: int | None, four_bit: int | None = None, transform=None,
+              dims: tuple[int, ...] | None = None) -> str:
+        """Initializer of a stored part (whole, or expert e's slice); `four_bit` (TensorProto.INT4/UINT4):
+        written as 4-bit elements of `dims` (default: the part's shape), `transform` packing them two a byte."""
+        shape = value.type.shape[1:] if e is not None else value.type.shape
+        packed = FourBit(four_bit, dims or tuple(int(d) for d in shape)) if four_bit is not None else None
+        suffix = ".onnx" if transform is not None else ""
         if e is None:
-            return self.inits.add(value, transform, name=f"{value.name}.onnx" if transform else None)
-        return self.inits.add(value, transform, name=f"{value.name}[{e}]",
+            return self.inits.add(value, transform, name=f"{value.name}{suffix}", four_bit=packed)
+        return self.inits.add(value, transform, name=f"{value.name}[{e}]{suffix}", four_bit=packed,
                               evaluate=lambda v: self.inits.evaluate_slice(v, e))
 
     def _dequantize_linear(self, node: Node, e: int | None, out: str | None = None) -> str:
         em = self.em
         qweight, scales, zeros = node.inputs
         fmt, block = node.attrs["format"], node.attrs["block"]
-        ins = [self._part(qweight, fmt, e, True), self._part(scales, fmt, e, False)]
-        if zeros is not None:
-            ins.append(self._part(zeros, fmt, e, False))
-        elif fmt == QuantFormat.INT4:  # symmetric int4: the nibble is code + 8
-            shape = scales.type.shape[1:] if e is not None else scales.type.shape
-            ins.append(em.const(np.full([int(d) for d in shape], 8, dtype=np.uint8), np.uint8, hint="zero8"))
+        shape = node.outputs[0].type.shape[1:] if e is not None else node.outputs[0].type.shape
+        dims = tuple(int(d) for d in shape)  # the codes' logical shape: one 4-bit element per weight
+        if fmt == QuantFormat.INT4 and zeros is None:
+            # symmetric: the stored nibble is code + 8; flipping its top bit gives the code as a signed
+            # 4-bit value, so an INT4 tensor dequantizes with no zero point
+            ins = [self._part(qweight, e, TensorProto.INT4, _signed_nibbles, dims), self._part(scales, e)]
+        elif fmt == QuantFormat.INT4:
+            ins = [self._part(qweight, e, TensorProto.UINT4, _flat, dims), self._part(scales, e),
+                   self._part(zeros, e, TensorProto.UINT4, _pack_flat_nibbles)]
+        else:
+            ins = [self._part(v, e) for v in node.inputs if v is not None]
         y = em.op("DequantizeLinear", ins, axis=-1, block_size=block, **({"out": out} if out else {}))
         dtype = node.attrs["dtype"]
         return em.cast(y, ElemType.FLOAT32, dtype)
