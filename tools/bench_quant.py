@@ -10,8 +10,9 @@ Contenders (one set of float weights, quantized round-to-nearest with block 32 a
   int4 bf16-act   int4 decode through torch's CPU int4 matmul on bfloat16 activations (the backend's
                   int4_activations="bf16"; 1-3 rows per expert), ~3e-3 relative error; more rows dequantize
   ort float32     the onnx:ort export of the float layer (routed experts as com.microsoft.MoE) in onnxruntime
-  ort int4 QMoE   the onnx:ort export (routed experts as com.microsoft.QMoE, the shared experts as
-                  com.microsoft.MatMulNBits) in onnxruntime, same threads (--no-ort leaves both out)
+  ort int8/int4 QMoE  the onnx:ort export (routed experts as com.microsoft.QMoE, the shared experts as
+                  com.microsoft.MatMulNBits) in onnxruntime, same threads, exact (int8: float activations,
+                  ORT_QMOE_CPU_QNBIT_GEMM=fp32 as moe-ir's runner sets it) (--no-ort leaves these out)
 The header gives the CPU model and the copy bandwidth of this run (a 512 MiB clone: bytes read + written per
 second). Each row gives the weight bytes a call touches (the router, the shared experts and each routed
 expert hit at least once, in the format's storage: codes + scales (+ zero points)), and those bytes over the
@@ -117,9 +118,11 @@ def main() -> None:
         contenders["ort float32"] = (float_graph, float_weights, {})
         runners["ort float32"] = ort.prepare(run_pipeline(float_graph, ort.pipeline), float_weights,
                                              threads=args.threads)
-        graph, weights, _ = contenders["int4"]
-        contenders["ort int4 QMoE"] = (graph, weights, {})
-        runners["ort int4 QMoE"] = ort.prepare(run_pipeline(graph, ort.pipeline), weights, threads=args.threads)
+        for fmt in ("int8", "int4"):
+            graph, weights, _ = contenders[fmt]
+            contenders[f"ort {fmt} QMoE"] = (graph, weights, {})
+            runners[f"ort {fmt} QMoE"] = ort.prepare(run_pipeline(graph, ort.pipeline), weights,
+                                                     threads=args.threads)
 
     del float_weights  # each runner holds its own copy
     for tokens in tokens_list:
