@@ -263,10 +263,11 @@ def _int4_activations_options(args: argparse.Namespace, graph) -> dict:
     from .quantization import dequantize_nodes
     from .spec import QuantFormat
 
-    if not any(n.attrs["format"] == QuantFormat.INT4 and n.attrs["block"] in (32, 64, 128, 256)
+    blocks = (32, 64, 128, 256) if args.int4_activations == "bf16" else None  # what torch's int4 matmul takes
+    if not any(n.attrs["format"] == QuantFormat.INT4 and (blocks is None or n.attrs["block"] in blocks)
                for n in dequantize_nodes(graph)):
-        raise UsageError(f"--int4-activations {args.int4_activations}: no weight is int4 with a block of 32..256 (what "
-                         f"torch's int4 matmul takes); add --quantize int4:32, or drop the option")
+        raise UsageError(f"--int4-activations {args.int4_activations}: no weight is int4"
+                         f"{' with a block of 32..256' if blocks else ''}; add --quantize int4:32, or drop the option")
     return {"int4_activations": args.int4_activations}
 
 

@@ -71,6 +71,46 @@ def test_int4_bf16_decode_runs_torch_int4_matmul_and_exact_mode_holds_no_float_e
     assert 32 * 64 * 4 <= largest < float_stack
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_fused_matmul_makes_the_reference_products(symmetric):
+    # the kernel's math, uncompiled: the half-split layout holds each block's codes, and the products are the
+    # dequantized weight's (odd sizes: 3 rows, 5 outputs, 3 blocks of 16)
+    from moe_ir.backends import torch_kernels as K
+    from moe_ir.quantization import quantize
+
+    w = torch.randn(5, 48, generator=torch.Generator().manual_seed(1))
+    parts = quantize(w, "int4", 16, symmetric)
+    zeros = parts.get("zeros")
+    codes = K.int4_half_split(parts["qweight"], 16)
+    assert codes.shape == (5, 3, 8) and codes.dtype == torch.uint8
+    nibbles = K.unpack_int4(parts["qweight"]).view(5, 3, 2, 8)
+    assert torch.equal(codes & 15, nibbles[:, :, 0]) and torch.equal(codes >> 4, nibbles[:, :, 1])
+    x = torch.randn(3, 48, generator=torch.Generator().manual_seed(2))
+    dequantized = K.dequantize_weight(parts["qweight"], parts["scales"], zeros, "int4", 16)
+    torch.testing.assert_close(K.int4_fused_matmul(x, codes, parts["scales"], zeros), x @ dequantized.T,
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_int4_fused_decode_runs_the_compiled_kernel_and_equals_the_reference(monkeypatch):
+    from moe_ir.backends import torch_kernels as K
+
+    calls = []
+    compiled = K.compiled_int4_matmul
+    monkeypatch.setattr(K, "compiled_int4_matmul", lambda *a: calls.append(a[0].shape[0]) or compiled(*a))
+    graph, weights = quantized_layer("int4", False, 16)
+    backend = get_backend("torch")
+    run = backend.prepare(run_pipeline(graph, backend.pipeline), weights, int4_activations="fused")
+    x = inputs(1)  # 2 sequences of 1 token: each expert hit by 1-2 rows
+    ref = interpret(graph, {"x": x}, weights, dtype=torch.float64)
+    got = run(x)
+    assert torch.equal(got["expert_idx"], ref["expert_idx"])
+    torch.testing.assert_close(got["out"].double(), ref["out"], **TOL)
+    assert calls and set(calls) <= {1, 2, 3}  # every routed and shared matmul of the step
+    with pytest.raises(Exception, match="torch backend's compiled int4 kernel"):
+        get_backend("compile").prepare(run_pipeline(graph, get_backend("compile").pipeline), weights,
+                                       int4_activations="fused")
+
+
 @pytest.mark.parametrize("fmt,symmetric,block", [("int4", False, 16), ("int8", True, 16)])
 def test_generated_model_py_equals_the_reference(tmp_path, fmt, symmetric, block):
     graph, weights = quantized_layer(fmt, symmetric, block)
