@@ -284,6 +284,9 @@ class CompileBackend(Backend):
         ok, reason = self.supports(graph)
         if not ok:
             raise BackendError(f"backend 'compile' cannot run graph '{graph.name}': {reason}")
+        if options.get("int4_activations") == "fused":
+            raise BackendError("int4_activations='fused' is the torch backend's compiled int4 kernel; the compile "
+                               "backend compiles the whole module (drop the option, or use the torch backend)")
         module = lower(graph, weights, **options)
         if isinstance(module, MoEModel) and module.cache_entries:
             return CompiledDecodeRunner(module, dynamic=dynamic, mode=mode)

@@ -756,7 +756,9 @@ def cached_mla_attention(x, position_ids, attention_mask, past_key, past_value, 
 # Block-quantized weights (moe_ir.quantization's layout). A DEQUANTIZE node of the graph runs as
 # `packed_weight`: a tuple (qweight, scales, zeros, format, block, int4_packed, int4_scales) that stands for
 # the float weight without making it; the FFN and linear kernels below take such a tuple where they take
-# a weight and dequantize one expert at a time, or run torch's int4 matmul on the codes (decode).
+# a weight and dequantize one expert at a time, or, for decode, run torch's int4 matmul on the codes
+# (int4_packed and int4_scales both set) or the fused float32 kernel on the codes regrouped by
+# `int4_half_split` (int4_packed set, int4_scales None).
 
 
 def unpack_int4(packed):
@@ -813,14 +815,50 @@ def int4_matmul_layout(qweight, scales, zeros, block):
             layout.reshape(*scales.shape[:-2], *layout.shape[-3:]))
 
 
+def int4_half_split(qweight, block):
+    """Stored int4 codes [..., N, K/2] (columns 2j, 2j+1 in one byte) -> [..., N, K/block, block/2]: each block's
+    first block/2 columns in the low nibbles, its last block/2 in the high ones, so the fused kernel reads
+    both halves of a block with contiguous loads. The same bytes' worth: no float copy."""
+    codes = unpack_int4(qweight)
+    halves = codes.view(*codes.shape[:-1], codes.shape[-1] // block, 2, block // 2)
+    return halves[..., 0, :] | (halves[..., 1, :] << 4)
+
+
+def int4_fused_matmul(x, codes, scales, zeros):
+    """x [M, K] @ W.T for an int4 W held as `int4_half_split` codes [N, K/block, block/2]: each weight is
+    dequantized where it is used, (code - zero) * scale in float32 (the reference's value), and multiplied by
+    x, so every product is the reference's; only the order of the sum differs. Written for torch.compile,
+    which makes it one loop over the codes (half a byte a weight instead of float32's four)."""
+    n, blocks, half = codes.shape
+    s = scales.unsqueeze(-1)
+    zero = 8.0 if zeros is None else zeros.to(s.dtype).unsqueeze(-1)
+    low = ((codes & 15).to(s.dtype) - zero) * s
+    high = ((codes >> 4).to(s.dtype) - zero) * s
+    xv = x.view(x.shape[0], 1, blocks, 2, half)
+    return (xv[:, :, :, 0] * low + xv[:, :, :, 1] * high).sum((-1, -2))
+
+
+def compiled_int4_matmul(x, codes, scales, zeros):
+    """int4_fused_matmul compiled once a process by torch.compile (Inductor's C++ kernel), kept on this
+    function (a copy of the kernels carries no module state)."""
+    compiled = getattr(compiled_int4_matmul, "compiled", None)
+    if compiled is None:
+        compiled = compiled_int4_matmul.compiled = torch.compile(int4_fused_matmul, fullgraph=True)
+    return compiled(x, codes, scales, zeros)
+
+
 def packed_weight(qweight, scales, zeros, fmt, block, int4_activations):
     """A quantized weight as the kernels take it (see above). `int4_activations` "bf16": int4 weights also
     get the layout of torch's int4 matmul (made here once per weight; the eager module keeps the result
     while the weights are unchanged), which decode then runs with bfloat16 activations: about a quarter of
-    float32's bytes read, at bfloat16 precision (~3e-3 relative). None: every product is exact float32."""
+    float32's bytes read, at bfloat16 precision (~3e-3 relative). "fused": int4 weights also get the
+    `int4_half_split` layout, which decode runs through `compiled_int4_matmul` on float32 activations
+    (the reference's products). None: every weight is dequantized before a float32 GEMM."""
     if int4_activations == "bf16" and int4_matmul_takes(qweight, fmt, block):
         packed, layout = int4_matmul_layout(qweight, scales, zeros, block)
         return (qweight, scales, zeros, fmt, block, packed, layout)
+    if int4_activations == "fused" and fmt == "int4" and block % 2 == 0:
+        return (qweight, scales, zeros, fmt, block, int4_half_split(qweight, block), None)
     return (qweight, scales, zeros, fmt, block, None, None)
 
 
@@ -848,9 +886,11 @@ def packed_linear(x, w, b):
     same products as the reference; for 1-3 rows of a weight packed with int4_activations "bf16", torch's
     int4 matmul on the codes with bfloat16 activations (decode: bound by reading the weight). torch's int4
     matmul on float32 activations is no faster than the float32 GEMV here, and its output is bfloat16."""
-    if w[5] is not None and x.shape[0] < 4:
+    if w[5] is not None and w[6] is not None and x.shape[0] < 4:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), w[5], w[4],
                                                        w[6]).to(x.dtype)
+    elif w[5] is not None and x.shape[0] < 4 and x.dtype == w[1].dtype == torch.float32:
+        y = compiled_int4_matmul(x.contiguous(), w[5], w[1], w[2])
     else:
         y = F.linear(x, dequantize_weight(w[0], w[1], w[2], w[3], w[4]).to(x.dtype))
     return y if b is None else y + b.to(y.dtype)

@@ -619,6 +619,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--decoder` wrote (genai: that folder only)")
     p.add_argument("--weights", metavar="FILE", help="safetensors weights of a spec file (default: seeded random)")
     p.add_argument("--quantize", metavar="FORMAT[:BLOCK]", help=QUANTIZE_HELP)
+    p.add_argument("--int4-activations", choices=("bf16", "fused"),
+                   help="torch backend, int4 weights: decode steps run torch's int4 matmul on bfloat16 activations "
+                        "(bf16: block 32..256, about 3e-3 relative error per matmul), or a fused float32 kernel "
+                        "compiled on first use (fused: exact, needs a C++ compiler); default: exact, dequantized")
     p.add_argument("--prompt-ids", metavar="IDS", help='token ids of one prompt, e.g. "1 2 3"')
     p.add_argument("--prompt-file", metavar="FILE", help="one prompt of token ids a line: a batch, left-padded")
     p.add_argument("--prompt", metavar="TEXT", help="text, with the source folder's tokenizer.json")

@@ -251,6 +251,24 @@ def _check_options(args: argparse.Namespace) -> None:
         raise UsageError(f"--temperature must be a positive number, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if getattr(args, "int4_activations", None) and args.backend != "torch":
+        raise UsageError(f"--int4-activations {args.int4_activations} is an option of the torch backend (its int4 "
+                         f"decode kernel); drop it or use --backend torch")
+
+
+def _int4_activations_options(args: argparse.Namespace, graph) -> dict:
+    """The torch backend's prepare option `--int4-activations` stands for; refused where no weight takes it."""
+    if not getattr(args, "int4_activations", None):
+        return {}
+    from .quantization import dequantize_nodes
+    from .spec import QuantFormat
+
+    blocks = (32, 64, 128, 256) if args.int4_activations == "bf16" else None  # what torch's int4 matmul takes
+    if not any(n.attrs["format"] == QuantFormat.INT4 and (blocks is None or n.attrs["block"] in blocks)
+               for n in dequantize_nodes(graph)):
+        raise UsageError(f"--int4-activations {args.int4_activations}: no weight is int4"
+                         f"{' with a block of 32..256' if blocks else ''}; add --quantize int4:32, or drop the option")
+    return {"int4_activations": args.int4_activations}
 
 
 def _check_vocab(prompts: list[list[int]], vocab: int | None, name: str) -> None:
@@ -431,7 +449,8 @@ def run_generate(args: argparse.Namespace) -> int:
     ok, reason = backend.supports(graph)
     if not ok:
         raise UsageError(f"backend '{args.backend}' cannot run the decode graph of {spec.name}: {reason}")
-    step = _TimedStep(backend.prepare(graph, {k: v for k, v in weights.items() if k in graph.weights}))
+    step = _TimedStep(backend.prepare(graph, {k: v for k, v in weights.items() if k in graph.weights},
+                                      **_int4_activations_options(args, graph)))
 
     choose = sampler(args.temperature or 1.0, args.top_k, args.top_p, args.seed) if _sampling(args) else None
     eos = args.eos_token_id if args.eos_token_id is not None else source.eos_token_id

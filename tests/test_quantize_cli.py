@@ -108,3 +108,28 @@ def test_generate_with_quantized_embeddings_and_head(tmp_path, capsys):
     spec.write_text(MODEL_YAML + "quantization: {format: int8, block: 16, weights: {embeddings: true, head: true}}\n")
     assert main(["generate", str(spec), "--prompt-ids", "1,2,3", "--max-new-tokens", "3", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["tokens"][0]) >= 3
+
+
+def test_generate_int4_bf16_activations_is_an_explicit_opt_in(tmp_path, capsys, monkeypatch):
+    from moe_ir.backends.torch_eager import backend as eager
+
+    spec = tmp_path / "model.yaml"
+    spec.write_text(MODEL_YAML)
+    seen = []
+    prepare = eager.TorchBackend.prepare
+
+    def spy(self, graph, weights, **options):
+        seen.append(options.get("int4_activations"))
+        return prepare(self, graph, weights, **options)
+
+    monkeypatch.setattr(eager.TorchBackend, "prepare", spy)
+    args = ["generate", str(spec), "--prompt-ids", "1,2,3", "--max-new-tokens", "3", "--json", "--quantize", "int4:32"]
+    assert main(args) == 0
+    exact = json.loads(capsys.readouterr().out)["tokens"]
+    assert main(args + ["--int4-activations", "bf16"]) == 0
+    assert seen == [None, "bf16"]
+    assert len(json.loads(capsys.readouterr().out)["tokens"][0]) == len(exact[0])
+    assert main(args[:-1] + ["int8:32", "--int4-activations", "bf16"]) != 0
+    assert "no weight is int4 with a block of 32..256" in capsys.readouterr().err
+    assert main(args + ["--int4-activations", "bf16", "--backend", "compile"]) != 0
+    assert "option of the torch backend" in capsys.readouterr().err

@@ -7,12 +7,17 @@ Contenders (one set of float weights, quantized round-to-nearest with block 32 a
   float32         the float layer (the reference point)
   int8 / int4     exact: every product equals the quantized reference's in float32; each expert hit is
                   dequantized on its own (never a float copy of all experts), then a float GEMM
+  int4 fused      exact as int4, with 1-3 rows per expert through the compiled fused kernel (the backend's
+                  int4_activations="fused": torch.compile'd dequantize-in-registers matmul on float32
+                  activations, half a byte of codes read per weight); more rows dequantize
   int4 bf16-act   int4 decode through torch's CPU int4 matmul on bfloat16 activations (the backend's
                   int4_activations="bf16"; 1-3 rows per expert), ~3e-3 relative error; more rows dequantize
   ort float32     the onnx:ort export of the float layer (routed experts as com.microsoft.MoE) in onnxruntime
-  ort int4 QMoE   the onnx:ort export (routed experts as com.microsoft.QMoE, the shared experts as
-                  com.microsoft.MatMulNBits) in onnxruntime, same threads (--no-ort leaves both out)
-The header gives the CPU model and the copy bandwidth of this run (a 512 MiB clone: bytes read + written per
+  ort int8/int4 QMoE  the onnx:ort export (routed experts as com.microsoft.QMoE, the shared experts as
+                  com.microsoft.MatMulNBits) in onnxruntime, same threads, exact (int8: float activations,
+                  ORT_QMOE_CPU_QNBIT_GEMM=fp32 as moe-ir's runner sets it) (--no-ort leaves these out)
+Times are wall clock; `cpu ms` is the process's CPU time per call (all threads), steadier than wall clock on a
+machine other processes share. The header gives the CPU model and the copy bandwidth of this run (a 512 MiB clone: bytes read + written per
 second). Each row gives the weight bytes a call touches (the router, the shared experts and each routed
 expert hit at least once, in the format's storage: codes + scales (+ zero points)), and those bytes over the
 time against the copy bandwidth: near 1 means the path is bound by reading weights, far below means
@@ -108,6 +113,7 @@ def main() -> None:
     for fmt in ("int8", "int4"):
         graph = build_graph(spec_from_dict(layer_spec({"format": fmt, "block": args.block})))
         contenders[fmt] = (graph, quantize_weights(graph, float_weights), {})
+    contenders["int4 fused"] = (contenders["int4"][0], contenders["int4"][1], {"int4_activations": "fused"})
     contenders["int4 bf16-act"] = (contenders["int4"][0], contenders["int4"][1], {"int4_activations": "bf16"})
     runners = {}
     for label, (graph, weights, options) in contenders.items():
@@ -117,35 +123,43 @@ def main() -> None:
         contenders["ort float32"] = (float_graph, float_weights, {})
         runners["ort float32"] = ort.prepare(run_pipeline(float_graph, ort.pipeline), float_weights,
                                              threads=args.threads)
-        graph, weights, _ = contenders["int4"]
-        contenders["ort int4 QMoE"] = (graph, weights, {})
-        runners["ort int4 QMoE"] = ort.prepare(run_pipeline(graph, ort.pipeline), weights, threads=args.threads)
+        for fmt in ("int8", "int4"):
+            graph, weights, _ = contenders[fmt]
+            contenders[f"ort {fmt} QMoE"] = (graph, weights, {})
+            runners[f"ort {fmt} QMoE"] = ort.prepare(run_pipeline(graph, ort.pipeline), weights,
+                                                     threads=args.threads)
 
     del float_weights  # each runner holds its own copy
     for tokens in tokens_list:
         x = torch.randn(1, tokens, HIDDEN, generator=torch.Generator().manual_seed(tokens))
         times = {label: [] for label in runners}
+        cpu = {label: [] for label in runners}
         outputs = {}
         with torch.no_grad():
-            for label, run in runners.items():  # warm-up (folds the packed weights once)
+            for label, run in runners.items():  # warm-up (folds the packed weights once, compiles kernels)
                 outputs[label] = run(x)
+                run(x)
             for _ in range(args.repeats):
                 for label, run in runners.items():
-                    t = time.perf_counter()
+                    t, c = time.perf_counter(), time.process_time()
                     run(x)
                     times[label].append(time.perf_counter() - t)
+                    cpu[label].append(time.process_time() - c)
         ref = outputs["float32"]["out"].double()
         print(f"\n{tokens} token(s):")
-        print(f"{'path':14} {'median ms':>10} {'best ms':>9} {'vs float32':>10} {'MB touched':>10} {'GB/s':>6} "
-              f"{'of copy bw':>10} {'rel err vs float32':>18}")
+        print(f"{'path':14} {'median ms':>10} {'best ms':>9} {'vs float32':>10} {'cpu ms':>8} {'vs float32':>10} "
+              f"{'MB touched':>10} {'GB/s':>6} {'of copy bw':>10} {'rel err vs float32':>18}")
         base = statistics.median(times["float32"])
+        base_cpu = statistics.median(cpu["float32"])
         for label, ts in times.items():
             graph, weights, _ = contenders[label]
             med, best = statistics.median(ts), min(ts)
             touched = touched_bytes(graph, weights, outputs[label]["expert_idx"])
             rate = touched / med
             err = float((outputs[label]["out"].double() - ref).norm() / ref.norm())
-            print(f"{label:14} {med * 1e3:10.2f} {best * 1e3:9.2f} {base / med:9.2f}x {touched / 1e6:10.1f} "
+            cmed = statistics.median(cpu[label])
+            print(f"{label:14} {med * 1e3:10.2f} {best * 1e3:9.2f} {base / med:9.2f}x {cmed * 1e3:8.2f} "
+                  f"{base_cpu / cmed:9.2f}x {touched / 1e6:10.1f} "
                   f"{rate / 1e9:6.1f} {rate / bandwidth:9.0%} {err:18.2e}")
 
 

@@ -10,8 +10,9 @@
             layout the CPU kernel implements. float32 only. SparseMixer routing (PhiMoE) takes the same
             path: onnxruntime 1.32's CPU kernel accepts use_sparse_mixer=1 but computes plain softmax top-2
             with it (measured: max error 1.1 on outputs of ~1.4 against SparseMixer, 1e-7 against softmax
-            top-2), so the op is not asked to route. int4 experts become com.microsoft.QMoE
-            (quant_ops.py); other quantized weights DequantizeLinear as in portable. In decoders (decode graphs)
+            top-2), so the op is not asked to route. int4 and int8 experts become com.microsoft.QMoE
+            (quant_ops.py; int8 needs float activations asked for when the session is created:
+            QMOE_FLOAT_ACTIVATIONS_ENV); other quantized weights DequantizeLinear as in portable. In decoders (decode graphs)
             also: cached MHA/GQA attention as com.microsoft.GroupQueryAttention (the KV cache append and the
             attention; seqlens_k and
             total_sequence_length computed in the graph from attention_mask's length, the mask's padding as
@@ -45,7 +46,7 @@ from .decoder_ops import DecoderOps
 from .emit import MS_DOMAIN
 from .lowering import Flavour, Lowering
 from .moe_ops import MoeOps
-from .quant_ops import QuantOps, dequantize_refusal, is_quantized, qmoe_refusal
+from .quant_ops import QuantOps, dequantize_refusal, is_quantized, qmoe_int8_note, qmoe_refusal
 from .weights import LoweredModel
 
 _INFERENCE = ("strip-training-outputs", "fuse-shared-experts", "fuse-gate-up", "dce")
@@ -69,7 +70,7 @@ class PortableLowering(QuantOps, MoeOps, DecoderOps):
 # -- ort --------------------------------------------------------------------------------------------
 
 _ORT_ACTIVATIONS = {Activation.SWIGLU: "swiglu", Activation.RELU: "relu"}
-_ORT_CONTRIB_OPS = ("MoE", "GroupQueryAttention", "SkipSimplifiedLayerNormalization")
+_ORT_CONTRIB_OPS = ("MoE", "QMoE", "MatMulNBits", "GroupQueryAttention", "SkipSimplifiedLayerNormalization")
 
 
 def interleave_gate_up(t: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -190,6 +191,8 @@ class OrtLowering(PortableLowering):
                 why.setdefault(reason, []).append(node.name)
         for reason, names in why.items():
             notes.append(f"ort: standard ops for {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}: {reason}")
+        if "QMoE" in counts and qmoe_int8_note(graph):
+            notes.append(qmoe_int8_note(graph))
         return notes
 
     def _lower_add(self, node: Node) -> None:

@@ -169,7 +169,9 @@ class Lowering:
             if any(n.domain == domain for n in em.nodes):
                 opsets.append(helper.make_opsetid(domain, 1))
         model = helper.make_model(onnx_graph, opset_imports=opsets, producer_name="moe-ir")
-        model.ir_version = 9  # readable by onnxruntime >= 1.16 and the TensorRT parser
+        # 9: readable by onnxruntime >= 1.16 and the TensorRT parser; opset 21 (blocked DequantizeLinear on
+        # 4-bit tensors) needs 10
+        model.ir_version = 10 if max(OPSET, self.opset()) >= 21 else 9
         meta = {"moe_ir.flavour": self.flavour.value, "moe_ir.pipeline": str(g.meta.get("pipeline", "")),
                 "moe_ir.spec_hash": str(g.meta.get("spec_hash", "")), **graph_metadata(g)}
         for k, v in meta.items():

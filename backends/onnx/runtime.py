@@ -9,6 +9,8 @@ runs on CPU only, through onnxruntime-extensions (extensions.py).
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -26,6 +28,7 @@ from .external_data import load_model
 from .flavours import parse_flavour
 from .genai import DECODER_FILE
 from .lowering import Flavour
+from .quant_ops import QMOE_FLOAT_ACTIVATIONS_ENV
 
 _FEED_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -65,11 +68,27 @@ def make_session(model: str | bytes, flavour: Flavour, *, providers: Sequence[st
         opts.register_custom_ops_library(extensions.register())
     where = model if isinstance(model, str) else "<in-memory model>"
     try:
-        return ort.InferenceSession(model, opts, providers=list(providers or default_providers(flavour)))
+        with qmoe_float_activations():
+            return ort.InferenceSession(model, opts, providers=list(providers or default_providers(flavour)))
     except Exception as err:  # onnxruntime raises its own pybind exception types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BackendError(f"{where}: onnxruntime cannot load this model ({first}); re-export it with "
                            f"`moe-ir build --backend onnx`") from None
+
+
+@contextlib.contextmanager
+def qmoe_float_activations():
+    """While a session is created: QMoE's CPU kernel keeps float32 activations for 8-bit experts (it reads
+    the variable then), so the int8 export equals the quantized reference; a value the user set is kept."""
+    name, value = QMOE_FLOAT_ACTIVATIONS_ENV
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 def make_runner(session, graph: Graph | None = None) -> Runner:

@@ -27,6 +27,11 @@ def lowered_text(lowered: LoweredModel) -> str:
     lines += [f"  input  %{v.name}: {_value_type(v)}" for v in g.input]
     lines += [f"  output %{v.name}: {_value_type(v)}" for v in g.output]
     for name, thunk in lowered.initializers.items():
+        four_bit = getattr(thunk, "four_bit", None)
+        if four_bit is not None:  # packed two a byte: the ONNX type and logical shape
+            elem = helper.tensor_dtype_to_string(four_bit.elem_type).removeprefix("TensorProto.").lower()
+            lines.append(f"  weight %{name}: {elem}{list(four_bit.dims)}")
+            continue
         t = thunk()
         lines.append(f"  weight %{name}: {str(t.dtype).removeprefix('torch.')}{list(t.shape)}")
     for tensor in g.initializer:

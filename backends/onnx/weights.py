@@ -49,6 +49,15 @@ _SLICEWISE = {OpCode.ADD: lambda attrs: attrs,
               OpCode.CONCAT: lambda attrs: {**attrs, "axis": attrs["axis"] - 1} if attrs["axis"] >= 1 else None}
 
 
+@dataclass(frozen=True)
+class FourBit:
+    """An initializer of 4-bit elements: its ONNX type (TensorProto.INT4 or UINT4) and logical dims; its
+    thunk returns the elements packed two a byte (ONNX's layout for both types)."""
+
+    elem_type: int
+    dims: tuple[int, ...]
+
+
 class Initializers:
     """Hands out initializer names for IR values, registering one thunk per initializer."""
 
@@ -93,12 +102,14 @@ class Initializers:
             return op_def(node.op).reference(sliced_attrs, *parts)[value.index]
 
     def add(self, value: Value, transform: Callable | None = None, name: str | None = None,
-            evaluate: Callable | None = None, dtype: torch.dtype | None = None) -> str:
+            evaluate: Callable | None = None, dtype: torch.dtype | None = None,
+            four_bit: "FourBit | None" = None) -> str:
         """Name of an initializer holding `value` (folded when computed), optionally transformed, in `dtype`
-        (default: the value's)."""
+        (default: the value's). With `four_bit` the transform yields its elements packed two a byte (uint8,
+        flattened order, the lower index in the low nibble), written as an ONNX INT4/UINT4 tensor."""
         name = name or value.name
         if name not in self.thunks:
-            dtype = dtype or value.type.dtype.torch
+            dtype = torch.uint8 if four_bit else dtype or value.type.dtype.torch
 
             def thunk(value=value, transform=transform, evaluate=evaluate or self.evaluate_stored, dtype=dtype):
                 t = evaluate(value)
@@ -108,6 +119,9 @@ class Initializers:
 
             shape = value.type.shape[1:] if name.endswith("]") else value.type.shape  # "name[e]": one slice
             thunk.nbytes = math.prod(int(d) for d in shape) * dtype.itemsize
+            if four_bit:
+                thunk.four_bit = four_bit
+                thunk.nbytes = -(-math.prod(four_bit.dims) // 2)
             self.thunks[name] = thunk
         return name
 

@@ -22,13 +22,34 @@ _ALIGN = 4096  # external tensors start on page boundaries so ONNX Runtime can m
 Progress = Callable[[str, int, int], None]  # (step, done, total): e.g. ("weights", bytes written, bytes)
 
 
+def initializer_data(name: str, thunk) -> tuple[onnx.TensorProto, memoryview]:
+    """An initializer's TensorProto (name, type, dims; no data) and its bytes as ONNX stores them: numpy's
+    memory for every type but 4-bit ones, whose thunk returns them packed two a byte already."""
+    four_bit = getattr(thunk, "four_bit", None)
+    arr = np.ascontiguousarray(to_numpy(thunk()))
+    if four_bit is not None:
+        header = onnx.TensorProto(name=name, data_type=four_bit.elem_type, dims=four_bit.dims)
+        if arr.dtype != np.uint8 or arr.size != -(-int(np.prod(four_bit.dims)) // 2):
+            raise BackendError(f"initializer {name}: {arr.size} packed bytes for 4-bit dims {list(four_bit.dims)}")
+    else:
+        header = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(arr.dtype),
+                                  dims=arr.shape)
+    return header, memoryview(arr.reshape(-1).view(np.uint8))  # bytes: bf16 has no buffer format
+
+
+def _embedded(name: str, thunk) -> onnx.TensorProto:
+    tensor, data = initializer_data(name, thunk)
+    tensor.raw_data = bytes(data)
+    return tensor
+
+
 def embedded_model(lowered: LoweredModel, *, for_runtime: bool = False) -> onnx.ModelProto:
     """The model with its initializers inside (for a session from bytes); `for_runtime`: rewritten for
     onnxruntime-extensions (a plugin-flavour model run on CPU)."""
     model = onnx.ModelProto()
     model.CopyFrom(lowered.model)
     for name, thunk in lowered.initializers.items():
-        model.graph.initializer.append(onnx.numpy_helper.from_array(to_numpy(thunk()), name))
+        model.graph.initializer.append(_embedded(name, thunk))
     return extensions.to_contrib_domain(model) if for_runtime else model
 
 
@@ -54,24 +75,23 @@ def write_model(lowered: LoweredModel, path: Path, *, external_data: bool, progr
             with os.fdopen(fd, "wb") as f:
                 offset = 0
                 for name, thunk in lowered.initializers.items():
-                    arr = np.ascontiguousarray(to_numpy(thunk()))
-                    tensor = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(arr.dtype),
-                                              dims=arr.shape, data_location=onnx.TensorProto.EXTERNAL)
+                    tensor, data = initializer_data(name, thunk)
+                    tensor.data_location = onnx.TensorProto.EXTERNAL
                     for key, value in (("location", data_path.name), ("offset", str(offset)),
-                                       ("length", str(arr.nbytes))):
+                                       ("length", str(data.nbytes))):
                         tensor.external_data.add(key=key, value=value)
-                    f.write(memoryview(arr.reshape(-1).view(np.uint8)))  # bytes: bf16 has no buffer format
-                    pad = -(offset + arr.nbytes) % _ALIGN
+                    f.write(data)
+                    pad = -(offset + data.nbytes) % _ALIGN
                     f.write(b"\0" * pad)
-                    offset += arr.nbytes + pad
+                    offset += data.nbytes + pad
                     model.graph.initializer.append(tensor)
-                    del arr
+                    del data
                     if progress is not None:
                         progress("weights", min(offset, total), total)
         else:
             done = 0
             for name, thunk in lowered.initializers.items():
-                tensor = onnx.numpy_helper.from_array(to_numpy(thunk()), name)
+                tensor = _embedded(name, thunk)
                 model.graph.initializer.append(tensor)
                 done += len(tensor.raw_data)
                 if progress is not None:

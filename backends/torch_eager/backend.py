@@ -42,8 +42,9 @@ def runner_outputs(result: Any) -> dict[str, torch.Tensor]:
 def lower(graph: Graph, weights: Mapping[str, torch.Tensor] | None = None, **options: Any) -> GraphModule:
     """The eager module of a layer graph (MoELayer) or a model graph (MoEModel)."""
     int4_activations = options.pop("int4_activations", None)
-    if int4_activations not in (None, "bf16"):
-        raise BackendError(f"int4_activations={int4_activations!r}: expected None (exact) or 'bf16'")
+    if int4_activations not in (None, "bf16", "fused"):
+        raise BackendError(f"int4_activations={int4_activations!r}: expected None (exact), 'fused' (exact, compiled "
+                           f"int4 decode kernel) or 'bf16'")
     module = (MoEModel if graph.kind == GraphKind.MODEL else MoELayer)(graph, weights, **options)
     module.int4_activations = int4_activations
     return module
