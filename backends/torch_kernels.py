@@ -252,10 +252,11 @@ def _use_grouped_mm(xs, w_up, w_down, w_gate, b_up, b_down, b_gate):
     return not (torch.is_grad_enabled() and any(w.requires_grad for w in weights))
 
 
-def expert_pool(threads, pools={}):
+def expert_pool(threads):
     """Threads that run experts side by side at inference (grouped_ffn): `threads` of them, each computing with
-    one intra-op thread, made once per process (the dict default is this function's own cache, so a copy of
-    the function carries it; keyed by process id, so a forked child makes its own)."""
+    one intra-op thread, made once per process and kept on this function (a copy of the kernels carries no
+    module state); keyed by process id, so a forked child makes its own."""
+    pools = expert_pool.__dict__.setdefault("pools", {})
     key = (os.getpid(), threads)
     pool = pools.get(key)
     if pool is None:
