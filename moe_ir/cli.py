@@ -243,6 +243,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         takes = ", ".join("--" + k.replace("_", "-") for k in sorted(backend.build_options)) or "no options"
         raise UsageError(f"backend '{backend.name}' does not take {', '.join('--' + k.replace('_', '-') for k in foreign)} "
                          f"(it takes {takes})")
+    if "flavour" in options:  # the flavour decides what the backend can lower: ask the backend of that flavour
+        backend = get_backend(f"{backend.name}:{options['flavour']}")
     from .artifacts import check_output_folder
 
     check_output_folder(args.output)  # before any work: -o naming a file, under a file, or not writable

@@ -311,10 +311,12 @@ def test_build_decoder_options_are_checked(tmp_path, capsys, spec_dir):
                                                                  "build; add --decoder"),
              (["--backend", "onnx", "--decoder", "--mla-cache", "latent"], 2, "gqa has gqa attention"),
              (["--backend", "triton", "--decoder"], 1, "backend 'triton' cannot build"),
+             (["--backend", "onnx", "--flavour", "plugin", "--decoder"], 1, "the plugin flavour's contract"),
              ]
     for argv, rc, needle in cases:
         assert main(["build", model, "-o", out, *argv]) == rc
-        assert needle in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert needle in err and "building" not in err  # refused before it announces a build
     assert main(["build", str(spec_dir / "deepseekmoe-2b.yaml"), "--backend", "onnx", "--decoder", "-o", out]) == 2
     assert "--decoder builds a whole model's decode graph; deepseekmoe-2b is a layer spec" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
