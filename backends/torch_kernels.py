@@ -310,32 +310,9 @@ def grouped_ffn(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate
                 gate = F.grouped_mm(xs, w_gate.transpose(1, 2), offs=offs) if w_gate is not None else None
                 y = F.grouped_mm(activate(activation, gate, up), w_down.transpose(1, 2), offs=offs)
                 return torch.cat([y, x.new_zeros(rows.shape[0] - kept, x.shape[1])]) if kept < rows.shape[0] else y
-        # Inference: each expert gathers its own rows and its output is written into y in place, so no
-        # [A, H] array of gathered rows nor a concatenation of every expert's output is made (each a pass
-        # over memory, on fresh pages the OS must fault in).
-        y = x.new_empty(rows.shape[0], x.shape[1])
-        ends = torch.cumsum(group_sizes, 0).tolist()
         weights = (w_up, w_down, w_gate, b_up, b_down, b_gate)
-
-        def run_experts(experts):
-            for e in experts:
-                start, end = ends[e] - sizes[e], ends[e]
-                y[start:end] = ffn(x.index_select(0, rows[start:end]),
-                                   *(None if w is None else w[e] for w in weights), activation)
-
-        active = [e for e, size in enumerate(sizes) if size]
-        threads = torch.get_num_threads()
-        if threads > 1 and len(active) >= 2 * threads and x.device.type == "cpu":
-            # Whole experts side by side, one per thread, each GEMM on one thread: a per-expert GEMM of ~100
-            # rows split over threads scales worse than the dense GEMM does, and each of its parallel
-            # regions ends in a barrier that one descheduled thread holds up on a shared machine.
-            pool = expert_pool(threads)
-            for done in [pool.submit(run_experts, part) for part in balanced_parts(active, sizes, threads)]:
-                done.result()
-        else:
-            run_experts(active)
-        y[kept:] = 0  # dropped assignments
-        return y
+        return experts_in_place(x, rows, sizes, lambda e, xe: ffn(xe, *(None if w is None else w[e] for w in weights),
+                                                                  activation), torch.get_num_threads())
     xs = x.index_select(0, rows[:kept])
     # unbind, not w[e]: the backward of one unbind stacks the per-expert gradients once, where each
     # w[e] would allocate and accumulate a zero-filled gradient of the whole [E, ...] stack.
@@ -362,6 +339,46 @@ def grouped_ffn_traced(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down,
     to one routing. The graph holds a GEMM chain per expert, so compile time grows with the expert count.
     Slices, not split: a slice's size is a 2-symbol difference, where split's checks sum every expert's
     size (measured: half the compile time at 64 experts)."""
+    weights = (w_up, w_down, w_gate, b_up, b_down, b_gate)
+    return experts_traced(x, rows, group_sizes,
+                          lambda e, xe: ffn(xe, *(None if w is None else w[e] for w in weights), activation))
+
+
+def experts_in_place(x, rows, sizes, expert_ffn, threads):
+    """y [A, H] at inference: the rows of expert e's group (sizes: rows per expert, in order) are
+    expert_ffn(e, its rows of x); rows past every group (dropped assignments) are 0. Each expert gathers its
+    own rows and its output is written into y in place, so no [A, H] array of gathered rows nor a
+    concatenation of every expert's output is made (each a pass over memory, on fresh pages the OS must
+    fault in). With `threads` > 1 and at least two experts a thread, whole experts run side by side on
+    `expert_pool`, each GEMM on one thread: a per-expert GEMM of ~100 rows split over threads scales worse
+    than the dense GEMM does, and each of its parallel regions ends in a barrier that one descheduled
+    thread holds up on a shared machine."""
+    y = x.new_empty(rows.shape[0], x.shape[1])
+    ends = [0] * len(sizes)
+    total = 0
+    for e, size in enumerate(sizes):
+        total += size
+        ends[e] = total
+
+    def run_experts(experts):
+        for e in experts:
+            start, end = ends[e] - sizes[e], ends[e]
+            y[start:end] = expert_ffn(e, x.index_select(0, rows[start:end]))
+
+    active = [e for e, size in enumerate(sizes) if size]
+    if threads > 1 and len(active) >= 2 * threads and x.device.type == "cpu":
+        pool = expert_pool(threads)
+        for done in [pool.submit(run_experts, part) for part in balanced_parts(active, sizes, threads)]:
+            done.result()
+    else:
+        run_experts(active)
+    y[total:] = 0  # dropped assignments
+    return y
+
+
+def experts_traced(x, rows, group_sizes, expert_ffn):
+    """`experts_in_place` as torch.compile traces it (see grouped_ffn_traced): every expert e runs
+    expert_ffn(e, rows) on its slice ends[e-1]:ends[e] of the gathered rows, the ends unbacked symbols."""
     ends = torch.cumsum(group_sizes, 0).tolist()
     kept = ends[-1]
     torch._check(kept <= rows.shape[0])
@@ -373,8 +390,7 @@ def grouped_ffn_traced(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down,
     xs = x.index_select(0, rows[:kept])
     pieces, start = [], 0
     for e, end in enumerate(ends):
-        pieces.append(ffn(xs[start:end], *(None if w is None else w[e]
-                                           for w in (w_up, w_down, w_gate, b_up, b_down, b_gate)), activation))
+        pieces.append(expert_ffn(e, xs[start:end]))
         start = end
     pieces.append(x.new_zeros(rows.shape[0] - kept, x.shape[1]))  # dropped assignments (0 rows when dropless)
     return torch.cat(pieces)
@@ -387,8 +403,9 @@ def combine(y, rows, row_weights, tokens):
     t's weights at its rows, which reads y once (the weighted copy of y that index_add needs is a second
     [A, H] array, written and read again: ~5x the time at DeepSeekMoE-16B's 1024 tokens). Below 64 rows
     (decoding) building the sparse matrix costs more than it saves (~30 us against ~15 us at one token)."""
-    if (y.device.type == "cpu" and y.dtype in (torch.float32, torch.float64) and rows.shape[0] >= 64
-            and not torch.compiler.is_compiling() and not needs_autograd(y, row_weights)):
+    # is_compiling first: under torch.compile the row count may be symbolic, not to be branched on
+    if (not torch.compiler.is_compiling() and y.device.type == "cpu" and y.dtype in (torch.float32, torch.float64)
+            and rows.shape[0] >= 64 and not needs_autograd(y, row_weights)):
         order = torch.argsort(rows, stable=True)
         starts = torch.zeros(tokens + 1, dtype=torch.int64, device=y.device)
         starts[1:] = torch.cumsum(torch.bincount(rows, minlength=tokens), 0)
@@ -908,34 +925,12 @@ def grouped_ffn_packed(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down,
     """`grouped_ffn` on packed expert weights: each expert with rows runs `ffn_packed` on its own matrices,
     so at most one expert's float weights exist at a time (never a float copy of every expert). Under
     torch.compile the groups are unbacked slices as in `grouped_ffn_traced`."""
+
+    def expert_ffn(e, xe):
+        return ffn_packed(xe, packed_expert(w_up, e), packed_expert(w_down, e), packed_expert(w_gate, e),
+                          *(None if b is None else b[e] for b in (b_up, b_down, b_gate)), activation)
+
     if torch.compiler.is_compiling():
-        ends = torch.cumsum(group_sizes, 0).tolist()
-        kept = ends[-1]
-        torch._check(kept <= rows.shape[0])
-        start = 0
-        for end in ends:
-            torch._check(end >= start)
-            torch._check(end <= kept)
-            start = end
-        xs = x.index_select(0, rows[:kept])
-        pieces, start = [], 0
-        for e, end in enumerate(ends):
-            pieces.append(ffn_packed(xs[start:end], packed_expert(w_up, e), packed_expert(w_down, e),
-                                     packed_expert(w_gate, e),
-                                     *(None if b is None else b[e] for b in (b_up, b_down, b_gate)), activation))
-            start = end
-        pieces.append(x.new_zeros(rows.shape[0] - kept, x.shape[1]))
-        return torch.cat(pieces)
-    sizes = group_sizes.tolist()
-    kept = sum(sizes)
-    y = x.new_empty(rows.shape[0], x.shape[1])
-    start = 0
-    for e, size in enumerate(sizes):
-        if size:
-            end = start + size
-            y[start:end] = ffn_packed(x.index_select(0, rows[start:end]), packed_expert(w_up, e),
-                                      packed_expert(w_down, e), packed_expert(w_gate, e),
-                                      *(None if b is None else b[e] for b in (b_up, b_down, b_gate)), activation)
-            start = end
-    y[kept:] = 0  # dropped assignments
-    return y
+        return experts_traced(x, rows, group_sizes, expert_ffn)
+    # one after another: the fused int4 kernel is compiled on its first call, which must not race
+    return experts_in_place(x, rows, group_sizes.tolist(), expert_ffn, 1)
