@@ -143,6 +143,18 @@ def _configs():
         "granitemoe_swa_one_theta": lambda: t.GraniteMoeSWAConfig(
             **dict(COMMON, num_hidden_layers=5), intermediate_size=16, num_key_value_heads=4, num_local_experts=3,
             num_experts_per_tok=2, sliding_window=2, pad_token_id=0, bos_token_id=1, eos_token_id=None),
+        # DBRX: biasless LayerNorms, q/k/v clipped on the fused Wqkv, GQA 2:1, weights renormalised (p-norm, p = 1)
+        "dbrx": lambda: t.DbrxConfig(
+            d_model=32, n_heads=4, n_layers=3, vocab_size=VOCAB, max_seq_len=64,
+            attn_config={"kv_n_heads": 2, "clip_qkv": 0.5, "rope_theta": 5e4},
+            ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 5, "moe_top_k": 2}),
+        # the options off: unnormalised top-k weights, multi-head, clip_qkv 8 as released (transformers 5.24's
+        # DbrxAttention needs a clip_qkv and a rope_theta in attn_config to run at all)
+        "dbrx_plain": lambda: t.DbrxConfig(
+            d_model=32, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=64,
+            attn_config={"kv_n_heads": 4, "rope_theta": 1e4, "clip_qkv": 8.0},
+            ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 3, "moe_top_k": 2,
+                        "moe_normalize_expert_weights": None}),
         # the released models' "dynamic" RoPE with an alpha: a fixed NTK-alpha base, read as rope_theta
         "hunyuan_v1_moe_ntk_alpha": lambda: t.HunYuanMoEV1Config(
             **COMMON, intermediate_size=16, num_key_value_heads=1, head_dim=8, num_experts=3, moe_topk=2,
@@ -160,7 +172,7 @@ def _hf_model(cfg):
     hf = AutoModelForCausalLM.from_config(cfg).float().eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            if "norm" in name:
+            if "norm" in name.split(".")[-2]:  # the module's own name: DBRX's Wqkv sits under norm_attn_norm
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             else:
                 p.normal_(0, 0.2 if p.dim() > 1 else 0.1)
@@ -239,9 +251,10 @@ def _greedy_check(family, new_tokens=5):
 # One family per feature the decode form must carry (the logits tests above cover every family in prefill):
 # YaRN with MLA (both cache layouts), partial rotary, sliding windows with NoPE global layers, multipliers,
 # post-norm, a listed schedule with interleaved RoPE, sliding windows by layer_types, sinks with NoPE global layers,
-# q/k/v clipping.
+# q/k/v clipping, biasless LayerNorm.
 GENERATION_FAMILIES = ["deepseek_v3_yarn", "minimax_m2", "exaone_moe", "granitemoe", "flex_olmo", "ernie4_5_moe",
-                       "qwen2_moe_sliding_layers", "glm4_moe", "hunyuan_v1_moe", "granitemoe_swa", "olmoe_clip_qkv"]
+                       "qwen2_moe_sliding_layers", "glm4_moe", "hunyuan_v1_moe", "granitemoe_swa", "olmoe_clip_qkv",
+                       "dbrx"]
 
 
 @pytest.mark.parametrize("family", GENERATION_FAMILIES)
@@ -258,9 +271,9 @@ def test_import_hf_model_cli_with_weights(tmp_path):
 
     # the hub names each family saves under: ERNIE's moe_statics bias, Granite's input_linear / router.layer,
     # MiniMax's block-level bias, GLM-4.7-Flash's MLA with a listed schedule, FlexOlmo's post-norm weights,
-    # GraniteMoeShared's shared MLP beside the block
+    # GraniteMoeShared's shared MLP beside the block, DBRX's transformer.blocks with fused Wqkv and expert rows
     for family in ("ernie4_5_moe", "granitemoe", "minimax_m2", "glm4_moe_lite", "flex_olmo", "hunyuan_v1_moe",
-                   "granitemoeshared"):
+                   "granitemoeshared", "dbrx"):
         cfg = _configs()[family]()
         hf = _hf_model(cfg)
         folder = tmp_path / family
@@ -313,7 +326,8 @@ def test_dense_moe_pattern_equals_transformers_layers(family):
     cfg = {**_configs(), **_schedule_configs()}[family]()
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(cfg)
-    blocks = [getattr(layer, "mlp", None) or layer.block_sparse_moe for layer in hf.model.layers]
+    layers = hf.model.layers if hasattr(hf, "model") else hf.transformer.blocks  # DBRX: transformer.blocks[i].ffn
+    blocks = [getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None) or layer.ffn for layer in layers]
     theirs = [any(name.startswith("experts") for name, _ in block.named_modules()) for block in blocks]
     spec = model_spec_from_hf_config(cfg)
     assert [spec.model.is_moe_layer(i) for i in range(cfg.num_hidden_layers)] == theirs
@@ -561,7 +575,7 @@ def test_rope_scalings_not_modelled_name_what_is_missing(rope, words):
 @pytest.mark.parametrize("model_type, words", [
     ("sarvam_moe", "modelling implementation"), ("cohere2_moe", "parallel attention and FFN"),
     ("qwen3_vl_moe", "vision-language"), ("glm4v_moe", "mrope_section"), ("ernie4_5_vl_moe", "token type"),
-    ("qwen3_omni_moe", "talker"), ("dbrx", "p-norm"), ("afmoe", "gate on each head"),
+    ("qwen3_omni_moe", "talker"), ("afmoe", "gate on each head"),
 ])
 def test_families_not_modelled_name_the_missing_feature(model_type, words):
     from moe_ir.frontends.hf.config import spec_from_hf_config
@@ -569,6 +583,19 @@ def test_families_not_modelled_name_the_missing_feature(model_type, words):
     with pytest.raises(SpecError, match=words) as err:
         spec_from_hf_config({"model_type": model_type, "hidden_size": 8})
     assert err.value.path == "model_type" and "supported" not in str(err.value)
+
+
+@pytest.mark.parametrize("p, words", [(2.0, "2-norm"), (0.5, "0.5-norm")])
+def test_dbrx_p_norms_other_than_1_name_the_key(p, words):
+    """DBRX divides the top-k weights by their p-norm: p = 1 is their sum (the renormalisation); others are not
+    modelled and the error names the nested key."""
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config
+
+    cfg = _configs()["dbrx"]().to_dict()
+    cfg["ffn_config"] = {**cfg["ffn_config"], "moe_normalize_expert_weights": p}
+    with pytest.raises(SpecError, match=words) as err:
+        model_spec_from_hf_config(cfg)
+    assert err.value.path == "ffn_config.moe_normalize_expert_weights"
 
 
 @pytest.mark.parametrize("family, changes, key, words", [
