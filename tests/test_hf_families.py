@@ -489,6 +489,15 @@ RELEASED = {  # values from the released config.json files (the keys the decoder
         "tie_word_embeddings": True, "use_cla": False, "use_mixed_mlp_moe": True, "use_qk_norm": True,
         "vocab_size": 128167, "torch_dtype": "bfloat16"},
     "flexolmo-7x7b-1t.yaml": {"model_type": "flex_olmo"},
+    # DBRX's nested sections; the released JSON's integers 1, 8, 0 written as the floats transformers' strict
+    # DbrxFFNConfig / DbrxAttentionConfig demand (the importer takes either)
+    "dbrx.yaml": {
+        "model_type": "dbrx", "d_model": 6144, "n_heads": 48, "n_layers": 40, "max_seq_len": 32768,
+        "vocab_size": 100352, "attn_config": {"clip_qkv": 8.0, "kv_n_heads": 8, "rope_theta": 500000.0},
+        "ffn_config": {"ffn_act_fn": {"name": "silu"}, "ffn_hidden_size": 10752, "moe_num_experts": 16,
+                       "moe_top_k": 4, "moe_jitter_eps": 0.0, "moe_loss_weight": 0.05,
+                       "moe_normalize_expert_weights": 1.0},
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
     "granite-3.0-1b-a400m.yaml": {
         "model_type": "granitemoe", "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
         "num_key_value_heads": 8, "num_local_experts": 32, "num_experts_per_tok": 8, "intermediate_size": 512,
@@ -537,7 +546,7 @@ def test_shipped_spec_parameters_equal_transformers_meta_model(spec_file):
 # The shipped specs of the families above: each validates as its miniature (`moe-ir validate --shrink`).
 SHIPPED_FAMILY_SPECS = ["glm-4.5-air.yaml", "glm-4.7-flash.yaml", "dots.llm1.yaml", "hunyuan-a13b.yaml",
                         "flexolmo-7x7b-1t.yaml", "granite-3.0-1b-a400m.yaml", "qwen3-30b-a3b.yaml",
-                        "ernie-4.5-21b-a3b.yaml", "minimax-m2.yaml"]
+                        "ernie-4.5-21b-a3b.yaml", "minimax-m2.yaml", "dbrx.yaml"]
 
 
 @pytest.mark.parametrize("spec_file", SHIPPED_FAMILY_SPECS)
