@@ -155,6 +155,19 @@ def _configs():
             attn_config={"kv_n_heads": 4, "rope_theta": 1e4, "clip_qkv": 8.0},
             ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 3, "moe_top_k": 2,
                         "moe_normalize_expert_weights": None}),
+        # PhiMoE: SparseMixer routing, LayerNorms and attention with biases, an LM head bias; GQA 4:1
+        "phimoe": lambda: t.PhimoeConfig(
+            **COMMON, intermediate_size=16, num_key_value_heads=1, num_local_experts=5, num_experts_per_tok=2,
+            attention_bias=True, lm_head_bias=True, router_jitter_noise=0.1, pad_token_id=0, eos_token_id=None),
+        # gpt-oss: sinks, attention biases, clamped SwiGLU experts with biases, a router bias; sliding layers 0 and
+        # 2 over 3 tokens, YaRN
+        "gpt_oss": lambda: t.GptOssConfig(
+            **COMMON, intermediate_size=18, num_key_value_heads=2, head_dim=10, num_local_experts=5,
+            num_experts_per_tok=3, swiglu_limit=0.8, sliding_window=3,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"], max_position_embeddings=1024,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 1.5e5, "factor": 8.0, "beta_fast": 32.0,
+                             "beta_slow": 1.0, "original_max_position_embeddings": 128, "truncate": False},
+            pad_token_id=0, eos_token_id=None),
         # the released models' "dynamic" RoPE with an alpha: a fixed NTK-alpha base, read as rope_theta
         "hunyuan_v1_moe_ntk_alpha": lambda: t.HunYuanMoEV1Config(
             **COMMON, intermediate_size=16, num_key_value_heads=1, head_dim=8, num_experts=3, moe_topk=2,
@@ -631,7 +644,7 @@ def test_options_not_modelled_name_the_key(family, changes, key, words):
 EXPORT_CONFIGS = {"qwen3_moe": "qwen3_moe", "glm4_moe": "glm4_moe", "glm4_moe_partial_3_4": "glm4_moe",
                   "dots1": "dots1", "ernie4_5_moe": "ernie4_5_moe", "minimax_m2": "minimax_m2",
                   "hunyuan_v1_moe": "hunyuan_v1_moe", "flex_olmo": "flex_olmo", "granitemoe": "granitemoe",
-                  "granitemoeshared": "granitemoeshared"}
+                  "granitemoeshared": "granitemoeshared", "phimoe": "phimoe", "gpt_oss": "gpt_oss"}
 
 
 @pytest.mark.parametrize("config_name", sorted(EXPORT_CONFIGS))
