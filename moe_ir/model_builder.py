@@ -181,11 +181,12 @@ def _present_outputs(node, layer: int, decode: _DecodeInputs, layout: MLACacheLa
 
 
 def _norm(g: Graph, spec: ModelSpec, x: Value, name: str, dtype: ElemType) -> Value:
-    """The decoder norm `name` of x: RMSNorm (`name.weight`) or LayerNorm (`name.weight`, `name.bias`)."""
+    """The decoder norm `name` of x: RMSNorm (`name.weight`) or LayerNorm (`name.weight`, and `name.bias` unless
+    layer_no_bias)."""
     m = spec.model
     weight = g.add_weight(f"{name}.weight", TensorType((m.hidden,), dtype))
-    if m.norm == NormKind.LAYER:
-        bias = g.add_weight(f"{name}.bias", TensorType((m.hidden,), dtype))
+    if m.norm in (NormKind.LAYER, NormKind.LAYER_NO_BIAS):
+        bias = g.add_weight(f"{name}.bias", TensorType((m.hidden,), dtype)) if m.norm == NormKind.LAYER else None
         return g.add_node(OpCode.LAYER_NORM, [x, weight, bias], {"eps": m.rms_norm_eps}, name=name).outputs[0]
     return g.add_node(OpCode.RMS_NORM, [x, weight], {"eps": m.rms_norm_eps}, name=name).outputs[0]
 

@@ -51,6 +51,7 @@ class QKNorm(enum.StrEnum):
 class NormKind(enum.StrEnum):
     RMS = "rms"      # RMSNorm with a weight (Llama, DeepSeek, Mixtral, Qwen, OLMoE)
     LAYER = "layer"  # LayerNorm with a weight and a bias (PhiMoE)
+    LAYER_NO_BIAS = "layer_no_bias"  # LayerNorm with a weight only (DBRX)
 
 
 class RopeLayout(enum.StrEnum):
@@ -291,7 +292,8 @@ class ModelSection:
     rms_norm_eps: float = spec_field(1e-6, doc="epsilon of every decoder norm (RMSNorm or LayerNorm)",
                                      exclusive_minimum=0.0)
     norm: NormKind = spec_field(NormKind.RMS, doc="the decoder norms (before attention, before the FFN, final): "
-                                                  "rms (RMSNorm, a weight) or layer (LayerNorm, a weight and a bias)",
+                                                  "rms (RMSNorm, a weight), layer (LayerNorm, a weight and a bias) "
+                                                  "or layer_no_bias (LayerNorm, a weight)",
                                 omit_default=True)
     lm_head_bias: bool = spec_field(False, doc="the LM head carries a bias [vocab_size] (PhiMoE lm_head_bias)",
                                     omit_default=True)

@@ -176,17 +176,22 @@ def test_family_defaults_match_installed_transformers():
                "flex_olmo": transformers.FlexOlmoConfig, "granitemoe": transformers.GraniteMoeConfig,
                "exaone_moe": transformers.ExaoneMoeConfig, "hunyuan_v1_moe": transformers.HunYuanMoEV1Config,
                "longcat_flash": transformers.LongcatFlashConfig, "granitemoe_swa": transformers.GraniteMoeSWAConfig,
-               "granitemoeshared": transformers.GraniteMoeSharedConfig}
+               "granitemoeshared": transformers.GraniteMoeSharedConfig, "dbrx": transformers.DbrxConfig}
     # Keys whose class default is computed or renamed: the number of experts of Qwen3-MoE is num_local_experts
     # (num_experts an alias), glm4_moe_lite's mlp_layer_types is filled from num_hidden_layers, ERNIE's -1 (the last
     # layer) of moe_layer_end_index is replaced by that layer's index.
     renamed = {("qwen3_moe", "num_experts"): "num_local_experts", ("exaone_moe", "n_routed_experts"): "num_experts",
-               ("exaone_moe", "n_shared_experts"): "num_shared_experts"}
+               ("exaone_moe", "n_shared_experts"): "num_shared_experts", ("dbrx", "hidden_size"): "d_model",
+               ("dbrx", "num_hidden_layers"): "n_layers"}
     computed = {("glm4_moe_lite", "mlp_layer_types"): None, ("exaone_moe", "mlp_layer_types"): None,
                 ("ernie4_5_moe", "moe_layer_end_index"): -1, ("llama4_text", "moe_layers"): None}
     assert set(FAMILY_DEFAULTS) == set(classes) | {"deepseek"}
     for model_type, cls in classes.items():
         defaults = cls().to_dict()
+        for section in ("attn_config", "ffn_config"):  # DBRX's nested keys, read as "section.key"
+            defaults.update({f"{section}.{k}": v for k, v in (defaults.get(section) or {}).items()})
+        if model_type == "dbrx":  # its loss weight sits in ffn_config
+            defaults["router_aux_loss_coef"] = defaults["ffn_config.moe_loss_weight"]
         defaults.update({key: defaults[theirs] for (family, key), theirs in renamed.items() if family == model_type})
         defaults.update({key: v for (family, key), v in computed.items() if family == model_type})
         for key, value in FAMILY_DEFAULTS[model_type].items():

@@ -143,6 +143,31 @@ def _configs():
         "granitemoe_swa_one_theta": lambda: t.GraniteMoeSWAConfig(
             **dict(COMMON, num_hidden_layers=5), intermediate_size=16, num_key_value_heads=4, num_local_experts=3,
             num_experts_per_tok=2, sliding_window=2, pad_token_id=0, bos_token_id=1, eos_token_id=None),
+        # DBRX: biasless LayerNorms, q/k/v clipped on the fused Wqkv, GQA 2:1, weights renormalised (p-norm, p = 1)
+        "dbrx": lambda: t.DbrxConfig(
+            d_model=32, n_heads=4, n_layers=3, vocab_size=VOCAB, max_seq_len=64,
+            attn_config={"kv_n_heads": 2, "clip_qkv": 0.5, "rope_theta": 5e4},
+            ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 5, "moe_top_k": 2}),
+        # the options off: unnormalised top-k weights, multi-head, clip_qkv 8 as released (transformers 5.24's
+        # DbrxAttention needs a clip_qkv and a rope_theta in attn_config to run at all)
+        "dbrx_plain": lambda: t.DbrxConfig(
+            d_model=32, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=64,
+            attn_config={"kv_n_heads": 4, "rope_theta": 1e4, "clip_qkv": 8.0},
+            ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 3, "moe_top_k": 2,
+                        "moe_normalize_expert_weights": None}),
+        # PhiMoE: SparseMixer routing, LayerNorms and attention with biases, an LM head bias; GQA 4:1
+        "phimoe": lambda: t.PhimoeConfig(
+            **COMMON, intermediate_size=16, num_key_value_heads=1, num_local_experts=5, num_experts_per_tok=2,
+            attention_bias=True, lm_head_bias=True, router_jitter_noise=0.1, pad_token_id=0, eos_token_id=None),
+        # gpt-oss: sinks, attention biases, clamped SwiGLU experts with biases, a router bias; sliding layers 0 and
+        # 2 over 3 tokens, YaRN
+        "gpt_oss": lambda: t.GptOssConfig(
+            **COMMON, intermediate_size=18, num_key_value_heads=2, head_dim=10, num_local_experts=5,
+            num_experts_per_tok=3, swiglu_limit=0.8, sliding_window=3,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"], max_position_embeddings=1024,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 1.5e5, "factor": 8.0, "beta_fast": 32.0,
+                             "beta_slow": 1.0, "original_max_position_embeddings": 128, "truncate": False},
+            pad_token_id=0, eos_token_id=None),
         # the released models' "dynamic" RoPE with an alpha: a fixed NTK-alpha base, read as rope_theta
         "hunyuan_v1_moe_ntk_alpha": lambda: t.HunYuanMoEV1Config(
             **COMMON, intermediate_size=16, num_key_value_heads=1, head_dim=8, num_experts=3, moe_topk=2,
@@ -160,7 +185,7 @@ def _hf_model(cfg):
     hf = AutoModelForCausalLM.from_config(cfg).float().eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            if "norm" in name:
+            if "norm" in name.split(".")[-2]:  # the module's own name: DBRX's Wqkv sits under norm_attn_norm
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             else:
                 p.normal_(0, 0.2 if p.dim() > 1 else 0.1)
@@ -239,9 +264,10 @@ def _greedy_check(family, new_tokens=5):
 # One family per feature the decode form must carry (the logits tests above cover every family in prefill):
 # YaRN with MLA (both cache layouts), partial rotary, sliding windows with NoPE global layers, multipliers,
 # post-norm, a listed schedule with interleaved RoPE, sliding windows by layer_types, sinks with NoPE global layers,
-# q/k/v clipping.
+# q/k/v clipping, biasless LayerNorm.
 GENERATION_FAMILIES = ["deepseek_v3_yarn", "minimax_m2", "exaone_moe", "granitemoe", "flex_olmo", "ernie4_5_moe",
-                       "qwen2_moe_sliding_layers", "glm4_moe", "hunyuan_v1_moe", "granitemoe_swa", "olmoe_clip_qkv"]
+                       "qwen2_moe_sliding_layers", "glm4_moe", "hunyuan_v1_moe", "granitemoe_swa", "olmoe_clip_qkv",
+                       "dbrx"]
 
 
 @pytest.mark.parametrize("family", GENERATION_FAMILIES)
@@ -258,9 +284,9 @@ def test_import_hf_model_cli_with_weights(tmp_path):
 
     # the hub names each family saves under: ERNIE's moe_statics bias, Granite's input_linear / router.layer,
     # MiniMax's block-level bias, GLM-4.7-Flash's MLA with a listed schedule, FlexOlmo's post-norm weights,
-    # GraniteMoeShared's shared MLP beside the block
+    # GraniteMoeShared's shared MLP beside the block, DBRX's transformer.blocks with fused Wqkv and expert rows
     for family in ("ernie4_5_moe", "granitemoe", "minimax_m2", "glm4_moe_lite", "flex_olmo", "hunyuan_v1_moe",
-                   "granitemoeshared"):
+                   "granitemoeshared", "dbrx"):
         cfg = _configs()[family]()
         hf = _hf_model(cfg)
         folder = tmp_path / family
@@ -313,7 +339,8 @@ def test_dense_moe_pattern_equals_transformers_layers(family):
     cfg = {**_configs(), **_schedule_configs()}[family]()
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(cfg)
-    blocks = [getattr(layer, "mlp", None) or layer.block_sparse_moe for layer in hf.model.layers]
+    layers = hf.model.layers if hasattr(hf, "model") else hf.transformer.blocks  # DBRX: transformer.blocks[i].ffn
+    blocks = [getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None) or layer.ffn for layer in layers]
     theirs = [any(name.startswith("experts") for name, _ in block.named_modules()) for block in blocks]
     spec = model_spec_from_hf_config(cfg)
     assert [spec.model.is_moe_layer(i) for i in range(cfg.num_hidden_layers)] == theirs
@@ -484,6 +511,15 @@ RELEASED = {  # values from the released config.json files (the keys the decoder
         "tie_word_embeddings": True, "use_cla": False, "use_mixed_mlp_moe": True, "use_qk_norm": True,
         "vocab_size": 128167, "torch_dtype": "bfloat16"},
     "flexolmo-7x7b-1t.yaml": {"model_type": "flex_olmo"},
+    # DBRX's nested sections; the released JSON's integers 1, 8, 0 written as the floats transformers' strict
+    # DbrxFFNConfig / DbrxAttentionConfig demand (the importer takes either)
+    "dbrx.yaml": {
+        "model_type": "dbrx", "d_model": 6144, "n_heads": 48, "n_layers": 40, "max_seq_len": 32768,
+        "vocab_size": 100352, "attn_config": {"clip_qkv": 8.0, "kv_n_heads": 8, "rope_theta": 500000.0},
+        "ffn_config": {"ffn_act_fn": {"name": "silu"}, "ffn_hidden_size": 10752, "moe_num_experts": 16,
+                       "moe_top_k": 4, "moe_jitter_eps": 0.0, "moe_loss_weight": 0.05,
+                       "moe_normalize_expert_weights": 1.0},
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
     "granite-3.0-1b-a400m.yaml": {
         "model_type": "granitemoe", "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
         "num_key_value_heads": 8, "num_local_experts": 32, "num_experts_per_tok": 8, "intermediate_size": 512,
@@ -532,7 +568,7 @@ def test_shipped_spec_parameters_equal_transformers_meta_model(spec_file):
 # The shipped specs of the families above: each validates as its miniature (`moe-ir validate --shrink`).
 SHIPPED_FAMILY_SPECS = ["glm-4.5-air.yaml", "glm-4.7-flash.yaml", "dots.llm1.yaml", "hunyuan-a13b.yaml",
                         "flexolmo-7x7b-1t.yaml", "granite-3.0-1b-a400m.yaml", "qwen3-30b-a3b.yaml",
-                        "ernie-4.5-21b-a3b.yaml", "minimax-m2.yaml"]
+                        "ernie-4.5-21b-a3b.yaml", "minimax-m2.yaml", "dbrx.yaml"]
 
 
 @pytest.mark.parametrize("spec_file", SHIPPED_FAMILY_SPECS)
@@ -570,7 +606,7 @@ def test_rope_scalings_not_modelled_name_what_is_missing(rope, words):
 @pytest.mark.parametrize("model_type, words", [
     ("sarvam_moe", "modelling implementation"), ("cohere2_moe", "parallel attention and FFN"),
     ("qwen3_vl_moe", "vision-language"), ("glm4v_moe", "mrope_section"), ("ernie4_5_vl_moe", "token type"),
-    ("qwen3_omni_moe", "talker"), ("dbrx", "p-norm"), ("afmoe", "gate on each head"),
+    ("qwen3_omni_moe", "talker"), ("afmoe", "gate on each head"),
 ])
 def test_families_not_modelled_name_the_missing_feature(model_type, words):
     from moe_ir.frontends.hf.config import spec_from_hf_config
@@ -578,6 +614,19 @@ def test_families_not_modelled_name_the_missing_feature(model_type, words):
     with pytest.raises(SpecError, match=words) as err:
         spec_from_hf_config({"model_type": model_type, "hidden_size": 8})
     assert err.value.path == "model_type" and "supported" not in str(err.value)
+
+
+@pytest.mark.parametrize("p, words", [(2.0, "2-norm"), (0.5, "0.5-norm")])
+def test_dbrx_p_norms_other_than_1_name_the_key(p, words):
+    """DBRX divides the top-k weights by their p-norm: p = 1 is their sum (the renormalisation); others are not
+    modelled and the error names the nested key."""
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config
+
+    cfg = _configs()["dbrx"]().to_dict()
+    cfg["ffn_config"] = {**cfg["ffn_config"], "moe_normalize_expert_weights": p}
+    with pytest.raises(SpecError, match=words) as err:
+        model_spec_from_hf_config(cfg)
+    assert err.value.path == "ffn_config.moe_normalize_expert_weights"
 
 
 @pytest.mark.parametrize("family, changes, key, words", [
@@ -604,7 +653,7 @@ def test_options_not_modelled_name_the_key(family, changes, key, words):
 EXPORT_CONFIGS = {"qwen3_moe": "qwen3_moe", "glm4_moe": "glm4_moe", "glm4_moe_partial_3_4": "glm4_moe",
                   "dots1": "dots1", "ernie4_5_moe": "ernie4_5_moe", "minimax_m2": "minimax_m2",
                   "hunyuan_v1_moe": "hunyuan_v1_moe", "flex_olmo": "flex_olmo", "granitemoe": "granitemoe",
-                  "granitemoeshared": "granitemoeshared"}
+                  "granitemoeshared": "granitemoeshared", "phimoe": "phimoe", "gpt_oss": "gpt_oss"}
 
 
 @pytest.mark.parametrize("config_name", sorted(EXPORT_CONFIGS))

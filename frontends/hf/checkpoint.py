@@ -22,7 +22,8 @@ from moe_ir.model_spec import ModelSpec, model_spec_to_dict
 from moe_ir.spec import canonical_spec_hash
 from .fp8 import FP8, DequantizedCheckpoint
 from .safetensors_io import FLOAT_DTYPES, Checkpoint, SafetensorsWriter
-from .tensor_map import TensorRule, detect_model_layout, detect_router_names, model_rules
+from .tensor_map import (DBRX_PREFIX, TensorRule, dbrx_model_rules, detect_model_layout, detect_router_names,
+                         model_rules)
 
 __all__ = ["convert_checkpoint", "canonical_tensors", "import_hf_model", "load_hf_checkpoint", "plan_import",
            "spec_hash"]
@@ -47,9 +48,12 @@ def plan_import(spec: ModelSpec, ckpt: Checkpoint, *, prefix: str = "model."):
 
     graph = build_model_graph(spec)
     our_shapes = {name: tuple(v.type.shape) for name, v in graph.weights.items()}
-    block, layout = detect_model_layout(spec, ckpt.entries, prefix)
-    rules = model_rules(spec, graph.weights, moe_block=block, layout=layout, prefix=prefix,
-                        **detect_router_names(spec, ckpt.entries, block, prefix))
+    if any(name.startswith(DBRX_PREFIX) for name in ckpt.entries):  # DBRX's own names and fused tensors
+        rules = dbrx_model_rules(spec, graph.weights)
+    else:
+        block, layout = detect_model_layout(spec, ckpt.entries, prefix)
+        rules = model_rules(spec, graph.weights, moe_block=block, layout=layout, prefix=prefix,
+                            **detect_router_names(spec, ckpt.entries, block, prefix))
     expected: dict[str, tuple[int, ...]] = {}
     for rule in rules:
         expected.update(rule.their_shapes(our_shapes))

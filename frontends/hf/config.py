@@ -162,6 +162,12 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "num_experts_per_tok": 2, "intermediate_size": 11008, "router_aux_loss_coef": 0.001,
         "shared_intermediate_size": 0,
     },
+    # DBRX nests its keys in attn_config / ffn_config, read as "section.key" (FamilyConfig)
+    "dbrx": {
+        "hidden_size": 2048, "num_hidden_layers": 24, "ffn_config.moe_num_experts": 4, "ffn_config.moe_top_k": 1,
+        "ffn_config.ffn_hidden_size": 3584, "ffn_config.moe_normalize_expert_weights": 1.0,
+        "ffn_config.moe_jitter_eps": None, "router_aux_loss_coef": 0.01, "ffn_config.ffn_act_fn": {"name": "silu"},
+    },
     "ernie4_5_moe": {
         "hidden_size": 2560, "num_hidden_layers": 28, "hidden_act": "silu", "moe_num_experts": 64, "moe_k": 6,
         "moe_intermediate_size": 1536, "moe_num_shared_experts": 2, "moe_layer_start_index": 1,
@@ -185,9 +191,15 @@ _ALIASES: dict[str, dict[str, str]] = {
     "exaone_moe": {"num_experts": "n_routed_experts", "num_shared_experts": "n_shared_experts"},
     "hunyuan_v1_moe": {"num_local_experts": "num_experts", "num_experts_per_tok": "moe_topk"},
     "ernie4_5_moe": {"num_experts": "moe_num_experts", "num_experts_per_tok": "moe_k"},
+    "dbrx": {"d_model": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+             "max_seq_len": "max_position_embeddings", "attn_config.kv_n_heads": "num_key_value_heads",
+             "attn_config.rope_theta": "rope_theta", "ffn_config.moe_loss_weight": "router_aux_loss_coef"},
     "longcat_flash": {"num_local_experts": "n_routed_experts", "num_experts_per_tok": "moe_topk",
                       "moe_intermediate_size": "expert_ffn_hidden_size"},
 }
+
+# Families that nest keys in sub-dicts of the config: read as "section.key".
+_NESTED_SECTIONS: dict[str, tuple[str, ...]] = {"dbrx": ("attn_config", "ffn_config")}
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILY_DEFAULTS)
 
@@ -232,6 +244,10 @@ class FamilyConfig:
         self.model_type = model_type
         self.file = file
         self.data = dict(data)
+        for section in _NESTED_SECTIONS.get(model_type, ()):  # DBRX: attn_config.kv_n_heads, ffn_config.moe_top_k ...
+            nested = self.data.get(section)
+            for key, value in (nested.items() if isinstance(nested, Mapping) else ()):
+                self.data.setdefault(f"{section}.{key}", value)
         for alias, key in _ALIASES.get(model_type, {}).items():
             if alias in self.data and key not in self.data:
                 self.data[key] = self.data[alias]
@@ -674,6 +690,30 @@ def _map_llama4_text(c: FamilyConfig) -> _Mapped:
                     "the shared expert has the experts' width (intermediate_size)"])
 
 
+def _map_dbrx(c: FamilyConfig) -> _Mapped:
+    """DBRX's block: a softmax over the experts (in the model dtype), the top-k weights divided by their p-norm
+    (moe_normalize_expert_weights: p = 1, their sum, is the renormalisation; none leaves them), GLU experts of
+    ffn_act_fn, every layer MoE; the balance loss is Mixtral's with moe_loss_weight."""
+    act = c.get("ffn_config.ffn_act_fn", dict)
+    if act.get("name", "silu") not in ("silu", "swish"):
+        raise c.fail("ffn_config.ffn_act_fn", f"activation {str(act.get('name'))[:40]!r} is not modelled for DBRX's "
+                                              "experts (silu is)")
+    p = c.get("ffn_config.moe_normalize_expert_weights", float, optional=True)
+    if p is not None and p != 1:
+        raise c.fail("ffn_config.moe_normalize_expert_weights",
+                     f"router weights divided by their {p:g}-norm are not modelled; p = 1 (their sum) is the "
+                     "renormalisation moe-ir has")
+    k = c.positive("ffn_config.moe_top_k")
+    balance, notes = _transformers_balance_loss(c, k)
+    if c.get("ffn_config.moe_jitter_eps", float, optional=True):
+        notes.append("moe_jitter_eps scales the router's input by noise in training only; the spec is the model in "
+                     "eval mode")
+    experts = {"routed": c.positive("ffn_config.moe_num_experts"), "width": c.positive("ffn_config.ffn_hidden_size"),
+               "top_k": k, "activation": "swiglu"}
+    return _Mapped(experts, {"score": "softmax", "normalize": p is not None},
+                   balance, _all_layers, lambda i: "", notes)
+
+
 def _per_layer_constant(c: FamilyConfig, key: str) -> int:
     """An int, or a per-layer list of equal ints (every MoE layer of a spec has one expert count and top-k)."""
     value = c.data.get(key, c.defaults.get(key))
@@ -706,6 +746,7 @@ _FAMILIES: dict[str, Callable[[FamilyConfig], _Mapped]] = {
     "hunyuan_v1_moe": _map_hunyuan_v1_moe,
     "granitemoe": _map_mixtral,  # softmax over the top-k logits = the top-k softmax renormalised; multipliers: model.py
     "granitemoeshared": _map_granitemoeshared,
+    "dbrx": _map_dbrx,
     "granitemoe_swa": _map_granitemoeshared,  # its sinks, sliding layers and per-layer RoPE bases: model.py
     "longcat_flash": _map_longcat_flash,
 }
@@ -782,7 +823,7 @@ def describe_hf_config(config: Any, *, layer: int | None = None, name: str | Non
     router = {**mapped.router, "dtype": DType.FLOAT32.value}
     if dtype != DType.FLOAT32 and model_type in ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "minimax_m2",
                                                  "flex_olmo", "granitemoe", "granitemoeshared",
-                                                 "granitemoe_swa"):
+                                                 "granitemoe_swa", "dbrx"):
         notes.append(f"transformers projects this router in {dtype.value} before a float32 softmax; the spec "
                      "projects in float32, so near-tied experts may rank differently in low precision")
     if dtype != DType.FLOAT32 and model_type in ("phimoe", "gpt_oss"):

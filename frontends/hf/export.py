@@ -2,7 +2,7 @@
 
 The config is written for one of the families moe-ir imports natively in transformers (EXPORT_FAMILIES:
 deepseek_v2, deepseek_v3, mixtral, qwen2_moe, olmoe, qwen3_moe, glm4_moe, dots1, ernie4_5_moe, minimax_m2,
-hunyuan_v1_moe, flex_olmo, granitemoe, granitemoeshared) and then read back through the importer
+hunyuan_v1_moe, flex_olmo, granitemoe, granitemoeshared, phimoe, gpt_oss) and then read back through the importer
 (`model_spec_from_hf_config`): the export is accepted only if that gives the same spec, so the importer
 stays the one statement of what each config key means and an export can never silently change the model.
 Balance losses are the one exception: they shape training only and several have no config key in a given
@@ -49,6 +49,8 @@ EXPORT_FAMILIES: dict[str, tuple[str, str, HFLayout]] = {
     "flex_olmo": ("FlexOlmoForCausalLM", "mlp", HFLayout.PER_EXPERT),
     "granitemoe": ("GraniteMoeForCausalLM", "block_sparse_moe", HFLayout.STACKED_LINEAR),
     "granitemoeshared": ("GraniteMoeSharedForCausalLM", "block_sparse_moe", HFLayout.STACKED_LINEAR),
+    "phimoe": ("PhimoeForCausalLM", "block_sparse_moe", HFLayout.PER_EXPERT_W123),
+    "gpt_oss": ("GptOssForCausalLM", "mlp", HFLayout.STACKED),
 }
 # Tensor names a family's checkpoint gives its router and shared MLP, where they are not the common ones
 # (keyword arguments of tensor_map.model_rules; the names import-hf detects, tensor_map.detect_router_names).
@@ -77,7 +79,8 @@ def _balance_coef(spec: ModelSpec) -> float:
 
 def _common(spec: ModelSpec, family: str) -> dict[str, Any]:
     m, a, e = spec.model, spec.model.attention, spec.moe.experts
-    if e.activation not in _HIDDEN_ACT:
+    clamped = family == "gpt_oss" and e.activation == Activation.CLAMPED_SWIGLU  # its experts read no hidden_act
+    if e.activation not in _HIDDEN_ACT and not clamped:
         raise _Unfit(f"experts.activation {e.activation.value}: the families build gated MLPs (silu or gelu)")
     if m.dense_layers and m.dense_activation != e.activation:
         raise _Unfit(f"dense_activation {m.dense_activation.value} differs from the experts' "
@@ -85,7 +88,7 @@ def _common(spec: ModelSpec, family: str) -> dict[str, Any]:
     config: dict[str, Any] = {
         "architectures": [EXPORT_FAMILIES[family][0]], "model_type": family, "vocab_size": m.vocab_size,
         "hidden_size": m.hidden, "num_hidden_layers": m.layers, "num_attention_heads": a.heads,
-        "num_key_value_heads": a.kv_heads or a.heads, "hidden_act": _HIDDEN_ACT[e.activation],
+        "num_key_value_heads": a.kv_heads or a.heads, "hidden_act": _HIDDEN_ACT.get(e.activation, "silu"),
         "rms_norm_eps": m.rms_norm_eps, "tie_word_embeddings": m.tied_embeddings,
         "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta}, "dtype": m.dtype.value,
     }
@@ -299,12 +302,45 @@ def _granitemoe(spec: ModelSpec, family: str = "granitemoe") -> dict:
     return config
 
 
+def _phimoe(spec: ModelSpec) -> dict:
+    """PhiMoE: SparseMixer routing (its threshold is router_jitter_noise), LayerNorms with biases (eps in
+    rms_norm_eps), attention biases on q, k, v and o together, an optional LM head bias."""
+    m, e, r = spec.model, spec.moe.experts, spec.moe.router
+    if r.sparse_mixer is None:
+        raise _Unfit("PhiMoE routes by SparseMixer (router.sparse_mixer)")
+    _first_dense_only(spec, "phimoe")
+    config = _llama_family(spec, "phimoe")
+    config.update(num_local_experts=e.routed, num_experts_per_tok=e.top_k, intermediate_size=e.width,
+                  router_jitter_noise=r.sparse_mixer.jitter_eps, input_jitter_noise=0.0,
+                  router_aux_loss_coef=_balance_coef(spec), lm_head_bias=m.lm_head_bias, sliding_window=None)
+    return config
+
+
+def _gpt_oss(spec: ModelSpec) -> dict:
+    """gpt-oss: clamped SwiGLU experts with biases (swiglu_alpha / swiglu_limit), a router logit bias, attention
+    sinks and biases, sliding-window layers by layer_types."""
+    m, e, a = spec.model, spec.moe.experts, spec.model.attention
+    if e.clamp is None:
+        raise _Unfit("gpt-oss's experts are clamped SwiGLU (experts.clamp)")
+    _first_dense_only(spec, "gpt_oss")
+    config = _llama_family(spec, "gpt_oss")
+    config.update(num_local_experts=e.routed, num_experts_per_tok=e.top_k, intermediate_size=e.width,
+                  swiglu_alpha=e.clamp.alpha, swiglu_limit=e.clamp.limit, router_aux_loss_coef=_balance_coef(spec))
+    sliding = set(range(m.layers)) if a.sliding_layers is None else set(a.sliding_layers)
+    if a.sliding_window is None:
+        sliding = set()
+    config.update(sliding_window=a.sliding_window if sliding else None,
+                  layer_types=["sliding_attention" if i in sliding else "full_attention" for i in range(m.layers)])
+    return config
+
+
 _BUILDERS = {"deepseek_v3": lambda s: _deepseek(s, "deepseek_v3"), "deepseek_v2": lambda s: _deepseek(s, "deepseek_v2"),
              "qwen2_moe": _qwen2_moe, "olmoe": _olmoe, "mixtral": _mixtral, "qwen3_moe": _qwen3_moe,
              "glm4_moe": lambda s: _sigmoid_grouped(s, "glm4_moe"), "dots1": lambda s: _sigmoid_grouped(s, "dots1"),
              "ernie4_5_moe": _ernie4_5_moe, "minimax_m2": _minimax_m2, "hunyuan_v1_moe": _hunyuan_v1_moe,
              "flex_olmo": _flex_olmo, "granitemoe": _granitemoe,
-             "granitemoeshared": lambda s: _granitemoe(s, "granitemoeshared")}
+             "granitemoeshared": lambda s: _granitemoe(s, "granitemoeshared"), "phimoe": _phimoe,
+             "gpt_oss": _gpt_oss}
 
 
 def _semantic(data: Any, key: str = "") -> Any:

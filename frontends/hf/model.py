@@ -41,7 +41,7 @@ __all__ = ["MODEL_DEFAULTS", "model_spec_from_hf_config", "weights_from_hf_model
 
 _LLAMA_ATTENTION = ("deepseek", "mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "glm4_moe", "dots1", "minimax_m2",
                     "ernie4_5_moe", "flex_olmo", "granitemoe", "exaone_moe", "hunyuan_v1_moe", "phimoe",
-                    "gpt_oss", "granitemoeshared", "granitemoe_swa")
+                    "gpt_oss", "granitemoeshared", "granitemoe_swa", "dbrx")
 # Families whose attention reads layer_types for its sliding-window layers (transformers 5.24).
 _SLIDING_BY_LAYER_TYPES = ("qwen2_moe", "dots1", "exaone_moe", "gpt_oss", "granitemoe_swa")
 # Families whose global (non-sliding) layers apply no RoPE once a sliding_window is set (EXAONE 4 style).
@@ -116,6 +116,10 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
                    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False, "rope_theta": 10000.0,
                    "max_position_embeddings": 2048, "embedding_multiplier": 1.0, "residual_multiplier": 1.0,
                    "attention_multiplier": 1.0, "logits_scaling": 1.0},
+    # DBRX: no rms_norm_eps key, its biasless LayerNorms take nn.LayerNorm's default eps 1e-5
+    "dbrx": {"vocab_size": 32000, "num_attention_heads": 16, "num_key_value_heads": 1, "rms_norm_eps": 1e-5,
+             "tie_word_embeddings": False, "attention_bias": False, "rope_theta": 10000.0,
+             "max_position_embeddings": 2048, "attn_config.clip_qkv": None},
     "granitemoe_swa": {"vocab_size": 32000, "num_attention_heads": 32, "num_key_value_heads": None,
                        "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False,
                        "rope_theta": 10000.0, "max_position_embeddings": 2048, "embedding_multiplier": 1.0,
@@ -436,6 +440,10 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
         if t in _QK_NORM or (t == "glm4_moe" and c.get("use_qk_norm", bool)):
             attention["qk_norm"] = _QK_NORM.get(t, "head")
     decoder = _phimoe_decoder(c) if t == "phimoe" else {}
+    if t == "dbrx":  # biasless LayerNorms; q/k/v clamped on the fused Wqkv, which is the same element-wise
+        decoder = {"norm": "layer_no_bias"}
+        if c.get("attn_config.clip_qkv", float, optional=True) is not None:
+            attention["clip_qkv"] = c.get("attn_config.clip_qkv", float)
     if t == "gpt_oss":
         attention.update(_gpt_oss_attention(c))
     _stated(c, "rms_norm_eps")

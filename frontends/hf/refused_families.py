@@ -47,10 +47,6 @@ def unexpressible_reason(model_type: object) -> str | None:
 # MoE families moe-ir does not read yet -> what they need that it lacks (read from their modeling
 # files in transformers 5.24), so a user learns what is missing rather than which families are supported.
 NOT_MODELLED: dict[str, str] = {
-    "dbrx": "LayerNorm without a bias (a model spec's LayerNorm has one), q/k/v clipping (clip_qkv) of the fused "
-            "Wqkv projection, router weights normalised by a p-norm (moe_normalize_expert_weights; p = 1 is the "
-            "renormalisation moe-ir has) and its own tensor names (transformer.blocks.i.norm_attn_norm, "
-            "ffn.experts.mlp.w1/v1/w2)",
     "afmoe": "a sigmoid gate on each head's attention output (self_attn.gate_proj) and norms both before and after "
              "the attention and the FFN (four per layer: input_layernorm, post_attention_layernorm, "
              "pre_mlp_layernorm, post_mlp_layernorm), where a model spec's layer has one of the two",

@@ -28,7 +28,8 @@ from moe_ir.spec import Activation, LayerSpec
 
 __all__ = ["HFLayout", "Join", "LAYER_SHARED_MLP", "TensorRule", "PER_EXPERT_NAMES", "ROUTER_BIAS_NAMES",
            "ROUTER_WEIGHT_NAMES", "SHARED_MLP_NAMES", "moe_block_rules", "model_rules", "prefixed", "detect_layout",
-           "detect_model_layout", "detect_router_names", "router_name", "shared_mlp_names"]
+           "detect_model_layout", "detect_router_names", "router_name", "shared_mlp_names", "DBRX_PREFIX",
+           "dbrx_model_rules"]
 
 
 class HFLayout(enum.StrEnum):
@@ -51,6 +52,9 @@ class Join(enum.StrEnum):
     SPLIT = "split"
     UNSQUEEZE = "unsqueeze"  # theirs[0] is ours[0] with a dim of size 1 inserted at `dim` (ERNIE's [1, E] bias)
     INTERLEAVE = "interleave"
+    # theirs[0] [E*A, B] holds the E experts' [A, B] matrices one after another (DBRX's w1 / v1 / w2); with
+    # `transposed`, each expert's matrix is ours transposed (w2 stores down as [F, H]); sizes = (E,)
+    EXPERT_ROWS = "expert_rows"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,10 +67,15 @@ class TensorRule:
     # theirs[0] holds `pad` more entries along dim 0 after ours, which the model never reads (LongCat-Flash's
     # gate_up_proj has rows for its identity experts): dropped on import, zeros on export.
     pad: int = 0
+    # split: the parts' sizes along `dim` where they differ (DBRX's fused Wqkv: q, k, v); expert_rows: (E,)
+    sizes: tuple[int, ...] = ()
 
     def their_shapes(self, our_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         """Checkpoint shapes that give the canonical shapes `our_shapes` through this rule."""
         shapes = [tuple(our_shapes[name]) for name in self.ours]
+        if self.join == Join.EXPERT_ROWS:
+            e, a, b = shapes[0]
+            return {self.theirs[0]: (e * b, a) if self.transposed else (e * a, b)}
         if self.join == Join.COPY:
             out = {self.theirs[0]: shapes[0]}
         elif self.join == Join.STACK:
@@ -86,6 +95,9 @@ class TensorRule:
     def to_ours(self, tensors: Sequence):
         import torch
 
+        if self.join == Join.EXPERT_ROWS:
+            per_expert = tensors[0].reshape(self.sizes[0], -1, tensors[0].shape[-1])
+            return [per_expert.transpose(-1, -2) if self.transposed else per_expert]
         if self.transposed:
             tensors = [t.transpose(-1, -2) for t in tensors]
         if self.pad:
@@ -99,11 +111,16 @@ class TensorRule:
         if self.join == Join.INTERLEAVE:
             n, lead = len(self.ours), (slice(None),) * (self.dim % tensors[0].dim())
             return [tensors[0][lead + (slice(i, None, n),)] for i in range(n)]
+        if self.sizes:
+            return list(torch.split(tensors[0], list(self.sizes), dim=self.dim))
         return list(torch.chunk(tensors[0], len(self.ours), dim=self.dim))
 
     def to_theirs(self, tensors: Sequence):
         import torch
 
+        if self.join == Join.EXPERT_ROWS:
+            per_expert = tensors[0].transpose(-1, -2) if self.transposed else tensors[0]
+            return [per_expert.reshape(-1, per_expert.shape[-1])]
         if self.join == Join.COPY:
             out = [tensors[0]]
         elif self.join == Join.STACK:
@@ -309,6 +326,41 @@ def _layer_shared_mlp_rules(spec: LayerSpec, ours: str, theirs: str) -> list[Ten
     return [TensorRule((f"{ours}shared.0.w_gate", f"{ours}shared.0.w_up"), (f"{theirs}input_linear.weight",),
                        Join.SPLIT, dim=0),
             TensorRule((f"{ours}shared.0.w_down",), (f"{theirs}output_linear.weight",))]
+
+
+# DBRX's checkpoints name everything their own way, under `transformer.` (DbrxForCausalLM).
+DBRX_PREFIX = "transformer.blocks."
+
+
+def dbrx_model_rules(spec: ModelSpec, graph_weights: Iterable[str]) -> list[TensorRule]:
+    """Rules of a DBRX causal LM: the fused Wqkv split into q, k and v (unequal parts with GQA), each expert
+    projection one [E*F, H] matrix (w1 gate, v1 up, w2 down stored as [F, H] per expert), biasless LayerNorms
+    norm_1 / norm_2 / norm_f, the router under ffn.router.layer."""
+    m, a, e = spec.model, spec.model.attention, spec.moe.experts
+    d = a.dim(m.hidden)
+    q, kv = a.heads * d, a.num_kv_heads * d
+    rules = [TensorRule(("embed.weight",), ("transformer.wte.weight",)),
+             TensorRule(("norm.weight",), ("transformer.norm_f.weight",))]
+    if not m.tied_embeddings:
+        rules.append(TensorRule(("lm_head.weight",), ("lm_head.weight",)))
+    for i in range(m.layers):
+        ours, theirs = f"layers.{i}.", f"{DBRX_PREFIX}{i}."
+        attn = f"{theirs}norm_attn_norm."
+        rules += [TensorRule((f"{ours}attn_norm.weight",), (f"{attn}norm_1.weight",)),
+                  TensorRule((f"{ours}ffn_norm.weight",), (f"{attn}norm_2.weight",)),
+                  TensorRule((f"{ours}attn.w_q", f"{ours}attn.w_k", f"{ours}attn.w_v"), (f"{attn}attn.Wqkv.weight",),
+                             Join.SPLIT, sizes=(q, kv, kv)),
+                  TensorRule((f"{ours}attn.w_o",), (f"{attn}attn.out_proj.weight",)),
+                  TensorRule((f"{ours}moe.{ROUTER_WEIGHT}",), (f"{theirs}ffn.router.layer.weight",))]
+        for our, their, transposed in (("w_gate", "w1", False), ("w_up", "v1", False), ("w_down", "w2", True)):
+            rules.append(TensorRule((f"{ours}moe.experts.{our}",), (f"{theirs}ffn.experts.mlp.{their}",),
+                                    Join.EXPERT_ROWS, transposed=transposed, sizes=(e.routed,)))
+    present = set(graph_weights)
+    missing = [n for r in rules for n in r.ours if n not in present]
+    if missing:
+        raise WeightsError(f"the DBRX tensor layout has no place for the spec's {missing[:4]}: a DBRX model has no "
+                           "biases, q/k norms, shared experts or dense layers")
+    return rules
 
 
 def detect_layout(names: Iterable[str]) -> HFLayout:
