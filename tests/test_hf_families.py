@@ -52,6 +52,12 @@ def _configs():
             **COMMON, intermediate_size=24, num_key_value_heads=2, num_local_experts=5, num_experts_per_tok=2, head_dim=8,
             max_position_embeddings=1024, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
                                                            "original_max_position_embeddings": 128}),
+        # Llama 3's RoPE scaling outside Llama 4 (half layout): a 64-token original context puts the smoothed band
+        # inside the 4 rotary pairs
+        "mixtral_llama3": lambda: t.MixtralConfig(
+            **COMMON, intermediate_size=24, num_key_value_heads=2, num_local_experts=5, num_experts_per_tok=2,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
         # -- families that fit today's layer --
         # GQA 2:1, head_dim 12 (not hidden/heads), q/k/v/o biases, a dense first layer through mlp_only_layers
         "qwen3_moe": lambda: t.Qwen3MoeConfig(
@@ -443,7 +449,7 @@ def test_shipped_spec_parameters_equal_transformers_meta_model(spec_file):
 
 @pytest.mark.parametrize("rope, words", [
     ({"rope_type": "dynamic", "factor": 2.0}, "dynamic NTK scaling"),
-    ({"rope_type": "llama3", "factor": 8.0}, "Llama-3 frequency smoothing"),
+    ({"rope_type": "proportional", "factor": 2.0}, "proportional RoPE"),
     ({"type": "linear", "factor": 2.0}, "linear position interpolation"),
 ])
 def test_rope_scalings_not_modelled_name_what_is_missing(rope, words):
