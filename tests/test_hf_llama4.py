@@ -262,6 +262,29 @@ def test_greedy_generation_equals_transformers(padded):
                                    msg=name)
 
 
+def test_import_hf_model_cli_with_weights(tmp_path):
+    """`moe-ir import-hf --model --weights` on the folder transformers saved (sharded; dense and MoE FFNs both
+    under feed_forward) gives transformers' logits through the reference interpreter."""
+    from moe_ir.cli import main
+    from moe_ir.frontends import load_model_spec
+    from moe_ir.model_builder import build_model_graph
+    from moe_ir.params import load_weights
+
+    cfg, hf = _tiny_model(**SCOUT_LIKE)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    spec_file, weights_file = tmp_path / "model.yaml", tmp_path / "model.safetensors"
+    assert main(["import-hf", str(tmp_path / "hf"), "--model", "--weights", str(tmp_path / "hf"), "-o", str(spec_file),
+                 "--weights-out", str(weights_file)]) == 0
+    spec = load_model_spec(spec_file)
+    assert spec.model.dense_layers == (0, 2) and spec.model.attention.chunk_size == 3
+    graph = build_model_graph(spec)
+    ids = _ids()
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+    got = interpret(graph, {"input_ids": ids}, load_weights(weights_file, graph))["logits"]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-5 * float(expected.abs().max()))
+
+
 def _attention_only_spec():
     """A model of the scout-like attention with an output-weighted MoE layer: what the backends that lower Llama 4's
     attention but not its MoE layer (router.scale_input) can run."""
