@@ -17,7 +17,7 @@ Attention per family (transformers 5.23):
   gpt_oss                           Llama attention (half RoPE), attention_bias on q, k, v and o, head_dim, attention
                                     sinks; sliding_attention layers and YaRN are refused (not modelled yet)
   phimoe                            Llama attention, attention_bias on q, k, v and o; LayerNorm (weight and
-                                    bias) norms; lm_head_bias; sliding windows and longrope are refused
+                                    bias) norms; lm_head_bias; a sliding window in every layer; longrope is refused
   llama4_text                       Llama attention, RoPE on complex pairs (interleaved), NoPE layers (no_rope_layers)
                                     with the query temperature, chunked attention in the layers layer_types names,
                                     the weightless q/k norm after RoPE (use_qk_norm), dense layers of
@@ -274,7 +274,7 @@ def _sliding_window(c: FamilyConfig, num_layers: int) -> dict[str, Any]:
             out["global_nope"] = True
         return out
     window = None
-    if t == "mixtral":
+    if t in ("mixtral", "phimoe"):  # a sliding window mask in every layer whenever the key is set
         window = c.get("sliding_window", int, optional=True)
     elif t == "qwen3_moe" and c.get("use_sliding_window", bool):
         window = c.positive("sliding_window")
@@ -313,10 +313,8 @@ def _name_from_path(name_or_path: str, model_type: str) -> str:
 
 def _phimoe_decoder(c: FamilyConfig) -> dict:
     """PhiMoE's decoder keys beyond Llama attention (biases from attention_bias on q, k, v and o): LayerNorm
-    (weight and bias, eps rms_norm_eps) for every norm, an optional LM head bias. Its sliding window is a
-    mask transformers applies whenever the key is set, which moe-ir does not model."""
-    if c.get("sliding_window", int, optional=True) is not None:
-        raise c.fail("sliding_window", "sliding-window attention is not modelled; set it to null")
+    (weight and bias, eps rms_norm_eps) for every norm, an optional LM head bias. Its sliding window (a mask
+    transformers applies in every layer whenever the key is set) is read by _sliding_window."""
     return {"norm": "layer", "lm_head_bias": c.get("lm_head_bias", bool)}
 
 

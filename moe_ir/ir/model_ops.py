@@ -376,9 +376,12 @@ _ROPE_ATTRS = {"rope_theta": Attr(float, 10000.0), "rope_layout": Attr(RopeLayou
                "yarn_truncate": Attr(bool, True),
                "rope_attention_factor": Attr(float, 1.0, "multiplier of cos and sin (YaRN)"),
                "softmax_scale": Attr((float, type(None)), None, "None: 1/sqrt(query/key head dim)"),
-               "llama3_factor": Attr((float, type(None)), None, "Llama 3 RoPE scaling factor; None: none"),
-               "llama3_original_max_positions": Attr(int, 8192, "Llama 3 scaling: the pretraining context"),
-               "llama3_low_freq_factor": Attr(float, 1.0), "llama3_high_freq_factor": Attr(float, 4.0)}
+               # Llama 3 scaling; quiet: a text form shows them only where they are set
+               "llama3_factor": Attr((float, type(None)), None, "Llama 3 RoPE scaling factor; None: none", quiet=True),
+               "llama3_original_max_positions": Attr(int, 8192, "Llama 3 scaling: the pretraining context",
+                                                     quiet=True),
+               "llama3_low_freq_factor": Attr(float, 1.0, quiet=True),
+               "llama3_high_freq_factor": Attr(float, 4.0, quiet=True)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -393,10 +396,12 @@ _MHA_ATTRS = {"heads": Attr(int), "kv_heads": Attr(int), "head_dim": Attr(int),
               "sliding_window": Attr((int, type(None)), None, "a query sees only the W latest keys (itself "
                                                               "included); None: every earlier key"),
               "chunk_size": Attr((int, type(None)), None, "a query sees only the keys whose position falls in its "
-                                                          "own chunk (position // chunk_size); None: no chunks"),
+                                                          "own chunk (position // chunk_size); None: no chunks",
+                                 quiet=True),
               "temperature_floor_scale": Attr((float, type(None)), None, "queries times 1 + temperature_scale * "
-                                              "ln(1 + floor((position + 1) / this)); None: no temperature"),
-              "temperature_scale": Attr(float, 0.0, "the temperature's coefficient")}
+                                              "ln(1 + floor((position + 1) / this)); None: no temperature",
+                                              quiet=True),
+              "temperature_scale": Attr(float, 0.0, "the temperature's coefficient", quiet=True)}
 
 
 def _mha_types(node, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm, sinks) -> TensorType:
