@@ -465,7 +465,7 @@ def test_rope_scalings_not_modelled_name_what_is_missing(rope, words):
 
 @pytest.mark.parametrize("model_type, words", [
     ("granitemoeshared", "beside the MoE block"),
-    ("dbrx", "p-norm"), ("afmoe", "dual norms"),
+    ("dbrx", "p-norm"), ("afmoe", "dual norms"), ("jetmoe", "mixture-of-attention heads"),
 ])
 def test_families_not_modelled_name_the_missing_feature(model_type, words):
     from moe_ir.frontends.hf.config import spec_from_hf_config

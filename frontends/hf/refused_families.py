@@ -47,6 +47,10 @@ NOT_MODELLED: dict[str, str] = {
             "(moe_normalize_expert_weights)",
     "afmoe": "per-layer sliding-window attention, a sigmoid gate on the attention output, a norm after the "
              "attention and after the FFN besides the one before each (dual norms) and muP input scaling",
+    "jetmoe": "mixture-of-attention heads (JetMoeMoA: a router picks each token's top-k pairs of query and output "
+              "projections, whose query heads share one set of key/value heads, the outputs weighted by the gates) "
+              "and a learned bias added to the output of each MoE and MoA block (JetMoeMoE.bias, JetMoeMoA.bias); "
+              "moe-ir's attention has one fixed set of query heads per layer, and its MoE layer no block output bias",
     "sarvam_moe": "a modelling implementation: transformers 5.24 carries only its configuration (a Glm4MoeConfig), "
                   "so there is no model to check an import against",
 }
