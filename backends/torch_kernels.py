@@ -510,12 +510,24 @@ def layer_norm(x, weight, bias, eps):
 
 def rope_inverse_frequencies(dim, rope, compute, device):
     """[dim/2] inverse frequencies 1/theta^(2i/dim) of the rotated dims. rope = (theta, layout, rotary_dim, yarn,
-    attention_factor); yarn = (factor, original_max_positions, beta_fast, beta_slow, truncate) or None. YaRN blends
-    them with the interpolated 1/(factor theta^(2i/dim)) along a linear ramp between the dims that turn beta_fast
-    and beta_slow times over the original context."""
-    theta, yarn = rope[0], rope[3]
+    attention_factor, llama3); yarn = (factor, original_max_positions, beta_fast, beta_slow, truncate) or None;
+    llama3 = (factor, original_max_positions, low_freq_factor, high_freq_factor) or None. YaRN blends them with
+    the interpolated 1/(factor theta^(2i/dim)) along a linear ramp between the dims that turn beta_fast and
+    beta_slow times over the original context. Llama 3 divides the long wavelengths (above original / low) by
+    the factor, keeps the short ones (below original / high) and blends linearly in original / wavelength
+    between them."""
+    theta, yarn, llama3 = rope[0], rope[3], rope[5]
     powers = theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(compute) / dim)
     original = 1.0 / powers
+    if llama3 is not None:
+        factor, length, low, high = llama3
+        wavelength = 2 * math.pi / original
+        scaled = torch.where(wavelength > length / low, original / factor, original)
+        if high > low:
+            blend = (length / wavelength - low) / (high - low)
+            between = (wavelength <= length / low) & (wavelength >= length / high)
+            scaled = torch.where(between, (1 - blend) * original / factor + blend * original, scaled)
+        return scaled
     if yarn is None:
         return original
     factor, length, beta_fast, beta_slow, truncate = yarn
@@ -582,22 +594,32 @@ def attention_with_sinks(q, k, v, scale, visible, sinks):
     return torch.matmul(probs.to(q.dtype), v)
 
 
-def causal_attention(q, k, v, scale, window=None):
+def causal_seen(s, device, window=None, chunk=None):
+    """bool [S, S]: query i sees key j <= i (with a sliding window W only i - W < j; with chunks of C only
+    j // C == i // C)."""
+    pos = torch.arange(s, device=device)
+    seen = pos[None, :] <= pos[:, None]
+    if window is not None:
+        seen = seen & (pos[:, None] - pos[None, :] < window)
+    if chunk is not None:
+        seen = seen & (pos[:, None] // chunk == pos[None, :] // chunk)
+    return seen
+
+
+def causal_attention(q, k, v, scale, window=None, chunk=None):
     """q [B, h, S, d], k [B, hk, S, d], v [B, hk, S, dv] -> [B, S, h*dv]; query head i reads kv head
-    i // (h / hk); with a sliding window W query i sees only keys j with i - W < j <= i. The kv heads are
-    expanded before the fused kernel rather than passed with enable_gqa, which not every SDPA backend (nor
-    torch.export on every torch) takes."""
+    i // (h / hk); with a sliding window W query i sees only keys j with i - W < j <= i, with chunks of C only
+    those with j // C == i // C. The kv heads are expanded before the fused kernel rather than passed with
+    enable_gqa, which not every SDPA backend (nor torch.export on every torch) takes."""
     b, h, s, _ = q.shape
     rep = h // k.shape[1]
     if rep > 1:
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
-    if window is None:
+    if window is None and chunk is None:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     else:
-        pos = torch.arange(s, device=q.device)
-        seen = (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] < window)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, scale=scale)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_seen(s, q.device, window, chunk), scale=scale)
     return y.transpose(1, 2).reshape(b, s, h * v.shape[-1])
 
 
@@ -621,23 +643,43 @@ def attention_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm, cos, sin, hea
     q, k = apply_rope(q, cos, sin, rope_layout), apply_rope(k, cos, sin, rope_layout)
     if qk_norm == "head_after_rope":
         q, k = rms_norm(q, q_norm, norm_eps), rms_norm(k, k_norm, norm_eps)
+    elif qk_norm == "weightless_after_rope":  # Llama 4: no weight, the statistics in float32
+        q, k = unit_rms(q, norm_eps), unit_rms(k, norm_eps)
     return q, k, v
 
 
+def unit_rms(x, eps):
+    """x * rsqrt(mean(x^2) + eps) over the last dim, no weight; in float32 (float64 stays), rounded to x's dtype."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(compute)
+    return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def tuned_queries(q, positions, temperature):
+    """q [B, h, S, d] times Llama 4's temperature 1 + scale * ln(1 + floor((p + 1) / floor_scale)) of each
+    token's position (positions [S] or [B, S]); temperature = (floor_scale, scale) or None."""
+    if temperature is None:
+        return q
+    floor_scale, coefficient = temperature
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scales = torch.log1p(torch.floor((positions.to(compute) + 1.0) / floor_scale)) * coefficient + 1.0
+    scales = scales[None, None, :, None] if scales.dim() == 1 else scales[:, None, :, None]
+    return (q.to(compute) * scales).to(q.dtype)
+
+
 def attention(x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm, sinks, heads, kv_heads, head_dim, qk_norm,
-              rope, norm_eps, scale, window, clip=None):
+              rope, norm_eps, scale, window, clip=None, chunk=None, temperature=None):
     """Causal MHA/GQA self-attention with RoPE (rope: rope_inverse_frequencies) on x [B, S, H] (positions
-    0..S-1), softmax scale `scale`; optional sinks [heads] (gpt-oss), q/k/v clamped to [-clip, clip] (DBRX)."""
+    0..S-1), softmax scale `scale`; optional sinks [heads] (gpt-oss), q/k/v clamped to [-clip, clip] (DBRX),
+    sliding window, chunks and query temperature (Llama 4: tuned_queries)."""
     cos, sin = rope_cos_sin(x.shape[1], rope_dim(rope, head_dim), rope, x)
     q, k, v = attention_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm, cos, sin, heads, kv_heads, head_dim,
                             qk_norm, rope[1], norm_eps, clip)
+    q = tuned_queries(q, torch.arange(x.shape[1], device=x.device), temperature)
     if sinks is not None:
-        s = x.shape[1]
-        hidden = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
-        if window is not None:
-            hidden = hidden | torch.ones(s, s, dtype=torch.bool, device=x.device).tril(-window)
-        return F.linear(merge_heads(attention_with_sinks(q, k, v, scale, ~hidden, sinks)), w_o, b_o)
-    return F.linear(causal_attention(q, k, v, scale, window), w_o, b_o)
+        seen = causal_seen(x.shape[1], x.device, window, chunk)
+        return F.linear(merge_heads(attention_with_sinks(q, k, v, scale, seen, sinks)), w_o, b_o)
+    return F.linear(causal_attention(q, k, v, scale, window, chunk), w_o, b_o)
 
 
 def mla_latents(x, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, b_q_a, b_kv_a, cos, sin, heads, kv_lora_rank,
@@ -691,9 +733,10 @@ def rope_cos_sin_at(positions, dim, rope, like):
     return cos[:, None], sin[:, None]
 
 
-def visible_keys(attention_mask, new_len, window=None):
+def visible_keys(attention_mask, new_len, window=None, chunk=None, position_ids=None):
     """bool [B, 1, S, L] from attention_mask [B, L] (1 = real token): new token i, in cache slot L-S+i, sees
-    slot j when j <= L-S+i and the mask keeps j (with a sliding window W also L-S+i - j < W); it always sees
+    slot j when j <= L-S+i and the mask keeps j (with a sliding window W also L-S+i - j < W; with chunks of C
+    also when key position cumsum(mask)[j] - 1 and the query's position_ids fall in one chunk); it always sees
     itself, so a padding token's row is never empty (no NaN) and no real token reads a padding slot."""
     total = attention_mask.shape[1]
     slot = torch.arange(new_len, device=attention_mask.device)[:, None] + (total - new_len)
@@ -701,7 +744,12 @@ def visible_keys(attention_mask, new_len, window=None):
     seen = key <= slot
     if window is not None:
         seen = seen & (slot - key < window)
-    return (attention_mask.bool()[:, None, None, :] & seen) | (key == slot)
+    seen = attention_mask.bool()[:, None, None, :] & seen
+    if chunk is not None:
+        key_chunk = torch.div(attention_mask.cumsum(-1) - 1, chunk, rounding_mode="floor")
+        query_chunk = torch.div(position_ids, chunk, rounding_mode="floor")
+        seen = seen & (key_chunk[:, None, None, :] == query_chunk[:, None, :, None])
+    return seen | (key == slot)
 
 
 def masked_attention(q, k, v, scale, visible):
@@ -724,15 +772,16 @@ def merge_heads(y):
 
 def cached_attention(x, position_ids, attention_mask, past_key, past_value, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o,
                      q_norm, k_norm, sinks, heads, kv_heads, head_dim, qk_norm, rope, norm_eps, scale, window,
-                     clip=None):
+                     clip=None, chunk=None, temperature=None):
     """`attention` on the new tokens x [B, S, H] at position_ids [B, S] after the past K/V [B, kv_heads, P, d]:
     (y [B, S, H], present key, present value [B, kv_heads, P+S, d])."""
     cos, sin = rope_cos_sin_at(position_ids, rope_dim(rope, head_dim), rope, x)
     q, k, v = attention_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm, cos, sin, heads, kv_heads, head_dim,
                             qk_norm, rope[1], norm_eps, clip)
+    q = tuned_queries(q, position_ids, temperature)
     k = torch.cat([past_key.to(k.dtype), k], dim=2)
     v = torch.cat([past_value.to(v.dtype), v], dim=2)
-    visible = visible_keys(attention_mask, x.shape[1], window)
+    visible = visible_keys(attention_mask, x.shape[1], window, chunk, position_ids)
     if sinks is not None:
         y = attention_with_sinks(q, k, v, scale, visible, sinks)
     else:

@@ -244,13 +244,17 @@ def _fused_moe(node: Node) -> OpCall:
 
 def rope_descriptor(attrs) -> tuple:
     """The kernels' RoPE argument (torch_kernels.rope_inverse_frequencies): (theta, layout, rotary_dim, yarn,
-    attention_factor), yarn = (factor, original_max_positions, beta_fast, beta_slow, truncate) or None."""
-    yarn = None
+    attention_factor, llama3), yarn = (factor, original_max_positions, beta_fast, beta_slow, truncate) or None,
+    llama3 = (factor, original_max_positions, low_freq_factor, high_freq_factor) or None."""
+    yarn = llama3 = None
     if attrs["yarn_factor"] is not None:
         yarn = (attrs["yarn_factor"], attrs["yarn_original_max_positions"], attrs["yarn_beta_fast"],
                 attrs["yarn_beta_slow"], attrs["yarn_truncate"])
+    if attrs["llama3_factor"] is not None:
+        llama3 = (attrs["llama3_factor"], attrs["llama3_original_max_positions"], attrs["llama3_low_freq_factor"],
+                  attrs["llama3_high_freq_factor"])
     return (attrs["rope_theta"], _plain(attrs["rope_layout"]), attrs["rotary_dim"], yarn,
-            attrs["rope_attention_factor"])
+            attrs["rope_attention_factor"], llama3)
 
 
 def _softmax_scale(attrs, qk_head_dim: int) -> float:
@@ -259,8 +263,11 @@ def _softmax_scale(attrs, qk_head_dim: int) -> float:
 
 def _attention(node: Node) -> OpCall:
     a = node.attrs
+    temperature = None if a["temperature_floor_scale"] is None else (a["temperature_floor_scale"],
+                                                                     a["temperature_scale"])
     return OpCall(attention, (a["heads"], a["kv_heads"], a["head_dim"], _plain(a["qk_norm"]), rope_descriptor(a),
-                              a["norm_eps"], _softmax_scale(a, a["head_dim"]), a["sliding_window"], a["clip_qkv"]))
+                              a["norm_eps"], _softmax_scale(a, a["head_dim"]), a["sliding_window"], a["clip_qkv"],
+                              a["chunk_size"], temperature))
 
 
 def _mla_attention(node: Node) -> OpCall:

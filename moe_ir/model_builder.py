@@ -51,7 +51,8 @@ from .builder import add_moe_layer
 from .errors import IRError
 from .ir import ElemType, Graph, GraphKind, OpCode, TensorType, Value
 from .ir.model_ops import MLACacheLayout, mla_cache_dims
-from .model_spec import AttentionKind, ModelSpec, NormKind, NormPosition, QKNorm, model_spec_to_dict
+from .model_spec import (AttentionKind, ModelSpec, NormKind, NormPosition, QKNorm, RopeScalingKind,
+                         model_spec_to_dict)
 from .spec import canonical_spec_hash
 
 __all__ = ["CacheEntry", "DECODE_INPUTS", "GraphForm", "MLACacheLayout", "build_model_graph", "cache_entries",
@@ -117,7 +118,10 @@ def _attention(g: Graph, spec: ModelSpec, x: Value, p: str, dtype: ElemType, lay
     rope = {"rope_theta": a.rope_theta, "rope_layout": a.layout, "norm_eps": m.rms_norm_eps,
             "rotary_dim": a.rotary_dim if a.kind != AttentionKind.MLA else None}
     scaling = a.rope_scaling
-    if scaling is not None:
+    if scaling is not None and scaling.kind == RopeScalingKind.LLAMA3:
+        rope.update(llama3_factor=scaling.factor, llama3_original_max_positions=scaling.original_max_positions,
+                    llama3_low_freq_factor=scaling.low_freq_factor, llama3_high_freq_factor=scaling.high_freq_factor)
+    elif scaling is not None:
         rope.update(yarn_factor=scaling.factor, yarn_original_max_positions=scaling.original_max_positions,
                     yarn_beta_fast=scaling.beta_fast, yarn_beta_slow=scaling.beta_slow,
                     yarn_truncate=scaling.truncate, rope_attention_factor=scaling.cos_sin_factor,
@@ -153,8 +157,15 @@ def _attention(g: Graph, spec: ModelSpec, x: Value, p: str, dtype: ElemType, lay
     if a.sliding_window is not None:
         sliding = a.sliding_layers is None or layer in a.sliding_layers
         rope["sliding_window"] = a.sliding_window if sliding else None
-        if not sliding and a.global_nope:
-            rope["rotary_dim"] = 0  # no positional encoding in the global layers
+    if not a.applies_rope(layer):
+        rope["rotary_dim"] = 0  # no positional encoding in this layer
+        if a.temperature is not None:
+            rope.update(temperature_floor_scale=a.temperature.floor_scale, temperature_scale=a.temperature.scale)
+    if a.chunk_size is not None:
+        rope["chunk_size"] = a.layer_chunk(layer)
+    qk_norm = a.qk_norm
+    if qk_norm == QKNorm.WEIGHTLESS_AFTER_ROPE and not a.applies_rope(layer):
+        qk_norm = QKNorm.NONE  # Llama 4 normalises q/k in its RoPE layers only
     w = [weight("w_q", nq * d, h), weight("w_k", nkv * d, h), weight("w_v", nkv * d, h), weight("w_o", h, nq * d)]
     biases = [weight(f"b_{k}", size) if a.qkv_bias else None for k, size in (("q", nq * d), ("k", nkv * d), ("v", nkv * d))]
     biases.append(weight("b_o", h) if a.out_bias else None)
@@ -164,7 +175,7 @@ def _attention(g: Graph, spec: ModelSpec, x: Value, p: str, dtype: ElemType, lay
     elif a.qk_norm == QKNorm.FULL:
         norms = [weight("q_norm.weight", nq * d), weight("k_norm.weight", nkv * d)]
     sinks = weight("sinks", nq) if a.sinks else None
-    attrs = {"heads": nq, "kv_heads": nkv, "head_dim": d, "qk_norm": a.qk_norm, "clip_qkv": a.clip_qkv, **rope}
+    attrs = {"heads": nq, "kv_heads": nkv, "head_dim": d, "qk_norm": qk_norm, "clip_qkv": a.clip_qkv, **rope}
     if decode is None:
         return g.add_node(OpCode.ATTENTION, [x, *w, *biases, *norms, sinks], attrs, name=p.rstrip(".")).outputs[0]
     cache = _cache_inputs(g, layer, attrs, decode, dtype, None)

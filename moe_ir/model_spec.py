@@ -30,9 +30,9 @@ from .spec import (QuantizationSpec, MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_LA
                    DType, LayerSpec, ParseContext, describe_value, join_key_path, parse_section, suggest_key,
                    schema_of_section, spec_field, spec_to_dict)
 
-__all__ = ["AttentionKind", "AttentionSpec", "ModelSection", "ModelSpec", "Multipliers", "NormKind", "NormPosition",
-           "QKNorm", "RopeLayout", "RopeScaling", "RopeScalingKind", "model_json_schema", "model_spec_from_dict",
-           "model_spec_to_dict", "yarn_mscale"]
+__all__ = ["AttentionKind", "AttentionSpec", "AttentionTemperature", "ModelSection", "ModelSpec", "Multipliers",
+           "NormKind", "NormPosition", "QKNorm", "RopeLayout", "RopeScaling", "RopeScalingKind", "model_json_schema",
+           "model_spec_from_dict", "model_spec_to_dict", "yarn_mscale"]
 
 
 class AttentionKind(enum.StrEnum):
@@ -46,6 +46,9 @@ class QKNorm(enum.StrEnum):
     HEAD = "head"  # RMSNorm over each head's head_dim (Qwen3 style), weights [head_dim]
     FULL = "full"  # RMSNorm over the whole q / k projection (OLMoE), weights [heads*head_dim] / [kv_heads*head_dim]
     HEAD_AFTER_ROPE = "head_after_rope"  # RMSNorm over each head after RoPE (Hunyuan), weights [head_dim]
+    # x * rsqrt(mean(x^2) + eps) over each head after RoPE, no weight, in the layers that apply RoPE only (Llama 4's
+    # L2Norm, which divides by the root mean square)
+    WEIGHTLESS_AFTER_ROPE = "weightless_after_rope"
 
 
 class NormKind(enum.StrEnum):
@@ -61,6 +64,9 @@ class RopeLayout(enum.StrEnum):
 
 class RopeScalingKind(enum.StrEnum):
     YARN = "yarn"  # YaRN (Peng et al. 2023): per-frequency blend of interpolated and original RoPE, scaled cos/sin
+    # Llama 3.1: frequencies whose wavelength exceeds original_max_positions / low_freq_factor are divided by the
+    # factor, those below original_max_positions / high_freq_factor kept, the ones between blended smoothly
+    LLAMA3 = "llama3"
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -70,13 +76,17 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 @dataclass(frozen=True, kw_only=True)
 class RopeScaling:
-    """RoPE scaling that stretches a model past its pretraining context (YaRN). Frequency i of the rotated dims
-    blends the original 1/theta^(2i/d) and the interpolated 1/(factor theta^(2i/d)) by a linear ramp between the
-    dims that turn beta_fast and beta_slow times over original_max_positions; cos and sin are multiplied by
-    attention_factor (default mscale(factor, mscale) / mscale(factor, mscale_all_dim), or mscale(factor) when
-    either is unset); DeepSeek-V2/V3 also multiply the softmax scale by mscale(factor, mscale_all_dim)^2."""
+    """RoPE scaling that stretches a model past its pretraining context (YaRN or Llama 3's). YaRN: frequency i of
+    the rotated dims blends the original 1/theta^(2i/d) and the interpolated 1/(factor theta^(2i/d)) by a linear
+    ramp between the dims that turn beta_fast and beta_slow times over original_max_positions; cos and sin are
+    multiplied by attention_factor (default mscale(factor, mscale) / mscale(factor, mscale_all_dim), or
+    mscale(factor) when either is unset); DeepSeek-V2/V3 also multiply the softmax scale by
+    mscale(factor, mscale_all_dim)^2. llama3: a frequency of wavelength w = 2 pi / f is divided by the factor when
+    w > original_max_positions / low_freq_factor, kept when w < original_max_positions / high_freq_factor, and in
+    between becomes (1 - s) f / factor + s f with s = (original_max_positions / w - low_freq_factor) /
+    (high_freq_factor - low_freq_factor); cos and sin are not scaled."""
 
-    kind: RopeScalingKind = spec_field(RopeScalingKind.YARN, doc="the scaling method (yarn)")
+    kind: RopeScalingKind = spec_field(RopeScalingKind.YARN, doc="the scaling method (yarn or llama3)")
     factor: float = spec_field(doc="context extension factor", exclusive_minimum=0.0)
     original_max_positions: int = spec_field(doc="the pretraining context length", minimum=1, maximum=1 << 40)
     beta_fast: float = spec_field(32.0, doc="rotations over the original context above which dims keep their "
@@ -90,14 +100,38 @@ class RopeScaling:
                                                 exclusive_minimum=0.0)
     softmax_mscale: bool = spec_field(False, doc="multiply the softmax scale by mscale(factor, mscale_all_dim)^2 "
                                                  "(DeepSeek-V2/V3 attention)")
+    low_freq_factor: float | None = spec_field(None, doc="llama3: wavelengths above original_max_positions / this "
+                                                         "are interpolated (divided by the factor)",
+                                               exclusive_minimum=0.0, omit_default=True)
+    high_freq_factor: float | None = spec_field(None, doc="llama3: wavelengths below original_max_positions / this "
+                                                          "keep their frequency", exclusive_minimum=0.0,
+                                                omit_default=True)
 
     def check(self, ctx: ParseContext, path: str) -> None:
+        if self.kind == RopeScalingKind.LLAMA3:
+            for name in ("low_freq_factor", "high_freq_factor"):
+                if getattr(self, name) is None:
+                    ctx.fail(join_key_path(path, name), f"kind llama3 needs {name}")
+            if self.high_freq_factor < self.low_freq_factor:
+                ctx.fail(join_key_path(path, "high_freq_factor"), f"high_freq_factor={self.high_freq_factor} is below "
+                                                                  f"low_freq_factor={self.low_freq_factor}")
+            for name in ("mscale", "mscale_all_dim", "attention_factor"):
+                if getattr(self, name) is not None:
+                    ctx.fail(join_key_path(path, name), f"{name} belongs to kind yarn; llama3 scales no cos/sin")
+            if self.softmax_mscale:
+                ctx.fail(join_key_path(path, "softmax_mscale"), "softmax_mscale belongs to kind yarn")
+            return
+        for name in ("low_freq_factor", "high_freq_factor"):
+            if getattr(self, name) is not None:
+                ctx.fail(join_key_path(path, name), f"{name} belongs to kind llama3; this scaling is {self.kind.value}")
         if self.softmax_mscale and not self.mscale_all_dim:
             ctx.fail(join_key_path(path, "softmax_mscale"), "softmax_mscale needs a non-zero mscale_all_dim (its "
                                                             "coefficient)")
 
     @property
     def cos_sin_factor(self) -> float:
+        if self.kind == RopeScalingKind.LLAMA3:
+            return 1.0
         if self.attention_factor is not None:
             return self.attention_factor
         if self.mscale and self.mscale_all_dim:
@@ -123,6 +157,15 @@ class Multipliers:
     residual: float = spec_field(1.0, doc="multiplier of each attention / FFN output before the residual add",
                                  exclusive_minimum=0.0)
     logits: float = spec_field(1.0, doc="divisor of the logits", exclusive_minimum=0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionTemperature:
+    """Llama 4's attention temperature tuning in the layers without RoPE: the query of the token at position p
+    is multiplied by 1 + scale * ln(1 + floor((p + 1) / floor_scale)), which grows with the context."""
+
+    floor_scale: float = spec_field(doc="positions per step of the temperature (Llama 4: 8192)", exclusive_minimum=0.0)
+    scale: float = spec_field(doc="the temperature's coefficient (Llama 4's attn_scale, 0.1)", minimum=0.0)
 
 
 class NormPosition(enum.StrEnum):
@@ -158,6 +201,19 @@ class AttentionSpec:
         minimum=0, maximum=MAX_LAYERS - 1)
     global_nope: bool | None = spec_field(None, doc="true: the global (non-sliding) layers apply no RoPE (EXAONE 4 "
                                                     "style); absent: false")
+    nope_layers: tuple[int, ...] | None = spec_field(
+        None, doc="mha/gqa: the layers (0-based) that apply no RoPE (Llama 4's no_rope_layers); absent: none",
+        minimum=0, maximum=MAX_LAYERS - 1, omit_default=True)
+    chunk_size: int | None = spec_field(None, doc="mha/gqa: chunked attention in the chunked layers: a query at "
+                                                  "position p sees only the earlier keys at positions q with "
+                                                  "q // chunk_size == p // chunk_size (Llama 4); absent: none",
+                                        minimum=1, maximum=1 << 40, omit_default=True)
+    chunked_layers: tuple[int, ...] | None = spec_field(
+        None, doc="the layers (0-based) that use chunk_size, the others attend globally; absent: every layer",
+        minimum=0, maximum=MAX_LAYERS - 1, omit_default=True)
+    temperature: AttentionTemperature | None = spec_field(
+        None, doc="attention temperature tuning of the queries in the layers without RoPE (Llama 4); absent: none",
+        omit_default=True)
     softmax_scale: float | None = spec_field(None, doc="the attention softmax scale (Granite's attention_multiplier); "
                                                       "default: 1/sqrt(query/key head dim)", exclusive_minimum=0.0)
     qkv_bias: bool = spec_field(False, doc="q/k/v projections carry biases (mla: the q_a and kv_a down-projections)")
@@ -191,8 +247,23 @@ class AttentionSpec:
                     ctx.fail(join_key_path(path, name), f"{name} needs a sliding_window")
         elif self.kind == AttentionKind.MLA:
             ctx.fail(join_key_path(path, "sliding_window"), "sliding-window attention is for mha/gqa")
-        if self.sliding_layers is not None and list(self.sliding_layers) != sorted(set(self.sliding_layers)):
-            ctx.fail(join_key_path(path, "sliding_layers"), "expected increasing layer indices")
+        for name in ("sliding_layers", "nope_layers", "chunked_layers"):
+            listed = getattr(self, name)
+            if listed is not None and list(listed) != sorted(set(listed)):
+                ctx.fail(join_key_path(path, name), "expected increasing layer indices")
+        if self.chunk_size is None and self.chunked_layers is not None:
+            ctx.fail(join_key_path(path, "chunked_layers"), "chunked_layers needs a chunk_size")
+        if self.chunk_size is not None and self.sliding_window is not None:
+            ctx.fail(join_key_path(path, "chunk_size"), "give a sliding_window or a chunk_size, not both")
+        if self.nope_layers is not None and self.global_nope:
+            ctx.fail(join_key_path(path, "nope_layers"), "give nope_layers or global_nope, not both")
+        if self.temperature is not None and self.nope_layers is None and not self.global_nope:
+            ctx.fail(join_key_path(path, "temperature"), "the temperature applies in the layers without RoPE; give "
+                                                         "nope_layers (or global_nope)")
+        if self.kind == AttentionKind.MLA:
+            for name in ("nope_layers", "chunk_size", "temperature"):
+                if getattr(self, name) is not None:
+                    ctx.fail(join_key_path(path, name), f"{name} is modelled for mha/gqa attention, not mla")
         if self.kind == AttentionKind.MLA:
             for name in _MLA_FIELDS:
                 if getattr(self, name) is None:
@@ -255,6 +326,20 @@ class AttentionSpec:
             return self.qk_rope_head_dim
         return self.rotary_dim if self.rotary_dim is not None else self.dim(hidden)
 
+    def applies_rope(self, layer: int) -> bool:
+        """Whether layer `layer` rotates its queries and keys (not a nope_layers entry, nor a global layer of
+        global_nope)."""
+        if self.nope_layers is not None and layer in self.nope_layers:
+            return False
+        sliding = self.sliding_layers is None or layer in self.sliding_layers
+        return not (self.global_nope and self.sliding_window is not None and not sliding)
+
+    def layer_chunk(self, layer: int) -> int | None:
+        """The chunk size of layer `layer`'s chunked attention, or None where it attends globally."""
+        if self.chunk_size is None or (self.chunked_layers is not None and layer not in self.chunked_layers):
+            return None
+        return self.chunk_size
+
     @property
     def layout(self) -> RopeLayout:
         if self.rope_layout is not None:
@@ -304,9 +389,11 @@ class ModelSection:
         if a.kind != AttentionKind.MLA and a.head_dim is None and self.hidden % a.heads:
             ctx.fail(join_key_path(path, "attention.heads"), f"{a.heads} heads do not divide hidden={self.hidden}; give "
                                                      "attention.head_dim")
-        if a.sliding_layers and a.sliding_layers[-1] >= self.layers:
-            ctx.fail(join_key_path(path, "attention.sliding_layers"), f"layer {a.sliding_layers[-1]} is not below "
-                                                                      f"layers={self.layers}")
+        for name in ("sliding_layers", "nope_layers", "chunked_layers"):
+            listed = getattr(a, name)
+            if listed and listed[-1] >= self.layers:
+                ctx.fail(join_key_path(path, f"attention.{name}"), f"layer {listed[-1]} is not below "
+                                                                   f"layers={self.layers}")
         if a.rotary_dim is not None and a.kind != AttentionKind.MLA and a.rotary_dim > a.dim(self.hidden):
             ctx.fail(join_key_path(path, "attention.rotary_dim"), f"rotary_dim={a.rotary_dim} is more than the "
                                                                   f"head dim {a.dim(self.hidden)}")
@@ -505,6 +592,14 @@ def miniature_model(spec: ModelSpec, hidden: int, *, vocab_size: int = 128, head
         runs = runs[:kept[-1] + 1 + (1 if len(kept) == 1 and kept[-1] + 1 < len(runs) else 0)]
         layers = len(runs)
         schedule["moe_layer_indices"] = tuple(j for j, moe in enumerate(runs) if moe)
+    if a.nope_layers is not None:  # the last kept layer without RoPE, the others with it
+        changes["nope_layers"] = (layers - 1,)
+    if a.chunk_size is not None:  # a chunk the validation's short sequences cross; the chunked layers kept
+        changes["chunk_size"] = min(a.chunk_size, 3)
+        if a.chunked_layers is not None:
+            changes["chunked_layers"] = tuple(i for i in a.chunked_layers if i < layers - 1) or (0,)
+    if a.temperature is not None:  # a temperature that moves within a short sequence
+        changes["temperature"] = dataclasses.replace(a.temperature, floor_scale=min(a.temperature.floor_scale, 2.0))
     dense_width = None if m.dense_width is None else max(2, round(m.dense_width * ratio / 2) * 2)
     model = dataclasses.replace(m, name=f"{m.name}-h{hidden}", hidden=hidden, vocab_size=min(vocab_size, m.vocab_size),
                                 layers=layers, **schedule, dense_width=dense_width,

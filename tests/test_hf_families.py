@@ -56,6 +56,12 @@ def _configs():
         "olmoe_clip_qkv": lambda: t.OlmoeConfig(
             **COMMON, intermediate_size=16, num_key_value_heads=2, num_experts=5, num_experts_per_tok=2,
             clip_qkv=0.6, pad_token_id=0, eos_token_id=None),
+        # Llama 3's RoPE scaling outside Llama 4 (half layout): a 64-token original context puts the smoothed band
+        # inside the 4 rotary pairs
+        "mixtral_llama3": lambda: t.MixtralConfig(
+            **COMMON, intermediate_size=24, num_key_value_heads=2, num_local_experts=5, num_experts_per_tok=2,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
         # -- families that fit today's layer --
         # GQA 2:1, head_dim 12 (not hidden/heads), q/k/v/o biases, a dense first layer through mlp_only_layers
         "qwen3_moe": lambda: t.Qwen3MoeConfig(
@@ -589,7 +595,7 @@ def test_shipped_family_spec_validates_shrunk(spec_file, capsys):
 
 @pytest.mark.parametrize("rope, words", [
     ({"rope_type": "dynamic", "factor": 2.0}, "dynamic NTK scaling"),
-    ({"rope_type": "llama3", "factor": 8.0}, "Llama-3 frequency smoothing"),
+    ({"rope_type": "proportional", "factor": 2.0}, "proportional RoPE"),
     ({"type": "linear", "factor": 2.0}, "linear position interpolation"),
 ])
 def test_rope_scalings_not_modelled_name_what_is_missing(rope, words):
@@ -607,6 +613,7 @@ def test_rope_scalings_not_modelled_name_what_is_missing(rope, words):
     ("sarvam_moe", "modelling implementation"), ("cohere2_moe", "parallel attention and FFN"),
     ("qwen3_vl_moe", "vision-language"), ("glm4v_moe", "mrope_section"), ("ernie4_5_vl_moe", "token type"),
     ("qwen3_omni_moe", "talker"), ("afmoe", "gate on each head"),
+    ("jetmoe", "mixture-of-attention heads"),
 ])
 def test_families_not_modelled_name_the_missing_feature(model_type, words):
     from moe_ir.frontends.hf.config import spec_from_hf_config

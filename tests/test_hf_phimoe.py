@@ -196,15 +196,18 @@ def _tiny_model(**kw):
     return cfg, hf
 
 
-@pytest.mark.parametrize("biases", [True, False])
-def test_model_logits_equal_transformers_on_every_backend_that_lowers_it(biases):
+@pytest.mark.parametrize("biases, window", [(True, None), (False, None), (True, 3)],
+                         ids=["biases", "no-biases", "sliding-3"])
+def test_model_logits_equal_transformers_on_every_backend_that_lowers_it(biases, window):
     from moe_ir.frontends.hf.model import model_spec_from_hf_config, weights_from_hf_model
     from moe_ir.model_builder import build_model_graph
     from moe_ir.model_spec import NormKind
 
-    cfg, hf = _tiny_model() if biases else _tiny_model(attention_bias=False, lm_head_bias=False)
+    cfg, hf = _tiny_model(sliding_window=window) if biases else _tiny_model(attention_bias=False, lm_head_bias=False)
     spec = model_spec_from_hf_config(cfg)
     m = spec.model
+    # the window binds on the 9-token prompts (a window of 3 in every layer, as transformers masks it)
+    assert m.attention.sliding_window == window and m.attention.sliding_layers is None
     assert m.norm == NormKind.LAYER and m.lm_head_bias == biases and m.attention.qkv_bias == biases
     assert m.attention.out_bias == biases and spec.moe.router.sparse_mixer.jitter_eps == 0.3
     weights = weights_from_hf_model(hf, spec)
@@ -220,8 +223,16 @@ def test_model_logits_equal_transformers_on_every_backend_that_lowers_it(biases)
         assert backend.supports(graph) == (True, "")
         got[name] = backend.prepare(graph, {k: v for k, v in weights.items() if k in graph.weights})(ids)["logits"]
     for name, logits in got.items():
+        print(f"max abs logits error phimoe {name}: {float((logits - expected).abs().max()):.2e}")
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=2e-5, msg=name)
         assert torch.equal(logits.argmax(-1), expected.argmax(-1)), name
+    if window is not None:  # the window matters: without it the logits move
+        import dataclasses
+
+        full = dataclasses.replace(spec, model=dataclasses.replace(
+            m, attention=dataclasses.replace(m.attention, sliding_window=None)))
+        moved = interpret(build_model_graph(full), {"input_ids": ids}, weights)["logits"]
+        assert float((moved - expected).abs().max()) > 1e-3
 
 
 def test_model_generation_and_decode_equal_prefill():
@@ -243,9 +254,8 @@ def test_model_defaults_and_refusals():
     for key, value in MODEL_DEFAULTS["phimoe"].items():
         theirs = defaults["rope_parameters"]["rope_theta"] if key == "rope_theta" else defaults.get(key)
         assert theirs == value, key
-    for changes, key in (({"sliding_window": 64}, "sliding_window"),
-                         ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 6,
-                                            "long_factor": [1.0] * 6}}, "rope_scaling")):
+    for changes, key in (({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 6,
+                                            "long_factor": [1.0] * 6}}, "rope_scaling"),):
         data = {**_config().to_dict(), **changes}
         with pytest.raises(SpecError) as err:
             model_spec_from_hf_config(data)

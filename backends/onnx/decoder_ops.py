@@ -92,7 +92,8 @@ class DecoderOps(Lowering):
 
     # The attributes RoPE's tables depend on (layers with equal values share one table).
     ROPE_KEYS = ("rope_theta", "yarn_factor", "yarn_original_max_positions", "yarn_beta_fast", "yarn_beta_slow",
-                 "yarn_truncate", "rope_attention_factor")
+                 "yarn_truncate", "rope_attention_factor", "llama3_factor", "llama3_original_max_positions",
+                 "llama3_low_freq_factor", "llama3_high_freq_factor")
 
     def _rope_tables(self, x: str, dim: int, attrs, dt: ElemType) -> tuple[str, str]:
         """cos, sin [S, dim/2] for positions 0..S-1 of x [B, S, .], as model_ops.rope_cos_sin computes them:
@@ -139,10 +140,10 @@ class DecoderOps(Lowering):
         second = em.op("Add", [em.op("Mul", [x2, cos]), em.op("Mul", [x1, sin])])
         return em.op("Concat", [first, second] + ([rest] if rest is not None else []), axis=-1)
 
-    def _future_mask(self, x: str, window: int | None = None) -> str:
+    def _future_mask(self, x: str, window: int | None = None, chunk: int | None = None) -> str:
         """[S, S] bool, true where key position j > query position i (what causal attention hides), and with a
-        sliding window W also where i - j >= W."""
-        key = ("future", window)
+        sliding window W also where i - j >= W, with chunks of C also where j // C != i // C."""
+        key = ("future", window, chunk)
         if key not in self.shared:
             em = self.em
             pos = em.op("Range", [em.const(0), self._seq_len(x), em.const(1)])
@@ -151,14 +152,44 @@ class DecoderOps(Lowering):
             if window is not None:
                 too_old = em.op("Not", [em.op("Less", [em.op("Sub", [queries, keys]), em.const(window)])])
                 hidden = em.op("Or", [hidden, too_old])
+            if chunk is not None:  # positions are >= 0, so integer Div (truncating) is the floor
+                size = em.const(chunk)
+                same_chunk = em.op("Equal", [em.op("Div", [keys, size]), em.op("Div", [queries, size])])
+                other_chunk = em.op("Not", [same_chunk])
+                hidden = em.op("Or", [hidden, other_chunk])
             self.shared[key] = hidden
         return self.shared[key]
 
     def _causal_attention(self, x: str, q: str, k: str, v: str, heads: int, kv_heads: int, dv: int,
-                          scale: float, dt: ElemType, sinks: Value | None = None, window: int | None = None) -> str:
+                          scale: float, dt: ElemType, sinks: Value | None = None, window: int | None = None,
+                          chunk: int | None = None) -> str:
         """model_ops.causal_attention: q [B,h,S,d], k [B,hk,S,d], v [B,hk,S,dv] -> [B*S, h*dv]."""
-        return self._attend(q, k, v, heads, kv_heads, dv, scale, dt, lambda: (self._future_mask(x, window),) * 2,
-                            sinks)
+        return self._attend(q, k, v, heads, kv_heads, dv, scale, dt,
+                            lambda: (self._future_mask(x, window, chunk),) * 2, sinks)
+
+    def _tuned_queries(self, q: str, positions: str, attrs, dt: ElemType) -> str:
+        """model_ops.tuned_queries: q [B, h, S, d] times 1 + scale * ln(1 + floor((p + 1) / floor_scale)) of each
+        token's position (positions i64, [1, 1, S, 1] or [B, 1, S, 1]), in float32, rounded back to dt."""
+        if attrs["temperature_floor_scale"] is None:
+            return q
+        em = self.em
+        p = em.op("Cast", [positions], to=TensorProto.FLOAT)
+        steps = em.op("Floor", [em.op("Div", [em.op("Add", [p, em.const(np.float32(1.0), np.float32, "one")]),
+                                               em.const(np.float32(attrs["temperature_floor_scale"]), np.float32,
+                                                        "floor_scale")])])
+        log1p = em.op("Log", [em.op("Add", [steps, em.const(np.float32(1.0), np.float32, "one")])])
+        scales = em.op("Add", [em.op("Mul", [log1p, em.const(np.float32(attrs["temperature_scale"]), np.float32,
+                                                             "temperature_scale")]),
+                               em.const(np.float32(1.0), np.float32, "one")])
+        return em.cast(em.op("Mul", [em.cast(q, dt, ElemType.FLOAT32), scales]), ElemType.FLOAT32, dt)
+
+    def _unit_rms(self, x: str, eps: float, dt: ElemType) -> str:
+        """model_ops.unit_rms: x * rsqrt(mean(x^2) + eps) over the last axis, no weight, in float32."""
+        em = self.em
+        xf = em.cast(x, dt, ElemType.FLOAT32)
+        mean_sq = em.op("ReduceMean", [em.op("Mul", [xf, xf]), em.const([-1])], keepdims=1)
+        inv = em.op("Reciprocal", [em.op("Sqrt", [em.op("Add", [mean_sq, em.const(eps, np.float32, "eps")])])])
+        return em.cast(em.op("Mul", [xf, inv]), ElemType.FLOAT32, dt)
 
     def _attend(self, q: str, k: str, v: str, heads: int, kv_heads: int, dv: int, scale: float, dt: ElemType,
                 masks: Callable[[], tuple[str, str]], sinks: Value | None = None) -> str:
@@ -245,13 +276,20 @@ class DecoderOps(Lowering):
         if norm == QKNorm.HEAD_AFTER_ROPE:  # over each head, after RoPE (Hunyuan)
             q = self._rms_norm(q, node.input("q_norm"), eps, dt)
             k = self._rms_norm(k, node.input("k_norm"), eps, dt)
+        elif norm == QKNorm.WEIGHTLESS_AFTER_ROPE:  # over each head, after RoPE, no weight (Llama 4)
+            q, k = self._unit_rms(q, eps, dt), self._unit_rms(k, eps, dt)
         return xs, batch_seq, q, k, v
 
     def _lower_attention(self, node: Node) -> None:
         a, dt = node.attrs, node.inputs[0].type.dtype
         xs, batch_seq, q, k, v = self._mha_heads(node, lambda xs, r: self._rope_tables(xs, r, a, dt))
+        if a["temperature_floor_scale"] is not None:
+            em = self.em
+            positions = em.op("Range", [em.const(0), self._seq_len(xs), em.const(1)])
+            q = self._tuned_queries(q, em.op("Unsqueeze", [positions, em.const([0, 1, 3])]), a, dt)
         o = self._causal_attention(xs, q, k, v, a["heads"], a["kv_heads"], a["head_dim"],
-                                   attention_scale(a, a["head_dim"]), dt, node.input("sinks"), a["sliding_window"])
+                                   attention_scale(a, a["head_dim"]), dt, node.input("sinks"), a["sliding_window"],
+                                   a["chunk_size"])
         self._output_projection(node, o, batch_seq)
 
     def _mla_latents(self, node: Node, tables: Callable[[str, int], tuple[str, str]]):
@@ -315,12 +353,14 @@ class DecoderOps(Lowering):
             self.shared[key] = (em.cast(cos, ElemType.FLOAT32, dt), em.cast(sin, ElemType.FLOAT32, dt))
         return self.shared[key]
 
-    def _hidden_keys(self, x: str, attention_mask: str, window: int | None = None) -> tuple[str, str]:
+    def _hidden_keys(self, x: str, attention_mask: str, window: int | None = None, chunk: int | None = None,
+                     position_ids: str | None = None) -> tuple[str, str]:
         """model_ops.visible_keys, negated: bool [B, 1, S, L], true where new token i (cache slot L-S+i) must
-        not see key slot j (j > L-S+i, or padding, or with a sliding window W slot - j >= W, but never itself);
-        and the same as [B, 1, 1, S, L] for the grouped scores of GQA. Built once per window from the run's
-        mask and S, shared by every layer."""
-        name = ("hidden", window)
+        not see key slot j (j > L-S+i, or padding, or with a sliding window W slot - j >= W, or with chunks of C
+        key position cumsum(mask)[j] - 1 in another chunk than position_ids[i], but never itself); and the same
+        as [B, 1, 1, S, L] for the grouped scores of GQA. Built once per window and chunk from the run's mask
+        and S, shared by every layer."""
+        name = ("hidden", window, chunk)
         if name not in self.shared:
             em = self.em
             total = em.op("Shape", [attention_mask], start=1, end=2)
@@ -334,7 +374,15 @@ class DecoderOps(Lowering):
             seen = em.op("LessOrEqual", [key, slot])
             if window is not None:
                 seen = em.op("And", [seen, em.op("Less", [em.op("Sub", [slot, key]), em.const(window)])])
-            visible = em.op("Or", [em.op("And", [kept, seen]), em.op("Equal", [key, slot])])   # [B, 1, S, L]
+            seen = em.op("And", [kept, seen])
+            if chunk is not None:
+                # Padding keys (position -1, which Div truncates to chunk 0) are hidden by `kept` already.
+                size = em.const(chunk)
+                key_positions = em.op("Sub", [em.op("CumSum", [attention_mask, em.const(1)]), em.const(1)])
+                key_chunk = em.op("Unsqueeze", [em.op("Div", [key_positions, size]), em.const([1, 2])])  # [B,1,1,L]
+                query_chunk = em.op("Unsqueeze", [em.op("Div", [position_ids, size]), em.const([1, 3])])  # [B,1,S,1]
+                seen = em.op("And", [seen, em.op("Equal", [key_chunk, query_chunk])])
+            visible = em.op("Or", [seen, em.op("Equal", [key, slot])])   # [B, 1, S, L]
             hidden = em.op("Not", [visible])
             self.shared[name] = (hidden, em.op("Unsqueeze", [hidden, em.const([2])]))
         return self.shared[name]
@@ -349,11 +397,12 @@ class DecoderOps(Lowering):
         a, dt = node.attrs, node.inputs[0].type.dtype
         positions = self.operand(node.input("position_ids"))
         xs, batch_seq, q, k, v = self._mha_heads(node, lambda xs, r: self._rope_tables_at(positions, r, a, dt))
+        q = self._tuned_queries(q, self.em.op("Unsqueeze", [positions, self.em.const([1, 3])]), a, dt)
         k = self._append_cache(node, "past_key", k)
         v = self._append_cache(node, "past_value", v)
-        mask, window = self.operand(node.input("attention_mask")), a["sliding_window"]
+        mask, window, chunk = self.operand(node.input("attention_mask")), a["sliding_window"], a["chunk_size"]
         o = self._attend(q, k, v, a["heads"], a["kv_heads"], a["head_dim"], attention_scale(a, a["head_dim"]), dt,
-                         lambda: self._hidden_keys(xs, mask, window), node.input("sinks"))
+                         lambda: self._hidden_keys(xs, mask, window, chunk, positions), node.input("sinks"))
         self._output_projection(node, o, batch_seq)
 
     def _lower_cached_mla_attention(self, node: Node) -> None:

@@ -301,8 +301,10 @@ def gqa_refusal(node: Node) -> str:
         return "the ort flavour is float32 only"
     if a["sliding_window"] is not None:
         return "a sliding window: the decoder keeps it as a mask in standard ops"
-    if a["qk_norm"] == QKNorm.HEAD_AFTER_ROPE or a["rotary_dim"] == 0:
+    if a["qk_norm"] in (QKNorm.HEAD_AFTER_ROPE, QKNorm.WEIGHTLESS_AFTER_ROPE) or a["rotary_dim"] == 0:
         return "q/k norm after RoPE or a layer without RoPE: the decoder keeps them in standard ops"
+    if a["chunk_size"] is not None:
+        return "chunked attention (Llama 4): the decoder keeps it as a mask in standard ops"
     if node.input("sinks") is not None:
         return "attention sinks (gpt-oss): the decoder keeps them as one more softmax column in standard ops"
     if a["clip_qkv"] is not None:

@@ -17,7 +17,11 @@ Attention per family (transformers 5.23):
   gpt_oss                           Llama attention (half RoPE), attention_bias on q, k, v and o, head_dim, attention
                                     sinks; sliding_attention layers and YaRN are refused (not modelled yet)
   phimoe                            Llama attention, attention_bias on q, k, v and o; LayerNorm (weight and
-                                    bias) norms; lm_head_bias; sliding windows and longrope are refused
+                                    bias) norms; lm_head_bias; a sliding window in every layer; longrope is refused
+  llama4_text                       Llama attention, RoPE on complex pairs (interleaved), NoPE layers (no_rope_layers)
+                                    with the query temperature, chunked attention in the layers layer_types names,
+                                    the weightless q/k norm after RoPE (use_qk_norm), dense layers of
+                                    intermediate_size_mlp, Llama 3 RoPE scaling
   deepseek_v2, deepseek_v3          MLA; attention_bias on q_a, kv_a and o; DeepseekV2's complex RoPE and
                                     V3's rope_interleave are the interleaved layout, V3 without it the half one
 
@@ -41,7 +45,7 @@ __all__ = ["MODEL_DEFAULTS", "model_spec_from_hf_config", "weights_from_hf_model
 
 _LLAMA_ATTENTION = ("deepseek", "mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "glm4_moe", "dots1", "minimax_m2",
                     "ernie4_5_moe", "flex_olmo", "granitemoe", "exaone_moe", "hunyuan_v1_moe", "phimoe",
-                    "gpt_oss", "granitemoeshared", "granitemoe_swa", "dbrx")
+                    "gpt_oss", "granitemoeshared", "granitemoe_swa", "dbrx", "llama4_text")
 # Families whose attention reads layer_types for its sliding-window layers (transformers 5.24).
 _SLIDING_BY_LAYER_TYPES = ("qwen2_moe", "dots1", "exaone_moe", "gpt_oss", "granitemoe_swa")
 # Families whose global (non-sliding) layers apply no RoPE once a sliding_window is set (EXAONE 4 style).
@@ -132,16 +136,18 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "minimax_m2": {"vocab_size": 200064, "num_attention_heads": 48, "num_key_value_heads": 8, "head_dim": 128,
                    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 5e6,
                    "max_position_embeddings": 196608},
+    "llama4_text": {"vocab_size": 202048, "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
+                    "intermediate_size_mlp": 16384, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+                    "attention_bias": False, "rope_theta": 500000.0, "max_position_embeddings": 131072,
+                    "no_rope_layers": None, "no_rope_layer_interval": 4, "attention_chunk_size": 8192,
+                    "layer_types": None, "attn_temperature_tuning": True, "floor_scale": 8192, "attn_scale": 0.1,
+                    "use_qk_norm": True},
 }
 
 
 # Families whose MoE layer imports but whose decoder needs what a model spec does not express yet:
 # model_type -> (the config key at fault, the missing features).
 DECODER_REFUSALS: dict[str, tuple[str, str]] = {
-    "llama4_text": ("attention_chunk_size", "chunked attention (attention_chunk_size), layers without RoPE "
-                                            "(no_rope_layers) with attention temperature tuning, a weightless L2 "
-                                            "q/k norm (use_qk_norm) and a dense FFN width of its own "
-                                            "(intermediate_size_mlp) are not modelled"),
     "longcat_flash": ("num_layers", "each decoder layer has two attention blocks and two dense FFN paths beside its "
                                     "MoE block (a shortcut-connected MoE), which a model spec's one attention + one "
                                     "FFN per layer cannot express"),
@@ -158,7 +164,7 @@ def _config(data: Mapping[str, Any], model_type: str, file: str | None) -> Famil
 # rope_type -> what moe-ir lacks to model it (one line for the refusal).
 _ROPE_TYPES_MISSING = {
     "linear": "linear position interpolation", "dynamic": "dynamic NTK scaling (frequencies that change with "
-    "the sequence length)", "llama3": "Llama-3 frequency smoothing", "longrope": "LongRoPE per-dim factors",
+    "the sequence length)", "longrope": "LongRoPE per-dim factors",
     "proportional": "proportional RoPE",
 }
 
@@ -201,10 +207,20 @@ def _rope(c: FamilyConfig) -> dict[str, Any]:
     if rope_type == "dynamic" and c.model_type in _NTK_ALPHA and section.get("alpha") is not None:
         out["rope_theta"] = _ntk_alpha_theta(c, key, section, out["rope_theta"])
         return out
+    if rope_type == "llama3":
+        scaling = {"kind": "llama3"}
+        for name, ours, kind in (("factor", "factor", float), ("original_max_position_embeddings",
+                                 "original_max_positions", int), ("low_freq_factor", "low_freq_factor", float),
+                                 ("high_freq_factor", "high_freq_factor", float)):
+            if section.get(name) is None:
+                raise c.fail(f"{key}.{name}", f"RoPE scaling llama3 needs {name}")
+            scaling[ours] = _rope_number(c, key, section, name, kind)
+        out["rope_scaling"] = scaling
+        return out
     if rope_type != "yarn":
         missing = _ROPE_TYPES_MISSING.get(rope_type, f"the RoPE type {str(rope_type)[:40]!r}")
         raise c.fail(key, f"RoPE scaling '{str(rope_type)[:40]}' needs {missing}, which moe-ir does not model; "
-                          "it models plain RoPE and YaRN")
+                          "it models plain RoPE, YaRN and Llama 3's scaling")
     original = section.get("original_max_position_embeddings")
     if original is None:
         original = c.get("max_position_embeddings", int)
@@ -290,7 +306,7 @@ def _sliding_window(c: FamilyConfig, num_layers: int) -> dict[str, Any]:
             out["global_nope"] = True
         return out
     window = None
-    if t == "mixtral":
+    if t in ("mixtral", "phimoe"):  # a sliding window mask in every layer whenever the key is set
         window = c.get("sliding_window", int, optional=True)
     elif t == "qwen3_moe" and c.get("use_sliding_window", bool):
         window = c.positive("sliding_window")
@@ -329,10 +345,8 @@ def _name_from_path(name_or_path: str, model_type: str) -> str:
 
 def _phimoe_decoder(c: FamilyConfig) -> dict:
     """PhiMoE's decoder keys beyond Llama attention (biases from attention_bias on q, k, v and o): LayerNorm
-    (weight and bias, eps rms_norm_eps) for every norm, an optional LM head bias. Its sliding window is a
-    mask transformers applies whenever the key is set, which moe-ir does not model."""
-    if c.get("sliding_window", int, optional=True) is not None:
-        raise c.fail("sliding_window", "sliding-window attention is not modelled; set it to null")
+    (weight and bias, eps rms_norm_eps) for every norm, an optional LM head bias. Its sliding window (a mask
+    transformers applies in every layer whenever the key is set) is read by _sliding_window."""
     return {"norm": "layer", "lm_head_bias": c.get("lm_head_bias", bool)}
 
 
@@ -377,6 +391,47 @@ def _granitemoe_swa_attention(c: FamilyConfig, num_layers: int, attention: Mappi
     return out
 
 
+def _llama4_attention(c: FamilyConfig, num_layers: int) -> dict:
+    """Llama 4's attention beyond Llama's: RoPE on complex pairs (the interleaved layout); no RoPE in the layers
+    no_rope_layers marks 0 (default: every no_rope_layer_interval-th), whose queries take the temperature when
+    attn_temperature_tuning is set; chunked attention (attention_chunk_size) in the layers layer_types calls
+    chunked_attention (default: the RoPE layers); the weightless q/k norm after RoPE (use_qk_norm) in the RoPE
+    layers."""
+    flags = c.get("no_rope_layers", list, optional=True)
+    if not flags:  # transformers fills an empty or missing list from the interval
+        interval = c.positive("no_rope_layer_interval")
+        flags = [int((i + 1) % interval != 0) for i in range(num_layers)]
+    if len(flags) != num_layers or any(f not in (0, 1) or isinstance(f, float) for f in flags):
+        raise c.fail("no_rope_layers", f"expected 0 (no RoPE) or 1 per layer for {num_layers} layers, found "
+                                       f"{str(flags)[:60]}")
+    nope = [i for i, f in enumerate(flags) if not f]
+    chunk = c.get("attention_chunk_size", int, optional=True)
+    layer_types = c.get("layer_types", list, optional=True) or [
+        "chunked_attention" if f and chunk is not None else "full_attention" for f in flags]
+    if len(layer_types) != num_layers or any(t not in ("chunked_attention", "full_attention") for t in layer_types):
+        raise c.fail("layer_types", f"expected chunked_attention / full_attention per layer, found "
+                                    f"{sorted(set(map(str, layer_types)))[:4]} for {num_layers} layers")
+    chunked = [i for i, t in enumerate(layer_types) if t == "chunked_attention"]
+    out: dict[str, Any] = {"rope_layout": "interleaved"}
+    if nope:
+        out["nope_layers"] = nope
+        tuning = c.data.get("attn_temperature_tuning", c.defaults["attn_temperature_tuning"])
+        if not isinstance(tuning, (bool, int)):
+            raise c.fail("attn_temperature_tuning", f"expected true or false, found {str(tuning)[:40]}")
+        if tuning:  # the released Scout config has 4 here, which transformers reads as true
+            out["temperature"] = {"floor_scale": c.get("floor_scale", float), "scale": c.get("attn_scale", float)}
+    if chunked:
+        if chunk is None or chunk < 1:
+            raise c.fail("attention_chunk_size", f"chunked_attention layers need a positive attention_chunk_size, "
+                                                 f"found {chunk}")
+        out["chunk_size"] = chunk
+        if len(chunked) < num_layers:
+            out["chunked_layers"] = chunked
+    if c.get("use_qk_norm", bool):
+        out["qk_norm"] = "weightless_after_rope"
+    return out
+
+
 def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str | None = None) -> ModelSpec:
     """ModelSpec of a transformers config object or config.json dict of a supported MoE family.
 
@@ -401,7 +456,8 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
     attention: dict[str, Any] = {"heads": heads, **_rope(c)}
     if t == "granitemoe_swa":
         _granitemoe_swa_layer_types(c, info.num_layers)
-    attention.update(_sliding_window(c, info.num_layers))
+    if t != "llama4_text":  # its layer_types name chunked layers (_llama4_attention)
+        attention.update(_sliding_window(c, info.num_layers))
     if t == "mixtral" and c.data.get("attention_bias"):
         raise c.fail("attention_bias", "attention_bias=true: transformers' Mixtral ignores it (its attention has no "
                                        "biases), so the config is ambiguous")
@@ -446,6 +502,8 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
             attention["clip_qkv"] = c.get("attn_config.clip_qkv", float)
     if t == "gpt_oss":
         attention.update(_gpt_oss_attention(c))
+    if t == "llama4_text":
+        attention.update(_llama4_attention(c, info.num_layers))
     _stated(c, "rms_norm_eps")
     eps = c.get("rms_norm_eps", float)
     model = {"name": model_name, "source": layer_spec.source.rsplit(", layer", 1)[0],
@@ -461,8 +519,8 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
                                 "residual": c.get("residual_multiplier", float),
                                 "logits": c.get("logits_scaling", float)}
         attention["softmax_scale"] = c.get("attention_multiplier", float)
-    if len(info.moe_layers) < info.num_layers:
-        model["dense_width"] = _positive(c, "intermediate_size")
+    if len(info.moe_layers) < info.num_layers:  # Llama 4's dense layers have a width of their own
+        model["dense_width"] = _positive(c, "intermediate_size_mlp" if t == "llama4_text" else "intermediate_size")
         model["dense_activation"] = layer_spec.experts.activation.value
     moe = spec_to_dict(layer_spec)
     for key in ("hidden", "dtype", "name", "source"):

@@ -300,6 +300,7 @@ def model_rules(spec: ModelSpec, graph_weights: Iterable[str], *, moe_block: str
     block = moe_block_rules(spec.moe, layout, router_bias, router_weight, shared_mlp)
     if layer_shared_mlp:
         block = [r for r in block if not r.ours[0].startswith("shared.")]
+    dense_block = "feed_forward" if moe_block == "feed_forward" else "mlp"  # Llama 4 names both FFNs so
     for i in range(m.layers):
         ours, theirs = f"layers.{i}.", f"{prefix}layers.{i}."
         for our_norm, their_norm in norms:
@@ -312,7 +313,7 @@ def model_rules(spec: ModelSpec, graph_weights: Iterable[str], *, moe_block: str
             if layer_shared_mlp and spec.moe.experts.shared:
                 rules += _layer_shared_mlp_rules(spec.moe, f"{ours}moe.", f"{theirs}{layer_shared_mlp}.")
         else:
-            rules += [TensorRule((f"{ours}ffn.{a}",), (f"{theirs}mlp.{b}.weight",))
+            rules += [TensorRule((f"{ours}ffn.{a}",), (f"{theirs}{dense_block}.{b}.weight",))
                       for a, b in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj"))]
     return rules
 
@@ -394,7 +395,7 @@ def detect_model_layout(spec: ModelSpec, names: Iterable[str], prefix: str = "mo
     """(MoE module name, expert layout) of a whole-model checkpoint, read from the first MoE layer's names."""
     first = spec.model.moe_layers[0]
     names = list(names)
-    for block in ("mlp", "block_sparse_moe"):
+    for block in ("mlp", "block_sparse_moe", "feed_forward"):
         under = f"{prefix}layers.{first}.{block}."
         inside = [n[len(under):] for n in names if n.startswith(under)]
         if any(n.startswith("experts.") or n == "input_linear.weight" for n in inside):

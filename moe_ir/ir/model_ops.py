@@ -14,7 +14,13 @@ RoPE (every attention op): inverse frequencies 1/theta^(2i/r) over the r rotated
 leading dims, as transformers' partial rotary embedding; the rest pass through), or YaRN's blend of those with
 the interpolated 1/(factor theta^(2i/r)) when `yarn_factor` is set (moe_ir.model_spec.RopeScaling); cos and sin
 are multiplied by `rope_attention_factor`; the softmax scale is `softmax_scale` when set (DeepSeek's YaRN
-correction), else 1/sqrt(query/key head dim).
+correction), else 1/sqrt(query/key head dim). Llama 3's scaling (`llama3_factor`) divides the long wavelengths
+by the factor and blends the middle band (moe_ir.model_spec.RopeScaling).
+Llama 4's attention (mha/gqa): `chunk_size` hides keys whose position falls in another chunk than the query's
+(position // chunk_size); `temperature_floor_scale` multiplies the queries of a layer without RoPE by
+1 + temperature_scale * ln(1 + floor((position + 1) / floor_scale)); qk_norm `weightless_after_rope` divides each
+rotated query and key head by its root mean square (no weight). Positions are 0..S-1 in prefill and position_ids
+in decode (keys: cumsum(attention_mask) - 1), so left padding does not shift chunks or temperatures.
 RoPE layouts: `half` rotates dim j with j + d/2 (rotate_half); `interleaved` rotates dim 2j with 2j+1,
 as DeepSeek's checkpoints expect (transformers' DeepseekV3 `rope_interleave`, DeepseekV2's complex form).
 The interleaved result is written de-interleaved ([even dims, odd dims]) as DeepseekV3 does; queries and
@@ -81,12 +87,29 @@ def _yarn_ramp_ends(attrs, dim: int) -> tuple[float, float]:
     return max(low, 0), min(high, dim - 1)
 
 
+def _llama3_frequencies(attrs, original: torch.Tensor) -> torch.Tensor:
+    """Llama 3's scaling of the inverse frequencies (moe_ir.model_spec.RopeScaling, kind llama3): by wavelength,
+    divided by the factor (long), kept (short), or blended linearly in original_max_positions / wavelength."""
+    factor, length = attrs["llama3_factor"], attrs["llama3_original_max_positions"]
+    low, high = attrs["llama3_low_freq_factor"], attrs["llama3_high_freq_factor"]
+    wavelength = 2 * math.pi / original
+    scaled = torch.where(wavelength > length / low, original / factor, original)
+    if high > low:  # equal factors leave no band between the two
+        blend = (length / wavelength - low) / (high - low)
+        between = (wavelength <= length / low) & (wavelength >= length / high)
+        scaled = torch.where(between, (1 - blend) * original / factor + blend * original, scaled)
+    return scaled
+
+
 def rope_inverse_frequencies(attrs, dim: int, compute: torch.dtype, device=None) -> torch.Tensor:
     """[dim/2] inverse frequencies of the rotated dims: 1/theta^(2i/dim), blended by YaRN (RopeScaling) with the
-    interpolated 1/(factor theta^(2i/dim)) when yarn_factor is set."""
+    interpolated 1/(factor theta^(2i/dim)) when yarn_factor is set, or scaled as Llama 3 does when llama3_factor
+    is."""
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(compute) / dim
     powers = attrs["rope_theta"] ** exponents
     original = 1.0 / powers
+    if attrs.get("llama3_factor") is not None:
+        return _llama3_frequencies(attrs, original)
     factor = attrs["yarn_factor"]
     if factor is None:
         return original
@@ -146,18 +169,25 @@ def attention_scale(attrs, qk_head_dim: int) -> float:
     return scale if scale is not None else qk_head_dim ** -0.5
 
 
-def visible_keys(attention_mask: torch.Tensor, new_len: int, window: int | None = None) -> torch.Tensor:
+def visible_keys(attention_mask: torch.Tensor, new_len: int, window: int | None = None, chunk: int | None = None,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """bool [B, 1, S, L] from attention_mask [B, L]: new token i (cache slot L-S+i) sees slot j when
-    j <= L-S+i and the mask keeps j (with a sliding window W, also when L-S+i - j < W: the W latest slots), and
-    always sees itself (a padding token attends to itself only, so no row is all -inf and no NaN reaches a later
-    layer through the padding's keys and values)."""
+    j <= L-S+i and the mask keeps j (with a sliding window W, also when L-S+i - j < W: the W latest slots; with
+    chunked attention of chunk C, also when the key's position and the query's fall in one chunk: key position
+    cumsum(mask)[j] - 1, the query's position_ids [B, S]), and always sees itself (a padding token attends to
+    itself only, so no row is all -inf and no NaN reaches a later layer through the padding's keys and values)."""
     total = attention_mask.shape[1]
     slot = torch.arange(new_len, device=attention_mask.device)[:, None] + (total - new_len)
     key = torch.arange(total, device=attention_mask.device)[None, :]
     seen = key <= slot
     if window is not None:
         seen = seen & (slot - key < window)
-    return (attention_mask.bool()[:, None, None, :] & seen) | (key == slot)
+    seen = attention_mask.bool()[:, None, None, :] & seen
+    if chunk is not None:
+        key_positions = attention_mask.cumsum(-1) - 1
+        seen = seen & (torch.div(key_positions, chunk, rounding_mode="floor")[:, None, None, :] ==
+                       torch.div(position_ids, chunk, rounding_mode="floor")[:, None, :, None])
+    return seen | (key == slot)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, visible: torch.Tensor,
@@ -183,14 +213,37 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, visi
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                     sinks: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
+                     sinks: torch.Tensor | None = None, window: int | None = None,
+                     chunk: int | None = None) -> torch.Tensor:
     """q [B,h,S,d], k [B,hk,S,d], v [B,hk,S,dv] -> [B,S,h*dv]: `attend` with no past and no padding (query i
-    sees keys j <= i, and with a sliding window W only those with i - j < W)."""
+    sees keys j <= i, with a sliding window W only those with i - j < W, with chunks of C only those with
+    j // C == i // C)."""
     s = q.shape[2]
     hidden = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
     if window is not None:
         hidden = hidden | torch.ones(s, s, dtype=torch.bool, device=q.device).tril(-window)
+    if chunk is not None:
+        block = torch.arange(s, device=q.device) // chunk
+        hidden = hidden | (block[:, None] != block[None, :])
     return attend(q, k, v, scale, ~hidden, sinks)
+
+
+def temperature_scales(attrs, positions: torch.Tensor) -> torch.Tensor:
+    """Llama 4's query temperature at the positions (any shape): 1 + scale * ln(1 + floor((p + 1) / floor_scale)),
+    in float32 (float64 stays)."""
+    compute = torch.float64 if positions.dtype == torch.float64 else torch.float32
+    steps = torch.floor((positions.to(compute) + 1.0) / attrs["temperature_floor_scale"])
+    return torch.log1p(steps) * attrs["temperature_scale"] + 1.0
+
+
+def tuned_queries(attrs, q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """q [B, h, S, d] times the temperature of each token's position ([S] or [B, S]) when the node has one."""
+    if attrs.get("temperature_floor_scale") is None:
+        return q
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scales = temperature_scales(attrs, positions.to(compute))
+    scales = scales[None, None, :, None] if scales.dim() == 1 else scales[:, None, :, None]
+    return (q.to(compute) * scales).to(q.dtype)
 
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -322,7 +375,13 @@ _ROPE_ATTRS = {"rope_theta": Attr(float, 10000.0), "rope_layout": Attr(RopeLayou
                "yarn_beta_fast": Attr(float, 32.0), "yarn_beta_slow": Attr(float, 1.0),
                "yarn_truncate": Attr(bool, True),
                "rope_attention_factor": Attr(float, 1.0, "multiplier of cos and sin (YaRN)"),
-               "softmax_scale": Attr((float, type(None)), None, "None: 1/sqrt(query/key head dim)")}
+               "softmax_scale": Attr((float, type(None)), None, "None: 1/sqrt(query/key head dim)"),
+               # Llama 3 scaling; quiet: a text form shows them only where they are set
+               "llama3_factor": Attr((float, type(None)), None, "Llama 3 RoPE scaling factor; None: none", quiet=True),
+               "llama3_original_max_positions": Attr(int, 8192, "Llama 3 scaling: the pretraining context",
+                                                     quiet=True),
+               "llama3_low_freq_factor": Attr(float, 1.0, quiet=True),
+               "llama3_high_freq_factor": Attr(float, 4.0, quiet=True)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -338,7 +397,14 @@ _MHA_ATTRS = {"heads": Attr(int), "kv_heads": Attr(int), "head_dim": Attr(int),
                                                               "included); None: every earlier key"),
               "clip_qkv": Attr((float, type(None)), None, "q, k and v clamped to [-c, c] after their projections "
                                                           "and a whole-projection q/k norm, before the split into "
-                                                          "heads (OLMoE, DBRX); None: not clamped")}
+                                                          "heads (OLMoE, DBRX); None: not clamped"),
+              "chunk_size": Attr((int, type(None)), None, "a query sees only the keys whose position falls in its "
+                                                          "own chunk (position // chunk_size); None: no chunks",
+                                 quiet=True),
+              "temperature_floor_scale": Attr((float, type(None)), None, "queries times 1 + temperature_scale * "
+                                              "ln(1 + floor((position + 1) / this)); None: no temperature",
+                                              quiet=True),
+              "temperature_scale": Attr(float, 0.0, "the temperature's coefficient", quiet=True)}
 
 
 def _mha_types(node, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm, sinks) -> TensorType:
@@ -359,8 +425,11 @@ def _mha_types(node, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm, 
     for b, size, what in ((b_q, nq, "b_q"), (b_k, nkv, "b_k"), (b_v, nkv, "b_v"), (b_o, w_o.shape[0], "b_o")):
         _expect_vector(node, b, size, what)
     norm = a["qk_norm"]
-    if norm == QKNorm.NONE:
-        expect(q_norm is None and k_norm is None, node, "qk_norm none takes no q/k norm weights")
+    expect(a["chunk_size"] is None or a["chunk_size"] >= 1, node, "chunk_size must be at least 1")
+    expect(a["temperature_floor_scale"] is None or r == 0, node, "the attention temperature is for layers without "
+                                                                  "RoPE (rotary_dim 0)")
+    if norm in (QKNorm.NONE, QKNorm.WEIGHTLESS_AFTER_ROPE):
+        expect(q_norm is None and k_norm is None, node, f"qk_norm {norm.value} takes no q/k norm weights")
     else:
         qs, ks = (nq, nkv) if norm == QKNorm.FULL else (d, d)
         _expect_vector(node, q_norm, qs, "q_norm")
@@ -386,7 +455,16 @@ def _mha_qkv(attrs, x, cos, sin, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm):
     q, k = apply_rope(q, cos, sin, attrs["rope_layout"]), apply_rope(k, cos, sin, attrs["rope_layout"])
     if norm == QKNorm.HEAD_AFTER_ROPE:
         q, k = rms_norm_math(q, q_norm, eps), rms_norm_math(k, k_norm, eps)
+    elif norm == QKNorm.WEIGHTLESS_AFTER_ROPE:
+        q, k = unit_rms(q, eps), unit_rms(k, eps)
     return q, k, v
+
+
+def unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) over the last dim, no weight (Llama 4's q/k norm), in float32 (float64 stays)."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(compute)
+    return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
 
 
 @register
@@ -404,8 +482,9 @@ class Attention(OpDef):
         d = attrs["head_dim"]
         cos, sin = rope_cos_sin(x.shape[1], rope_dims(attrs, d), attrs, x)
         q, k, v = _mha_qkv(attrs, x, cos, sin, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm)
-        return (F.linear(causal_attention(q, k, v, attention_scale(attrs, d), sinks, attrs["sliding_window"]), w_o,
-                         b_o),)
+        q = tuned_queries(attrs, q, torch.arange(x.shape[1], device=x.device))
+        return (F.linear(causal_attention(q, k, v, attention_scale(attrs, d), sinks, attrs["sliding_window"],
+                                          attrs["chunk_size"]), w_o, b_o),)
 
 
 @register
@@ -428,9 +507,10 @@ class CachedAttention(OpDef):
         d = attrs["head_dim"]
         cos, sin = rope_cos_sin_at(position_ids, rope_dims(attrs, d), attrs, x)
         q, k, v = _mha_qkv(attrs, x, cos, sin, w_q, w_k, w_v, b_q, b_k, b_v, q_norm, k_norm)
+        q = tuned_queries(attrs, q, position_ids)
         k, v = torch.cat([past_key.to(k.dtype), k], dim=2), torch.cat([past_value.to(v.dtype), v], dim=2)
-        y = attend(q, k, v, attention_scale(attrs, d), visible_keys(attention_mask, x.shape[1], attrs["sliding_window"]),
-                   sinks)
+        visible = visible_keys(attention_mask, x.shape[1], attrs["sliding_window"], attrs["chunk_size"], position_ids)
+        y = attend(q, k, v, attention_scale(attrs, d), visible, sinks)
         return F.linear(y, w_o, b_o), k, v
 
 
