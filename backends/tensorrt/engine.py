@@ -246,7 +246,6 @@ def parser_model(onnx_path: str | Path, *, aot: bool):
     """The ONNX model (graph only; external weights stay in their file) with each FusedMoE node marked for
     the TensorRT parser: `plugin_namespace` names the plugin's namespace, `aot=1` asks for the AOT
     implementation. Raises BackendError unless there is exactly one such node."""
-    import onnx
     from onnx import helper
 
     from ..onnx.external_data import load_model

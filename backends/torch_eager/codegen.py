@@ -24,7 +24,6 @@ from moe_ir.builder import ROUTER_BIAS
 from moe_ir.ir import Graph, GraphKind, Value, ValueKind
 from .. import torch_source
 from ..torch_ops import lower_node
-from moe_ir.ir import MODEL_INPUT
 from moe_ir.model_builder import cache_entries, is_decode_graph
 from .module import compute_dtype_weight, output_groups
 

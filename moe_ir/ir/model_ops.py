@@ -56,7 +56,7 @@ torch = LazyModule("torch")
 F = LazyModule("torch.nn.functional")
 
 from ..model_spec import QKNorm, RopeLayout
-from .graph import Dim, ElemType, TensorType
+from .graph import ElemType, TensorType
 from .ops import Attr, OpCode, OpDef, Port, expect, expect_dim, expect_float, expect_rank, register
 
 
