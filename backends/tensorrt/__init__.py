@@ -59,8 +59,11 @@ def plugin_bundle_source() -> str:
                            "inline; the bundled plugin would need moe_ir")
     names = [name.strip() for name in match.group(1).split(",")]
     copied = "\n".join(torch_source.source_lines(torch_source.closure(names))).strip("\n")
-    note = "# The shared torch kernels (moe_ir/backends/torch_kernels.py), copied verbatim by `moe-ir build`.\n\n"
-    return text[:match.start()] + note + copied + "\n" + text[match.end():]
+    # the imports the copied kernels rely on, whichever of them plugin.py itself lacks
+    present = set(text.splitlines())
+    imports = "\n".join(line for line in torch_source.HEADER_IMPORTS if line and line not in present)
+    note = "# The shared torch kernels (moe_ir/backends/torch_kernels.py), copied verbatim by `moe-ir build`.\n"
+    return text[:match.start()] + note + (imports + "\n\n" if imports else "\n") + copied + "\n" + text[match.end():]
 
 
 def environment_problems() -> list[str]:
