@@ -620,6 +620,14 @@ def test_dbrx_p_norms_other_than_1_name_the_key(p, words):
     assert err.value.path == "ffn_config.moe_normalize_expert_weights"
 
 
+def test_dbrx_sections_that_are_not_mappings_are_refused_by_name():
+    from moe_ir.frontends.hf.config import spec_from_hf_config
+
+    with pytest.raises(SpecError, match="expected a mapping") as err:
+        spec_from_hf_config({"model_type": "dbrx", "d_model": 32, "ffn_config": [4, 2]})
+    assert err.value.path == "ffn_config"
+
+
 @pytest.mark.parametrize("family, changes, key, words", [
     ("qwen2_moe_sliding_layers", {"layer_types": None}, "use_sliding_window", "layer_types"),
     ("ernie4_5_moe", {"use_bias": True}, "use_bias", "LM head"),
