@@ -652,7 +652,8 @@ def test_options_not_modelled_name_the_key(family, changes, key, words):
 EXPORT_CONFIGS = {"qwen3_moe": "qwen3_moe", "glm4_moe": "glm4_moe", "glm4_moe_partial_3_4": "glm4_moe",
                   "dots1": "dots1", "ernie4_5_moe": "ernie4_5_moe", "minimax_m2": "minimax_m2",
                   "hunyuan_v1_moe": "hunyuan_v1_moe", "flex_olmo": "flex_olmo", "granitemoe": "granitemoe",
-                  "granitemoeshared": "granitemoeshared", "phimoe": "phimoe", "gpt_oss": "gpt_oss"}
+                  "granitemoeshared": "granitemoeshared", "phimoe": "phimoe", "gpt_oss": "gpt_oss",
+                  "glm4_moe_lite": "glm4_moe_lite", "exaone_moe": "exaone_moe"}
 
 
 @pytest.mark.parametrize("config_name", sorted(EXPORT_CONFIGS))
