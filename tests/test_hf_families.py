@@ -636,6 +636,14 @@ def test_dbrx_p_norms_other_than_1_name_the_key(p, words):
     assert err.value.path == "ffn_config.moe_normalize_expert_weights"
 
 
+def test_dbrx_sections_that_are_not_mappings_are_refused_by_name():
+    from moe_ir.frontends.hf.config import spec_from_hf_config
+
+    with pytest.raises(SpecError, match="expected a mapping") as err:
+        spec_from_hf_config({"model_type": "dbrx", "d_model": 32, "ffn_config": [4, 2]})
+    assert err.value.path == "ffn_config"
+
+
 @pytest.mark.parametrize("family, changes, key, words", [
     ("qwen2_moe_sliding_layers", {"layer_types": None}, "use_sliding_window", "layer_types"),
     ("ernie4_5_moe", {"use_bias": True}, "use_bias", "LM head"),
@@ -660,7 +668,8 @@ def test_options_not_modelled_name_the_key(family, changes, key, words):
 EXPORT_CONFIGS = {"qwen3_moe": "qwen3_moe", "glm4_moe": "glm4_moe", "glm4_moe_partial_3_4": "glm4_moe",
                   "dots1": "dots1", "ernie4_5_moe": "ernie4_5_moe", "minimax_m2": "minimax_m2",
                   "hunyuan_v1_moe": "hunyuan_v1_moe", "flex_olmo": "flex_olmo", "granitemoe": "granitemoe",
-                  "granitemoeshared": "granitemoeshared", "phimoe": "phimoe", "gpt_oss": "gpt_oss"}
+                  "granitemoeshared": "granitemoeshared", "phimoe": "phimoe", "gpt_oss": "gpt_oss",
+                  "glm4_moe_lite": "glm4_moe_lite", "exaone_moe": "exaone_moe"}
 
 
 @pytest.mark.parametrize("config_name", sorted(EXPORT_CONFIGS))
@@ -692,3 +701,24 @@ def test_export_hf_loads_in_transformers_with_moe_ir_logits(config_name, tmp_pat
     again = model_spec_from_hf_config(config, name=spec.name)
     strip = lambda d: {**d, "model": {k: v for k, v in d["model"].items() if k != "source"}}  # noqa: E731
     assert strip(model_spec_to_dict(again)) == strip(model_spec_to_dict(spec)) and family == config["model_type"]
+
+
+@pytest.mark.parametrize("family", ["hunyuan_v1_moe", "granitemoe", "minimax_m2", "ernie4_5_moe"])
+def test_import_hf_layer_weights_read_the_family_names(family, tmp_path):
+    """`moe-ir import-hf FOLDER --weights FOLDER` (one MoE layer) on a checkpoint transformers saved finds the
+    family's own router / bias / shared-MLP names (Hunyuan's gate.wg and shared_mlp, Granite's router.layer,
+    MiniMax's block-level and ERNIE's moe_statics correction bias); the tensors equal the layer's in the
+    whole-model import, whose logits equal transformers' above."""
+    from moe_ir.builder import build_graph
+    from moe_ir.cli import main
+    from moe_ir.frontends import load_spec
+    from moe_ir.params import load_weights
+
+    cfg, hf, spec, weights = _imported(family)
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["import-hf", str(tmp_path / "hf"), "--weights", str(tmp_path / "hf"), "-o", str(tmp_path / "l.yaml"),
+                 "--weights-out", str(tmp_path / "l.safetensors")]) == 0
+    layer_spec = load_spec(tmp_path / "l.yaml")
+    got = load_weights(tmp_path / "l.safetensors", build_graph(layer_spec))
+    first = spec.model.moe_layers[0]
+    assert got and all(torch.equal(t, weights[f"layers.{first}.moe.{name}"].to(t.dtype)) for name, t in got.items())

@@ -246,6 +246,8 @@ class FamilyConfig:
         self.data = dict(data)
         for section in _NESTED_SECTIONS.get(model_type, ()):  # DBRX: attn_config.kv_n_heads, ffn_config.moe_top_k ...
             nested = self.data.get(section)
+            if nested is not None and not isinstance(nested, Mapping):
+                raise self.fail(section, f"expected a mapping of {section} keys, found {str(nested)[:40]!r}")
             for key, value in (nested.items() if isinstance(nested, Mapping) else ()):
                 self.data.setdefault(f"{section}.{key}", value)
         for alias, key in _ALIASES.get(model_type, {}).items():

@@ -1,8 +1,9 @@
 """moe-ir model spec + canonical weights -> a folder transformers loads (`config.json` + `model.safetensors`).
 
 The config is written for one of the families moe-ir imports natively in transformers (EXPORT_FAMILIES:
-deepseek_v2, deepseek_v3, mixtral, qwen2_moe, olmoe, qwen3_moe, glm4_moe, dots1, ernie4_5_moe, minimax_m2,
-hunyuan_v1_moe, flex_olmo, granitemoe, granitemoeshared, phimoe, gpt_oss) and then read back through the importer
+deepseek_v2, deepseek_v3, mixtral, qwen2_moe, olmoe, qwen3_moe, glm4_moe, glm4_moe_lite, dots1, exaone_moe,
+ernie4_5_moe, minimax_m2, hunyuan_v1_moe, flex_olmo, granitemoe, granitemoeshared, phimoe, gpt_oss) and then read
+back through the importer
 (`model_spec_from_hf_config`): the export is accepted only if that gives the same spec, so the importer
 stays the one statement of what each config key means and an export can never silently change the model.
 Balance losses are the one exception: they shape training only and several have no config key in a given
@@ -51,6 +52,8 @@ EXPORT_FAMILIES: dict[str, tuple[str, str, HFLayout]] = {
     "granitemoeshared": ("GraniteMoeSharedForCausalLM", "block_sparse_moe", HFLayout.STACKED_LINEAR),
     "phimoe": ("PhimoeForCausalLM", "block_sparse_moe", HFLayout.PER_EXPERT_W123),
     "gpt_oss": ("GptOssForCausalLM", "mlp", HFLayout.STACKED),
+    "glm4_moe_lite": ("Glm4MoeLiteForCausalLM", "mlp", HFLayout.PER_EXPERT),
+    "exaone_moe": ("ExaoneMoeForCausalLM", "mlp", HFLayout.PER_EXPERT),
 }
 # Tensor names a family's checkpoint gives its router and shared MLP, where they are not the common ones
 # (keyword arguments of tensor_map.model_rules; the names import-hf detects, tensor_map.detect_router_names).
@@ -62,7 +65,7 @@ _BLOCK_NAMES: dict[str, dict[str, str]] = {
     "granitemoeshared": {"router_weight": "router.layer.weight", "layer_shared_mlp": "shared_mlp"},
 }
 # Families whose router scores are sigmoids (the rest take a softmax).
-_SIGMOID_FAMILIES = ("deepseek_v3", "glm4_moe", "dots1", "minimax_m2")
+_SIGMOID_FAMILIES = ("deepseek_v3", "glm4_moe", "dots1", "minimax_m2", "glm4_moe_lite", "exaone_moe")
 
 _HIDDEN_ACT = {Activation.SWIGLU: "silu", Activation.GEGLU: "gelu"}
 
@@ -334,13 +337,55 @@ def _gpt_oss(spec: ModelSpec) -> dict:
     return config
 
 
+def _mlp_layer_types(spec: ModelSpec) -> list[str]:
+    """GLM-4.7-Flash's and EXAONE MoE's schedule: "dense" / "sparse" per layer, so any pattern maps."""
+    return ["sparse" if spec.model.is_moe_layer(i) else "dense" for i in range(spec.model.layers)]
+
+
+def _glm4_moe_lite(spec: ModelSpec) -> dict:
+    """GLM-4.7-Flash: DeepSeek-V3's MLA and routing under GLM's keys, the schedule as mlp_layer_types."""
+    a, e, r = spec.model.attention, spec.moe.experts, spec.moe.router
+    if a.kind != AttentionKind.MLA:
+        raise _Unfit(f"{a.kind.value} attention: glm4_moe_lite's attention is MLA")
+    g = r.group_limit
+    config = _common(spec, "glm4_moe_lite")
+    config.update(n_routed_experts=e.routed, n_shared_experts=e.shared, moe_intermediate_size=e.width,
+                  num_experts_per_tok=e.top_k, norm_topk_prob=r.normalize, routed_scaling_factor=r.scaling,
+                  n_group=g.groups if g else 1, topk_group=g.kept if g else 1, mlp_layer_types=_mlp_layer_types(spec),
+                  kv_lora_rank=a.kv_lora_rank, q_lora_rank=a.q_lora_rank, qk_nope_head_dim=a.qk_nope_head_dim,
+                  qk_rope_head_dim=a.qk_rope_head_dim, v_head_dim=a.v_head_dim, attention_bias=a.qkv_bias,
+                  rope_interleave=a.rope_layout == RopeLayout.INTERLEAVED, pad_token_id=None)
+    config.setdefault("intermediate_size", e.width)
+    return config
+
+
+def _exaone_moe(spec: ModelSpec) -> dict:
+    """EXAONE MoE: the sigmoid routing of GLM-4.5 with q/k norms per head, sliding-window layers by layer_types and
+    no RoPE in the global ones once a sliding_window is set; the schedule as mlp_layer_types."""
+    m, e, r, a = spec.model, spec.moe.experts, spec.moe.router, spec.model.attention
+    g = r.group_limit
+    config = _llama_family(spec, "exaone_moe")
+    del config["attention_bias"]  # EXAONE MoE's attention has no biases and no such key
+    sliding = set(range(m.layers)) if a.sliding_layers is None else set(a.sliding_layers)
+    if a.sliding_window is not None and not a.global_nope and len(sliding) < m.layers:
+        raise _Unfit("global layers with RoPE: exaone_moe's global layers apply none once a sliding_window is set")
+    config.update(num_experts=e.routed, num_shared_experts=e.shared, moe_intermediate_size=e.width,
+                  num_experts_per_tok=e.top_k, norm_topk_prob=r.normalize, routed_scaling_factor=r.scaling,
+                  n_group=g.groups if g else 1, topk_group=g.kept if g else 1, mlp_layer_types=_mlp_layer_types(spec),
+                  sliding_window=a.sliding_window,
+                  layer_types=["sliding_attention" if a.sliding_window is not None and i in sliding
+                               else "full_attention" for i in range(m.layers)])
+    config.setdefault("intermediate_size", e.width)
+    return config
+
+
 _BUILDERS = {"deepseek_v3": lambda s: _deepseek(s, "deepseek_v3"), "deepseek_v2": lambda s: _deepseek(s, "deepseek_v2"),
              "qwen2_moe": _qwen2_moe, "olmoe": _olmoe, "mixtral": _mixtral, "qwen3_moe": _qwen3_moe,
              "glm4_moe": lambda s: _sigmoid_grouped(s, "glm4_moe"), "dots1": lambda s: _sigmoid_grouped(s, "dots1"),
              "ernie4_5_moe": _ernie4_5_moe, "minimax_m2": _minimax_m2, "hunyuan_v1_moe": _hunyuan_v1_moe,
              "flex_olmo": _flex_olmo, "granitemoe": _granitemoe,
              "granitemoeshared": lambda s: _granitemoe(s, "granitemoeshared"), "phimoe": _phimoe,
-             "gpt_oss": _gpt_oss}
+             "gpt_oss": _gpt_oss, "glm4_moe_lite": _glm4_moe_lite, "exaone_moe": _exaone_moe}
 
 
 def _semantic(data: Any, key: str = "") -> Any:

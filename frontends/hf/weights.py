@@ -26,7 +26,8 @@ from moe_ir.builder import build_graph
 from moe_ir.errors import WeightsError
 from moe_ir.interpreter import check_weights
 from moe_ir.spec import Activation, LayerSpec
-from .tensor_map import HFLayout, detect_layout, moe_block_rules
+from .tensor_map import (ROUTER_BIAS_NAMES, ROUTER_WEIGHT_NAMES, SHARED_MLP_NAMES, HFLayout, detect_layout,
+                         moe_block_rules)
 
 __all__ = ["HFLayout", "hf_layer_prefix", "read_hf_tensors", "weights_from_hf", "weights_to_hf", "detect_layout"]
 
@@ -80,10 +81,21 @@ def _check_spec(spec: LayerSpec) -> None:
         raise WeightsError(f"spec '{spec.name}' has no Hugging Face weight layout: " + "; ".join(problems))
 
 
-def _expected_hf_shapes(spec: LayerSpec, layout: HFLayout) -> dict[str, tuple[int, ...]]:
+def _block_names(names: Iterable[str]) -> dict[str, str]:
+    """The router's, its bias's and the shared MLP's names this block uses (Granite's router.layer, Hunyuan's
+    gate.wg and shared_mlp, MiniMax's block-level and ERNIE's moe_statics bias): moe_block_rules' keywords."""
+    names = set(names)
+    found = {"router_weight": next((n for n in ROUTER_WEIGHT_NAMES if n in names), None)}
+    bias = next((n for n in ROUTER_BIAS_NAMES if n in names), None)
+    shared = next((n for n in SHARED_MLP_NAMES if any(k.startswith(f"{n}.") for k in names)), None)
+    return {**found, **({"router_bias": bias} if bias else {}), **({"shared_mlp": shared} if shared else {})}
+
+
+def _expected_hf_shapes(spec: LayerSpec, layout: HFLayout, block_names: Mapping[str, str] | None = None
+                        ) -> dict[str, tuple[int, ...]]:
     our_shapes = {name: tuple(v.type.shape) for name, v in build_graph(spec).weights.items()}
     shapes: dict[str, tuple[int, ...]] = {}
-    for rule in moe_block_rules(spec, layout):
+    for rule in moe_block_rules(spec, layout, **(block_names or {})):
         shapes.update(rule.their_shapes(our_shapes))
     return shapes
 
@@ -140,14 +152,15 @@ def weights_from_hf(source: Any, spec: LayerSpec, layer_prefix: str = "", *, lay
         raise WeightsError(f"no tensors under prefix '{prefix}' in the source; pass the MoE block's prefix, "
                            "e.g. 'model.layers.3.mlp.'")
     layout = detect_layout(found) if layout is None else HFLayout(layout)
-    expected = _expected_hf_shapes(spec, layout)
+    names = _block_names(found)
+    expected = _expected_hf_shapes(spec, layout, names)
     err = _mismatch_error(f"Hugging Face weights under '{prefix}' ({layout.value} layout) do not match spec "
                           f"'{spec.name}'", expected, found)
     if err is not None:
         raise err
 
     out: dict[str, torch.Tensor] = {}
-    for rule in moe_block_rules(spec, layout):
+    for rule in moe_block_rules(spec, layout, **names):
         out.update(zip(rule.ours, rule.to_ours([found[name] for name in rule.theirs])))
 
     graph = build_graph(spec)
