@@ -630,8 +630,16 @@ def miniature_model(spec: ModelSpec, hidden: int, *, vocab_size: int = 128, head
     if a.temperature is not None:  # a temperature that moves within a short sequence
         changes["temperature"] = dataclasses.replace(a.temperature, floor_scale=min(a.temperature.floor_scale, 2.0))
     dense_width = None if m.dense_width is None else max(2, round(m.dense_width * ratio / 2) * 2)
+    attention = dataclasses.replace(a, **changes)
+    scaling = attention.rope_scaling
+    if scaling is not None and scaling.kind == RopeScalingKind.LONGROPE:  # one factor per pair of the smaller heads
+        pairs = attention.rope_dim(hidden) // 2
+
+        def pick(factors: tuple[float, ...]) -> tuple[float, ...]:
+            return tuple(factors[round(i * (len(factors) - 1) / max(pairs - 1, 1))] for i in range(pairs))
+        attention = dataclasses.replace(attention, rope_scaling=dataclasses.replace(
+            scaling, short_factor=pick(scaling.short_factor), long_factor=pick(scaling.long_factor)))
     model = dataclasses.replace(m, name=f"{m.name}-h{hidden}", hidden=hidden, vocab_size=min(vocab_size, m.vocab_size),
-                                layers=layers, **schedule, dense_width=dense_width,
-                                attention=dataclasses.replace(a, **changes))
+                                layers=layers, **schedule, dense_width=dense_width, attention=attention)
     moe = dataclasses.replace(miniature(spec.moe, hidden), name=default_moe_name(model.name))
     return ModelSpec(model=model, moe=moe, quantization=spec.quantization)

@@ -343,3 +343,22 @@ def test_longrope_frequencies_equal_transformers_longrope_and_switch_per_call():
     report = validate_model(spec, resolve_backends(["reference", "torch", "onnx:portable", "onnx:ort"]), tokens=6,
                             batch=2, weights=weights_from_hf_model(hf, spec), generate=2)
     assert report.ok, report.to_table()
+
+
+def test_longrope_miniature_keeps_a_factor_per_pair_and_validates():
+    """A miniature of a LongRoPE model (validate --shrink) takes one factor per pair of its smaller heads,
+    evenly spaced over the published ones, and validates (prefill and decode) where the short and long regimes
+    both occur (an original context of 4 positions)."""
+    from moe_ir.model_spec import miniature_model, model_spec_from_dict
+    from moe_ir.validate import validate_model
+
+    spec = model_spec_from_dict({"model": {"vocab_size": 300, "hidden": 96, "layers": 2, "attention": {
+        "kind": "gqa", "heads": 4, "kv_heads": 2, "rope_scaling": {
+            "kind": "longrope", "factor": 16.0, "original_max_positions": 4, "short_mscale": 1.2, "long_mscale": 1.4,
+            "short_factor": [1.0 + 0.1 * i for i in range(12)], "long_factor": [2.0 + 0.5 * i for i in range(12)]}}},
+        "moe": {"experts": {"routed": 4, "width": 16, "top_k": 2}}})
+    mini = miniature_model(spec, 32)
+    assert mini.model.attention.rope_scaling.short_factor == pytest.approx((1.0, 1.4, 1.7, 2.1))
+    report = validate_model(mini, resolve_backends(["reference", "torch", "onnx:portable", "onnx:ort"]), tokens=5,
+                            batch=2, generate=2)
+    assert report.ok, report.to_table()

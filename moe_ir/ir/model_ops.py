@@ -444,6 +444,10 @@ def _mha_types(node, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm, 
     expect(a["heads"] % a["kv_heads"] == 0, node, f"kv_heads={a['kv_heads']} must divide heads={a['heads']}")
     r = rope_dims(a, d)
     expect(r % 2 == 0 and 0 <= r <= d, node, f"RoPE rotates pairs of dims: {r} rotated dims of a head of {d}")
+    if is_longrope(a) and r:
+        for key in ("longrope_short_factors", "longrope_long_factors"):
+            expect(a[key] is not None and 2 * len(a[key]) == r, node, f"{key} must have one factor per rotated pair "
+                                                                      f"({r // 2})")
     expect(a["sliding_window"] is None or a["sliding_window"] >= 1, node, "sliding_window must be at least 1")
     _expect_linear(node, w_q, nq, h, "w_q")
     _expect_linear(node, w_k, nkv, h, "w_k")
