@@ -508,17 +508,22 @@ def layer_norm(x, weight, bias, eps):
     return y.to(x.dtype)
 
 
-def rope_inverse_frequencies(dim, rope, compute, device):
+def rope_inverse_frequencies(dim, rope, compute, device, long=False):
     """[dim/2] inverse frequencies 1/theta^(2i/dim) of the rotated dims. rope = (theta, layout, rotary_dim, yarn,
-    attention_factor, llama3); yarn = (factor, original_max_positions, beta_fast, beta_slow, truncate) or None;
-    llama3 = (factor, original_max_positions, low_freq_factor, high_freq_factor) or None. YaRN blends them with
+    attention_factor, llama3, longrope); yarn = (factor, original_max_positions, beta_fast, beta_slow, truncate) or
+    None; llama3 = (factor, original_max_positions, low_freq_factor, high_freq_factor) or None; longrope =
+    (short_factors, long_factors, original_max_positions, short_mscale, long_mscale) or None: each frequency
+    divided by its factor (the long ones when `long`). YaRN blends them with
     the interpolated 1/(factor theta^(2i/dim)) along a linear ramp between the dims that turn beta_fast and
     beta_slow times over the original context. Llama 3 divides the long wavelengths (above original / low) by
     the factor, keeps the short ones (below original / high) and blends linearly in original / wavelength
     between them."""
-    theta, yarn, llama3 = rope[0], rope[3], rope[5]
+    theta, yarn, llama3, longrope = rope[0], rope[3], rope[5], rope[6]
     powers = theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(compute) / dim)
     original = 1.0 / powers
+    if longrope is not None:
+        factors = torch.tensor(longrope[1] if long else longrope[0], dtype=torch.float32, device=device).to(compute)
+        return 1.0 / (factors * powers)
     if llama3 is not None:
         factor, length, low, high = llama3
         wavelength = 2 * math.pi / original
@@ -543,20 +548,24 @@ def rope_inverse_frequencies(dim, rope, compute, device):
     return 1.0 / (factor * powers) * (1 - keep) + original * keep
 
 
-def rope_angles_cos_sin(freqs, rope, like):
-    """cos and sin of the angles freqs (times the attention factor), in like's dtype."""
+def rope_angles_cos_sin(freqs, rope, like, long=False):
+    """cos and sin of the angles freqs (times the attention factor, and LongRoPE's short or long mscale), in
+    like's dtype."""
     cos, sin = freqs.cos(), freqs.sin()
-    if rope[4] != 1.0:
-        cos, sin = cos * rope[4], sin * rope[4]
+    factor = rope[4] if rope[6] is None else rope[4] * rope[6][4 if long else 3]
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
     return cos.to(like.dtype), sin.to(like.dtype)
 
 
 def rope_cos_sin(seq_len, dim, rope, like):
-    """cos, sin [S, dim/2] of positions 0..S-1; angles in float32 (float64 stays), then like's dtype."""
+    """cos, sin [S, dim/2] of positions 0..S-1; angles in float32 (float64 stays), then like's dtype. LongRoPE
+    takes its long factors when S passes the original context."""
     compute = torch.float64 if like.dtype == torch.float64 else torch.float32
-    inv_freq = rope_inverse_frequencies(dim, rope, compute, like.device)
+    long = rope[6] is not None and seq_len > rope[6][2]
+    inv_freq = rope_inverse_frequencies(dim, rope, compute, like.device, long)
     freqs = torch.arange(seq_len, device=like.device, dtype=compute)[:, None] * inv_freq[None, :]
-    return rope_angles_cos_sin(freqs, rope, like)
+    return rope_angles_cos_sin(freqs, rope, like, long)
 
 
 def rope_dim(rope, head_dim):
@@ -730,6 +739,11 @@ def rope_cos_sin_at(positions, dim, rope, like):
     compute = torch.float64 if like.dtype == torch.float64 else torch.float32
     freqs = positions.to(compute)[..., None] * rope_inverse_frequencies(dim, rope, compute, like.device)
     cos, sin = rope_angles_cos_sin(freqs, rope, like)
+    if rope[6] is not None:  # LongRoPE: the long tables when the call's last position passes the original context
+        long_freqs = positions.to(compute)[..., None] * rope_inverse_frequencies(dim, rope, compute, like.device, True)
+        long_cos, long_sin = rope_angles_cos_sin(long_freqs, rope, like, True)
+        long = positions.max() + 1 > rope[6][2]
+        cos, sin = torch.where(long, long_cos, cos), torch.where(long, long_sin, sin)
     return cos[:, None], sin[:, None]
 
 

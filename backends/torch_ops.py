@@ -244,8 +244,9 @@ def _fused_moe(node: Node) -> OpCall:
 
 def rope_descriptor(attrs) -> tuple:
     """The kernels' RoPE argument (torch_kernels.rope_inverse_frequencies): (theta, layout, rotary_dim, yarn,
-    attention_factor, llama3), yarn = (factor, original_max_positions, beta_fast, beta_slow, truncate) or None,
-    llama3 = (factor, original_max_positions, low_freq_factor, high_freq_factor) or None."""
+    attention_factor, llama3, longrope), yarn = (factor, original_max_positions, beta_fast, beta_slow, truncate) or
+    None, llama3 = (factor, original_max_positions, low_freq_factor, high_freq_factor) or None, longrope =
+    (short_factors, long_factors, original_max_positions, short_mscale, long_mscale) or None."""
     yarn = llama3 = None
     if attrs["yarn_factor"] is not None:
         yarn = (attrs["yarn_factor"], attrs["yarn_original_max_positions"], attrs["yarn_beta_fast"],
@@ -253,8 +254,13 @@ def rope_descriptor(attrs) -> tuple:
     if attrs["llama3_factor"] is not None:
         llama3 = (attrs["llama3_factor"], attrs["llama3_original_max_positions"], attrs["llama3_low_freq_factor"],
                   attrs["llama3_high_freq_factor"])
+    longrope = None
+    if attrs["longrope_short_factors"] is not None:
+        longrope = (tuple(attrs["longrope_short_factors"]), tuple(attrs["longrope_long_factors"]),
+                    attrs["longrope_original_max_positions"], attrs["longrope_short_mscale"],
+                    attrs["longrope_long_mscale"])
     return (attrs["rope_theta"], _plain(attrs["rope_layout"]), attrs["rotary_dim"], yarn,
-            attrs["rope_attention_factor"], llama3)
+            attrs["rope_attention_factor"], llama3, longrope)
 
 
 def _softmax_scale(attrs, qk_head_dim: int) -> float:

@@ -118,7 +118,12 @@ def _attention(g: Graph, spec: ModelSpec, x: Value, p: str, dtype: ElemType, lay
     rope = {"rope_theta": a.rope_theta, "rope_layout": a.layout, "norm_eps": m.rms_norm_eps,
             "rotary_dim": a.rotary_dim if a.kind != AttentionKind.MLA else None}
     scaling = a.rope_scaling
-    if scaling is not None and scaling.kind == RopeScalingKind.LLAMA3:
+    if scaling is not None and scaling.kind == RopeScalingKind.LONGROPE:
+        rope.update(longrope_short_factors=tuple(scaling.short_factor),
+                    longrope_long_factors=tuple(scaling.long_factor),
+                    longrope_original_max_positions=scaling.original_max_positions,
+                    longrope_short_mscale=scaling.short_mscale, longrope_long_mscale=scaling.long_mscale)
+    elif scaling is not None and scaling.kind == RopeScalingKind.LLAMA3:
         rope.update(llama3_factor=scaling.factor, llama3_original_max_positions=scaling.original_max_positions,
                     llama3_low_freq_factor=scaling.low_freq_factor, llama3_high_freq_factor=scaling.high_freq_factor)
     elif scaling is not None:

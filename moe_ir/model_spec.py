@@ -67,6 +67,10 @@ class RopeScalingKind(enum.StrEnum):
     # Llama 3.1: frequencies whose wavelength exceeds original_max_positions / low_freq_factor are divided by the
     # factor, those below original_max_positions / high_freq_factor kept, the ones between blended smoothly
     LLAMA3 = "llama3"
+    # LongRoPE (Phi-3): each frequency divided by its own factor, short_factor while a call's sequence (its last
+    # position + 1) stays within original_max_positions and long_factor beyond; cos and sin times short_mscale /
+    # long_mscale likewise
+    LONGROPE = "longrope"
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -106,8 +110,36 @@ class RopeScaling:
     high_freq_factor: float | None = spec_field(None, doc="llama3: wavelengths below original_max_positions / this "
                                                           "keep their frequency", exclusive_minimum=0.0,
                                                 omit_default=True)
+    short_factor: tuple[float, ...] | None = spec_field(
+        None, doc="longrope: one divisor per rotated pair while the sequence fits original_max_positions",
+        exclusive_minimum=0.0, omit_default=True)
+    long_factor: tuple[float, ...] | None = spec_field(
+        None, doc="longrope: one divisor per rotated pair once the sequence is longer", exclusive_minimum=0.0,
+        omit_default=True)
+    short_mscale: float | None = spec_field(None, doc="longrope: cos/sin multiplier of short sequences",
+                                            exclusive_minimum=0.0, omit_default=True)
+    long_mscale: float | None = spec_field(None, doc="longrope: cos/sin multiplier of long sequences",
+                                           exclusive_minimum=0.0, omit_default=True)
 
     def check(self, ctx: ParseContext, path: str) -> None:
+        longrope = ("short_factor", "long_factor", "short_mscale", "long_mscale")
+        if self.kind == RopeScalingKind.LONGROPE:
+            for name in longrope:
+                if getattr(self, name) is None:
+                    ctx.fail(join_key_path(path, name), f"kind longrope needs {name}")
+            if len(self.short_factor) != len(self.long_factor):
+                ctx.fail(join_key_path(path, "long_factor"), f"{len(self.long_factor)} long factors for "
+                                                             f"{len(self.short_factor)} short ones")
+            for name in ("mscale", "mscale_all_dim", "attention_factor", "low_freq_factor", "high_freq_factor"):
+                if getattr(self, name) is not None:
+                    ctx.fail(join_key_path(path, name), f"{name} does not belong to kind longrope")
+            if self.softmax_mscale:
+                ctx.fail(join_key_path(path, "softmax_mscale"), "softmax_mscale belongs to kind yarn")
+            return
+        for name in longrope:
+            if getattr(self, name) is not None:
+                ctx.fail(join_key_path(path, name), f"{name} belongs to kind longrope; this scaling is "
+                                                    f"{self.kind.value}")
         if self.kind == RopeScalingKind.LLAMA3:
             for name in ("low_freq_factor", "high_freq_factor"):
                 if getattr(self, name) is None:
@@ -130,8 +162,8 @@ class RopeScaling:
 
     @property
     def cos_sin_factor(self) -> float:
-        if self.kind == RopeScalingKind.LLAMA3:
-            return 1.0
+        if self.kind in (RopeScalingKind.LLAMA3, RopeScalingKind.LONGROPE):
+            return 1.0  # longrope: short_mscale / long_mscale, chosen per call
         if self.attention_factor is not None:
             return self.attention_factor
         if self.mscale and self.mscale_all_dim:
@@ -394,6 +426,11 @@ class ModelSection:
             if listed and listed[-1] >= self.layers:
                 ctx.fail(join_key_path(path, f"attention.{name}"), f"layer {listed[-1]} is not below "
                                                                    f"layers={self.layers}")
+        scaling = a.rope_scaling
+        if scaling is not None and scaling.kind == RopeScalingKind.LONGROPE and \
+                2 * len(scaling.short_factor) != a.rope_dim(self.hidden):
+            ctx.fail(join_key_path(path, "attention.rope_scaling.short_factor"),
+                     f"{len(scaling.short_factor)} factors for {a.rope_dim(self.hidden) // 2} rotated pairs")
         if a.rotary_dim is not None and a.kind != AttentionKind.MLA and a.rotary_dim > a.dim(self.hidden):
             ctx.fail(join_key_path(path, "attention.rotary_dim"), f"rotary_dim={a.rotary_dim} is more than the "
                                                                   f"head dim {a.dim(self.hidden)}")
@@ -601,8 +638,16 @@ def miniature_model(spec: ModelSpec, hidden: int, *, vocab_size: int = 128, head
     if a.temperature is not None:  # a temperature that moves within a short sequence
         changes["temperature"] = dataclasses.replace(a.temperature, floor_scale=min(a.temperature.floor_scale, 2.0))
     dense_width = None if m.dense_width is None else max(2, round(m.dense_width * ratio / 2) * 2)
+    attention = dataclasses.replace(a, **changes)
+    scaling = attention.rope_scaling
+    if scaling is not None and scaling.kind == RopeScalingKind.LONGROPE:  # one factor per pair of the smaller heads
+        pairs = attention.rope_dim(hidden) // 2
+
+        def pick(factors: tuple[float, ...]) -> tuple[float, ...]:
+            return tuple(factors[round(i * (len(factors) - 1) / max(pairs - 1, 1))] for i in range(pairs))
+        attention = dataclasses.replace(attention, rope_scaling=dataclasses.replace(
+            scaling, short_factor=pick(scaling.short_factor), long_factor=pick(scaling.long_factor)))
     model = dataclasses.replace(m, name=f"{m.name}-h{hidden}", hidden=hidden, vocab_size=min(vocab_size, m.vocab_size),
-                                layers=layers, **schedule, dense_width=dense_width,
-                                attention=dataclasses.replace(a, **changes))
+                                layers=layers, **schedule, dense_width=dense_width, attention=attention)
     moe = dataclasses.replace(miniature(spec.moe, hidden), name=default_moe_name(model.name))
     return ModelSpec(model=model, moe=moe, quantization=spec.quantization)

@@ -306,9 +306,9 @@ def test_llama4_attention_on_ort_and_compile(backend, generate):
 
     report = validate_model(_attention_only_spec(), resolve_backends(["reference", backend]), tokens=9, batch=2,
                             seed=3, generate=generate)
-    assert report.ok, report.to_dict()
-    assert all(r.status == "ok" for r in report.results), report.to_dict()
-    assert all(r.status == "ok" for g in report.generation for r in g.results), report.to_dict()
+    assert report.ok, report.to_table()
+    assert all(r.status == "ok" for r in report.results), report.to_table()
+    assert all(r.status == "ok" for g in report.generation for r in g.results), report.to_table()
     assert len(report.generation) == (1 if generate else 0)
 
 

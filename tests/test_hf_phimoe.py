@@ -243,7 +243,7 @@ def test_model_generation_and_decode_equal_prefill():
     spec = model_spec_from_hf_config(cfg)
     report = validate_model(spec, resolve_backends(["reference", "torch"]), tokens=7, batch=2,
                             weights=weights_from_hf_model(hf, spec), generate=3)
-    assert report.ok, report.to_dict()
+    assert report.ok, report.to_table()
     assert all(r.status == "ok" for r in report.results)
 
 
@@ -255,8 +255,110 @@ def test_model_defaults_and_refusals():
         theirs = defaults["rope_parameters"]["rope_theta"] if key == "rope_theta" else defaults.get(key)
         assert theirs == value, key
     for changes, key in (({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 6,
-                                            "long_factor": [1.0] * 6}}, "rope_scaling"),):
+                                            "long_factor": [1.0] * 6}},
+                          "rope_scaling.original_max_position_embeddings"),
+                         ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0, "x"], "long_factor": [1.0],
+                                            "original_max_position_embeddings": 4}}, "rope_scaling.short_factor")):
         data = {**_config().to_dict(), **changes}
         with pytest.raises(SpecError) as err:
             model_spec_from_hf_config(data)
         assert err.value.path == key, err.value
+
+
+# ------------------------------------------------------------------------------------------------
+# LongRoPE (Phi-3.5-MoE's rope_scaling): per-pair factors, short within the original context, long beyond
+
+
+def _longrope(original: int, long_equal_short: bool) -> dict:
+    pairs = H // 3 // 2  # head_dim of _config's 3 heads, in pairs
+    short = [1.0 + 0.5 * i for i in range(pairs)]
+    return {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": short, "short_mscale": 1.3,
+            "long_factor": short if long_equal_short else [2.0 + 1.5 * i for i in range(pairs)], "long_mscale": 1.7,
+            "original_max_position_embeddings": original}
+
+
+@pytest.mark.parametrize("original, long_equal_short", [(16, False), (4, True)], ids=["short", "long-mscale"])
+def test_longrope_logits_equal_transformers_on_every_backend(original, long_equal_short):
+    """Within the original context (9 tokens of 16) the short factors and short_mscale; past it (9 of 4) the long
+    mscale, with long factors equal to the short ones: transformers' PhimoeRotaryEmbedding recomputes its
+    frequencies without the sequence length, so it rotates by the short factors at every length, while LongRoPE
+    (Phi-3, and this import) takes the long factors past the original context (checked by hand below)."""
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config, weights_from_hf_model
+    from moe_ir.model_builder import build_model_graph
+
+    cfg, hf = _tiny_model(rope_parameters=_longrope(original, long_equal_short), max_position_embeddings=64)
+    spec = model_spec_from_hf_config(cfg)
+    scaling = spec.model.attention.rope_scaling
+    assert scaling.kind.value == "longrope" and (scaling.short_mscale, scaling.long_mscale) == (1.3, 1.7)
+    weights = weights_from_hf_model(hf, spec)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+    got = {"reference": interpret(build_model_graph(spec), {"input_ids": ids}, weights)["logits"]}
+    for name in ("torch", "onnx:portable", "onnx:ort"):
+        backend = get_backend(name)
+        graph = run_pipeline(build_model_graph(spec), backend.pipeline)
+        got[name] = backend.prepare(graph, {k: v for k, v in weights.items() if k in graph.weights})(ids)["logits"]
+    for name, logits in got.items():
+        print(f"max abs logits error phimoe-longrope-{original} {name}: {float((logits - expected).abs().max()):.2e}")
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=2e-5, msg=name)
+    # the mscale (or the factors) matter: plain RoPE gives other logits
+    import dataclasses
+
+    a = spec.model.attention
+    plain = dataclasses.replace(spec, model=dataclasses.replace(spec.model, attention=dataclasses.replace(
+        a, rope_scaling=None)))
+    moved = interpret(build_model_graph(plain), {"input_ids": ids}, weights)["logits"]
+    assert float((moved - expected).abs().max()) > 1e-3
+
+
+def test_longrope_frequencies_equal_transformers_longrope_and_switch_per_call():
+    """The long factors past the original context equal transformers' own LongRoPE frequencies at that length
+    (its rope init function, as Phi-3 calls it); the decode form switches on the call's last position, and in
+    the short regime decode equals prefill on every backend that lowers the model."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config, weights_from_hf_model
+    from moe_ir.ir.model_ops import rope_cos_sin, rope_cos_sin_at, rope_inverse_frequencies
+    from moe_ir.model_builder import build_model_graph
+    from moe_ir.validate import validate_model
+
+    cfg, hf = _tiny_model(rope_parameters=_longrope(6, False), max_position_embeddings=64)
+    spec = model_spec_from_hf_config(cfg)
+    attrs = next(n for n in build_model_graph(spec).nodes if n.op.value == "attention").attrs
+    d = H // 3
+    for long in (False, True):
+        theirs, _ = ROPE_INIT_FUNCTIONS["longrope"](cfg, "cpu", seq_len=7 if long else 6)
+        torch.testing.assert_close(rope_inverse_frequencies(attrs, d, torch.float32, long=long), theirs,
+                                   rtol=1e-6, atol=0)
+    x = torch.zeros(1, 1, dtype=torch.float64)
+    for length, mscale in ((6, 1.3), (7, 1.7)):  # prefill of 6 tokens: short; of 7: long
+        cos, _ = rope_cos_sin(length, d, attrs, x)
+        inv = rope_inverse_frequencies(attrs, d, torch.float64, long=length > 6)
+        torch.testing.assert_close(cos, mscale * (torch.arange(length, dtype=torch.float64)[:, None] * inv).cos())
+        at, _ = rope_cos_sin_at(torch.arange(length)[None], d, attrs, x)
+        torch.testing.assert_close(at[0, 0], cos)
+    cfg, hf = _tiny_model(rope_parameters=_longrope(16, False), max_position_embeddings=64)
+    spec = model_spec_from_hf_config(cfg)  # generation's 6-token prompts and 2 new tokens stay short
+    report = validate_model(spec, resolve_backends(["reference", "torch", "onnx:portable", "onnx:ort"]), tokens=6,
+                            batch=2, weights=weights_from_hf_model(hf, spec), generate=2)
+    assert report.ok, report.to_table()
+
+
+def test_longrope_miniature_keeps_a_factor_per_pair_and_validates():
+    """A miniature of a LongRoPE model (validate --shrink) takes one factor per pair of its smaller heads,
+    evenly spaced over the published ones, and validates (prefill and decode) where the short and long regimes
+    both occur (an original context of 4 positions)."""
+    from moe_ir.model_spec import miniature_model, model_spec_from_dict
+    from moe_ir.validate import validate_model
+
+    spec = model_spec_from_dict({"model": {"vocab_size": 300, "hidden": 96, "layers": 2, "attention": {
+        "kind": "gqa", "heads": 4, "kv_heads": 2, "rope_scaling": {
+            "kind": "longrope", "factor": 16.0, "original_max_positions": 4, "short_mscale": 1.2, "long_mscale": 1.4,
+            "short_factor": [1.0 + 0.1 * i for i in range(12)], "long_factor": [2.0 + 0.5 * i for i in range(12)]}}},
+        "moe": {"experts": {"routed": 4, "width": 16, "top_k": 2}}})
+    mini = miniature_model(spec, 32)
+    assert mini.model.attention.rope_scaling.short_factor == pytest.approx((1.0, 1.4, 1.7, 2.1))
+    report = validate_model(mini, resolve_backends(["reference", "torch", "onnx:portable", "onnx:ort"]), tokens=5,
+                            batch=2, generate=2)
+    assert report.ok, report.to_table()

@@ -31,7 +31,8 @@ from onnx import TensorProto
 
 from moe_ir.ir import ElemType, Node, Value
 from moe_ir.model_builder import MLACacheLayout
-from moe_ir.ir.model_ops import attention_scale, rope_dims, rope_inverse_frequencies
+from moe_ir.ir.model_ops import (attention_scale, is_longrope, rope_cos_sin_factor, rope_dims,
+                                 rope_inverse_frequencies)
 from moe_ir.model_spec import QKNorm, RopeLayout
 from .emit import ONNX_DTYPE
 from .lowering import Lowering
@@ -93,7 +94,30 @@ class DecoderOps(Lowering):
     # The attributes RoPE's tables depend on (layers with equal values share one table).
     ROPE_KEYS = ("rope_theta", "yarn_factor", "yarn_original_max_positions", "yarn_beta_fast", "yarn_beta_slow",
                  "yarn_truncate", "rope_attention_factor", "llama3_factor", "llama3_original_max_positions",
-                 "llama3_low_freq_factor", "llama3_high_freq_factor")
+                 "llama3_low_freq_factor", "llama3_high_freq_factor", "longrope_short_factors",
+                 "longrope_long_factors", "longrope_original_max_positions", "longrope_short_mscale",
+                 "longrope_long_mscale")
+
+    def _cos_sin(self, positions: str, dim: int, attrs, dt: ElemType, long: bool = False) -> tuple[str, str]:
+        """cos, sin of positions (float32, any shape ending in 1) times the inverse frequencies (the reference's,
+        computed at export; LongRoPE's long ones when `long`), times the cos/sin factor, in dt."""
+        em = self.em
+        inv_freq = rope_inverse_frequencies(attrs, dim, torch.float32, long=long).numpy()
+        angles = em.op("Mul", [positions, em.const(inv_freq, np.float32, "inv_freq")])
+        cos, sin = em.op("Cos", [angles]), em.op("Sin", [angles])
+        factor = rope_cos_sin_factor(attrs, long)
+        if factor != 1.0:
+            scale = em.const(np.float32(factor), np.float32, "rope_attention_factor")
+            cos, sin = em.op("Mul", [cos, scale]), em.op("Mul", [sin, scale])
+        return em.cast(cos, ElemType.FLOAT32, dt), em.cast(sin, ElemType.FLOAT32, dt)
+
+    def _long_or_short(self, last: str, positions: str, dim: int, attrs, dt: ElemType) -> tuple[str, str]:
+        """LongRoPE's tables: the long ones where the call's sequence (`last`, i64 [1]: its last position + 1)
+        passes the original context, else the short ones (model_ops.rope_cos_sin / rope_cos_sin_at)."""
+        em = self.em
+        short, long = self._cos_sin(positions, dim, attrs, dt), self._cos_sin(positions, dim, attrs, dt, True)
+        is_long = em.op("Greater", [last, em.const([attrs["longrope_original_max_positions"]])])
+        return tuple(em.op("Where", [is_long, b, a]) for a, b in zip(short, long))
 
     def _rope_tables(self, x: str, dim: int, attrs, dt: ElemType) -> tuple[str, str]:
         """cos, sin [S, dim/2] for positions 0..S-1 of x [B, S, .], as model_ops.rope_cos_sin computes them:
@@ -102,17 +126,14 @@ class DecoderOps(Lowering):
         key = ("rope", dim, dt) + tuple(attrs[k] for k in self.ROPE_KEYS)
         if key not in self.shared:
             em = self.em
-            inv_freq = rope_inverse_frequencies(attrs, dim, torch.float32).numpy()
-            positions = em.op("Cast", [em.op("Range", [em.const(0), self._seq_len(x), em.const(1)])],
-                              to=TensorProto.FLOAT)
-            angles = em.op("Mul", [em.op("Unsqueeze", [positions, em.const([1])]),
-                                   em.const(inv_freq, np.float32, "inv_freq")])
-            cos, sin = em.op("Cos", [angles]), em.op("Sin", [angles])
-            factor = attrs["rope_attention_factor"]
-            if factor != 1.0:
-                scale = em.const(np.float32(factor), np.float32, "rope_attention_factor")
-                cos, sin = em.op("Mul", [cos, scale]), em.op("Mul", [sin, scale])
-            self.shared[key] = (self.em.cast(cos, ElemType.FLOAT32, dt), self.em.cast(sin, ElemType.FLOAT32, dt))
+            length = self._seq_len(x)
+            positions = em.op("Cast", [em.op("Range", [em.const(0), length, em.const(1)])], to=TensorProto.FLOAT)
+            positions = em.op("Unsqueeze", [positions, em.const([1])])
+            if is_longrope(attrs):
+                last = em.op("Unsqueeze", [length, em.const([0])])
+                self.shared[key] = self._long_or_short(last, positions, dim, attrs, dt)
+            else:
+                self.shared[key] = self._cos_sin(positions, dim, attrs, dt)
         return self.shared[key]
 
     def _seq_len(self, x: str) -> str:
@@ -342,15 +363,13 @@ class DecoderOps(Lowering):
         key = ("rope_at", dim, dt) + tuple(attrs[k] for k in self.ROPE_KEYS)
         if key not in self.shared:
             em = self.em
-            inv_freq = rope_inverse_frequencies(attrs, dim, torch.float32).numpy()
             positions = em.op("Cast", [em.op("Unsqueeze", [position_ids, em.const([1, 3])])], to=TensorProto.FLOAT)
-            angles = em.op("Mul", [positions, em.const(inv_freq, np.float32, "inv_freq")])   # [B, 1, S, dim/2]
-            cos, sin = em.op("Cos", [angles]), em.op("Sin", [angles])
-            factor = attrs["rope_attention_factor"]
-            if factor != 1.0:
-                scale = em.const(np.float32(factor), np.float32, "rope_attention_factor")
-                cos, sin = em.op("Mul", [cos, scale]), em.op("Mul", [sin, scale])
-            self.shared[key] = (em.cast(cos, ElemType.FLOAT32, dt), em.cast(sin, ElemType.FLOAT32, dt))
+            if is_longrope(attrs):   # [B, 1, S, dim/2] tables
+                last = em.op("Add", [em.op("ReduceMax", [position_ids], keepdims=0), em.const(1)])
+                last = em.op("Unsqueeze", [last, em.const([0])])
+                self.shared[key] = self._long_or_short(last, positions, dim, attrs, dt)
+            else:
+                self.shared[key] = self._cos_sin(positions, dim, attrs, dt)
         return self.shared[key]
 
     def _hidden_keys(self, x: str, attention_mask: str, window: int | None = None, chunk: int | None = None,

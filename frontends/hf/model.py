@@ -17,7 +17,8 @@ Attention per family (transformers 5.23):
   gpt_oss                           Llama attention (half RoPE), attention_bias on q, k, v and o, head_dim, attention
                                     sinks; sliding_attention layers and YaRN are refused (not modelled yet)
   phimoe                            Llama attention, attention_bias on q, k, v and o; LayerNorm (weight and
-                                    bias) norms; lm_head_bias; a sliding window in every layer; longrope is refused
+                                    bias) norms; lm_head_bias; a sliding window in every layer; LongRoPE (long factors
+                                    past the original context, where transformers' PhiMoE keeps the short ones)
   llama4_text                       Llama attention, RoPE on complex pairs (interleaved), NoPE layers (no_rope_layers)
                                     with the query temperature, chunked attention in the layers layer_types names,
                                     the weightless q/k norm after RoPE (use_qk_norm), dense layers of
@@ -32,6 +33,7 @@ The dense FFNs use the experts' activation (the families build every MLP from hi
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Mapping
 
@@ -164,7 +166,7 @@ def _config(data: Mapping[str, Any], model_type: str, file: str | None) -> Famil
 # rope_type -> what moe-ir lacks to model it (one line for the refusal).
 _ROPE_TYPES_MISSING = {
     "linear": "linear position interpolation", "dynamic": "dynamic NTK scaling (frequencies that change with "
-    "the sequence length)", "longrope": "LongRoPE per-dim factors",
+    "the sequence length)",
     "proportional": "proportional RoPE",
 }
 
@@ -207,6 +209,8 @@ def _rope(c: FamilyConfig) -> dict[str, Any]:
     if rope_type == "dynamic" and c.model_type in _NTK_ALPHA and section.get("alpha") is not None:
         out["rope_theta"] = _ntk_alpha_theta(c, key, section, out["rope_theta"])
         return out
+    if rope_type == "longrope":
+        return {**out, "rope_scaling": _longrope(c, key, section)}
     if rope_type == "llama3":
         scaling = {"kind": "llama3"}
         for name, ours, kind in (("factor", "factor", float), ("original_max_position_embeddings",
@@ -220,7 +224,7 @@ def _rope(c: FamilyConfig) -> dict[str, Any]:
     if rope_type != "yarn":
         missing = _ROPE_TYPES_MISSING.get(rope_type, f"the RoPE type {str(rope_type)[:40]!r}")
         raise c.fail(key, f"RoPE scaling '{str(rope_type)[:40]}' needs {missing}, which moe-ir does not model; "
-                          "it models plain RoPE, YaRN and Llama 3's scaling")
+                          "it models plain RoPE, YaRN, Llama 3's scaling and LongRoPE")
     original = section.get("original_max_position_embeddings")
     if original is None:
         original = c.get("max_position_embeddings", int)
@@ -256,6 +260,35 @@ def _ntk_alpha_theta(c: FamilyConfig, key: str, section: Mapping[str, Any], thet
     if dim <= 2:
         raise c.fail("head_dim", f"head_dim={dim}: NTK-alpha scaling needs a head of more than 2 dims")
     return theta * alpha ** (dim / (dim - 2))
+
+
+def _longrope(c: FamilyConfig, key: str, section: Mapping[str, Any]) -> dict[str, Any]:
+    """LongRoPE's section: the short and long per-pair factors and the original context; the cos/sin multipliers
+    PhiMoE states (short_mscale, long_mscale), or else attention_factor for both (default
+    sqrt(1 + ln(factor) / ln(original)), factor = max_position_embeddings / original, as transformers computes it)."""
+    original = section.get("original_max_position_embeddings")
+    if original is None:
+        raise c.fail(f"{key}.original_max_position_embeddings", "LongRoPE needs original_max_position_embeddings")
+    original = _rope_number(c, key, section, "original_max_position_embeddings", int)
+    factors = {}
+    for name in ("short_factor", "long_factor"):
+        values = section.get(name)
+        if not isinstance(values, list) or not values or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+            raise c.fail(f"{key}.{name}", f"expected a list of positive numbers, found {str(values)[:60]}")
+        factors[name] = [float(v) for v in values]
+    factor = _rope_number(c, key, section, "factor") if section.get("factor") is not None else \
+        c.get("max_position_embeddings", int) / original
+    if section.get("short_mscale") is not None and section.get("long_mscale") is not None:
+        short, long = (_rope_number(c, key, section, name) for name in ("short_mscale", "long_mscale"))
+    else:
+        if section.get("attention_factor") is not None:
+            short = _rope_number(c, key, section, "attention_factor")
+        else:
+            short = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+        long = short
+    return {"kind": "longrope", "factor": factor, "original_max_positions": original, **factors,
+            "short_mscale": short, "long_mscale": long}
 
 
 def _rotary_dim(c: FamilyConfig, head_dim: int) -> int | None:

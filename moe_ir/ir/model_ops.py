@@ -15,7 +15,10 @@ leading dims, as transformers' partial rotary embedding; the rest pass through),
 the interpolated 1/(factor theta^(2i/r)) when `yarn_factor` is set (moe_ir.model_spec.RopeScaling); cos and sin
 are multiplied by `rope_attention_factor`; the softmax scale is `softmax_scale` when set (DeepSeek's YaRN
 correction), else 1/sqrt(query/key head dim). Llama 3's scaling (`llama3_factor`) divides the long wavelengths
-by the factor and blends the middle band (moe_ir.model_spec.RopeScaling).
+by the factor and blends the middle band (moe_ir.model_spec.RopeScaling). LongRoPE (`longrope_*`) divides each
+frequency by its own factor and multiplies cos/sin by an mscale, the short ones while a call's last position + 1
+stays within longrope_original_max_positions and the long ones beyond (per call, as Phi-3 does: a decode step
+past the boundary rotates new tokens by the long factors while the cache keeps keys rotated by the short ones).
 Llama 4's attention (mha/gqa): `chunk_size` hides keys whose position falls in another chunk than the query's
 (position // chunk_size); `temperature_floor_scale` multiplies the queries of a layer without RoPE by
 1 + temperature_scale * ln(1 + floor((position + 1) / floor_scale)); qk_norm `weightless_after_rope` divides each
@@ -101,13 +104,20 @@ def _llama3_frequencies(attrs, original: torch.Tensor) -> torch.Tensor:
     return scaled
 
 
-def rope_inverse_frequencies(attrs, dim: int, compute: torch.dtype, device=None) -> torch.Tensor:
+def is_longrope(attrs) -> bool:
+    return attrs.get("longrope_short_factors") is not None
+
+
+def rope_inverse_frequencies(attrs, dim: int, compute: torch.dtype, device=None, long: bool = False) -> torch.Tensor:
     """[dim/2] inverse frequencies of the rotated dims: 1/theta^(2i/dim), blended by YaRN (RopeScaling) with the
-    interpolated 1/(factor theta^(2i/dim)) when yarn_factor is set, or scaled as Llama 3 does when llama3_factor
-    is."""
+    interpolated 1/(factor theta^(2i/dim)) when yarn_factor is set, scaled as Llama 3 does when llama3_factor
+    is, or divided by LongRoPE's per-pair factors (the long ones when `long`)."""
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(compute) / dim
     powers = attrs["rope_theta"] ** exponents
     original = 1.0 / powers
+    if is_longrope(attrs):
+        factors = attrs["longrope_long_factors" if long else "longrope_short_factors"]
+        return 1.0 / (torch.tensor(factors, dtype=torch.float32, device=device).to(compute) * powers)
     if attrs.get("llama3_factor") is not None:
         return _llama3_frequencies(attrs, original)
     factor = attrs["yarn_factor"]
@@ -130,21 +140,35 @@ def rope_cos_sin(seq_len: int, dim: int, attrs, like: torch.Tensor) -> tuple[tor
     """cos, sin [S, dim/2] for positions 0..S-1 (float32 as transformers computes them; float64 stays), times
     rope_attention_factor."""
     positions = torch.arange(seq_len, device=like.device)
+    long = is_longrope(attrs) and seq_len > attrs["longrope_original_max_positions"]
     return _cos_sin(positions[:, None].to(torch.float64 if like.dtype == torch.float64 else torch.float32),
-                    dim, attrs, like)
+                    dim, attrs, like, long)
 
 
 def rope_cos_sin_at(positions: torch.Tensor, dim: int, attrs, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [B, 1, S, dim/2] for the positions i64 [B, S] of each token (broadcast over heads)."""
     compute = torch.float64 if like.dtype == torch.float64 else torch.float32
     cos, sin = _cos_sin(positions.to(compute)[..., None], dim, attrs, like)
+    if is_longrope(attrs):  # the long tables when the call's last position passes the original context
+        long_cos, long_sin = _cos_sin(positions.to(compute)[..., None], dim, attrs, like, True)
+        long = positions.max() + 1 > attrs["longrope_original_max_positions"]
+        cos, sin = torch.where(long, long_cos, cos), torch.where(long, long_sin, sin)
     return cos[:, None], sin[:, None]
 
 
-def _cos_sin(positions: torch.Tensor, dim: int, attrs, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    freqs = positions * rope_inverse_frequencies(attrs, dim, positions.dtype, like.device)
-    cos, sin = freqs.cos(), freqs.sin()
+def rope_cos_sin_factor(attrs, long: bool = False) -> float:
+    """The multiplier of cos and sin: rope_attention_factor, times LongRoPE's short or long mscale."""
     factor = attrs["rope_attention_factor"]
+    if is_longrope(attrs):
+        factor = factor * attrs["longrope_long_mscale" if long else "longrope_short_mscale"]
+    return factor
+
+
+def _cos_sin(positions: torch.Tensor, dim: int, attrs, like: torch.Tensor,
+             long: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = positions * rope_inverse_frequencies(attrs, dim, positions.dtype, like.device, long)
+    cos, sin = freqs.cos(), freqs.sin()
+    factor = rope_cos_sin_factor(attrs, long)
     if factor != 1.0:
         cos, sin = cos * factor, sin * factor
     return cos.to(like.dtype), sin.to(like.dtype)
@@ -381,7 +405,14 @@ _ROPE_ATTRS = {"rope_theta": Attr(float, 10000.0), "rope_layout": Attr(RopeLayou
                "llama3_original_max_positions": Attr(int, 8192, "Llama 3 scaling: the pretraining context",
                                                      quiet=True),
                "llama3_low_freq_factor": Attr(float, 1.0, quiet=True),
-               "llama3_high_freq_factor": Attr(float, 4.0, quiet=True)}
+               "llama3_high_freq_factor": Attr(float, 4.0, quiet=True),
+               # LongRoPE (Phi-3): per-pair divisors and cos/sin multipliers, short or long by the call's length
+               "longrope_short_factors": Attr((tuple, type(None)), None, "LongRoPE divisors per rotated pair while "
+                                              "the sequence fits the original context; None: none", quiet=True),
+               "longrope_long_factors": Attr((tuple, type(None)), None, "LongRoPE divisors beyond it", quiet=True),
+               "longrope_original_max_positions": Attr(int, 4096, "LongRoPE: the pretraining context", quiet=True),
+               "longrope_short_mscale": Attr(float, 1.0, quiet=True),
+               "longrope_long_mscale": Attr(float, 1.0, quiet=True)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -416,6 +447,10 @@ def _mha_types(node, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm, 
     expect(a["heads"] % a["kv_heads"] == 0, node, f"kv_heads={a['kv_heads']} must divide heads={a['heads']}")
     r = rope_dims(a, d)
     expect(r % 2 == 0 and 0 <= r <= d, node, f"RoPE rotates pairs of dims: {r} rotated dims of a head of {d}")
+    if is_longrope(a) and r:
+        for key in ("longrope_short_factors", "longrope_long_factors"):
+            expect(a[key] is not None and 2 * len(a[key]) == r, node, f"{key} must have one factor per rotated pair "
+                                                                      f"({r // 2})")
     expect(a["sliding_window"] is None or a["sliding_window"] >= 1, node, "sliding_window must be at least 1")
     expect(a["clip_qkv"] is None or a["clip_qkv"] > 0, node, "clip_qkv must be positive")
     _expect_linear(node, w_q, nq, h, "w_q")

@@ -74,7 +74,7 @@ class LossKind(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Attr:
-    type: Any  # int, float, bool, an Enum class, or a tuple of those (e.g. (float, type(None)))
+    type: Any  # int, float, bool, an Enum class, tuple (of numbers), or a tuple of those (e.g. (float, type(None)))
     default: Any = ...  # ... = required
     doc: str = ""
     quiet: bool = False  # the text form leaves the attribute out while it holds its default
@@ -89,6 +89,9 @@ class Attr:
             if t is int and isinstance(value, int) and not isinstance(value, bool):
                 return True
             if t is bool and isinstance(value, bool):
+                return True
+            if t is tuple and isinstance(value, tuple) and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
                 return True
             if isinstance(t, type) and issubclass(t, enum.Enum) and isinstance(value, t):
                 return True

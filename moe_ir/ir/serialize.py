@@ -31,6 +31,8 @@ def _attr_from_json(spec_type: Any, value: Any) -> Any:
             return t(value)
         if t is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
+        if t is tuple and isinstance(value, list):
+            return tuple(float(v) for v in value)
     return value
 
 
