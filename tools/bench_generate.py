@@ -171,36 +171,37 @@ class Transformers:
         return out[:, ids.shape[1]:], first, max(whole - first, 1e-9)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=16, help="decoder layers (16: 2.09B parameters)")
+def common_arguments(parser: argparse.ArgumentParser, *, layers: int, new_tokens: int) -> None:
+    """The options both generation benchmarks take (this one and bench_generate_onnx.py)."""
+    parser.add_argument("--layers", type=int, default=layers, help="decoder layers (16: 2.09B parameters)")
     parser.add_argument("--prompt", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=new_tokens)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "moe-ir-bench-generate",
                         help="where the checkpoint and builds go (default: moe-ir-bench-generate in the temp folder)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
 
-    print(f"# {cpu_model()}, torch {torch.__version__}, {args.threads} threads", flush=True)
-    folder = checkpoint(args.workdir, args.layers)
-    ours = MoeIR(folder)
-    theirs = Transformers(folder)
+
+def print_model_line(args, contender, layers: int) -> float:
+    """The model and roofline header; returns the batch-1 decode bound in tokens/s (read bandwidth measured now)."""
     bandwidth = read_bandwidth()
-    bound = bandwidth * 1e9 / ours.bytes_per_token
-    print(f"# model: OLMoE-shaped, {args.layers} layers, {ours.params / 1e9:.2f}B parameters, "
-          f"{ours.bytes_per_token / 1e9:.2f} GB of activated parameters read per token (float32); read bandwidth "
+    bound = bandwidth * 1e9 / contender.bytes_per_token
+    print(f"# model: OLMoE-shaped, {layers} layers, {contender.params / 1e9:.2f}B parameters, "
+          f"{contender.bytes_per_token / 1e9:.2f} GB of activated parameters read per token (float32); read bandwidth "
           f"{bandwidth:.1f} GB/s -> batch-1 decode bound {bound:.2f} tokens/s", flush=True)
     print(f"# prompt {args.prompt}, {args.new_tokens} new tokens, greedy, median of {args.repeats} interleaved repeats",
           flush=True)
+    return bound
 
+
+def run_interleaved(contenders, args):
+    """Every contender at every batch, --repeats times, interleaved (after a warm-up at every batch with the full
+    prompts: first-call costs such as the allocator, thread pools and the first touch of weight pages a loader
+    left memory-mapped stay out). Returns ({(label, batch): [(prefill tok/s, decode tok/s, +MiB)]},
+    {(label, batch): the last run's new tokens})."""
     gen = torch.Generator().manual_seed(1)
     prompts = {b: torch.randint(0, SHAPE["vocab_size"], (b, args.prompt), generator=gen) for b in args.batches}
-    contenders = (ours, theirs)
-    # Warm-up at every batch with the full prompts: first-call costs (allocator, thread pool, the first touch
-    # of weight pages a checkpoint loader left memory-mapped) stay out of the table.
     for b in args.batches:
         for c in contenders:
             c.run(prompts[b], 4)
@@ -216,20 +217,49 @@ def main(argv=None) -> int:
                 tokens[(c.label, b)] = out
                 print(f"  repeat {repeat + 1} batch {b} {c.label}: prefill {row[0]:.1f} tok/s, decode {row[1]:.2f} "
                       f"tok/s, +{row[2]:.0f} MiB", file=sys.stderr, flush=True)
+    return results, tokens
 
-    print("\n| batch | backend | prefill tokens/s | decode tokens/s | vs transformers | of roofline | peak memory |")
+
+def print_table(contenders, results, base, bound: float, batches) -> None:
+    """Medians per batch and contender, decode against `base` (a contender) and batch 1 against the roofline."""
+    print(f"\n| batch | path | prefill tokens/s | decode tokens/s | vs {base.label} | of roofline | peak memory |")
     print("|---|---|---|---|---|---|---|")
-    for b in args.batches:
-        base = statistics.median(r[1] for r in results[(theirs.label, b)])
+    for b in batches:
+        base_decode = statistics.median(r[1] for r in results[(base.label, b)])
         for c in contenders:
             rows = results[(c.label, b)]
             prefill, decode = statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)
             roof = f"{decode / bound:.0%}" if b == 1 else "-"
-            print(f"| {b} | {c.label} | {prefill:.1f} | {decode:.2f} | {decode / base:.2f}x | {roof} | "
+            print(f"| {b} | {c.label} | {prefill:.1f} | {decode:.2f} | {decode / base_decode:.2f}x | {roof} | "
                   f"+{max(r[2] for r in rows):.0f} MiB |")
-    for b in args.batches:
-        same = torch.equal(tokens[(ours.label, b)], tokens[(theirs.label, b)])
-        print(f"# batch {b}: greedy tokens {'identical' if same else 'DIFFER'} between moe-ir and transformers")
+
+
+def print_token_agreement(contenders, tokens, reference, batches) -> None:
+    """Per batch, which contenders' greedy tokens equal `reference`'s."""
+    for b in batches:
+        ref = tokens[(reference.label, b)]
+        others = [c.label for c in contenders if c is not reference]
+        same = [label for label in others if torch.equal(tokens[(label, b)], ref)]
+        differ = [label for label in others if label not in same]
+        print(f"# batch {b}: greedy tokens identical to {reference.label}: {', '.join(same) or 'none'}"
+              + (f"; DIFFER: {', '.join(differ)}" if differ else ""))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common_arguments(parser, layers=16, new_tokens=64)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    print(f"# {cpu_model()}, torch {torch.__version__}, {args.threads} threads", flush=True)
+    folder = checkpoint(args.workdir, args.layers)
+    ours = MoeIR(folder)
+    theirs = Transformers(folder)
+    bound = print_model_line(args, ours, args.layers)
+    contenders = (ours, theirs)
+    results, tokens = run_interleaved(contenders, args)
+    print_table(contenders, results, theirs, bound, args.batches)
+    print_token_agreement(contenders, tokens, theirs, args.batches)
     return 0
 
 

@@ -22,12 +22,10 @@ tokens/s. The table gives each batch-1 row's fraction of it.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import contextlib
 import gc
 import io
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,7 +39,8 @@ from moe_ir.generation import greedy_generate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_eager import cpu_model  # noqa: E402 - the tools folder is not a package
-from bench_generate import SHAPE, MoeIR, PeakResident, Transformers, checkpoint, read_bandwidth  # noqa: E402
+from bench_generate import (MoeIR, Transformers, checkpoint, common_arguments, print_model_line,  # noqa: E402
+                            print_table, print_token_agreement, run_interleaved)
 
 
 def build_decoder(folder: Path, workdir: Path, threads: int) -> tuple[Path, list[str]]:
@@ -114,14 +113,7 @@ class OnnxRunner:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=4, help="decoder layers (16: 2.09B parameters)")
-    parser.add_argument("--prompt", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "moe-ir-bench-generate",
-                        help="where the checkpoint and builds go (default: moe-ir-bench-generate in the temp folder)")
+    common_arguments(parser, layers=4, new_tokens=32)
     parser.add_argument("--no-transformers", action="store_true", help="leave transformers' generate out")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -139,48 +131,10 @@ def main(argv=None) -> int:
     contenders = [GenAI(decoder_folder), OnnxRunner(decoder_folder, args.threads), eager]
     if not args.no_transformers:
         contenders.append(Transformers(folder))
-    bandwidth = read_bandwidth()
-    bound = bandwidth * 1e9 / eager.bytes_per_token
-    print(f"# model: OLMoE-shaped, {args.layers} layers, {eager.params / 1e9:.2f}B parameters, "
-          f"{eager.bytes_per_token / 1e9:.2f} GB of activated parameters read per token (float32); read bandwidth "
-          f"{bandwidth:.1f} GB/s -> batch-1 decode bound {bound:.2f} tokens/s", flush=True)
-    print(f"# prompt {args.prompt}, {args.new_tokens} new tokens, greedy, median of {args.repeats} interleaved repeats",
-          flush=True)
-
-    gen = torch.Generator().manual_seed(1)
-    prompts = {b: torch.randint(0, SHAPE["vocab_size"], (b, args.prompt), generator=gen) for b in args.batches}
-    for b in args.batches:   # warm-up: first-call costs stay out of the table
-        for c in contenders:
-            c.run(prompts[b], 4)
-    results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
-    tokens: dict[tuple[str, int], torch.Tensor] = {}
-    for repeat in range(args.repeats):
-        for b in args.batches:
-            for c in contenders:
-                with PeakResident() as mem:
-                    out, prefill_s, decode_s = c.run(prompts[b], args.new_tokens)
-                row = (b * args.prompt / prefill_s, b * (args.new_tokens - 1) / decode_s, mem.extra_mib)
-                results.setdefault((c.label, b), []).append(row)
-                tokens[(c.label, b)] = out
-                print(f"  repeat {repeat + 1} batch {b} {c.label}: prefill {row[0]:.1f} tok/s, decode {row[1]:.2f} "
-                      f"tok/s, +{row[2]:.0f} MiB", file=sys.stderr, flush=True)
-
-    print(f"\n| batch | path | prefill tokens/s | decode tokens/s | vs {eager.label} | of roofline | peak memory |")
-    print("|---|---|---|---|---|---|---|")
-    for b in args.batches:
-        base = statistics.median(r[1] for r in results[(eager.label, b)])
-        for c in contenders:
-            rows = results[(c.label, b)]
-            prefill, decode = statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)
-            roof = f"{decode / bound:.0%}" if b == 1 else "-"
-            print(f"| {b} | {c.label} | {prefill:.1f} | {decode:.2f} | {decode / base:.2f}x | {roof} | "
-                  f"+{max(r[2] for r in rows):.0f} MiB |")
-    for b in args.batches:
-        ref = tokens[(eager.label, b)]
-        same = [c.label for c in contenders if c is not eager and torch.equal(tokens[(c.label, b)], ref)]
-        differ = [c.label for c in contenders if c is not eager and c.label not in same]
-        print(f"# batch {b}: greedy tokens identical to moe-ir eager: {', '.join(same) or 'none'}"
-              + (f"; DIFFER: {', '.join(differ)}" if differ else ""))
+    bound = print_model_line(args, eager, args.layers)
+    results, tokens = run_interleaved(contenders, args)
+    print_table(contenders, results, eager, bound, args.batches)
+    print_token_agreement(contenders, tokens, eager, args.batches)
     return 0
 
 
