@@ -36,7 +36,7 @@ from onnx import TensorProto
 
 from moe_ir.errors import BackendError
 from moe_ir.ir import ElemType, Graph, GraphKind, Node, OpCode, Value
-from moe_ir.ir.model_ops import attention_scale, rope_dims
+from moe_ir.ir.model_ops import attention_scale
 from moe_ir.model_builder import is_decode_graph
 from moe_ir.model_spec import QKNorm, RopeLayout
 from moe_ir.quantization import quantized_formats
@@ -213,36 +213,19 @@ class OrtLowering(PortableLowering):
     def _lower_cached_attention(self, node: Node) -> None:
         if gqa_refusal(node):
             return super()._lower_cached_attention(node)
-        em, a = self.em, node.attrs
-        x = node.inputs[0]
-        dt = x.type.dtype
+        em, a, dt = self.em, node.attrs, node.inputs[0].type.dtype
         heads, kv_heads, d = a["heads"], a["kv_heads"], a["head_dim"]
-        norm, eps = a["qk_norm"], a["norm_eps"]
-        xs = self.operand(x)
-        tokens = em.op("Reshape", [xs, em.const([-1, x.type.shape[2]])])
-        batch_seq = em.op("Shape", [xs], start=0, end=2)
-        q, k, v = (self._project(tokens, node.input(f"w_{p}"), node.input(f"b_{p}"), dt) for p in "qkv")
-        if norm == QKNorm.FULL:
-            q = self._rms_norm(q, node.input("q_norm"), eps, dt)
-            k = self._rms_norm(k, node.input("k_norm"), eps, dt)
+        positions = self.operand(node.input("position_ids"))
+        # the portable front (projections, q/k norms, RoPE at position_ids), then GroupQueryAttention with its own
+        # rotary off
+        xs, batch_seq, q, k, v = self._mha_heads(node, lambda xs, r: self._rope_tables_at(positions, r, a, dt))
 
-        rotated = rope_dims(a, d)
-        rope = self._rope_tables_at(self.operand(node.input("position_ids")), rotated, a, dt)
-        rope = tuple(em.op("Transpose", [t], perm=[0, 2, 1, 3]) for t in rope)   # [B, S, 1, d/2]
-
-        def tokens_of(t: str, n: int, norm_weight: str | None) -> str:
-            """[B*S, n*d] -> [B, S, n*d]; queries and keys normalised per head (where the model does) and
-            rotated by their position_ids, in a per-head view [B, S, n, d]."""
-            if norm_weight is not None:
-                t = em.op("Reshape", [t, em.op("Concat", [batch_seq, em.const([n, d])], axis=0)], allowzero=1)
-                if norm == QKNorm.HEAD:
-                    t = self._rms_norm(t, node.input(norm_weight), eps, dt)
-                t = self._rope(t, d, rope, a["rope_layout"], rotated)
+        def tokens_of(t: str, n: int) -> str:
+            """[B, n, S, d] -> [B, S, n*d], GroupQueryAttention's layout."""
+            t = em.op("Transpose", [t], perm=[0, 2, 1, 3])
             return em.op("Reshape", [t, em.op("Concat", [batch_seq, em.const([n * d])], axis=0)], allowzero=1)
 
-        query = tokens_of(q, heads, "q_norm")
-        key = tokens_of(k, kv_heads, "k_norm")
-        value = tokens_of(v, kv_heads, None)
+        query, key, value = tokens_of(q, heads), tokens_of(k, kv_heads), tokens_of(v, kv_heads)
         seqlens, total, bias = self._gqa_inputs(xs, node)
         out = em.op("GroupQueryAttention", [query, key, value, self.operand(node.input("past_key")),
                                             self.operand(node.input("past_value")), seqlens, total, "", "", "", bias],
