@@ -37,12 +37,13 @@ from torch import nn
 
 from moe_ir.builder import build_graph
 from moe_ir.errors import BackendError, WeightsError
-from moe_ir.ir import Graph, Node, OpCode, Value, ValueKind
+from moe_ir.ir import Graph, Node, OpCode, Value
 from moe_ir.params import init_weights
 from moe_ir.passes import run_pipeline
 from moe_ir.spec import LayerSpec, SharedPlacement
 from .. import torch_kernels as K
 from ..torch_ops import dense_ffn, expert_ffns, kernel_ffn_attrs, lower_node, node_results
+from ..torch_params import register_graph_weights
 from .comm import all_to_all_rows, exchange_counts, gather_counts
 from .losses import communication_balance_loss
 from .lower import RoutedPath, check_graph, routed_path
@@ -87,10 +88,6 @@ class _Step(NamedTuple):
     run: Callable[[list, Mapping[str, Any]], tuple]   # (operands, run-time arguments) -> one value per output
     inputs: tuple[str | None, ...]
     outputs: tuple[str, ...]
-
-
-class _Params(nn.Module):
-    """A namespace in the parameter tree (`router`, `experts`, `shared.0`, ...)."""
 
 
 def _stored_source(value: Value) -> Value:
@@ -164,20 +161,7 @@ class ExpertParallelMoE(nn.Module):
             raise WeightsError(f"rank {self.rank}: the weight shard does not match the placement (see "
                                f"backends/expert_parallel/placement.py): missing {missing}"
                                + (f", wrong shape: {'; '.join(wrong)}" if wrong else ""))
-        self._slots: list[tuple[str, nn.Module, str]] = []
-        for name, value in self.graph.weights.items():
-            *path, leaf = name.split(".")
-            owner: nn.Module = self
-            for part in path:
-                if part not in owner._modules:
-                    owner.add_module(part, _Params())
-                owner = owner._modules[part]
-            tensor = weights[name].detach().clone()
-            if value.kind == ValueKind.BUFFER:
-                owner.register_buffer(leaf, tensor)
-            else:
-                owner.register_parameter(leaf, nn.Parameter(tensor))
-            self._slots.append((name, owner, leaf))
+        self._slots = register_graph_weights(self, self.graph, weights)
 
     # -- lowering ---------------------------------------------------------------------------------------
 

@@ -28,12 +28,13 @@ from moe_ir.errors import BackendError, WeightsError
 from moe_ir.generation import KVCache, decode_inputs, greedy_generate
 from moe_ir.interpreter import check_weights
 from moe_ir.model_builder import cache_entries, is_decode_graph
-from moe_ir.ir import MODEL_INPUT, MODEL_OUTPUT, Graph, GraphKind, OpCode, ValueKind
+from moe_ir.ir import MODEL_INPUT, MODEL_OUTPUT, Graph, GraphKind, OpCode
 from moe_ir.params import init_weights, load_weights, save_weights
 from moe_ir.spec import LayerSpec
 from .. import torch_kernels as K
 from ..base import check_token_ids
 from ..torch_ops import lower_node, unsupported_ops, weight_only_nodes
+from ..torch_params import register_graph_weights
 
 if TYPE_CHECKING:
     from moe_ir.model_spec import ModelSpec
@@ -70,10 +71,6 @@ class ModelOutput(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------------
-
-
-class _Params(nn.Module):
-    """A namespace in the parameter tree (`router`, `experts`, `shared`, `shared.0`, `layers.3.attn`, ...)."""
 
 
 _LOSS_PREFIX = "loss."
@@ -141,20 +138,7 @@ class GraphModule(nn.Module):
             weights = init_weights(graph, seed)
         else:
             check_weights(graph, weights)
-        self._weight_slots: list[tuple[str, nn.Module, str]] = []
-        for name, value in graph.weights.items():
-            *path, leaf = name.split(".")
-            owner: nn.Module = self
-            for part in path:
-                if part not in owner._modules:
-                    owner.add_module(part, _Params())
-                owner = owner._modules[part]
-            tensor = weights[name].detach().clone()
-            if value.kind == ValueKind.BUFFER:
-                owner.register_buffer(leaf, tensor)
-            else:
-                owner.register_parameter(leaf, nn.Parameter(tensor))
-            self._weight_slots.append((name, owner, leaf))
+        self._weight_slots = register_graph_weights(self, graph, weights)
         weight_only = {n.name for n in weight_only_nodes(graph)}
         self._plan = [(lower_node(n), tuple(None if v is None else v.name for v in n.inputs),
                        tuple(v.name for v in n.outputs), n.name in weight_only) for n in graph.nodes]

@@ -36,6 +36,7 @@ from moe_ir.quantization import quantized_formats
 from ..base import Backend
 from ..torch_kernels import split_gate_up
 from ..torch_ops import INFERENCE_RUNTIME, lower_node, weight_only_nodes
+from ..torch_params import register_weight
 from ..torch_ops import fold_weights as folded_weights
 from . import kernels as K
 from . import ops
@@ -178,10 +179,6 @@ def _table_step(node) -> Callable[..., tuple[torch.Tensor, ...]]:
     return run
 
 
-class _Params(nn.Module):
-    """A namespace in the parameter tree (`router`, `experts`, `shared.0`, ...), like the eager module's."""
-
-
 class TritonMoELayer(nn.Module):
     """An MoE layer lowered from a fused graph: forward(x [B, S, H]) -> {"out", "expert_idx", "weights"}.
 
@@ -228,17 +225,7 @@ class TritonMoELayer(nn.Module):
     # -- construction helpers ----------------------------------------------------------------------------
     def _register(self, name: str, tensor: torch.Tensor, *, trainable: bool | None) -> None:
         """Store under the dotted canonical name; `trainable` None = derived (folded) buffer."""
-        *path, leaf = name.split(".")
-        owner: nn.Module = self
-        for part in path:
-            if part not in owner._modules:
-                owner.add_module(part, _Params())
-            owner = owner._modules[part]
-        if trainable:
-            owner.register_parameter(leaf, nn.Parameter(tensor))
-        else:
-            owner.register_buffer(leaf, tensor)
-        self._slots.append((name, owner, leaf))
+        self._slots.append(register_weight(self, name, tensor, parameter=bool(trainable)))
 
     def canonical_weights(self) -> dict[str, torch.Tensor]:
         """Every stored tensor by graph name: the canonical weights, plus folded ones."""
