@@ -225,7 +225,7 @@ def test_model_generation_and_decode_equal_prefill():
     spec = model_spec_from_hf_config(cfg)
     report = validate_model(spec, resolve_backends(["reference", "torch"]), tokens=7, batch=2,
                             weights=weights_from_hf_model(hf, spec), generate=3)
-    assert report.ok, report.to_dict()
+    assert report.ok, report.to_table()
     assert all(r.status == "ok" for r in report.results)
 
 
