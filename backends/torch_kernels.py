@@ -16,10 +16,7 @@ here, not moe_ir enums.
 from __future__ import annotations
 
 import math
-import os
-import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -252,41 +249,6 @@ def _use_grouped_mm(xs, w_up, w_down, w_gate, b_up, b_down, b_gate):
     return not (torch.is_grad_enabled() and any(w.requires_grad for w in weights))
 
 
-def expert_pool(threads):
-    """Threads that run experts side by side at inference (grouped_ffn): `threads` of them, each computing with
-    one intra-op thread, made once per process and kept on this function (a copy of the kernels carries no
-    module state); keyed by process id, so a forked child makes its own."""
-    pools = expert_pool.__dict__.setdefault("pools", {})
-    key = (os.getpid(), threads)
-    pool = pools.get(key)
-    if pool is None:
-        ready = threading.Barrier(threads + 1)
-
-        def one_thread():
-            torch.set_num_threads(1)
-            ready.wait()
-
-        pool = ThreadPoolExecutor(threads, thread_name_prefix="moe-experts")
-        for _ in range(threads):  # every worker starts now and sets its own thread count
-            pool.submit(one_thread)
-        ready.wait()
-        # A worker's set_num_threads(1) is also the count a thread takes when it first runs an op: put the
-        # caller's back, so threads started later are not left with one.
-        torch.set_num_threads(threads)
-        pools[key] = pool
-    return pool
-
-
-def balanced_parts(experts, sizes, parts):
-    """`experts` split into `parts` lists of about equal rows (largest first, each to the lightest list)."""
-    loads, lists = [0] * parts, [[] for _ in range(parts)]
-    for e in sorted(experts, key=lambda e: -sizes[e]):
-        lightest = loads.index(min(loads))
-        loads[lightest] += sizes[e]
-        lists[lightest].append(e)
-    return [part for part in lists if part]
-
-
 def grouped_ffn(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate, activation):
     """y [A, H]: row r is FFN_e(x[rows[r]]) for r in expert e's group; rows past every group are 0.
 
@@ -312,7 +274,7 @@ def grouped_ffn(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down, b_gate
                 return torch.cat([y, x.new_zeros(rows.shape[0] - kept, x.shape[1])]) if kept < rows.shape[0] else y
         weights = (w_up, w_down, w_gate, b_up, b_down, b_gate)
         return experts_in_place(x, rows, sizes, lambda e, xe: ffn(xe, *(None if w is None else w[e] for w in weights),
-                                                                  activation), torch.get_num_threads())
+                                                                  activation))
     xs = x.index_select(0, rows[:kept])
     # unbind, not w[e]: the backward of one unbind stacks the per-expert gradients once, where each
     # w[e] would allocate and accumulate a zero-filled gradient of the whole [E, ...] stack.
@@ -344,35 +306,21 @@ def grouped_ffn_traced(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down,
                           lambda e, xe: ffn(xe, *(None if w is None else w[e] for w in weights), activation))
 
 
-def experts_in_place(x, rows, sizes, expert_ffn, threads):
+def experts_in_place(x, rows, sizes, expert_ffn):
     """y [A, H] at inference: the rows of expert e's group (sizes: rows per expert, in order) are
     expert_ffn(e, its rows of x); rows past every group (dropped assignments) are 0. Each expert gathers its
     own rows and its output is written into y in place, so no [A, H] array of gathered rows nor a
     concatenation of every expert's output is made (each a pass over memory, on fresh pages the OS must
-    fault in). With `threads` > 1 and at least two experts a thread, whole experts run side by side on
-    `expert_pool`, each GEMM on one thread: a per-expert GEMM of ~100 rows split over threads scales worse
-    than the dense GEMM does, and each of its parallel regions ends in a barrier that one descheduled
-    thread holds up on a shared machine."""
+    fault in). Experts run one after another, each GEMM on every intra-op thread: whole experts side by side
+    on one-thread workers measured 15% slower at DeepSeekMoE-16B's 1024 tokens on 2 cores (the caller's
+    OpenMP threads spin between regions and take the workers' cores)."""
     y = x.new_empty(rows.shape[0], x.shape[1])
-    ends = [0] * len(sizes)
-    total = 0
+    start = 0
     for e, size in enumerate(sizes):
-        total += size
-        ends[e] = total
-
-    def run_experts(experts):
-        for e in experts:
-            start, end = ends[e] - sizes[e], ends[e]
-            y[start:end] = expert_ffn(e, x.index_select(0, rows[start:end]))
-
-    active = [e for e, size in enumerate(sizes) if size]
-    if threads > 1 and len(active) >= 2 * threads and x.device.type == "cpu":
-        pool = expert_pool(threads)
-        for done in [pool.submit(run_experts, part) for part in balanced_parts(active, sizes, threads)]:
-            done.result()
-    else:
-        run_experts(active)
-    y[total:] = 0  # dropped assignments
+        if size:
+            y[start:start + size] = expert_ffn(e, x.index_select(0, rows[start:start + size]))
+            start += size
+    y[start:] = 0  # dropped assignments
     return y
 
 
@@ -995,5 +943,4 @@ def grouped_ffn_packed(x, rows, group_sizes, w_up, w_down, w_gate, b_up, b_down,
 
     if torch.compiler.is_compiling():
         return experts_traced(x, rows, group_sizes, expert_ffn)
-    # one after another: the fused int4 kernel is compiled on its first call, which must not race
-    return experts_in_place(x, rows, group_sizes.tolist(), expert_ffn, 1)
+    return experts_in_place(x, rows, group_sizes.tolist(), expert_ffn)

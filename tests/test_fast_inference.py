@@ -32,19 +32,8 @@ DROPPED = 3
 ACTIVATIONS = ["swiglu", "geglu", "gelu", "relu"]
 
 
-@pytest.fixture(autouse=True)
-def experts_on_this_thread():
-    """One intra-op thread: grouped_ffn then runs its experts one after another on the calling thread, where
-    OpNames (a dispatch mode, which sees its own thread only) records them. The threaded path has its own
-    tests below."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class OpNames(TorchDispatchMode):
-    """Names of the aten/mkldnn ops run on this thread while active."""
+    """Names of the aten/mkldnn ops run while active."""
 
     def __init__(self):
         super().__init__()
@@ -229,46 +218,7 @@ def test_weight_update_reaches_inference(passes):
 
 
 # ---------------------------------------------------------------------------------------------------
-# experts side by side (grouped_ffn with several intra-op threads) and the sparse un-permute
-
-
-@needs_onednn
-@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_experts_side_by_side_equal_one_after_another(activation):
-    """With 2 intra-op threads and at least 2 experts per thread, grouped_ffn runs whole experts on a pool of
-    one-thread workers. Each expert's GEMMs are then the same one-thread GEMMs as the sequential loop at one
-    thread, so the two agree bit for bit; both equal the float64 reference; the caller keeps its thread
-    count, and a thread started afterwards takes the caller's count, not the workers' one."""
-    sizes = [0, 5, 4, 7, 0, 4]  # 4 experts with rows: 2 per thread
-    x, rows, _, weights = expert_tensors(activation, bias=True, seed=9)
-    with torch.no_grad():
-        one_after_another = K.grouped_ffn(x, rows, torch.tensor(sizes), *weights, activation)
-        torch.set_num_threads(2)
-        side_by_side = K.grouped_ffn(x, rows, torch.tensor(sizes), *weights, activation)
-        assert torch.get_num_threads() == 2
-    assert torch.equal(side_by_side, one_after_another)
-    torch.testing.assert_close(side_by_side.double(), reference(x, rows, sizes, weights, activation),
-                               rtol=1e-5, atol=1e-6)
-    assert torch.equal(side_by_side[-DROPPED:], torch.zeros(DROPPED, H))
-    import threading
-    seen = []
-    later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
-    later.start()
-    later.join()
-    assert seen == [2]
-
-
-def test_experts_side_by_side_in_the_module_equal_the_reference():
-    """The layer at 2 intra-op threads (experts on the pool) equals the reference interpreter."""
-    spec = layer_spec(experts={"routed": 9, "width": 8, "top_k": 3, "shared": 1})
-    graph = build_graph(spec)
-    weights = init_weights(graph, 4)
-    x = torch.randn(1, 40, 16, generator=torch.Generator().manual_seed(2))
-    torch.set_num_threads(2)
-    with torch.no_grad():
-        out = MoELayer(graph, weights).eval()(x).out
-    torch.testing.assert_close(out, interpret(graph, {"x": x}, weights, dtype=torch.float32)["out"],
-                               rtol=1e-5, atol=1e-6)
+# the sparse un-permute
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
