@@ -122,7 +122,8 @@ class OnnxBackend(Backend):
         files = [out.final(name)] + ([out.final(name + ".data")] if external_data else [])
         dtypes = sorted({v.type.dtype.value for v in stored_values(piped)})
         dynamic = "B,S,P (past length)" if decoder else "B,S"
-        notes = [f"opset 18, dynamic dims {dynamic}; flavour {flavour.value}; {'/'.join(dtypes)}"]
+        opset = max(o.version for o in lowered.model.opset_import if o.domain in ("", "ai.onnx"))
+        notes = [f"opset {opset}, dynamic dims {dynamic}; flavour {flavour.value}; {'/'.join(dtypes)}"]
         refusal = runtime_refusal(dtypes, flavour)
         if refusal:
             notes.append(f"not runnable by moe-ir's ONNX Runtime runner: {refusal}")
