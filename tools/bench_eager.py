@@ -61,7 +61,8 @@ class LiveBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+            # strided tensors only: a sparse one (the un-permute's CSR matrix) has no storage of its own
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.layout == torch.strided:
                 storage = t.untyped_storage()
                 key, nbytes = storage.data_ptr(), storage.nbytes()
                 if key in self.existing:
