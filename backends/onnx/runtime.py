@@ -64,6 +64,10 @@ def make_session(model: str | bytes, flavour: Flavour, *, providers: Sequence[st
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
+    # No spin-waiting after a call: the runner is called from Python between torch work, and ONNX Runtime's
+    # spinning threads would take the cores that work needs (eager float32 decode of a layer measured 5x slower
+    # right after an ONNX Runtime call in the same process).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if flavour == Flavour.PLUGIN:
         opts.register_custom_ops_library(extensions.register())
     where = model if isinstance(model, str) else "<in-memory model>"
