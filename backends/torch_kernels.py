@@ -312,8 +312,8 @@ def experts_in_place(x, rows, sizes, expert_ffn):
     own rows and its output is written into y in place, so no [A, H] array of gathered rows nor a
     concatenation of every expert's output is made (each a pass over memory, on fresh pages the OS must
     fault in). Experts run one after another, each GEMM on every intra-op thread: whole experts side by side
-    on one-thread workers measured 15% slower at DeepSeekMoE-16B's 1024 tokens on 2 cores (the caller's
-    OpenMP threads spin between regions and take the workers' cores)."""
+    on one-thread workers measured 15% slower at DeepSeekMoE-16B's 1024 tokens on 2 cores (likely: the
+    caller's OpenMP threads spin between regions on the workers' cores)."""
     y = x.new_empty(rows.shape[0], x.shape[1])
     start = 0
     for e, size in enumerate(sizes):

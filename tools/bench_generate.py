@@ -183,11 +183,11 @@ def common_arguments(parser: argparse.ArgumentParser, *, layers: int, new_tokens
                         help="where the checkpoint and builds go (default: moe-ir-bench-generate in the temp folder)")
 
 
-def print_model_line(args, contender, layers: int) -> float:
+def print_model_line(args, contender) -> float:
     """The model and roofline header; returns the batch-1 decode bound in tokens/s (read bandwidth measured now)."""
     bandwidth = read_bandwidth()
     bound = bandwidth * 1e9 / contender.bytes_per_token
-    print(f"# model: OLMoE-shaped, {layers} layers, {contender.params / 1e9:.2f}B parameters, "
+    print(f"# model: OLMoE-shaped, {args.layers} layers, {contender.params / 1e9:.2f}B parameters, "
           f"{contender.bytes_per_token / 1e9:.2f} GB of activated parameters read per token (float32); read bandwidth "
           f"{bandwidth:.1f} GB/s -> batch-1 decode bound {bound:.2f} tokens/s", flush=True)
     print(f"# prompt {args.prompt}, {args.new_tokens} new tokens, greedy, median of {args.repeats} interleaved repeats",
@@ -255,7 +255,7 @@ def main(argv=None) -> int:
     folder = checkpoint(args.workdir, args.layers)
     ours = MoeIR(folder)
     theirs = Transformers(folder)
-    bound = print_model_line(args, ours, args.layers)
+    bound = print_model_line(args, ours)
     contenders = (ours, theirs)
     results, tokens = run_interleaved(contenders, args)
     print_table(contenders, results, theirs, bound, args.batches)

@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     contenders = [GenAI(decoder_folder), OnnxRunner(decoder_folder, args.threads), eager]
     if not args.no_transformers:
         contenders.append(Transformers(folder))
-    bound = print_model_line(args, eager, args.layers)
+    bound = print_model_line(args, eager)
     results, tokens = run_interleaved(contenders, args)
     print_table(contenders, results, eager, bound, args.batches)
     print_token_agreement(contenders, tokens, eager, args.batches)

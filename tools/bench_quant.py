@@ -28,9 +28,10 @@ dequantization or the kernel's arithmetic dominates.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -41,18 +42,10 @@ from moe_ir.passes import run_pipeline
 from moe_ir.quantization import quantize_weights
 from moe_ir.spec import spec_from_dict
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_eager import cpu_model  # noqa: E402 - the tools folder is not a package
+
 HIDDEN, ROUTED, WIDTH, SHARED, TOP_K = 2048, 64, 1408, 2, 6
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def copy_bandwidth(repeats: int = 5) -> float:

@@ -45,7 +45,7 @@ from moe_ir.passes import run_pipeline
 from moe_ir.quantization import parse_quantize_option, quantize_weights, with_quantization
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quant import cpu_model  # noqa: E402 - the tools folder is not a package
+from bench_eager import cpu_model  # noqa: E402 - the tools folder is not a package
 
 SPEC = Path(__file__).resolve().parent.parent / "specs" / "models" / "deepseekmoe-16b.yaml"
 
