@@ -161,6 +161,13 @@ def _configs():
             attn_config={"kv_n_heads": 4, "rope_theta": 1e4, "clip_qkv": 8.0},
             ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 3, "moe_top_k": 2,
                         "moe_normalize_expert_weights": None}),
+        # DBRX rotates with rope_parameters' base (attn_config's is not read by transformers 5.24): a base of its
+        # own there, MQA (one kv head), top-3 of 4
+        "dbrx_rope_base": lambda: t.DbrxConfig(
+            d_model=32, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=64,
+            rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+            attn_config={"kv_n_heads": 1, "rope_theta": 5e5, "clip_qkv": 0.7},
+            ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 4, "moe_top_k": 3}),
         # PhiMoE: SparseMixer routing, LayerNorms and attention with biases, an LM head bias; GQA 4:1
         "phimoe": lambda: t.PhimoeConfig(
             **COMMON, intermediate_size=16, num_key_value_heads=1, num_local_experts=5, num_experts_per_tok=2,
@@ -669,7 +676,9 @@ EXPORT_CONFIGS = {"qwen3_moe": "qwen3_moe", "glm4_moe": "glm4_moe", "glm4_moe_pa
                   "dots1": "dots1", "ernie4_5_moe": "ernie4_5_moe", "minimax_m2": "minimax_m2",
                   "hunyuan_v1_moe": "hunyuan_v1_moe", "flex_olmo": "flex_olmo", "granitemoe": "granitemoe",
                   "granitemoeshared": "granitemoeshared", "phimoe": "phimoe", "gpt_oss": "gpt_oss",
-                  "glm4_moe_lite": "glm4_moe_lite", "exaone_moe": "exaone_moe"}
+                  "glm4_moe_lite": "glm4_moe_lite", "exaone_moe": "exaone_moe", "dbrx": "dbrx", "dbrx_plain": "dbrx",
+                  "dbrx_rope_base": "dbrx",
+                  "granitemoe_swa": "granitemoe_swa", "granitemoe_swa_one_theta": "granitemoe_swa"}
 
 
 @pytest.mark.parametrize("config_name", sorted(EXPORT_CONFIGS))
@@ -701,6 +710,24 @@ def test_export_hf_loads_in_transformers_with_moe_ir_logits(config_name, tmp_pat
     again = model_spec_from_hf_config(config, name=spec.name)
     strip = lambda d: {**d, "model": {k: v for k, v in d["model"].items() if k != "source"}}  # noqa: E731
     assert strip(model_spec_to_dict(again)) == strip(model_spec_to_dict(spec)) and family == config["model_type"]
+
+
+def test_export_hf_dbrx_without_clip_qkv_writes_null_and_says_transformers_fails():
+    """A DBRX spec without clip_qkv is written as it is (clip_qkv null, read back as no clamp); transformers 5.24's
+    DbrxAttention cannot run such a model, which the export's notes say."""
+    import dataclasses
+
+    from moe_ir.frontends.hf.export import hf_config_from_model_spec
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config
+
+    _, _, spec, _ = _imported("dbrx")
+    attention = dataclasses.replace(spec.model.attention, clip_qkv=None)
+    unclipped = dataclasses.replace(spec, model=dataclasses.replace(spec.model, attention=attention))
+    family, config, notes = hf_config_from_model_spec(unclipped)
+    assert family == "dbrx" and config["attn_config"]["clip_qkv"] is None
+    assert model_spec_from_hf_config(config).model.attention.clip_qkv is None
+    assert any("fails without a clip_qkv" in n for n in notes)
+    assert config["attn_config"]["rope_theta"] == config["rope_parameters"]["rope_theta"] == 1e4
 
 
 @pytest.mark.parametrize("family", ["hunyuan_v1_moe", "granitemoe", "minimax_m2", "ernie4_5_moe"])

@@ -2,8 +2,8 @@
 
 The config is written for one of the families moe-ir imports natively in transformers (EXPORT_FAMILIES:
 deepseek_v2, deepseek_v3, mixtral, qwen2_moe, olmoe, qwen3_moe, glm4_moe, glm4_moe_lite, dots1, exaone_moe,
-ernie4_5_moe, minimax_m2, hunyuan_v1_moe, flex_olmo, granitemoe, granitemoeshared, phimoe, gpt_oss) and then read
-back through the importer
+ernie4_5_moe, minimax_m2, hunyuan_v1_moe, flex_olmo, granitemoe, granitemoeshared, granitemoe_swa, phimoe, gpt_oss,
+dbrx) and then read back through the importer
 (`model_spec_from_hf_config`): the export is accepted only if that gives the same spec, so the importer
 stays the one statement of what each config key means and an export can never silently change the model.
 Balance losses are the one exception: they shape training only and several have no config key in a given
@@ -15,8 +15,9 @@ with each family's reason.
 
 The weights are written in the layout `save_pretrained` writes (hub layout: per-expert tensors, Mixtral's
 under `block_sparse_moe` with w1/w3/w2), tensor by tensor from the canonical safetensors file, in the
-canonical dtypes (a family's router and shared-MLP names where they differ: _BLOCK_NAMES). The folder is
-staged beside the destination and renamed when complete.
+canonical dtypes (a family's router and shared-MLP names where they differ: _BLOCK_NAMES; DBRX's own names,
+fused Wqkv and [E*F, H] expert rows: tensor_map.dbrx_model_rules). The folder is staged beside the destination and
+renamed when complete.
 """
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ from typing import Any, Mapping
 
 from moe_ir.artifacts import OutputFolder
 from moe_ir.errors import SpecError, WeightsError
-from moe_ir.model_spec import AttentionKind, ModelSpec, RopeLayout, model_spec_to_dict
+from moe_ir.model_spec import AttentionKind, ModelSpec, NormKind, RopeLayout, model_spec_to_dict
 from moe_ir.spec import DESCRIPTIVE_FIELDS, Activation, GroupScore, ScoreFn
-from .tensor_map import HFLayout, model_rules
+from .tensor_map import HFLayout, dbrx_model_rules, model_rules
 
 __all__ = ["EXPORT_FAMILIES", "export_hf_checkpoint", "hf_config_from_model_spec"]
 
@@ -54,6 +55,9 @@ EXPORT_FAMILIES: dict[str, tuple[str, str, HFLayout]] = {
     "gpt_oss": ("GptOssForCausalLM", "mlp", HFLayout.STACKED),
     "glm4_moe_lite": ("Glm4MoeLiteForCausalLM", "mlp", HFLayout.PER_EXPERT),
     "exaone_moe": ("ExaoneMoeForCausalLM", "mlp", HFLayout.PER_EXPERT),
+    "granitemoe_swa": ("GraniteMoeSWAForCausalLM", "block_sparse_moe", HFLayout.STACKED),
+    # DBRX names every tensor its own way (tensor_map.dbrx_model_rules): the block name and layout are unused
+    "dbrx": ("DbrxForCausalLM", "ffn", HFLayout.STACKED),
 }
 # Tensor names a family's checkpoint gives its router and shared MLP, where they are not the common ones
 # (keyword arguments of tensor_map.model_rules; the names import-hf detects, tensor_map.detect_router_names).
@@ -63,6 +67,8 @@ _BLOCK_NAMES: dict[str, dict[str, str]] = {
     "hunyuan_v1_moe": {"router_weight": "gate.wg.weight", "shared_mlp": "shared_mlp"},
     "granitemoe": {"router_weight": "router.layer.weight"},
     "granitemoeshared": {"router_weight": "router.layer.weight", "layer_shared_mlp": "shared_mlp"},
+    # GraniteMoeSWA has no hub conversion: save_pretrained writes its module names (experts.gate_up_proj, router)
+    "granitemoe_swa": {"router_weight": "router.weight", "layer_shared_mlp": "shared_mlp"},
 }
 # Families whose router scores are sigmoids (the rest take a softmax).
 _SIGMOID_FAMILIES = ("deepseek_v3", "glm4_moe", "dots1", "minimax_m2", "glm4_moe_lite", "exaone_moe")
@@ -126,7 +132,7 @@ def _first_dense_only(spec: ModelSpec, family: str) -> int:
     if m.dense_layers != tuple(range(leading)):
         raise _Unfit(f"dense layers {list(m.dense_layers)[:8]}: {family} makes every layer from "
                      "first_k_dense_replace on MoE")
-    if leading and family in ("mixtral", "olmoe"):
+    if leading and family in ("mixtral", "olmoe", "dbrx"):
         raise _Unfit(f"{leading} dense layers: every {family} layer is MoE")
     return leading
 
@@ -294,7 +300,7 @@ def _granitemoe(spec: ModelSpec, family: str = "granitemoe") -> dict:
     m, e, a = spec.model, spec.moe.experts, spec.model.attention
     _first_dense_only(spec, family)
     config = _llama_family(spec, family)
-    if family == "granitemoeshared":  # one ungated shared MLP beside the block, or none
+    if family in ("granitemoeshared", "granitemoe_swa"):  # one ungated shared MLP beside the block, or none
         config["shared_intermediate_size"] = e.shared_ffn_width if e.shared else 0
     mult = m.multipliers
     config.update(num_local_experts=e.routed, num_experts_per_tok=e.top_k, intermediate_size=e.width,
@@ -379,13 +385,66 @@ def _exaone_moe(spec: ModelSpec) -> dict:
     return config
 
 
+def _granitemoe_swa(spec: ModelSpec) -> dict:
+    """GraniteMoeSWA: GraniteMoeShared's keys plus a sink per head, sliding layers by layer_types (all of them
+    written: the class's default is every fourth layer global) and, when the global layers have no RoPE,
+    layer_rope_theta with 0 there and the base on the sliding layers."""
+    m, a = spec.model, spec.model.attention
+    if not a.sinks:
+        raise _Unfit("GraniteMoeSWA's attention has a sink per head (attention.sinks)")
+    config = _granitemoe(spec, "granitemoe_swa")
+    sliding = set() if a.sliding_window is None else \
+        set(range(m.layers)) if a.sliding_layers is None else set(a.sliding_layers)
+    config.update(sliding_window=a.sliding_window if sliding else None,
+                  layer_types=["sliding_attention" if i in sliding else "full_attention" for i in range(m.layers)])
+    if a.global_nope:
+        config["layer_rope_theta"] = [a.rope_theta if i in sliding else 0.0 for i in range(m.layers)]
+    return config
+
+
+# DBRX's top-level keys for the common ones (DbrxConfig's attribute_map read the other way).
+_DBRX_KEYS = {"hidden_size": "d_model", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
+              "max_position_embeddings": "max_seq_len"}
+
+
+def _dbrx(spec: ModelSpec) -> dict:
+    """DBRX: biasless LayerNorms (nn.LayerNorm's eps, no key), the fused Wqkv clamped by attn_config.clip_qkv,
+    softmax routing whose top-k weights are divided by their 1-norm (moe_normalize_expert_weights 1) or left,
+    every layer MoE; the attention and FFN keys nested in attn_config / ffn_config.
+
+    transformers 5.24's DBRX rotates with rope_parameters' base and never reads attn_config.rope_theta, yet its
+    attention fails without one (and without a clip_qkv): the base is written in both places, so transformers
+    and the importer (which reads rope_parameters first) rotate with the spec's."""
+    m, a, e, r = spec.model, spec.model.attention, spec.moe.experts, spec.moe.router
+    if m.norm != NormKind.LAYER_NO_BIAS:
+        raise _Unfit(f"norm {m.norm.value}: DBRX's norms are LayerNorms without bias (layer_no_bias)")
+    if m.rms_norm_eps != 1e-5:
+        raise _Unfit(f"norm eps {m.rms_norm_eps:g}: DBRX's LayerNorms take nn.LayerNorm's 1e-5 (there is no key)")
+    if e.activation != Activation.SWIGLU:
+        raise _Unfit(f"experts.activation {e.activation.value}: DBRX's experts are modelled with silu (swiglu)")
+    if a.kind == AttentionKind.MLA:
+        raise _Unfit("MLA attention is DeepSeek-V2/V3's")
+    if a.head_dim is not None and a.head_dim != m.hidden // a.heads:
+        raise _Unfit(f"head_dim {a.head_dim} other than hidden / heads: DBRX has no head_dim key")
+    _first_dense_only(spec, "dbrx")
+    common = _common(spec, "dbrx")
+    config = {_DBRX_KEYS.get(k, k): v for k, v in common.items()
+              if k not in ("num_key_value_heads", "hidden_act", "rms_norm_eps", "intermediate_size")}
+    config["attn_config"] = {"kv_n_heads": a.num_kv_heads, "clip_qkv": a.clip_qkv, "rope_theta": a.rope_theta}
+    config["ffn_config"] = {"ffn_act_fn": {"name": "silu"}, "ffn_hidden_size": e.width, "moe_num_experts": e.routed,
+                            "moe_top_k": e.top_k, "moe_jitter_eps": None, "moe_loss_weight": _balance_coef(spec),
+                            "moe_normalize_expert_weights": 1.0 if r.normalize else None}
+    return config
+
+
 _BUILDERS = {"deepseek_v3": lambda s: _deepseek(s, "deepseek_v3"), "deepseek_v2": lambda s: _deepseek(s, "deepseek_v2"),
              "qwen2_moe": _qwen2_moe, "olmoe": _olmoe, "mixtral": _mixtral, "qwen3_moe": _qwen3_moe,
              "glm4_moe": lambda s: _sigmoid_grouped(s, "glm4_moe"), "dots1": lambda s: _sigmoid_grouped(s, "dots1"),
              "ernie4_5_moe": _ernie4_5_moe, "minimax_m2": _minimax_m2, "hunyuan_v1_moe": _hunyuan_v1_moe,
              "flex_olmo": _flex_olmo, "granitemoe": _granitemoe,
              "granitemoeshared": lambda s: _granitemoe(s, "granitemoeshared"), "phimoe": _phimoe,
-             "gpt_oss": _gpt_oss, "glm4_moe_lite": _glm4_moe_lite, "exaone_moe": _exaone_moe}
+             "gpt_oss": _gpt_oss, "glm4_moe_lite": _glm4_moe_lite, "exaone_moe": _exaone_moe,
+             "granitemoe_swa": _granitemoe_swa, "dbrx": _dbrx}
 
 
 def _semantic(data: Any, key: str = "") -> Any:
@@ -434,6 +493,10 @@ def _try_family(spec: ModelSpec, family: str) -> tuple[dict, list[str]]:
     if ours_balance != theirs_balance:
         notes.append(f"balance {ours_balance} is a training loss that the {family} config expresses as "
                      f"{theirs_balance or 'none'}; the forward pass (logits) is exact")
+    if family == "dbrx" and spec.model.attention.clip_qkv is None:
+        notes.append("attn_config.clip_qkv is null (no clamp), as the spec has; transformers 5.24's DBRX attention "
+                     "clamps unconditionally and fails without a clip_qkv, so run this folder elsewhere or give "
+                     "the spec one")
     return config, notes
 
 
@@ -473,7 +536,10 @@ def export_hf_checkpoint(spec: ModelSpec, weights: Any, out_dir: str | os.PathLi
     family, config, notes = hf_config_from_model_spec(spec, family)
     graph = build_model_graph(spec)
     _, block, layout = EXPORT_FAMILIES[family]
-    rules = model_rules(spec, graph.weights, moe_block=block, layout=layout, **_BLOCK_NAMES.get(family, {}))
+    if family == "dbrx":  # its own names and fused tensors throughout
+        rules = dbrx_model_rules(spec, graph.weights)
+    else:
+        rules = model_rules(spec, graph.weights, moe_block=block, layout=layout, **_BLOCK_NAMES.get(family, {}))
     with Checkpoint(weights) as ckpt:
         where = ckpt.description
         missing = sorted(set(graph.weights) - set(ckpt.entries))
