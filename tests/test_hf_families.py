@@ -730,12 +730,27 @@ def test_export_hf_dbrx_without_clip_qkv_writes_null_and_says_transformers_fails
     assert config["attn_config"]["rope_theta"] == config["rope_parameters"]["rope_theta"] == 1e4
 
 
-@pytest.mark.parametrize("family", ["hunyuan_v1_moe", "granitemoe", "minimax_m2", "ernie4_5_moe"])
+def _hf_moe_output(family, hf, layer, x):
+    """transformers' MoE output of decoder layer `layer` on x [B, S, H]: its block, plus the shared MLP that
+    GraniteMoeShared and GraniteMoeSWA run beside it in the decoder layer."""
+    if family == "dbrx":
+        return hf.transformer.blocks[layer].ffn(x).reshape(x.shape)
+    decoder = hf.model.layers[layer]
+    block = getattr(decoder, "block_sparse_moe", None) or decoder.mlp
+    out = block(x)
+    out = (out[0] if isinstance(out, tuple) else out).reshape(x.shape)
+    return out + decoder.shared_mlp(x) if getattr(decoder, "shared_mlp", None) is not None else out
+
+
+@pytest.mark.parametrize("family", ["hunyuan_v1_moe", "granitemoe", "minimax_m2", "ernie4_5_moe", "dbrx",
+                                    "granitemoeshared", "granitemoe_swa"])
 def test_import_hf_layer_weights_read_the_family_names(family, tmp_path):
     """`moe-ir import-hf FOLDER --weights FOLDER` (one MoE layer) on a checkpoint transformers saved finds the
     family's own router / bias / shared-MLP names (Hunyuan's gate.wg and shared_mlp, Granite's router.layer,
-    MiniMax's block-level and ERNIE's moe_statics correction bias); the tensors equal the layer's in the
-    whole-model import, whose logits equal transformers' above."""
+    MiniMax's block-level and ERNIE's moe_statics correction bias, DBRX's transformer.blocks.N.ffn with its
+    router.layer and expert rows, GraniteMoeShared's and GraniteMoeSWA's shared MLP beside the block); the
+    tensors equal the layer's in the whole-model import, whose logits equal transformers' above, and the layer's
+    output on those weights equals transformers' block."""
     from moe_ir.builder import build_graph
     from moe_ir.cli import main
     from moe_ir.frontends import load_spec
@@ -746,6 +761,12 @@ def test_import_hf_layer_weights_read_the_family_names(family, tmp_path):
     assert main(["import-hf", str(tmp_path / "hf"), "--weights", str(tmp_path / "hf"), "-o", str(tmp_path / "l.yaml"),
                  "--weights-out", str(tmp_path / "l.safetensors")]) == 0
     layer_spec = load_spec(tmp_path / "l.yaml")
-    got = load_weights(tmp_path / "l.safetensors", build_graph(layer_spec))
+    graph = build_graph(layer_spec)
+    got = load_weights(tmp_path / "l.safetensors", graph)
     first = spec.model.moe_layers[0]
     assert got and all(torch.equal(t, weights[f"layers.{first}.moe.{name}"].to(t.dtype)) for name, t in got.items())
+    x = torch.randn(2, 5, layer_spec.hidden, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = _hf_moe_output(family, hf, first, x)
+    ours = interpret(graph, {"x": x}, got)["out"]
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=2e-5 * float(expected.abs().max()))

@@ -37,7 +37,8 @@ def add_import_hf_command(subparsers: argparse._SubParsersAction) -> argparse.Ar
                    help="safetensors file for the canonical weights (of the layer, or with --model of the model)")
     p.add_argument("--prefix", default=None,
                    help="the MoE block's tensor prefix in the checkpoint (default: model.layers.<N>.mlp., "
-                        "or .block_sparse_moe. for Mixtral hub checkpoints)")
+                        "or .block_sparse_moe. for Mixtral and Granite hub checkpoints, or "
+                        "transformer.blocks.<N>.ffn. for DBRX)")
     p.set_defaults(func=run_import_hf)
     return p
 
@@ -56,16 +57,9 @@ def run_import_hf(args: argparse.Namespace) -> int:
         if weights_tmp is not None:
             # torch and safetensors only when weights are asked for.
             from moe_ir.params import save_weights
-            from .weights import HFLayout, hf_layer_prefix, read_hf_tensors, weights_from_hf
+            from .weights import weights_from_hf
 
-            prefix = args.prefix
-            if prefix is None:
-                prefix = hf_layer_prefix(info.layer)
-                # Mixtral hub checkpoints keep the pre-transformers-5 module name.
-                if not read_hf_tensors(args.weights, prefix):
-                    legacy = hf_layer_prefix(info.layer, HFLayout.PER_EXPERT_W123)
-                    if read_hf_tensors(args.weights, legacy):
-                        prefix = legacy
+            prefix = args.prefix if args.prefix is not None else _default_block_prefix(args.weights, info.layer)
             weights = weights_from_hf(args.weights, spec, prefix)
             save_weights(weights, weights_tmp, metadata={"source": spec.source, "hf_prefix": prefix})
         if spec_tmp is not None:
@@ -77,6 +71,19 @@ def run_import_hf(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _default_block_prefix(source: list[str], layer: int) -> str:
+    """Decoder layer `layer`'s MoE block in a checkpoint: model.layers.N.mlp. (transformers 5 modules and most hub
+    checkpoints), else the first of model.layers.N.block_sparse_moe. (Mixtral's and Granite's hub name) and DBRX's
+    transformer.blocks.N.ffn. that holds tensors (read from the headers only)."""
+    from .safetensors_io import Checkpoint
+    from .weights import HFLayout, hf_layer_prefix
+
+    candidates = [hf_layer_prefix(layer, layout)
+                  for layout in (HFLayout.STACKED, HFLayout.PER_EXPERT_W123, HFLayout.EXPERT_ROWS)]
+    with Checkpoint(source) as ckpt:
+        return next((c for c in candidates if any(name.startswith(c) for name in ckpt.entries)), candidates[0])
 
 
 def _import_model(args: argparse.Namespace) -> int:

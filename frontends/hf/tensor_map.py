@@ -29,7 +29,7 @@ from moe_ir.spec import Activation, LayerSpec
 __all__ = ["HFLayout", "Join", "LAYER_SHARED_MLP", "TensorRule", "PER_EXPERT_NAMES", "ROUTER_BIAS_NAMES",
            "ROUTER_WEIGHT_NAMES", "SHARED_MLP_NAMES", "moe_block_rules", "model_rules", "prefixed", "detect_layout",
            "detect_model_layout", "detect_router_names", "router_name", "shared_mlp_names", "DBRX_PREFIX",
-           "dbrx_model_rules"]
+           "DBRX_BLOCK", "DBRX_ROUTER_WEIGHT", "dbrx_model_rules", "layer_shared_mlp_rules"]
 
 
 class HFLayout(enum.StrEnum):
@@ -39,6 +39,8 @@ class HFLayout(enum.StrEnum):
     PER_EXPERT = "per_expert"
     PER_EXPERT_W123 = "per_expert_w123"
     STACKED_LINEAR = "stacked_linear"  # Granite hub checkpoints: input_linear [E, 2F, H] (gate, up), output_linear
+    # DBRX: experts.mlp.w1 (gate) / v1 (up) / w2 (down, each expert's [F, H]), each [E*F, H]
+    EXPERT_ROWS = "expert_rows"
 
 
 # Per-expert projection names: (gate, up, down).
@@ -236,6 +238,10 @@ def moe_block_rules(spec: LayerSpec, layout: HFLayout | str, router_bias: str = 
     elif layout == HFLayout.STACKED_LINEAR:
         rules.append(TensorRule(("experts.w_gate", "experts.w_up"), ("input_linear.weight",), Join.SPLIT, dim=1))
         rules.append(TensorRule(("experts.w_down",), ("output_linear.weight",)))
+    elif layout == HFLayout.EXPERT_ROWS:
+        for ours, theirs, transposed in (("w_gate", "w1", False), ("w_up", "v1", False), ("w_down", "w2", True)):
+            rules.append(TensorRule((f"experts.{ours}",), (f"experts.mlp.{theirs}",), Join.EXPERT_ROWS,
+                                    transposed=transposed, sizes=(e.routed,)))
     else:
         for ours, theirs in zip(("w_gate", "w_up", "w_down"), PER_EXPERT_NAMES[layout]):
             rules.append(TensorRule((f"experts.{ours}",),
@@ -311,14 +317,14 @@ def model_rules(spec: ModelSpec, graph_weights: Iterable[str], *, moe_block: str
         if m.is_moe_layer(i):
             rules += prefixed(block, f"{ours}moe.", f"{theirs}{moe_block}.")
             if layer_shared_mlp and spec.moe.experts.shared:
-                rules += _layer_shared_mlp_rules(spec.moe, f"{ours}moe.", f"{theirs}{layer_shared_mlp}.")
+                rules += layer_shared_mlp_rules(spec.moe, f"{ours}moe.", f"{theirs}{layer_shared_mlp}.")
         else:
             rules += [TensorRule((f"{ours}ffn.{a}",), (f"{theirs}{dense_block}.{b}.weight",))
                       for a, b in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj"))]
     return rules
 
 
-def _layer_shared_mlp_rules(spec: LayerSpec, ours: str, theirs: str) -> list[TensorRule]:
+def layer_shared_mlp_rules(spec: LayerSpec, ours: str, theirs: str) -> list[TensorRule]:
     """GraniteMoeShared's one shared MLP beside the block: input_linear [2S, H] is gate then up (its forward
     chunks the output in two), output_linear [H, S] the down projection."""
     if spec.experts.shared != 1:
@@ -329,15 +335,18 @@ def _layer_shared_mlp_rules(spec: LayerSpec, ours: str, theirs: str) -> list[Ten
             TensorRule((f"{ours}shared.0.w_down",), (f"{theirs}output_linear.weight",))]
 
 
-# DBRX's checkpoints name everything their own way, under `transformer.` (DbrxForCausalLM).
+# DBRX's checkpoints name everything their own way, under `transformer.` (DbrxForCausalLM): its MoE block is
+# `ffn` in each of transformer.blocks, its router projection router.layer.
 DBRX_PREFIX = "transformer.blocks."
+DBRX_BLOCK = "ffn"
+DBRX_ROUTER_WEIGHT = "router.layer.weight"
 
 
 def dbrx_model_rules(spec: ModelSpec, graph_weights: Iterable[str]) -> list[TensorRule]:
     """Rules of a DBRX causal LM: the fused Wqkv split into q, k and v (unequal parts with GQA), each expert
     projection one [E*F, H] matrix (w1 gate, v1 up, w2 down stored as [F, H] per expert), biasless LayerNorms
     norm_1 / norm_2 / norm_f, the router under ffn.router.layer."""
-    m, a, e = spec.model, spec.model.attention, spec.moe.experts
+    m, a = spec.model, spec.model.attention
     d = a.dim(m.hidden)
     q, kv = a.heads * d, a.num_kv_heads * d
     rules = [TensorRule(("embed.weight",), ("transformer.wte.weight",)),
@@ -351,15 +360,15 @@ def dbrx_model_rules(spec: ModelSpec, graph_weights: Iterable[str]) -> list[Tens
                   TensorRule((f"{ours}ffn_norm.weight",), (f"{attn}norm_2.weight",)),
                   TensorRule((f"{ours}attn.w_q", f"{ours}attn.w_k", f"{ours}attn.w_v"), (f"{attn}attn.Wqkv.weight",),
                              Join.SPLIT, sizes=(q, kv, kv)),
-                  TensorRule((f"{ours}attn.w_o",), (f"{attn}attn.out_proj.weight",)),
-                  TensorRule((f"{ours}moe.{ROUTER_WEIGHT}",), (f"{theirs}ffn.router.layer.weight",))]
-        for our, their, transposed in (("w_gate", "w1", False), ("w_up", "v1", False), ("w_down", "w2", True)):
-            rules.append(TensorRule((f"{ours}moe.experts.{our}",), (f"{theirs}ffn.experts.mlp.{their}",),
-                                    Join.EXPERT_ROWS, transposed=transposed, sizes=(e.routed,)))
+                  TensorRule((f"{ours}attn.w_o",), (f"{attn}attn.out_proj.weight",))]
+        rules += prefixed(moe_block_rules(spec.moe, HFLayout.EXPERT_ROWS, router_weight=DBRX_ROUTER_WEIGHT),
+                          f"{ours}moe.", f"{theirs}{DBRX_BLOCK}.")
     present = set(graph_weights)
-    missing = [n for r in rules for n in r.ours if n not in present]
-    if missing:
-        raise WeightsError(f"the DBRX tensor layout has no place for the spec's {missing[:4]}: a DBRX model has no "
+    covered = [n for r in rules for n in r.ours]
+    # either way round: a dense layer's FFN has no MoE weights to give, a bias or shared expert no DBRX name
+    unplaced = [n for n in covered if n not in present] + sorted(present - set(covered))
+    if unplaced:
+        raise WeightsError(f"the DBRX tensor layout has no place for the spec's {unplaced[:4]}: a DBRX model has no "
                            "biases, q/k norms, shared experts or dense layers")
     return rules
 
@@ -375,6 +384,8 @@ def detect_layout(names: Iterable[str]) -> HFLayout:
         return HFLayout.PER_EXPERT
     if "input_linear.weight" in names:
         return HFLayout.STACKED_LINEAR
+    if "experts.mlp.w1" in names:
+        return HFLayout.EXPERT_ROWS
     return HFLayout.STACKED
 
 

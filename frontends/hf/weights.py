@@ -8,10 +8,14 @@ Layouts of one MoE block's tensors (names relative to the block, e.g. under `mod
                    experts.{i}.gate_proj.weight [F, H], experts.{i}.up_proj.weight [F, H],
                    experts.{i}.down_proj.weight [H, F]
   per_expert_w123  Mixtral hub checkpoints (under `block_sparse_moe.`): experts.{i}.w1 (gate) / w3 (up) / w2 (down)
+  expert_rows      DBRX (under `transformer.blocks.{n}.ffn.`): experts.mlp.w1 (gate) / v1 (up) [E*F, H], w2 (down,
+                   each expert's matrix transposed) [E*F, H]
 
-and in every layout: gate.weight [E, H] (router), gate.e_score_correction_bias [E] (DeepSeek-V3),
-shared_experts.{gate,up,down}_proj.weight (DeepSeek: one MLP of width n_shared x F),
-shared_expert.{gate,up,down}_proj.weight and shared_expert_gate.weight [1, H] (Qwen2-MoE).
+and in every layout: gate.weight [E, H] (router; router.layer.weight in Granite hub checkpoints and DBRX),
+gate.e_score_correction_bias [E] (DeepSeek-V3), shared_experts.{gate,up,down}_proj.weight (DeepSeek: one MLP of
+width n_shared x F), shared_expert.{gate,up,down}_proj.weight and shared_expert_gate.weight [1, H] (Qwen2-MoE).
+GraniteMoeShared keeps its shared MLP beside the block, in the decoder layer (`model.layers.{n}.shared_mlp.`,
+input_linear = gate and up, output_linear = down): read from there when the block holds none.
 
 DeepSeek's fused shared MLP is split into the spec's `shared` experts along the intermediate dimension
 (see frontends/hf/config.py for why) and concatenated back on export; both directions are exact.
@@ -26,15 +30,18 @@ from moe_ir.builder import build_graph
 from moe_ir.errors import WeightsError
 from moe_ir.interpreter import check_weights
 from moe_ir.spec import Activation, LayerSpec
-from .tensor_map import (ROUTER_BIAS_NAMES, ROUTER_WEIGHT_NAMES, SHARED_MLP_NAMES, HFLayout, detect_layout,
-                         moe_block_rules)
+from .tensor_map import (DBRX_BLOCK, DBRX_PREFIX, LAYER_SHARED_MLP, ROUTER_BIAS_NAMES, ROUTER_WEIGHT_NAMES,
+                         SHARED_MLP_NAMES, HFLayout, TensorRule, detect_layout, layer_shared_mlp_rules, moe_block_rules)
 
 __all__ = ["HFLayout", "hf_layer_prefix", "read_hf_tensors", "weights_from_hf", "weights_to_hf", "detect_layout"]
 
 
 def hf_layer_prefix(layer: int, layout: HFLayout | str = HFLayout.STACKED, *,
                     layers_prefix: str = "model.layers") -> str:
-    """Prefix of decoder layer `layer`'s MoE block in a full causal-LM checkpoint."""
+    """Prefix of decoder layer `layer`'s MoE block in a full causal-LM checkpoint (DBRX's for its expert_rows
+    layout, whatever `layers_prefix`)."""
+    if HFLayout(layout) == HFLayout.EXPERT_ROWS:
+        return f"{DBRX_PREFIX}{layer}.{DBRX_BLOCK}."
     block = "block_sparse_moe" if HFLayout(layout) == HFLayout.PER_EXPERT_W123 else "mlp"
     return f"{layers_prefix}.{layer}.{block}."
 
@@ -91,13 +98,25 @@ def _block_names(names: Iterable[str]) -> dict[str, str]:
     return {**found, **({"router_bias": bias} if bias else {}), **({"shared_mlp": shared} if shared else {})}
 
 
-def _expected_hf_shapes(spec: LayerSpec, layout: HFLayout, block_names: Mapping[str, str] | None = None
-                        ) -> dict[str, tuple[int, ...]]:
+def _expected_hf_shapes(spec: LayerSpec, rules: Iterable[TensorRule]) -> dict[str, tuple[int, ...]]:
     our_shapes = {name: tuple(v.type.shape) for name, v in build_graph(spec).weights.items()}
     shapes: dict[str, tuple[int, ...]] = {}
-    for rule in moe_block_rules(spec, layout, **(block_names or {})):
+    for rule in rules:
         shapes.update(rule.their_shapes(our_shapes))
     return shapes
+
+
+def _shared_mlp_beside(source: Any, spec: LayerSpec, prefix: str, found: Mapping[str, torch.Tensor]
+                       ) -> dict[str, torch.Tensor]:
+    """GraniteMoeShared's shared MLP in the decoder layer beside the block at `prefix` (`model.layers.3.` +
+    `shared_mlp.`), named relative to the block as `shared_mlp.*`; empty when the spec has no shared expert, the
+    block holds one itself, or the prefix names no block inside a layer."""
+    inside = any(k.startswith(f"{n}.") for n in SHARED_MLP_NAMES + ("shared_expert",) for k in found)
+    if not spec.experts.shared or inside or prefix.count(".") < 2:
+        return {}
+    layer = prefix[:-1].rsplit(".", 1)[0] + "."
+    beside = read_hf_tensors(source, f"{layer}{LAYER_SHARED_MLP}.")
+    return {f"{LAYER_SHARED_MLP}.{k}": t for k, t in beside.items()}
 
 
 def _sorted_experts_first(names: Iterable[str]) -> list[str]:
@@ -153,14 +172,21 @@ def weights_from_hf(source: Any, spec: LayerSpec, layer_prefix: str = "", *, lay
                            "e.g. 'model.layers.3.mlp.'")
     layout = detect_layout(found) if layout is None else HFLayout(layout)
     names = _block_names(found)
-    expected = _expected_hf_shapes(spec, layout, names)
-    err = _mismatch_error(f"Hugging Face weights under '{prefix}' ({layout.value} layout) do not match spec "
+    rules = moe_block_rules(spec, layout, **names)
+    beside = _shared_mlp_beside(source, spec, prefix, found)
+    if beside:  # its names (shared_mlp.*) cannot clash with the block's: the block holds no shared MLP
+        rules = [r for r in rules if not r.ours[0].startswith("shared.")] + \
+            layer_shared_mlp_rules(spec, "", f"{LAYER_SHARED_MLP}.")
+        found = {**found, **beside}
+    expected = _expected_hf_shapes(spec, rules)
+    where = f"'{prefix}'" + (f" and the shared MLP beside it ('{LAYER_SHARED_MLP}.*')" if beside else "")
+    err = _mismatch_error(f"Hugging Face weights under {where} ({layout.value} layout) do not match spec "
                           f"'{spec.name}'", expected, found)
     if err is not None:
         raise err
 
     out: dict[str, torch.Tensor] = {}
-    for rule in moe_block_rules(spec, layout, **names):
+    for rule in rules:
         out.update(zip(rule.ours, rule.to_ours([found[name] for name in rule.theirs])))
 
     graph = build_graph(spec)
