@@ -8,6 +8,7 @@ mapped to the wrong place or a feature left out changes the logits far beyond th
 """
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -432,6 +433,35 @@ def test_yarn_numbers_by_hand():
     assert bool(((inv[11:23] < plain[11:23]) & (inv[11:23] > plain[11:23] / 40)).all())
 
 
+# Phi-3.5-MoE-instruct's LongRoPE factors (64 per list, one per rotary pair), as Ascend/MindSpeed-LLM's
+# examples/mcore/phi35/pretrain_phi35_moe_ptd.sh writes them out
+_PHI35_SHORT_FACTOR = [
+    1.0, 1.0399999618530273, 1.0399999618530273, 1.0399999618530273, 1.0499999523162842, 1.0499999523162842,
+    1.0499999523162842, 1.0499999523162842, 1.0499999523162842, 1.0499999523162842, 1.0499999523162842,
+    1.0499999523162842, 1.0499999523162842, 1.0499999523162842, 1.059999942779541, 1.059999942779541,
+    1.0699999332427979, 1.0699999332427979, 1.0699999332427979, 1.0699999332427979, 1.1399999856948853,
+    1.159999966621399, 1.159999966621399, 1.159999966621399, 1.159999966621399, 1.1799999475479126,
+    1.1999999284744263, 1.3199999332427979, 1.3399999141693115, 1.3499999046325684, 1.3999998569488525,
+    1.4799998998641968, 1.4999998807907104, 1.589999794960022, 1.6499998569488525, 1.71999990940094,
+    1.8999998569488525, 1.9099998474121094, 1.9099998474121094, 1.9899998903274536, 1.9999998807907104,
+    1.9999998807907104, 2.009999990463257, 2.009999990463257, 2.009999990463257, 2.009999990463257, 2.009999990463257,
+    2.009999990463257, 2.009999990463257, 2.009999990463257, 2.009999990463257, 2.009999990463257, 2.009999990463257,
+    2.009999990463257, 2.009999990463257, 2.009999990463257, 2.009999990463257, 2.009999990463257, 2.009999990463257,
+    2.0999999046325684, 2.319999933242798, 2.419999837875366, 2.5899999141693115, 2.7899999618530273]
+_PHI35_LONG_FACTOR = [
+    1.0199999809265137, 1.0299999713897705, 1.0399999618530273, 1.0499999523162842, 1.0499999523162842,
+    1.0499999523162842, 1.059999942779541, 1.059999942779541, 1.059999942779541, 1.059999942779541, 1.059999942779541,
+    1.059999942779541, 1.0999999046325684, 1.1799999475479126, 1.1799999475479126, 1.3700000047683716,
+    1.4899998903274536, 2.109999895095825, 2.8899998664855957, 3.9499998092651367, 4.299999713897705,
+    6.429999828338623, 8.09000015258789, 10.690000534057617, 12.050000190734863, 18.229999542236328,
+    18.84000015258789, 19.899999618530273, 21.420000076293945, 26.200000762939453, 34.28000259399414,
+    34.590003967285156, 38.730003356933594, 40.22000503540039, 42.54000473022461, 44.000003814697266,
+    47.590003967285156, 54.750003814697266, 56.19000244140625, 57.44000244140625, 57.4900016784668, 61.20000076293945,
+    61.540000915527344, 61.75, 61.779998779296875, 62.06999969482422, 63.11000061035156, 63.43000030517578,
+    63.560001373291016, 63.71000289916992, 63.92000198364258, 63.94000244140625, 63.94000244140625, 63.96000289916992,
+    63.980003356933594, 64.0300064086914, 64.0300064086914, 64.0300064086914, 64.04000854492188, 64.10000610351562,
+    64.19000244140625, 64.20999908447266, 64.75, 64.95999908447266]
+
 _RELEASED_YARN = {"beta_fast": 32, "beta_slow": 1, "factor": 40, "original_max_position_embeddings": 4096,
                   "type": "yarn"}
 RELEASED = {  # values from the released config.json files (the keys the decoder reads)
@@ -533,6 +563,18 @@ RELEASED = {  # values from the released config.json files (the keys the decoder
                        "moe_top_k": 4, "moe_jitter_eps": 0.0, "moe_loss_weight": 0.05,
                        "moe_normalize_expert_weights": 1.0},
         "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    # Phi-3.5-MoE-instruct: the keys as xinyuwei-david/david-share's Phi-3.5-MoE-and-Mini-Fine-tuning readme lists
+    # them, the LongRoPE section from MindSpeed-LLM's script (above)
+    "phi-3.5-moe.yaml": {
+        "model_type": "phimoe", "attention_bias": True, "hidden_act": "silu", "hidden_size": 4096,
+        "input_jitter_noise": 0.01, "intermediate_size": 6400, "lm_head_bias": True, "max_position_embeddings": 131072,
+        "num_attention_heads": 32, "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8,
+        "num_local_experts": 16, "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-05,
+        "rope_theta": 10000.0, "router_aux_loss_coef": 0.0, "router_jitter_noise": 0.01, "sliding_window": 131072,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "vocab_size": 32064,
+        "rope_scaling": {"type": "longrope", "short_factor": _PHI35_SHORT_FACTOR, "long_factor": _PHI35_LONG_FACTOR,
+                         "short_mscale": 1.243163121016122, "long_mscale": 1.243163121016122,
+                         "original_max_position_embeddings": 4096}},
     "granite-3.0-1b-a400m.yaml": {
         "model_type": "granitemoe", "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
         "num_key_value_heads": 8, "num_local_experts": 32, "num_experts_per_tok": 8, "intermediate_size": 512,
@@ -567,7 +609,7 @@ def test_shipped_spec_parameters_equal_transformers_meta_model(spec_file):
     from moe_ir.frontends import load_model_spec
     from moe_ir.model_analysis import analyse_model
 
-    config = dict(RELEASED[spec_file])
+    config = copy.deepcopy(RELEASED[spec_file])  # transformers fills nested rope sections in place
     cfg = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
@@ -581,7 +623,7 @@ def test_shipped_spec_parameters_equal_transformers_meta_model(spec_file):
 # The shipped specs of the families above: each validates as its miniature (`moe-ir validate --shrink`).
 SHIPPED_FAMILY_SPECS = ["glm-4.5-air.yaml", "glm-4.7-flash.yaml", "dots.llm1.yaml", "hunyuan-a13b.yaml",
                         "flexolmo-7x7b-1t.yaml", "granite-3.0-1b-a400m.yaml", "qwen3-30b-a3b.yaml",
-                        "ernie-4.5-21b-a3b.yaml", "minimax-m2.yaml", "dbrx.yaml"]
+                        "ernie-4.5-21b-a3b.yaml", "minimax-m2.yaml", "dbrx.yaml", "phi-3.5-moe.yaml"]
 
 
 @pytest.mark.parametrize("spec_file", SHIPPED_FAMILY_SPECS)

@@ -2,9 +2,8 @@
 `import-hf` gives for the published config (the keys the MoE layer reads), and its parameter count equals
 transformers' own block built at that size on the meta device and the count by hand.
 
-The whole models are not shipped: their decoders need what moe-ir does not model yet (Phi-3.5-MoE's longrope,
-gpt-oss's sliding-window layers and YaRN, Llama 4's chunked attention and layers without RoPE); the importer
-refuses each by name (tests/test_hf_phimoe.py, test_hf_gpt_oss.py, test_hf_llama4.py)."""
+Their whole-model specs (specs/models/) are checked against transformers' models in tests/test_hf_families.py and
+the family test files (tests/test_hf_phimoe.py, test_hf_gpt_oss.py, test_hf_llama4.py)."""
 from __future__ import annotations
 
 import math
