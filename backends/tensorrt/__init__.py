@@ -100,7 +100,7 @@ class TensorRTBackend(Backend):
     summary = "TensorRT engine with the moe_ir::FusedMoE plugin (Python/AOT Triton, IPluginV3 fallback)"
     build_options = frozenset({"profile", "precision", "flavour"})
     # The ONNX plugin flavour's pipeline: the engine is built from that export.
-    pipeline = ("strip-training-outputs", "fuse-shared-experts", "fuse-moe", "fuse-gate-up", "dce")
+    pipeline = ("strip-training-outputs", "fuse-shared-experts", "fuse-moe", "fuse-gate-up-quantized", "dce")
 
     def supports_graph(self, graph: Graph) -> tuple[bool, str]:
         """Whether the graph lowers to the plugin-flavour ONNX: the structural half of supports (the ONNX
