@@ -183,3 +183,154 @@ def test_extensions_op_equals_the_reference_and_checks_its_contract():
     bad_zeros[2] = torch.tensor([8], dtype=torch.int8)  # a symmetric placeholder where zero points belong
     with pytest.raises(BackendError, match=r"w_gate_up_zeros has shape \(1,\), expected \(5, 192, 2\)"):
         qfused_moe_torch(x, w_router, bias, *bad_zeros, **fields)
+
+
+# ------------------------------------------------------------------------------------------------
+# the TensorRT plugin (backends/tensorrt/plugin.py, standalone): tables, torch reference, shape logic, fields
+
+from moe_ir.backends.tensorrt import plugin as P  # noqa: E402
+
+
+def test_quantized_tables_match_the_onnx_contract():
+    assert P.QUANT_PLUGIN_OP == plugin_op.QUANT_OP_TYPE and P.QUANT_PLUGIN_ID == plugin_op.QUANT_PLUGIN_NAME
+    assert P.QUANT_INPUT_NAMES == plugin_op.QUANT_INPUT_NAMES
+    assert P.QUANT_ATTRIBUTE_NAMES == plugin_op.QUANT_ATTRIBUTE_NAMES and P.QUANT_BLOCKS == plugin_op.QUANT_BLOCKS
+    assert {P.QUANT_FORMATS[c]: c for c in range(len(P.QUANT_FORMATS))} == \
+        {k.value: v for k, v in plugin_op.QUANT_FORMAT_CODES.items()}
+    assert P.QUANT_BITS == {k.value: v for k, v in plugin_op.QUANT_BITS.items()}
+    for fmt, symmetric in CASES:
+        quant = P.QuantConfig(fmt, 32, symmetric)
+        assert quant.to_fields() == plugin_op.QuantAttrs.decode(quant.to_fields()).encode()
+        assert P.QuantConfig.from_fields({k: np.array([v], np.int32) for k, v in quant.to_fields().items()}) == quant
+
+
+def _trt_configs(fields):
+    return (P.MoEConfig.from_fields({k: fields[k] for k in P.ATTRIBUTE_NAMES}),
+            P.QuantConfig.from_fields({k: fields[k] for k in P.QUANT_ATTRIBUTE_NAMES}))
+
+
+@pytest.mark.parametrize("fmt,symmetric", CASES, ids=IDS)
+def test_plugin_torch_reference_equals_the_reference(fmt, symmetric):
+    x, w_router, bias, parts, fields, (r_out, r_idx, r_w) = _contract_args(fmt, symmetric)
+    cfg, quant = _trt_configs(fields)
+    out, idx, w = P.fused_moe_quantized_torch(x, w_router, bias, *parts, cfg, quant)
+    assert torch.equal(idx.long(), r_idx) and idx.dtype == torch.int32 and w.dtype == torch.float32
+    torch.testing.assert_close(w.double(), r_w, **TOL)
+    torch.testing.assert_close(out.double(), r_out, **TOL)
+
+
+def test_plugin_torch_reference_dequantizes_one_expert_at_a_time():
+    x, w_router, bias, parts, fields, _ = _contract_args("int4", False)
+    cfg, quant = _trt_configs(fields)
+    float_stack = 5 * 192 * 64 * 4  # every expert's gate/up weight in float32
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        P.fused_moe_quantized_torch(x, w_router, bias, *parts, cfg, quant)
+    largest = max(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+    assert largest < float_stack / 2, largest  # one expert's matrix (192 x 64 floats) at most
+
+
+def test_plugin_shape_logic_is_symbolic_and_names_mismatches():
+    cfg = P.MoEConfig("sigmoid", 3, 1, 1, "max", True, 1.5, "swiglu")
+    quant = P.QuantConfig("int4", 32, False)
+    gate_up = [(5, 192, 32), (5, 192, 2), (5, 192, 2)]
+    down = [(5, 64, 48), (5, 64, 3), (5, 64, 3)]
+    assert P.check_quantized_shapes(("T", 64), (5, 64), (5,), gate_up, down, cfg, quant) == (5, 64, 96)
+    assert P.output_shapes(("T", 64), cfg) == (("T", 64), ("T", 3), ("T", 3))  # unchanged by quantization
+    with pytest.raises(P.PluginError, match=r"w_down_scales has shape \(5, 64, 2\), expected \(5, 64, 3\)"):
+        P.check_quantized_shapes(("T", 64), (5, 64), (5,), gate_up, [down[0], (5, 64, 2), down[2]], cfg, quant)
+    with pytest.raises(P.PluginError, match=r"w_gate_up_zeros must have rank 1"):
+        P.check_quantized_shapes(("T", 64), (5, 64), (5,), gate_up, down, cfg, P.QuantConfig("int4", 32, True))
+    with pytest.raises(P.PluginError, match="block=64 does not divide the expert width 96"):
+        P.check_quantized_shapes(("T", 64), (5, 64), (5,), gate_up, down, cfg, P.QuantConfig("int4", 64, False))
+    with pytest.raises(P.PluginError, match="attribute block=48 is not one of"):
+        P.QuantConfig.from_fields({"quant_format": 1, "bits": 4, "block": 48, "symmetric": 1})
+    with pytest.raises(P.PluginError, match="attribute quant_format=2 is not one of 0 \\(int8\\), 1 \\(int4\\)"):
+        P.QuantConfig.from_fields({"quant_format": 2, "bits": 8, "block": 32, "symmetric": 1})
+    with pytest.raises(P.PluginError, match="w_down_codes must be int8, got uint8"):
+        P.quantized_output_dtypes("float32", "float32", "float32",
+                                  ["int8", "float32", "int8", "uint8", "float32", "int8"])
+    assert P.quantized_output_dtypes("float16", "float32", "float32",
+                                     ["int8", "float32", "int8", "int8", "float32", "int8"]) == \
+        ("float16", "int32", "float32")
+
+
+def test_quantized_plugin_is_jit_only_and_needs_python_plugins():
+    assert P.implementation_for((10, 9), quantized=True) == "python"
+    assert P.implementation_for((11, 0), quantized=True) == "python"
+    with pytest.raises(P.PluginError, match="IPluginV3 fallback takes float experts only"):
+        P.implementation_for((10, 5), quantized=True)
+
+
+ROUTED_ONLY = {"format": "int4", "block": 32, "symmetric": False, "weights": {"shared_experts": False}}
+
+
+def test_tensorrt_supports_routed_quantized_experts_and_refuses_the_rest():
+    from moe_ir.backends.tensorrt import TensorRTBackend
+
+    backend = TensorRTBackend()
+    graph = build_graph(spec_from_dict({**LAYER, "quantization": ROUTED_ONLY}))
+    assert backend.supports_graph(run_pipeline(graph, backend.pipeline)) == (True, "")
+    fp8 = build_graph(spec_from_dict({**LAYER, "quantization": {"format": "fp8_e4m3", "block": 32,
+                                                                "weights": {"shared_experts": False}}}))
+    ok, reason = backend.supports_graph(run_pipeline(fp8, backend.pipeline))
+    assert not ok and "fp8_e4m3 storage does not fit moe_ir::QFusedMoE" in reason, reason
+
+
+def test_tensorrt_bundle_carries_the_quantized_plugin_node_and_its_fields(tmp_path, capsys):
+    """`moe-ir build --backend tensorrt` of a routed-quantized spec (honest absence here): the plugin ONNX the
+    parser sees has one QFusedMoE node with no AOT mark, whose attributes become exactly the plugin fields
+    the plugin's creator decodes (INT32, and FLOAT32 for scale)."""
+    import json
+
+    import yaml
+
+    from moe_ir.backends.tensorrt.engine import parser_model, parser_plugin_fields, plugin_node
+    from moe_ir.cli import main
+
+    spec = tmp_path / "qtrt.yaml"
+    spec.write_text(yaml.safe_dump({**LAYER, "name": "qtrt", "quantization": ROUTED_ONLY}))
+    out = tmp_path / "out"
+    code = main(["build", str(spec), "--backend", "tensorrt", "-o", str(out)])
+    err = capsys.readouterr().err
+    if code == 0:
+        pytest.skip("TensorRT and a GPU are present: the engine was built")
+    assert "TensorRT is not installed" in err or "no CUDA GPU" in err
+    bundle = json.loads((out / "qtrt.tensorrt.json").read_text())
+    assert bundle["plugin"]["name"] == "QFusedMoE" and list(bundle["plugin"]["implementations"]) == ["python"]
+    model = parser_model(out / "qtrt.plugin.onnx", aot=True)
+    node = plugin_node(model)
+    assert node.op_type == "QFusedMoE" and "aot" not in {a.name for a in node.attribute}
+    fields = parser_plugin_fields(node)
+    cfg = P.MoEConfig("sigmoid", 3, 1, 1, "max", True, 1.5, "swiglu")
+    quant = P.QuantConfig("int4", 32, False)
+    expected = P.plugin_fields(cfg, quant)
+    assert sorted((n, k) for n, _, k in fields) == sorted((n, k) for n, _, k in expected)  # fields go by name
+    got = {n: a for n, a, _ in fields}
+    assert all(np.array_equal(got[n], a) and got[n].dtype == a.dtype for n, a, _ in expected)
+    assert _trt_configs({n: a for n, a, _ in fields}) == (cfg, quant)
+    init = {t.name: t for t in model.graph.initializer}
+    types = [init[name].data_type for name in node.input[3:]]
+    assert types == [3, 1, 3, 3, 1, 3]  # int8 codes and zero points, float32 scales
+
+
+def test_bundled_plugin_runs_quantized_experts_without_moe_ir(tmp_path):
+    import importlib.util
+    import sys
+
+    from moe_ir.backends.tensorrt import PLUGIN_BUNDLE_NAME, plugin_bundle_source
+
+    copy = tmp_path / PLUGIN_BUNDLE_NAME
+    copy.write_text(plugin_bundle_source())
+    spec = importlib.util.spec_from_file_location("bundled_qplugin_under_test", copy)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    x, w_router, bias, parts, fields, (r_out, r_idx, _) = _contract_args("int8", False)
+    cfg = module.MoEConfig.from_fields({k: fields[k] for k in module.ATTRIBUTE_NAMES})
+    quant = module.QuantConfig.from_fields({k: fields[k] for k in module.QUANT_ATTRIBUTE_NAMES})
+    out, idx, _ = module.fused_moe_quantized_torch(x, w_router, bias, *parts, cfg, quant)
+    assert torch.equal(idx.long(), r_idx)
+    torch.testing.assert_close(out.double(), r_out, **TOL)
