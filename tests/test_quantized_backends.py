@@ -282,8 +282,8 @@ def test_onnx_portable_quantized_model():
 
 
 @pytest.mark.parametrize("name,fmt,words", [("onnx:ort", "fp8_e4m3", "fp8_e4m3"),
-                                            ("onnx:plugin", "int4", "float expert weights"),
-                                            ("tensorrt", "int4", "u8")])
+                                            ("onnx:plugin", "fp8_e4m3", "fp8_e4m3"),
+                                            ("tensorrt", "int4", "outside the routed experts")])
 def test_onnx_flavours_without_quantized_lowering_say_so(name, fmt, words):
     graph, _ = quantized_layer(fmt, True, 16)
     try:

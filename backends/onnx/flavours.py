@@ -39,7 +39,7 @@ from moe_ir.ir import ElemType, Graph, GraphKind, Node, OpCode, Value
 from moe_ir.ir.model_ops import attention_scale
 from moe_ir.model_builder import is_decode_graph
 from moe_ir.model_spec import QKNorm, RopeLayout
-from moe_ir.quantization import quantized_formats
+from moe_ir.ir.quant_ops import implicit_zero
 from moe_ir.spec import Activation
 from . import plugin_op, support
 from .decoder_ops import DecoderOps
@@ -300,7 +300,8 @@ def gqa_refusal(node: Node) -> str:
 
 class PluginLowering(PortableLowering):
     flavour = Flavour.PLUGIN
-    pipeline = ("strip-training-outputs", "fuse-shared-experts", "fuse-moe", "fuse-gate-up", "dce")
+    # fuse-gate-up-quantized: quantized routed experts reach QFusedMoE as one gate/up weight's stored parts
+    pipeline = ("strip-training-outputs", "fuse-shared-experts", "fuse-moe", "fuse-gate-up-quantized", "dce")
     needs = (f"needs an implementation of {plugin_op.PLUGIN_NAME} (TensorRT plugin; on CPU: "
              f"moe_ir.backends.onnx.load_runner)",)
 
@@ -308,11 +309,8 @@ class PluginLowering(PortableLowering):
     def refusal(cls, graph: Graph) -> str:
         if graph.kind == GraphKind.MODEL:
             return support.model_graph_refusal()
-        formats = quantized_formats(graph)
-        if formats:
-            return (f"quantized weights ({', '.join(sorted(f.value for f in formats))}): the {plugin_op.PLUGIN_NAME} "
-                    "plugin takes float expert weights; the portable flavour exports them (DequantizeLinear)")
-        return super().refusal(graph) or support.plugin_refusal(graph)
+        # the plugin's own reasons first: they name what QFusedMoE takes (fp8 tiles, blocks)
+        return support.plugin_refusal(graph) or super().refusal(graph)
 
     @classmethod
     def node_refusal(cls, node: Node) -> str:
@@ -327,12 +325,30 @@ class PluginLowering(PortableLowering):
         else:
             n_exp = int(node.input("w_router").type.shape[0])
             bias_name = em.const(np.zeros(n_exp, np.float32), np.float32, "bias_zeros")
-        ins = [self.operand(node.input("x")), self.operand(node.input("w_router")), bias_name,
-               self.operand(node.input("w_up")), self.operand(node.input("w_down"))]
+        ins = [self.operand(node.input("x")), self.operand(node.input("w_router")), bias_name]
+        op_type = plugin_op.OP_TYPE
+        if plugin_op.quantized_parts(node) is None:
+            ins += [self.operand(node.input("w_up")), self.operand(node.input("w_down"))]
+        else:
+            op_type = plugin_op.QUANT_OP_TYPE
+            quant = plugin_op.quant_attrs_of(node)
+            attrs.update(quant.encode())
+            ins += [self._stored_bytes(value) if value is not None else
+                    em.const(np.array([implicit_zero(quant.format)], np.int8), np.int8, "implicit_zero")
+                    for _, value in plugin_op.quantized_inputs(node)]
         out, idx32, w = node.outputs[0].name, f"{node.outputs[1].name}.i32", node.outputs[2].name
-        em.op(plugin_op.OP_TYPE, ins, out=[out, idx32, w], domain=plugin_op.DOMAIN, name=node.name, **attrs)
+        em.op(op_type, ins, out=[out, idx32, w], domain=plugin_op.DOMAIN, name=node.name, **attrs)
         # The plugin gives int32 indices (TensorRT's native type); the IR's routing record is int64.
         em.op("Cast", [idx32], out=node.outputs[1].name, to=TensorProto.INT64)
+
+
+    def _stored_bytes(self, value: Value) -> str:
+        """A stored part of a quantized weight as QFusedMoE takes it: scales as they are; codes and zero points
+        as int8 holding the stored bytes bit for bit (uint8 reinterpreted: TensorRT plugins take no uint8)."""
+        stored = value.type.dtype.torch
+        if not stored.is_floating_point:
+            return self.inits.add(value, lambda t: t.to(stored).view(torch.int8), dtype=torch.int8)
+        return self.operand(value)
 
 
 # -- the flavours -----------------------------------------------------------------------------------

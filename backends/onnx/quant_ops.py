@@ -171,6 +171,11 @@ class QuantOps:
         shape = value.type.shape[1:] if e is not None else value.type.shape
         packed = FourBit(four_bit, dims or tuple(int(d) for d in shape)) if four_bit is not None else None
         suffix = ".onnx" if transform is not None else ""
+        if transform is not None and value.producer is not None:
+            # a fold (gate/up codes concatenated by fuse-gate-up-quantized) is evaluated in float32, exact for
+            # 8-bit codes; the bit-level transforms take them back in their stored type
+            stored, bits = value.type.dtype.torch, transform
+            transform = lambda t: bits(t.to(stored))  # noqa: E731
         if e is None:
             return self.inits.add(value, transform, name=f"{value.name}{suffix}", four_bit=packed)
         return self.inits.add(value, transform, name=f"{value.name}[{e}]{suffix}", four_bit=packed,
@@ -252,6 +257,8 @@ class QuantOps:
         users = self.graph.users(node.outputs[0])
         if users and all(u.op == OpCode.GROUPED_FFN for u in users):
             return  # dequantized one expert at a time where the experts are lowered (expert_weight)
+        if users and all(u.op == OpCode.FUSED_MOE for u in users):
+            return  # the plugin's node reads the stored parts (flavours.PluginLowering)
         if node.outputs[0].name in self.nbits:
             return  # the weight of MatMulNBits where it is read
         out = node.outputs[0].name

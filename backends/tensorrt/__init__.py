@@ -100,19 +100,28 @@ class TensorRTBackend(Backend):
     summary = "TensorRT engine with the moe_ir::FusedMoE plugin (Python/AOT Triton, IPluginV3 fallback)"
     build_options = frozenset({"profile", "precision", "flavour"})
     # The ONNX plugin flavour's pipeline: the engine is built from that export.
-    pipeline = ("strip-training-outputs", "fuse-shared-experts", "fuse-moe", "fuse-gate-up", "dce")
+    pipeline = ("strip-training-outputs", "fuse-shared-experts", "fuse-moe", "fuse-gate-up-quantized", "dce")
 
     def supports_graph(self, graph: Graph) -> tuple[bool, str]:
         """Whether the graph lowers to the plugin-flavour ONNX: the structural half of supports (the ONNX
         backend exports f32, f16 and bf16 plugin models; the precision is their types)."""
         from ..onnx import plugin_op
 
+        fused = graph.find(OpCode.FUSED_MOE)
+        routed = _routed_parts(fused[0]) if len(fused) == 1 else set()
+        others = [n.name for n in graph.find(OpCode.DEQUANTIZE) if fused and n.outputs[0] not in fused[0].inputs]
+        if others:
+            return False, (f"quantized weights outside the routed experts ({', '.join(others[:3])}): the "
+                           f"{plugin_op.QUANT_PLUGIN_NAME} plugin takes the routed experts' stored parts, while the "
+                           f"plugin ONNX dequantizes the others with blocked DequantizeLinear (opset 21), which has not "
+                           f"been checked against TensorRT's parser; quantize the routed experts only "
+                           f"(quantization.weights: {{shared_experts: false}})")
         for value in list(graph.inputs) + list(graph.weights.values()):
-            if value.type.dtype not in (ElemType.FLOAT32, ElemType.FLOAT16, ElemType.BFLOAT16):
+            if value.type.dtype not in (ElemType.FLOAT32, ElemType.FLOAT16, ElemType.BFLOAT16) and \
+                    value.name not in routed:
                 return False, f"{value.name} is {value.type.dtype.value}; TensorRT takes f32, f16 or bf16"
         if graph.find(OpCode.BALANCE_LOSS):
             return False, "balance losses are training outputs; TensorRT engines are inference graphs"
-        fused = graph.find(OpCode.FUSED_MOE)
         if len(fused) != 1:
             return False, (f"the moe_ir::FusedMoE plugin needs the routed path as one fused_moe node "
                            f"({unfused_moe_reason(graph)})")
@@ -187,8 +196,9 @@ class TensorRTBackend(Backend):
         digest = spec_hash(spec)
         command = finish_command(onnx_path, engine_path, token_profile, plugin_copy, digest)
         problems = environment_problems()
+        quantized = any(n.op == OpCode.DEQUANTIZE for n in graph.nodes)
         bundle = self._write_bundle_manifest(out, spec, digest, token_profile, exported.files, plugin_copy,
-                                             engine_path, command, problems)
+                                             engine_path, command, problems, quantized=quantized)
         files = [*exported.files, plugin_copy, bundle]
         if problems:
             return BuildResult(files=files, unfinished=BackendUnavailable(
@@ -232,17 +242,21 @@ class TensorRTBackend(Backend):
     @staticmethod
     def _write_bundle_manifest(out: OutputFolder, spec: LayerSpec, digest: str, profile: Any,
                                onnx_files: list[Path], plugin_copy: Path, engine_path: Path, command: str,
-                               problems: list[str]) -> Path:
+                               problems: list[str], quantized: bool = False) -> Path:
         """OUT/<name>.tensorrt.json; the files it lists are read (for their sha256) where they are staged."""
+        implementations = {
+            "aot": f"TensorRT >= {'.'.join(map(str, plugin_source.AOT_PLUGINS_SINCE))}",
+            "python": f"TensorRT >= {'.'.join(map(str, plugin_source.PYTHON_PLUGINS_SINCE))}",
+            "v3": "TensorRT 10.0-10.5 (needs moe-ir installed)"}
+        if quantized:  # QFusedMoE: the JIT @impl only (see plugin.py)
+            implementations = {"python": implementations["python"]}
         data = {
             "spec": spec.name, "spec_hash": digest, "dtype": str(spec.dtype),
             "profile": {"min": profile.min, "opt": profile.opt, "max": profile.max},
             "onnx": [p.name for p in onnx_files], "plugin": {
-                "name": plugin_source.PLUGIN_OP, "namespace": plugin_source.PLUGIN_NAMESPACE,
-                "module": plugin_copy.name, "implementations": {
-                    "aot": f"TensorRT >= {'.'.join(map(str, plugin_source.AOT_PLUGINS_SINCE))}",
-                    "python": f"TensorRT >= {'.'.join(map(str, plugin_source.PYTHON_PLUGINS_SINCE))}",
-                    "v3": "TensorRT 10.0-10.5 (needs moe-ir installed)"}},
+                "name": plugin_source.QUANT_PLUGIN_OP if quantized else plugin_source.PLUGIN_OP,
+                "namespace": plugin_source.PLUGIN_NAMESPACE, "module": plugin_copy.name,
+                "implementations": implementations},
             "engine": engine_path.name, "engine_status": "missing" if problems else "built",
             "missing": problems, "finish_command": command,
             # Checked before the plugin module runs or the ONNX is parsed (engine.verify_bundle).
@@ -253,6 +267,23 @@ class TensorRTBackend(Backend):
         name = f"{spec.name}.tensorrt.json"
         out.path(name).write_text(json.dumps(data, indent=2) + "\n")
         return out.final(name)
+
+
+def _routed_parts(node) -> set[str]:
+    """Names of the stored parts (codes, scales, zero points) behind a FUSED_MOE node's quantized expert
+    weights: the weights its DEQUANTIZE inputs read, directly or through the CONCATs of fuse-gate-up-quantized."""
+    names: set[str] = set()
+    for weight in (node.input("w_up"), node.input("w_down"), node.input("w_gate")):
+        if weight is None or weight.producer is None or weight.producer.op != OpCode.DEQUANTIZE:
+            continue
+        pending = [v for v in weight.producer.inputs if v is not None]
+        while pending:
+            value = pending.pop()
+            if value.producer is None:
+                names.add(value.name)
+            elif value.producer.op == OpCode.CONCAT:
+                pending.extend(value.producer.inputs)
+    return names
 
 
 __all__ = ["PLUGIN_BUNDLE_NAME", "TensorRTBackend", "environment_problems"]

@@ -252,11 +252,7 @@ def parser_model(onnx_path: str | Path, *, aot: bool):
 
     # Graph only; its external-data locations are confined to its folder before the parser reads them.
     model = load_model(onnx_path)
-    plugin_nodes = [n for n in model.graph.node if n.op_type == plugin_module_default.PLUGIN_OP]
-    if len(plugin_nodes) != 1:
-        raise BackendError(f"{onnx_path}: expected one {plugin_module_default.PLUGIN_ID} node, found "
-                           f"{len(plugin_nodes)}; export with `--backend onnx --flavour plugin`")
-    node = plugin_nodes[0]
+    node = plugin_node(model, onnx_path)
     if node.domain not in ("", plugin_module_default.PLUGIN_NAMESPACE):
         raise BackendError(f"{onnx_path}: node {node.name} is in domain '{node.domain}', expected "
                            f"'{plugin_module_default.PLUGIN_NAMESPACE}'")
@@ -264,9 +260,40 @@ def parser_model(onnx_path: str | Path, *, aot: bool):
     del node.attribute[:]
     node.attribute.extend(kept)
     node.attribute.append(helper.make_attribute("plugin_namespace", plugin_module_default.PLUGIN_NAMESPACE))
-    if aot:
+    if aot and node.op_type == plugin_module_default.PLUGIN_OP:  # QFusedMoE has no AOT implementation
         node.attribute.append(helper.make_attribute("aot", 1))
     return model
+
+
+def plugin_node(model, where: Any = "<model>"):
+    """The one FusedMoE or QFusedMoE node of a plugin-flavour model (BackendError unless exactly one)."""
+    nodes = [n for n in model.graph.node if n.op_type in plugin_module_default.PLUGIN_OPS]
+    if len(nodes) != 1:
+        raise BackendError(f"{where}: expected one {plugin_module_default.PLUGIN_ID} node, found {len(nodes)} (or "
+                           f"one {plugin_module_default.QUANT_PLUGIN_ID} node, for quantized experts); export with "
+                           f"`--backend onnx --flavour plugin`")
+    return nodes[0]
+
+
+def parser_plugin_fields(node) -> list[tuple[str, Any, str]]:
+    """The plugin fields TensorRT's ONNX parser makes of the plugin node's attributes: (name, numpy array,
+    PluginFieldType name), an INT attribute an INT32 field, a FLOAT one FLOAT32; its own routing attributes
+    (plugin_namespace, plugin_version, aot) are not the plugin's. What a plugin creator receives."""
+    import numpy as np
+    from onnx import AttributeProto
+
+    fields = []
+    for attr in node.attribute:
+        if attr.name in ("plugin_namespace", "plugin_version", "aot"):
+            continue
+        if attr.type == AttributeProto.INT:
+            fields.append((attr.name, np.array([attr.i], dtype=np.int32), "INT32"))
+        elif attr.type == AttributeProto.FLOAT:
+            fields.append((attr.name, np.array([attr.f], dtype=np.float32), "FLOAT32"))
+        else:
+            raise BackendError(f"plugin node {node.name}: attribute {attr.name} is not an int or a float; the "
+                               f"plugin contract has no other attribute types")
+    return fields
 
 
 def onnx_facts(model) -> dict[str, Any]:
@@ -377,7 +404,13 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, profile: Tok
     verify_bundle(onnx_path)
     plugin = load_plugin_module(plugin_path)
     version = plugin.parse_version(trt.__version__)
-    implementation = plugin.register_plugin(aot=aot)
+    from ..onnx.external_data import load_model
+
+    op_type = plugin_node(load_model(onnx_path), onnx_path).op_type
+    quantized = op_type == plugin.QUANT_PLUGIN_OP
+    if quantized:
+        plugin.implementation_for(version, quantized=True)  # a TensorRT without Python plugins: say so first
+    implementation = plugin.register_plugin(aot=aot and not quantized)
 
     model = parser_model(onnx_path, aot=implementation == "aot")
     facts = onnx_facts(model)
@@ -414,7 +447,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, profile: Tok
     manifest = EngineManifest(
         spec_hash=spec_hash or facts["spec_hash"], tensorrt_version=trt.__version__,
         profiles=[{"input": facts["input"], "min": profile.min, "opt": profile.opt, "max": profile.max}],
-        plugin={"name": plugin.PLUGIN_OP, "namespace": plugin.PLUGIN_NAMESPACE, "implementation": implementation,
+        plugin={"name": op_type, "namespace": plugin.PLUGIN_NAMESPACE, "implementation": implementation,
                 "module": str(Path(plugin.__file__).resolve())},
         dtype=facts["dtype"], inputs=[facts["input"]], outputs=facts["outputs"], engine=engine_path.name,
         notes=["tokens go in the profile's token dim; the runner folds [B,S,H] into [1,B*S,H]"],

@@ -17,6 +17,16 @@ repeat it because this file must run without moe_ir, and a test pins both to the
 Weights enter as tensor inputs (ONNX initializers), not plugin fields: TensorRT keeps initializers as typed,
 refittable engine weights, while plugin fields would be copied into every serialised plugin blob.
 
+Quantized routed experts: a second plugin `moe_ir::QFusedMoE` (TensorRT's Python plugins have one fixed input
+signature each), the same outputs and attributes plus quant_format (0 int8, 1 int4), bits, block, symmetric:
+  inputs   x, w_router, bias as above; w_gate_up_codes [E,(2|1)F,H*bits/8] int8 (the stored bytes: int4 two a
+           byte, the even column low; uint8 codes reinterpreted), w_gate_up_scales [E,(2|1)F,H/block] fp32,
+           w_gate_up_zeros [E,(2|1)F,H/block] int8 (uint8 zero points' bytes) or [1] (symmetric: the implicit
+           zero point, int4 8, int8 0); w_down_codes / w_down_scales / w_down_zeros likewise for [E,H,F]
+Weight = (code - zero) * scale per block of `block` input columns. Its @impl (JIT) dequantizes one expert at a
+time (`fused_moe_quantized_torch`); the one-kernel Triton implementation reads float weights, so QFusedMoE has
+no @aot_impl and needs TensorRT >= 10.6 (no IPluginV3 fallback either).
+
 Three implementations, one semantics:
   * `fused_moe_torch`: the shared torch kernels (routing, dispatch, grouped FFN, combine of
     `moe_ir.backends.torch_kernels`), any device. What `@impl` runs where no Triton kernel applies, and
@@ -40,7 +50,7 @@ import torch.nn.functional as F
 
 # The op's torch semantics are the kernel set every torch backend runs. The bundled copy has this line
 # replaced by those functions' source (and the ones they call), so it does not need moe_ir.
-from moe_ir.backends.torch_kernels import combine, dispatch, grouped_ffn, route_topk, scale_weights, score, split_gate_up  # noqa: E501  (bundle: inline)
+from moe_ir.backends.torch_kernels import combine, dispatch, grouped_ffn, grouped_ffn_packed, route_topk, scale_weights, score, split_gate_up  # noqa: E501  (bundle: inline)
 
 PLUGIN_NAMESPACE = "moe_ir"
 PLUGIN_OP = "FusedMoE"
@@ -50,12 +60,22 @@ INPUT_NAMES = ("x", "w_router", "bias", "w_gate_up", "w_down")
 OUTPUT_NAMES = ("out", "expert_idx", "weights")
 ATTRIBUTE_NAMES = ("score_fn", "top_k", "n_group", "topk_group", "group_score", "normalize", "scale", "activation")
 
+QUANT_PLUGIN_OP = "QFusedMoE"
+QUANT_PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{QUANT_PLUGIN_OP}"
+QUANT_INPUT_NAMES = ("x", "w_router", "bias", "w_gate_up_codes", "w_gate_up_scales", "w_gate_up_zeros",
+                     "w_down_codes", "w_down_scales", "w_down_zeros")
+QUANT_ATTRIBUTE_NAMES = ("quant_format", "bits", "block", "symmetric")
+PLUGIN_OPS = (PLUGIN_OP, QUANT_PLUGIN_OP)
+
 # Attribute codes: the position in the tuple is the code (same values as plugin_op.py's tables).
 SCORE_FNS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
 GATED_ACTIVATIONS = frozenset({"swiglu", "geglu"})
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
+QUANT_FORMATS = ("int8", "int4")
+QUANT_BITS = {"int8": 8, "int4": 4}
+QUANT_BLOCKS = (16, 32, 64, 128, 256)
 
 # First TensorRT versions with the features used here.
 PYTHON_PLUGINS_SINCE = (10, 6)   # tensorrt.plugin: register / impl
@@ -81,10 +101,17 @@ def parse_version(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def implementation_for(version: tuple[int, ...] | None, prefer_aot: bool = True) -> str:
-    """Which plugin implementation a TensorRT version gets: 'aot', 'python' (JIT @impl) or 'v3'."""
+def implementation_for(version: tuple[int, ...] | None, prefer_aot: bool = True, quantized: bool = False) -> str:
+    """Which plugin implementation a TensorRT version gets: 'aot', 'python' (JIT @impl) or 'v3'. QFusedMoE
+    (`quantized`) has the JIT @impl only."""
     if version is None:
         raise PluginError("TensorRT is not installed")
+    if quantized:
+        if version >= PYTHON_PLUGINS_SINCE:
+            return "python"
+        raise PluginError(f"TensorRT {'.'.join(map(str, version))}: {QUANT_PLUGIN_ID} (quantized experts) is a "
+                          f"Python plugin (TensorRT >= {'.'.join(map(str, PYTHON_PLUGINS_SINCE))}); the IPluginV3 "
+                          f"fallback takes float experts only")
     if version >= AOT_PLUGINS_SINCE and prefer_aot:
         return "aot"
     if version >= PYTHON_PLUGINS_SINCE:
@@ -166,6 +193,66 @@ class MoEConfig:
         return cfg
 
 
+def _scalar_field(fields: Mapping[str, Any], key: str, plugin: str) -> Any:
+    if key not in fields:
+        raise PluginError(f"{plugin}: missing attribute '{key}'")
+    value = fields[key]
+    if hasattr(value, "reshape"):  # numpy array from a PluginField
+        flat = value.reshape(-1)
+        if flat.shape[0] != 1:
+            raise PluginError(f"{plugin}: attribute '{key}' must hold one value, got {flat.shape[0]}")
+        value = flat[0].item()
+    if isinstance(value, float) and not value.is_integer():
+        raise PluginError(f"{plugin}: attribute '{key}' must be an integer, got {value}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """The quantization attributes of one QFusedMoE node: format ('int8'|'int4'), block, symmetric."""
+
+    format: str
+    block: int
+    symmetric: bool
+
+    @property
+    def bits(self) -> int:
+        return QUANT_BITS[self.format]
+
+    def to_fields(self) -> dict[str, int]:
+        return {"quant_format": QUANT_FORMATS.index(self.format), "bits": self.bits, "block": self.block,
+                "symmetric": int(self.symmetric)}
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any]) -> "QuantConfig":
+        """Inverse of to_fields (plain numbers or 1-element arrays); a bad value is a PluginError naming it."""
+        code, bits, block, symmetric = (_scalar_field(fields, k, QUANT_PLUGIN_ID) for k in QUANT_ATTRIBUTE_NAMES)
+        if not 0 <= code < len(QUANT_FORMATS):
+            raise PluginError(f"{QUANT_PLUGIN_ID}: attribute quant_format={code} is not one of "
+                              f"{', '.join(f'{i} ({n})' for i, n in enumerate(QUANT_FORMATS))}")
+        fmt = QUANT_FORMATS[code]
+        if bits != QUANT_BITS[fmt]:
+            raise PluginError(f"{QUANT_PLUGIN_ID}: attribute bits={bits} does not match quant_format {fmt} "
+                              f"({QUANT_BITS[fmt]} bits)")
+        if block not in QUANT_BLOCKS:
+            raise PluginError(f"{QUANT_PLUGIN_ID}: attribute block={block} is not one of "
+                              f"{', '.join(map(str, QUANT_BLOCKS))}")
+        if symmetric not in (0, 1):
+            raise PluginError(f"{QUANT_PLUGIN_ID}: attribute symmetric={symmetric} must be 0 or 1")
+        return cls(fmt, block, bool(symmetric))
+
+
+def plugin_fields(cfg: MoEConfig, quant: QuantConfig | None = None) -> list[tuple[str, Any, str]]:
+    """The plugin fields of a node, as TensorRT gets them: (name, 1-element numpy array, PluginFieldType name),
+    `scale` FLOAT32 and every other attribute INT32 (the ONNX parser's conversion of int/float attributes, and
+    what the IPluginV3 class serialises)."""
+    import numpy as np
+
+    values = {**cfg.to_fields(), **(quant.to_fields() if quant is not None else {})}
+    return [(key, np.array([value], dtype=np.float32 if key == "scale" else np.int32),
+             "FLOAT32" if key == "scale" else "INT32") for key, value in values.items()]
+
+
 # ------------------------------------------------------------------------------------------------
 # shape and type logic (plain functions: the @register function and the IPluginV3 class both use them)
 
@@ -230,6 +317,60 @@ def output_dtypes(x_dtype: str, w_router: str = "float32", bias: str = "float32"
     return x_dtype, "int32", "float32"
 
 
+def check_quantized_shapes(x: Sequence[Any], w_router: Sequence[Any], bias: Sequence[Any],
+                           gate_up: Sequence[Sequence[Any]], down: Sequence[Sequence[Any]], cfg: MoEConfig,
+                           quant: QuantConfig) -> tuple[int | None, int | None, int | None]:
+    """QFusedMoE's shape logic: `gate_up` and `down` are the (codes, scales, zeros) shapes of each weight. Checks
+    ranks and every relation between static dims (symbolic dims are skipped), returns (E, H, F) where static."""
+    for name, shape, rank in (("x", x, 2), ("w_router", w_router, 2), ("bias", bias, 1)):
+        if len(shape) != rank:
+            raise PluginError(f"{QUANT_PLUGIN_ID}: input {name} must have rank {rank}, got shape {tuple(shape)}")
+    names = QUANT_INPUT_NAMES[3:]
+    for name, shape in zip(names, (*gate_up, *down)):
+        rank = 1 if name.endswith("zeros") and quant.symmetric else 3
+        if len(shape) != rank:
+            raise PluginError(f"{QUANT_PLUGIN_ID}: input {name} must have rank {rank}, got shape {tuple(shape)}")
+    e, h = _static(w_router[0]), _static(w_router[1])
+    down_bytes = _static(down[0][2])
+    f = down_bytes * 8 // quant.bits if down_bytes is not None else None
+    for dim, what in ((h, "hidden size"), (f, "expert width")):
+        if dim is not None and dim % quant.block:
+            raise PluginError(f"{QUANT_PLUGIN_ID}: attribute block={quant.block} does not divide the {what} {dim}")
+    rows = None if f is None else (2 if cfg.gated else 1) * f
+    per_byte = 8 // quant.bits
+
+    def div(a: int | None, b: int) -> int | None:
+        return None if a is None else a // b
+
+    want = {"x": (None, h), "bias": (e,)}
+    for prefix, (r, c) in (("w_gate_up", (rows, h)), ("w_down", (h, f))):
+        want[f"{prefix}_codes"] = (e, r, div(c, per_byte))
+        want[f"{prefix}_scales"] = (e, r, div(c, quant.block))
+        want[f"{prefix}_zeros"] = (1,) if quant.symmetric else (e, r, div(c, quant.block))
+    given = {"x": x, "bias": bias, **dict(zip(names, (*gate_up, *down)))}
+    for name, expected in want.items():
+        for got, dim in zip(given[name], expected):
+            if dim is not None and _static(got) is not None and got != dim:
+                raise PluginError(f"{QUANT_PLUGIN_ID}: input {name} has shape {tuple(given[name])}, expected "
+                                  f"{tuple('?' if d is None else d for d in expected)} (E={e}, H={h}, F={f}, "
+                                  f"{quant.format} block {quant.block}"
+                                  f"{'' if quant.symmetric else ' with zero points'})")
+    if e is not None:
+        check_shapes(x, w_router, bias, (e, rows if rows is not None else "R", h), (e, h, f if f is not None else "F"),
+                     cfg)  # the routing attributes against the expert count
+    return e, h, f
+
+
+def quantized_output_dtypes(x_dtype: str, w_router: str, bias: str, parts: Sequence[str]) -> tuple[str, str, str]:
+    """QFusedMoE's output dtypes after checking its inputs': x float32/float16/bfloat16, the router and bias
+    float32, codes and zero points int8, scales float32 (`parts` in QUANT_INPUT_NAMES[3:] order)."""
+    for name, dtype in zip(QUANT_INPUT_NAMES[3:], parts):
+        want = "float32" if name.endswith("scales") else "int8"
+        if dtype != want:
+            raise PluginError(f"{QUANT_PLUGIN_ID}: {name} must be {want}, got {dtype}")
+    return output_dtypes(x_dtype, w_router, bias)
+
+
 # ------------------------------------------------------------------------------------------------
 # torch implementation
 
@@ -245,6 +386,42 @@ def fused_moe_torch(x: torch.Tensor, w_router: torch.Tensor, bias: torch.Tensor,
     rows, row_weights, group_sizes = dispatch(expert_idx, weights, w_down.shape[0])
     w_up, w_gate, _, _ = split_gate_up(w_gate_up, None, None, None, cfg.activation, "gate_up_fused")
     y = grouped_ffn(x, rows, group_sizes, w_up, w_down, w_gate, None, None, None, cfg.activation)
+    out = combine(y.float(), rows, row_weights, x.shape[0])
+    return out.to(x.dtype), expert_idx.to(torch.int32), weights.float()
+
+
+def packed_parts(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, quant: QuantConfig,
+                 rows: slice = slice(None)) -> tuple:
+    """A stacked quantized weight's rows as the shared kernels' packed weight (qweight, scales, zeros, format,
+    block, None, None): the stored bytes viewed in their IR types (uint8 unless symmetric int8), nothing copied."""
+    signed = quant.format == "int8" and quant.symmetric
+    qweight = (codes if signed else codes.view(torch.uint8))[:, rows]
+    zero_points = None if quant.symmetric else zeros.view(torch.uint8)[:, rows]
+    return (qweight, scales[:, rows], zero_points, quant.format, quant.block, None, None)
+
+
+def fused_moe_quantized_torch(x: torch.Tensor, w_router: torch.Tensor, bias: torch.Tensor, gate_up_codes: torch.Tensor,
+                              gate_up_scales: torch.Tensor, gate_up_zeros: torch.Tensor, down_codes: torch.Tensor,
+                              down_scales: torch.Tensor, down_zeros: torch.Tensor, cfg: MoEConfig,
+                              quant: QuantConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """QFusedMoE in torch: routing as `fused_moe_torch`, then each expert with rows dequantizes its own
+    matrices (the shared kernels' `grouped_ffn_packed`): at most one expert's float weights exist at a time.
+    The dequantized weight is (code - zero) * scale in float32, then x's dtype."""
+    check_quantized_shapes(tuple(x.shape), tuple(w_router.shape), tuple(bias.shape),
+                           [tuple(t.shape) for t in (gate_up_codes, gate_up_scales, gate_up_zeros)],
+                           [tuple(t.shape) for t in (down_codes, down_scales, down_zeros)], cfg, quant)
+    scores = score(F.linear(x.float(), w_router.float()), cfg.score_fn)
+    expert_idx, weights = route_topk(scores, bias.float(), cfg.top_k, cfg.n_group, cfg.topk_group, cfg.group_score)
+    weights = scale_weights(weights, cfg.normalize, cfg.scale)
+    rows, row_weights, group_sizes = dispatch(expert_idx, weights, down_codes.shape[0])
+    width = down_codes.shape[2] * 8 // quant.bits
+    parts = (gate_up_codes, gate_up_scales, gate_up_zeros)
+    if cfg.gated:  # gate rows, then up rows
+        w_gate, w_up = packed_parts(*parts, quant, slice(0, width)), packed_parts(*parts, quant, slice(width, None))
+    else:
+        w_gate, w_up = None, packed_parts(*parts, quant)
+    w_down = packed_parts(down_codes, down_scales, down_zeros, quant)
+    y = grouped_ffn_packed(x, rows, group_sizes, w_up, w_down, w_gate, None, None, None, cfg.activation)
     out = combine(y.float(), rows, row_weights, x.shape[0])
     return out.to(x.dtype), expert_idx.to(torch.int32), weights.float()
 
@@ -468,7 +645,8 @@ def tensorrt_version() -> tuple[int, ...] | None:
     return parse_version(trt.__version__)
 
 
-_TRT_DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64"}
+_TRT_DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
+                    "INT8": "int8"}
 
 
 def trt_dtype_name(dtype: Any) -> str:
@@ -482,7 +660,7 @@ def _torch_view(tensor: Any, torch_dtype: torch.dtype) -> torch.Tensor:
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
     shape = tuple(tensor.shape)
     strides = tuple(tensor.strides) if tensor.strides is not None else None
-    carrier = {2: "<i2", 4: "<i4", 8: "<i8"}[itemsize]
+    carrier = {1: "|i1", 2: "<i2", 4: "<i4", 8: "<i8"}[itemsize]
 
     class _Interface:
         __cuda_array_interface__ = {"shape": shape, "typestr": carrier, "data": (tensor.data_ptr, False),
@@ -494,7 +672,7 @@ def _torch_view(tensor: Any, torch_dtype: torch.dtype) -> torch.Tensor:
 
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                 "int32": torch.int32, "int64": torch.int64}
+                 "int32": torch.int32, "int64": torch.int64, "int8": torch.int8}
 
 
 def register_plugin(*, aot: bool = True) -> str:
@@ -554,6 +732,7 @@ def _register_python_plugin(trt: Any, with_aot: bool) -> None:
             for target, value in zip(results, compute_fused_moe(*inputs, cfg)):
                 target.copy_(value)
 
+    _register_quantized_plugin(trt, trtp)
     if not with_aot:
         return
 
@@ -579,3 +758,49 @@ def _register_python_plugin(trt: Any, with_aot: bool) -> None:
         extra_args = trtp.SymIntExprs(1)
         extra_args[0] = trtp.SymInt32(tokens)
         return name.encode(), ptx.encode(), launch, extra_args
+
+
+def _register_quantized_plugin(trt: Any, trtp: Any) -> None:
+    """QFusedMoE: the shape/type function and the JIT @impl (no AOT kernel: see the module docstring)."""
+    from typing import Tuple
+
+    def configs(score_fn, top_k, n_group, topk_group, group_score, normalize, scale, activation, quant_format, bits,
+                block, symmetric) -> tuple[MoEConfig, QuantConfig]:
+        cfg = MoEConfig.from_fields({"score_fn": score_fn, "top_k": top_k, "n_group": n_group,
+                                     "topk_group": topk_group, "group_score": group_score, "normalize": normalize,
+                                     "scale": scale, "activation": activation})
+        return cfg, QuantConfig.from_fields({"quant_format": quant_format, "bits": bits, "block": block,
+                                             "symmetric": symmetric})
+
+    @trtp.register(QUANT_PLUGIN_ID)
+    def qfused_moe_desc(x: trtp.TensorDesc, w_router: trtp.TensorDesc, bias: trtp.TensorDesc,
+                        w_gate_up_codes: trtp.TensorDesc, w_gate_up_scales: trtp.TensorDesc,
+                        w_gate_up_zeros: trtp.TensorDesc, w_down_codes: trtp.TensorDesc, w_down_scales: trtp.TensorDesc,
+                        w_down_zeros: trtp.TensorDesc, score_fn: int, top_k: int, n_group: int, topk_group: int,
+                        group_score: int, normalize: int, scale: float, activation: int, quant_format: int, bits: int,
+                        block: int, symmetric: int) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
+        cfg, quant = configs(score_fn, top_k, n_group, topk_group, group_score, normalize, scale, activation,
+                             quant_format, bits, block, symmetric)
+        parts = (w_gate_up_codes, w_gate_up_scales, w_gate_up_zeros, w_down_codes, w_down_scales, w_down_zeros)
+        quantized_output_dtypes(trt_dtype_name(x.dtype), trt_dtype_name(w_router.dtype), trt_dtype_name(bias.dtype),
+                                [trt_dtype_name(p.dtype) for p in parts])
+        _, idx_shape, w_shape = output_shapes(tuple(x.shape_expr), cfg)
+        return (x.like(), trtp.from_shape_expr(idx_shape, dtype=trt.int32),
+                trtp.from_shape_expr(w_shape, dtype=trt.float32))
+
+    @trtp.impl(QUANT_PLUGIN_ID)
+    def qfused_moe_impl(x: trtp.Tensor, w_router: trtp.Tensor, bias: trtp.Tensor, w_gate_up_codes: trtp.Tensor,
+                        w_gate_up_scales: trtp.Tensor, w_gate_up_zeros: trtp.Tensor, w_down_codes: trtp.Tensor,
+                        w_down_scales: trtp.Tensor, w_down_zeros: trtp.Tensor, score_fn: int, top_k: int,
+                        n_group: int, topk_group: int, group_score: int, normalize: int, scale: float,
+                        activation: int, quant_format: int, bits: int, block: int, symmetric: int,
+                        outputs: Tuple[trtp.Tensor], stream: int) -> None:
+        cfg, quant = configs(score_fn, top_k, n_group, topk_group, group_score, normalize, scale, activation,
+                             quant_format, bits, block, symmetric)
+        tensors = (x, w_router, bias, w_gate_up_codes, w_gate_up_scales, w_gate_up_zeros, w_down_codes, w_down_scales,
+                   w_down_zeros)
+        inputs = [_torch_view(t, _TORCH_DTYPES[trt_dtype_name(t.dtype)]) for t in tensors]
+        results = [_torch_view(t, _TORCH_DTYPES[trt_dtype_name(t.dtype)]) for t in outputs]
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            for target, value in zip(results, fused_moe_quantized_torch(*inputs, cfg, quant)):
+                target.copy_(value)

@@ -25,6 +25,7 @@ from .plugin import (
     PluginError,
     compute_fused_moe,
     output_dtypes,
+    plugin_fields,
     trt_dtype_name,
 )
 
@@ -71,12 +72,8 @@ class FusedMoEPluginV3(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuil
         return FusedMoEPluginV3(self.config, self.phase)
 
     def get_fields_to_serialize(self):
-        fields = []
-        for key, value in self.config.to_fields().items():
-            field_type = _FIELD_TYPES.get(key, trt.PluginFieldType.INT32)
-            array = np.array([value], dtype=np.float32 if key == "scale" else np.int32)
-            fields.append(trt.PluginField(key, array, field_type))
-        return trt.PluginFieldCollection(fields)
+        return trt.PluginFieldCollection([trt.PluginField(name, array, getattr(trt.PluginFieldType, kind))
+                                          for name, array, kind in plugin_fields(self.config)])
 
     # -- build
     def get_output_data_types(self, input_types, ranks=None):

@@ -114,6 +114,7 @@ class FuseGateUp(Pass):
 
     name = "fuse-gate-up"
     summary = "gate and up projections -> one [.., 2F, H] weight"
+    quantized: bool = False  # FuseGateUpQuantized: quantized gate/up parts too
 
     def __call__(self, graph: Graph) -> tuple[Graph, bool]:
         modified = False
@@ -126,11 +127,14 @@ class FuseGateUp(Pass):
             o = offset[node.op]
             w_up, w_gate = node.inputs[o + _W["w_up"]], node.inputs[o + _W["w_gate"]]
             if _dequantized(w_up) or _dequantized(w_gate):
-                continue  # quantized weights stay as stored: a concat would make them float
+                if not self.quantized or not _fusable_quantized(graph, node, w_gate, w_up):
+                    continue  # quantized weights stay as stored: a concat of the floats would make them float
+                gate_up = _concat_quantized(graph, w_gate, w_up, name=f"{node.name}.w_gate_up")
+            else:
+                gate_up = _concat(graph, [w_gate, w_up], w_up.type.rank - 2, name=f"{node.name}.w_gate_up")
             b_up, b_gate = node.inputs[o + _W["b_up"]], node.inputs[o + _W["b_gate"]]
-            width_axis = w_up.type.rank - 2
             inputs = list(node.inputs)
-            inputs[o + _W["w_up"]] = _concat(graph, [w_gate, w_up], width_axis, name=f"{node.name}.w_gate_up")
+            inputs[o + _W["w_up"]] = gate_up
             inputs[o + _W["w_gate"]] = None
             if b_up is not None:
                 inputs[o + _W["b_up"]] = _concat(graph, [b_gate, b_up], b_up.type.rank - 1,
@@ -141,8 +145,44 @@ class FuseGateUp(Pass):
             for old, new in zip(node.outputs, fused.outputs):
                 graph.replace_uses(old, new)
             graph.remove_node(node)
+            for w in (w_gate, w_up):  # the separate DEQUANTIZE nodes a quantized fusion replaced
+                if _dequantized(w) and not graph.users(w) and not graph.is_graph_output(w):
+                    graph.remove_node(w.producer)
             modified = True
         return graph, modified
+
+
+@register_pass
+@dataclass(frozen=True)
+class FuseGateUpQuantized(FuseGateUp):
+    """fuse-gate-up that also fuses block-quantized gate/up weights: their codes, scales and zero points
+    concatenate along the output rows under one DEQUANTIZE (exact: blocks run along the input columns, so
+    every row keeps its own blocks). For targets that take the stored parts of the fused weight as they are
+    (the moe_ir::QFusedMoE plugin); backends that dequantize per projection keep them apart (fuse-gate-up)."""
+
+    name = "fuse-gate-up-quantized"
+    summary = "fuse-gate-up, quantized gate/up weights included (codes/scales/zeros concatenated)"
+    quantized: bool = True
+
+
+def _fusable_quantized(graph: Graph, node: Node, w_gate: Value, w_up: Value) -> bool:
+    """Both projections quantized alike (format, block, dtype, zero points or none), each read by `node` only."""
+    if not (_dequantized(w_gate) and _dequantized(w_up)):
+        return False
+    g, u = w_gate.producer, w_up.producer
+    if g.attrs != u.attrs or (g.inputs[2] is None) != (u.inputs[2] is None):
+        return False
+    return _only_used_by(graph, w_gate, node) and _only_used_by(graph, w_up, node)
+
+
+def _concat_quantized(graph: Graph, w_gate: Value, w_up: Value, name: str) -> Value:
+    """DEQUANTIZE(concat of the gate and up codes, scales, zero points along the rows): the fused weight."""
+    g, u = w_gate.producer, w_up.producer
+    rows = w_up.type.rank - 2  # the output-row axis of codes, scales and zero points alike
+    parts = [None if a is None else _concat(graph, [a, b], rows, name=f"{name}.{a.name.rsplit('.', 1)[-1]}")
+             for a, b in zip(g.inputs, u.inputs)]
+    return graph.add_node(OpCode.DEQUANTIZE, parts, dict(g.attrs), name=f"{name}.dequantize",
+                          output_names=[f"{name}.dequantized"]).outputs[0]
 
 
 def unfused_moe_reason(graph: Graph) -> str:
