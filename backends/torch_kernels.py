@@ -640,19 +640,26 @@ def attention(x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, q_norm, k_norm, sinks, 
 
 
 def mla_latents(x, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, b_q_a, b_kv_a, cos, sin, heads, kv_lora_rank,
-                qk_nope_head_dim, qk_rope_head_dim, rope_layout, norm_eps):
+                qk_nope_head_dim, qk_rope_head_dim, rope_layout, norm_eps, latent_scales=(1.0, 1.0)):
     """Of the tokens x [B, S, H]: q_nope [B, n, S, nope], q_rot [B, n, S, rope] (rotated), the normalised latent
     c_kv [B, 1, S, r] and the rotated key k_rot [B, 1, S, rope] that every head shares. q from w_q or the
-    low-rank w_q_b(norm(w_q_a x)); [c_kv, k_rot] = w_kv_a x."""
+    low-rank w_q_b(norm(w_q_a x)); [c_kv, k_rot] = w_kv_a x; q and the normalised c_kv times latent_scales
+    (LongCat-Flash)."""
     b, s, _ = x.shape
     nope, rope = qk_nope_head_dim, qk_rope_head_dim
+    q_scale, kv_scale = latent_scales
     if w_q is not None:
         q = F.linear(x, w_q)
     else:
         q = F.linear(rms_norm(F.linear(x, w_q_a, b_q_a), q_a_norm, norm_eps), w_q_b)
+    if q_scale != 1.0:
+        q = q * q_scale
     q_nope, q_rot = q.view(b, s, heads, nope + rope).transpose(1, 2).split([nope, rope], dim=-1)
     c_kv, k_rot = F.linear(x, w_kv_a, b_kv_a).split([kv_lora_rank, rope], dim=-1)
-    c_kv = rms_norm(c_kv, kv_a_norm, norm_eps).unsqueeze(1)
+    c_kv = rms_norm(c_kv, kv_a_norm, norm_eps)
+    if kv_scale != 1.0:
+        c_kv = c_kv * kv_scale
+    c_kv = c_kv.unsqueeze(1)
     return (q_nope, apply_rope(q_rot, cos, sin, rope_layout), c_kv,
             apply_rope(k_rot.unsqueeze(1), cos, sin, rope_layout))
 
@@ -667,13 +674,14 @@ def mla_expand(c_kv, k_rot, w_kv_b, heads, qk_nope_head_dim, v_head_dim):
 
 
 def mla_attention(x, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, w_kv_b, w_o, b_q_a, b_kv_a, b_o, heads,
-                  kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, rope, norm_eps, scale):
+                  kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, rope, norm_eps, scale,
+                  latent_scales=(1.0, 1.0)):
     """DeepSeek multi-head latent attention on x [B, S, H] (positions 0..S-1): k and v expanded per head from the
     latent, one rotary key shared by every head."""
     nope, rot = qk_nope_head_dim, qk_rope_head_dim
     cos, sin = rope_cos_sin(x.shape[1], rot, rope, x)
     q_nope, q_rot, c_kv, k_rot = mla_latents(x, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, b_q_a, b_kv_a, cos,
-                                             sin, heads, kv_lora_rank, nope, rot, rope[1], norm_eps)
+                                             sin, heads, kv_lora_rank, nope, rot, rope[1], norm_eps, latent_scales)
     k, v = mla_expand(c_kv, k_rot, w_kv_b, heads, nope, v_head_dim)
     return F.linear(causal_attention(torch.cat([q_nope, q_rot], dim=-1), k, v, scale), w_o, b_o)
 
@@ -753,7 +761,8 @@ def cached_attention(x, position_ids, attention_mask, past_key, past_value, w_q,
 
 def cached_mla_attention(x, position_ids, attention_mask, past_key, past_value, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a,
                          kv_a_norm, w_kv_b, w_o, b_q_a, b_kv_a, b_o, heads, kv_lora_rank, qk_nope_head_dim,
-                         qk_rope_head_dim, v_head_dim, rope, norm_eps, scale, cache_layout):
+                         qk_rope_head_dim, v_head_dim, rope, norm_eps, scale, cache_layout,
+                         latent_scales=(1.0, 1.0)):
     """`mla_attention` on the new tokens x [B, S, H] after the past cache: (y, present key slot, present value
     slot). cache_layout "expanded": per-head K [B, n, P+S, nope+rope] and V [B, n, P+S, dv]. "latent": the
     normalised latent c_kv [B, 1, P+S, r] and the rotated shared key [B, 1, P+S, rope]; w_kv_b is absorbed
@@ -763,7 +772,7 @@ def cached_mla_attention(x, position_ids, attention_mask, past_key, past_value, 
     nope, rot, dv, r = qk_nope_head_dim, qk_rope_head_dim, v_head_dim, kv_lora_rank
     cos, sin = rope_cos_sin_at(position_ids, rot, rope, x)
     q_nope, q_rot, c_kv, k_rot = mla_latents(x, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, b_q_a, b_kv_a, cos,
-                                             sin, heads, r, nope, rot, rope[1], norm_eps)
+                                             sin, heads, r, nope, rot, rope[1], norm_eps, latent_scales)
     visible = visible_keys(attention_mask, x.shape[1])
     if cache_layout == "latent":
         c_kv = torch.cat([past_key.to(c_kv.dtype), c_kv], dim=2)

@@ -276,11 +276,26 @@ def _attention(node: Node) -> OpCall:
                               a["chunk_size"], temperature))
 
 
+def _mla_attrs(a) -> tuple:
+    """The MLA kernels' attributes before the decode form's cache layout (the latent scales last)."""
+    return (a["heads"], a["kv_lora_rank"], a["qk_nope_head_dim"], a["qk_rope_head_dim"], a["v_head_dim"],
+            rope_descriptor(a), a["norm_eps"], _softmax_scale(a, a["qk_nope_head_dim"] + a["qk_rope_head_dim"]))
+
+
+def _latent_scales(a) -> tuple:
+    """(q, kv) latent scales as one more argument where they are set (LongCat-Flash), else none, so the calls
+    (and generated sources) of other MLA models stay as they were."""
+    scales = (a["q_latent_scale"], a["kv_latent_scale"])
+    return () if scales == (1.0, 1.0) else (scales,)
+
+
 def _mla_attention(node: Node) -> OpCall:
+    return OpCall(mla_attention, _mla_attrs(node.attrs) + _latent_scales(node.attrs))
+
+
+def _cached_mla_attention(node: Node) -> OpCall:
     a = node.attrs
-    return OpCall(mla_attention, (a["heads"], a["kv_lora_rank"], a["qk_nope_head_dim"], a["qk_rope_head_dim"],
-                                  a["v_head_dim"], rope_descriptor(a), a["norm_eps"],
-                                  _softmax_scale(a, a["qk_nope_head_dim"] + a["qk_rope_head_dim"])))
+    return OpCall(cached_mla_attention, _mla_attrs(a) + (_plain(a["cache_layout"]),) + _latent_scales(a))
 
 
 TORCH_OPS: dict[OpCode, Callable[[Node], OpCall]] = {
@@ -313,8 +328,7 @@ TORCH_OPS: dict[OpCode, Callable[[Node], OpCall]] = {
     OpCode.MLA_ATTENTION: _mla_attention,
     # decode form: the same attributes, the cache operands before the weights; MLA adds its cache layout
     OpCode.CACHED_ATTENTION: lambda n: OpCall(cached_attention, _attention(n).attrs),
-    OpCode.CACHED_MLA_ATTENTION: lambda n: OpCall(cached_mla_attention,
-                                                  _mla_attention(n).attrs + (_plain(n.attrs["cache_layout"]),)),
+    OpCode.CACHED_MLA_ATTENTION: _cached_mla_attention,
     OpCode.DEQUANTIZE: lambda n: OpCall(packed_weight, (_plain(n.attrs["format"]), n.attrs["block"]),
                                         ("int4_activations",)),
 }

@@ -115,6 +115,9 @@ def analyse_model(spec: ModelSpec, *, context: int | None = None) -> ModelAnalys
         norms = sum(n for k, n in mine.items() if k.startswith((p + "attn_norm.", p + "ffn_norm.")))
         ffn_prefix = p + ("moe." if m.is_moe_layer(i) else "ffn.")
         ffn = sum(n for k, n in mine.items() if k.startswith(ffn_prefix))
+        # LongCat-Flash's layers have two dense FFNs beside the MoE block: counted with it, as matrices only
+        dense = sum(n for k, n in mine.items() if k.startswith(p + "ffn.")) if m.attention_blocks > 1 else 0
+        ffn += dense
         buf = sum(n for k, n in mine.items() if k in buffers)
         assert attn + norms + ffn == sum(mine.values()), f"unclassified weights in layer {i}"
         # Matmul FLOPs of the attention: every matrix (ndim 2) of the attention, applied to each token.
@@ -123,7 +126,7 @@ def analyse_model(spec: ModelSpec, *, context: int | None = None) -> ModelAnalys
         if m.is_moe_layer(i):
             unused = moe.routed_expert_params - spec.moe.experts.top_k * moe.params_per_routed_expert
             activated = attn + norms + ffn - unused
-            flops = attn_flops + moe.flops_per_token
+            flops = attn_flops + moe.flops_per_token + 2 * dense
         else:
             activated = attn + norms + ffn
             flops = attn_flops + 2 * ffn  # a dense FFN is matrices only
@@ -145,7 +148,7 @@ def analyse_model(spec: ModelSpec, *, context: int | None = None) -> ModelAnalys
     attention_flops = 0
     if context is not None:
         per_layer = 2 * a.heads * context * (a.qk_head_dim(h) + a.value_head_dim(h))
-        attention_flops = per_layer * m.layers
+        attention_flops = per_layer * m.layers * m.attention_blocks
     return ModelAnalysis(
         parallel=_model_parallel(moe, total, len(m.moe_layers)),
         name=m.name, total_params=total, trainable_params=total - buffer_total, buffer_params=buffer_total,

@@ -20,6 +20,11 @@ canonical names under it. Weight names:
   layers.{i}.ffn.w_up / w_down / w_gate [F, H] / [H, F] / [F, H]                          (dense layers)
   layers.{i}.moe.router.weight, layers.{i}.moe.experts.w_up, ... (see builder.py)        (MoE layers)
 
+LongCat-Flash's layers (model.layer_form dual_shortcut_moe) hold sublayers j = 0, 1 with their own weights:
+  layers.{i}.attn_norm.{j}.weight, layers.{i}.attn.{j}.<attention weights above>, layers.{i}.ffn_norm.{j}.weight,
+  layers.{i}.ffn.{j}.w_up / w_down / w_gate, and the one MoE block layers.{i}.moe.* (model_spec.LayerForm has
+  the dataflow); attention j of layer i keeps its cache as past_key_values.{2i+j} (transformers' cache index).
+
 Matrices are in PyTorch Linear layout [out, in], as in the transformers checkpoints.
 Outputs: `logits`; with `routing=True` also `layers.{i}.expert_idx` / `layers.{i}.weights` of every
 token-choice MoE layer (what validation compares for routing flips). With `training=True` every MoE layer
@@ -45,13 +50,14 @@ from __future__ import annotations
 
 
 import enum
+import math
 from dataclasses import dataclass
 
 from .builder import add_moe_layer
 from .errors import IRError
 from .ir import ElemType, Graph, GraphKind, OpCode, TensorType, Value
 from .ir.model_ops import MLACacheLayout, mla_cache_dims
-from .model_spec import (AttentionKind, ModelSpec, NormKind, NormPosition, QKNorm, RopeScalingKind,
+from .model_spec import (AttentionKind, LayerForm, ModelSpec, NormKind, NormPosition, QKNorm, RopeScalingKind,
                          model_spec_to_dict)
 from .spec import canonical_spec_hash
 
@@ -151,6 +157,8 @@ def _attention(g: Graph, spec: ModelSpec, x: Value, p: str, dtype: ElemType, lay
         attrs = {"heads": n, "kv_lora_rank": a.kv_lora_rank, "qk_nope_head_dim": a.qk_nope_head_dim,
                  "qk_rope_head_dim": a.qk_rope_head_dim, "v_head_dim": a.v_head_dim, **rope,
                  "norm_eps": MLA_LATENT_NORM_EPS}
+        if a.latent_scales:  # LongCat-Flash: sqrt(hidden / rank) on the query and on the normalised kv latent
+            attrs.update(q_latent_scale=math.sqrt(h / a.q_lora_rank), kv_latent_scale=math.sqrt(h / a.kv_lora_rank))
         weights = [*q, *kv, w_o, b_q_a, b_kv_a, b_o]
         if decode is None:
             return g.add_node(OpCode.MLA_ATTENTION, [x, *weights], attrs, name=p.rstrip(".")).outputs[0]
@@ -207,6 +215,29 @@ def _norm(g: Graph, spec: ModelSpec, x: Value, name: str, dtype: ElemType) -> Va
     return g.add_node(OpCode.RMS_NORM, [x, weight], {"eps": m.rms_norm_eps}, name=name).outputs[0]
 
 
+def _shortcut_moe_layer(g: Graph, spec: ModelSpec, x: Value, i: int, dtype: ElemType, decode: _DecodeInputs | None,
+                        training: bool, routing_outputs: dict[str, Value]) -> Value:
+    """Layer i in LongCat-Flash's form (model_spec.LayerForm.DUAL_SHORTCUT_MOE): two attention + dense FFN
+    sublayers; the MoE block reads the first FFN's normalised input and its output joins after the second FFN.
+    Attention j keeps cache 2i + j."""
+    p = layer_prefix(i)
+    shortcut = None
+    for j in range(2):
+        h = _norm(g, spec, x, f"{p}attn_norm.{j}", dtype)
+        a = _attention(g, spec, h, f"{p}attn.{j}.", dtype, 2 * i + j, decode)
+        x = g.add_node(OpCode.ADD, [x, a], name=f"{p}attn_residual.{j}").outputs[0]
+        f = _norm(g, spec, x, f"{p}ffn_norm.{j}", dtype)
+        if j == 0:
+            layer = add_moe_layer(g, spec.moe, f, prefix=f"{p}moe.", training=training)
+            shortcut = layer.pop("out")
+            for key, value in layer.items():
+                if training or key in ("expert_idx", "weights"):
+                    routing_outputs[f"{p}{key}"] = value
+        f = _dense_ffn(g, spec, f, f"{p}ffn.{j}.", dtype)
+        x = g.add_node(OpCode.ADD, [x, f], name=f"{p}ffn_residual.{j}").outputs[0]
+    return g.add_node(OpCode.ADD, [x, shortcut], name=f"{p}moe_residual").outputs[0]
+
+
 def _dense_ffn(g: Graph, spec: ModelSpec, x: Value, p: str, dtype: ElemType) -> Value:
     m = spec.model
     f, h = m.dense_width, m.hidden
@@ -252,6 +283,9 @@ def build_model_graph(spec: ModelSpec, *, routing: bool = False, training: bool 
     residual = 1.0 if mult is None else mult.residual
     routing_outputs: dict[str, Value] = {}
     for i in range(m.layers):
+        if m.layer_form == LayerForm.DUAL_SHORTCUT_MOE:
+            x = _shortcut_moe_layer(g, spec, x, i, dtype, decode, training, routing_outputs)
+            continue
         p = layer_prefix(i)
         post = m.norm_position == NormPosition.POST
 

@@ -13,6 +13,8 @@ pre-norm (norm_position pre, the default) or post-norm (OLMo 2 / FlexOlmo):
     pre:   h = x + attn(rms_norm(x));  y = h + ffn(rms_norm(h))
     post:  h = x + rms_norm(attn(x));  y = h + rms_norm(ffn(h))
 and the model is embed -> layers -> rms_norm -> lm_head (tied to the embedding when `tied_embeddings`).
+With layer_form dual_shortcut_moe (LongCat-Flash) each layer holds two attention + dense FFN sublayers and one MoE
+block fed by the first FFN's norm whose output joins at the end of the layer (LayerForm has the dataflow).
 
 Parsing reuses the layer spec's generic parser (types, bounds, did-you-mean, YAML lines); the `moe`
 section is parsed as a layer spec in a context that prefixes its key paths with `moe.`.
@@ -30,7 +32,7 @@ from .spec import (QuantizationSpec, MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_LA
                    DType, LayerSpec, ParseContext, describe_value, join_key_path, parse_section, suggest_key,
                    schema_of_section, spec_field, spec_to_dict)
 
-__all__ = ["AttentionKind", "AttentionSpec", "AttentionTemperature", "ModelSection", "ModelSpec", "Multipliers",
+__all__ = ["AttentionKind", "AttentionSpec", "AttentionTemperature", "LayerForm", "ModelSection", "ModelSpec", "Multipliers",
            "NormKind", "NormPosition", "QKNorm", "RopeLayout", "RopeScaling", "RopeScalingKind", "model_json_schema",
            "model_spec_from_dict", "model_spec_to_dict", "yarn_mscale"]
 
@@ -200,6 +202,17 @@ class AttentionTemperature:
     scale: float = spec_field(doc="the temperature's coefficient (Llama 4's attn_scale, 0.1)", minimum=0.0)
 
 
+class LayerForm(enum.StrEnum):
+    """What one decoder layer holds and how its parts connect (pre-norm in both forms)."""
+    STANDARD = "standard"  # h = x + attn(norm(x));  y = h + ffn(norm(h)), the FFN dense or MoE
+    # LongCat-Flash's shortcut-connected MoE: two sublayers of attention + dense FFN, and one MoE block that reads
+    # the first sublayer's FFN input and joins the residual stream at the end of the layer:
+    #   h1 = x + attn_0(attn_norm_0(x));   n = ffn_norm_0(h1);   s = moe(n);   h2 = h1 + ffn_0(n)
+    #   h3 = h2 + attn_1(attn_norm_1(h2)); y = h3 + ffn_1(ffn_norm_1(h3)) + s
+    # Every layer has the MoE block; both dense FFNs are dense_width wide; each attention has a KV cache of its own.
+    DUAL_SHORTCUT_MOE = "dual_shortcut_moe"
+
+
 class NormPosition(enum.StrEnum):
     PRE = "pre"    # h = x + attn(norm(x)); y = h + ffn(norm(h))   (Llama, DeepSeek, Mixtral, ...)
     POST = "post"  # h = x + norm(attn(x)); y = h + norm(ffn(h))   (OLMo 2, FlexOlmo)
@@ -268,6 +281,10 @@ class AttentionSpec:
     qk_rope_head_dim: int | None = spec_field(None, doc="mla: per-head query/key dims with RoPE (key part shared)",
                                               minimum=2, maximum=MAX_HEAD_DIM)
     v_head_dim: int | None = spec_field(None, doc="mla: per-head value dim", minimum=1, maximum=MAX_HEAD_DIM)
+    latent_scales: bool = spec_field(False, doc="mla: the query times sqrt(hidden / q_lora_rank) and the normalised "
+                                                "kv latent times sqrt(hidden / kv_lora_rank), after their "
+                                                "projections (LongCat-Flash's mla_scale_q_lora / mla_scale_kv_lora)",
+                                     omit_default=True)
 
     def check(self, ctx: ParseContext, path: str) -> None:
         if self.softmax_scale is not None and self.rope_scaling is not None and self.rope_scaling.softmax_mscale:
@@ -315,7 +332,13 @@ class AttentionSpec:
                 ctx.fail(join_key_path(path, "clip_qkv"), "q/k/v clipping is modelled for mha/gqa attention, not mla")
             if self.qk_rope_head_dim % 2:
                 ctx.fail(join_key_path(path, "qk_rope_head_dim"), f"RoPE rotates pairs of dims; {self.qk_rope_head_dim} is odd")
+            if self.latent_scales and self.q_lora_rank is None:
+                ctx.fail(join_key_path(path, "latent_scales"), "latent_scales scales the low-rank query; give "
+                                                               "q_lora_rank")
             return
+        if self.latent_scales:
+            ctx.fail(join_key_path(path, "latent_scales"), f"latent_scales belongs to kind mla; this attention is "
+                                                           f"{self.kind.value}")
         if self.rotary_dim is not None and self.rotary_dim % 2:
             ctx.fail(join_key_path(path, "rotary_dim"), f"RoPE rotates pairs of dims; {self.rotary_dim} is odd")
         for name in ("q_lora_rank",) + _MLA_FIELDS:
@@ -414,6 +437,11 @@ class ModelSection:
                                 omit_default=True)
     lm_head_bias: bool = spec_field(False, doc="the LM head carries a bias [vocab_size] (PhiMoE lm_head_bias)",
                                     omit_default=True)
+    layer_form: LayerForm = spec_field(LayerForm.STANDARD, doc="what a layer holds: standard (attention, then a "
+                                                              "dense or MoE FFN) or dual_shortcut_moe (LongCat-Flash: "
+                                                              "two attention + dense FFN sublayers beside one MoE "
+                                                              "block whose output joins at the layer's end)",
+                                       omit_default=True)
     dtype: DType = spec_field(DType.FLOAT32, doc="dtype of activations and weights")
 
     def check(self, ctx: ParseContext, path: str) -> None:
@@ -449,10 +477,31 @@ class ModelSection:
             ctx.fail(join_key_path(path, "dense_activation"), "clamped_swiglu is an expert activation (its alpha and "
                                                               "limit are in moe.experts.clamp); dense FFNs take "
                                                               "swiglu, geglu, gelu or relu")
+        if self.layer_form == LayerForm.DUAL_SHORTCUT_MOE:
+            self._check_dual(ctx, path)
         has_dense = any(not self.is_moe_layer(i) for i in range(self.layers))
         if has_dense and self.dense_width is None:
             ctx.fail(join_key_path(path, "dense_width"), f"layers {index_ranges(self.dense_layers)} are dense; give their FFN "
                                                  "width as dense_width")
+
+    def _check_dual(self, ctx: ParseContext, path: str) -> None:
+        """dual_shortcut_moe: every layer has its MoE block and two dense FFNs, pre-norm, no multipliers."""
+        key = join_key_path(path, "layer_form")
+        if self.moe_layer_indices is not None or self.first_dense or self.moe_every != 1:
+            ctx.fail(key, "dual_shortcut_moe puts an MoE block in every layer; leave out moe_layer_indices, "
+                          "first_dense and moe_every")
+        if self.dense_width is None:
+            ctx.fail(join_key_path(path, "dense_width"), "dual_shortcut_moe layers have two dense FFNs; give their "
+                                                         "width as dense_width")
+        if self.norm_position != NormPosition.PRE:
+            ctx.fail(join_key_path(path, "norm_position"), "dual_shortcut_moe is modelled pre-norm")
+        if self.multipliers is not None:
+            ctx.fail(join_key_path(path, "multipliers"), "multipliers are modelled for standard layers")
+
+    @property
+    def attention_blocks(self) -> int:
+        """Attention blocks (each with its own KV cache) per layer."""
+        return 2 if self.layer_form == LayerForm.DUAL_SHORTCUT_MOE else 1
 
     def is_moe_layer(self, i: int) -> bool:
         if self.moe_layer_indices is not None:

@@ -6,6 +6,7 @@ weight names. Writes go through moe_ir.artifacts (staged, then renamed into plac
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -83,6 +84,10 @@ def ensure_memory_for(graph: Graph, what: str, *, factor: float = 1.0, batch: in
                            + ("fewer tokens (--tokens, --batch), " if acts else "") + "or a smaller spec")
 
 
+# A norm's scale: `norm.weight`, `layers.3.attn_norm.weight`, or a sublayer's `layers.3.attn_norm.1.weight`.
+_NORM_WEIGHT = re.compile(r"norm(\.\d+)?\.weight$")
+
+
 def init_weights(graph: Graph, seed: int = 0, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Seeded init: Linear-style U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for matrices, zeros for biases and
     the aux-loss-free bias buffer, ones for RMSNorm weights (`*norm.weight`, model graphs). Each tensor
@@ -100,7 +105,7 @@ def init_weights(graph: Graph, seed: int = 0, *, dtype: torch.dtype | None = Non
     for name, (dims, elem) in sorted(declared.items()):
         shape = tuple(int(d) for d in dims)
         t_dtype = dtype or elem.torch
-        if name.endswith("norm.weight"):  # RMSNorm scales of model graphs start at 1, as in transformers
+        if _NORM_WEIGHT.search(name):  # RMSNorm scales of model graphs start at 1, as in transformers
             out[name] = torch.ones(shape, dtype=t_dtype)
             continue
         if name == ROUTER_BIAS or name.rsplit(".", 1)[-1].startswith("b_") or len(shape) < 2:

@@ -3,8 +3,11 @@ grouped_ffn identity_experts -> reference) with softmax scores, selection on sco
 routed scaling, against transformers' LongcatFlashMoE; its import (config keys and aliases, weights both ways,
 the identity experts' unused gate_up_proj rows), the backends that lower it and the refusals of the others.
 
-The whole model (two attention blocks and two FFN paths per layer) is not modelled: the model importer refuses
-the family by name. transformers is the independent oracle (random weights, tiny odd configs, no download).
+The whole model: model.layer_form dual_shortcut_moe (two MLA attention + dense FFN sublayers per layer beside the
+shortcut-connected MoE block) and MLA's latent_scales, against transformers' LongcatFlashForCausalLM: logits on every
+backend that lowers it, greedy generation on the decode graph (two caches per layer), the import of config and
+checkpoint, and the shipped spec of the released configuration. transformers is the independent oracle (random
+weights, tiny odd configs, no download).
 """
 from __future__ import annotations
 
@@ -118,9 +121,10 @@ def test_defaults_aliases_and_refusals():
     with pytest.raises(SpecError) as err:
         spec_from_hf_config({**_config().to_dict(), "router_bias": True})
     assert err.value.path == "router_bias"
-    with pytest.raises(SpecError, match="two attention blocks") as err:
-        model_spec_from_hf_config(_config())
-    assert err.value.path == "num_layers"
+    for changes, path in (({"mla_scale_q_lora": False}, "mla_scale_q_lora"), ({"head_dim": 8}, "head_dim")):
+        with pytest.raises(SpecError) as err:
+            model_spec_from_hf_config({**_config(head_dim=4).to_dict(), **changes})
+        assert err.value.path == path
     for changes, path in (({"router": {"choice": "expert"}}, "experts.identity"),
                           ({"capacity": {"factor": 1.0}}, "experts.identity"),
                           ({"experts": {"routed": 2, "identity": 1, "width": 4, "top_k": 4}}, "experts.top_k")):
@@ -128,3 +132,195 @@ def test_defaults_aliases_and_refusals():
         with pytest.raises(SpecError) as err:
             spec_from_dict(data)
         assert err.value.path == path
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole model
+
+
+def _tiny_model(**kw):
+    """A tiny odd LongCat-Flash causal LM (3 heads, ranks 12 / 10, qk 6 + 4, v 5, 5 FFN + 3 identity experts),
+    every tensor random so a misplaced one shows."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = _config(**{**dict(num_attention_heads=3, q_lora_rank=12, kv_lora_rank=10, qk_nope_head_dim=6,
+                            qk_rope_head_dim=4, head_dim=4, v_head_dim=5, vocab_size=97,
+                            rope_parameters={"rope_type": "default", "rope_theta": 1000.0}), **kw})
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.2 if p.dim() > 1 else 0.1)
+        for name, b in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.uniform_(-0.1, 0.1)
+    return cfg, hf
+
+
+def _identity_rows(cfg) -> int:
+    """transformers' gate_up_proj rows of the identity experts (never read; not in moe-ir's weights)."""
+    return cfg.num_layers * (cfg.zero_expert_num or 0) * 2 * cfg.expert_ffn_hidden_size * cfg.hidden_size
+
+
+@pytest.mark.parametrize("identity", [3, 0], ids=["identity-experts", "ffn-experts-only"])
+def test_model_logits_equal_transformers_on_every_backend_that_lowers_it(identity):
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config, weights_from_hf_model
+    from moe_ir.model_builder import build_model_graph
+    from moe_ir.model_spec import LayerForm
+
+    cfg, hf = _tiny_model(zero_expert_num=identity)
+    spec = model_spec_from_hf_config(cfg)
+    m = spec.model
+    assert m.layer_form == LayerForm.DUAL_SHORTCUT_MOE and m.layers == 2 and m.dense_width == 20
+    assert m.attention.latent_scales and m.attention.layout.value == "interleaved"
+    weights = weights_from_hf_model(hf, spec)
+    graph = build_model_graph(spec)
+    stored = sum(t.numel() for t in hf.state_dict().values())
+    assert sum(math.prod(v.type.shape) for v in graph.weights.values()) == stored - _identity_rows(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+    got = {"reference": interpret(graph, {"input_ids": ids}, weights)["logits"]}
+    backends = ["torch", "onnx:portable"] + (["onnx:ort"] if not identity else [])
+    for name in backends:
+        backend = get_backend(name)
+        lowered = run_pipeline(build_model_graph(spec), backend.pipeline)
+        assert backend.supports(lowered) == (True, ""), name
+        got[name] = backend.prepare(lowered, {k: v for k, v in weights.items() if k in lowered.weights})(ids)["logits"]
+    for name, logits in got.items():
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=2e-5, msg=name)
+        assert torch.equal(logits.argmax(-1), expected.argmax(-1)), name
+    if identity:  # ONNX Runtime's MoE op has FFN experts only; the other fused targets refuse a model graph
+        backend = get_backend("onnx:ort")
+        ok, reason = backend.supports(run_pipeline(build_model_graph(spec), backend.pipeline))
+        assert not ok and "identity experts" in reason, reason
+        # Each part of the layer counts: without the latent scales, or without the MoE shortcut, the logits move.
+        unscaled = interpret(build_model_graph(_replace_attention(spec, latent_scales=False)), {"input_ids": ids},
+                             weights)["logits"]
+        no_moe = dict(weights, **{k: torch.zeros_like(v) for k, v in weights.items() if ".moe.experts." in k})
+        for other in (unscaled, interpret(graph, {"input_ids": ids}, no_moe)["logits"]):
+            assert (other - expected).abs().max() > 1e-2
+
+
+def _replace_attention(spec, **changes):
+    import dataclasses
+
+    m = spec.model
+    return dataclasses.replace(spec, model=dataclasses.replace(m, attention=dataclasses.replace(m.attention,
+                                                                                                **changes)))
+
+
+def test_greedy_generation_on_the_decode_graph_equals_transformers_generate():
+    """Two caches per layer (past_key_values.{2i+j}, transformers' index); left-padded prompts; both MLA cache
+    layouts; every step's logits transformers'."""
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config, weights_from_hf_model
+    from moe_ir.generation import greedy_generate
+    from moe_ir.model_builder import GraphForm, build_model_graph, cache_entries
+
+    cfg, hf = _tiny_model()
+    spec = model_spec_from_hf_config(cfg)
+    weights = weights_from_hf_model(hf, spec)
+    prompts = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(prompts)
+    mask[1, :2] = 0  # the second prompt is 4 tokens, left-padded
+    with torch.no_grad():
+        out = hf.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                          output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    theirs = torch.stack(out.logits, dim=1)
+    for name, layout in (("torch", "expanded"), ("torch", "latent"), ("onnx:portable", "latent")):
+        backend = get_backend(name)
+        decode = run_pipeline(build_model_graph(spec, form=GraphForm.DECODE, mla_cache=layout), backend.pipeline)
+        entries = cache_entries(decode)
+        assert [e.layer for e in entries] == [0, 0, 1, 1, 2, 2, 3, 3]  # 2 layers x 2 attention blocks
+        step = backend.prepare(decode, {k: v for k, v in weights.items() if k in decode.weights})
+        result = greedy_generate(step, decode, prompts, mask, max_new_tokens=5)
+        assert torch.equal(result.tokens, out.sequences[:, prompts.shape[1]:]), (name, layout)
+        torch.testing.assert_close(result.logits.float(), theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()),
+                                   msg=f"{name} {layout}")
+
+
+def test_import_hf_model_cli_from_a_saved_checkpoint(tmp_path):
+    """`moe-ir import-hf --model --weights` on the folder transformers saves gives its logits; a released
+    checkpoint's multi-token-prediction tensors (model.mtp.*), which transformers skips, are skipped too."""
+    from safetensors.torch import load_file, save_file
+
+    from moe_ir.cli import main
+    from moe_ir.frontends import load_model_spec
+    from moe_ir.model_builder import build_model_graph
+    from moe_ir.params import load_weights
+
+    cfg, hf = _tiny_model()
+    hf.save_pretrained(tmp_path / "hf")
+    shard = tmp_path / "hf" / "model.safetensors"
+    save_file({**load_file(shard), "model.mtp.layers.0.eh_proj.weight": torch.zeros(H, 2 * H)}, shard)
+    spec_file, weights_file = tmp_path / "model.yaml", tmp_path / "model.safetensors"
+    assert main(["import-hf", str(tmp_path / "hf"), "--model", "--weights", str(tmp_path / "hf"), "-o", str(spec_file),
+                 "--weights-out", str(weights_file)]) == 0
+    spec = load_model_spec(spec_file)
+    ids = torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+    graph = build_model_graph(spec)
+    got = interpret(graph, {"input_ids": ids}, load_weights(weights_file, graph))["logits"]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-5)
+
+
+# meituan-longcat/LongCat-Flash-Chat's config.json (the keys the importer reads), as specs/models/longcat-flash.yaml
+# cites it
+RELEASED = {"model_type": "longcat_flash", "attention_bias": False, "expert_ffn_hidden_size": 2048,
+            "ffn_hidden_size": 12288, "hidden_size": 6144, "kv_lora_rank": 512, "max_position_embeddings": 131072,
+            "mla_scale_kv_lora": True, "mla_scale_q_lora": True, "moe_topk": 12, "n_routed_experts": 512,
+            "num_attention_heads": 64, "num_layers": 28, "q_lora_rank": 1536, "qk_nope_head_dim": 128,
+            "qk_rope_head_dim": 64, "rms_norm_eps": 1e-05, "rope_theta": 10000000.0, "routed_scaling_factor": 6.0,
+            "v_head_dim": 128, "vocab_size": 131072, "zero_expert_num": 256, "zero_expert_type": "identity"}
+
+
+def test_released_config_is_the_shipped_spec_with_transformers_parameter_count():
+    """The shipped spec is what the importer reads from the released config; its parameters are transformers'
+    model of that config on the meta device (state dict: correction biases included) less the identity experts'
+    gate_up_proj rows."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moe_ir.frontends import load_model_spec
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config
+    from moe_ir.model_analysis import analyse_model
+    from moe_ir.model_spec import model_spec_to_dict
+
+    ours = load_model_spec(Path(__file__).resolve().parent.parent / "specs" / "models" / "longcat-flash.yaml")
+    imported = model_spec_from_hf_config(RELEASED, name=ours.model.name)
+    strip = lambda d: {**d, "model": {k: v for k, v in d["model"].items() if k != "source"}}  # noqa: E731
+    assert strip(model_spec_to_dict(imported)) == strip(model_spec_to_dict(ours))
+    config = dict(RELEASED)
+    cfg = AutoConfig.for_model(config.pop("model_type"), **config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    stored = sum(t.numel() for t in model.state_dict().values())
+    analysis = analyse_model(ours)
+    assert analysis.total_params == stored - _identity_rows(cfg) == 560_664_980_480
+    assert round(analysis.activated_params_without_input_embedding / 1e9, 2) == 31.38  # the report's 31.3B at most
+
+
+def test_layer_form_and_latent_scales_are_checked():
+    from moe_ir.model_spec import model_spec_from_dict
+
+    mla = {"kind": "mla", "heads": 2, "q_lora_rank": 4, "kv_lora_rank": 4, "qk_nope_head_dim": 2,
+           "qk_rope_head_dim": 2, "v_head_dim": 2}
+    base = {"vocab_size": 9, "hidden": 8, "layers": 2, "dense_width": 6, "layer_form": "dual_shortcut_moe",
+            "attention": {**mla, "latent_scales": True}}
+    moe = {"experts": {"routed": 4, "width": 4, "top_k": 2}}
+    assert model_spec_from_dict({"model": base, "moe": moe}).model.attention_blocks == 2
+    for changes, path in (({"first_dense": 1}, "model.layer_form"), ({"dense_width": None}, "model.dense_width"),
+                          ({"norm_position": "post"}, "model.norm_position"),
+                          ({"attention": {**mla, "q_lora_rank": None, "latent_scales": True}},
+                           "model.attention.latent_scales"),
+                          ({"attention": {"kind": "mha", "heads": 2, "latent_scales": True}},
+                           "model.attention.latent_scales")):
+        with pytest.raises(SpecError) as err:
+            model_spec_from_dict({"model": {**base, **changes}, "moe": moe})
+        assert err.value.path == path, (changes, err.value)

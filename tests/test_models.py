@@ -97,8 +97,9 @@ def test_model_json_schema():
 
 def test_every_model_spec_loads_and_builds():
     files = sorted(MODELS.glob("*.yaml"))
-    # 9 + qwen3-30b-a3b, ernie-4.5-21b-a3b, minimax-m2, gpt-oss-20b, llama-4-scout + eight of issue 17's families
-    assert len(files) == 22
+    # 9 + qwen3-30b-a3b, ernie-4.5-21b-a3b, minimax-m2, gpt-oss-20b, llama-4-scout, longcat-flash, phi-3.5-moe
+    # + eight of issue 17's families
+    assert len(files) == 23
     for f in files:
         spec = load_model_spec(f)
         assert f.read_text().startswith("#"), f"{f.name} must start with a comment naming its source"
@@ -437,7 +438,7 @@ def _model_config_classes():
             "minimax_m2": t.MiniMaxM2Config, "ernie4_5_moe": t.Ernie4_5_MoeConfig, "flex_olmo": t.FlexOlmoConfig,
             "granitemoe": t.GraniteMoeConfig, "exaone_moe": t.ExaoneMoeConfig,
             "hunyuan_v1_moe": t.HunYuanMoEV1Config, "granitemoeshared": t.GraniteMoeSharedConfig,
-            "granitemoe_swa": t.GraniteMoeSWAConfig}
+            "granitemoe_swa": t.GraniteMoeSWAConfig, "longcat_flash": t.LongcatFlashConfig}
 
 
 def test_model_defaults_match_installed_transformers():

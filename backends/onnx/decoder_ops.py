@@ -330,12 +330,16 @@ class DecoderOps(Lowering):
         else:  # low-rank query: q_b(rms_norm(q_a(x)))
             q_a = self._project(tokens, node.input("w_q_a"), node.input("b_q_a"), dt)
             q = self._project(self._rms_norm(q_a, node.input("q_a_norm"), eps, dt), node.input("w_q_b"), None, dt)
+        if a["q_latent_scale"] != 1.0:  # LongCat-Flash's LoRA scales
+            q = em.op("Mul", [q, em.fconst(a["q_latent_scale"], dt, "q_latent_scale")])
         q_nope, q_rot = em.op("Split", [self._split_heads(q, batch_seq, n, nope + rope), em.const([nope, rope])], 2,
                               axis=-1)
         # The compressed latent c_kv and the one rotary key every head shares.
         c_kv, k_rot = em.op("Split", [self._project(tokens, node.input("w_kv_a"), node.input("b_kv_a"), dt),
                                       em.const([rank, rope])], 2, axis=-1)
         c_kv = self._rms_norm(c_kv, node.input("kv_a_norm"), eps, dt)
+        if a["kv_latent_scale"] != 1.0:
+            c_kv = em.op("Mul", [c_kv, em.fconst(a["kv_latent_scale"], dt, "kv_latent_scale")])
         cos_sin = tables(xs, rope)
         q_rot = self._rope(q_rot, rope, cos_sin, a["rope_layout"])
         k_rot = self._rope(self._split_heads(k_rot, batch_seq, 1, rope), rope, cos_sin, a["rope_layout"])

@@ -18,12 +18,12 @@ from typing import Any, Iterator, Mapping
 
 from moe_ir.artifacts import OutputFiles
 from moe_ir.errors import WeightsError
-from moe_ir.model_spec import ModelSpec, model_spec_to_dict
+from moe_ir.model_spec import LayerForm, ModelSpec, model_spec_to_dict
 from moe_ir.spec import canonical_spec_hash
 from .fp8 import FP8, DequantizedCheckpoint
 from .safetensors_io import FLOAT_DTYPES, Checkpoint, SafetensorsWriter
-from .tensor_map import (DBRX_PREFIX, TensorRule, dbrx_model_rules, detect_model_layout, detect_router_names,
-                         model_rules)
+from .tensor_map import (DBRX_PREFIX, PER_EXPERT_NAMES, TensorRule, dbrx_model_rules, detect_model_layout,
+                         detect_router_names, model_rules)
 
 __all__ = ["convert_checkpoint", "canonical_tensors", "import_hf_model", "load_hf_checkpoint", "plan_import",
            "spec_hash"]
@@ -48,6 +48,7 @@ def plan_import(spec: ModelSpec, ckpt: Checkpoint, *, prefix: str = "model."):
 
     graph = build_model_graph(spec)
     our_shapes = {name: tuple(v.type.shape) for name, v in graph.weights.items()}
+    block, layout = None, None
     if any(name.startswith(DBRX_PREFIX) for name in ckpt.entries):  # DBRX's own names and fused tensors
         rules = dbrx_model_rules(spec, graph.weights)
     else:
@@ -60,6 +61,15 @@ def plan_import(spec: ModelSpec, ckpt: Checkpoint, *, prefix: str = "model."):
     # transformers lists a tied head under both names; its checkpoints may or may not store the copy.
     tolerated = {"lm_head.weight"} if spec.model.tied_embeddings else set()
     entries = ckpt.entries
+    if spec.model.layer_form == LayerForm.DUAL_SHORTCUT_MOE:
+        # LongCat-Flash's released checkpoints carry a multi-token-prediction head, which transformers skips too
+        tolerated |= {n for n in entries if n.startswith(f"{prefix}mtp.")}
+    e = spec.moe.experts
+    if e.identity and layout is not None and layout in PER_EXPERT_NAMES:
+        # save_pretrained splits LongCat-Flash's gate_up_proj per expert, the identity experts' unread rows too
+        gate, up, _ = PER_EXPERT_NAMES[layout]
+        tolerated |= {f"{prefix}layers.{i}.{block}.experts.{j}.{proj}.weight" for i in spec.model.moe_layers
+                      for j in range(e.routed, e.routed + e.identity) for proj in (gate, up)}
 
     def where(name: str) -> str:
         return f"{name} ({Path(entries[name].file).name})" if len(set(e.file for e in entries.values())) > 1 else name
@@ -83,7 +93,8 @@ def plan_import(spec: ModelSpec, ckpt: Checkpoint, *, prefix: str = "model."):
         hint = ""
         if wrong_dtype or any(n.endswith(("_scale_inv", ".scales", ".qweight", "weight_scale")) for n in unexpected):
             hint = " The checkpoint holds quantized tensors: dequantize it before importing."
-        raise WeightsError(f"Hugging Face checkpoint {ckpt.description} ({block}, {layout.value} experts) does not "
+        stored = "DBRX layout" if layout is None else f"{block}, {layout.value} experts"
+        raise WeightsError(f"Hugging Face checkpoint {ckpt.description} ({stored}) does not "
                            f"match spec '{spec.name}': " + " | ".join(parts) + hint)
     return graph, rules
 

@@ -25,6 +25,9 @@ Attention per family (transformers 5.23):
                                     intermediate_size_mlp, Llama 3 RoPE scaling
   deepseek_v2, deepseek_v3          MLA; attention_bias on q_a, kv_a and o; DeepseekV2's complex RoPE and
                                     V3's rope_interleave are the interleaved layout, V3 without it the half one
+  longcat_flash                     MLA as DeepSeek-V3's with interleaved RoPE and its LoRA scales (latent_scales);
+                                    layer_form dual_shortcut_moe: num_layers layers of two attention blocks and two
+                                    dense MLPs (ffn_hidden_size) each beside one MoE block
 
 Keys a config.json omits take the defaults of the family's config class (MODEL_DEFAULTS, checked against
 the installed transformers by tests/test_models.py), as the layer importer does for the MoE keys. For the
@@ -54,7 +57,7 @@ _SLIDING_BY_LAYER_TYPES = ("qwen2_moe", "dots1", "exaone_moe", "gpt_oss", "grani
 _GLOBAL_NOPE = ("exaone_moe",)
 # Families whose decoder layers normalise the attention and FFN outputs (post-norm) instead of their inputs.
 _POST_NORM = ("flex_olmo",)
-_MLA = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")
+_MLA = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "longcat_flash")
 # q/k RMSNorm per family: over each head (Qwen3 style) or the whole projection (OLMoE style); glm4_moe has it
 # when use_qk_norm is set.
 _QK_NORM = {"olmoe": "full", "minimax_m2": "full", "flex_olmo": "full", "qwen3_moe": "head", "dots1": "head",
@@ -138,6 +141,10 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "minimax_m2": {"vocab_size": 200064, "num_attention_heads": 48, "num_key_value_heads": 8, "head_dim": 128,
                    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 5e6,
                    "max_position_embeddings": 196608},
+    "longcat_flash": {"vocab_size": 131072, "num_attention_heads": 64, "ffn_hidden_size": 12288, "rms_norm_eps": 1e-5,
+                      "tie_word_embeddings": False, "attention_bias": False, "kv_lora_rank": 512, "q_lora_rank": 1536,
+                      "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "rope_theta": 1e7,
+                      "max_position_embeddings": 131072, "head_dim": 64},
     "llama4_text": {"vocab_size": 202048, "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
                     "intermediate_size_mlp": 16384, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
                     "attention_bias": False, "rope_theta": 500000.0, "max_position_embeddings": 131072,
@@ -149,11 +156,7 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
 
 # Families whose MoE layer imports but whose decoder needs what a model spec does not express yet:
 # model_type -> (the config key at fault, the missing features).
-DECODER_REFUSALS: dict[str, tuple[str, str]] = {
-    "longcat_flash": ("num_layers", "each decoder layer has two attention blocks and two dense FFN paths beside its "
-                                    "MoE block (a shortcut-connected MoE), which a model spec's one attention + one "
-                                    "FFN per layer cannot express"),
-}
+DECODER_REFUSALS: dict[str, tuple[str, str]] = {}
 
 
 def _config(data: Mapping[str, Any], model_type: str, file: str | None) -> FamilyConfig:
@@ -465,6 +468,29 @@ def _llama4_attention(c: FamilyConfig, num_layers: int) -> dict:
     return out
 
 
+def _longcat_attention(c: FamilyConfig) -> dict:
+    """LongCat-Flash's MLA beyond DeepSeek-V3's: the LoRA scales, which transformers applies whatever
+    mla_scale_q_lora / mla_scale_kv_lora say (a config that turns one off is refused as ambiguous)."""
+    for key in ("mla_scale_q_lora", "mla_scale_kv_lora"):
+        if c.data.get(key, True) is not True:
+            raise c.fail(key, f"{key}={c.data[key]!r}: transformers' LongCat-Flash scales the latents whatever this "
+                              "says, so the config is ambiguous")
+    if c.get("q_lora_rank", int, optional=True) is None:
+        raise c.fail("q_lora_rank", "LongCat-Flash's attention always projects its query through q_lora_rank")
+    # transformers' LongCat-Flash builds its RoPE frequencies over head_dim dims and rotates qk_rope_head_dim
+    rope, head_dim = c.positive("qk_rope_head_dim"), c.get("head_dim", int, optional=True)
+    if head_dim != rope:
+        raise c.fail("head_dim", f"head_dim={head_dim}: transformers' LongCat-Flash computes its RoPE over head_dim "
+                                 f"dims, which must equal qk_rope_head_dim={rope}")
+    return {"latent_scales": True}
+
+
+def _longcat_decoder(c: FamilyConfig) -> dict:
+    """LongCat-Flash's layers: two attention + dense MLP sublayers (ffn_hidden_size wide) beside one
+    shortcut-connected MoE block each (layer_form dual_shortcut_moe; num_layers counts these layers)."""
+    return {"layer_form": "dual_shortcut_moe", "dense_width": c.positive("ffn_hidden_size")}
+
+
 def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str | None = None) -> ModelSpec:
     """ModelSpec of a transformers config object or config.json dict of a supported MoE family.
 
@@ -503,7 +529,7 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
                          kv_lora_rank=c.positive("kv_lora_rank"), qk_nope_head_dim=c.positive("qk_nope_head_dim"),
                          qk_rope_head_dim=c.positive("qk_rope_head_dim"), v_head_dim=c.positive("v_head_dim"),
                          qkv_bias=bias, out_bias=bias)
-        interleaved = t == "deepseek_v2" or c.get("rope_interleave", bool)
+        interleaved = t in ("deepseek_v2", "longcat_flash") or c.get("rope_interleave", bool)
         attention["rope_layout"] = "interleaved" if interleaved else "half"
     else:
         attention["kind"] = AttentionKind.MHA.value if kv_heads == heads else AttentionKind.GQA.value
@@ -537,6 +563,9 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
         attention.update(_gpt_oss_attention(c))
     if t == "llama4_text":
         attention.update(_llama4_attention(c, info.num_layers))
+    if t == "longcat_flash":
+        attention.update(_longcat_attention(c))
+        decoder = _longcat_decoder(c)
     _stated(c, "rms_norm_eps")
     eps = c.get("rms_norm_eps", float)
     model = {"name": model_name, "source": layer_spec.source.rsplit(", layer", 1)[0],
@@ -552,6 +581,8 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
                                 "residual": c.get("residual_multiplier", float),
                                 "logits": c.get("logits_scaling", float)}
         attention["softmax_scale"] = c.get("attention_multiplier", float)
+    if t == "longcat_flash":
+        model["dense_activation"] = layer_spec.experts.activation.value
     if len(info.moe_layers) < info.num_layers:  # Llama 4's dense layers have a width of their own
         model["dense_width"] = _positive(c, "intermediate_size_mlp" if t == "llama4_text" else "intermediate_size")
         model["dense_activation"] = layer_spec.experts.activation.value

@@ -23,7 +23,7 @@ from typing import Iterable, Mapping, Sequence
 
 from moe_ir.builder import ROUTER_BIAS, ROUTER_LOGIT_BIAS, ROUTER_WEIGHT, SHARED_GATE_WEIGHT
 from moe_ir.errors import WeightsError
-from moe_ir.model_spec import AttentionKind, ModelSpec, NormKind, NormPosition, QKNorm
+from moe_ir.model_spec import AttentionKind, LayerForm, ModelSpec, NormKind, NormPosition, QKNorm
 from moe_ir.spec import Activation, LayerSpec
 
 __all__ = ["HFLayout", "Join", "LAYER_SHARED_MLP", "TensorRule", "PER_EXPERT_NAMES", "ROUTER_BIAS_NAMES",
@@ -303,12 +303,18 @@ def model_rules(spec: ModelSpec, graph_weights: Iterable[str], *, moe_block: str
     norms = [("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")]
     if m.norm_position == NormPosition.POST:
         norms = [("attn_norm", "post_attention_layernorm"), ("ffn_norm", "post_feedforward_layernorm")]
+    if m.layer_form == LayerForm.DUAL_SHORTCUT_MOE:  # LongCat-Flash's router, with or without identity experts
+        router_weight, router_bias = "router.classifier.weight", "router.e_score_correction_bias"
     block = moe_block_rules(spec.moe, layout, router_bias, router_weight, shared_mlp)
     if layer_shared_mlp:
         block = [r for r in block if not r.ours[0].startswith("shared.")]
     dense_block = "feed_forward" if moe_block == "feed_forward" else "mlp"  # Llama 4 names both FFNs so
     for i in range(m.layers):
         ours, theirs = f"layers.{i}.", f"{prefix}layers.{i}."
+        if m.layer_form == LayerForm.DUAL_SHORTCUT_MOE:
+            rules += _shortcut_moe_layer_rules(ours, theirs, attention, present, norm_parts)
+            rules += prefixed(block, f"{ours}moe.", f"{theirs}{moe_block}.")
+            continue
         for our_norm, their_norm in norms:
             for part in norm_parts:
                 rules.append(TensorRule((f"{ours}{our_norm}.{part}",), (f"{theirs}{their_norm}.{part}",)))
@@ -321,6 +327,22 @@ def model_rules(spec: ModelSpec, graph_weights: Iterable[str], *, moe_block: str
         else:
             rules += [TensorRule((f"{ours}ffn.{a}",), (f"{theirs}{dense_block}.{b}.weight",))
                       for a, b in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj"))]
+    return rules
+
+
+def _shortcut_moe_layer_rules(ours: str, theirs: str, attention: Mapping[str, str], present: set[str],
+                              norm_parts: tuple[str, ...]) -> list[TensorRule]:
+    """LongCat-Flash's two sublayers j of a layer: self_attn.{j}, input_layernorm.{j} (before attention),
+    post_attention_layernorm.{j} (before the FFN) and the dense mlps.{j}; the MoE block is the caller's."""
+    rules = []
+    for j in range(2):
+        for our_norm, their_norm in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")):
+            rules += [TensorRule((f"{ours}{our_norm}.{j}.{part}",), (f"{theirs}{their_norm}.{j}.{part}",))
+                      for part in norm_parts]
+        rules += [TensorRule((f"{ours}attn.{j}.{a}",), (f"{theirs}self_attn.{j}.{b}",)) for a, b in attention.items()
+                  if f"{ours}attn.{j}.{a}" in present]
+        rules += [TensorRule((f"{ours}ffn.{j}.{a}",), (f"{theirs}mlps.{j}.{b}.weight",))
+                  for a, b in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj"))]
     return rules
 
 

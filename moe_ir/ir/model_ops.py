@@ -9,7 +9,8 @@ Reference semantics follow the transformers implementations the tests compare ag
                  softmax(q k^T / sqrt(head_dim)) v with k/v heads shared by heads/kv_heads query heads, o_proj
   mla_attention  DeepseekV2/V3Attention: q = q_proj(x) or q_b(rms_norm(q_a(x))); [c_kv, k_rope] = kv_a(x);
                  [k_nope, v] = kv_b(rms_norm(c_kv)) per head; RoPE on the last qk_rope_head_dim dims of q
-                 and on the single k_rope shared by every head; scale 1/sqrt(qk_nope + qk_rope)
+                 and on the single k_rope shared by every head; scale 1/sqrt(qk_nope + qk_rope); LongCat-Flash
+                 multiplies q by q_latent_scale and the normalised c_kv by kv_latent_scale
 RoPE (every attention op): inverse frequencies 1/theta^(2i/r) over the r rotated dims of a head (`rotary_dim`, the
 leading dims, as transformers' partial rotary embedding; the rest pass through), or YaRN's blend of those with
 the interpolated 1/(factor theta^(2i/r)) when `yarn_factor` is set (moe_ir.model_spec.RopeScaling); cos and sin
@@ -557,7 +558,11 @@ _MLA_WEIGHTS = (Port("w_q", optional=True), Port("w_q_a", optional=True), Port("
                 Port("w_q_b", optional=True), Port("w_kv_a"), Port("kv_a_norm"), Port("w_kv_b"), Port("w_o"),
                 Port("b_q_a", optional=True), Port("b_kv_a", optional=True), Port("b_o", optional=True))
 _MLA_ATTRS = {"heads": Attr(int), "kv_lora_rank": Attr(int), "qk_nope_head_dim": Attr(int),
-              "qk_rope_head_dim": Attr(int), "v_head_dim": Attr(int), **_ROPE_ATTRS}
+              "qk_rope_head_dim": Attr(int), "v_head_dim": Attr(int), **_ROPE_ATTRS,
+              # LongCat-Flash's LoRA scales; quiet: a text form shows them only where they are set
+              "q_latent_scale": Attr(float, 1.0, "multiplier of the query after its projection", quiet=True),
+              "kv_latent_scale": Attr(float, 1.0, "multiplier of the normalised kv latent (cached so in the latent "
+                                                  "layout)", quiet=True)}
 
 
 def _mla_types(node, x, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_norm, w_kv_b, w_o, b_q_a, b_kv_a, b_o) -> TensorType:
@@ -598,9 +603,14 @@ def _mla_latents(attrs, x, cos, sin, w_q, w_q_a, q_a_norm, w_q_b, w_kv_a, kv_a_n
         q = F.linear(x, w_q)
     else:
         q = F.linear(rms_norm_math(F.linear(x, w_q_a, b_q_a), q_a_norm, eps), w_q_b)
+    if attrs["q_latent_scale"] != 1.0:
+        q = q * attrs["q_latent_scale"]
     q_nope, q_rot = _heads(q, n).split([nope, rope], dim=-1)
     c_kv, k_rot = F.linear(x, w_kv_a, b_kv_a).split([r, rope], dim=-1)
-    c_kv = rms_norm_math(c_kv, kv_a_norm, eps).unsqueeze(1)
+    c_kv = rms_norm_math(c_kv, kv_a_norm, eps)
+    if attrs["kv_latent_scale"] != 1.0:
+        c_kv = c_kv * attrs["kv_latent_scale"]
+    c_kv = c_kv.unsqueeze(1)
     layout = attrs["rope_layout"]
     return q_nope, apply_rope(q_rot, cos, sin, layout), c_kv, apply_rope(k_rot.unsqueeze(1), cos, sin, layout)
 
