@@ -791,6 +791,76 @@ def cached_mla_attention(x, position_ids, attention_mask, past_key, past_value, 
 
 
 # ---------------------------------------------------------------------------------------------------
+# mixture of attention heads (JetMoE; model_ops.py: moa_attention, cached_moa_attention). The router's record
+# (expert_idx, weights [T, k]) comes from the graph's routing ops. Every expert's query projection runs as one GEMM
+# over the stacked w_q [E, kv*d, H] and the chosen ones are gathered; the chosen outputs are scattered into their
+# experts' slots (zeros elsewhere) and one batched GEMM per expert block applies w_o [E, H, kv*d]. That is E/k times
+# the projection work of the chosen experts alone, with no data-dependent shape (compile, export and ONNX take it
+# as it is). Query heads are kv-head-major (h*k + j), so query head i reads kv head i // k.
+
+
+def add_bias(y, bias):
+    """y [..., H] + bias [H] (experts.output_bias)."""
+    return y + bias.to(y.dtype)
+
+
+def moa_queries(x, expert_idx, w_q, kv_heads):
+    """q [B, kv_heads*k, S, d] of x [B, S, H] through the query projections of each token's k experts."""
+    b, s, hidden = x.shape
+    experts, width, _ = w_q.shape
+    k = expert_idx.shape[1]
+    every = F.linear(x.reshape(-1, hidden), w_q.reshape(experts * width, hidden)).view(-1, experts, width)
+    q = every.gather(1, expert_idx.unsqueeze(-1).expand(-1, -1, width))             # [T, k, kv*d]
+    return q.view(b, s, k, kv_heads, -1).permute(0, 3, 2, 1, 4).reshape(b, kv_heads * k, s, width // kv_heads)
+
+
+def moa_output(y, expert_idx, weights, w_o, b_o, kv_heads):
+    """[B, S, H]: y [B, kv_heads*k, S, d] of each chosen expert through its output projection, weighted by the
+    routing weights and summed, plus b_o."""
+    b, _, s, d = y.shape
+    experts, hidden, width = w_o.shape
+    k = expert_idx.shape[1]
+    chosen = y.view(b, kv_heads, k, s, d).permute(0, 3, 2, 1, 4).reshape(b * s, k, width)
+    chosen = chosen * weights.to(y.dtype).unsqueeze(-1)
+    slots = chosen.new_zeros(b * s, experts, width).scatter(1, expert_idx.unsqueeze(-1).expand(-1, -1, width), chosen)
+    out = torch.matmul(slots.transpose(0, 1), w_o.transpose(1, 2)).sum(dim=0)      # [E, T, H] summed over E
+    if b_o is not None:
+        out = out + b_o
+    return out.view(b, s, hidden)
+
+
+def moa_qkv(x, expert_idx, w_q, w_k, w_v, cos, sin, kv_heads, head_dim, rope_layout):
+    """q [B, kv_heads*k, S, d], k and v [B, kv_heads, S, d], q and k rotated."""
+    b, s, _ = x.shape
+    q = moa_queries(x, expert_idx, w_q, kv_heads)
+    k = F.linear(x, w_k).view(b, s, kv_heads, head_dim).transpose(1, 2)
+    v = F.linear(x, w_v).view(b, s, kv_heads, head_dim).transpose(1, 2)
+    return apply_rope(q, cos, sin, rope_layout), apply_rope(k, cos, sin, rope_layout), v
+
+
+def moa_attention(x, expert_idx, weights, w_q, w_k, w_v, w_o, b_o, kv_heads, head_dim, rope, scale):
+    """Mixture of attention heads on x [B, S, H] (positions 0..S-1, causal)."""
+    cos, sin = rope_cos_sin(x.shape[1], rope_dim(rope, head_dim), rope, x)
+    q, k, v = moa_qkv(x, expert_idx, w_q, w_k, w_v, cos, sin, kv_heads, head_dim, rope[1])
+    rep = q.shape[1] // kv_heads
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return moa_output(y, expert_idx, weights, w_o, b_o, kv_heads)
+
+
+def cached_moa_attention(x, position_ids, attention_mask, past_key, past_value, expert_idx, weights, w_q, w_k, w_v,
+                         w_o, b_o, kv_heads, head_dim, rope, scale):
+    """`moa_attention` on the new tokens x [B, S, H] at position_ids [B, S] after the past shared K/V
+    [B, kv_heads, P, d]: (y [B, S, H], present key, present value [B, kv_heads, P+S, d])."""
+    cos, sin = rope_cos_sin_at(position_ids, rope_dim(rope, head_dim), rope, x)
+    q, k, v = moa_qkv(x, expert_idx, w_q, w_k, w_v, cos, sin, kv_heads, head_dim, rope[1])
+    k = torch.cat([past_key.to(k.dtype), k], dim=2)
+    v = torch.cat([past_value.to(v.dtype), v], dim=2)
+    y = masked_attention(q, k, v, scale, visible_keys(attention_mask, x.shape[1]))
+    return moa_output(y, expert_idx, weights, w_o, b_o, kv_heads), k, v
+
+
+# ---------------------------------------------------------------------------------------------------
 # Block-quantized weights (moe_ir.quantization's layout). A DEQUANTIZE node of the graph runs as
 # `packed_weight`: a tuple (qweight, scales, zeros, format, block, int4_packed, int4_scales) that stands for
 # the float weight without making it; the FFN and linear kernels below take such a tuple where they take

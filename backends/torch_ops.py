@@ -24,12 +24,12 @@ import torch
 from moe_ir.errors import BackendError
 from moe_ir.ir import ElemType, Graph, LossKind, Node, OpCode, ValueKind
 from moe_ir.spec import Activation
-from .torch_kernels import (attention, cached_attention, cached_mla_attention, combine, device_loss, dispatch,
-                            dispatch_capacity, embedding, expert_choice,
+from .torch_kernels import (add_bias, attention, cached_attention, cached_mla_attention, cached_moa_attention,
+                            combine, device_loss, dispatch, dispatch_capacity, embedding, expert_choice,
                             expert_loss, ffn, ffn_packed, grouped_ffn, grouped_ffn_packed, is_packed, layer_norm,
-                            mla_attention, packed_linear, packed_weight, rms_norm, route_topk, router_logits,
-                            router_noise, scale_weights, score, sequence_loss, sigmoid_gate, sparsemixer_route,
-                            split_gate_up, switch_loss, unpacked, z_loss)
+                            mla_attention, moa_attention, packed_linear, packed_weight, rms_norm, route_topk,
+                            router_logits, router_noise, scale_weights, score, sequence_loss, sigmoid_gate,
+                            sparsemixer_route, split_gate_up, switch_loss, unpacked, z_loss)
 
 # ---------------------------------------------------------------------------------------------------
 # op functions: a node's operands in the op's port order, then its attributes as plain values
@@ -298,6 +298,12 @@ def _cached_mla_attention(node: Node) -> OpCall:
     return OpCall(cached_mla_attention, _mla_attrs(a) + (_plain(a["cache_layout"]),) + _latent_scales(a))
 
 
+def _moa_attention(node: Node) -> OpCall:
+    a = node.attrs
+    attrs = (a["kv_heads"], a["head_dim"], rope_descriptor(a), _softmax_scale(a, a["head_dim"]))
+    return OpCall(cached_moa_attention if node.op == OpCode.CACHED_MOA_ATTENTION else moa_attention, attrs)
+
+
 TORCH_OPS: dict[OpCode, Callable[[Node], OpCall]] = {
     OpCode.FLATTEN_TOKENS: lambda n: OpCall(flatten_tokens),
     OpCode.RESTORE_TOKENS: lambda n: OpCall(restore_tokens),
@@ -325,6 +331,9 @@ TORCH_OPS: dict[OpCode, Callable[[Node], OpCall]] = {
     OpCode.LAYER_NORM: lambda n: OpCall(layer_norm, (n.attrs["eps"],)),
     OpCode.SCALE: lambda n: OpCall(scale, (n.attrs["factor"],)),
     OpCode.ATTENTION: _attention,
+    OpCode.MOA_ATTENTION: _moa_attention,
+    OpCode.CACHED_MOA_ATTENTION: _moa_attention,
+    OpCode.ADD_BIAS: lambda n: OpCall(add_bias),
     OpCode.MLA_ATTENTION: _mla_attention,
     # decode form: the same attributes, the cache operands before the weights; MLA adds its cache layout
     OpCode.CACHED_ATTENTION: lambda n: OpCall(cached_attention, _attention(n).attrs),

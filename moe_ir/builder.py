@@ -22,6 +22,7 @@ ROUTER_BIAS = "router.bias"              # the aux-loss-free selection bias (a b
 ROUTER_LOGIT_BIAS = "router.logit_bias"  # the router projection's own bias (router.logit_bias: gpt-oss)
 ROUTER_NOISE_WEIGHT = "router.noise_weight"
 SHARED_GATE_WEIGHT = "shared_gate.weight"
+OUTPUT_BIAS = "output_bias"              # experts.output_bias: added once to the layer's output (JetMoE)
 EXPERT_WEIGHTS = ("w_up", "w_down", "w_gate", "b_up", "b_down", "b_gate")
 
 
@@ -135,6 +136,9 @@ def add_moe_layer(g: Graph, spec: LayerSpec, x: Value, *, prefix: str = "", trai
             shared_sum = g.add_node(OpCode.SIGMOID_GATE, [shared_sum, tokens, gate_w],
                                     name=f"{p}shared_gate").outputs[0]
         out = g.add_node(OpCode.ADD, [out, shared_sum], name=f"{p}moe_sum").outputs[0]
+    if e.output_bias:
+        out = g.add_node(OpCode.ADD_BIAS, [out, g.add_weight(p + OUTPUT_BIAS, TensorType((h,), dtype))],
+                         name=f"{p}output_bias").outputs[0]
     outputs["out"] = g.add_node(OpCode.RESTORE_TOKENS, [out, x], name=f"{p}out").outputs[0]
 
     if expert_idx is not None:

@@ -17,6 +17,8 @@ canonical names under it. Weight names:
                  q_norm.weight / k_norm.weight, sinks [heads]                             (mha, gqa)
   layers.{i}.attn.w_q | (w_q_a, q_a_norm.weight, w_q_b), w_kv_a, kv_a_norm.weight, w_kv_b, w_o,
                  b_q_a / b_kv_a / b_o                                                     (mla)
+  layers.{i}.attn.router.weight [E, H], w_q [E, kv*d, H], w_k / w_v [kv*d, H], w_o [E, H, kv*d], b_o [H]
+                 (moa: E attention experts, their router's record feeds the moa_attention node)
   layers.{i}.ffn.w_up / w_down / w_gate [F, H] / [H, F] / [F, H]                          (dense layers)
   layers.{i}.moe.router.weight, layers.{i}.moe.experts.w_up, ... (see builder.py)        (MoE layers)
 
@@ -59,7 +61,7 @@ from .ir import ElemType, Graph, GraphKind, OpCode, TensorType, Value
 from .ir.model_ops import MLACacheLayout, mla_cache_dims
 from .model_spec import (AttentionKind, LayerForm, ModelSpec, NormKind, NormPosition, QKNorm, RopeScalingKind,
                          model_spec_to_dict)
-from .spec import canonical_spec_hash
+from .spec import ScoreFn, canonical_spec_hash
 
 __all__ = ["CacheEntry", "DECODE_INPUTS", "GraphForm", "MLACacheLayout", "build_model_graph", "cache_entries",
            "decode_contract_problem", "is_decode_graph", "layer_prefix", "model_spec_hash"]
@@ -75,7 +77,7 @@ DECODE_INPUTS = ("input_ids", "attention_mask", "position_ids")
 # Graph names of a layer's cache: (key slot, value slot) per layout.
 _CACHE_NAMES = {None: ("key", "value"), MLACacheLayout.EXPANDED: ("key", "value"),
                 MLACacheLayout.LATENT: ("c_kv", "k_rope")}
-_CACHED_OPS = (OpCode.CACHED_ATTENTION, OpCode.CACHED_MLA_ATTENTION)
+_CACHED_OPS = (OpCode.CACHED_ATTENTION, OpCode.CACHED_MLA_ATTENTION, OpCode.CACHED_MOA_ATTENTION)
 
 
 MLA_LATENT_NORM_EPS = 1e-6
@@ -139,6 +141,8 @@ def _attention(g: Graph, spec: ModelSpec, x: Value, p: str, dtype: ElemType, lay
                     softmax_scale=scaling.softmax_scale(a.qk_head_dim(h)) if scaling.softmax_mscale else None)
     if a.softmax_scale is not None:
         rope["softmax_scale"] = a.softmax_scale
+    if a.kind == AttentionKind.MOA:
+        return _moa_attention(g, spec, x, p, dtype, layer, decode, rope)
     if a.kind == AttentionKind.MLA:
         n, dqk = a.heads, a.qk_nope_head_dim + a.qk_rope_head_dim
         if a.q_lora_rank is None:
@@ -196,6 +200,35 @@ def _attention(g: Graph, spec: ModelSpec, x: Value, p: str, dtype: ElemType, lay
     return _present_outputs(node, layer, decode, None)
 
 
+def _moa_attention(g: Graph, spec: ModelSpec, x: Value, p: str, dtype: ElemType, layer: int,
+                   decode: _DecodeInputs | None, rope: dict) -> Value:
+    """Mixture of attention heads (JetMoE): the router is the MoE layer's softmax top-k routing with the top-k
+    weights renormalised (JetMoE's softmax over the top-k logits), its record feeds the attention node."""
+    a, h = spec.model.attention, spec.model.hidden
+    d, kv = a.dim(h), a.num_kv_heads
+
+    def weight(name: str, *shape: int) -> Value:
+        return g.add_weight(f"{p}{name}", TensorType(shape, dtype))
+
+    tokens = g.add_node(OpCode.FLATTEN_TOKENS, [x], name=f"{p}tokens").outputs[0]
+    logits = g.add_node(OpCode.LINEAR, [tokens, weight("router.weight", a.experts, h), None],
+                        {"out_dtype": ElemType.FLOAT32}, name=f"{p}router_logits").outputs[0]
+    scores = g.add_node(OpCode.SCORE, [logits], {"fn": ScoreFn.SOFTMAX}, name=f"{p}scores").outputs[0]
+    route = g.add_node(OpCode.TOPK_ROUTE, [scores, None], {"k": a.top_k}, name=f"{p}route",
+                       output_names=[f"{p}expert_idx", f"{p}route.weights"])
+    weights = g.add_node(OpCode.SCALE_WEIGHTS, [route.outputs[1]], {"normalize": True, "scale": 1.0},
+                         name=f"{p}weights").outputs[0]
+    w = [weight("w_q", a.experts, kv * d, h), weight("w_k", kv * d, h), weight("w_v", kv * d, h),
+         weight("w_o", a.experts, h, kv * d), weight("b_o", h) if a.out_bias else None]
+    attrs = {"kv_heads": kv, "head_dim": d, **{k: v for k, v in rope.items() if k != "norm_eps"}}
+    routing = [route.outputs[0], weights]
+    if decode is None:
+        return g.add_node(OpCode.MOA_ATTENTION, [x, *routing, *w], attrs, name=p.rstrip(".")).outputs[0]
+    cache = _cache_inputs(g, layer, {"kv_heads": kv, "head_dim": d}, decode, dtype, None)
+    node = g.add_node(OpCode.CACHED_MOA_ATTENTION, [x, *cache, *routing, *w], attrs, name=p.rstrip("."))
+    return _present_outputs(node, layer, decode, None)
+
+
 def _present_outputs(node, layer: int, decode: _DecodeInputs, layout: MLACacheLayout | None) -> Value:
     """Records the node's present cache under its graph output names; returns its attention output."""
     key, value = _CACHE_NAMES[layout]
@@ -204,15 +237,16 @@ def _present_outputs(node, layer: int, decode: _DecodeInputs, layout: MLACacheLa
     return node.output("y")
 
 
-def _norm(g: Graph, spec: ModelSpec, x: Value, name: str, dtype: ElemType) -> Value:
+def _norm(g: Graph, spec: ModelSpec, x: Value, name: str, dtype: ElemType, eps: float | None = None) -> Value:
     """The decoder norm `name` of x: RMSNorm (`name.weight`) or LayerNorm (`name.weight`, and `name.bias` unless
-    layer_no_bias)."""
+    layer_no_bias); eps: rms_norm_eps unless given."""
     m = spec.model
+    eps = m.rms_norm_eps if eps is None else eps
     weight = g.add_weight(f"{name}.weight", TensorType((m.hidden,), dtype))
     if m.norm in (NormKind.LAYER, NormKind.LAYER_NO_BIAS):
         bias = g.add_weight(f"{name}.bias", TensorType((m.hidden,), dtype)) if m.norm == NormKind.LAYER else None
-        return g.add_node(OpCode.LAYER_NORM, [x, weight, bias], {"eps": m.rms_norm_eps}, name=name).outputs[0]
-    return g.add_node(OpCode.RMS_NORM, [x, weight], {"eps": m.rms_norm_eps}, name=name).outputs[0]
+        return g.add_node(OpCode.LAYER_NORM, [x, weight, bias], {"eps": eps}, name=name).outputs[0]
+    return g.add_node(OpCode.RMS_NORM, [x, weight], {"eps": eps}, name=name).outputs[0]
 
 
 def _shortcut_moe_layer(g: Graph, spec: ModelSpec, x: Value, i: int, dtype: ElemType, decode: _DecodeInputs | None,
@@ -306,7 +340,7 @@ def build_model_graph(spec: ModelSpec, *, routing: bool = False, training: bool 
             f = _dense_ffn(g, spec, f, f"{p}ffn.", dtype)
         f = scaled(norm(f, "ffn_norm") if post else f, residual, f"{p}ffn_scale")
         x = g.add_node(OpCode.ADD, [x, f], name=f"{p}ffn_residual").outputs[0]
-    x = _norm(g, spec, x, "norm", dtype)
+    x = _norm(g, spec, x, "norm", dtype, m.final_norm_eps)
     head = embed if m.tied_embeddings else g.add_weight("lm_head.weight", TensorType((m.vocab_size, m.hidden), dtype))
     head_bias = g.add_weight("lm_head.bias", TensorType((m.vocab_size,), dtype)) if m.lm_head_bias else None
     tokens = g.add_node(OpCode.FLATTEN_TOKENS, [x], name="lm_head.tokens").outputs[0]

@@ -41,6 +41,9 @@ class AttentionKind(enum.StrEnum):
     MHA = "mha"  # multi-head: as many key/value heads as query heads
     GQA = "gqa"  # grouped-query: kv_heads < heads, each kv head shared by heads / kv_heads query heads
     MLA = "mla"  # DeepSeek-V2/V3 multi-head latent attention (low-rank q/kv, decoupled RoPE dims)
+    # Mixture of attention heads (JetMoE's MoA): a router picks top_k of `experts` query/output projection pairs per
+    # token; each chosen expert's kv_heads query heads attend over the key/value heads every expert shares
+    MOA = "moa"
 
 
 class QKNorm(enum.StrEnum):
@@ -285,8 +288,19 @@ class AttentionSpec:
                                                 "kv latent times sqrt(hidden / kv_lora_rank), after their "
                                                 "projections (LongCat-Flash's mla_scale_q_lora / mla_scale_kv_lora)",
                                      omit_default=True)
+    experts: int | None = spec_field(None, doc="moa: attention experts (query/output projection pairs) the router "
+                                               "chooses from", minimum=1, maximum=MAX_HEADS, omit_default=True)
+    top_k: int | None = spec_field(None, doc="moa: attention experts per token (softmax over the top_k router logits "
+                                             "weighs their outputs); heads = top_k * kv_heads", minimum=1,
+                                   maximum=MAX_HEADS, omit_default=True)
 
     def check(self, ctx: ParseContext, path: str) -> None:
+        if self.kind == AttentionKind.MOA:
+            self._check_moa(ctx, path)
+            return
+        for name in ("experts", "top_k"):
+            if getattr(self, name) is not None:
+                ctx.fail(join_key_path(path, name), f"{name} belongs to kind moa; this attention is {self.kind.value}")
         if self.softmax_scale is not None and self.rope_scaling is not None and self.rope_scaling.softmax_mscale:
             ctx.fail(join_key_path(path, "softmax_scale"), "rope_scaling.softmax_mscale sets the softmax scale; give "
                                                            "one of them")
@@ -356,6 +370,26 @@ class AttentionSpec:
                                                   f"{self.kv_heads} use kind: mha")
             if self.heads % self.kv_heads:
                 ctx.fail(join_key_path(path, "kv_heads"), f"kv_heads={self.kv_heads} must divide heads={self.heads}")
+
+    def _check_moa(self, ctx: ParseContext, path: str) -> None:
+        """Mixture of attention heads as JetMoE has it: softmax top-k routing, plain RoPE attention, the
+        output projections' shared bias (out_bias); what JetMoE does not combine with it is refused."""
+        for name in ("experts", "top_k", "kv_heads"):
+            if getattr(self, name) is None:
+                ctx.fail(join_key_path(path, name), f"kind moa needs {name}")
+        if self.top_k > self.experts:
+            ctx.fail(join_key_path(path, "top_k"), f"top_k={self.top_k} exceeds the {self.experts} attention experts")
+        if self.heads != self.top_k * self.kv_heads:
+            ctx.fail(join_key_path(path, "heads"), f"kind moa has heads = top_k * kv_heads = "
+                                                   f"{self.top_k * self.kv_heads}, found {self.heads}")
+        for name in ("q_lora_rank",) + _MLA_FIELDS:
+            if getattr(self, name) is not None:
+                ctx.fail(join_key_path(path, name), f"{name} belongs to kind mla; this attention is moa")
+        unmodelled = {"sliding_window": None, "nope_layers": None, "chunk_size": None, "temperature": None,
+                      "clip_qkv": None, "global_nope": None, "qkv_bias": False, "sinks": False, "qk_norm": QKNorm.NONE}
+        for name, plain in unmodelled.items():
+            if getattr(self, name) != plain:
+                ctx.fail(join_key_path(path, name), f"{name} is not modelled with mixture-of-attention heads (kind moa)")
 
     # -- derived sizes ---------------------------------------------------------------------------
 
@@ -431,6 +465,10 @@ class ModelSection:
                                                                    "inside the residual (post)")
     rms_norm_eps: float = spec_field(1e-6, doc="epsilon of every decoder norm (RMSNorm or LayerNorm)",
                                      exclusive_minimum=0.0)
+    final_norm_eps: float | None = spec_field(None, doc="epsilon of the final norm; default: rms_norm_eps (JetMoE "
+                                                         "builds its layer norms with 1e-6 whatever rms_norm_eps, "
+                                                         "the final one with it)",
+                                              exclusive_minimum=0.0, omit_default=True)
     norm: NormKind = spec_field(NormKind.RMS, doc="the decoder norms (before attention, before the FFN, final): "
                                                   "rms (RMSNorm, a weight), layer (LayerNorm, a weight and a bias) "
                                                   "or layer_no_bias (LayerNorm, a weight)",
@@ -651,6 +689,10 @@ def miniature_model(spec: ModelSpec, hidden: int, *, vocab_size: int = 128, head
     if a.kind == AttentionKind.GQA:
         kv = max(1, heads // group)
         changes["kv_heads"] = kv if kv < heads else heads // 2
+    elif a.kind == AttentionKind.MOA:  # the expert count and top_k kept; kv heads per expert so heads stay ~4
+        kv = max(1, heads // a.top_k)
+        heads = changes["heads"] = kv * a.top_k
+        changes["kv_heads"] = kv
     elif a.kind == AttentionKind.MLA:
         changes.update({k: v for k, v in _MINI_MLA.items() if k != "q_lora_rank"}, head_dim=None)
         changes["q_lora_rank"] = None if a.q_lora_rank is None else _MINI_MLA["q_lora_rank"]

@@ -168,6 +168,8 @@ class ExpertsSpec:
     identity: int = spec_field(0, doc="zero-computation experts (LongCat-Flash): router choices after the routed "
                                       "ones whose output is the token itself, weighted", minimum=0,
                                maximum=MAX_EXPERTS, omit_default=True)
+    output_bias: bool = spec_field(False, doc="a bias [hidden] added once to the layer's output, after the weighted "
+                                              "sum of the experts (JetMoE's MoE block bias)", omit_default=True)
     clamp: ClampedSwiglu | None = spec_field(None, doc="alpha and limit of activation clamped_swiglu (required with "
                                                        "it, refused with any other activation)")
     paper: PaperExperts | None = spec_field(None, doc="the paper's parametrisation; routed/width/top_k/shared follow from it")

@@ -176,7 +176,8 @@ def test_family_defaults_match_installed_transformers():
                "flex_olmo": transformers.FlexOlmoConfig, "granitemoe": transformers.GraniteMoeConfig,
                "exaone_moe": transformers.ExaoneMoeConfig, "hunyuan_v1_moe": transformers.HunYuanMoEV1Config,
                "longcat_flash": transformers.LongcatFlashConfig, "granitemoe_swa": transformers.GraniteMoeSWAConfig,
-               "granitemoeshared": transformers.GraniteMoeSharedConfig, "dbrx": transformers.DbrxConfig}
+               "granitemoeshared": transformers.GraniteMoeSharedConfig, "dbrx": transformers.DbrxConfig,
+               "jetmoe": transformers.JetMoeConfig}
     # Keys whose class default is computed or renamed: the number of experts of Qwen3-MoE is num_local_experts
     # (num_experts an alias), glm4_moe_lite's mlp_layer_types is filled from num_hidden_layers, ERNIE's -1 (the last
     # layer) of moe_layer_end_index is replaced by that layer's index.

@@ -662,7 +662,6 @@ def test_rope_scalings_not_modelled_name_what_is_missing(rope, words):
     ("sarvam_moe", "modelling implementation"), ("cohere2_moe", "parallel attention and FFN"),
     ("qwen3_vl_moe", "vision-language"), ("glm4v_moe", "mrope_section"), ("ernie4_5_vl_moe", "token type"),
     ("qwen3_omni_moe", "talker"), ("afmoe", "gate on each head"),
-    ("jetmoe", "mixture-of-attention heads"),
 ])
 def test_families_not_modelled_name_the_missing_feature(model_type, words):
     from moe_ir.frontends.hf.config import spec_from_hf_config

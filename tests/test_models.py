@@ -91,7 +91,7 @@ def test_model_json_schema():
     assert set(schema["properties"]) == {"model", "moe", "quantization"}
     assert schema["properties"]["moe"]["$ref"] == "#/$defs/ModelMoE"
     assert "hidden" not in schema["$defs"]["ModelMoE"].get("required", [])
-    assert schema["$defs"]["AttentionSpec"]["properties"]["kind"]["enum"] == ["mha", "gqa", "mla"]
+    assert schema["$defs"]["AttentionSpec"]["properties"]["kind"]["enum"] == ["mha", "gqa", "mla", "moa"]
     assert {"vocab_size", "hidden", "layers", "attention"} <= set(schema["$defs"]["ModelSection"]["required"])
 
 

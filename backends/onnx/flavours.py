@@ -43,6 +43,7 @@ from moe_ir.ir.quant_ops import implicit_zero
 from moe_ir.spec import Activation
 from . import plugin_op, support
 from .decoder_ops import DecoderOps
+from .moa_ops import MoaOps
 from .emit import MS_DOMAIN
 from .lowering import Flavour, Lowering
 from .moe_ops import MoeOps
@@ -52,7 +53,7 @@ from .weights import LoweredModel
 _INFERENCE = ("strip-training-outputs", "fuse-shared-experts", "fuse-gate-up", "dce")
 
 
-class PortableLowering(QuantOps, MoeOps, DecoderOps):
+class PortableLowering(QuantOps, MoeOps, MoaOps, DecoderOps):
     flavour = Flavour.PORTABLE
     pipeline = _INFERENCE
     needs = ()

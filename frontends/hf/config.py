@@ -22,6 +22,7 @@ Semantics checked against transformers 5.23 by tests/test_hf_modules.py:
   gpt_oss      GptOssMLP: router logit bias, softmax over the top-k logits, expert biases, clamped SwiGLU
   phimoe       PhimoeSparseMoeBlock in eval mode: SparseMixer (router.sparse_mixer, top-2 only), every layer MoE
   granitemoeshared  Granite's block (softmax over the top-k logits) and an ungated shared MLP beside it
+  jetmoe       JetMoeMoE: softmax over the top-k logits, a bias added once to the block output (experts.output_bias)
 
 Shared experts. DeepSeek stores its n_shared_experts shared experts as ONE MLP of width
 n_shared_experts * moe_intermediate_size. The spec keeps the paper's reading (Ks = n_shared_experts
@@ -161,6 +162,10 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "hidden_size": 4096, "num_hidden_layers": 32, "hidden_act": "silu", "num_local_experts": 8,
         "num_experts_per_tok": 2, "intermediate_size": 11008, "router_aux_loss_coef": 0.001,
         "shared_intermediate_size": 0,
+    },
+    "jetmoe": {
+        "hidden_size": 2048, "num_hidden_layers": 12, "activation_function": "silu", "num_local_experts": 8,
+        "num_experts_per_tok": 2, "intermediate_size": 5632, "aux_loss_coef": 0.01,
     },
     # DBRX nests its keys in attn_config / ffn_config, read as "section.key" (FamilyConfig)
     "dbrx": {
@@ -737,6 +742,24 @@ def _map_hunyuan_v1_moe(c: FamilyConfig) -> _Mapped:
                    ["transformers computes no balance loss for this family"])
 
 
+def _map_jetmoe(c: FamilyConfig) -> _Mapped:
+    """JetMoE's MLP block (JetMoeMoE): softmax over the top-k router logits (the top-k softmax renormalised),
+    gate and up fused in input_linear, a learned bias added once to the block output; every layer MoE. Its
+    attention experts are the decoder's (model.py)."""
+    act = c.get("activation_function", str)
+    if act not in _ACTIVATIONS:
+        raise c.fail("activation_function", f"activation {act!r} is not modelled; supported: "
+                                            f"{', '.join(_ACTIVATIONS)} (gelu is the exact erf form)")
+    notes = []
+    coef = c.get("aux_loss_coef", float)
+    if coef:
+        notes.append(f"aux_loss_coef={coef:g} is not mapped to a balance loss: transformers' JetMoE pools the router "
+                     "logits of every MoA and MoE block of the model into one loss, which no per-layer loss equals")
+    return _Mapped({"routed": c.positive("num_local_experts"), "width": c.positive("intermediate_size"),
+                    "top_k": c.positive("num_experts_per_tok"), "output_bias": True, "activation": _ACTIVATIONS[act]},
+                   {"score": "softmax", "normalize": True}, {}, _all_layers, lambda i: "", notes)
+
+
 _FAMILIES: dict[str, Callable[[FamilyConfig], _Mapped]] = {
     "deepseek": _map_deepseek, "deepseek_v2": _map_deepseek_v2, "deepseek_v3": _map_deepseek_v3,
     "mixtral": _map_mixtral, "qwen2_moe": _map_qwen2_moe, "olmoe": _map_olmoe, "phimoe": _map_phimoe,
@@ -751,6 +774,7 @@ _FAMILIES: dict[str, Callable[[FamilyConfig], _Mapped]] = {
     "dbrx": _map_dbrx,
     "granitemoe_swa": _map_granitemoeshared,  # its sinks, sliding layers and per-layer RoPE bases: model.py
     "longcat_flash": _map_longcat_flash,
+    "jetmoe": _map_jetmoe,
 }
 
 

@@ -23,6 +23,10 @@ Attention per family (transformers 5.23):
                                     with the query temperature, chunked attention in the layers layer_types names,
                                     the weightless q/k norm after RoPE (use_qk_norm), dense layers of
                                     intermediate_size_mlp, Llama 3 RoPE scaling
+  jetmoe                            mixture of attention heads (kind moa): num_local_experts query/output projection
+                                    pairs, num_experts_per_tok of them per token over num_key_value_heads shared K/V
+                                    heads of kv_channels dims, the output projections' bias; its layer norms take
+                                    eps 1e-6 whatever rms_norm_eps says, the final norm rms_norm_eps
   deepseek_v2, deepseek_v3          MLA; attention_bias on q_a, kv_a and o; DeepseekV2's complex RoPE and
                                     V3's rope_interleave are the interleaved layout, V3 without it the half one
   longcat_flash                     MLA as DeepSeek-V3's with interleaved RoPE and its LoRA scales (latent_scales);
@@ -151,6 +155,10 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
                     "no_rope_layers": None, "no_rope_layer_interval": 4, "attention_chunk_size": 8192,
                     "layer_types": None, "attn_temperature_tuning": True, "floor_scale": 8192, "attn_scale": 0.1,
                     "use_qk_norm": True},
+    # JetMoE: num_attention_heads is not a key of its own (the class sets it to num_key_value_heads x
+    # num_experts_per_tok); its head dim is kv_channels
+    "jetmoe": {"vocab_size": 32000, "num_key_value_heads": 16, "kv_channels": 128, "rms_norm_eps": 1e-6,
+               "tie_word_embeddings": True, "rope_theta": 10000.0, "max_position_embeddings": 4096},
 }
 
 
@@ -491,6 +499,27 @@ def _longcat_decoder(c: FamilyConfig) -> dict:
     return {"layer_form": "dual_shortcut_moe", "dense_width": c.positive("ffn_hidden_size")}
 
 
+def _jetmoe_heads(c: FamilyConfig) -> int:
+    """JetMoE's query heads: num_key_value_heads per chosen attention expert (the class derives
+    num_attention_heads so; a config stating another count is refused)."""
+    heads = c.positive("num_key_value_heads") * c.positive("num_experts_per_tok")
+    stated = c.get("num_attention_heads", int, optional=True)
+    if stated is not None and stated != heads:
+        raise c.fail("num_attention_heads", f"num_attention_heads={stated}: JetMoE has num_key_value_heads x "
+                                            f"num_experts_per_tok = {heads} query heads")
+    c.data["num_attention_heads"] = heads
+    return heads
+
+
+def _jetmoe_attention(c: FamilyConfig) -> dict:
+    """JetMoE's mixture of attention heads (JetMoeMoA + JetMoeAttention): as many attention experts as MLP experts
+    (num_local_experts), num_experts_per_tok per token (softmax over the top-k router logits), head dim
+    kv_channels, the output projections' shared bias (out_bias), RoPE on the half layout."""
+    return {"kind": AttentionKind.MOA.value, "experts": c.positive("num_local_experts"),
+            "top_k": c.positive("num_experts_per_tok"), "kv_heads": c.positive("num_key_value_heads"),
+            "head_dim": c.positive("kv_channels"), "qkv_bias": False, "out_bias": True}
+
+
 def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str | None = None) -> ModelSpec:
     """ModelSpec of a transformers config object or config.json dict of a supported MoE family.
 
@@ -504,6 +533,8 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
         raise FamilyConfig(data, t, file).fail(key, f"the {t} decoder cannot be imported as a whole model: {missing}; "
                                                     "import its MoE layer (without --model)")
     c = _config(data, t, file)
+    if t == "jetmoe":
+        _jetmoe_heads(c)
     hidden, heads = layer_spec.hidden, _positive(c, "num_attention_heads")
     _stated(c, "num_key_value_heads")
     kv_heads = c.get("num_key_value_heads", int, optional=True)
@@ -523,7 +554,7 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
     # Qwen2-MoE reads qkv_bias instead (below); Mixtral and MiniMax-M2 have no attention biases; ERNIE's come with
     # use_bias, which the layer import refuses.
     bias = c.get("attention_bias", bool) if t not in ("mixtral", "qwen2_moe", "minimax_m2", "ernie4_5_moe",
-                                                      "exaone_moe") else False
+                                                      "exaone_moe", "jetmoe") else False
     if t in _MLA:
         attention.update(kind=AttentionKind.MLA.value, q_lora_rank=c.get("q_lora_rank", int, optional=True),
                          kv_lora_rank=c.positive("kv_lora_rank"), qk_nope_head_dim=c.positive("qk_nope_head_dim"),
@@ -566,8 +597,14 @@ def model_spec_from_hf_config(config: Any, *, name: str | None = None, file: str
     if t == "longcat_flash":
         attention.update(_longcat_attention(c))
         decoder = _longcat_decoder(c)
+    if t == "jetmoe":
+        attention.pop("head_dim", None)
+        attention.update(_jetmoe_attention(c))
     _stated(c, "rms_norm_eps")
     eps = c.get("rms_norm_eps", float)
+    if t == "jetmoe" and eps != 1e-6:  # its decoder layers build their norms with the default eps
+        decoder["final_norm_eps"] = eps
+        eps = 1e-6
     model = {"name": model_name, "source": layer_spec.source.rsplit(", layer", 1)[0],
              "vocab_size": _positive(c, "vocab_size"), "hidden": hidden, "layers": info.num_layers,
              "tied_embeddings": c.get("tie_word_embeddings", bool),

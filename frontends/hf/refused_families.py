@@ -52,10 +52,6 @@ NOT_MODELLED: dict[str, str] = {
              "pre_mlp_layernorm, post_mlp_layernorm), where a model spec's layer has one of the two",
     "cohere2_moe": "parallel attention and FFN (Cohere2MoeDecoderLayer adds both to the residual from one norm), "
                    "where a model spec's layer runs them in sequence, and a logit_scale on the logits",
-    "jetmoe": "mixture-of-attention heads (JetMoeMoA: a router picks each token's top-k pairs of query and output "
-              "projections, whose query heads share one set of key/value heads, the outputs weighted by the gates) "
-              "and a learned bias added to the output of each MoE and MoA block (JetMoeMoE.bias, JetMoeMoA.bias); "
-              "moe-ir's attention has one fixed set of query heads per layer, and its MoE layer no block output bias",
     "sarvam_moe": "a modelling implementation: transformers 5.24 carries only its configuration (a Glm4MoeConfig), "
                   "so there is no model to check an import against",
     # Vision-language models: their text decoders are MoE decoders, but transformers builds them only inside the

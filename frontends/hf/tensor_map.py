@@ -21,7 +21,7 @@ import dataclasses
 import enum
 from typing import Iterable, Mapping, Sequence
 
-from moe_ir.builder import ROUTER_BIAS, ROUTER_LOGIT_BIAS, ROUTER_WEIGHT, SHARED_GATE_WEIGHT
+from moe_ir.builder import OUTPUT_BIAS, ROUTER_BIAS, ROUTER_LOGIT_BIAS, ROUTER_WEIGHT, SHARED_GATE_WEIGHT
 from moe_ir.errors import WeightsError
 from moe_ir.model_spec import AttentionKind, LayerForm, ModelSpec, NormKind, NormPosition, QKNorm
 from moe_ir.spec import Activation, LayerSpec
@@ -246,6 +246,8 @@ def moe_block_rules(spec: LayerSpec, layout: HFLayout | str, router_bias: str = 
         for ours, theirs in zip(("w_gate", "w_up", "w_down"), PER_EXPERT_NAMES[layout]):
             rules.append(TensorRule((f"experts.{ours}",),
                                     tuple(f"experts.{i}.{theirs}.weight" for i in range(e.routed)), Join.STACK))
+    if e.output_bias:  # JetMoE's block bias (JetMoeMoE.bias)
+        rules.append(TensorRule((OUTPUT_BIAS,), ("bias",)))
     if e.shared:
         mlp, gate = shared_mlp_names(spec, shared_mlp)
         for ours, theirs, dim in (("w_gate", "gate_proj", 0), ("w_up", "up_proj", 0), ("w_down", "down_proj", 1)):
@@ -276,6 +278,20 @@ def _attention_names(spec: ModelSpec) -> dict[str, str]:
     if a.qk_norm == QKNorm.HEAD_AFTER_ROPE:  # Hunyuan, the one family normalising after RoPE, names them so
         names.update({"q_norm.weight": "query_layernorm.weight", "k_norm.weight": "key_layernorm.weight"})
     return names
+
+
+def _moa_rules(spec: ModelSpec, ours: str, theirs: str) -> list[TensorRule]:
+    """JetMoE's attention (JetMoeAttention under `self_attention.`): the experts' router, query projections
+    (input_linear [E, kv*d, H]), output projections (output_linear [E, H, kv*d]) and their bias under `experts.`,
+    keys then values in one kv_proj."""
+    a = spec.model.attention
+    rules = [TensorRule((f"{ours}router.weight",), (f"{theirs}experts.router.layer.weight",)),
+             TensorRule((f"{ours}w_q",), (f"{theirs}experts.input_linear.weight",)),
+             TensorRule((f"{ours}w_o",), (f"{theirs}experts.output_linear.weight",)),
+             TensorRule((f"{ours}w_k", f"{ours}w_v"), (f"{theirs}kv_proj.weight",), Join.SPLIT, dim=0)]
+    if a.out_bias:
+        rules.append(TensorRule((f"{ours}b_o",), (f"{theirs}experts.bias",)))
+    return rules
 
 
 def model_rules(spec: ModelSpec, graph_weights: Iterable[str], *, moe_block: str = "mlp",
@@ -318,8 +334,11 @@ def model_rules(spec: ModelSpec, graph_weights: Iterable[str], *, moe_block: str
         for our_norm, their_norm in norms:
             for part in norm_parts:
                 rules.append(TensorRule((f"{ours}{our_norm}.{part}",), (f"{theirs}{their_norm}.{part}",)))
-        rules += [TensorRule((f"{ours}attn.{a}",), (f"{theirs}self_attn.{b}",)) for a, b in attention.items()
-                  if f"{ours}attn.{a}" in present]
+        if m.attention.kind == AttentionKind.MOA:
+            rules += _moa_rules(spec, f"{ours}attn.", f"{theirs}self_attention.")
+        else:
+            rules += [TensorRule((f"{ours}attn.{a}",), (f"{theirs}self_attn.{b}",)) for a, b in attention.items()
+                      if f"{ours}attn.{a}" in present]
         if m.is_moe_layer(i):
             rules += prefixed(block, f"{ours}moe.", f"{theirs}{moe_block}.")
             if layer_shared_mlp and spec.moe.experts.shared:

@@ -687,3 +687,120 @@ class CachedMLAAttention(OpDef):
             present_value = v = torch.cat([past_value.to(v.dtype), v], dim=2)
         y = attend(torch.cat([q_nope, q_rot], dim=-1), k, v, _mla_scale(attrs), visible_keys(attention_mask, x.shape[1]))
         return F.linear(y, w_o, b_o), present_key, present_value
+
+
+# ---------------------------------------------------------------------------------------------------
+# mixture of attention heads (JetMoE's MoA)
+#
+# The router (a top-k routing of the MoE layer's ops, read from the graph as expert_idx [T, k] and weights
+# [T, k]) picks k of E attention experts per token. Expert e owns a query projection w_q[e] [kv_heads*d, H] and an
+# output projection w_o[e] [H, kv_heads*d]; the key/value projections are shared. The token's j-th expert gives
+# kv_heads query heads; query head h of it attends with kv head h. Each expert's attention output goes through
+# its own output projection, the k results are summed weighted by the routing weights, and b_o is added once.
+# Query heads are laid out kv-head-major (head h*k + j: kv head h of the j-th chosen expert), so query head i
+# reads kv head i // k, the grouped-query rule of `attend`.
+
+
+_MOA_WEIGHTS = (Port("w_q"), Port("w_k"), Port("w_v"), Port("w_o"), Port("b_o", optional=True))
+_MOA_ROUTING = (Port("expert_idx"), Port("weights"))
+_MOA_ATTRS = {"kv_heads": Attr(int), "head_dim": Attr(int), **_ROPE_ATTRS}
+
+
+def _moa_types(node, x, expert_idx, weights, w_q, w_k, w_v, w_o, b_o) -> TensorType:
+    """Checks of x, the routing and the weights; the type of y."""
+    a = node.attrs
+    expect_rank(x, 3, node, "x")
+    h, d = x.shape[2], a["head_dim"]
+    kvd = a["kv_heads"] * d
+    expect(expert_idx.dtype == ElemType.INT64 and expert_idx.rank == 2, node,
+           f"expert_idx must be i64[T, k], found {expert_idx}")
+    expect(isinstance(expert_idx.shape[1], int), node, f"the expert count per token must be static, found {expert_idx}")
+    expect(weights.shape == expert_idx.shape and weights.dtype.is_float, node,
+           f"weights must be float{list(expert_idx.shape)}, found {weights}")
+    expect(w_q.rank == 3 and w_q.shape[1:] == (kvd, h), node, f"w_q must be [experts, {kvd}, {h}], found {w_q}")
+    expect(w_o.rank == 3 and w_o.shape == (w_q.shape[0], h, kvd), node,
+           f"w_o must be [{w_q.shape[0]}, {h}, {kvd}], found {w_o}")
+    expect(expert_idx.shape[1] <= w_q.shape[0], node, f"{expert_idx.shape[1]} experts per token exceed the "
+                                                       f"{w_q.shape[0]} attention experts")
+    _expect_linear(node, w_k, kvd, h, "w_k")
+    _expect_linear(node, w_v, kvd, h, "w_v")
+    _expect_vector(node, b_o, h, "b_o")
+    r = rope_dims(a, d)
+    expect(r % 2 == 0 and 0 <= r <= d, node, f"RoPE rotates pairs of dims: {r} rotated dims of a head of {d}")
+    return TensorType(x.shape, x.dtype)
+
+
+def moa_queries(x: torch.Tensor, expert_idx: torch.Tensor, w_q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """q [B, kv_heads*k, S, d] of x [B, S, H]: each token through the query projections of its k experts, in
+    head order h*k + j."""
+    b, s, h = x.shape
+    k = expert_idx.shape[1]
+    q = torch.einsum("tjoh,th->tjo", w_q[expert_idx], x.reshape(-1, h))   # [T, k, kv_heads*d]
+    return q.view(b, s, k, kv_heads, -1).permute(0, 3, 2, 1, 4).reshape(b, kv_heads * k, s, -1)
+
+
+def moa_output(y: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor, w_o: torch.Tensor,
+               b_o: torch.Tensor | None, kv_heads: int) -> torch.Tensor:
+    """[B, S, H]: the attention output y [B, S, kv_heads*k*d] (head order h*k + j) of each chosen expert through
+    its output projection, weighted by the routing weights and summed, plus b_o."""
+    b, s, _ = y.shape
+    k = expert_idx.shape[1]
+    per_expert = y.reshape(b * s, kv_heads, k, -1).transpose(1, 2).reshape(b * s, k, -1)   # [T, k, kv_heads*d]
+    out = torch.einsum("tjho,tjo->tjh", w_o[expert_idx], per_expert)
+    out = (out * weights.to(out.dtype).unsqueeze(-1)).sum(dim=1)
+    if b_o is not None:
+        out = out + b_o
+    return out.view(b, s, -1)
+
+
+def _moa_qkv(attrs, x, expert_idx, cos, sin, w_q, w_k, w_v):
+    kv_heads = attrs["kv_heads"]
+    q = moa_queries(x, expert_idx, w_q, kv_heads)
+    k, v = _heads(F.linear(x, w_k), kv_heads), _heads(F.linear(x, w_v), kv_heads)
+    layout = attrs["rope_layout"]
+    return apply_rope(q, cos, sin, layout), apply_rope(k, cos, sin, layout), v
+
+
+@register
+class MoAAttention(OpDef):
+    opcode = OpCode.MOA_ATTENTION
+    doc = ("mixture of attention heads (JetMoE) on x [B, S, H] (positions 0..S-1): each token's k chosen experts' "
+           "query projections over shared K/V heads, their output projections weighted by the routing weights")
+    inputs = (Port("x"),) + _MOA_ROUTING + _MOA_WEIGHTS
+    output_names = ("y",)
+    attrs = _MOA_ATTRS
+
+    def infer_types(self, node, x, expert_idx, weights, *w):
+        return [_moa_types(node, x, expert_idx, weights, *w)]
+
+    def reference(self, attrs, x, expert_idx, weights, w_q, w_k, w_v, w_o, b_o):
+        d = attrs["head_dim"]
+        cos, sin = rope_cos_sin(x.shape[1], rope_dims(attrs, d), attrs, x)
+        q, k, v = _moa_qkv(attrs, x, expert_idx, cos, sin, w_q, w_k, w_v)
+        y = causal_attention(q, k, v, attention_scale(attrs, d))
+        return (moa_output(y, expert_idx, weights, w_o, b_o, attrs["kv_heads"]),)
+
+
+@register
+class CachedMoAAttention(OpDef):
+    opcode = OpCode.CACHED_MOA_ATTENTION
+    doc = ("mixture of attention heads in decode form: S new tokens x [B, S, H] at position_ids after the past "
+           "shared K/V [B, kv_heads, P, head_dim]; y and the present K/V [B, kv_heads, P+S, head_dim]")
+    inputs = (Port("x"),) + _CACHE_PORTS + _MOA_ROUTING + _MOA_WEIGHTS
+    output_names = ("y", "present_key", "present_value")
+    attrs = _MOA_ATTRS
+
+    def infer_types(self, node, x, position_ids, attention_mask, past_key, past_value, expert_idx, weights, *w):
+        a = node.attrs
+        kv = (a["kv_heads"], a["head_dim"])
+        return [_moa_types(node, x, expert_idx, weights, *w),
+                *_cache_types(node, x, position_ids, attention_mask, past_key, past_value, kv, kv)]
+
+    def reference(self, attrs, x, position_ids, attention_mask, past_key, past_value, expert_idx, weights, w_q, w_k,
+                  w_v, w_o, b_o):
+        d = attrs["head_dim"]
+        cos, sin = rope_cos_sin_at(position_ids, rope_dims(attrs, d), attrs, x)
+        q, k, v = _moa_qkv(attrs, x, expert_idx, cos, sin, w_q, w_k, w_v)
+        k, v = torch.cat([past_key.to(k.dtype), k], dim=2), torch.cat([past_value.to(v.dtype), v], dim=2)
+        y = attend(q, k, v, attention_scale(attrs, d), visible_keys(attention_mask, x.shape[1]))
+        return moa_output(y, expert_idx, weights, w_o, b_o, attrs["kv_heads"]), k, v

@@ -57,6 +57,9 @@ class OpCode(enum.StrEnum):
     CACHED_ATTENTION = "cached_attention"          # the decode form of ATTENTION: past K/V in, present out
     CACHED_MLA_ATTENTION = "cached_mla_attention"  # the decode form of MLA_ATTENTION (expanded or latent cache)
     SCALE = "scale"                # x * factor (Granite's embedding, residual and logits multipliers)
+    MOA_ATTENTION = "moa_attention"                # mixture of attention heads (JetMoE), prefill form
+    CACHED_MOA_ATTENTION = "cached_moa_attention"  # its decode form: past K/V in, present out
+    ADD_BIAS = "add_bias"          # y [..., H] + b [H] (JetMoE's MoE block output bias)
 
 
 class WeightLayout(enum.StrEnum):
@@ -774,6 +777,22 @@ class Add(OpDef):
 
     def reference(self, attrs, a, b):
         return (a + b,)
+
+
+@register
+class AddBias(OpDef):
+    opcode = OpCode.ADD_BIAS
+    doc = "y [..., H] + bias [H], broadcast over the leading dims"
+    inputs = (Port("y"), Port("bias"))
+    output_names = ("out",)
+
+    def infer_types(self, node, y, bias):
+        expect(bias.rank == 1 and _dims_match(bias.shape[0], y.shape[-1]), node,
+               f"bias must be [{y.shape[-1]}], found {bias}")
+        return [y]
+
+    def reference(self, attrs, y, bias):
+        return (y + bias.to(y.dtype),)
 
 
 @register
