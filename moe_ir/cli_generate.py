@@ -251,18 +251,28 @@ def _check_options(args: argparse.Namespace) -> None:
         raise UsageError(f"--temperature must be a positive number, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if getattr(args, "int4_activations", None) and args.backend != "torch":
-        raise UsageError(f"--int4-activations {args.int4_activations} is an option of the torch backend (its int4 "
-                         f"decode kernel); drop it or use --backend torch")
+    option = getattr(args, "int4_activations", None)
+    if option in ("bf16", "fused") and args.backend != "torch":
+        raise UsageError(f"--int4-activations {option} is an option of the torch backend (its int4 decode "
+                         f"kernel); drop it or use --backend torch")
+    if option == "int8" and args.backend != "onnx:ort":
+        raise UsageError("--int4-activations int8 is an option of --backend onnx:ort (ONNX Runtime's QMoE and "
+                         "MatMulNBits on int8 activations); drop it or use that backend")
 
 
 def _int4_activations_options(args: argparse.Namespace, graph) -> dict:
-    """The torch backend's prepare option `--int4-activations` stands for; refused where no weight takes it."""
+    """The prepare option `--int4-activations` stands for (torch: bf16/fused; onnx:ort: int8); refused where no
+    weight takes it."""
     if not getattr(args, "int4_activations", None):
         return {}
     from .quantization import dequantize_nodes
     from .spec import QuantFormat
 
+    if args.int4_activations == "int8":
+        if not any(n.attrs["format"] in (QuantFormat.INT4, QuantFormat.INT8) for n in dequantize_nodes(graph)):
+            raise UsageError("--int4-activations int8: no weight is int4 or int8; add --quantize int4:32, or drop "
+                             "the option")
+        return {"int4_activations": "int8"}
     blocks = (32, 64, 128, 256) if args.int4_activations == "bf16" else None  # what torch's int4 matmul takes
     if not any(n.attrs["format"] == QuantFormat.INT4 and (blocks is None or n.attrs["block"] in blocks)
                for n in dequantize_nodes(graph)):

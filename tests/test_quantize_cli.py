@@ -133,3 +133,34 @@ def test_generate_int4_bf16_activations_is_an_explicit_opt_in(tmp_path, capsys, 
     assert "no weight is int4 with a block of 32..256" in capsys.readouterr().err
     assert main(args + ["--int4-activations", "bf16", "--backend", "compile"]) != 0
     assert "option of the torch backend" in capsys.readouterr().err
+
+
+def test_int8_activations_on_the_command_line(tmp_path, capsys):
+    """build --flavour ort --int4-activations int8 writes QMoE at accuracy level 4 and says so; the option is
+    refused, before any work, for another flavour or backend and without int4/int8 weights; generate takes it
+    on onnx:ort only."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    spec = tmp_path / "layer.yaml"
+    spec.write_text(LAYER_YAML)
+    out = tmp_path / "ort"
+    assert main(["build", str(spec), "--backend", "onnx", "--flavour", "ort", "-o", str(out), "--quantize", "int4:16",
+                 "--int4-activations", "int8"]) == 0
+    assert "on int8 activations" in capsys.readouterr().out  # the build's notes
+    model = onnx.load(str(out / "qcli.ort.onnx"))
+    (qmoe,) = [n for n in model.graph.node if n.op_type == "QMoE"]
+    assert {a.name: a.i for a in qmoe.attribute}["accuracy_level"] == 4
+    assert main(["build", str(spec), "--backend", "onnx", "-o", str(tmp_path / "p"), "--quantize", "int4:16",
+                 "--int4-activations", "int8"]) == 2
+    assert "add --flavour ort" in capsys.readouterr().err and not (tmp_path / "p").exists()
+    assert main(["build", str(spec), "--backend", "onnx:ort", "-o", str(tmp_path / "f"), "--int4-activations",
+                 "int8"]) != 0
+    assert "need int4 or int8 weights" in capsys.readouterr().err and not (tmp_path / "f").exists()
+    model_spec = tmp_path / "model.yaml"
+    model_spec.write_text(MODEL_YAML)
+    args = ["generate", str(model_spec), "--prompt-ids", "1,2,3", "--max-new-tokens", "3", "--json",
+            "--quantize", "int4:32", "--int4-activations", "int8"]
+    assert main(args + ["--backend", "onnx:ort"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["tokens"][0]) >= 3
+    assert main(args) == 2
+    assert "option of --backend onnx:ort" in capsys.readouterr().err

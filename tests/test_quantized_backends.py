@@ -366,3 +366,52 @@ def test_onnx_ort_matmul_nbits_for_dense_and_shared_ffns(tmp_path, fmt, symmetri
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 6  # the dense layer's and the shared expert's gate/up/down
     assert {next(a.i for a in n.attribute if a.name == "bits") for n in nbits} == {4 if fmt == "int4" else 8}
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_onnx_ort_int8_activations_option(tmp_path, fmt):
+    """int4_activations="int8" on the ort flavour: QMoE and the shared expert's MatMulNBits carry accuracy_level
+    4 and the file says so in its metadata; the prepared runner and the runner of the built file (which leave
+    ORT_QMOE_CPU_QNBIT_GEMM unset for it) compute on int8 activations: close to the quantized reference, not
+    equal to it, where the default export is exact."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from moe_ir.backends.onnx import load_runner
+
+    graph, weights = quantized_layer(fmt, True, 16)
+    spec = spec_from_dict({**LAYER, "quantization": {"format": fmt, "block": 16, "symmetric": True}})
+    backend = get_backend("onnx:ort")
+    piped = run_pipeline(graph, backend.pipeline)
+    x = inputs(6)
+    ref = interpret(graph, {"x": x}, weights, dtype=torch.float64)["out"]
+
+    def rel_err(out):
+        return float((out.double() - ref).abs().max() / ref.abs().max())
+
+    assert rel_err(backend.prepare(piped, weights)(x)["out"]) < 1e-5  # the default: exact
+    assert 1e-4 < rel_err(backend.prepare(piped, weights, int4_activations="int8")(x)["out"]) < 5e-2
+    result = backend.build(spec, piped, weights, tmp_path / "onnx", int4_activations="int8")
+    path = next(p for p in result.files if p.suffix == ".onnx")
+    model = onnx.load(str(path))
+    levels = {n.op_type: next(a.i for a in n.attribute if a.name == "accuracy_level")
+              for n in model.graph.node if n.op_type in ("QMoE", "MatMulNBits")}
+    assert levels == {"QMoE": 4, "MatMulNBits": 4}
+    assert {p.key: p.value for p in model.metadata_props}["moe_ir.quantized_activations"] == "int8"
+    assert "on int8 activations" in " ".join(result.notes)
+    assert 1e-4 < rel_err(load_runner(path)(x)["out"]) < 5e-2
+
+
+def test_int8_activations_refused_where_they_do_not_apply():
+    from moe_ir.errors import BackendError
+
+    graph, weights = quantized_layer("int4", True, 16)
+    for name, option, fragment in (("onnx:portable", "int8", "add --flavour ort"),
+                                   ("onnx:ort", "bf16", "'bf16' and 'fused' are the torch backend's")):
+        backend = get_backend(name)
+        with pytest.raises(BackendError, match=fragment):
+            backend.prepare(run_pipeline(graph, backend.pipeline), weights, int4_activations=option)
+    float_graph = build_graph(spec_from_dict(LAYER))
+    backend = get_backend("onnx:ort")
+    with pytest.raises(BackendError, match="need int4 or int8 weights"):
+        backend.prepare(run_pipeline(float_graph, backend.pipeline), init_weights(float_graph, 0),
+                        int4_activations="int8")

@@ -54,7 +54,8 @@ class OnnxBackend(Backend):
     summary = "ONNX (opset 18): portable standard ops | ort (com.microsoft.MoE) | plugin (moe_ir::FusedMoE); runs in ONNX Runtime"
     # special_tokens / context_length / tokenizer_files: what a decoder build (a decode graph) writes into
     # genai_config.json and copies beside the model, from the source checkpoint
-    build_options = frozenset({"flavour", "external_data", "special_tokens", "context_length", "tokenizer_files"})
+    build_options = frozenset({"flavour", "external_data", "special_tokens", "context_length", "tokenizer_files",
+                               "int4_activations"})
     default_variants = tuple(f.value for f in Flavour)
 
     def __init__(self, variant: Flavour | str | None = None):
@@ -76,13 +77,14 @@ class OnnxBackend(Backend):
             return False, str(err)
 
     def prepare(self, graph: Graph, weights: Mapping[str, torch.Tensor], *, flavour: Flavour | str | None = None,
-                providers: Sequence[str] | None = None, threads: int | None = None, **options: Any) -> Runner:
+                providers: Sequence[str] | None = None, threads: int | None = None,
+                int4_activations: str | None = None, **options: Any) -> Runner:
         flavour = parse_flavour(flavour or self.flavour)
         piped = lowered_graph(graph, flavour)
         refusal = runtime_refusal({v.type.dtype.value for v in stored_values(piped)}, flavour)
         if refusal:
             raise BackendUnavailable(f"onnx/{flavour.value}: {refusal}")
-        lowered = lower(piped, weights, flavour)
+        lowered = lower(piped, weights, flavour, int4_activations=int4_activations)
         with tempfile.TemporaryDirectory(prefix="moe-ir-onnx-") as tmp:
             if lowered.initializer_bytes() > EXTERNAL_DATA_THRESHOLD:
                 # Too big for one protobuf: write with external data, load, then drop the files
@@ -92,27 +94,31 @@ class OnnxBackend(Backend):
                 model: str | bytes = str(path)
             else:
                 model = embedded_model(lowered, for_runtime=flavour == Flavour.PLUGIN).SerializeToString()
-            session = make_session(model, flavour, providers=providers, threads=threads)
+            session = make_session(model, flavour, providers=providers, threads=threads,
+                                   int8_activations=int4_activations == "int8")
         return make_runner(session, graph)
 
     def write_artifact(self, spec: LayerSpec | ModelSpec, graph: Graph, weights: Mapping[str, torch.Tensor],
                        out: OutputFolder, *, flavour: Flavour | str | None = None, external_data: bool | None = None,
                        progress: Progress | None = None, special_tokens: Mapping[str, int | None] | None = None,
                        context_length: int | None = None, tokenizer_files: Sequence[Path] = (),
-                       **options: Any) -> BuildResult:
+                       int4_activations: str | None = None, **options: Any) -> BuildResult:
         """OUT/<name>.<flavour>.onnx, and OUT/<name>.<flavour>.onnx.data when external (a .data file of an
         earlier build is removed when this one embeds its weights). `spec` is the layer's or, for a
         whole-model graph (build_model_graph), the model's; only its name is used here.
 
         A decode graph (build_model_graph(form="decode")) is a deployable decoder folder instead:
         OUT/model.onnx (+ .data), OUT/genai_config.json where onnxruntime-genai can run it (genai.py; the
-        notes say why not otherwise), and copies of `tokenizer_files` (the source checkpoint's)."""
+        notes say why not otherwise), and copies of `tokenizer_files` (the source checkpoint's).
+
+        int4_activations "int8" (ort flavour, int4/int8 weights): QMoE and MatMulNBits compute on int8
+        activations (accuracy_level 4), marked in the file's metadata so moe-ir's runners keep it so."""
         flavour = parse_flavour(flavour or self.flavour)
         piped = lowered_graph(graph, flavour)
         ok, reason = supports(piped, flavour)
         if not ok:
             raise BackendError(f"onnx/{flavour.value} cannot export spec '{spec.name}': {reason}")
-        lowered = lower(piped, weights, flavour)
+        lowered = lower(piped, weights, flavour, int4_activations=int4_activations)
         if external_data is None:
             external_data = lowered.initializer_bytes() > EXTERNAL_DATA_THRESHOLD
         decoder = is_decode_graph(piped)
@@ -129,7 +135,8 @@ class OnnxBackend(Backend):
             notes.append(f"not runnable by moe-ir's ONNX Runtime runner: {refusal}")
         notes.extend(lowering_class(flavour).needs)
         if flavour == Flavour.ORT:
-            notes.extend(OrtLowering.contrib_notes(piped, [n.op_type for n in lowered.model.graph.node]))
+            notes.extend(OrtLowering.contrib_notes(piped, [n.op_type for n in lowered.model.graph.node],
+                                                   int8_activations=int4_activations == "int8"))
         if decoder:
             files += self._write_decoder_extras(piped, out, special_tokens, context_length, tokenizer_files, notes)
         return BuildResult(files=files, notes=notes)

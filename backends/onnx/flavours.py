@@ -40,14 +40,15 @@ from moe_ir.ir.model_ops import attention_scale
 from moe_ir.model_builder import is_decode_graph
 from moe_ir.model_spec import QKNorm, RopeLayout
 from moe_ir.ir.quant_ops import implicit_zero
-from moe_ir.spec import Activation
+from moe_ir.spec import Activation, QuantFormat
 from . import plugin_op, support
 from .decoder_ops import DecoderOps
 from .moa_ops import MoaOps
 from .emit import MS_DOMAIN
 from .lowering import Flavour, Lowering
 from .moe_ops import MoeOps
-from .quant_ops import QuantOps, dequantize_refusal, is_quantized, qmoe_int8_note, qmoe_refusal
+from .quant_ops import (INT8_ACTIVATIONS_LEVEL, QMOE_FLOAT_ACTIVATIONS_ENV, QuantOps, dequantize_nodes,
+                        dequantize_refusal, is_quantized, qmoe_int8_note, qmoe_refusal)
 from .weights import LoweredModel
 
 _INFERENCE = ("strip-training-outputs", "fuse-shared-experts", "fuse-gate-up", "dce")
@@ -162,7 +163,8 @@ class OrtLowering(PortableLowering):
 
     # -- decoders: ONNX Runtime's attention and norm kernels -------------------------------------
 
-    def __init__(self, graph: Graph, weights: Mapping[str, torch.Tensor]):
+    def __init__(self, graph: Graph, weights: Mapping[str, torch.Tensor], *, int8_activations: bool = False):
+        self.int8_activations = int8_activations  # QuantOps: accuracy_level 4 on QMoE and MatMulNBits
         super().__init__(graph, weights)
         # Residual ADD -> RMS_NORM pairs of a decoder, each lowered as one SkipSimplifiedLayerNormalization
         # (emitted at the norm; the ADD's sum is its fourth output).
@@ -170,7 +172,7 @@ class OrtLowering(PortableLowering):
         self.fused_adds = {add.name for add in self.skip_norms.values()}
 
     @classmethod
-    def contrib_notes(cls, graph: Graph, op_types: Sequence[str]) -> list[str]:
+    def contrib_notes(cls, graph: Graph, op_types: Sequence[str], *, int8_activations: bool = False) -> list[str]:
         """What the export used of ONNX Runtime's contrib kernels (counted in the lowered nodes), and why the
         rest of the model kept standard ops: the build's notes."""
         counts = {op: op_types.count(op) for op in _ORT_CONTRIB_OPS if op in op_types}
@@ -192,7 +194,12 @@ class OrtLowering(PortableLowering):
                 why.setdefault(reason, []).append(node.name)
         for reason, names in why.items():
             notes.append(f"ort: standard ops for {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}: {reason}")
-        if "QMoE" in counts and qmoe_int8_note(graph):
+        if int8_activations:
+            notes.append(f"ort: {'/'.join(op for op in ('QMoE', 'MatMulNBits') if op in counts)} on int8 "
+                         f"activations (accuracy_level {INT8_ACTIVATIONS_LEVEL}): faster, not exact (about 1e-2 "
+                         f"relative against the quantized reference); moe-ir's runners leave "
+                         f"{QMOE_FLOAT_ACTIVATIONS_ENV[0]} unset for this file")
+        elif "QMoE" in counts and qmoe_int8_note(graph):
             notes.append(qmoe_int8_note(graph))
         return notes
 
@@ -377,10 +384,32 @@ def supports(graph: Graph, flavour: Flavour | str) -> tuple[bool, str]:
     return lowering_class(flavour).supports(graph)
 
 
-def lower(graph: Graph, weights: Mapping[str, torch.Tensor], flavour: Flavour | str) -> LoweredModel:
-    """The ONNX model for a graph that went through PIPELINES[flavour] (supports() must hold)."""
+def lower(graph: Graph, weights: Mapping[str, torch.Tensor], flavour: Flavour | str, *,
+          int4_activations: str | None = None) -> LoweredModel:
+    """The ONNX model for a graph that went through PIPELINES[flavour] (supports() must hold).
+    int4_activations "int8" (the ort flavour, int4/int8 weights): ONNX Runtime's quantized matmuls on int8
+    activations (int8_activations_refusal says where it does not apply)."""
     cls = lowering_class(flavour)
     ok, reason = cls.supports(graph)
     if not ok:
         raise BackendError(f"onnx/{cls.flavour.value}: {reason}")
-    return cls(graph, weights).run()
+    if int4_activations is None:
+        return cls(graph, weights).run()
+    reason = int8_activations_refusal(graph, cls.flavour, int4_activations)
+    if reason:
+        raise BackendError(f"onnx/{cls.flavour.value}: {reason}")
+    return cls(graph, weights, int8_activations=True).run()
+
+
+def int8_activations_refusal(graph: Graph, flavour: Flavour, int4_activations: str) -> str:
+    """Why int4_activations cannot apply to this export ('' when it can): only "int8", only the ort flavour
+    (its QMoE / MatMulNBits nodes carry it), only with int4/int8 weights that lower to them."""
+    if int4_activations != "int8":
+        return (f"int4_activations={int4_activations!r}: the ONNX backend takes 'int8' (ONNX Runtime's "
+                f"quantized matmuls on int8 activations); 'bf16' and 'fused' are the torch backend's")
+    if flavour != Flavour.ORT:
+        return ("int8 activations are an option of the ort flavour (com.microsoft.QMoE / MatMulNBits "
+                "accuracy_level 4); add --flavour ort")
+    if not any(n.attrs["format"] in (QuantFormat.INT4, QuantFormat.INT8) for n in dequantize_nodes(graph)):
+        return "int8 activations need int4 or int8 weights; add --quantize int4:32 (or int8), or drop the option"
+    return ""

@@ -87,6 +87,10 @@ class Lowering:
         # layer that needs them, since all layers see the same sequence length.
         self.shared: dict[tuple | str, str | tuple[str, str]] = {}
 
+    def metadata(self) -> dict[str, str]:
+        """Metadata a flavour's options add to the file (beside the flavour, pipeline and graph_metadata)."""
+        return {}
+
     # -- support --------------------------------------------------------------------------------
 
     @classmethod
@@ -173,7 +177,7 @@ class Lowering:
         # 4-bit tensors) needs 10
         model.ir_version = 10 if max(OPSET, self.opset()) >= 21 else 9
         meta = {"moe_ir.flavour": self.flavour.value, "moe_ir.pipeline": str(g.meta.get("pipeline", "")),
-                "moe_ir.spec_hash": str(g.meta.get("spec_hash", "")), **graph_metadata(g)}
+                "moe_ir.spec_hash": str(g.meta.get("spec_hash", "")), **graph_metadata(g), **self.metadata()}
         for k, v in meta.items():
             model.metadata_props.add(key=k, value=v)
         return LoweredModel(model, self.inits.used_by(em.nodes))

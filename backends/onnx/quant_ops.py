@@ -56,8 +56,12 @@ def qmoe_refusal(graph: Graph) -> str:
 # 1e-2 relative error against the quantized reference, measured on a tiny layer), whatever the node's
 # accuracy_level says; this variable, read when a session is created, keeps float32 activations (each hit
 # expert dequantized exactly, then a float GEMM). moe-ir's runner sets it while it creates a session, unless
-# the user set it; other hosts of an exported file (onnxruntime-genai, a user's session) must set it themselves.
+# the user set it or the file asks for int8 activations (INT8_ACTIVATIONS_META); other hosts of an exported file
+# (onnxruntime-genai, a user's session) must set it themselves.
 QMOE_FLOAT_ACTIVATIONS_ENV = ("ORT_QMOE_CPU_QNBIT_GEMM", "fp32")
+# The metadata key of a file exported with int8 activations (value "int8"): runners leave the variable unset
+# for it, so the nodes' accuracy_level decides.
+INT8_ACTIVATIONS_META = "moe_ir.quantized_activations"
 
 
 def qmoe_int8_note(graph: Graph) -> str:
@@ -109,12 +113,27 @@ def _pack_flat_nibbles(t: torch.Tensor) -> torch.Tensor:
     return _pack_nibbles(t.reshape(-1))
 
 
+# ONNX Runtime's accuracy_level 4: the QNBit GEMM of QMoE and MatMulNBits quantizes its activations to int8
+# (per block, on the fly) and multiplies int8 x int4/int8: faster on CPUs with integer dot products, not exact.
+INT8_ACTIVATIONS_LEVEL = 4
+
+
 class QuantOps:
     """Mixin of the lowering classes: DEQUANTIZE as DequantizeLinear, never folded into a float initializer;
     with `matmul_nbits` (the ort flavour) an int8/int4 weight read only by FFN projections becomes the
-    weight of com.microsoft.MatMulNBits instead."""
+    weight of com.microsoft.MatMulNBits instead. With `int8_activations` (the ort flavour's option) QMoE and
+    MatMulNBits nodes carry accuracy_level 4 (int8 activations)."""
 
     matmul_nbits = False
+    int8_activations = False
+
+    def metadata(self) -> dict[str, str]:
+        return {**super().metadata(), **({INT8_ACTIVATIONS_META: "int8"} if self.int8_activations else {})}
+
+    def activations_attrs(self) -> dict[str, int]:
+        """The accuracy level attribute of QMoE / MatMulNBits nodes: none (ONNX Runtime's default, float32
+        activations for 4-bit weights) unless int8 activations were asked for."""
+        return {"accuracy_level": INT8_ACTIVATIONS_LEVEL} if self.int8_activations else {}
 
     def __init__(self, graph: Graph, weights) -> None:
         super().__init__(graph, weights)
@@ -152,7 +171,7 @@ class QuantOps:
             pack = (lambda t: _pack_nibbles(t).reshape(-1)) if bits == 4 else (lambda t: t.reshape(-1))
             ins.append(self.inits.add(zeros, pack, name=f"{zeros.name}.nbits"))
         y = self.em.op("MatMulNBits", ins, domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block,
-                       **({"out": out} if out and not bias else {}))
+                       **self.activations_attrs(), **({"out": out} if out and not bias else {}))
         if bias:
             y = self.em.op("Add", [y, bias], **({"out": out} if out else {}))
         return y
@@ -238,7 +257,8 @@ class QuantOps:
                     self.inits.add(parts["w_down"]["zeros"], pack, name=f"{ffn.name}.fc2_zeros")]
         while ins[-1] == "":
             ins.pop()
-        attrs = {"expert_weight_bits": bits, "block_size": w["w_up"].producer.attrs["block"]}
+        attrs = {"expert_weight_bits": bits, "block_size": w["w_up"].producer.attrs["block"],
+                 **self.activations_attrs()}
         if act.gated:
             attrs.update(activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0)
         else:

@@ -28,7 +28,7 @@ from .external_data import load_model
 from .flavours import parse_flavour
 from .genai import DECODER_FILE
 from .lowering import Flavour
-from .quant_ops import QMOE_FLOAT_ACTIVATIONS_ENV
+from .quant_ops import INT8_ACTIVATIONS_META, QMOE_FLOAT_ACTIVATIONS_ENV
 
 _FEED_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -57,7 +57,7 @@ def default_providers(flavour: Flavour) -> list[str]:
 
 
 def make_session(model: str | bytes, flavour: Flavour, *, providers: Sequence[str] | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, int8_activations: bool = False):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -72,7 +72,8 @@ def make_session(model: str | bytes, flavour: Flavour, *, providers: Sequence[st
         opts.register_custom_ops_library(extensions.register())
     where = model if isinstance(model, str) else "<in-memory model>"
     try:
-        with qmoe_float_activations():
+        # int8 activations (a file exported with them): the variable stays as it is, so the nodes decide
+        with contextlib.nullcontext() if int8_activations else qmoe_float_activations():
             return ort.InferenceSession(model, opts, providers=list(providers or default_providers(flavour)))
     except Exception as err:  # onnxruntime raises its own pybind exception types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -283,7 +284,8 @@ def load_runner(path: str | Path, *, providers: Sequence[str] | None = None, thr
         model: str | bytes = extensions.to_contrib_domain(proto).SerializeToString()
     else:
         model = str(path)
-    return make_runner(make_session(model, flavour, providers=providers, threads=threads))
+    return make_runner(make_session(model, flavour, providers=providers, threads=threads,
+                                    int8_activations=meta.get(INT8_ACTIVATIONS_META) == "int8"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -349,5 +351,6 @@ def load_decoder(folder: str | Path, *, providers: Sequence[str] | None = None,
     entries = decoder_cache_entries(proto, str(path))
     vocab = int(meta["moe_ir.vocab_size"]) if meta.get("moe_ir.vocab_size", "").isdigit() else None
     flavour = parse_flavour(meta.get("moe_ir.flavour", "portable"))
-    step = make_runner(make_session(str(path), flavour, providers=providers, threads=threads))
+    step = make_runner(make_session(str(path), flavour, providers=providers, threads=threads,
+                                    int8_activations=meta.get(INT8_ACTIVATIONS_META) == "int8"))
     return Decoder(path, step, entries, vocab, flavour)
