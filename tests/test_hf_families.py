@@ -575,6 +575,20 @@ RELEASED = {  # values from the released config.json files (the keys the decoder
         "rope_scaling": {"type": "longrope", "short_factor": _PHI35_SHORT_FACTOR, "long_factor": _PHI35_LONG_FACTOR,
                          "short_mscale": 1.243163121016122, "long_mscale": 1.243163121016122,
                          "original_max_position_embeddings": 4096}},
+    # K-EXAONE-236B-A23B: TensorRT-LLM's EXAONE_MOE_CONFIG (tests/unittest/_torch/modeling/test_modeling_exaone_moe.py,
+    # the released config with 4 layers and a window of 4 for the test) with the released 48 layers and window 128
+    # (the K-EXAONE README, the model card of Baekpica/k-exaone-mixed-ds4); transformers 5.24 reads neither
+    # is_moe_layer nor first_last_k_dense_replace: its first_k_dense_replace default 1 is the same schedule
+    "k-exaone-236b-a23b.yaml": {
+        "model_type": "exaone_moe", "first_last_k_dense_replace": 1, "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 6144, "intermediate_size": 18432, "is_moe_layer": [False] + [True] * 47,
+        "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"] * 12,
+        "max_position_embeddings": 262144, "moe_intermediate_size": 2048, "n_group": 1, "norm_topk_prob": True,
+        "num_attention_heads": 64, "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 48,
+        "num_key_value_heads": 8, "num_shared_experts": 1, "rms_norm_eps": 1e-05, "rope_scaling": None,
+        "rope_theta": 1000000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "sliding_window": 128,
+        "sliding_window_pattern": "LLLG", "tie_word_embeddings": False, "topk_group": 1, "topk_method": "noaux_tc",
+        "torch_dtype": "bfloat16", "vocab_size": 153600},
     "granite-3.0-1b-a400m.yaml": {
         "model_type": "granitemoe", "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
         "num_key_value_heads": 8, "num_local_experts": 32, "num_experts_per_tok": 8, "intermediate_size": 512,
@@ -623,7 +637,8 @@ def test_shipped_spec_parameters_equal_transformers_meta_model(spec_file):
 # The shipped specs of the families above: each validates as its miniature (`moe-ir validate --shrink`).
 SHIPPED_FAMILY_SPECS = ["glm-4.5-air.yaml", "glm-4.7-flash.yaml", "dots.llm1.yaml", "hunyuan-a13b.yaml",
                         "flexolmo-7x7b-1t.yaml", "granite-3.0-1b-a400m.yaml", "qwen3-30b-a3b.yaml",
-                        "ernie-4.5-21b-a3b.yaml", "minimax-m2.yaml", "dbrx.yaml", "phi-3.5-moe.yaml"]
+                        "ernie-4.5-21b-a3b.yaml", "minimax-m2.yaml", "dbrx.yaml", "phi-3.5-moe.yaml",
+                        "k-exaone-236b-a23b.yaml"]
 
 
 @pytest.mark.parametrize("spec_file", SHIPPED_FAMILY_SPECS)
