@@ -334,3 +334,39 @@ def test_bundled_plugin_runs_quantized_experts_without_moe_ir(tmp_path):
     out, idx, _ = module.fused_moe_quantized_torch(x, w_router, bias, *parts, cfg, quant)
     assert torch.equal(idx.long(), r_idx)
     torch.testing.assert_close(out.double(), r_out, **TOL)
+
+
+# ------------------------------------------------------------------------------------------------
+# the command line
+
+
+def test_build_onnx_plugin_quantize_from_the_cli(tmp_path, capsys):
+    """`moe-ir build SPEC --backend onnx:plugin --quantize int4:16` on a shipped layer spec (tiny-v3: hidden 32,
+    experts of width 16, so blocks of 16): one QFusedMoE file that onnxruntime runs with the extensions op,
+    equal to the quantized reference of the same seeded weights."""
+    pytest.importorskip("onnxruntime_extensions")
+    from pathlib import Path
+
+    from moe_ir.backends.onnx import load_runner
+    from moe_ir.cli import main
+    from moe_ir.frontends.yaml_spec import load_spec
+    from moe_ir.quantization import parse_quantize_option, with_quantization
+
+    shipped = Path(__file__).resolve().parent.parent / "specs" / "tiny-v3.yaml"
+    out = tmp_path / "out"
+    assert main(["build", str(shipped), "--backend", "onnx:plugin", "--quantize", "int4:16", "-o", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "quantization error per tensor (int4:16)" in printed.out + printed.err
+    (path,) = out.glob("*.onnx")
+    import onnx
+
+    assert [n.op_type for n in onnx.load(str(path)).graph.node if n.domain == plugin_op.DOMAIN] == ["QFusedMoE"]
+    graph = build_graph(with_quantization(load_spec(shipped), parse_quantize_option("int4:16")))
+    weights = init_weights(graph, 0)  # build's default: the seeded float draw (seed 0), quantized
+    x = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(1))
+    ref = interpret(graph, {"x": x}, weights, dtype=torch.float64)
+    got = load_runner(path)(x)
+    torch.testing.assert_close(got["out"].double(), ref["out"], **TOL)
+    # the flavour twice, disagreeing, is a usage error before any work
+    assert main(["build", str(shipped), "--backend", "onnx:plugin", "--flavour", "ort", "-o", str(tmp_path / "x")]) == 2
+    assert "name different flavours" in capsys.readouterr().err
