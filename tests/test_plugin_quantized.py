@@ -2,6 +2,8 @@
 plugin flavour run in onnxruntime with the onnxruntime-extensions op, the TensorRT plugin's torch reference,
 shape logic and plugin fields, all against the quantized reference interpreter; malformed contracts and
 formats the plugin cannot take are refused by name."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -254,14 +256,66 @@ def test_plugin_shape_logic_is_symbolic_and_names_mismatches():
         ("float16", "int32", "float32")
 
 
-def test_quantized_plugin_is_jit_only_and_needs_python_plugins():
-    assert P.implementation_for((10, 9), quantized=True) == "python"
-    assert P.implementation_for((11, 0), quantized=True) == "python"
+def test_quantized_plugin_needs_python_plugins():
+    assert P.implementation_for((10, 9), quantized=True) == P.implementation_for((11, 0), quantized=True) == "aot"
+    assert P.implementation_for((10, 9), prefer_aot=False, quantized=True) == "python"
+    assert P.implementation_for((10, 6), quantized=True) == "python"
     with pytest.raises(P.PluginError, match="IPluginV3 fallback takes float experts only"):
         P.implementation_for((10, 5), quantized=True)
 
 
 ROUTED_ONLY = {"format": "int4", "block": 32, "symmetric": False, "weights": {"shared_experts": False}}
+
+
+@pytest.mark.skipif(P.triton is None, reason="triton is not installed")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="the Triton kernel runs on CPU only in Triton's interpreter (TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("fmt,symmetric", CASES, ids=IDS)
+def test_aot_quantized_kernel_equals_the_reference(fmt, symmetric):
+    """The one-kernel implementation of QFusedMoE (@aot_impl), each tile dequantized where it is loaded, in
+    Triton's interpreter (or on a GPU)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, w_router, bias, parts, fields, (r_out, r_idx, r_w) = _contract_args(fmt, symmetric)
+    cfg, quant = _trt_configs(fields)
+    out, idx, w = P.launch_fused_moe_quantized_kernel(*(t.to(device) for t in (x[:3], w_router, bias, *parts)),
+                                                      cfg=cfg, quant=quant)
+    assert torch.equal(idx.cpu().long(), r_idx[:3])
+    torch.testing.assert_close(w.cpu().double(), r_w[:3], **TOL)
+    torch.testing.assert_close(out.cpu().double(), r_out[:3], **TOL)
+
+
+_PTX_SCRIPT = """
+import sys
+from triton.backends.compiler import GPUTarget
+sys.path.insert(0, {repo!r})
+from moe_ir.backends.tensorrt import plugin as P
+cfg = P.MoEConfig("sigmoid", 3, 1, 1, "max", True, 1.5, "swiglu")
+quant = P.QuantConfig("int4", 32, False)
+name, ptx, const, warps, shared = P.compile_fused_moe_quantized_kernel(cfg, quant, 5, 64, 96, "bfloat16",
+                                                                       target=GPUTarget("cuda", 90, 32))
+params = [line for line in ptx.splitlines() if line.strip().startswith(".param")]
+print(name, warps, len(params), ".entry " + name in ptx, const["QBLOCK"], const["INT4"])
+"""
+
+
+@pytest.mark.skipif(P.triton is None, reason="triton is not installed")
+def test_aot_quantized_kernel_compiles_to_ptx_without_a_gpu():
+    """What QFusedMoE's @aot_impl hands TensorRT, compiled in a subprocess (the test session runs Triton's
+    interpreter, which cannot compile)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    repo = str(Path(__file__).resolve().parent.parent)
+    done = subprocess.run([sys.executable, "-c", _PTX_SCRIPT.format(repo=repo)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    name, warps, params, has_entry, qblock, int4 = done.stdout.split()
+    assert name == "fused_moe_quantized_token_kernel" and has_entry == "True" and int(warps) >= 1
+    assert (qblock, int4) == ("32", "1")
+    assert int(params) >= 13  # 9 input pointers, T, 3 output pointers
 
 
 def test_tensorrt_supports_routed_quantized_experts_and_refuses_the_rest():
@@ -278,8 +332,8 @@ def test_tensorrt_supports_routed_quantized_experts_and_refuses_the_rest():
 
 def test_tensorrt_bundle_carries_the_quantized_plugin_node_and_its_fields(tmp_path, capsys):
     """`moe-ir build --backend tensorrt` of a routed-quantized spec (honest absence here): the plugin ONNX the
-    parser sees has one QFusedMoE node with no AOT mark, whose attributes become exactly the plugin fields
-    the plugin's creator decodes (INT32, and FLOAT32 for scale)."""
+    parser sees has one QFusedMoE node, whose attributes (less the parser's own) become exactly the plugin
+    fields the plugin's creator decodes (INT32, and FLOAT32 for scale)."""
     import json
 
     import yaml
@@ -296,10 +350,10 @@ def test_tensorrt_bundle_carries_the_quantized_plugin_node_and_its_fields(tmp_pa
         pytest.skip("TensorRT and a GPU are present: the engine was built")
     assert "TensorRT is not installed" in err or "no CUDA GPU" in err
     bundle = json.loads((out / "qtrt.tensorrt.json").read_text())
-    assert bundle["plugin"]["name"] == "QFusedMoE" and list(bundle["plugin"]["implementations"]) == ["python"]
+    assert bundle["plugin"]["name"] == "QFusedMoE" and sorted(bundle["plugin"]["implementations"]) == ["aot", "python"]
     model = parser_model(out / "qtrt.plugin.onnx", aot=True)
     node = plugin_node(model)
-    assert node.op_type == "QFusedMoE" and "aot" not in {a.name for a in node.attribute}
+    assert node.op_type == "QFusedMoE" and {"aot", "plugin_namespace"} <= {a.name for a in node.attribute}
     fields = parser_plugin_fields(node)
     cfg = P.MoEConfig("sigmoid", 3, 1, 1, "max", True, 1.5, "swiglu")
     quant = P.QuantConfig("int4", 32, False)

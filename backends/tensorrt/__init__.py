@@ -248,8 +248,8 @@ class TensorRTBackend(Backend):
             "aot": f"TensorRT >= {'.'.join(map(str, plugin_source.AOT_PLUGINS_SINCE))}",
             "python": f"TensorRT >= {'.'.join(map(str, plugin_source.PYTHON_PLUGINS_SINCE))}",
             "v3": "TensorRT 10.0-10.5 (needs moe-ir installed)"}
-        if quantized:  # QFusedMoE: the JIT @impl only (see plugin.py)
-            implementations = {"python": implementations["python"]}
+        if quantized:  # QFusedMoE: no IPluginV3 fallback (see plugin.py)
+            del implementations["v3"]
         data = {
             "spec": spec.name, "spec_hash": digest, "dtype": str(spec.dtype),
             "profile": {"min": profile.min, "opt": profile.opt, "max": profile.max},
