@@ -173,7 +173,7 @@ def test_extensions_op_equals_the_reference_and_checks_its_contract():
         qfused_moe_torch(x, w_router, bias, *bad_scales, **fields)
     with pytest.raises(BackendError, match="attribute block=48 is not one of 16, 32"):
         qfused_moe_torch(x, w_router, bias, *parts, **dict(fields, block=48))
-    with pytest.raises(BackendError, match="block=64 does not divide the hidden size 64 and the expert width 96"):
+    with pytest.raises(BackendError, match="block=64 does not divide the expert width 96$"):
         qfused_moe_torch(x, w_router, bias, *parts, **dict(fields, block=64))  # a real block, not this file's
     with pytest.raises(BackendError, match=r"w_gate_up_scales has shape \(5, 192, 2\), expected \(5, 192, 4\)"):
         qfused_moe_torch(x, w_router, bias, *parts, **dict(fields, block=16))
@@ -424,3 +424,39 @@ def test_build_onnx_plugin_quantize_from_the_cli(tmp_path, capsys):
     # the flavour twice, disagreeing, is a usage error before any work
     assert main(["build", str(shipped), "--backend", "onnx:plugin", "--flavour", "ort", "-o", str(tmp_path / "x")]) == 2
     assert "name different flavours" in capsys.readouterr().err
+
+
+def test_a_malformed_plugin_file_is_refused_before_it_runs(tmp_path):
+    """onnxruntime-extensions aborts the process when its Python op raises, so a file whose QFusedMoE contract
+    does not hold (a wrong block attribute, scales of the wrong shape) is refused when it is loaded, naming
+    the file, the node and what is wrong."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime_extensions")
+    from moe_ir.backends.onnx import load_runner
+
+    graph, weights = quantized_layer("int4", False)
+    spec = spec_from_dict({**LAYER, "quantization": {"format": "int4", "block": 32, "symmetric": False}})
+    backend = get_backend("onnx:plugin")
+    result = backend.build(spec, run_pipeline(graph, backend.pipeline), weights, tmp_path / "ok")
+    good = onnx.load(str(next(p for p in result.files if p.suffix == ".onnx")))
+
+    def broken(name, edit):
+        model = onnx.ModelProto()
+        model.CopyFrom(good)
+        edit(model, next(n for n in model.graph.node if n.op_type == plugin_op.QUANT_OP_TYPE))
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(model, str(path))
+        return path
+
+    def block(model, node):
+        next(a for a in node.attribute if a.name == "block").i = 16
+
+    def scales(model, node):
+        t = next(t for t in model.graph.initializer if t.name == node.input[7])
+        t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t)[:, :, :2].copy(), t.name))
+
+    with pytest.raises(BackendError, match=r"block\.onnx: node moe\.fused: moe_ir::QFusedMoE: input w_gate_up_scales "
+                                           r"has shape \(5, 192, 2\), expected \(5, 192, 4\)"):
+        load_runner(broken("block", block))
+    with pytest.raises(BackendError, match=r"input w_down_scales has shape \(5, 64, 2\), expected \(5, 64, 3\)"):
+        load_runner(broken("scales", scales))
