@@ -460,3 +460,27 @@ def test_a_malformed_plugin_file_is_refused_before_it_runs(tmp_path):
         load_runner(broken("block", block))
     with pytest.raises(BackendError, match=r"input w_down_scales has shape \(5, 64, 2\), expected \(5, 64, 3\)"):
         load_runner(broken("scales", scales))
+
+
+def test_bf16_quantized_plugin_export_type_checks_and_evaluates(tmp_path):
+    """A bf16 layer with int4 experts: onnx's strict type inference accepts the file with QFusedMoE's schema,
+    and onnx's reference evaluator (the extensions' op on CPU takes float32 only) gives the bf16 reference."""
+    onnx = pytest.importorskip("onnx")
+    from moe_ir.backends.onnx import verify
+
+    spec = spec_from_dict({**LAYER, "dtype": "bfloat16",
+                           "quantization": {"format": "int4", "block": 32, "symmetric": False}})
+    graph = build_graph(spec)
+    weights = init_weights(graph, 3)
+    backend = get_backend("onnx:plugin")
+    piped = run_pipeline(build_graph(spec), backend.pipeline)
+    assert backend.supports(piped) == (True, "")
+    path = next(p for p in backend.build(spec, piped, weights, tmp_path / "bf16").files if p.suffix == ".onnx")
+    inferred = verify.infer_strict(onnx.load(str(path)))
+    out_type = next(v for v in inferred.graph.output if v.name == "out").type.tensor_type.elem_type
+    assert out_type == onnx.TensorProto.BFLOAT16
+    x = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(5))
+    got = verify.evaluate(str(path), x)["out"]
+    ref = interpret(graph, {"x": x.to(torch.bfloat16)}, weights)["out"]
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * float(ref.float().abs().max()))
