@@ -66,7 +66,8 @@ def test_fuse_gate_up_quantized_concatenates_the_stored_parts(fmt, symmetric):
     after = interpret(fused, {"x": x}, kept, dtype=torch.float64)["out"]
     assert torch.equal(before, after)
     # plain fuse-gate-up (the other backends' pipelines) keeps quantized gate/up apart
-    apart = run_pipeline(quantized_layer(fmt, symmetric)[0], ("strip-training-outputs", "fuse-moe", "fuse-gate-up", "dce"))
+    apart = run_pipeline(quantized_layer(fmt, symmetric)[0],
+                         ("strip-training-outputs", "fuse-moe", "fuse-gate-up", "dce"))
     (moe,) = apart.find(OpCode.FUSED_MOE)
     assert moe.input("w_gate") is not None
 
