@@ -233,9 +233,19 @@ def quantized_spec(spec, option: str | None):
 def _cmd_build(args: argparse.Namespace) -> int:
     from .backends import backend_names, get_backend
 
-    if args.backend not in backend_names():
+    name, colon, variant = args.backend.partition(":")
+    if name not in backend_names():
         raise UsageError(f"unknown backend '{args.backend}'; available: {', '.join(backend_names())}")
-    backend = get_backend(args.backend)
+    backend = get_backend(name)
+    if colon:  # validate's label `onnx:plugin` names the flavour as `--backend onnx --flavour plugin` does
+        if "flavour" not in backend.build_options:
+            raise UsageError(f"--backend {args.backend}: build takes the plain backend name '{name}' (variants "
+                             f"are `onnx:<flavour>` only)")
+        if args.flavour not in (None, variant):
+            raise UsageError(f"--backend {args.backend} and --flavour {args.flavour} name different flavours")
+        if variant not in ("portable", "ort", "plugin"):
+            raise UsageError(f"--backend {args.backend}: unknown flavour '{variant}'; choose portable, ort or plugin")
+        args.flavour = variant
     options = {k: v for k, v in {"flavour": args.flavour, "profile": args.profile, "precision": args.precision,
                                  "external_data": args.external_data or None,
                                  "int4_activations": args.int4_activations}.items() if v is not None}
@@ -561,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description=f"backends: {', '.join(backend_names())}")
     p.add_argument("spec")
     p.add_argument("--backend", required=True, metavar="NAME",
-                   help=f"one of: {', '.join(backend_names())}")
+                   help=f"one of: {', '.join(backend_names())} (onnx:<flavour> is --backend onnx --flavour <flavour>)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
     p.add_argument("--weights", metavar="FILE", help="safetensors weights (default: seeded random init)")
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="seed of the random init (default 0)")

@@ -2,6 +2,8 @@
 plugin flavour run in onnxruntime with the onnxruntime-extensions op, the TensorRT plugin's torch reference,
 shape logic and plugin fields, all against the quantized reference interpreter; malformed contracts and
 formats the plugin cannot take are refused by name."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -64,7 +66,8 @@ def test_fuse_gate_up_quantized_concatenates_the_stored_parts(fmt, symmetric):
     after = interpret(fused, {"x": x}, kept, dtype=torch.float64)["out"]
     assert torch.equal(before, after)
     # plain fuse-gate-up (the other backends' pipelines) keeps quantized gate/up apart
-    apart = run_pipeline(quantized_layer(fmt, symmetric)[0], ("strip-training-outputs", "fuse-moe", "fuse-gate-up", "dce"))
+    apart = run_pipeline(quantized_layer(fmt, symmetric)[0],
+                         ("strip-training-outputs", "fuse-moe", "fuse-gate-up", "dce"))
     (moe,) = apart.find(OpCode.FUSED_MOE)
     assert moe.input("w_gate") is not None
 
@@ -171,7 +174,7 @@ def test_extensions_op_equals_the_reference_and_checks_its_contract():
         qfused_moe_torch(x, w_router, bias, *bad_scales, **fields)
     with pytest.raises(BackendError, match="attribute block=48 is not one of 16, 32"):
         qfused_moe_torch(x, w_router, bias, *parts, **dict(fields, block=48))
-    with pytest.raises(BackendError, match="block=64 does not divide the hidden size 64 and the expert width 96"):
+    with pytest.raises(BackendError, match="block=64 does not divide the expert width 96$"):
         qfused_moe_torch(x, w_router, bias, *parts, **dict(fields, block=64))  # a real block, not this file's
     with pytest.raises(BackendError, match=r"w_gate_up_scales has shape \(5, 192, 2\), expected \(5, 192, 4\)"):
         qfused_moe_torch(x, w_router, bias, *parts, **dict(fields, block=16))
@@ -254,14 +257,66 @@ def test_plugin_shape_logic_is_symbolic_and_names_mismatches():
         ("float16", "int32", "float32")
 
 
-def test_quantized_plugin_is_jit_only_and_needs_python_plugins():
-    assert P.implementation_for((10, 9), quantized=True) == "python"
-    assert P.implementation_for((11, 0), quantized=True) == "python"
+def test_quantized_plugin_needs_python_plugins():
+    assert P.implementation_for((10, 9), quantized=True) == P.implementation_for((11, 0), quantized=True) == "aot"
+    assert P.implementation_for((10, 9), prefer_aot=False, quantized=True) == "python"
+    assert P.implementation_for((10, 6), quantized=True) == "python"
     with pytest.raises(P.PluginError, match="IPluginV3 fallback takes float experts only"):
         P.implementation_for((10, 5), quantized=True)
 
 
 ROUTED_ONLY = {"format": "int4", "block": 32, "symmetric": False, "weights": {"shared_experts": False}}
+
+
+@pytest.mark.skipif(P.triton is None, reason="triton is not installed")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="the Triton kernel runs on CPU only in Triton's interpreter (TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("fmt,symmetric", CASES, ids=IDS)
+def test_aot_quantized_kernel_equals_the_reference(fmt, symmetric):
+    """The one-kernel implementation of QFusedMoE (@aot_impl), each tile dequantized where it is loaded, in
+    Triton's interpreter (or on a GPU)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, w_router, bias, parts, fields, (r_out, r_idx, r_w) = _contract_args(fmt, symmetric)
+    cfg, quant = _trt_configs(fields)
+    out, idx, w = P.launch_fused_moe_quantized_kernel(*(t.to(device) for t in (x[:3], w_router, bias, *parts)),
+                                                      cfg=cfg, quant=quant)
+    assert torch.equal(idx.cpu().long(), r_idx[:3])
+    torch.testing.assert_close(w.cpu().double(), r_w[:3], **TOL)
+    torch.testing.assert_close(out.cpu().double(), r_out[:3], **TOL)
+
+
+_PTX_SCRIPT = """
+import sys
+from triton.backends.compiler import GPUTarget
+sys.path.insert(0, {repo!r})
+from moe_ir.backends.tensorrt import plugin as P
+cfg = P.MoEConfig("sigmoid", 3, 1, 1, "max", True, 1.5, "swiglu")
+quant = P.QuantConfig("int4", 32, False)
+name, ptx, const, warps, shared = P.compile_fused_moe_quantized_kernel(cfg, quant, 5, 64, 96, "bfloat16",
+                                                                       target=GPUTarget("cuda", 90, 32))
+params = [line for line in ptx.splitlines() if line.strip().startswith(".param")]
+print(name, warps, len(params), ".entry " + name in ptx, const["QBLOCK"], const["INT4"])
+"""
+
+
+@pytest.mark.skipif(P.triton is None, reason="triton is not installed")
+def test_aot_quantized_kernel_compiles_to_ptx_without_a_gpu():
+    """What QFusedMoE's @aot_impl hands TensorRT, compiled in a subprocess (the test session runs Triton's
+    interpreter, which cannot compile)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    repo = str(Path(__file__).resolve().parent.parent)
+    done = subprocess.run([sys.executable, "-c", _PTX_SCRIPT.format(repo=repo)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    name, warps, params, has_entry, qblock, int4 = done.stdout.split()
+    assert name == "fused_moe_quantized_token_kernel" and has_entry == "True" and int(warps) >= 1
+    assert (qblock, int4) == ("32", "1")
+    assert int(params) >= 13  # 9 input pointers, T, 3 output pointers
 
 
 def test_tensorrt_supports_routed_quantized_experts_and_refuses_the_rest():
@@ -278,8 +333,8 @@ def test_tensorrt_supports_routed_quantized_experts_and_refuses_the_rest():
 
 def test_tensorrt_bundle_carries_the_quantized_plugin_node_and_its_fields(tmp_path, capsys):
     """`moe-ir build --backend tensorrt` of a routed-quantized spec (honest absence here): the plugin ONNX the
-    parser sees has one QFusedMoE node with no AOT mark, whose attributes become exactly the plugin fields
-    the plugin's creator decodes (INT32, and FLOAT32 for scale)."""
+    parser sees has one QFusedMoE node, whose attributes (less the parser's own) become exactly the plugin
+    fields the plugin's creator decodes (INT32, and FLOAT32 for scale)."""
     import json
 
     import yaml
@@ -296,10 +351,10 @@ def test_tensorrt_bundle_carries_the_quantized_plugin_node_and_its_fields(tmp_pa
         pytest.skip("TensorRT and a GPU are present: the engine was built")
     assert "TensorRT is not installed" in err or "no CUDA GPU" in err
     bundle = json.loads((out / "qtrt.tensorrt.json").read_text())
-    assert bundle["plugin"]["name"] == "QFusedMoE" and list(bundle["plugin"]["implementations"]) == ["python"]
+    assert bundle["plugin"]["name"] == "QFusedMoE" and sorted(bundle["plugin"]["implementations"]) == ["aot", "python"]
     model = parser_model(out / "qtrt.plugin.onnx", aot=True)
     node = plugin_node(model)
-    assert node.op_type == "QFusedMoE" and "aot" not in {a.name for a in node.attribute}
+    assert node.op_type == "QFusedMoE" and {"aot", "plugin_namespace"} <= {a.name for a in node.attribute}
     fields = parser_plugin_fields(node)
     cfg = P.MoEConfig("sigmoid", 3, 1, 1, "max", True, 1.5, "swiglu")
     quant = P.QuantConfig("int4", 32, False)
@@ -334,3 +389,99 @@ def test_bundled_plugin_runs_quantized_experts_without_moe_ir(tmp_path):
     out, idx, _ = module.fused_moe_quantized_torch(x, w_router, bias, *parts, cfg, quant)
     assert torch.equal(idx.long(), r_idx)
     torch.testing.assert_close(out.double(), r_out, **TOL)
+
+
+# ------------------------------------------------------------------------------------------------
+# the command line
+
+
+def test_build_onnx_plugin_quantize_from_the_cli(tmp_path, capsys):
+    """`moe-ir build SPEC --backend onnx:plugin --quantize int4:16` on a shipped layer spec (tiny-v3: hidden 32,
+    experts of width 16, so blocks of 16): one QFusedMoE file that onnxruntime runs with the extensions op,
+    equal to the quantized reference of the same seeded weights."""
+    pytest.importorskip("onnxruntime_extensions")
+    from pathlib import Path
+
+    from moe_ir.backends.onnx import load_runner
+    from moe_ir.cli import main
+    from moe_ir.frontends.yaml_spec import load_spec
+    from moe_ir.quantization import parse_quantize_option, with_quantization
+
+    shipped = Path(__file__).resolve().parent.parent / "specs" / "tiny-v3.yaml"
+    out = tmp_path / "out"
+    assert main(["build", str(shipped), "--backend", "onnx:plugin", "--quantize", "int4:16", "-o", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "quantization error per tensor (int4:16)" in printed.out + printed.err
+    (path,) = out.glob("*.onnx")
+    import onnx
+
+    assert [n.op_type for n in onnx.load(str(path)).graph.node if n.domain == plugin_op.DOMAIN] == ["QFusedMoE"]
+    graph = build_graph(with_quantization(load_spec(shipped), parse_quantize_option("int4:16")))
+    weights = init_weights(graph, 0)  # build's default: the seeded float draw (seed 0), quantized
+    x = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(1))
+    ref = interpret(graph, {"x": x}, weights, dtype=torch.float64)
+    got = load_runner(path)(x)
+    torch.testing.assert_close(got["out"].double(), ref["out"], **TOL)
+    # the flavour twice, disagreeing, is a usage error before any work
+    assert main(["build", str(shipped), "--backend", "onnx:plugin", "--flavour", "ort", "-o", str(tmp_path / "x")]) == 2
+    assert "name different flavours" in capsys.readouterr().err
+
+
+def test_a_malformed_plugin_file_is_refused_before_it_runs(tmp_path):
+    """onnxruntime-extensions aborts the process when its Python op raises, so a file whose QFusedMoE contract
+    does not hold (a wrong block attribute, scales of the wrong shape) is refused when it is loaded, naming
+    the file, the node and what is wrong."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime_extensions")
+    from moe_ir.backends.onnx import load_runner
+
+    graph, weights = quantized_layer("int4", False)
+    spec = spec_from_dict({**LAYER, "quantization": {"format": "int4", "block": 32, "symmetric": False}})
+    backend = get_backend("onnx:plugin")
+    result = backend.build(spec, run_pipeline(graph, backend.pipeline), weights, tmp_path / "ok")
+    good = onnx.load(str(next(p for p in result.files if p.suffix == ".onnx")))
+
+    def broken(name, edit):
+        model = onnx.ModelProto()
+        model.CopyFrom(good)
+        edit(model, next(n for n in model.graph.node if n.op_type == plugin_op.QUANT_OP_TYPE))
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(model, str(path))
+        return path
+
+    def block(model, node):
+        next(a for a in node.attribute if a.name == "block").i = 16
+
+    def scales(model, node):
+        t = next(t for t in model.graph.initializer if t.name == node.input[7])
+        t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t)[:, :, :2].copy(), t.name))
+
+    with pytest.raises(BackendError, match=r"block\.onnx: node moe\.fused: moe_ir::QFusedMoE: input w_gate_up_scales "
+                                           r"has shape \(5, 192, 2\), expected \(5, 192, 4\)"):
+        load_runner(broken("block", block))
+    with pytest.raises(BackendError, match=r"input w_down_scales has shape \(5, 64, 2\), expected \(5, 64, 3\)"):
+        load_runner(broken("scales", scales))
+
+
+def test_bf16_quantized_plugin_export_type_checks_and_evaluates(tmp_path):
+    """A bf16 layer with int4 experts: onnx's strict type inference accepts the file with QFusedMoE's schema,
+    and onnx's reference evaluator (the extensions' op on CPU takes float32 only) gives the bf16 reference."""
+    onnx = pytest.importorskip("onnx")
+    from moe_ir.backends.onnx import verify
+
+    spec = spec_from_dict({**LAYER, "dtype": "bfloat16",
+                           "quantization": {"format": "int4", "block": 32, "symmetric": False}})
+    graph = build_graph(spec)
+    weights = init_weights(graph, 3)
+    backend = get_backend("onnx:plugin")
+    piped = run_pipeline(build_graph(spec), backend.pipeline)
+    assert backend.supports(piped) == (True, "")
+    path = next(p for p in backend.build(spec, piped, weights, tmp_path / "bf16").files if p.suffix == ".onnx")
+    inferred = verify.infer_strict(onnx.load(str(path)))
+    out_type = next(v for v in inferred.graph.output if v.name == "out").type.tensor_type.elem_type
+    assert out_type == onnx.TensorProto.BFLOAT16
+    x = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(5))
+    got = verify.evaluate(str(path), x)["out"]
+    ref = interpret(graph, {"x": x.to(torch.bfloat16)}, weights)["out"]
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * float(ref.float().abs().max()))

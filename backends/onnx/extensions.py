@@ -122,9 +122,37 @@ def register() -> str:
     return get_library_path()
 
 
+def check_plugin_nodes(model: onnx.ModelProto) -> None:
+    """Decode every FusedMoE/QFusedMoE node's attributes and check a QFusedMoE's stored-part shapes against
+    them, before a session runs the file: an exception inside the extensions' Python op aborts the process,
+    so a malformed contract must be refused here, as a BackendError naming the node and what is wrong."""
+    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            dims[node.output[0]] = tuple(node.attribute[0].t.dims)
+    for node in model.graph.node:
+        if node.domain not in (DOMAIN, CONTRIB_DOMAIN) or node.op_type not in _OP_TYPES:
+            continue
+        fields = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        try:
+            attrs = FusedMoEAttrs.decode(fields)
+            if node.op_type == QUANT_OP_TYPE:
+                quant = QuantAttrs.decode(fields)
+                if len(node.input) != len(QUANT_INPUT_NAMES):
+                    raise BackendError(f"{QUANT_PLUGIN_NAME} takes {len(QUANT_INPUT_NAMES)} inputs, got "
+                                       f"{len(node.input)}")
+                shapes = {name: dims.get(value, ()) for name, value in zip(QUANT_INPUT_NAMES, node.input)}
+                shapes["x"] = ("T", shapes["w_router"][1] if len(shapes["w_router"]) == 2 else "H")
+                check_quantized_shapes(shapes, quant, attrs.activation.gated)
+        except BackendError as err:
+            raise BackendError(f"node {node.name}: {err}") from None
+
+
 def to_contrib_domain(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of a plugin-flavour model whose FusedMoE nodes sit in the extensions' domain, with float32
-    inputs and outputs (Casts around them where the model's types are f16/bf16)."""
+    inputs and outputs (Casts around them where the model's types are f16/bf16). The plugin nodes' contracts
+    are checked first (check_plugin_nodes)."""
+    check_plugin_nodes(model)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     types = _tensor_types(out)

@@ -310,8 +310,8 @@ class PluginLowering(PortableLowering):
     flavour = Flavour.PLUGIN
     # fuse-gate-up-quantized: quantized routed experts reach QFusedMoE as one gate/up weight's stored parts
     pipeline = ("strip-training-outputs", "fuse-shared-experts", "fuse-moe", "fuse-gate-up-quantized", "dce")
-    needs = (f"needs an implementation of {plugin_op.PLUGIN_NAME} (TensorRT plugin; on CPU: "
-             f"moe_ir.backends.onnx.load_runner)",)
+    needs = (f"needs an implementation of {plugin_op.PLUGIN_NAME} ({plugin_op.QUANT_PLUGIN_NAME} for quantized "
+             f"experts) (TensorRT plugin; on CPU: moe_ir.backends.onnx.load_runner)",)
 
     @classmethod
     def refusal(cls, graph: Graph) -> str:

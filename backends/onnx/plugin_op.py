@@ -267,14 +267,18 @@ def check_quantized_shapes(shapes: Mapping[str, tuple], quant: QuantAttrs, gated
     if len(codes) != 3:
         raise BackendError(f"{QUANT_PLUGIN_NAME}: input w_down_codes must be [E, H, F*bits/8], got {codes}")
     width = codes[2] * 8 // quant.bits
-    if hidden % quant.block or width % quant.block:
-        raise BackendError(f"{QUANT_PLUGIN_NAME}: attribute block={quant.block} does not divide the hidden size "
-                           f"{hidden} and the expert width {width}")
+    undivided = [f"{what} {dim}" for what, dim in (("the hidden size", hidden), ("the expert width", width))
+                 if dim % quant.block]
+    if undivided:
+        raise BackendError(f"{QUANT_PLUGIN_NAME}: attribute block={quant.block} does not divide "
+                           f"{' nor '.join(undivided)}")
     want = {"x": (shapes["x"][0], hidden), "bias": (experts,)}
     for prefix, rows, cols in (("w_gate_up", (2 if gated else 1) * width, hidden), ("w_down", hidden, width)):
         want.update({f"{prefix}_{part}": shape for part, shape in stored_shapes(experts, rows, cols, quant).items()})
     for name, shape in want.items():
-        if tuple(int(d) for d in shapes[name]) != tuple(shape):
+        given = tuple(shapes[name])
+        if len(given) != len(shape) or any(isinstance(g, int) and isinstance(w, int) and g != w
+                                           for g, w in zip(given, shape)):  # symbolic dims (tokens) pass
             raise BackendError(f"{QUANT_PLUGIN_NAME}: input {name} has shape {tuple(shapes[name])}, expected "
                                f"{tuple(shape)} (E={experts}, H={hidden}, F={width}, {quant.format.value} "
                                f"block {quant.block}{'' if quant.symmetric else ' with zero points'})")

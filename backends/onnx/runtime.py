@@ -281,7 +281,10 @@ def load_runner(path: str | Path, *, providers: Sequence[str] | None = None, thr
         except (OSError, onnx.checker.ValidationError) as err:  # a missing or unreadable .data file
             raise BackendError(f"{path}: cannot read its external weights ({str(err).strip()[:200]}); keep the "
                                f"model's .data file beside it, or re-export with `moe-ir build --backend onnx`") from None
-        model: str | bytes = extensions.to_contrib_domain(proto).SerializeToString()
+        try:
+            model: str | bytes = extensions.to_contrib_domain(proto).SerializeToString()
+        except BackendError as err:  # a malformed plugin node: named with the file it is in
+            raise BackendError(f"{path}: {err}") from None
     else:
         model = str(path)
     return make_runner(make_session(model, flavour, providers=providers, threads=threads,

@@ -1,7 +1,7 @@
 """Checking an exported model without ONNX Runtime, for the f16/bf16 files its CPU provider cannot run.
 
-  * `register_fused_moe_schema()`: an ONNX schema for `moe_ir::FusedMoE` (types and shapes of the
-    plugin_op.py contract), so `onnx.shape_inference.infer_shapes(strict_mode=True)` checks the types
+  * `register_fused_moe_schema()`: ONNX schemas for `moe_ir::FusedMoE` and `moe_ir::QFusedMoE` (types and
+    shapes of the plugin_op.py contract), so `onnx.shape_inference.infer_shapes(strict_mode=True)` checks the types
     of the whole plugin graph, the plugin node's inputs included, instead of stopping at an unknown op;
   * `evaluate(model, x)`: the model run by onnx's reference evaluator (`onnx.reference`, numpy; bfloat16
     through ml_dtypes) with a Python `moe_ir::FusedMoE`. Slow; for small test layers.
@@ -21,7 +21,7 @@ import torch
 from onnx import TensorProto
 
 from . import plugin_op
-from .extensions import fused_moe_torch
+from .extensions import fused_moe_torch, qfused_moe_torch
 from .emit import from_numpy, to_numpy
 from .external_data import load_model
 
@@ -50,6 +50,21 @@ def register_fused_moe_schema() -> None:
     )
     schema.set_type_and_shape_inference_function(_infer_fused_moe)
     onnx.defs.register_schema(schema)
+    # QFusedMoE: the same outputs and attributes, the stored parts of the expert weights as inputs
+    parts = [param(name, "tensor(float)" if name.endswith("scales") else "tensor(int8)", "stored part")
+             for name in plugin_op.QUANT_INPUT_NAMES[3:]]
+    quant = OpSchema(
+        plugin_op.QUANT_OP_TYPE, plugin_op.DOMAIN, 1, doc="moe-ir's fused routed-experts op on quantized experts",
+        inputs=[param("x", "T", "[T, H] activations"), param("w_router", "tensor(float)", "[E, H]"),
+                param("bias", "tensor(float)", "[E]"), *parts],
+        outputs=[param("out", "T", "[T, H]"), param("expert_idx", "tensor(int32)", "[T, k]"),
+                 param("weights", "tensor(float)", "[T, k]")],
+        type_constraints=[("T", _LOW_TYPES, "activation type")],
+        attributes=[OpSchema.Attribute(k, t, "") for k, t in attr_types.items()] +
+                   [OpSchema.Attribute(k, OpSchema.AttrType.INT, "") for k in plugin_op.QUANT_ATTRIBUTE_NAMES],
+    )
+    quant.set_type_and_shape_inference_function(_infer_fused_moe)
+    onnx.defs.register_schema(quant)
 
 
 def _infer_fused_moe(ctx) -> None:
@@ -93,7 +108,21 @@ def _fused_moe_op_run():
                                           **fields)
             return to_numpy(out), idx.numpy(), w.numpy()
 
-    return FusedMoE
+    class QFusedMoE(OpRun):
+        op_domain = plugin_op.DOMAIN
+
+        def _run(self, x, w_router, bias, gu_codes, gu_scales, gu_zeros, d_codes, d_scales, d_zeros, score_fn=None,
+                 top_k=None, n_group=None, topk_group=None, group_score=None, normalize=None, scale=None,
+                 activation=None, quant_format=None, bits=None, block=None, symmetric=None):
+            fields = dict(score_fn=score_fn, top_k=top_k, n_group=n_group, topk_group=topk_group,
+                          group_score=group_score, normalize=normalize, scale=scale, activation=activation,
+                          quant_format=quant_format, bits=bits, block=block, symmetric=symmetric)
+            parts = (gu_codes, gu_scales, gu_zeros, d_codes, d_scales, d_zeros)
+            out, idx, w = qfused_moe_torch(*(from_numpy(a) for a in (x, w_router, bias)),
+                                           *(torch.from_numpy(np.array(p)) for p in parts), **fields)  # writable
+            return to_numpy(out), idx.numpy(), w.numpy()
+
+    return FusedMoE, QFusedMoE
 
 
 def evaluate(model: onnx.ModelProto | str, x: torch.Tensor) -> Mapping[str, torch.Tensor]:
@@ -109,6 +138,6 @@ def evaluate(model: onnx.ModelProto | str, x: torch.Tensor) -> Mapping[str, torc
     elem = x_info.type.tensor_type.elem_type
     dtype = {TensorProto.FLOAT: torch.float32, TensorProto.FLOAT16: torch.float16,
              TensorProto.BFLOAT16: torch.bfloat16}[elem]
-    session = ReferenceEvaluator(proto, new_ops=[_fused_moe_op_run()])
+    session = ReferenceEvaluator(proto, new_ops=list(_fused_moe_op_run()))
     results = session.run(None, {x_info.name: to_numpy(x.detach().to(dtype))})
     return {o.name: from_numpy(np.asarray(r)) for o, r in zip(proto.graph.output, results)}

@@ -112,9 +112,9 @@ class TensorRTBackend(Backend):
         others = [n.name for n in graph.find(OpCode.DEQUANTIZE) if fused and n.outputs[0] not in fused[0].inputs]
         if others:
             return False, (f"quantized weights outside the routed experts ({', '.join(others[:3])}): the "
-                           f"{plugin_op.QUANT_PLUGIN_NAME} plugin takes the routed experts' stored parts, while the "
-                           f"plugin ONNX dequantizes the others with blocked DequantizeLinear (opset 21), which has not "
-                           f"been checked against TensorRT's parser; quantize the routed experts only "
+                           f"{plugin_op.QUANT_PLUGIN_NAME} plugin takes the routed experts' stored parts, while "
+                           f"the plugin ONNX dequantizes the others with blocked DequantizeLinear (opset 21), which "
+                           f"has not been checked against TensorRT's parser; quantize the routed experts only "
                            f"(quantization.weights: {{shared_experts: false}})")
         for value in list(graph.inputs) + list(graph.weights.values()):
             if value.type.dtype not in (ElemType.FLOAT32, ElemType.FLOAT16, ElemType.BFLOAT16) and \
@@ -248,8 +248,8 @@ class TensorRTBackend(Backend):
             "aot": f"TensorRT >= {'.'.join(map(str, plugin_source.AOT_PLUGINS_SINCE))}",
             "python": f"TensorRT >= {'.'.join(map(str, plugin_source.PYTHON_PLUGINS_SINCE))}",
             "v3": "TensorRT 10.0-10.5 (needs moe-ir installed)"}
-        if quantized:  # QFusedMoE: the JIT @impl only (see plugin.py)
-            implementations = {"python": implementations["python"]}
+        if quantized:  # QFusedMoE: no IPluginV3 fallback (see plugin.py)
+            del implementations["v3"]
         data = {
             "spec": spec.name, "spec_hash": digest, "dtype": str(spec.dtype),
             "profile": {"min": profile.min, "opt": profile.opt, "max": profile.max},

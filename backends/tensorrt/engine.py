@@ -260,7 +260,7 @@ def parser_model(onnx_path: str | Path, *, aot: bool):
     del node.attribute[:]
     node.attribute.extend(kept)
     node.attribute.append(helper.make_attribute("plugin_namespace", plugin_module_default.PLUGIN_NAMESPACE))
-    if aot and node.op_type == plugin_module_default.PLUGIN_OP:  # QFusedMoE has no AOT implementation
+    if aot:
         node.attribute.append(helper.make_attribute("aot", 1))
     return model
 
@@ -410,7 +410,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, profile: Tok
     quantized = op_type == plugin.QUANT_PLUGIN_OP
     if quantized:
         plugin.implementation_for(version, quantized=True)  # a TensorRT without Python plugins: say so first
-    implementation = plugin.register_plugin(aot=aot and not quantized)
+    implementation = plugin.register_plugin(aot=aot)
 
     model = parser_model(onnx_path, aot=implementation == "aot")
     facts = onnx_facts(model)

@@ -24,8 +24,9 @@ signature each), the same outputs and attributes plus quant_format (0 int8, 1 in
            w_gate_up_zeros [E,(2|1)F,H/block] int8 (uint8 zero points' bytes) or [1] (symmetric: the implicit
            zero point, int4 8, int8 0); w_down_codes / w_down_scales / w_down_zeros likewise for [E,H,F]
 Weight = (code - zero) * scale per block of `block` input columns. Its @impl (JIT) dequantizes one expert at a
-time (`fused_moe_quantized_torch`); the one-kernel Triton implementation reads float weights, so QFusedMoE has
-no @aot_impl and needs TensorRT >= 10.6 (no IPluginV3 fallback either).
+time (`fused_moe_quantized_torch`); its @aot_impl is `fused_moe_quantized_token_kernel`, the one-kernel Triton
+implementation with each weight tile dequantized where it is loaded. It needs TensorRT >= 10.6 (the IPluginV3
+fallback takes float experts only).
 
 Three implementations, one semantics:
   * `fused_moe_torch`: the shared torch kernels (routing, dispatch, grouped FFN, combine of
@@ -107,6 +108,8 @@ def implementation_for(version: tuple[int, ...] | None, prefer_aot: bool = True,
     if version is None:
         raise PluginError("TensorRT is not installed")
     if quantized:
+        if version >= AOT_PLUGINS_SINCE and prefer_aot:
+            return "aot"
         if version >= PYTHON_PLUGINS_SINCE:
             return "python"
         raise PluginError(f"TensorRT {'.'.join(map(str, version))}: {QUANT_PLUGIN_ID} (quantized experts) is a "
@@ -456,21 +459,11 @@ except ImportError:  # the torch implementation still works; @aot_impl is then n
 
 if triton is not None:
     @triton.jit
-    def fused_moe_token_kernel(
-        x_ptr, w_router_ptr, bias_ptr, w_gate_up_ptr, w_down_ptr,  # inputs, in the plugin's order
-        num_tokens,                                                 # the one scalar argument (SymInt32 in AOT)
-        out_ptr, expert_idx_ptr, weights_ptr,                       # outputs, in the plugin's order
-        E: tl.constexpr, H: tl.constexpr, FFN: tl.constexpr, K: tl.constexpr,
-        SCORE: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SCORE: tl.constexpr,
-        NORMALIZE: tl.constexpr, SCALE: tl.constexpr, ACT: tl.constexpr,
-        BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_OUT: tl.constexpr,
-    ):
-        # Shapes: x [T,H], w_router [E,H] fp32, bias [E] fp32, w_gate_up [E,(1|2)*FFN,H], w_down [E,H,FFN],
-        # out [T,H], expert_idx [T,K] int32, weights [T,K] fp32. Program (t, j) routes token t (cheap: E*H)
-        # and writes out[t, j*BLOCK_OUT : (j+1)*BLOCK_OUT]; program (t, 0) also writes the routing record.
-        token = tl.program_id(0).to(tl.int64)
-        out_tile = tl.program_id(1)
+    def route_token(x_ptr, w_router_ptr, bias_ptr, token, E: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+                    SCORE: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SCORE: tl.constexpr,
+                    NORMALIZE: tl.constexpr, SCALE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
+        """Token `token`'s routing: (chosen experts int32 [BLOCK_K], their weights fp32 [BLOCK_K]), slots >= K 0."""
         e_offs = tl.arange(0, BLOCK_E)
         e_valid = e_offs < E
         neg_inf = float("-inf")
@@ -530,21 +523,53 @@ if triton is not None:
         if NORMALIZE:
             gate_w = gate_w / (tl.sum(gate_w, axis=0) + 1e-20)
         gate_w = gate_w * SCALE
-        if out_tile == 0:
-            k_valid = k_offs < K
-            tl.store(expert_idx_ptr + token * K + k_offs, chosen, mask=k_valid)
-            tl.store(weights_ptr + token * K + k_offs, gate_w, mask=k_valid)
+        return chosen, gate_w
 
-        o_offs = out_tile * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    @triton.jit
+    def weight_tile(w_ptr, scales_ptr, zeros_ptr, expert, ROWS: tl.constexpr, COLS: tl.constexpr, r_offs, c_offs,
+                    mask, QUANT: tl.constexpr, INT4: tl.constexpr, SYMMETRIC: tl.constexpr, QBLOCK: tl.constexpr):
+        """Expert `expert`'s [r_offs, c_offs] tile of a stacked [E, ROWS, COLS] weight, in float32: loaded (QUANT
+        0), or dequantized from the QFusedMoE parts, (code - zero) * scale per block of QBLOCK columns (the
+        reference's value: code - zero is exact, one rounding in the product). Codes and zero points come as
+        int8 bytes: int4 two a byte (the even column low), uint8 values read back as byte & 0xFF."""
+        if QUANT == 0:
+            w = tl.load(w_ptr + expert * ROWS * COLS + r_offs[:, None] * COLS + c_offs[None, :], mask=mask,
+                        other=0.0).to(tl.float32)
+        else:
+            if INT4:
+                byte = tl.load(w_ptr + expert * ROWS * (COLS // 2) + r_offs[:, None] * (COLS // 2)
+                               + (c_offs // 2)[None, :], mask=mask, other=0).to(tl.int32) & 0xFF
+                code = (byte >> ((c_offs % 2) * 4)[None, :]) & 0xF
+            else:
+                code = tl.load(w_ptr + expert * ROWS * COLS + r_offs[:, None] * COLS + c_offs[None, :], mask=mask,
+                               other=0).to(tl.int32)
+                if not SYMMETRIC:
+                    code = code & 0xFF  # uint8 codes
+            blocks: tl.constexpr = COLS // QBLOCK
+            block_at = expert * ROWS * blocks + r_offs[:, None] * blocks + (c_offs // QBLOCK)[None, :]
+            scale = tl.load(scales_ptr + block_at, mask=mask, other=0.0)
+            if SYMMETRIC:
+                zero = 8 if INT4 else 0  # the format's implicit zero point
+            else:
+                zero = tl.load(zeros_ptr + block_at, mask=mask, other=0).to(tl.int32) & 0xFF
+            w = (code - zero).to(tl.float32) * scale
+        return w
+
+    @triton.jit
+    def expert_outputs(x_ptr, w_gate_up_ptr, gu_scales_ptr, gu_zeros_ptr, w_down_ptr, d_scales_ptr, d_zeros_ptr,
+                       token, o_offs, chosen, gate_w, H: tl.constexpr, FFN: tl.constexpr, K: tl.constexpr,
+                       ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr,
+                       BLOCK_OUT: tl.constexpr, QUANT: tl.constexpr, INT4: tl.constexpr, SYMMETRIC: tl.constexpr,
+                       QBLOCK: tl.constexpr):
+        """out[token, o_offs]: the chosen experts' FFN outputs, weighted and summed, in float32."""
         o_valid = o_offs < H
+        k_offs = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_OUT], dtype=tl.float32)
         gated: tl.constexpr = ACT <= 1
         rows: tl.constexpr = 2 * FFN if gated else FFN
         for slot in range(K):
             expert = tl.sum(tl.where(k_offs == slot, chosen, 0), axis=0).to(tl.int64)
             weight = tl.sum(tl.where(k_offs == slot, gate_w, 0.0), axis=0)
-            w_in = w_gate_up_ptr + expert * rows * H
-            w_out = w_down_ptr + expert * H * FFN
             for f0 in range(0, FFN, BLOCK_F):
                 f_offs = f0 + tl.arange(0, BLOCK_F)
                 f_valid = f_offs < FFN
@@ -556,13 +581,15 @@ if triton is not None:
                     tile_mask = f_valid[:, None] & h_valid[None, :]
                     xv = tl.load(x_ptr + token * H + h_offs, mask=h_valid, other=0.0).to(tl.float32)
                     if gated:
-                        wu = tl.load(w_in + (f_offs + FFN)[:, None] * H + h_offs[None, :], mask=tile_mask,
-                                     other=0.0)
-                        wg = tl.load(w_in + f_offs[:, None] * H + h_offs[None, :], mask=tile_mask, other=0.0)
-                        gate += tl.sum(wg.to(tl.float32) * xv[None, :], axis=1)
+                        wu = weight_tile(w_gate_up_ptr, gu_scales_ptr, gu_zeros_ptr, expert, rows, H, f_offs + FFN,
+                                         h_offs, tile_mask, QUANT, INT4, SYMMETRIC, QBLOCK)
+                        wg = weight_tile(w_gate_up_ptr, gu_scales_ptr, gu_zeros_ptr, expert, rows, H, f_offs, h_offs,
+                                         tile_mask, QUANT, INT4, SYMMETRIC, QBLOCK)
+                        gate += tl.sum(wg * xv[None, :], axis=1)
                     else:
-                        wu = tl.load(w_in + f_offs[:, None] * H + h_offs[None, :], mask=tile_mask, other=0.0)
-                    up += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1)
+                        wu = weight_tile(w_gate_up_ptr, gu_scales_ptr, gu_zeros_ptr, expert, rows, H, f_offs, h_offs,
+                                         tile_mask, QUANT, INT4, SYMMETRIC, QBLOCK)
+                    up += tl.sum(wu * xv[None, :], axis=1)
                 if ACT == 0:
                     hidden = gate / (1.0 + tl.exp(-gate)) * up
                 elif ACT == 1:
@@ -572,10 +599,71 @@ if triton is not None:
                 else:
                     hidden = tl.maximum(up, 0.0)
                 hidden = tl.where(f_valid, hidden, 0.0)
-                wd = tl.load(w_out + o_offs[:, None] * FFN + f_offs[None, :],
-                             mask=o_valid[:, None] & f_valid[None, :], other=0.0)
-                acc += weight * tl.sum(wd.to(tl.float32) * hidden[None, :], axis=1)
-        tl.store(out_ptr + token * H + o_offs, acc.to(out_ptr.dtype.element_ty), mask=o_valid)
+                wd = weight_tile(w_down_ptr, d_scales_ptr, d_zeros_ptr, expert, H, FFN, o_offs, f_offs,
+                                 o_valid[:, None] & f_valid[None, :], QUANT, INT4, SYMMETRIC, QBLOCK)
+                acc += weight * tl.sum(wd * hidden[None, :], axis=1)
+        return acc
+
+    @triton.jit
+    def fused_moe_token_kernel(
+        x_ptr, w_router_ptr, bias_ptr, w_gate_up_ptr, w_down_ptr,  # inputs, in the plugin's order
+        num_tokens,                                                 # the one scalar argument (SymInt32 in AOT)
+        out_ptr, expert_idx_ptr, weights_ptr,                       # outputs, in the plugin's order
+        E: tl.constexpr, H: tl.constexpr, FFN: tl.constexpr, K: tl.constexpr,
+        SCORE: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SCORE: tl.constexpr,
+        NORMALIZE: tl.constexpr, SCALE: tl.constexpr, ACT: tl.constexpr,
+        BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_OUT: tl.constexpr,
+    ):
+        # Shapes: x [T,H], w_router [E,H] fp32, bias [E] fp32, w_gate_up [E,(1|2)*FFN,H], w_down [E,H,FFN],
+        # out [T,H], expert_idx [T,K] int32, weights [T,K] fp32. Program (t, j) routes token t (cheap: E*H)
+        # and writes out[t, j*BLOCK_OUT : (j+1)*BLOCK_OUT]; program (t, 0) also writes the routing record.
+        token = tl.program_id(0).to(tl.int64)
+        out_tile = tl.program_id(1)
+        chosen, gate_w = route_token(x_ptr, w_router_ptr, bias_ptr, token, E, H, K, SCORE, N_GROUP, TOPK_GROUP,
+                                     GROUP_SCORE, NORMALIZE, SCALE, BLOCK_E, BLOCK_G, BLOCK_K, BLOCK_H)
+        k_offs = tl.arange(0, BLOCK_K)
+        if out_tile == 0:
+            k_valid = k_offs < K
+            tl.store(expert_idx_ptr + token * K + k_offs, chosen, mask=k_valid)
+            tl.store(weights_ptr + token * K + k_offs, gate_w, mask=k_valid)
+
+        o_offs = out_tile * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+        acc = expert_outputs(x_ptr, w_gate_up_ptr, w_gate_up_ptr, w_gate_up_ptr, w_down_ptr, w_down_ptr, w_down_ptr,
+                             token, o_offs, chosen, gate_w, H, FFN, K, ACT, BLOCK_K, BLOCK_H, BLOCK_F, BLOCK_OUT,
+                             0, 0, 1, 1)
+        tl.store(out_ptr + token * H + o_offs, acc.to(out_ptr.dtype.element_ty), mask=o_offs < H)
+
+    @triton.jit
+    def fused_moe_quantized_token_kernel(
+        x_ptr, w_router_ptr, bias_ptr, gu_codes_ptr, gu_scales_ptr, gu_zeros_ptr,  # inputs, in QFusedMoE's order
+        d_codes_ptr, d_scales_ptr, d_zeros_ptr,
+        num_tokens,
+        out_ptr, expert_idx_ptr, weights_ptr,
+        E: tl.constexpr, H: tl.constexpr, FFN: tl.constexpr, K: tl.constexpr,
+        SCORE: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SCORE: tl.constexpr,
+        NORMALIZE: tl.constexpr, SCALE: tl.constexpr, ACT: tl.constexpr,
+        BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_OUT: tl.constexpr,
+        INT4: tl.constexpr, SYMMETRIC: tl.constexpr, QBLOCK: tl.constexpr,
+    ):
+        # fused_moe_token_kernel on QFusedMoE's inputs: each weight tile is dequantized where it is loaded (no
+        # float copy of any expert), so the engine reads the stored bytes.
+        token = tl.program_id(0).to(tl.int64)
+        out_tile = tl.program_id(1)
+        chosen, gate_w = route_token(x_ptr, w_router_ptr, bias_ptr, token, E, H, K, SCORE, N_GROUP, TOPK_GROUP,
+                                     GROUP_SCORE, NORMALIZE, SCALE, BLOCK_E, BLOCK_G, BLOCK_K, BLOCK_H)
+        k_offs = tl.arange(0, BLOCK_K)
+        if out_tile == 0:
+            k_valid = k_offs < K
+            tl.store(expert_idx_ptr + token * K + k_offs, chosen, mask=k_valid)
+            tl.store(weights_ptr + token * K + k_offs, gate_w, mask=k_valid)
+
+        o_offs = out_tile * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+        acc = expert_outputs(x_ptr, gu_codes_ptr, gu_scales_ptr, gu_zeros_ptr, d_codes_ptr, d_scales_ptr, d_zeros_ptr,
+                             token, o_offs, chosen, gate_w, H, FFN, K, ACT, BLOCK_K, BLOCK_H, BLOCK_F, BLOCK_OUT,
+                             1, INT4, SYMMETRIC, QBLOCK)
+        tl.store(out_ptr + token * H + o_offs, acc.to(out_ptr.dtype.element_ty), mask=o_offs < H)
 
 
 def _pow2(n: int) -> int:
@@ -613,6 +701,37 @@ def launch_fused_moe_kernel(x: torch.Tensor, w_router: torch.Tensor, bias: torch
     return out, expert_idx, weights
 
 
+def quantized_kernel_constants(cfg: MoEConfig, quant: QuantConfig, experts: int, hidden: int,
+                               width: int) -> dict[str, Any]:
+    """`kernel_constants` plus the quantization's (format, zero-point rule and block are compile-time)."""
+    return {**kernel_constants(cfg, experts, hidden, width), "INT4": int(quant.format == "int4"),
+            "SYMMETRIC": int(quant.symmetric), "QBLOCK": quant.block}
+
+
+def launch_fused_moe_quantized_kernel(x: torch.Tensor, w_router: torch.Tensor, bias: torch.Tensor,
+                                      *parts: torch.Tensor, cfg: MoEConfig,
+                                      quant: QuantConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run `fused_moe_quantized_token_kernel` from Python on QFusedMoE's inputs (`parts` in QUANT_INPUT_NAMES[3:]
+    order; CUDA, or CPU under TRITON_INTERPRET=1): how it is tested."""
+    if triton is None:
+        raise PluginError("triton is not installed")
+    gate_up, down = parts[:3], parts[3:]
+    experts, hidden, width = check_quantized_shapes(tuple(x.shape), tuple(w_router.shape), tuple(bias.shape),
+                                                    [tuple(t.shape) for t in gate_up], [tuple(t.shape) for t in down],
+                                                    cfg, quant)
+    const = quantized_kernel_constants(cfg, quant, experts, hidden, width)
+    tokens = x.shape[0]
+    out = torch.empty_like(x)
+    expert_idx = torch.empty(tokens, cfg.top_k, dtype=torch.int32, device=x.device)
+    weights = torch.empty(tokens, cfg.top_k, dtype=torch.float32, device=x.device)
+    if tokens:
+        grid = (tokens, triton.cdiv(hidden, const["BLOCK_OUT"]))
+        fused_moe_quantized_token_kernel[grid](x.contiguous(), w_router.float().contiguous(), bias.float().contiguous(),
+                                               *(t.contiguous() for t in parts), tokens, out, expert_idx, weights,
+                                               **const)
+    return out, expert_idx, weights
+
+
 TRITON_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
@@ -628,6 +747,24 @@ def compile_fused_moe_kernel(cfg: MoEConfig, experts: int, hidden: int, width: i
                  "w_down_ptr": f"*{act}", "num_tokens": "i32", "out_ptr": f"*{act}", "expert_idx_ptr": "*i32",
                  "weights_ptr": "*fp32", **{name: "constexpr" for name in const}}
     source = triton.compiler.ASTSource(fn=fused_moe_token_kernel, signature=signature, constexprs=const)
+    compiled = triton.compile(source, target=target) if target is not None else triton.compile(source)
+    return (compiled.metadata.name, compiled.asm["ptx"], const, compiled.metadata.num_warps,
+            compiled.metadata.shared)
+
+
+def compile_fused_moe_quantized_kernel(cfg: MoEConfig, quant: QuantConfig, experts: int, hidden: int, width: int,
+                                       dtype: str, target: Any = None) -> tuple[str, str, dict[str, Any], int, int]:
+    """`compile_fused_moe_kernel` for QFusedMoE: the quantized kernel to PTX (int8 code and zero-point pointers,
+    float32 scale pointers)."""
+    if triton is None:
+        raise PluginError("triton is not installed; the AOT plugin needs it at engine build time")
+    const = quantized_kernel_constants(cfg, quant, experts, hidden, width)
+    act = TRITON_DTYPES[dtype]
+    signature = {"x_ptr": f"*{act}", "w_router_ptr": "*fp32", "bias_ptr": "*fp32", "gu_codes_ptr": "*i8",
+                 "gu_scales_ptr": "*fp32", "gu_zeros_ptr": "*i8", "d_codes_ptr": "*i8", "d_scales_ptr": "*fp32",
+                 "d_zeros_ptr": "*i8", "num_tokens": "i32", "out_ptr": f"*{act}", "expert_idx_ptr": "*i32",
+                 "weights_ptr": "*fp32", **{name: "constexpr" for name in const}}
+    source = triton.compiler.ASTSource(fn=fused_moe_quantized_token_kernel, signature=signature, constexprs=const)
     compiled = triton.compile(source, target=target) if target is not None else triton.compile(source)
     return (compiled.metadata.name, compiled.asm["ptx"], const, compiled.metadata.num_warps,
             compiled.metadata.shared)
@@ -732,7 +869,7 @@ def _register_python_plugin(trt: Any, with_aot: bool) -> None:
             for target, value in zip(results, compute_fused_moe(*inputs, cfg)):
                 target.copy_(value)
 
-    _register_quantized_plugin(trt, trtp)
+    _register_quantized_plugin(trt, trtp, with_aot)
     if not with_aot:
         return
 
@@ -760,8 +897,8 @@ def _register_python_plugin(trt: Any, with_aot: bool) -> None:
         return name.encode(), ptx.encode(), launch, extra_args
 
 
-def _register_quantized_plugin(trt: Any, trtp: Any) -> None:
-    """QFusedMoE: the shape/type function and the JIT @impl (no AOT kernel: see the module docstring)."""
+def _register_quantized_plugin(trt: Any, trtp: Any, with_aot: bool) -> None:
+    """QFusedMoE: the shape/type function, the JIT @impl and (with_aot) the AOT kernel."""
     from typing import Tuple
 
     def configs(score_fn, top_k, n_group, topk_group, group_score, normalize, scale, activation, quant_format, bits,
@@ -804,3 +941,31 @@ def _register_quantized_plugin(trt: Any, trtp: Any) -> None:
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             for target, value in zip(results, fused_moe_quantized_torch(*inputs, cfg, quant)):
                 target.copy_(value)
+
+    if not with_aot:
+        return
+
+    @trtp.aot_impl(QUANT_PLUGIN_ID)
+    def qfused_moe_aot(x: trtp.TensorDesc, w_router: trtp.TensorDesc, bias: trtp.TensorDesc,
+                       w_gate_up_codes: trtp.TensorDesc, w_gate_up_scales: trtp.TensorDesc,
+                       w_gate_up_zeros: trtp.TensorDesc, w_down_codes: trtp.TensorDesc, w_down_scales: trtp.TensorDesc,
+                       w_down_zeros: trtp.TensorDesc, score_fn: int, top_k: int, n_group: int, topk_group: int,
+                       group_score: int, normalize: int, scale: float, activation: int, quant_format: int, bits: int,
+                       block: int, symmetric: int, outputs: Tuple[trtp.TensorDesc], tactic: int):
+        cfg, quant = configs(score_fn, top_k, n_group, topk_group, group_score, normalize, scale, activation,
+                             quant_format, bits, block, symmetric)
+        dims = [w_router.shape_expr[0], w_router.shape_expr[1], w_down_codes.shape_expr[2]]
+        if not all(d.is_constant for d in dims):
+            raise PluginError(f"{QUANT_PLUGIN_ID}: the AOT kernel needs static weight shapes (E, H, F)")
+        experts, hidden, stored = (d.constant_value() for d in dims)
+        name, ptx, const, num_warps, shared = compile_fused_moe_quantized_kernel(
+            cfg, quant, experts, hidden, stored * 8 // quant.bits, trt_dtype_name(x.dtype))
+        tokens = x.shape_expr[0]
+        launch = trtp.KernelLaunchParams()
+        launch.grid_x = tokens
+        launch.grid_y = -(-hidden // const["BLOCK_OUT"])
+        launch.block_x = num_warps * 32
+        launch.shared_mem = shared
+        extra_args = trtp.SymIntExprs(1)  # T, between the input and output pointers
+        extra_args[0] = trtp.SymInt32(tokens)
+        return name.encode(), ptx.encode(), launch, extra_args
