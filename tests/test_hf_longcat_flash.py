@@ -1,7 +1,8 @@
 """LongCat-Flash's MoE block: zero-computation (identity) experts among the routed ones (experts.identity ->
 grouped_ffn identity_experts -> reference) with softmax scores, selection on scores + correction bias and the
 routed scaling, against transformers' LongcatFlashMoE; its import (config keys and aliases, weights both ways,
-the identity experts' unused gate_up_proj rows), the backends that lower it and the refusals of the others.
+the identity experts' unused gate_up_proj rows), the backends that lower it (ONNX Runtime's MoE op on the FFN
+experts, the identity experts' share beside it) and the refusals of the others.
 
 The whole model: model.layer_form dual_shortcut_moe (two MLA attention + dense FFN sublayers per layer beside the
 shortcut-connected MoE block) and MLA's latent_scales, against transformers' LongcatFlashForCausalLM: logits on every
@@ -79,11 +80,21 @@ def test_layer_matches_transformers():
 def test_backends_match_the_reference_or_say_why_not():
     cfg = _config()
     spec = spec_from_hf_config(cfg)
-    report = validate(spec, resolve_backends(["reference", "torch", "onnx:portable"]), tokens=19, batch=2, seed=4,
-                      weights=weights_from_hf(_block(cfg, seed=2), spec))
+    weights = weights_from_hf(_block(cfg, seed=2), spec)
+    report = validate(spec, resolve_backends(["reference", "torch", "onnx:portable", "onnx:ort"]), tokens=19, batch=2,
+                      seed=4, weights=weights)
     assert report.ok, [r.to_dict() for r in report.results]
     assert all(r.status == "ok" for r in report.results)
-    for name in ("onnx:ort", "triton", "tensorrt", "onnx:plugin", "expert_parallel:2"):
+    # ONNX Runtime's MoE op takes the FFN experts, the identity experts' share is added beside it: also when a
+    # token chooses no FFN expert at all (every choice an identity expert), or one identity expert every time.
+    from moe_ir.builder import ROUTER_BIAS
+
+    for shift in ([0.0] * 5 + [10.0] * 3, [0.0] * 5 + [10.0, 0.0, 0.0]):
+        shifted = dict(weights, **{ROUTER_BIAS: weights[ROUTER_BIAS] + torch.tensor(shift)})
+        report = validate(spec, resolve_backends(["reference", "onnx:ort"]), tokens=19, batch=2, seed=4,
+                          weights=shifted)
+        assert report.ok and all(r.status == "ok" for r in report.results), [r.to_dict() for r in report.results]
+    for name in ("triton", "tensorrt", "onnx:plugin", "expert_parallel:2"):
         backend = get_backend(name)
         graph = run_pipeline(build_graph(spec), backend.pipeline)
         try:
@@ -185,8 +196,7 @@ def test_model_logits_equal_transformers_on_every_backend_that_lowers_it(identit
     with torch.no_grad():
         expected = hf(input_ids=ids).logits
     got = {"reference": interpret(graph, {"input_ids": ids}, weights)["logits"]}
-    backends = ["torch", "onnx:portable"] + (["onnx:ort"] if not identity else [])
-    for name in backends:
+    for name in ("torch", "onnx:portable", "onnx:ort"):
         backend = get_backend(name)
         lowered = run_pipeline(build_model_graph(spec), backend.pipeline)
         assert backend.supports(lowered) == (True, ""), name
@@ -194,11 +204,7 @@ def test_model_logits_equal_transformers_on_every_backend_that_lowers_it(identit
     for name, logits in got.items():
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=2e-5, msg=name)
         assert torch.equal(logits.argmax(-1), expected.argmax(-1)), name
-    if identity:  # ONNX Runtime's MoE op has FFN experts only; the other fused targets refuse a model graph
-        backend = get_backend("onnx:ort")
-        ok, reason = backend.supports(run_pipeline(build_model_graph(spec), backend.pipeline))
-        assert not ok and "identity experts" in reason, reason
-        # Each part of the layer counts: without the latent scales, or without the MoE shortcut, the logits move.
+    if identity:  # each part of the layer counts: without the latent scales, or the MoE shortcut, the logits move
         unscaled = interpret(build_model_graph(_replace_attention(spec, latent_scales=False)), {"input_ids": ids},
                              weights)["logits"]
         no_moe = dict(weights, **{k: torch.zeros_like(v) for k, v in weights.items() if ".moe.experts." in k})
@@ -231,7 +237,8 @@ def test_greedy_generation_on_the_decode_graph_equals_transformers_generate():
         out = hf.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=5, do_sample=False,
                           output_logits=True, return_dict_in_generate=True, pad_token_id=0)
     theirs = torch.stack(out.logits, dim=1)
-    for name, layout in (("torch", "expanded"), ("torch", "latent"), ("onnx:portable", "latent")):
+    for name, layout in (("torch", "expanded"), ("torch", "latent"), ("onnx:portable", "latent"),
+                         ("onnx:ort", "expanded")):
         backend = get_backend(name)
         decode = run_pipeline(build_model_graph(spec, form=GraphForm.DECODE, mla_cache=layout), backend.pipeline)
         entries = cache_entries(decode)
