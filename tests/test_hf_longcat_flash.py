@@ -331,3 +331,20 @@ def test_layer_form_and_latent_scales_are_checked():
         with pytest.raises(SpecError) as err:
             model_spec_from_dict({"model": {**base, **changes}, "moe": moe})
         assert err.value.path == path, (changes, err.value)
+
+
+def test_shipped_spec_validates_shrunk(capsys):
+    """`moe-ir validate specs/models/longcat-flash.yaml --shrink 32` on the reference, torch and both ONNX flavours:
+    logits and every MoE layer's routing agree (shortcut layers, latent scales, identity experts kept)."""
+    import json
+    from pathlib import Path
+
+    from moe_ir.cli import main
+
+    spec_file = Path(__file__).resolve().parent.parent / "specs" / "models" / "longcat-flash.yaml"
+    rc = main(["validate", str(spec_file), "--shrink", "32", "--tokens", "6", "--backends", "reference", "torch",
+               "onnx:portable", "onnx:ort", "--generate", "0", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["ok"], out
+    assert {r["backend"] for r in out["results"] if r["status"] == "ok"} == {"reference", "torch", "onnx:portable",
+                                                                             "onnx:ort"}
