@@ -348,3 +348,39 @@ def test_shipped_spec_validates_shrunk(capsys):
     assert rc == 0 and out["ok"], out
     assert {r["backend"] for r in out["results"] if r["status"] == "ok"} == {"reference", "torch", "onnx:portable",
                                                                              "onnx:ort"}
+
+
+def test_export_hf_loads_in_transformers_with_moe_ir_logits(tmp_path):
+    """export-hf of the imported tiny model (stacked experts, zero rows for the identity experts): transformers
+    loads every tensor, its logits equal the reference's, and the folder's config imports as the same spec; a
+    standard-layer spec is not a longcat_flash model."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from moe_ir.frontends.hf.export import export_hf_checkpoint, hf_config_from_model_spec
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config, weights_from_hf_model
+    from moe_ir.model_builder import build_model_graph
+    from moe_ir.model_spec import LayerForm, model_spec_to_dict
+
+    cfg, hf = _tiny_model()
+    spec = model_spec_from_hf_config(cfg)
+    weights = weights_from_hf_model(hf, spec)
+    assert export_hf_checkpoint(spec, weights, tmp_path / "out")[0] == "longcat_flash"
+    back, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True,
+                                                      attn_implementation="eager", output_loading_info=True,
+                                                      dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = back.eval()(input_ids=ids).logits
+    ours = interpret(build_model_graph(spec), {"input_ids": ids}, weights)["logits"]
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=2e-5)
+    again = model_spec_from_hf_config(json.loads((tmp_path / "out" / "config.json").read_text()), name=spec.name)
+    strip = lambda d: {**d, "model": {k: v for k, v in d["model"].items() if k != "source"}}  # noqa: E731
+    assert strip(model_spec_to_dict(again)) == strip(model_spec_to_dict(spec))
+    import dataclasses
+
+    standard = dataclasses.replace(spec, model=dataclasses.replace(spec.model, layer_form=LayerForm.STANDARD))
+    with pytest.raises(SpecError, match="two attention blocks"):
+        hf_config_from_model_spec(standard, "longcat_flash")
