@@ -321,7 +321,17 @@ def test_layer_form_and_latent_scales_are_checked():
     base = {"vocab_size": 9, "hidden": 8, "layers": 2, "dense_width": 6, "layer_form": "dual_shortcut_moe",
             "attention": {**mla, "latent_scales": True}}
     moe = {"experts": {"routed": 4, "width": 4, "top_k": 2}}
-    assert model_spec_from_dict({"model": base, "moe": moe}).model.attention_blocks == 2
+    spec = model_spec_from_dict({"model": base, "moe": moe})
+    assert spec.model.attention_blocks == 2
+    # The text form shows the latent scales on the MLA nodes that have them only; the names carry the sublayer.
+    from moe_ir.ir import to_text
+    from moe_ir.model_builder import build_model_graph
+
+    graph = build_model_graph(spec)
+    assert {"layers.1.attn.1.w_q_a", "layers.1.attn_norm.1.weight", "layers.1.ffn.0.w_up"} <= set(graph.weights)
+    assert to_text(graph).count("q_latent_scale=") == 4
+    unscaled = model_spec_from_dict({"model": {**base, "attention": mla}, "moe": moe})
+    assert "latent_scale" not in to_text(build_model_graph(unscaled))
     for changes, path in (({"first_dense": 1}, "model.layer_form"), ({"dense_width": None}, "model.dense_width"),
                           ({"norm_position": "post"}, "model.norm_position"),
                           ({"attention": {**mla, "q_lora_rank": None, "latent_scales": True}},
@@ -384,3 +394,36 @@ def test_export_hf_loads_in_transformers_with_moe_ir_logits(tmp_path):
     standard = dataclasses.replace(spec, model=dataclasses.replace(spec.model, layer_form=LayerForm.STANDARD))
     with pytest.raises(SpecError, match="two attention blocks"):
         hf_config_from_model_spec(standard, "longcat_flash")
+
+
+def test_generated_model_py_gives_transformers_logits(tmp_path):
+    """`moe-ir build --backend torch` of the model: the standalone model.py (the kernels copied, torch only) with
+    its weights gives transformers' logits; the latent scales are in its MLA calls."""
+    import importlib.util
+
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    from moe_ir.cli import main
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config, weights_from_hf_model
+    from moe_ir.model_spec import model_spec_to_dict
+
+    cfg, hf = _tiny_model()
+    spec = model_spec_from_hf_config(cfg)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(model_spec_to_dict(spec)))
+    save_file({k: v.contiguous() for k, v in weights_from_hf_model(hf, spec).items()}, str(tmp_path / "w.safetensors"))
+    assert main(["build", str(tmp_path / "spec.yaml"), "--backend", "torch", "-o", str(tmp_path / "out"), "--weights",
+                 str(tmp_path / "w.safetensors")]) == 0
+    source = (tmp_path / "out" / "model.py").read_text()
+    assert f"({math.sqrt(H / 12)!r}, {math.sqrt(H / 10)!r}, )" in source
+    loader = importlib.util.spec_from_file_location("generated_longcat", tmp_path / "out" / "model.py")
+    generated = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(generated)
+    model = generated.DecoderModel()
+    model.load_state_dict(load_file(str(tmp_path / "out" / "weights.safetensors")), strict=True)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+        got, routing, _ = model.eval()(ids)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-5)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1)) and "layers.1.expert_idx" in routing
