@@ -203,13 +203,18 @@ def format_model_analysis(r: ModelAnalysis, spec: ModelSpec | None = None) -> st
                      f"{a.qk_rope_head_dim} (nope+rope), v {a.v_head_dim}")
         else:
             attn += f", head_dim {a.dim(m.hidden)}"
+        if m.attention_blocks > 1:  # LongCat-Flash's shortcut-connected layers
+            attn += (f"; {m.attention_blocks} attention + dense FFN (width {m.dense_width}) sublayers per layer "
+                     f"beside the MoE block ({m.layer_form.value})")
         rows += [("shape", f"{m.layers} layers, hidden {m.hidden}, vocab {m.vocab_size:,}"
                            f"{', tied embeddings' if m.tied_embeddings else ''}"),
                  ("attention", attn),
                  ("MoE layers", f"{len(r.moe_layers)} of {m.layers}"
                                 + (f" (dense: {index_ranges(tuple(r.dense_layers))}, width {m.dense_width})" if r.dense_layers else "")),
                  ("MoE layer", f"{spec.moe.experts.routed} routed + {spec.moe.experts.shared} shared experts of width "
-                               f"{spec.moe.experts.width}, top-{spec.moe.experts.top_k}")]
+                               f"{spec.moe.experts.width}, top-{spec.moe.experts.top_k}"
+                               + (f", {spec.moe.experts.identity} identity experts among the routed choices"
+                                  if spec.moe.experts.identity else ""))]
     rows += [
         ("total params", count(r.total_params) + " (every stored tensor)"),
         ("  trainable", count(r.trainable_params)),

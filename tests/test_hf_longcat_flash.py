@@ -1,7 +1,8 @@
 """LongCat-Flash's MoE block: zero-computation (identity) experts among the routed ones (experts.identity ->
 grouped_ffn identity_experts -> reference) with softmax scores, selection on scores + correction bias and the
 routed scaling, against transformers' LongcatFlashMoE; its import (config keys and aliases, weights both ways,
-the identity experts' unused gate_up_proj rows), the backends that lower it and the refusals of the others.
+the identity experts' unused gate_up_proj rows), the backends that lower it (ONNX Runtime's MoE op on the FFN
+experts, the identity experts' share beside it) and the refusals of the others.
 
 The whole model: model.layer_form dual_shortcut_moe (two MLA attention + dense FFN sublayers per layer beside the
 shortcut-connected MoE block) and MLA's latent_scales, against transformers' LongcatFlashForCausalLM: logits on every
@@ -79,11 +80,21 @@ def test_layer_matches_transformers():
 def test_backends_match_the_reference_or_say_why_not():
     cfg = _config()
     spec = spec_from_hf_config(cfg)
-    report = validate(spec, resolve_backends(["reference", "torch", "onnx:portable"]), tokens=19, batch=2, seed=4,
-                      weights=weights_from_hf(_block(cfg, seed=2), spec))
+    weights = weights_from_hf(_block(cfg, seed=2), spec)
+    report = validate(spec, resolve_backends(["reference", "torch", "onnx:portable", "onnx:ort"]), tokens=19, batch=2,
+                      seed=4, weights=weights)
     assert report.ok, [r.to_dict() for r in report.results]
     assert all(r.status == "ok" for r in report.results)
-    for name in ("onnx:ort", "triton", "tensorrt", "onnx:plugin", "expert_parallel:2"):
+    # ONNX Runtime's MoE op takes the FFN experts, the identity experts' share is added beside it: also when a
+    # token chooses no FFN expert at all (every choice an identity expert), or one identity expert every time.
+    from moe_ir.builder import ROUTER_BIAS
+
+    for shift in ([0.0] * 5 + [10.0] * 3, [0.0] * 5 + [10.0, 0.0, 0.0]):
+        shifted = dict(weights, **{ROUTER_BIAS: weights[ROUTER_BIAS] + torch.tensor(shift)})
+        report = validate(spec, resolve_backends(["reference", "onnx:ort"]), tokens=19, batch=2, seed=4,
+                          weights=shifted)
+        assert report.ok and all(r.status == "ok" for r in report.results), [r.to_dict() for r in report.results]
+    for name in ("triton", "tensorrt", "onnx:plugin", "expert_parallel:2"):
         backend = get_backend(name)
         graph = run_pipeline(build_graph(spec), backend.pipeline)
         try:
@@ -185,8 +196,7 @@ def test_model_logits_equal_transformers_on_every_backend_that_lowers_it(identit
     with torch.no_grad():
         expected = hf(input_ids=ids).logits
     got = {"reference": interpret(graph, {"input_ids": ids}, weights)["logits"]}
-    backends = ["torch", "onnx:portable"] + (["onnx:ort"] if not identity else [])
-    for name in backends:
+    for name in ("torch", "onnx:portable", "onnx:ort"):
         backend = get_backend(name)
         lowered = run_pipeline(build_model_graph(spec), backend.pipeline)
         assert backend.supports(lowered) == (True, ""), name
@@ -194,11 +204,7 @@ def test_model_logits_equal_transformers_on_every_backend_that_lowers_it(identit
     for name, logits in got.items():
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=2e-5, msg=name)
         assert torch.equal(logits.argmax(-1), expected.argmax(-1)), name
-    if identity:  # ONNX Runtime's MoE op has FFN experts only; the other fused targets refuse a model graph
-        backend = get_backend("onnx:ort")
-        ok, reason = backend.supports(run_pipeline(build_model_graph(spec), backend.pipeline))
-        assert not ok and "identity experts" in reason, reason
-        # Each part of the layer counts: without the latent scales, or without the MoE shortcut, the logits move.
+    if identity:  # each part of the layer counts: without the latent scales, or the MoE shortcut, the logits move
         unscaled = interpret(build_model_graph(_replace_attention(spec, latent_scales=False)), {"input_ids": ids},
                              weights)["logits"]
         no_moe = dict(weights, **{k: torch.zeros_like(v) for k, v in weights.items() if ".moe.experts." in k})
@@ -231,7 +237,8 @@ def test_greedy_generation_on_the_decode_graph_equals_transformers_generate():
         out = hf.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=5, do_sample=False,
                           output_logits=True, return_dict_in_generate=True, pad_token_id=0)
     theirs = torch.stack(out.logits, dim=1)
-    for name, layout in (("torch", "expanded"), ("torch", "latent"), ("onnx:portable", "latent")):
+    for name, layout in (("torch", "expanded"), ("torch", "latent"), ("onnx:portable", "latent"),
+                         ("onnx:ort", "expanded")):
         backend = get_backend(name)
         decode = run_pipeline(build_model_graph(spec, form=GraphForm.DECODE, mla_cache=layout), backend.pipeline)
         entries = cache_entries(decode)
@@ -314,7 +321,17 @@ def test_layer_form_and_latent_scales_are_checked():
     base = {"vocab_size": 9, "hidden": 8, "layers": 2, "dense_width": 6, "layer_form": "dual_shortcut_moe",
             "attention": {**mla, "latent_scales": True}}
     moe = {"experts": {"routed": 4, "width": 4, "top_k": 2}}
-    assert model_spec_from_dict({"model": base, "moe": moe}).model.attention_blocks == 2
+    spec = model_spec_from_dict({"model": base, "moe": moe})
+    assert spec.model.attention_blocks == 2
+    # The text form shows the latent scales on the MLA nodes that have them only; the names carry the sublayer.
+    from moe_ir.ir import to_text
+    from moe_ir.model_builder import build_model_graph
+
+    graph = build_model_graph(spec)
+    assert {"layers.1.attn.1.w_q_a", "layers.1.attn_norm.1.weight", "layers.1.ffn.0.w_up"} <= set(graph.weights)
+    assert to_text(graph).count("q_latent_scale=") == 4
+    unscaled = model_spec_from_dict({"model": {**base, "attention": mla}, "moe": moe})
+    assert "latent_scale" not in to_text(build_model_graph(unscaled))
     for changes, path in (({"first_dense": 1}, "model.layer_form"), ({"dense_width": None}, "model.dense_width"),
                           ({"norm_position": "post"}, "model.norm_position"),
                           ({"attention": {**mla, "q_lora_rank": None, "latent_scales": True}},
@@ -324,3 +341,89 @@ def test_layer_form_and_latent_scales_are_checked():
         with pytest.raises(SpecError) as err:
             model_spec_from_dict({"model": {**base, **changes}, "moe": moe})
         assert err.value.path == path, (changes, err.value)
+
+
+def test_shipped_spec_validates_shrunk(capsys):
+    """`moe-ir validate specs/models/longcat-flash.yaml --shrink 32` on the reference, torch and both ONNX flavours:
+    logits and every MoE layer's routing agree (shortcut layers, latent scales, identity experts kept)."""
+    import json
+    from pathlib import Path
+
+    from moe_ir.cli import main
+
+    spec_file = Path(__file__).resolve().parent.parent / "specs" / "models" / "longcat-flash.yaml"
+    rc = main(["validate", str(spec_file), "--shrink", "32", "--tokens", "6", "--backends", "reference", "torch",
+               "onnx:portable", "onnx:ort", "--generate", "0", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["ok"], out
+    assert {r["backend"] for r in out["results"] if r["status"] == "ok"} == {"reference", "torch", "onnx:portable",
+                                                                             "onnx:ort"}
+
+
+def test_export_hf_loads_in_transformers_with_moe_ir_logits(tmp_path):
+    """export-hf of the imported tiny model (stacked experts, zero rows for the identity experts): transformers
+    loads every tensor, its logits equal the reference's, and the folder's config imports as the same spec; a
+    standard-layer spec is not a longcat_flash model."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from moe_ir.frontends.hf.export import export_hf_checkpoint, hf_config_from_model_spec
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config, weights_from_hf_model
+    from moe_ir.model_builder import build_model_graph
+    from moe_ir.model_spec import LayerForm, model_spec_to_dict
+
+    cfg, hf = _tiny_model()
+    spec = model_spec_from_hf_config(cfg)
+    weights = weights_from_hf_model(hf, spec)
+    assert export_hf_checkpoint(spec, weights, tmp_path / "out")[0] == "longcat_flash"
+    back, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True,
+                                                      attn_implementation="eager", output_loading_info=True,
+                                                      dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = back.eval()(input_ids=ids).logits
+    ours = interpret(build_model_graph(spec), {"input_ids": ids}, weights)["logits"]
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=2e-5)
+    again = model_spec_from_hf_config(json.loads((tmp_path / "out" / "config.json").read_text()), name=spec.name)
+    strip = lambda d: {**d, "model": {k: v for k, v in d["model"].items() if k != "source"}}  # noqa: E731
+    assert strip(model_spec_to_dict(again)) == strip(model_spec_to_dict(spec))
+    import dataclasses
+
+    standard = dataclasses.replace(spec, model=dataclasses.replace(spec.model, layer_form=LayerForm.STANDARD))
+    with pytest.raises(SpecError, match="two attention blocks"):
+        hf_config_from_model_spec(standard, "longcat_flash")
+
+
+def test_generated_model_py_gives_transformers_logits(tmp_path):
+    """`moe-ir build --backend torch` of the model: the standalone model.py (the kernels copied, torch only) with
+    its weights gives transformers' logits; the latent scales are in its MLA calls."""
+    import importlib.util
+
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    from moe_ir.cli import main
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config, weights_from_hf_model
+    from moe_ir.model_spec import model_spec_to_dict
+
+    cfg, hf = _tiny_model()
+    spec = model_spec_from_hf_config(cfg)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(model_spec_to_dict(spec)))
+    save_file({k: v.contiguous() for k, v in weights_from_hf_model(hf, spec).items()}, str(tmp_path / "w.safetensors"))
+    assert main(["build", str(tmp_path / "spec.yaml"), "--backend", "torch", "-o", str(tmp_path / "out"), "--weights",
+                 str(tmp_path / "w.safetensors")]) == 0
+    source = (tmp_path / "out" / "model.py").read_text()
+    assert f"({math.sqrt(H / 12)!r}, {math.sqrt(H / 10)!r}, )" in source
+    loader = importlib.util.spec_from_file_location("generated_longcat", tmp_path / "out" / "model.py")
+    generated = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(generated)
+    model = generated.DecoderModel()
+    model.load_state_dict(load_file(str(tmp_path / "out" / "weights.safetensors")), strict=True)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+        got, routing, _ = model.eval()(ids)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-5)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1)) and "layers.1.expert_idx" in routing

@@ -121,13 +121,14 @@ class OrtLowering(PortableLowering):
         neg_inf = em.zeros(probs_shape, fill=-np.inf)
         log_w = em.op("Log", [em.op("Max", [w, em.const(1e-30, np.float32)])])
         probs = em.op("ScatterElements", [neg_inf, idx, log_w], axis=1)
+        identity = ffn.attrs["identity_experts"]
+        if identity:  # the op sees the FFN experts' columns only; the identity experts' share is added after it
+            probs = em.op("Slice", [probs, em.const([0]), em.const([n_exp - identity]), em.const([1])])
         ops = self._weight_operands(ffn)
         if is_quantized(ops["w_up"]):
             ins, qattrs = self.qmoe_inputs(ffn, tokens, probs)
             moe = em.op("QMoE", ins, domain=MS_DOMAIN, name=ffn.name, k=k, normalize_routing_weights=1, **qattrs)
-            em.prefix = combine.name
-            total = em.op("ReduceSum", [w, em.const([-1])], keepdims=1)
-            em.op("Mul", [moe, total], out=combine.outputs[0].name, name=combine.name)
+            self._rescale_moe(combine, moe, tokens, idx, w, n_exp - identity, identity)
             return
         if act.gated:
             fc1 = self.inits.add(ops["w_up"], interleave_gate_up, name=f"{ffn.name}.fc1_interleaved",
@@ -149,9 +150,26 @@ class OrtLowering(PortableLowering):
         while ins[-1] == "":
             ins.pop()
         moe = em.op("MoE", ins, domain=MS_DOMAIN, name=ffn.name, k=k, normalize_routing_weights=1, **attrs)
+        self._rescale_moe(combine, moe, tokens, idx, w, n_exp - identity, identity)
+
+    def _rescale_moe(self, combine: Node, moe: str, tokens: str, idx: str, w: str, ffn_experts: int,
+                     identity: int) -> None:
+        """The combine's output from the op's (weights renormalised over the chosen experts): times the sum of the
+        weights; with identity experts (LongCat-Flash) the sum over the chosen FFN experts only, 0 for a token
+        that chose none (the op's softmax over no finite logit is NaN there), plus the identity experts' weights
+        times the token itself."""
+        em = self.em
         em.prefix = combine.name
-        total = em.op("ReduceSum", [w, em.const([-1])], keepdims=1)
-        em.op("Mul", [moe, total], out=combine.outputs[0].name, name=combine.name)
+        if not identity:
+            total = em.op("ReduceSum", [w, em.const([-1])], keepdims=1)
+            em.op("Mul", [moe, total], out=combine.outputs[0].name, name=combine.name)
+            return
+        is_ffn = em.op("Less", [idx, em.const(ffn_experts)])
+        zero = em.const(0.0, np.float32)
+        total = em.op("ReduceSum", [em.op("Where", [is_ffn, w, zero]), em.const([-1])], keepdims=1)
+        passed = em.op("ReduceSum", [em.op("Where", [is_ffn, zero, w]), em.const([-1])], keepdims=1)
+        routed = em.op("Where", [em.op("Greater", [total, zero]), em.op("Mul", [moe, total]), zero])
+        em.op("Add", [routed, em.op("Mul", [tokens, passed])], out=combine.outputs[0].name, name=combine.name)
 
     def _gate_up_parts(self, value: Value) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The fused gate/up weight, as its (gate, up) parts when it is a two-part concat (saves a copy)."""

@@ -61,8 +61,6 @@ def ort_refusal(graph: Graph) -> str:
             disp, ffn = moe_chain(graph, combine)
         except BackendError as err:
             return str(err)
-        if ffn.attrs["identity_experts"]:
-            return "com.microsoft.MoE has FFN experts only; identity experts (experts.identity) do not fit it"
         if ffn.input("row_scale") is not None:
             return ("com.microsoft.MoE weighs the expert outputs; routing weights on the expert inputs "
                     "(router.scale_input, Llama 4) do not fit it")

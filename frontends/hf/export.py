@@ -3,7 +3,7 @@
 The config is written for one of the families moe-ir imports natively in transformers (EXPORT_FAMILIES:
 deepseek_v2, deepseek_v3, mixtral, qwen2_moe, olmoe, qwen3_moe, glm4_moe, glm4_moe_lite, dots1, exaone_moe,
 ernie4_5_moe, minimax_m2, hunyuan_v1_moe, flex_olmo, granitemoe, granitemoeshared, granitemoe_swa, phimoe, gpt_oss,
-dbrx) and then read back through the importer
+dbrx, longcat_flash) and then read back through the importer
 (`model_spec_from_hf_config`): the export is accepted only if that gives the same spec, so the importer
 stays the one statement of what each config key means and an export can never silently change the model.
 Balance losses are the one exception: they shape training only and several have no config key in a given
@@ -58,6 +58,8 @@ EXPORT_FAMILIES: dict[str, tuple[str, str, HFLayout]] = {
     "granitemoe_swa": ("GraniteMoeSWAForCausalLM", "block_sparse_moe", HFLayout.STACKED),
     # DBRX names every tensor its own way (tensor_map.dbrx_model_rules): the block name and layout are unused
     "dbrx": ("DbrxForCausalLM", "ffn", HFLayout.STACKED),
+    # stacked: gate_up_proj keeps (zero) rows for the identity experts, as the module holds them
+    "longcat_flash": ("LongcatFlashForCausalLM", "mlp", HFLayout.STACKED),
 }
 # Tensor names a family's checkpoint gives its router and shared MLP, where they are not the common ones
 # (keyword arguments of tensor_map.model_rules; the names import-hf detects, tensor_map.detect_router_names).
@@ -437,6 +439,27 @@ def _dbrx(spec: ModelSpec) -> dict:
     return config
 
 
+def _longcat_flash(spec: ModelSpec) -> dict:
+    """LongCat-Flash: shortcut-connected layers (num_layers of them, two attention blocks each) with MLA and its
+    latent scales, softmax routing over FFN + identity experts with a correction bias. The importer's read-back
+    (_try_family) checks the rest."""
+    m, a, e, r = spec.model, spec.model.attention, spec.moe.experts, spec.moe.router
+    if m.attention_blocks != 2:
+        raise _Unfit("standard layers: every longcat_flash layer has two attention blocks beside its MoE block")
+    if a.kind != AttentionKind.MLA:
+        raise _Unfit(f"{a.kind.value} attention: longcat_flash's attention is MLA")
+    config = _common(spec, "longcat_flash")
+    for key in ("num_hidden_layers", "intermediate_size"):  # num_layers counts its layers; the FFN width has its key
+        config.pop(key, None)
+    config.update(num_layers=m.layers, ffn_hidden_size=m.dense_width, n_routed_experts=e.routed,
+                  zero_expert_num=e.identity, moe_topk=e.top_k, expert_ffn_hidden_size=e.width,
+                  routed_scaling_factor=r.scaling, kv_lora_rank=a.kv_lora_rank, q_lora_rank=a.q_lora_rank,
+                  qk_nope_head_dim=a.qk_nope_head_dim, qk_rope_head_dim=a.qk_rope_head_dim,
+                  head_dim=a.qk_rope_head_dim, v_head_dim=a.v_head_dim, attention_bias=a.qkv_bias,
+                  mla_scale_q_lora=True, mla_scale_kv_lora=True)
+    return config
+
+
 _BUILDERS = {"deepseek_v3": lambda s: _deepseek(s, "deepseek_v3"), "deepseek_v2": lambda s: _deepseek(s, "deepseek_v2"),
              "qwen2_moe": _qwen2_moe, "olmoe": _olmoe, "mixtral": _mixtral, "qwen3_moe": _qwen3_moe,
              "glm4_moe": lambda s: _sigmoid_grouped(s, "glm4_moe"), "dots1": lambda s: _sigmoid_grouped(s, "dots1"),
@@ -444,7 +467,7 @@ _BUILDERS = {"deepseek_v3": lambda s: _deepseek(s, "deepseek_v3"), "deepseek_v2"
              "flex_olmo": _flex_olmo, "granitemoe": _granitemoe,
              "granitemoeshared": lambda s: _granitemoe(s, "granitemoeshared"), "phimoe": _phimoe,
              "gpt_oss": _gpt_oss, "glm4_moe_lite": _glm4_moe_lite, "exaone_moe": _exaone_moe,
-             "granitemoe_swa": _granitemoe_swa, "dbrx": _dbrx}
+             "granitemoe_swa": _granitemoe_swa, "dbrx": _dbrx, "longcat_flash": _longcat_flash}
 
 
 def _semantic(data: Any, key: str = "") -> Any:
