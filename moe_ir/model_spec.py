@@ -366,7 +366,8 @@ class AttentionSpec:
                       "clip_qkv": None, "global_nope": None, "qkv_bias": False, "sinks": False, "qk_norm": QKNorm.NONE}
         for name, plain in unmodelled.items():
             if getattr(self, name) != plain:
-                ctx.fail(join_key_path(path, name), f"{name} is not modelled with mixture-of-attention heads (kind moa)")
+                ctx.fail(join_key_path(path, name), f"{name} is not modelled with mixture-of-attention heads "
+                                                    "(kind moa)")
 
     # -- derived sizes ---------------------------------------------------------------------------
 

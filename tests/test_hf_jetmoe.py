@@ -241,3 +241,84 @@ def test_generated_model_py_equals_the_eager_backend(tmp_path):
         logits = generated(ids)[0]
     eager = backend.prepare(graph, {k: v for k, v in weights.items() if k in graph.weights})(ids)["logits"]
     assert torch.equal(logits, eager)
+
+
+def test_onnxruntime_genai_generates_transformers_tokens_of_a_saved_checkpoint(tmp_path, capsys):
+    """`moe-ir build --backend onnx --decoder` of a saved JetMoE folder: onnxruntime-genai's generator gives
+    transformers' greedy tokens."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install "
+                                                         "'moe-ir[onnx]')")
+    import json
+
+    import numpy as np
+
+    from moe_ir.cli import main
+
+    cfg, hf = _tiny_model()
+    hf.config.eos_token_id = hf.generation_config.eos_token_id = 96
+    hf.config.bos_token_id, hf.config.pad_token_id = 1, 0
+    hf.save_pretrained(tmp_path / "ckpt")
+    assert main(["build", str(tmp_path / "ckpt"), "--backend", "onnx", "--decoder", "-o", str(tmp_path / "out"),
+                 "--json"]) == 0
+    capsys.readouterr()
+    config = json.loads((tmp_path / "out" / "genai_config.json").read_text())["model"]["decoder"]
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_size"]) == (6, 3, 6)
+    prompts = torch.randint(1, 96, (2, 7), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=5, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[:, 7:]
+    model = og.Model(str(tmp_path / "out"))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=12, do_sample=False, batch_size=2)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompts.numpy().astype(np.int32))
+    steps = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        steps.append(generator.get_next_tokens().tolist())
+    for row, want in zip(np.array(steps).T.tolist(), expected.tolist()):
+        stop = row.index(96) + 1 if 96 in row else len(row)   # GenAI stops a row at eos, transformers here does not
+        assert row[:stop] == want[:stop]
+
+
+def test_activated_parameters_and_flops_count_the_chosen_attention_experts():
+    """A token reads top_k of the experts' stacked query/output projections (and top_k MLP experts); the counts
+    are computed here from the config, independently of the graph."""
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config
+    from moe_ir.model_analysis import analyse_model
+
+    cfg = _config()
+    spec = model_spec_from_hf_config(cfg)
+    r = analyse_model(spec)
+    h, e, k, kvd, f = cfg.hidden_size, cfg.num_local_experts, cfg.num_experts_per_tok, \
+        cfg.num_key_value_heads * cfg.kv_channels, cfg.intermediate_size
+    attention = e * h + 2 * kvd * h + 2 * e * kvd * h + h     # router, kv_proj, input/output_linear, bias
+    moe = e * h + e * 3 * f * h + h                           # router, experts, output bias
+    layer = attention + moe + 2 * h
+    assert r.total_params == cfg.vocab_size * h * 2 + h + cfg.num_hidden_layers * layer
+    activated = layer - (e - k) * 2 * kvd * h - (e - k) * 3 * f * h
+    assert r.layers[0].activated_params == activated
+    assert r.layers[0].flops_per_token == 2 * (e * h + 2 * kvd * h + k * 2 * kvd * h) + 2 * (e * h + k * 3 * f * h)
+
+
+def test_export_hf_writes_a_folder_transformers_loads_with_the_same_logits(tmp_path):
+    """export-hf of the imported spec and weights: JetMoeForCausalLM.from_pretrained on the folder gives the
+    original model's logits, and import-hf of it gives the spec back."""
+    from transformers import JetMoeForCausalLM
+
+    from moe_ir.frontends.hf.export import export_hf_checkpoint
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config, weights_from_hf_model
+    from moe_ir.model_spec import model_spec_to_dict
+
+    cfg, hf = _tiny_model(**LAYOUTS["e5k2kv3"])
+    spec = model_spec_from_hf_config(cfg)
+    family, _ = export_hf_checkpoint(spec, weights_from_hf_model(hf, spec), tmp_path / "out")
+    assert family == "jetmoe"
+    back = JetMoeForCausalLM.from_pretrained(tmp_path / "out").float().eval()
+    theirs, ours = hf.state_dict(), back.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # the loaded model may pick another attention kernel (sdpa): not bit for bit
+        torch.testing.assert_close(back(input_ids=ids).logits, hf(input_ids=ids).logits, rtol=1e-5, atol=2e-5)
+    again = model_spec_from_hf_config(back.config, name=spec.name)
+    assert model_spec_to_dict(again)["model"] | {"source": ""} == model_spec_to_dict(spec)["model"] | {"source": ""}
