@@ -585,6 +585,9 @@ def model_spec_from_dict(data: Any, *, lines: Mapping[str, int] | None = None, f
     moe = parse_section(LayerSpec, moe_data, "", _NestedCtx(ctx, "moe"))
     quantization = (parse_section(QuantizationSpec, data["quantization"], "quantization", ctx)
                     if data.get("quantization") is not None else None)
+    if quantization is not None and quantization.weights.attention and model.attention.kind == AttentionKind.MOA:
+        ctx.fail("quantization.weights.attention", "the stacked query/output projections of a mixture of attention "
+                                                   "heads (kind moa) are not quantized by moe-ir; set attention: false")
     return ModelSpec(model=model, moe=moe, quantization=quantization)
 
 

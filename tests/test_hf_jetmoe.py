@@ -215,6 +215,11 @@ def test_defaults_and_refusals():
         with pytest.raises(SpecError) as err:
             model_spec_from_dict({"model": {**base, "attention": {**base["attention"], **change}}, "moe": moe})
         assert err.value.path == f"model.attention.{path}", (change, err.value.path)
+    # Quantized attention weights are refused rather than left in float silently.
+    with pytest.raises(SpecError) as err:
+        model_spec_from_dict({"model": base, "moe": moe, "quantization": {"format": "int8",
+                                                                          "weights": {"attention": True}}})
+    assert err.value.path == "quantization.weights.attention"
 
 
 def test_generated_model_py_equals_the_eager_backend(tmp_path):
@@ -356,3 +361,22 @@ def test_moe_layer_with_output_bias_on_the_layer_backends():
                                               "expert_parallel:2"]), tokens=7, batch=2, seed=2)
     assert report.ok, report.to_table()
     assert all(r.status == "ok" and r.routing.flips == 0 for r in report.results), report.to_table()
+
+
+def test_validation_compares_the_attention_experts_routing_too():
+    """validate_model's routing record holds both routers of each layer (layers.i.attn.expert_idx beside
+    layers.i.expert_idx): 2 x 7 tokens x 3 layers x 2 routers agree on every backend, prefill and decode."""
+    from moe_ir.backends import resolve_backends
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config, weights_from_hf_model
+    from moe_ir.model_builder import build_model_graph
+    from moe_ir.validate import validate_model
+
+    cfg, hf = _tiny_model()
+    spec = model_spec_from_hf_config(cfg)
+    outputs = build_model_graph(spec, routing=True).outputs
+    assert {"layers.2.attn.expert_idx", "layers.2.attn.weights", "layers.2.expert_idx"} <= set(outputs)
+    report = validate_model(spec, resolve_backends(["reference", "torch", "onnx:portable", "onnx:ort"]), tokens=7,
+                            batch=2, weights=weights_from_hf_model(hf, spec), generate=2)
+    assert report.ok, report.to_table()
+    assert all(r.status == "ok" and r.routing.units == 2 * 7 * 3 * 2 and r.routing.flips == 0
+               for r in report.results), report.to_table()
