@@ -792,11 +792,11 @@ def cached_mla_attention(x, position_ids, attention_mask, past_key, past_value, 
 
 # ---------------------------------------------------------------------------------------------------
 # mixture of attention heads (JetMoE; model_ops.py: moa_attention, cached_moa_attention). The router's record
-# (expert_idx, weights [T, k]) comes from the graph's routing ops. Every expert's query projection runs as one GEMM
-# over the stacked w_q [E, kv*d, H] and the chosen ones are gathered; the chosen outputs are scattered into their
-# experts' slots (zeros elsewhere) and one batched GEMM per expert block applies w_o [E, H, kv*d]. That is E/k times
-# the projection work of the chosen experts alone, with no data-dependent shape (compile, export and ONNX take it
-# as it is). Query heads are kv-head-major (h*k + j), so query head i reads kv head i // k.
+# (expert_idx, weights [T, k]) comes from the graph's routing ops. The experts' query and output projections are
+# grouped linear maps (`expert_linear`): at eager inference each expert's chosen rows run as one GEMM, as the expert
+# FFNs do; under torch.compile / torch.export and with autograd, every expert's projection runs as one GEMM over the
+# stacked weights and the chosen ones are picked, a form with no routing-dependent shape (E/k times the work).
+# Query heads are kv-head-major (h*k + j), so query head i reads kv head i // k.
 
 
 def add_bias(y, bias):
@@ -804,13 +804,36 @@ def add_bias(y, bias):
     return y + bias.to(y.dtype)
 
 
+def expert_linear(x, expert_idx, w):
+    """y [T, k, out]: slot j of token t is x_tj @ w[expert_idx[t, j]]^T, w [E, out, in]; x [T, in] (every slot reads
+    the token) or [T, k, in] (each slot its own row)."""
+    t, k = expert_idx.shape
+    experts, out, width = w.shape
+    rows = x if x.dim() == 2 else x.reshape(t * k, width)
+    if torch.compiler.is_compiling() or needs_autograd(x, w):
+        if x.dim() == 2:   # every expert on every token, the chosen ones picked
+            every = F.linear(x, w.reshape(experts * out, width)).view(t, experts, out)
+            return every.gather(1, expert_idx.unsqueeze(-1).expand(-1, -1, out))
+        # each slot's row in its expert's place (zeros elsewhere), one batched GEMM per expert
+        slots = x.new_zeros(t, experts, width).scatter(1, expert_idx.unsqueeze(-1).expand(-1, -1, width), x)
+        every = torch.matmul(slots.transpose(0, 1), w.transpose(1, 2))                 # [E, T, out]
+        return every.transpose(0, 1).gather(1, expert_idx.unsqueeze(-1).expand(-1, -1, out))
+    order = torch.argsort(expert_idx.reshape(-1), stable=True)
+    y = x.new_empty(t * k, out)
+    start = 0
+    for e, size in enumerate(count_ids(expert_idx.reshape(-1), experts).tolist()):
+        if size:
+            chosen = order[start:start + size]
+            y[chosen] = F.linear(rows.index_select(0, chosen // k if x.dim() == 2 else chosen), w[e])
+            start += size
+    return y.view(t, k, out)
+
+
 def moa_queries(x, expert_idx, w_q, kv_heads):
     """q [B, kv_heads*k, S, d] of x [B, S, H] through the query projections of each token's k experts."""
     b, s, hidden = x.shape
-    experts, width, _ = w_q.shape
-    k = expert_idx.shape[1]
-    every = F.linear(x.reshape(-1, hidden), w_q.reshape(experts * width, hidden)).view(-1, experts, width)
-    q = every.gather(1, expert_idx.unsqueeze(-1).expand(-1, -1, width))             # [T, k, kv*d]
+    k, width = expert_idx.shape[1], w_q.shape[1]
+    q = expert_linear(x.reshape(-1, hidden), expert_idx, w_q)                          # [T, k, kv*d]
     return q.view(b, s, k, kv_heads, -1).permute(0, 3, 2, 1, 4).reshape(b, kv_heads * k, s, width // kv_heads)
 
 
@@ -818,12 +841,10 @@ def moa_output(y, expert_idx, weights, w_o, b_o, kv_heads):
     """[B, S, H]: y [B, kv_heads*k, S, d] of each chosen expert through its output projection, weighted by the
     routing weights and summed, plus b_o."""
     b, _, s, d = y.shape
-    experts, hidden, width = w_o.shape
+    hidden, width = w_o.shape[1], w_o.shape[2]
     k = expert_idx.shape[1]
     chosen = y.view(b, kv_heads, k, s, d).permute(0, 3, 2, 1, 4).reshape(b * s, k, width)
-    chosen = chosen * weights.to(y.dtype).unsqueeze(-1)
-    slots = chosen.new_zeros(b * s, experts, width).scatter(1, expert_idx.unsqueeze(-1).expand(-1, -1, width), chosen)
-    out = torch.matmul(slots.transpose(0, 1), w_o.transpose(1, 2)).sum(dim=0)      # [E, T, H] summed over E
+    out = (expert_linear(chosen, expert_idx, w_o) * weights.to(y.dtype).unsqueeze(-1)).sum(dim=1)
     if b_o is not None:
         out = out + b_o
     return out.view(b, s, hidden)

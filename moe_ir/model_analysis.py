@@ -9,11 +9,12 @@ Conventions (the same as the layer analysis in analysis.py):
   buffers out: it equals transformers' sum(p.numel() for p in model.parameters()), and total_params its
   state dict (transformers also registers DeepSeek-V3's e_score_correction_bias as a buffer).
 - activated_params is what one token reads: everything except the routed experts it does not use
-  (top_k of the routed experts per MoE layer), with the whole embedding and LM head counted, as the
-  DeepSeekMoE paper does (its 2.0B/0.3B, 16.4B/2.8B, 144.6B/22.2B; also Mixtral's 12.9B, Qwen1.5-MoE's
-  2.7B, OLMoE's 1.3B). DeepSeek-V2/V3 leave the input embedding out (V2-Lite 2.4B, V3 37B):
+  (top_k of the routed experts per MoE layer, and of the experts of a mixture of attention heads), with the
+  whole embedding and LM head counted, as the DeepSeekMoE paper does (its 2.0B/0.3B, 16.4B/2.8B,
+  144.6B/22.2B; also Mixtral's 12.9B, Qwen1.5-MoE's 2.7B, OLMoE's 1.3B). DeepSeek-V2/V3 leave the input embedding out (V2-Lite 2.4B, V3 37B):
   activated_params_without_input_embedding. activated_params_non_embedding leaves out both.
-- flops_per_token: forward, 2 per multiply-add, matmuls only (attention projections, dense FFNs,
+- flops_per_token: forward, 2 per multiply-add, matmuls only (attention projections, of a mixture of
+  attention heads the top_k chosen experts', dense FFNs,
   router, the top_k routed and every shared expert, LM head); elementwise work, norms and the
   embedding lookup are left out, as papers do. MLA is counted in its plain (not weight-absorbed) form.
   Attention scores (q.k and p.v) depend on the context: with `context=L`, attention_flops_per_token
@@ -123,12 +124,18 @@ def analyse_model(spec: ModelSpec, *, context: int | None = None) -> ModelAnalys
         # Matmul FLOPs of the attention: every matrix (ndim 2) of the attention, applied to each token.
         attn_flops = sum(2 * n for k, n in mine.items()
                          if k.startswith(p + "attn.") and len(graph.weights[k].type.shape) == 2)
+        # Mixture of attention heads: the experts' stacked query/output projections [E, ., .], of which a token
+        # reads and multiplies by its top_k.
+        stacked = sum(n for k, n in mine.items() if k.startswith(p + "attn.") and len(graph.weights[k].type.shape) == 3)
+        chosen = stacked * a.top_k // a.experts if stacked else 0
+        attn_flops += 2 * chosen
+        unused_attn = stacked - chosen
         if m.is_moe_layer(i):
             unused = moe.routed_expert_params - spec.moe.experts.top_k * moe.params_per_routed_expert
-            activated = attn + norms + ffn - unused
+            activated = attn + norms + ffn - unused - unused_attn
             flops = attn_flops + moe.flops_per_token + 2 * dense
         else:
-            activated = attn + norms + ffn
+            activated = attn + norms + ffn - unused_attn
             flops = attn_flops + 2 * ffn  # a dense FFN is matrices only
         layers.append(LayerBreakdown(index=i, kind="moe" if m.is_moe_layer(i) else "dense", attention_params=attn,
                                      norm_params=norms, ffn_params=ffn, buffer_params=buf,
@@ -198,6 +205,8 @@ def format_model_analysis(r: ModelAnalysis, spec: ModelSpec | None = None) -> st
         attn = f"{a.kind.value}, {a.heads} heads"
         if a.kind.value == "gqa":
             attn += f", {a.num_kv_heads} kv heads"
+        if a.kind.value == "moa":
+            attn += f" ({a.kv_heads} kv heads x top-{a.top_k} of {a.experts} attention experts)"
         if a.kind.value == "mla":
             attn += (f", q_lora {a.q_lora_rank or 'none'}, kv_lora {a.kv_lora_rank}, qk {a.qk_nope_head_dim}+"
                      f"{a.qk_rope_head_dim} (nope+rope), v {a.v_head_dim}")

@@ -29,7 +29,8 @@ LongCat-Flash's layers (model.layer_form dual_shortcut_moe) hold sublayers j = 0
 
 Matrices are in PyTorch Linear layout [out, in], as in the transformers checkpoints.
 Outputs: `logits`; with `routing=True` also `layers.{i}.expert_idx` / `layers.{i}.weights` of every
-token-choice MoE layer (what validation compares for routing flips). With `training=True` every MoE layer
+token-choice MoE layer, and `layers.{i}.attn.expert_idx` / `.weights` of a mixture of attention heads (what
+validation compares for routing flips). With `training=True` every MoE layer
 adds all of its training outputs under `layers.{i}.` (the names `builder.build_graph` gives a layer):
 `expert_idx`, `weights` (or `rows` for expert-choice), `router_logits`, `tokens_per_expert`, `loss.<kind>`,
 `aux_loss`; training implies the routing record, since the balance losses are computed from it.
@@ -327,6 +328,9 @@ def build_model_graph(spec: ModelSpec, *, routing: bool = False, training: bool 
             return _norm(g, spec, v, f"{p}{name}", dtype)
 
         a = _attention(g, spec, x if post else norm(x, "attn_norm"), f"{p}attn.", dtype, i, decode)
+        if a.producer.op in (OpCode.MOA_ATTENTION, OpCode.CACHED_MOA_ATTENTION):  # the attention experts' routing
+            for key in ("expert_idx", "weights"):
+                routing_outputs[f"{p}attn.{key}"] = a.producer.input(key)
         a = scaled(norm(a, "attn_norm") if post else a, residual, f"{p}attn_scale")
         x = g.add_node(OpCode.ADD, [x, a], name=f"{p}attn_residual").outputs[0]
         f = x if post else norm(x, "ffn_norm")

@@ -389,7 +389,8 @@ class AttentionSpec:
                       "clip_qkv": None, "global_nope": None, "qkv_bias": False, "sinks": False, "qk_norm": QKNorm.NONE}
         for name, plain in unmodelled.items():
             if getattr(self, name) != plain:
-                ctx.fail(join_key_path(path, name), f"{name} is not modelled with mixture-of-attention heads (kind moa)")
+                ctx.fail(join_key_path(path, name), f"{name} is not modelled with mixture-of-attention heads "
+                                                    "(kind moa)")
 
     # -- derived sizes ---------------------------------------------------------------------------
 
@@ -633,6 +634,9 @@ def model_spec_from_dict(data: Any, *, lines: Mapping[str, int] | None = None, f
     moe = parse_section(LayerSpec, moe_data, "", _NestedCtx(ctx, "moe"))
     quantization = (parse_section(QuantizationSpec, data["quantization"], "quantization", ctx)
                     if data.get("quantization") is not None else None)
+    if quantization is not None and quantization.weights.attention and model.attention.kind == AttentionKind.MOA:
+        ctx.fail("quantization.weights.attention", "the stacked query/output projections of a mixture of attention "
+                                                   "heads (kind moa) are not quantized by moe-ir; set attention: false")
     return ModelSpec(model=model, moe=moe, quantization=quantization)
 
 

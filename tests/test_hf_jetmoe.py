@@ -215,6 +215,11 @@ def test_defaults_and_refusals():
         with pytest.raises(SpecError) as err:
             model_spec_from_dict({"model": {**base, "attention": {**base["attention"], **change}}, "moe": moe})
         assert err.value.path == f"model.attention.{path}", (change, err.value.path)
+    # Quantized attention weights are refused rather than left in float silently.
+    with pytest.raises(SpecError) as err:
+        model_spec_from_dict({"model": base, "moe": moe, "quantization": {"format": "int8",
+                                                                          "weights": {"attention": True}}})
+    assert err.value.path == "quantization.weights.attention"
 
 
 def test_generated_model_py_equals_the_eager_backend(tmp_path):
@@ -241,3 +246,137 @@ def test_generated_model_py_equals_the_eager_backend(tmp_path):
         logits = generated(ids)[0]
     eager = backend.prepare(graph, {k: v for k, v in weights.items() if k in graph.weights})(ids)["logits"]
     assert torch.equal(logits, eager)
+
+
+def test_onnxruntime_genai_generates_transformers_tokens_of_a_saved_checkpoint(tmp_path, capsys):
+    """`moe-ir build --backend onnx --decoder` of a saved JetMoE folder: onnxruntime-genai's generator gives
+    transformers' greedy tokens."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install "
+                                                         "'moe-ir[onnx]')")
+    import json
+
+    import numpy as np
+
+    from moe_ir.cli import main
+
+    cfg, hf = _tiny_model()
+    hf.config.eos_token_id = hf.generation_config.eos_token_id = 96
+    hf.config.bos_token_id, hf.config.pad_token_id = 1, 0
+    hf.save_pretrained(tmp_path / "ckpt")
+    assert main(["build", str(tmp_path / "ckpt"), "--backend", "onnx", "--decoder", "-o", str(tmp_path / "out"),
+                 "--json"]) == 0
+    capsys.readouterr()
+    config = json.loads((tmp_path / "out" / "genai_config.json").read_text())["model"]["decoder"]
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_size"]) == (6, 3, 6)
+    prompts = torch.randint(1, 96, (2, 7), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=5, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[:, 7:]
+    model = og.Model(str(tmp_path / "out"))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=12, do_sample=False, batch_size=2)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompts.numpy().astype(np.int32))
+    steps = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        steps.append(generator.get_next_tokens().tolist())
+    for row, want in zip(np.array(steps).T.tolist(), expected.tolist()):
+        stop = row.index(96) + 1 if 96 in row else len(row)   # GenAI stops a row at eos, transformers here does not
+        assert row[:stop] == want[:stop]
+
+
+def test_activated_parameters_and_flops_count_the_chosen_attention_experts():
+    """A token reads top_k of the experts' stacked query/output projections (and top_k MLP experts); the counts
+    are computed here from the config, independently of the graph."""
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config
+    from moe_ir.model_analysis import analyse_model
+
+    cfg = _config()
+    spec = model_spec_from_hf_config(cfg)
+    r = analyse_model(spec)
+    h, e, k, kvd, f = cfg.hidden_size, cfg.num_local_experts, cfg.num_experts_per_tok, \
+        cfg.num_key_value_heads * cfg.kv_channels, cfg.intermediate_size
+    attention = e * h + 2 * kvd * h + 2 * e * kvd * h + h     # router, kv_proj, input/output_linear, bias
+    moe = e * h + e * 3 * f * h + h                           # router, experts, output bias
+    layer = attention + moe + 2 * h
+    assert r.total_params == cfg.vocab_size * h * 2 + h + cfg.num_hidden_layers * layer
+    activated = layer - (e - k) * 2 * kvd * h - (e - k) * 3 * f * h
+    assert r.layers[0].activated_params == activated
+    assert r.layers[0].flops_per_token == 2 * (e * h + 2 * kvd * h + k * 2 * kvd * h) + 2 * (e * h + k * 3 * f * h)
+
+
+def test_export_hf_writes_a_folder_transformers_loads_with_the_same_logits(tmp_path):
+    """export-hf of the imported spec and weights: JetMoeForCausalLM.from_pretrained on the folder gives the
+    original model's logits, and import-hf of it gives the spec back."""
+    from transformers import JetMoeForCausalLM
+
+    from moe_ir.frontends.hf.export import export_hf_checkpoint
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config, weights_from_hf_model
+    from moe_ir.model_spec import model_spec_to_dict
+
+    cfg, hf = _tiny_model(**LAYOUTS["e5k2kv3"])
+    spec = model_spec_from_hf_config(cfg)
+    family, _ = export_hf_checkpoint(spec, weights_from_hf_model(hf, spec), tmp_path / "out")
+    assert family == "jetmoe"
+    back = JetMoeForCausalLM.from_pretrained(tmp_path / "out").float().eval()
+    theirs, ours = hf.state_dict(), back.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # the loaded model may pick another attention kernel (sdpa): not bit for bit
+        torch.testing.assert_close(back(input_ids=ids).logits, hf(input_ids=ids).logits, rtol=1e-5, atol=2e-5)
+    again = model_spec_from_hf_config(back.config, name=spec.name)
+    assert model_spec_to_dict(again)["model"] | {"source": ""} == model_spec_to_dict(spec)["model"] | {"source": ""}
+
+
+@pytest.mark.parametrize("per_slot", [False, True], ids=["token-rows", "slot-rows"])
+def test_expert_linear_grouped_and_stacked_forms_equal_the_gathered_matrices(per_slot):
+    """The MoA projections' kernel: one GEMM per expert on its rows (eager inference) and the routing-independent
+    form over the stacked experts (autograd, compile) both equal each slot's own matrix product, written here
+    with the chosen matrices gathered; an expert no token chose (6) is skipped."""
+    from moe_ir.backends.torch_kernels import expert_linear
+
+    g = torch.Generator().manual_seed(0)
+    t, k, e, i, o = 11, 3, 7, 5, 4
+    idx = torch.stack([torch.randperm(e - 1, generator=g)[:k] for _ in range(t)])
+    w = torch.randn(e, o, i, generator=g)
+    x = torch.randn(t, k, i, generator=g) if per_slot else torch.randn(t, i, generator=g)
+    rows = x if per_slot else x[:, None].expand(t, k, i)
+    want = torch.einsum("tjoi,tji->tjo", w[idx], rows)
+    with torch.no_grad():
+        grouped = expert_linear(x, idx, w)
+    stacked = expert_linear(x, idx, w.clone().requires_grad_())
+    torch.testing.assert_close(grouped, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stacked.detach(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_moe_layer_with_output_bias_on_the_layer_backends():
+    """The MoE layer alone (its output bias an add_bias node after the combine): every layer backend that runs it
+    agrees with the reference, routing included."""
+    from moe_ir.backends import resolve_backends
+    from moe_ir.validate import validate
+
+    spec = spec_from_hf_config(_config())
+    report = validate(spec, resolve_backends(["reference", "torch", "onnx:portable", "onnx:ort", "onnx:plugin",
+                                              "expert_parallel:2"]), tokens=7, batch=2, seed=2)
+    assert report.ok, report.to_table()
+    assert all(r.status == "ok" and r.routing.flips == 0 for r in report.results), report.to_table()
+
+
+def test_validation_compares_the_attention_experts_routing_too():
+    """validate_model's routing record holds both routers of each layer (layers.i.attn.expert_idx beside
+    layers.i.expert_idx): 2 x 7 tokens x 3 layers x 2 routers agree on every backend, prefill and decode."""
+    from moe_ir.backends import resolve_backends
+    from moe_ir.frontends.hf.model import model_spec_from_hf_config, weights_from_hf_model
+    from moe_ir.model_builder import build_model_graph
+    from moe_ir.validate import validate_model
+
+    cfg, hf = _tiny_model()
+    spec = model_spec_from_hf_config(cfg)
+    outputs = build_model_graph(spec, routing=True).outputs
+    assert {"layers.2.attn.expert_idx", "layers.2.attn.weights", "layers.2.expert_idx"} <= set(outputs)
+    report = validate_model(spec, resolve_backends(["reference", "torch", "onnx:portable", "onnx:ort"]), tokens=7,
+                            batch=2, weights=weights_from_hf_model(hf, spec), generate=2)
+    assert report.ok, report.to_table()
+    assert all(r.status == "ok" and r.routing.units == 2 * 7 * 3 * 2 and r.routing.flips == 0
+               for r in report.results), report.to_table()

@@ -70,6 +70,9 @@ def genai_config(graph: Graph, *, filename: str = DECODER_FILE, tokens: Mapping[
     pad id, else 0, stands in as both (`missing_eos_note` says so in the build's notes)."""
     entries = cache_entries(graph)
     attention = graph.find(OpCode.CACHED_ATTENTION) + graph.find(OpCode.CACHED_MLA_ATTENTION)
+    # Mixture of attention heads (JetMoE): kv_heads query heads per chosen expert, k experts per token.
+    heads = [n.attrs["kv_heads"] * n.input("expert_idx").type.shape[1]
+             for n in graph.find(OpCode.CACHED_MOA_ATTENTION)] + [n.attrs["heads"] for n in attention]
     embed = graph.find(OpCode.EMBEDDING)[0]
     vocab, hidden = (int(d) for d in embed.inputs[1].type.shape)
     tokens = dict(tokens or {})
@@ -91,7 +94,7 @@ def genai_config(graph: Graph, *, filename: str = DECODER_FILE, tokens: Mapping[
                 "filename": filename,
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                 "hidden_size": hidden,
-                "num_attention_heads": int(attention[0].attrs["heads"]),
+                "num_attention_heads": int(heads[0]),
                 "num_key_value_heads": entries[0].heads,
                 "head_size": entries[0].dim,
                 "num_hidden_layers": len(entries) // 2,

@@ -60,6 +60,7 @@ EXPORT_FAMILIES: dict[str, tuple[str, str, HFLayout]] = {
     "dbrx": ("DbrxForCausalLM", "ffn", HFLayout.STACKED),
     # stacked: gate_up_proj keeps (zero) rows for the identity experts, as the module holds them
     "longcat_flash": ("LongcatFlashForCausalLM", "mlp", HFLayout.STACKED),
+    "jetmoe": ("JetMoeForCausalLM", "mlp", HFLayout.STACKED_LINEAR),
 }
 # Tensor names a family's checkpoint gives its router and shared MLP, where they are not the common ones
 # (keyword arguments of tensor_map.model_rules; the names import-hf detects, tensor_map.detect_router_names).
@@ -68,6 +69,7 @@ _BLOCK_NAMES: dict[str, dict[str, str]] = {
     "minimax_m2": {"router_bias": "e_score_correction_bias"},
     "hunyuan_v1_moe": {"router_weight": "gate.wg.weight", "shared_mlp": "shared_mlp"},
     "granitemoe": {"router_weight": "router.layer.weight"},
+    "jetmoe": {"router_weight": "router.layer.weight"},
     "granitemoeshared": {"router_weight": "router.layer.weight", "layer_shared_mlp": "shared_mlp"},
     # GraniteMoeSWA has no hub conversion: save_pretrained writes its module names (experts.gate_up_proj, router)
     "granitemoe_swa": {"router_weight": "router.weight", "layer_shared_mlp": "shared_mlp"},
@@ -345,6 +347,26 @@ def _gpt_oss(spec: ModelSpec) -> dict:
     return config
 
 
+def _jetmoe(spec: ModelSpec) -> dict:
+    """JetMoE: mixture of attention heads with as many attention experts as MLP experts and one top-k, every layer
+    MoE, the layer norms' eps 1e-6 and the final norm's rms_norm_eps."""
+    m, a, e = spec.model, spec.model.attention, spec.moe.experts
+    if a.kind != AttentionKind.MOA:
+        raise _Unfit(f"{a.kind.value} attention: JetMoE's attention is a mixture of attention heads (kind moa)")
+    if (a.experts, a.top_k) != (e.routed, e.top_k):
+        raise _Unfit(f"{a.experts} attention experts, top-{a.top_k}, beside {e.routed} MLP experts, top-{e.top_k}: "
+                     "JetMoE's num_local_experts and num_experts_per_tok size both")
+    if m.dense_layers:
+        raise _Unfit(f"dense layers {list(m.dense_layers)[:8]}: every JetMoE layer is MoE")
+    config = _common(spec, "jetmoe")
+    config.pop("hidden_act", None)
+    config.update(activation_function=_HIDDEN_ACT[e.activation], num_local_experts=e.routed,
+                  num_experts_per_tok=e.top_k, intermediate_size=e.width, num_key_value_heads=a.kv_heads,
+                  kv_channels=a.dim(m.hidden), aux_loss_coef=0.0,
+                  rms_norm_eps=m.final_norm_eps if m.final_norm_eps is not None else m.rms_norm_eps)
+    return config
+
+
 def _mlp_layer_types(spec: ModelSpec) -> list[str]:
     """GLM-4.7-Flash's and EXAONE MoE's schedule: "dense" / "sparse" per layer, so any pattern maps."""
     return ["sparse" if spec.model.is_moe_layer(i) else "dense" for i in range(spec.model.layers)]
@@ -467,7 +489,8 @@ _BUILDERS = {"deepseek_v3": lambda s: _deepseek(s, "deepseek_v3"), "deepseek_v2"
              "flex_olmo": _flex_olmo, "granitemoe": _granitemoe,
              "granitemoeshared": lambda s: _granitemoe(s, "granitemoeshared"), "phimoe": _phimoe,
              "gpt_oss": _gpt_oss, "glm4_moe_lite": _glm4_moe_lite, "exaone_moe": _exaone_moe,
-             "granitemoe_swa": _granitemoe_swa, "dbrx": _dbrx, "longcat_flash": _longcat_flash}
+             "granitemoe_swa": _granitemoe_swa, "dbrx": _dbrx, "longcat_flash": _longcat_flash,
+             "jetmoe": _jetmoe}
 
 
 def _semantic(data: Any, key: str = "") -> Any:

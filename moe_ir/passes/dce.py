@@ -36,7 +36,8 @@ class StripTrainingOutputs(Pass):
     """Inference targets export `out` (a model: `logits`) and the routing record only.
 
     A model's per-layer keys are judged without their `layers.{i}.` prefix, so `layers.3.expert_idx` is kept
-    like a layer's `expert_idx` and `layers.3.router_logits` dropped like `router_logits`. A decode graph's
+    like a layer's `expert_idx` and `layers.3.router_logits` dropped like `router_logits` (and the attention
+    experts' `layers.3.attn.expert_idx` of a mixture of attention heads kept likewise). A decode graph's
     present cache (`present.{i}.key`, ...) is inference state, not a training output: it is kept."""
 
     name = "strip-training-outputs"
@@ -45,7 +46,7 @@ class StripTrainingOutputs(Pass):
 
     def __call__(self, graph: Graph) -> tuple[Graph, bool]:
         dropped = [k for k in graph.outputs
-                   if _LAYER_PREFIX.sub("", k) not in self.keep and not k.startswith("present.")]
+                   if _LAYER_PREFIX.sub("", k).removeprefix("attn.") not in self.keep and not k.startswith("present.")]
         for key in dropped:
             del graph.outputs[key]
         return graph, bool(dropped)
