@@ -367,7 +367,6 @@ class PluginLowering(PortableLowering):
         # The plugin gives int32 indices (TensorRT's native type); the IR's routing record is int64.
         em.op("Cast", [idx32], out=node.outputs[1].name, to=TensorProto.INT64)
 
-
     def _stored_bytes(self, value: Value) -> str:
         """A stored part of a quantized weight as QFusedMoE takes it: scales as they are; codes and zero points
         as int8 holding the stored bytes bit for bit (uint8 reinterpreted: TensorRT plugins take no uint8)."""
