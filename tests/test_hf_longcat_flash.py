@@ -115,6 +115,12 @@ def test_weights_round_trip_and_parameter_count():
             assert torch.equal(back[name][:5], t[:5]) and not back[name][5:].any()
         else:
             assert torch.equal(back[name], t), name
+    # Without identity experts the block keeps LongCat-Flash's router names, found in the source's names.
+    plain_cfg = _config(zero_expert_num=0)
+    plain = _block(plain_cfg, seed=1)
+    plain_weights = weights_from_hf(plain, spec_from_hf_config(plain_cfg))
+    assert torch.equal(plain_weights["router.weight"], plain.router.classifier.weight)
+    assert torch.equal(plain_weights["router.bias"], plain.router.e_score_correction_bias)
     graph_total = sum(math.prod(v.type.shape) for v in build_graph(spec).weights.values())
     unused = 3 * 2 * 14 * H  # transformers' gate_up_proj rows of the identity experts
     block_total = sum(p.numel() for p in block.parameters()) + sum(b.numel() for b in block.buffers())

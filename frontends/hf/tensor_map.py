@@ -191,12 +191,15 @@ def _gpt_oss_experts() -> list[TensorRule]:
 # (MiniMax-M2), or as a [1, E] parameter of the router's statistics (ERNIE-4.5: under the router in transformers'
 # module, beside it in the hub layout save_pretrained writes).
 ROUTER_BIAS_NAMES = ("gate.e_score_correction_bias", "e_score_correction_bias",
-                     "gate.moe_statics.e_score_correction_bias", "moe_statics.e_score_correction_bias")
+                     "gate.moe_statics.e_score_correction_bias", "moe_statics.e_score_correction_bias",
+                     "router.e_score_correction_bias")  # the last: LongCat-Flash's
 
 
 # The router projection's name in a block: `gate` in most families, `router` in Granite's module, `router.layer`
-# in Granite's hub checkpoints, `gate.wg` in Hunyuan's.
-ROUTER_WEIGHT_NAMES = ("gate.weight", "router.weight", "router.layer.weight", "gate.wg.weight")
+# in Granite's hub checkpoints, `gate.wg` in Hunyuan's, `router.classifier` in LongCat-Flash's (found by name also
+# when it has no identity experts, which router_name goes by).
+ROUTER_WEIGHT_NAMES = ("gate.weight", "router.weight", "router.layer.weight", "gate.wg.weight",
+                       "router.classifier.weight")
 # The ungated shared MLP's module name in a block: DeepSeek's and most families', or Hunyuan's.
 SHARED_MLP_NAMES = ("shared_experts", "shared_mlp")
 # The shared MLP GraniteMoeShared keeps in the decoder layer beside its block (layers.i.shared_mlp).
