@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers", reason="the gpt-oss equivalen
 from transformers import GptOssConfig  # noqa: E402
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP  # noqa: E402
 
+from conftest import assert_greedy_equals_generate, assert_logits_equal, logits_on_backends
 from moe_ir.analysis import analyse  # noqa: E402
 from moe_ir.backends import get_backend, resolve_backends  # noqa: E402
 from moe_ir.builder import build_graph  # noqa: E402
@@ -202,15 +203,8 @@ def test_model_logits_equal_transformers_on_every_backend_that_lowers_it(rope, l
     ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(input_ids=ids).logits
-    got = {"reference": interpret(build_model_graph(spec), {"input_ids": ids}, weights)["logits"]}
-    for name in ("torch", "onnx:portable", "onnx:ort"):
-        backend = get_backend(name)
-        graph = run_pipeline(build_model_graph(spec), backend.pipeline)
-        assert backend.supports(graph) == (True, "")
-        got[name] = backend.prepare(graph, {k: v for k, v in weights.items() if k in graph.weights})(ids)["logits"]
-    for name, logits in got.items():
-        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=2e-5, msg=name)
-        assert torch.equal(logits.argmax(-1), expected.argmax(-1)), name
+    got = logits_on_backends(spec, weights, ids, ("torch", "onnx:portable", "onnx:ort"))
+    assert_logits_equal(got, expected, atol=2e-5, label="gpt_oss")
     # The sinks matter: without them the logits move.
     no_sinks = {k: (torch.full_like(v, -1e4) if k.endswith("sinks") else v) for k, v in weights.items()}
     moved = interpret(build_model_graph(spec), {"input_ids": ids}, no_sinks)["logits"]
@@ -255,8 +249,7 @@ def test_import_hf_model_cli_and_greedy_generation_equal_transformers(tmp_path):
     torch and both ONNX flavours equal transformers' generate on left-padded prompts, each step's logits its."""
     from moe_ir.cli import main
     from moe_ir.frontends import load_model_spec
-    from moe_ir.generation import greedy_generate
-    from moe_ir.model_builder import GraphForm, build_model_graph
+    from moe_ir.model_builder import build_model_graph
     from moe_ir.params import load_weights
 
     cfg, hf = _tiny_model(rope_parameters=YARN, **SLIDING)
@@ -277,15 +270,4 @@ def test_import_hf_model_cli_and_greedy_generation_equal_transformers(tmp_path):
     prompts = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(prompts)
     mask[1, :2] = 0  # the second prompt is 4 tokens, left-padded; 11 positions in all pass the window of 3
-    with torch.no_grad():
-        out = hf.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=5, do_sample=False,
-                          output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-    theirs = torch.stack(out.logits, dim=1)
-    for name in ("torch", "onnx:portable", "onnx:ort"):
-        backend = get_backend(name)
-        decode = run_pipeline(build_model_graph(spec, form=GraphForm.DECODE), backend.pipeline)
-        step = backend.prepare(decode, {k: v for k, v in weights.items() if k in decode.weights})
-        result = greedy_generate(step, decode, prompts, mask, max_new_tokens=5)
-        assert torch.equal(result.tokens, out.sequences[:, prompts.shape[1]:]), name
-        torch.testing.assert_close(result.logits.float(), theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()),
-                                   msg=name)
+    assert_greedy_equals_generate(hf, spec, weights, prompts, mask, ("torch", "onnx:portable", "onnx:ort"))

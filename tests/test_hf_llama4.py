@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers", reason="the Llama 4 equivalen
 from transformers import Llama4TextConfig  # noqa: E402
 from transformers.models.llama4.modeling_llama4 import Llama4TextMoe  # noqa: E402
 
+from conftest import assert_greedy_equals_generate, assert_logits_equal, logits_on_backends
 from moe_ir.analysis import analyse  # noqa: E402
 from moe_ir.backends import get_backend, resolve_backends  # noqa: E402
 from moe_ir.builder import build_graph  # noqa: E402
@@ -192,16 +193,8 @@ def test_model_logits_equal_transformers_on_every_backend_that_lowers_it(options
     ids = _ids()
     with torch.no_grad():
         expected = hf(input_ids=ids).logits
-    got = {"reference": interpret(build_model_graph(spec), {"input_ids": ids}, weights)["logits"]}
-    for name in ("torch", "onnx:portable"):
-        backend = get_backend(name)
-        graph = run_pipeline(build_model_graph(spec), backend.pipeline)
-        assert backend.supports(graph) == (True, "")
-        got[name] = backend.prepare(graph, {k: v for k, v in weights.items() if k in graph.weights})(ids)["logits"]
-    for name, logits in got.items():
-        print(f"max abs logits error llama4_text {name}: {float((logits - expected).abs().max()):.2e}")
-        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=2e-5 * float(expected.abs().max()), msg=name)
-        assert torch.equal(logits.argmax(-1), expected.argmax(-1)), name
+    got = logits_on_backends(spec, weights, ids, ("torch", "onnx:portable"))
+    assert_logits_equal(got, expected, atol=2e-5 * float(expected.abs().max()), label="llama4_text")
     ort = get_backend("onnx:ort")
     ok, reason = ort.supports(run_pipeline(build_model_graph(spec), ort.pipeline))
     assert not ok and "router.scale_input" in reason
@@ -238,8 +231,6 @@ def test_greedy_generation_equals_transformers(padded):
     (position_ids); they differ only in left-padded rows, so the padded case runs without the temperature:
     its chunks are still positions (left padding not counted), as transformers' chunked mask has them."""
     from moe_ir.frontends.hf.model import model_spec_from_hf_config, weights_from_hf_model
-    from moe_ir.generation import greedy_generate
-    from moe_ir.model_builder import GraphForm, build_model_graph
 
     cfg, hf = _tiny_model(**{**SCOUT_LIKE, **({"attn_temperature_tuning": False} if padded else {})})
     spec = model_spec_from_hf_config(cfg)
@@ -248,18 +239,7 @@ def test_greedy_generation_equals_transformers(padded):
     mask = torch.ones_like(prompts)
     if padded:
         mask[1, :2] = 0
-    with torch.no_grad():
-        out = hf.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=5, do_sample=False,
-                          output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-    theirs = torch.stack(out.logits, dim=1)
-    for name in ("torch", "onnx:portable"):
-        backend = get_backend(name)
-        decode = run_pipeline(build_model_graph(spec, form=GraphForm.DECODE), backend.pipeline)
-        step = backend.prepare(decode, {k: v for k, v in weights.items() if k in decode.weights})
-        result = greedy_generate(step, decode, prompts, mask, max_new_tokens=5)
-        assert torch.equal(result.tokens, out.sequences[:, prompts.shape[1]:]), name
-        torch.testing.assert_close(result.logits.float(), theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()),
-                                   msg=name)
+    assert_greedy_equals_generate(hf, spec, weights, prompts, mask, ("torch", "onnx:portable"))
 
 
 def test_import_hf_model_cli_with_weights(tmp_path):

@@ -22,6 +22,7 @@ transformers = pytest.importorskip("transformers", reason="the LongCat-Flash equ
 from transformers import LongcatFlashConfig  # noqa: E402
 from transformers.models.longcat_flash.modeling_longcat_flash import LongcatFlashMoE  # noqa: E402
 
+from conftest import assert_logits_equal, logits_on_backends  # noqa: E402
 from moe_ir.analysis import analyse  # noqa: E402
 from moe_ir.backends import get_backend, resolve_backends  # noqa: E402
 from moe_ir.builder import build_graph  # noqa: E402
@@ -201,15 +202,8 @@ def test_model_logits_equal_transformers_on_every_backend_that_lowers_it(identit
     ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(input_ids=ids).logits
-    got = {"reference": interpret(graph, {"input_ids": ids}, weights)["logits"]}
-    for name in ("torch", "onnx:portable", "onnx:ort"):
-        backend = get_backend(name)
-        lowered = run_pipeline(build_model_graph(spec), backend.pipeline)
-        assert backend.supports(lowered) == (True, ""), name
-        got[name] = backend.prepare(lowered, {k: v for k, v in weights.items() if k in lowered.weights})(ids)["logits"]
-    for name, logits in got.items():
-        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=2e-5, msg=name)
-        assert torch.equal(logits.argmax(-1), expected.argmax(-1)), name
+    got = logits_on_backends(spec, weights, ids, ("torch", "onnx:portable", "onnx:ort"))
+    assert_logits_equal(got, expected, atol=2e-5, label=f"longcat_flash{'' if identity else ' (no identity experts)'}")
     if identity:  # each part of the layer counts: without the latent scales, or the MoE shortcut, the logits move
         unscaled = interpret(build_model_graph(_replace_attention(spec, latent_scales=False)), {"input_ids": ids},
                              weights)["logits"]

@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers", reason="the PhiMoE equivalenc
 from transformers import PhimoeConfig  # noqa: E402
 from transformers.models.phimoe.modeling_phimoe import PhimoeSparseMoeBlock  # noqa: E402
 
+from conftest import assert_logits_equal, logits_on_backends  # noqa: E402
 from moe_ir.analysis import analyse  # noqa: E402
 from moe_ir.backends import get_backend, resolve_backends  # noqa: E402
 from moe_ir.builder import build_graph  # noqa: E402
@@ -216,16 +217,8 @@ def test_model_logits_equal_transformers_on_every_backend_that_lowers_it(biases,
     ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(input_ids=ids).logits
-    got = {"reference": interpret(build_model_graph(spec), {"input_ids": ids}, weights)["logits"]}
-    for name in ("torch", "onnx:portable", "onnx:ort"):
-        backend = get_backend(name)
-        graph = run_pipeline(build_model_graph(spec), backend.pipeline)
-        assert backend.supports(graph) == (True, "")
-        got[name] = backend.prepare(graph, {k: v for k, v in weights.items() if k in graph.weights})(ids)["logits"]
-    for name, logits in got.items():
-        print(f"max abs logits error phimoe {name}: {float((logits - expected).abs().max()):.2e}")
-        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=2e-5, msg=name)
-        assert torch.equal(logits.argmax(-1), expected.argmax(-1)), name
+    got = logits_on_backends(spec, weights, ids, ("torch", "onnx:portable", "onnx:ort"))
+    assert_logits_equal(got, expected, atol=2e-5, label="phimoe")
     if window is not None:  # the window matters: without it the logits move
         import dataclasses
 
@@ -294,14 +287,8 @@ def test_longrope_logits_equal_transformers_on_every_backend(original, long_equa
     ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(input_ids=ids).logits
-    got = {"reference": interpret(build_model_graph(spec), {"input_ids": ids}, weights)["logits"]}
-    for name in ("torch", "onnx:portable", "onnx:ort"):
-        backend = get_backend(name)
-        graph = run_pipeline(build_model_graph(spec), backend.pipeline)
-        got[name] = backend.prepare(graph, {k: v for k, v in weights.items() if k in graph.weights})(ids)["logits"]
-    for name, logits in got.items():
-        print(f"max abs logits error phimoe-longrope-{original} {name}: {float((logits - expected).abs().max()):.2e}")
-        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=2e-5, msg=name)
+    got = logits_on_backends(spec, weights, ids, ("torch", "onnx:portable", "onnx:ort"))
+    assert_logits_equal(got, expected, atol=2e-5, label=f"phimoe-longrope-{original}")
     # the mscale (or the factors) matter: plain RoPE gives other logits
     import dataclasses
 
