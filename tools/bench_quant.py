@@ -16,6 +16,8 @@ Contenders (one set of float weights, quantized round-to-nearest with block 32 a
   ort int8/int4 QMoE  the onnx:ort export (routed experts as com.microsoft.QMoE, the shared experts as
                   com.microsoft.MatMulNBits) in onnxruntime, same threads, exact (int8: float activations,
                   ORT_QMOE_CPU_QNBIT_GEMM=fp32 as moe-ir's runner sets it) (--no-ort leaves these out)
+  ort int8/int4 QMoE int8-act  the same exports with int8 activations (`--int4-activations int8`: QMoE and
+                  MatMulNBits at accuracy_level 4), not exact
 Times are wall clock; `cpu ms` is the process's CPU time per call (all threads), steadier than wall clock on a
 machine other processes share. The header gives the CPU model and the copy bandwidth of this run (a 512 MiB clone: bytes read + written per
 second). Each row gives the weight bytes a call touches (the router, the shared experts and each routed
@@ -28,7 +30,6 @@ dequantization or the kernel's arithmetic dominates.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -37,7 +38,6 @@ from pathlib import Path
 import torch
 
 from moe_ir.backends import get_backend
-from moe_ir.backends.onnx.quant_ops import QMOE_FLOAT_ACTIVATIONS_ENV
 from moe_ir.builder import build_graph
 from moe_ir.params import init_weights
 from moe_ir.passes import run_pipeline
@@ -123,15 +123,9 @@ def main() -> None:
             contenders[f"ort {fmt} QMoE"] = (graph, weights, {})
             runners[f"ort {fmt} QMoE"] = ort.prepare(run_pipeline(graph, ort.pipeline), weights,
                                                      threads=args.threads)
-            # the same export in a session made with int8 activations (QMoE's QNBit GEMM), as a host that does
-            # not set the variable runs it: faster, not exact
-            os.environ[QMOE_FLOAT_ACTIVATIONS_ENV[0]] = "int8"
-            try:
-                contenders[f"ort {fmt} QMoE int8-act"] = (graph, weights, {})
-                runners[f"ort {fmt} QMoE int8-act"] = ort.prepare(run_pipeline(graph, ort.pipeline), weights,
-                                                                  threads=args.threads)
-            finally:
-                os.environ.pop(QMOE_FLOAT_ACTIVATIONS_ENV[0])
+            contenders[f"ort {fmt} QMoE int8-act"] = (graph, weights, {})
+            runners[f"ort {fmt} QMoE int8-act"] = ort.prepare(run_pipeline(graph, ort.pipeline), weights,
+                                                              threads=args.threads, int4_activations="int8")
 
     del float_weights  # each runner holds its own copy
     for tokens in tokens_list:
@@ -151,7 +145,8 @@ def main() -> None:
                     cpu[label].append(time.process_time() - c)
         ref = outputs["float32"]["out"].double()
         print(f"\n{tokens} token(s):")
-        print(f"{'path':14} {'median ms':>10} {'best ms':>9} {'vs float32':>10} {'cpu ms':>8} {'vs float32':>10} "
+        width = max(map(len, times))
+        print(f"{'path':{width}} {'median ms':>10} {'best ms':>9} {'vs float32':>10} {'cpu ms':>8} {'vs float32':>10} "
               f"{'MB touched':>10} {'GB/s':>6} {'of copy bw':>10} {'rel err vs float32':>18}")
         base = statistics.median(times["float32"])
         base_cpu = statistics.median(cpu["float32"])
@@ -162,7 +157,7 @@ def main() -> None:
             rate = touched / med
             err = float((outputs[label]["out"].double() - ref).norm() / ref.norm())
             cmed = statistics.median(cpu[label])
-            print(f"{label:14} {med * 1e3:10.2f} {best * 1e3:9.2f} {base / med:9.2f}x {cmed * 1e3:8.2f} "
+            print(f"{label:{width}} {med * 1e3:10.2f} {best * 1e3:9.2f} {base / med:9.2f}x {cmed * 1e3:8.2f} "
                   f"{base_cpu / cmed:9.2f}x {touched / 1e6:10.1f} "
                   f"{rate / 1e9:6.1f} {rate / bandwidth:9.0%} {err:18.2e}")
 
