@@ -372,7 +372,7 @@ class AttentionSpec:
                 ctx.fail(join_key_path(path, "kv_heads"), f"kv_heads={self.kv_heads} must divide heads={self.heads}")
 
     def _check_moa(self, ctx: ParseContext, path: str) -> None:
-        """Mixture of attention heads as JetMoE has it: softmax top-k routing, plain RoPE attention, the
+        """Mixture of attention heads as JetMoE has it: softmax top-k routing, causal RoPE attention, the
         output projections' shared bias (out_bias); what JetMoE does not combine with it is refused."""
         for name in ("experts", "top_k", "kv_heads"):
             if getattr(self, name) is None:
@@ -385,6 +385,8 @@ class AttentionSpec:
         for name in ("q_lora_rank",) + _MLA_FIELDS:
             if getattr(self, name) is not None:
                 ctx.fail(join_key_path(path, name), f"{name} belongs to kind mla; this attention is moa")
+        if self.rotary_dim is not None and self.rotary_dim % 2:
+            ctx.fail(join_key_path(path, "rotary_dim"), f"RoPE rotates pairs of dims; {self.rotary_dim} is odd")
         unmodelled = {"sliding_window": None, "nope_layers": None, "chunk_size": None, "temperature": None,
                       "clip_qkv": None, "global_nope": None, "qkv_bias": False, "sinks": False, "qk_norm": QKNorm.NONE}
         for name, plain in unmodelled.items():

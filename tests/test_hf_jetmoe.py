@@ -211,6 +211,7 @@ def test_defaults_and_refusals():
     model_spec_from_dict({"model": base, "moe": moe})
     for change, path in ((dict(heads=6), "heads"), (dict(top_k=4), "top_k"), (dict(sliding_window=3), "sliding_window"),
                          (dict(qkv_bias=True), "qkv_bias"), (dict(experts=None), "experts"),
+                         (dict(rotary_dim=1), "rotary_dim"),
                          (dict(kind="gqa"), "experts")):
         with pytest.raises(SpecError) as err:
             model_spec_from_dict({"model": {**base, "attention": {**base["attention"], **change}}, "moe": moe})
