@@ -15,7 +15,7 @@ from types import CodeType, FunctionType
 from . import torch_kernels, torch_ops
 
 # The imports every copied function may rely on (torch_kernels.py and torch_ops.py import no more).
-HEADER_IMPORTS = ("import math", "import warnings", "", "import torch", "import torch.nn.functional as F")
+HEADER_IMPORTS = ("import concurrent.futures", "import math", "import os", "import threading", "import warnings", "", "import torch", "import torch.nn.functional as F")
 
 
 def _module_functions(module) -> dict[str, FunctionType]:

@@ -243,3 +243,60 @@ def test_sparse_unpermute_equals_the_sum(dtype):
     torch.testing.assert_close(fast.double(), want, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(fast, slow.detach(), rtol=1e-6, atol=1e-7)
     assert torch.equal(fast[[4, 17, 18]], torch.zeros(3, h, dtype=dtype))
+
+
+# ---------------------------------------------------------------------------------------------------
+# experts side by side on one-thread workers
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_experts_side_by_side_equal_the_sequential_loop(two_threads, mode):
+    """With 2 intra-op threads and 4+ experts with rows, experts run on the worker threads: the output equals
+    each expert's FFN written in this test (bitwise: the same calls), dropped rows are 0, the caller's thread
+    count is unchanged, and it works under inference_mode (an inference tensor written by the workers) and
+    no_grad alike."""
+    gen = torch.Generator().manual_seed(5)
+    sizes = [7, 0, 5, 9, 4, 0, 6, 8]
+    dropped = 3
+    x = torch.randn(20, H, generator=gen)
+    rows = torch.randint(0, 20, (sum(sizes) + dropped,), generator=gen)
+    w = torch.randn(len(sizes), F_, H, generator=gen)
+    used = []
+
+    def expert_ffn(e, xe):
+        used.append(e)
+        return torch.relu(xe @ w[e].T) @ w[e]
+
+    with torch.inference_mode() if mode == "inference_mode" else torch.no_grad():
+        y = K.experts_in_place(x, rows, sizes, expert_ffn)
+    assert sorted(used) == [e for e, s in enumerate(sizes) if s]
+    assert torch.get_num_threads() == 2
+    start = 0
+    for e, size in enumerate(sizes):
+        want = torch.relu(x[rows[start:start + size]] @ w[e].T) @ w[e]
+        assert torch.equal(y[start:start + size], want)
+        start += size
+    assert torch.equal(y[start:], torch.zeros(dropped, H))
+
+
+def test_expert_worker_errors_reach_the_caller(two_threads):
+    """An expert's exception on a worker thread is raised in the caller, and the workers stay usable."""
+    x, rows, sizes = torch.randn(8, H), torch.arange(8), [2, 2, 2, 2]
+
+    def failing(e, xe):
+        if e == 2:
+            raise ValueError("expert 2 failed")
+        return xe
+
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="expert 2 failed"):
+            K.experts_in_place(x, rows, sizes, failing)
+        assert torch.equal(K.experts_in_place(x, rows, sizes, lambda e, xe: xe * e), x * torch.arange(4).repeat_interleave(2)[:, None])
