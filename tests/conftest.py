@@ -78,6 +78,7 @@ def assert_greedy_equals_generate(hf, spec, weights, prompts, mask, backends, ne
     for name in backends:
         backend = get_backend(name)
         decode = run_pipeline(build_model_graph(spec, form=GraphForm.DECODE, **graph_options), backend.pipeline)
+        assert backend.supports(decode) == (True, ""), name
         step = backend.prepare(decode, {k: v for k, v in weights.items() if k in decode.weights})
         result = greedy_generate(step, decode, prompts, mask, max_new_tokens=new_tokens)
         assert torch.equal(result.tokens, out.sequences[:, prompts.shape[1]:]), name

@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers", reason="the JetMoE equivalenc
 from transformers import JetMoeConfig  # noqa: E402
 from transformers.models.jetmoe.modeling_jetmoe import JetMoeMoE  # noqa: E402
 
+from conftest import assert_greedy_equals_generate, assert_logits_equal, logits_on_backends  # noqa: E402
 from moe_ir.backends import get_backend  # noqa: E402
 from moe_ir.builder import build_graph  # noqa: E402
 from moe_ir.errors import SpecError  # noqa: E402
@@ -103,15 +104,8 @@ def test_model_logits_equal_transformers_on_every_backend_that_lowers_it(layout)
     ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(input_ids=ids).logits
-    got = {"reference": interpret(build_model_graph(spec), {"input_ids": ids}, weights)["logits"]}
-    for name in ("torch", "onnx:portable", "onnx:ort"):
-        backend = get_backend(name)
-        graph = run_pipeline(build_model_graph(spec), backend.pipeline)
-        assert backend.supports(graph) == (True, "")
-        got[name] = backend.prepare(graph, {k: v for k, v in weights.items() if k in graph.weights})(ids)["logits"]
-    for name, logits in got.items():
-        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=2e-5, msg=name)
-        assert torch.equal(logits.argmax(-1), expected.argmax(-1)), name
+    got = logits_on_backends(spec, weights, ids, ("torch", "onnx:portable", "onnx:ort"))
+    assert_logits_equal(got, expected, atol=2e-5, label="jetmoe")
     # The routing matters: the same attention experts for every token move the logits.
     fixed = {k: (torch.zeros_like(v) if k.endswith("attn.router.weight") else v) for k, v in weights.items()}
     moved = interpret(build_model_graph(spec), {"input_ids": ids}, fixed)["logits"]
@@ -122,8 +116,6 @@ def test_greedy_generation_on_the_decode_graph_equals_transformers():
     """Left-padded prompts: each backend's greedy tokens and per-step logits of the decode graph (shared K/V
     cached, the attention experts chosen per new token) equal transformers' generate."""
     from moe_ir.frontends.hf.model import model_spec_from_hf_config, weights_from_hf_model
-    from moe_ir.generation import greedy_generate
-    from moe_ir.model_builder import GraphForm, build_model_graph
 
     cfg, hf = _tiny_model(**LAYOUTS["e5k2kv3"])
     spec = model_spec_from_hf_config(cfg)
@@ -131,19 +123,7 @@ def test_greedy_generation_on_the_decode_graph_equals_transformers():
     prompts = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(prompts)
     mask[1, :2] = 0
-    with torch.no_grad():
-        out = hf.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=5, do_sample=False,
-                          output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-    theirs = torch.stack(out.logits, dim=1)
-    for name in ("reference", "torch", "onnx:portable", "onnx:ort"):
-        backend = get_backend(name)
-        decode = run_pipeline(build_model_graph(spec, form=GraphForm.DECODE), backend.pipeline)
-        assert backend.supports(decode) == (True, ""), name
-        step = backend.prepare(decode, {k: v for k, v in weights.items() if k in decode.weights})
-        result = greedy_generate(step, decode, prompts, mask, max_new_tokens=5)
-        assert torch.equal(result.tokens, out.sequences[:, prompts.shape[1]:]), name
-        torch.testing.assert_close(result.logits.float(), theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()),
-                                   msg=name)
+    assert_greedy_equals_generate(hf, spec, weights, prompts, mask, ("reference", "torch", "onnx:portable", "onnx:ort"))
 
 
 def test_backends_that_cannot_lower_it_say_why():
