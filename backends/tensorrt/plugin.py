@@ -605,19 +605,16 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def fused_moe_token_kernel(
-        x_ptr, w_router_ptr, bias_ptr, w_gate_up_ptr, w_down_ptr,  # inputs, in the plugin's order
-        num_tokens,                                                 # the one scalar argument (SymInt32 in AOT)
-        out_ptr, expert_idx_ptr, weights_ptr,                       # outputs, in the plugin's order
-        E: tl.constexpr, H: tl.constexpr, FFN: tl.constexpr, K: tl.constexpr,
-        SCORE: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SCORE: tl.constexpr,
-        NORMALIZE: tl.constexpr, SCALE: tl.constexpr, ACT: tl.constexpr,
-        BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_OUT: tl.constexpr,
-    ):
-        # Shapes: x [T,H], w_router [E,H] fp32, bias [E] fp32, w_gate_up [E,(1|2)*FFN,H], w_down [E,H,FFN],
-        # out [T,H], expert_idx [T,K] int32, weights [T,K] fp32. Program (t, j) routes token t (cheap: E*H)
-        # and writes out[t, j*BLOCK_OUT : (j+1)*BLOCK_OUT]; program (t, 0) also writes the routing record.
+    def token_program(x_ptr, w_router_ptr, bias_ptr, gu_ptr, gu_scales_ptr, gu_zeros_ptr, d_ptr, d_scales_ptr,
+                      d_zeros_ptr, out_ptr, expert_idx_ptr, weights_ptr,
+                      E: tl.constexpr, H: tl.constexpr, FFN: tl.constexpr, K: tl.constexpr,
+                      SCORE: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SCORE: tl.constexpr,
+                      NORMALIZE: tl.constexpr, SCALE: tl.constexpr, ACT: tl.constexpr,
+                      BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_OUT: tl.constexpr,
+                      QUANT: tl.constexpr, INT4: tl.constexpr, SYMMETRIC: tl.constexpr, QBLOCK: tl.constexpr):
+        # Program (t, j) routes token t (cheap: E*H) and writes out[t, j*BLOCK_OUT : (j+1)*BLOCK_OUT]; program
+        # (t, 0) also writes the routing record. Both kernels below are this body on their own inputs.
         token = tl.program_id(0).to(tl.int64)
         out_tile = tl.program_id(1)
         chosen, gate_w = route_token(x_ptr, w_router_ptr, bias_ptr, token, E, H, K, SCORE, N_GROUP, TOPK_GROUP,
@@ -629,10 +626,28 @@ if triton is not None:
             tl.store(weights_ptr + token * K + k_offs, gate_w, mask=k_valid)
 
         o_offs = out_tile * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
-        acc = expert_outputs(x_ptr, w_gate_up_ptr, w_gate_up_ptr, w_gate_up_ptr, w_down_ptr, w_down_ptr, w_down_ptr,
+        acc = expert_outputs(x_ptr, gu_ptr, gu_scales_ptr, gu_zeros_ptr, d_ptr, d_scales_ptr, d_zeros_ptr,
                              token, o_offs, chosen, gate_w, H, FFN, K, ACT, BLOCK_K, BLOCK_H, BLOCK_F, BLOCK_OUT,
-                             0, 0, 1, 1)
+                             QUANT, INT4, SYMMETRIC, QBLOCK)
         tl.store(out_ptr + token * H + o_offs, acc.to(out_ptr.dtype.element_ty), mask=o_offs < H)
+
+    @triton.jit
+    def fused_moe_token_kernel(
+        x_ptr, w_router_ptr, bias_ptr, w_gate_up_ptr, w_down_ptr,  # inputs, in the plugin's order
+        num_tokens,                                                 # the one scalar argument (SymInt32 in AOT)
+        out_ptr, expert_idx_ptr, weights_ptr,                       # outputs, in the plugin's order
+        E: tl.constexpr, H: tl.constexpr, FFN: tl.constexpr, K: tl.constexpr,
+        SCORE: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SCORE: tl.constexpr,
+        NORMALIZE: tl.constexpr, SCALE: tl.constexpr, ACT: tl.constexpr,
+        BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_OUT: tl.constexpr,
+    ):
+        # Shapes: x [T,H], w_router [E,H] fp32, bias [E] fp32, w_gate_up [E,(1|2)*FFN,H], w_down [E,H,FFN],
+        # out [T,H], expert_idx [T,K] int32, weights [T,K] fp32. Float weights: no scales or zero points.
+        token_program(x_ptr, w_router_ptr, bias_ptr, w_gate_up_ptr, w_gate_up_ptr, w_gate_up_ptr, w_down_ptr,
+                      w_down_ptr, w_down_ptr, out_ptr, expert_idx_ptr, weights_ptr, E, H, FFN, K, SCORE, N_GROUP,
+                      TOPK_GROUP, GROUP_SCORE, NORMALIZE, SCALE, ACT, BLOCK_E, BLOCK_G, BLOCK_K, BLOCK_H, BLOCK_F,
+                      BLOCK_OUT, 0, 0, 1, 1)
 
     @triton.jit
     def fused_moe_quantized_token_kernel(
@@ -649,21 +664,10 @@ if triton is not None:
     ):
         # fused_moe_token_kernel on QFusedMoE's inputs: each weight tile is dequantized where it is loaded (no
         # float copy of any expert), so the engine reads the stored bytes.
-        token = tl.program_id(0).to(tl.int64)
-        out_tile = tl.program_id(1)
-        chosen, gate_w = route_token(x_ptr, w_router_ptr, bias_ptr, token, E, H, K, SCORE, N_GROUP, TOPK_GROUP,
-                                     GROUP_SCORE, NORMALIZE, SCALE, BLOCK_E, BLOCK_G, BLOCK_K, BLOCK_H)
-        k_offs = tl.arange(0, BLOCK_K)
-        if out_tile == 0:
-            k_valid = k_offs < K
-            tl.store(expert_idx_ptr + token * K + k_offs, chosen, mask=k_valid)
-            tl.store(weights_ptr + token * K + k_offs, gate_w, mask=k_valid)
-
-        o_offs = out_tile * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
-        acc = expert_outputs(x_ptr, gu_codes_ptr, gu_scales_ptr, gu_zeros_ptr, d_codes_ptr, d_scales_ptr, d_zeros_ptr,
-                             token, o_offs, chosen, gate_w, H, FFN, K, ACT, BLOCK_K, BLOCK_H, BLOCK_F, BLOCK_OUT,
-                             1, INT4, SYMMETRIC, QBLOCK)
-        tl.store(out_ptr + token * H + o_offs, acc.to(out_ptr.dtype.element_ty), mask=o_offs < H)
+        token_program(x_ptr, w_router_ptr, bias_ptr, gu_codes_ptr, gu_scales_ptr, gu_zeros_ptr, d_codes_ptr,
+                      d_scales_ptr, d_zeros_ptr, out_ptr, expert_idx_ptr, weights_ptr, E, H, FFN, K, SCORE, N_GROUP,
+                      TOPK_GROUP, GROUP_SCORE, NORMALIZE, SCALE, ACT, BLOCK_E, BLOCK_G, BLOCK_K, BLOCK_H, BLOCK_F,
+                      BLOCK_OUT, 1, INT4, SYMMETRIC, QBLOCK)
 
 
 def _pow2(n: int) -> int:
