@@ -15,6 +15,10 @@ Contenders:
   int4 fused     exact as int4; decode steps through the compiled fused int4 kernel (int4_activations="fused")
   int4 bf16-act  int4 decode steps through torch's int4 matmul on bfloat16 activations (`generate
                  --int4-activations bf16`)
+  ort float32 / ort int4 / ort int4 int8-act
+                 the onnx:ort backend's decode graph in onnxruntime (`generate --backend onnx:ort`): float32,
+                 int4 experts as com.microsoft.QMoE / MatMulNBits (exact), and the same on int8 activations
+                 (`--int4-activations int8`, not exact); --no-ort leaves them out
 
 Each row: decode tokens/s (the new tokens after the first, over their steps' time; wall clock), the same
 from the process's CPU time (steadier on a machine other processes share), both against float32, the weight
@@ -22,7 +26,7 @@ bytes one decode step reads (every weight but the embedding, of which one row, w
 routed-expert tensor) and how many greedy tokens equal the float model's and the exact int4 model's.
 
     python tools/bench_quant_generate.py [--layers 3] [--prompt 32] [--new-tokens 16] [--repeats 3]
-        [--threads 2] [--block 32] [--vocab V]
+        [--threads 2] [--block 32] [--vocab V] [--no-ort]
 """
 from __future__ import annotations
 
@@ -66,14 +70,14 @@ def step_bytes(spec, weights) -> int:
 
 
 class Contender:
-    def __init__(self, label, spec, float_weights, quantize: str | None, options: dict):
+    def __init__(self, label, spec, float_weights, quantize: str | None, options: dict, backend_name: str = "torch"):
         self.label = label
         if quantize:
             spec = with_quantization(spec, parse_quantize_option(quantize))
         full = build_model_graph(spec, form="decode")
         weights = quantize_weights(full, float_weights) if quantize else float_weights
         self.bytes = step_bytes(spec, {k: v for k, v in weights.items() if k in full.weights})
-        backend = get_backend("torch")
+        backend = get_backend(backend_name)
         self.graph = run_pipeline(full, backend.pipeline)
         self.step = backend.prepare(self.graph, {k: v for k, v in weights.items() if k in self.graph.weights},
                                     **options)
@@ -102,6 +106,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--block", type=int, default=32)
     parser.add_argument("--vocab", type=int, default=None, help="a smaller vocabulary (default: the model's)")
+    parser.add_argument("--no-ort", action="store_true", help="leave out the onnx:ort contenders")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -113,7 +118,11 @@ def main(argv=None) -> int:
     plans = [("float32", None, {}), ("int8", f"int8:{args.block}", {}), ("int4", f"int4:{args.block}", {}),
              ("int4 fused", f"int4:{args.block}", {"int4_activations": "fused"}),
              ("int4 bf16-act", f"int4:{args.block}", {"int4_activations": "bf16"})]
-    contenders = [Contender(label, spec, float_weights, q, options) for label, q, options in plans]
+    if not args.no_ort:
+        ort = {"threads": args.threads}
+        plans += [("ort float32", None, ort, "onnx:ort"), ("ort int4", f"int4:{args.block}", ort, "onnx:ort"),
+                  ("ort int4 int8-act", f"int4:{args.block}", {**ort, "int4_activations": "int8"}, "onnx:ort")]
+    contenders = [Contender(label, spec, float_weights, *rest) for label, *rest in plans]
     del float_weights
     gc.collect()
 
@@ -137,14 +146,15 @@ def main(argv=None) -> int:
     steps = args.new_tokens - 1
     base_wall = steps / statistics.median(results["float32"][0])
     base_cpu = steps / statistics.median(results["float32"][1])
-    print(f"\n{'path':14} {'decode tok/s':>12} {'vs float32':>10} {'cpu tok/s':>10} {'vs float32':>10} "
+    width = max(len(c.label) for c in contenders)
+    print(f"\n{'path':{width}} {'decode tok/s':>12} {'vs float32':>10} {'cpu tok/s':>10} {'vs float32':>10} "
           f"{'MB/step':>8} {'= float32 tokens':>16} {'= int4 tokens':>13}")
     for c in contenders:
         wall = steps / statistics.median(results[c.label][0])
         cpu = steps / statistics.median(results[c.label][1])
         same_f = int((tokens[c.label] == tokens["float32"]).sum())
         same_q = int((tokens[c.label] == tokens["int4"]).sum())
-        print(f"{c.label:14} {wall:12.2f} {wall / base_wall:9.2f}x {cpu:10.2f} {cpu / base_cpu:9.2f}x "
+        print(f"{c.label:{width}} {wall:12.2f} {wall / base_wall:9.2f}x {cpu:10.2f} {cpu / base_cpu:9.2f}x "
               f"{c.bytes / 1e6:8.0f} {same_f:>9}/{args.new_tokens:<6} {same_q:>6}/{args.new_tokens:<6}")
     return 0
 
