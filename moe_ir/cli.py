@@ -283,6 +283,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
         spec = with_dtype(spec, PRECISION_DTYPES[args.precision])
     spec = quantized_spec(spec, args.quantize)
+    quantization = getattr(spec, "quantization", None)
+    if args.int4_activations and (quantization is None or quantization.format.value not in ("int4", "int8")):
+        raise UsageError(f"--int4-activations {args.int4_activations} needs int4 or int8 weights; add --quantize "
+                         f"int4:32 (or int8), or drop the option")
     weight_notes: list[str] = []
     errors: list = []
     graph, weights = prepare_for_backend(spec, backend, seed=args.seed, weights_path=args.weights, notes=weight_notes,
