@@ -415,3 +415,22 @@ def test_int8_activations_refused_where_they_do_not_apply():
     with pytest.raises(BackendError, match="need int4 or int8 weights"):
         backend.prepare(run_pipeline(float_graph, backend.pipeline), init_weights(float_graph, 0),
                         int4_activations="int8")
+
+
+def test_sessions_made_on_two_threads_keep_their_own_activation_mode():
+    """The float-activation variable is process-wide while a session is made: sessions made at once on two
+    threads, one exact and one with int8 activations, each get their own mode (moe-ir makes one at a time)."""
+    pytest.importorskip("onnxruntime")
+    from concurrent.futures import ThreadPoolExecutor
+
+    graph, weights = quantized_layer("int8", True, 16)
+    backend = get_backend("onnx:ort")
+    piped = run_pipeline(graph, backend.pipeline)
+    x = inputs(6)
+    ref = interpret(graph, {"x": x}, weights, dtype=torch.float64)["out"]
+    options = [{}, {"int4_activations": "int8"}] * 3
+    with ThreadPoolExecutor(2) as pool:
+        runners = list(pool.map(lambda o: backend.prepare(piped, weights, **o), options))
+    for option, run in zip(options, runners):
+        err = float((run(x)["out"].double() - ref).abs().max() / ref.abs().max())
+        assert (err < 1e-5) if not option else (1e-4 < err < 5e-2), (option, err)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -72,13 +73,17 @@ def make_session(model: str | bytes, flavour: Flavour, *, providers: Sequence[st
         opts.register_custom_ops_library(extensions.register())
     where = model if isinstance(model, str) else "<in-memory model>"
     try:
-        # int8 activations (a file exported with them): the variable stays as it is, so the nodes decide
-        with contextlib.nullcontext() if int8_activations else qmoe_float_activations():
+        # int8 activations (a file exported with them): the variable stays as it is, so the nodes decide. One
+        # session is made at a time: the variable is process-wide, and another thread's session must not see it.
+        with _SESSION_CREATION, contextlib.nullcontext() if int8_activations else qmoe_float_activations():
             return ort.InferenceSession(model, opts, providers=list(providers or default_providers(flavour)))
     except Exception as err:  # onnxruntime raises its own pybind exception types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BackendError(f"{where}: onnxruntime cannot load this model ({first}); re-export it with "
                            f"`moe-ir build --backend onnx`") from None
+
+
+_SESSION_CREATION = threading.Lock()
 
 
 @contextlib.contextmanager
