@@ -13,7 +13,7 @@ names in safetensors files, the eager module's state dict and the ONNX initializ
 from __future__ import annotations
 
 
-from .ir import ElemType, Graph, GraphKind, LossKind, OpCode, TensorType, Value
+from .ir import ElemType, Graph, GraphKind, LossKind, Node, OpCode, TensorType, Value
 from .spec import Choice, LayerSpec, canonical_spec_hash, spec_to_dict
 
 # The names every backend and the weight files agree on.
@@ -62,6 +62,28 @@ def build_graph(spec: LayerSpec, *, training: bool = False) -> Graph:
     return g
 
 
+def router_logits(g: Graph, tokens: Value, w_router: Value, b_router: Value | None, dtype: ElemType, prefix: str) -> Value:
+    """A router's logits [T, E] = tokens @ w_router.T (+ b_router), in the router dtype (node `{prefix}router_logits`)."""
+    return g.add_node(OpCode.LINEAR, [tokens, w_router, b_router], {"out_dtype": dtype},
+                      name=f"{prefix}router_logits").outputs[0]
+
+
+def topk_routing(g: Graph, scores: Value, bias: Value | None, k: int, group_attrs: dict, normalize: bool,
+                 scale: float, prefix: str) -> tuple[Value, Value]:
+    """Token-choice top-k on router scores, then the chosen weights renormalised and scaled: (expert_idx [T, k],
+    weights [T, k]), the routing record an MoE layer (or JetMoE's attention experts) dispatches by."""
+    route = g.add_node(OpCode.TOPK_ROUTE, [scores, bias], {"k": k, **group_attrs}, name=f"{prefix}route",
+                       output_names=[f"{prefix}expert_idx", f"{prefix}route.weights"])
+    return routing_record(g, route, normalize, scale, prefix)
+
+
+def routing_record(g: Graph, route: Node, normalize: bool, scale: float, prefix: str) -> tuple[Value, Value]:
+    """(expert_idx, weights) of a route node (top-k or SparseMixer): its chosen weights renormalised and scaled."""
+    weights = g.add_node(OpCode.SCALE_WEIGHTS, [route.outputs[1]], {"normalize": normalize, "scale": scale},
+                         name=f"{prefix}weights").outputs[0]
+    return route.outputs[0], weights
+
+
 def add_moe_layer(g: Graph, spec: LayerSpec, x: Value, *, prefix: str = "", training: bool = False) -> dict[str, Value]:
     """Add one MoE layer reading x [B, S, H] to `g`; returns its outputs by the names `build_graph` gives them.
 
@@ -79,8 +101,7 @@ def add_moe_layer(g: Graph, spec: LayerSpec, x: Value, *, prefix: str = "", trai
 
     w_router = g.add_weight(p + ROUTER_WEIGHT, TensorType((n, h), router_dtype))
     b_router = g.add_weight(p + ROUTER_LOGIT_BIAS, TensorType((n,), router_dtype)) if r.logit_bias else None
-    logits = g.add_node(OpCode.LINEAR, [tokens, w_router, b_router], {"out_dtype": router_dtype},
-                        name=f"{p}router_logits").outputs[0]
+    logits = router_logits(g, tokens, w_router, b_router, router_dtype, p)
     if r.noise is not None:
         w_noise = g.add_weight(p + ROUTER_NOISE_WEIGHT, TensorType((n, h), router_dtype))
         logits = g.add_node(OpCode.ROUTER_NOISE, [logits, tokens, w_noise], {"std": r.noise.std},
@@ -97,12 +118,9 @@ def add_moe_layer(g: Graph, spec: LayerSpec, x: Value, *, prefix: str = "", trai
             # SparseMixer selects on the logits; the softmax scores above feed only the balance losses.
             route = g.add_node(OpCode.SPARSEMIXER_ROUTE, [logits], {"k": e.top_k, "eps": r.sparse_mixer.jitter_eps},
                                name=f"{p}route", output_names=[f"{p}expert_idx", f"{p}route.weights"])
+            expert_idx, weights = routing_record(g, route, r.normalize, r.scaling, p)
         else:
-            route = g.add_node(OpCode.TOPK_ROUTE, [scores, bias], {"k": e.top_k, **group_attrs}, name=f"{p}route",
-                               output_names=[f"{p}expert_idx", f"{p}route.weights"])
-        expert_idx = route.outputs[0]
-        weights = g.add_node(OpCode.SCALE_WEIGHTS, [route.outputs[1]], {"normalize": r.normalize, "scale": r.scaling},
-                             name=f"{p}weights").outputs[0]
+            expert_idx, weights = topk_routing(g, scores, bias, e.top_k, group_attrs, r.normalize, r.scaling, p)
         disp = g.add_node(OpCode.DISPATCH, [expert_idx, weights],
                           {"num_experts": n, "capacity_factor": spec.capacity_factor, "drop_rule": spec.capacity.drop},
                           name=f"{p}dispatch", output_names=[f"{p}rows", f"{p}row_weights", f"{p}group_sizes"])

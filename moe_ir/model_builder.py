@@ -56,7 +56,7 @@ import enum
 import math
 from dataclasses import dataclass
 
-from .builder import add_moe_layer
+from .builder import add_moe_layer, router_logits, topk_routing
 from .errors import IRError
 from .ir import ElemType, Graph, GraphKind, OpCode, TensorType, Value
 from .ir.model_ops import MLACacheLayout, mla_cache_dims
@@ -212,17 +212,13 @@ def _moa_attention(g: Graph, spec: ModelSpec, x: Value, p: str, dtype: ElemType,
         return g.add_weight(f"{p}{name}", TensorType(shape, dtype))
 
     tokens = g.add_node(OpCode.FLATTEN_TOKENS, [x], name=f"{p}tokens").outputs[0]
-    logits = g.add_node(OpCode.LINEAR, [tokens, weight("router.weight", a.experts, h), None],
-                        {"out_dtype": ElemType.FLOAT32}, name=f"{p}router_logits").outputs[0]
+    logits = router_logits(g, tokens, weight("router.weight", a.experts, h), None, ElemType.FLOAT32, p)
     scores = g.add_node(OpCode.SCORE, [logits], {"fn": ScoreFn.SOFTMAX}, name=f"{p}scores").outputs[0]
-    route = g.add_node(OpCode.TOPK_ROUTE, [scores, None], {"k": a.top_k}, name=f"{p}route",
-                       output_names=[f"{p}expert_idx", f"{p}route.weights"])
-    weights = g.add_node(OpCode.SCALE_WEIGHTS, [route.outputs[1]], {"normalize": True, "scale": 1.0},
-                         name=f"{p}weights").outputs[0]
+    expert_idx, weights = topk_routing(g, scores, None, a.top_k, {}, True, 1.0, p)
     w = [weight("w_q", a.experts, kv * d, h), weight("w_k", kv * d, h), weight("w_v", kv * d, h),
          weight("w_o", a.experts, h, kv * d), weight("b_o", h) if a.out_bias else None]
     attrs = {"kv_heads": kv, "head_dim": d, **{k: v for k, v in rope.items() if k != "norm_eps"}}
-    routing = [route.outputs[0], weights]
+    routing = [expert_idx, weights]
     if decode is None:
         return g.add_node(OpCode.MOA_ATTENTION, [x, *routing, *w], attrs, name=p.rstrip(".")).outputs[0]
     cache = _cache_inputs(g, layer, {"kv_heads": kv, "head_dim": d}, decode, dtype, None)
