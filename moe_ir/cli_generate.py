@@ -268,10 +268,12 @@ def _int4_activations_options(args: argparse.Namespace, graph) -> dict:
     from .quantization import dequantize_nodes
     from .spec import QuantFormat
 
-    if args.int4_activations == "int8":
-        if not any(n.attrs["format"] in (QuantFormat.INT4, QuantFormat.INT8) for n in dequantize_nodes(graph)):
-            raise UsageError("--int4-activations int8: no weight is int4 or int8; add --quantize int4:32, or drop "
-                             "the option")
+    if args.int4_activations == "int8":  # the ort lowering's own rule, asked before any session is made
+        from .backends.onnx import Flavour, int8_activations_refusal
+
+        reason = int8_activations_refusal(graph, Flavour.ORT, "int8")
+        if reason:
+            raise UsageError(f"--int4-activations int8: {reason}")
         return {"int4_activations": "int8"}
     blocks = (32, 64, 128, 256) if args.int4_activations == "bf16" else None  # what torch's int4 matmul takes
     if not any(n.attrs["format"] == QuantFormat.INT4 and (blocks is None or n.attrs["block"] in blocks)

@@ -164,3 +164,6 @@ def test_int8_activations_on_the_command_line(tmp_path, capsys):
     assert len(json.loads(capsys.readouterr().out)["tokens"][0]) >= 3
     assert main(args) == 2
     assert "option of --backend onnx:ort" in capsys.readouterr().err
+    float_args = [a for a in args if a not in ("--quantize", "int4:32")]
+    assert main(float_args + ["--backend", "onnx:ort"]) == 2
+    assert "need int4 or int8 weights" in capsys.readouterr().err
