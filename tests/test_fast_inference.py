@@ -300,3 +300,93 @@ def test_expert_worker_errors_reach_the_caller(two_threads):
         with pytest.raises(ValueError, match="expert 2 failed"):
             K.experts_in_place(x, rows, sizes, failing)
         assert torch.equal(K.experts_in_place(x, rows, sizes, lambda e, xe: xe * e), x * torch.arange(4).repeat_interleave(2)[:, None])
+
+
+def test_expert_workers_run_one_intra_op_thread(two_threads):
+    """Each worker runs its ops on one thread even after the caller put its own count back: torch copies its
+    process-wide count into a thread's OpenMP setting at that thread's first parallel op, which would give
+    every worker a team of the caller's size (2 workers x 2 threads on 2 cores)."""
+    pool = K.expert_workers(2)
+    counts = [pool.submit(torch.get_num_threads).result() for _ in range(4)]
+    assert counts == [1, 1, 1, 1]
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("side_by_side", [True, False])
+def test_expert_outputs_reuse_memory_only_once_released(two_threads, side_by_side):
+    """experts_in_place writes into memory kept from an earlier call (no fresh pages on every call), but
+    only once nothing made from that call's result is alive: a result or a view of it that the caller keeps
+    is never overwritten by the next call, and every result equals the FFNs computed here."""
+    gen = torch.Generator().manual_seed(9)
+    sizes, rows_total = [6, 4, 0, 5, 7], 25
+    w = torch.randn(len(sizes), F_, H, generator=gen)
+
+    def expert_ffn(e, xe):
+        return torch.relu(xe @ w[e].T) @ w[e]
+
+    def want(x, rows):
+        out, start = torch.zeros(rows_total, H), 0
+        for e, size in enumerate(sizes):
+            out[start:start + size] = expert_ffn(e, x[rows[start:start + size]])
+            start += size
+        return out
+
+    def call():
+        x = torch.randn(12, H, generator=gen)
+        rows = torch.randint(0, 12, (rows_total,), generator=gen)
+        with torch.no_grad():
+            return K.experts_in_place(x, rows, sizes, expert_ffn, side_by_side), want(x, rows)
+
+    K.reusable_rows.__dict__.pop("state", None)  # start from an empty cache (other tests fill it)
+    first, first_want = call()  # the cache's buffer
+    cached = first.data_ptr()
+    kept = first.clone()
+    second, second_want = call()  # `first` is alive: fresh memory
+    assert second.data_ptr() != cached
+    assert torch.equal(first, kept) and torch.equal(first, first_want) and torch.equal(second, second_want)
+    del first, second
+    third, third_want = call()  # nothing made from the buffer is alive: the buffer again
+    assert third.data_ptr() == cached and torch.equal(third, third_want)
+    view = third[3:9]
+    view_kept = view.clone()
+    del third
+    fourth, fourth_want = call()  # a view of `third` is alive
+    assert fourth.data_ptr() != cached
+    assert torch.equal(view, view_kept) and torch.equal(fourth, fourth_want)
+    del view, fourth
+    fifth, fifth_want = call()
+    assert fifth.data_ptr() == cached and torch.equal(fifth, fifth_want)
+
+
+def test_model_frees_a_layers_expert_outputs_before_the_next_layer():
+    """The module's run drops each intermediate after its last reader, so at inference one MoE layer's
+    [T*k, H] expert outputs are gone before the next layer's experts run (peak memory of one layer, not the
+    sum of all), while the logits stay those of a run that kept everything."""
+    import weakref
+
+    import yaml
+
+    from moe_ir.backends.torch_eager import MoEModel
+    from moe_ir.model_spec import model_spec_from_dict
+
+    from conftest import tiny_model_yaml
+
+    spec = model_spec_from_dict(yaml.safe_load(tiny_model_yaml("freed", "{kind: gqa, heads: 4, kv_heads: 2}",
+                                                               layers=3)))
+    model = MoEModel.from_spec(spec, training=False, seed=2).eval()
+    alive_at_call = []
+    outputs = []
+
+    def recording_kernel(*args):
+        alive_at_call.append([ref() is not None for ref in outputs])
+        y = K.grouped_ffn(*args)
+        outputs.append(weakref.ref(y))
+        return y
+
+    ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(ids).logits
+        model.grouped_ffn_kernel = recording_kernel
+        got = model(ids).logits
+    assert alive_at_call == [[], [False]]  # two MoE layers; the first one's outputs freed before the second
+    assert torch.equal(got, want)

@@ -97,6 +97,7 @@ def _forward_lines(graph: Graph, calls: list, local: _LocalNames) -> list[str]:
 
     out: list[str] = []
     section = None
+    dead = dict(zip((n.name for n in graph.nodes), graph.last_reads()))
     for node, call in calls:
         layer = re.match(r"layers\.(\d+)\.", node.name)
         here = layer.group(1) if layer else None
@@ -109,6 +110,8 @@ def _forward_lines(graph: Graph, calls: list, local: _LocalNames) -> list[str]:
         args += [f"{key}={literal(value)}" for key, value in call.keywords]
         targets = ", ".join(local(v.name) for v in node.outputs)
         out.append(f"        {targets} = {call.fn.__name__}({', '.join(args)})")
+        if dead[node.name]:  # as the eager module's run: freed after their last read
+            out.append(f"        del {', '.join(local(name) for name in dead[node.name])}")
     return out
 
 

@@ -141,7 +141,8 @@ class GraphModule(nn.Module):
         self._weight_slots = register_graph_weights(self, graph, weights)
         weight_only = {n.name for n in weight_only_nodes(graph)}
         self._plan = [(lower_node(n), tuple(None if v is None else v.name for v in n.inputs),
-                       tuple(v.name for v in n.outputs), n.name in weight_only) for n in graph.nodes]
+                       tuple(v.name for v in n.outputs), n.name in weight_only, released)
+                      for n, released in zip(graph.nodes, graph.last_reads())]
         self._main_output, self._routing, self._losses = output_groups(graph)
         self._main_output = graph.outputs[self._main_output].name
         # Results of weight-only nodes (weights concatenated by a fusion pass), kept while the weights are
@@ -166,7 +167,7 @@ class GraphModule(nn.Module):
             env[name] = getattr(owner, leaf)
         runtime = {"training": self.training, "generator": self.generator, "expert_kernel": self.grouped_ffn_kernel,
                    "packed_expert_kernel": self.packed_ffn_kernel, "int4_activations": self.int4_activations}
-        for call, names, outputs, weight_only in self._plan:
+        for call, names, outputs, weight_only, released in self._plan:
             operands = [None if i is None else env[i] for i in names]
             result = self._weight_only_result(call, operands, runtime) if weight_only else call(operands, runtime)
             if len(outputs) == 1:
@@ -174,6 +175,9 @@ class GraphModule(nn.Module):
             else:
                 for name, value in zip(outputs, result):
                     env[name] = value
+            del operands, result
+            for name in released:  # read for the last time (Graph.last_reads): its memory can go now
+                del env[name]
         return env
 
     def _weight_only_result(self, call, operands, runtime):

@@ -243,6 +243,25 @@ class Graph:
     def is_graph_output(self, value: Value) -> bool:
         return any(v is value for v in self.outputs.values())
 
+    def last_reads(self) -> list[tuple[str, ...]]:
+        """For each node of `nodes`, the node outputs no later node reads and no graph output is: dead once
+        that node has run (an output nobody reads, right after its producer). What a runner or generated
+        code frees as it goes, so that an intermediate's memory returns once it is read (an inference run
+        then peaks at one layer's intermediates, not the sum of every layer's)."""
+        kept = {v.name for v in self.outputs.values()}
+        last: dict[str, int] = {}
+        for i, node in enumerate(self.nodes):
+            for value in node.outputs:
+                last[value.name] = i
+            for value in node.inputs:
+                if value is not None and value.producer is not None:
+                    last[value.name] = i
+        dead: list[list[str]] = [[] for _ in self._nodes]
+        for name, i in last.items():
+            if name not in kept:
+                dead[i].append(name)
+        return [tuple(names) for names in dead]
+
     def __iter__(self) -> Iterator[Node]:
         return iter(self.nodes)
 
