@@ -13,7 +13,9 @@ the rise of peak RSS over the RSS with the weights already in memory (Linux: /pr
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -98,6 +100,7 @@ def main() -> int:
 
     spec = make_spec(args)
     tmp = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the export's 2 GiB go with the run
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     exports = {}
     for flavour in ("portable", "ort"):
