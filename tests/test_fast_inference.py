@@ -390,3 +390,28 @@ def test_model_frees_a_layers_expert_outputs_before_the_next_layer():
         got = model(ids).logits
     assert alive_at_call == [[], [False]]  # two MoE layers; the first one's outputs freed before the second
     assert torch.equal(got, want)
+
+
+def test_expert_workers_take_experts_as_they_come_free(two_threads):
+    """Experts go largest first to whichever worker is free: while one worker is held up in the largest
+    expert (here a sleep, as another process on its core would), the other takes every other expert,
+    instead of waiting on a fixed half; the result is still each expert's FFN."""
+    import threading
+    import time
+
+    sizes = [9, 2, 3, 2, 4, 2, 3, 2]
+    x = torch.randn(30, H, generator=torch.Generator().manual_seed(2))
+    rows = torch.arange(sum(sizes)) % 30
+    ran_on = {}
+
+    def expert_ffn(e, xe):
+        ran_on[e] = threading.get_ident()
+        if e == 0:
+            time.sleep(0.5)
+        return xe * (e + 1)
+
+    with torch.no_grad():
+        y = K.experts_in_place(x, rows, sizes, expert_ffn)
+    # expert 0 on one worker, every other expert on the other one
+    assert len({ran_on[e] for e in range(1, len(sizes))}) == 1 and ran_on[1] != ran_on[0]
+    assert torch.equal(y, x[rows] * torch.repeat_interleave(torch.arange(1, len(sizes) + 1), torch.tensor(sizes))[:, None])
