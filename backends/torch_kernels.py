@@ -348,13 +348,14 @@ def reusable_rows(rows, like):
     caller that keeps the last result, or a view of it, makes the next call take fresh memory, never
     overwrite it."""
     shape, nbytes = (rows, like.shape[-1]), rows * like.shape[-1] * like.element_size()
-    if like.device.type != "cpu":  # an accelerator's caching allocator keeps freed memory already
+    use_count = getattr(torch._C, "_storage_Use_Count", None)  # private to torch: without it, fresh memory
+    if like.device.type != "cpu" or use_count is None:  # (an accelerator's caching allocator keeps freed memory)
         return like.new_empty(shape)
     state = reusable_rows.__dict__.setdefault("state", {"lock": threading.Lock(), "buffers": {}})
     key = like.dtype
     with state["lock"]:  # two threads must not take the same free buffer
         storage = state["buffers"].get(key)
-        if storage is not None and torch._C._storage_Use_Count(storage._cdata) > 1:  # the cache's own reference
+        if storage is not None and use_count(storage._cdata) > 1:  # more than the cache's own reference
             return like.new_empty(shape)
         if storage is None or storage.nbytes() < nbytes:
             storage = state["buffers"][key] = torch.empty(shape, dtype=like.dtype, device=like.device).untyped_storage()
