@@ -1,15 +1,16 @@
 """Eager-backend throughput on the DeepSeekMoE-16B layer shape, against transformers' DeepseekV2Moe.
 
 Shape: hidden 2048, 64 routed experts of width 1408, 2 shared, top-6, softmax, float32, 1024 tokens.
-Compared in one run, interleaved (each repeat times every contender once, in turn), median of repeats
+Compared in one run, interleaved (each repeat times every contender once, in turn, starting one later each
+repeat), median of repeats
 (and the best repeat, the figure least disturbed by other work on a shared machine):
   - moe-ir eager module (forward, and forward+backward of out.sum())
   - transformers DeepseekV2Moe, experts implementation "eager" (loop over hit experts, index_add) and
     "grouped_mm" (torch grouped GEMM), selected through config._experts_implementation, same weights
   - a dense SwiGLU FFN doing the same FLOPs (width (top_k + shared) * 1408 on every token): the
     practical GEMM ceiling on a CPU
-  - with --onnx: the layer's onnx:portable export (the same weights) in ONNX Runtime, so that the eager
-    forward's fraction of the dense FFN stands beside the ONNX export's, measured in the same run
+  - with --onnx: the layer's onnx:portable export (the same weights) in ONNX Runtime through moe-ir's runner,
+    so that the eager forward's fraction of the dense FFN stands beside the ONNX export's, in the same run
   - with --compile: the `compile` backend (torch.compile, inductor, one graph, dynamic token count, frozen
     weights, expert GEMMs through oneDNN), with its compile time and the resident memory its constants add
 
@@ -223,24 +224,19 @@ def main(argv=None) -> int:
             print(f"max |moe-ir - HF {impl}| = {diff:.2e} (output max {ours.abs().max().item():.2e})")
 
     if args.onnx:
-        import onnxruntime
-
-        from moe_ir.backends.onnx import OnnxBackend
+        from moe_ir.backends.onnx import OnnxBackend, load_runner
 
         start = time.perf_counter()
         folder = Path(tempfile.mkdtemp(prefix="bench-eager-onnx-"))
         atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the export's 2 GiB go with the run
         built = OnnxBackend("portable").build(spec, build_graph(spec), module.canonical_weights(), folder)
-        # ONNX Runtime's own defaults (its threads spin between ops, which moe-ir's runner turns off so that
-        # torch work after a call keeps its cores): the export's best figure, with torch's thread count.
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        session = onnxruntime.InferenceSession(str(built.files[0]), options, providers=["CPUExecutionProvider"])
-        feed = {session.get_inputs()[0].name: x.numpy()}
-        diff = abs(session.run(None, feed)[0] - ours.numpy()).max()
+        # moe-ir's runner: torch's thread count, threads that do not spin after a call (ONNX Runtime's default
+        # spinning would take the cores of whichever contender runs next)
+        onnx_runner = load_runner(built.files[0], threads=torch.get_num_threads())
+        diff = (onnx_runner(x)["out"] - ours).abs().max().item()
         print(f"onnx:portable export and session: {time.perf_counter() - start:.1f}s; max |moe-ir - onnx:portable| = "
               f"{diff:.2e}", flush=True)
-        fwd["onnx:portable (ONNX Runtime)"] = lambda: session.run(None, feed)[0]
+        fwd["onnx:portable (ONNX Runtime)"] = lambda: onnx_runner(x)["out"]
 
     compile_seconds = None
     if args.compile:
@@ -290,11 +286,14 @@ def main(argv=None) -> int:
             warm_up(name, fn)
     for name, fn in bwd.items():
         warm_up(name, fn)
+    names = list(fwd)
     for rep in range(args.repeats):
-        for name, fn in fwd.items():
+        # each round starts one contender later, so that each follows every other one as often (what one call
+        # leaves behind, in caches or in threads that spin on, lands on whichever call comes next)
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
             with torch.no_grad():
                 start = time.perf_counter()
-                fn()
+                fwd[name]()
                 times[name].append(time.perf_counter() - start)
         for name, fn in bwd.items():
             start = time.perf_counter()
