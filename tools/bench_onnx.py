@@ -98,6 +98,10 @@ def main() -> int:
     from moe_ir.params import init_weights
     from moe_ir.passes import run_pipeline
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_eager import cpu_model, machine_limits  # the tools folder is not a package
+
+    read_gbs, gemm_gflops = machine_limits(args.tokens)  # before any weights take the memory
     spec = make_spec(args)
     tmp = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the export's 2 GiB go with the run
@@ -167,11 +171,14 @@ def main() -> int:
                      "max_abs_vs_eager": errors[name]})
     result = {"shape": {"hidden": args.hidden, "experts": args.experts, "width": args.width, "shared": args.shared,
                         "top_k": args.top_k, "tokens": args.tokens, "dtype": "float32"},
+              "cpu": cpu_model(), "read_gb_per_s": read_gbs, "dense_gemm_gflop_per_s": gemm_gflops,
               "threads": torch.get_num_threads(), "repeats": args.repeats, "pairwise": args.pairwise, "rows": rows, "exports": exports,
               "setup_seconds": setup}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
+    print(f"CPU: {cpu_model()}; machine limits: read bandwidth {read_gbs:.1f} GB/s, dense GEMM {gemm_gflops:.0f} "
+          f"GFLOP/s (F.linear of the DeepSeekMoE-16B dense FFN's shape, bench_eager.machine_limits)")
     print(f"MoE layer hidden {args.hidden}, {args.experts} routed x width {args.width}, {args.shared} shared, "
           f"top-{args.top_k}, float32, {args.tokens} tokens; {torch.get_num_threads()} threads; "
           f"median of {args.repeats} interleaved rounds" + (" (pairwise with eager)" if args.pairwise else ""))
