@@ -180,3 +180,35 @@ def test_json_rejects_damaged_documents_with_ir_errors(edit, message):
     with pytest.raises(IRError, match="malformed moe-ir graph JSON") as info:
         from_json(json.dumps(doc))
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("path", [SPECS / "deepseekmoe-16b.yaml", SPECS / "models" / "olmoe-1b-7b.yaml"],
+                         ids=["layer", "model"])
+def test_last_reads_free_each_intermediate_once_after_its_last_reader(path):
+    """Graph.last_reads, written out here from the nodes' operands: every node output that is no graph output
+    is listed exactly once, at the last node reading it (at its producer when nothing reads it); graph
+    inputs, weights and outputs never."""
+    from moe_ir.frontends import load_model_spec
+    from moe_ir.model_builder import build_model_graph
+
+    if path.parent.name == "models":
+        graph = build_model_graph(load_model_spec(path), routing=True)
+    else:
+        graph = build_graph(load_spec(path))
+    nodes = graph.nodes
+    dead = graph.last_reads()
+    assert len(dead) == len(nodes)
+    where = {}
+    for i, names in enumerate(dead):
+        for name in names:
+            assert name not in where, f"{name} released twice"
+            where[name] = i
+    outputs = {v.name for v in graph.outputs.values()}
+    for i, node in enumerate(nodes):
+        for value in node.outputs:
+            readers = [j for j, n in enumerate(nodes) if any(v is not None and v.name == value.name for v in n.inputs)]
+            if value.name in outputs:
+                assert value.name not in where
+            else:
+                assert where[value.name] == max(readers, default=i)
+    assert not set(where) & ({v.name for v in graph.inputs} | set(graph.weights))
