@@ -367,7 +367,8 @@ def experts_in_place(x, rows, sizes, expert_ffn, side_by_side=True):
     expert_ffn(e, its rows of x); rows past every group (dropped assignments) are 0. Each expert gathers its
     own rows and its output is written into y in place, so no [A, H] array of gathered rows nor a
     concatenation of every expert's output is made (each a pass over memory, on fresh pages the OS must
-    fault in).
+    fault in); y itself is memory kept from an earlier call where none of that call's results is alive
+    (`reusable_rows`).
 
     With several intra-op threads and at least two experts with rows per thread, whole experts run side by
     side, one thread each (`expert_workers`), each worker taking the next expert as it comes free, largest
