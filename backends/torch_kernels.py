@@ -399,11 +399,11 @@ def experts_in_place(x, rows, sizes, expert_ffn, side_by_side=True):
         # at 1024 tokens: 0.89x the dense FFN's speed against 0.86x, by median).
         pending = iter(sorted(experts, key=lambda e: -sizes[e]))
         lock = threading.Lock()
-        failed = []
+        failed = threading.Event()
 
         def take():
             with lock:
-                return None if failed else next(pending, None)
+                return None if failed.is_set() else next(pending, None)
 
         def work():
             with torch.inference_mode(inference), torch.no_grad():
@@ -411,7 +411,7 @@ def experts_in_place(x, rows, sizes, expert_ffn, side_by_side=True):
                     try:
                         run(e)
                     except BaseException:
-                        failed.append(True)  # the other workers take nothing more
+                        failed.set()  # the other workers take nothing more
                         raise
 
         futures = [expert_workers(threads).submit(work) for _ in range(threads)]
