@@ -64,6 +64,11 @@ QMOE_FLOAT_ACTIVATIONS_ENV = ("ORT_QMOE_CPU_QNBIT_GEMM", "fp32")
 INT8_ACTIVATIONS_META = "moe_ir.quantized_activations"
 
 
+def asks_int8_activations(meta: dict[str, str]) -> bool:
+    """Whether a file's metadata (key -> value) says it was exported with int8 activations (see metadata())."""
+    return meta.get(INT8_ACTIVATIONS_META) == "int8"
+
+
 def qmoe_int8_note(graph: Graph) -> str:
     """The build's note for a graph whose routed experts lower to 8-bit QMoE ('' otherwise)."""
     int8 = any(is_quantized(v) and v.producer.attrs["format"] == QuantFormat.INT8

@@ -29,7 +29,7 @@ from .external_data import load_model
 from .flavours import parse_flavour
 from .genai import DECODER_FILE
 from .lowering import Flavour
-from .quant_ops import INT8_ACTIVATIONS_META, QMOE_FLOAT_ACTIVATIONS_ENV
+from .quant_ops import QMOE_FLOAT_ACTIVATIONS_ENV, asks_int8_activations
 
 _FEED_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -293,7 +293,7 @@ def load_runner(path: str | Path, *, providers: Sequence[str] | None = None, thr
     else:
         model = str(path)
     return make_runner(make_session(model, flavour, providers=providers, threads=threads,
-                                    int8_activations=meta.get(INT8_ACTIVATIONS_META) == "int8"))
+                                    int8_activations=asks_int8_activations(meta)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -360,5 +360,5 @@ def load_decoder(folder: str | Path, *, providers: Sequence[str] | None = None,
     vocab = int(meta["moe_ir.vocab_size"]) if meta.get("moe_ir.vocab_size", "").isdigit() else None
     flavour = parse_flavour(meta.get("moe_ir.flavour", "portable"))
     step = make_runner(make_session(str(path), flavour, providers=providers, threads=threads,
-                                    int8_activations=meta.get(INT8_ACTIVATIONS_META) == "int8"))
+                                    int8_activations=asks_int8_activations(meta)))
     return Decoder(path, step, entries, vocab, flavour)
