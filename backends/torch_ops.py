@@ -8,7 +8,7 @@ standalone `model.py`, which calls the same functions one line per node.
   ints, floats, bools, torch dtypes), in the order the function takes them after the node's operands.
   Some ops also take run-time arguments, named in `OpCall.runtime` (RUNTIME_ARGS says what each means).
 
-The functions below ("op functions") adapt a node's operands to the kernels of `torch_kernels.py`; where a
+The functions below ("op functions") adapt a node's operands to the kernels of `torch_kernels`; where a
 kernel already takes (operands..., attributes...) the table points at the kernel itself. Like the kernels
 they depend on torch alone and call kernels by their bare names: the code generator copies them verbatim
 into model.py beside the kernels they call.

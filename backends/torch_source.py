@@ -1,10 +1,10 @@
 """Standalone copies of the torch kernel set, for files that must run where moe_ir is not installed (the
 generated `model.py`, the TensorRT plugin module in a bundle).
 
-The copied functions are the source text of `torch_kernels.py` and of the op functions of `torch_ops.py`,
-verbatim (`inspect.getsource`), together with every function of the two that they call, so a copy runs
-the same instructions as the in-process backends. Both modules keep their functions torch-only and call
-each other by bare names for this reason.
+The copied functions are the source text of the kernels (`torch_kernels`, one module per concern) and of the
+op functions of `torch_ops.py`, verbatim (`inspect.getsource`), together with every function of theirs that
+they call, so a copy runs the same instructions as the in-process backends. These modules keep their
+functions torch-only and call each other by bare names for this reason.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from types import CodeType, FunctionType
 
 from . import torch_kernels, torch_ops
 
-# The imports every copied function may rely on (torch_kernels.py and torch_ops.py import no more).
+# The imports every copied function may rely on (the kernels' modules and torch_ops.py import no more, besides
+# each other).
 HEADER_IMPORTS = ("import concurrent.futures", "import math", "import os", "import threading", "import warnings", "", "import torch", "import torch.nn.functional as F")
 
 
@@ -24,7 +25,8 @@ def _module_functions(module) -> dict[str, FunctionType]:
 
 
 # Copyable functions by name, in the order a copy lists them: the kernels, then the op functions.
-FUNCTIONS: dict[str, FunctionType] = {**_module_functions(torch_kernels), **_module_functions(torch_ops)}
+FUNCTIONS: dict[str, FunctionType] = {name: fn for module in (*torch_kernels.MODULES, torch_ops)
+                                      for name, fn in _module_functions(module).items()}
 
 
 def _globals_read(code: CodeType) -> set[str]:
@@ -45,7 +47,7 @@ def closure(names: set[str] | list[str]) -> list[str]:
     """`names` and every copyable function they call, in FUNCTIONS' order (so a copy reads like the source)."""
     unknown = sorted(set(names) - set(FUNCTIONS))
     if unknown:
-        raise KeyError(f"not functions of torch_kernels.py / torch_ops.py: {', '.join(unknown)}")
+        raise KeyError(f"not functions of torch_kernels / torch_ops.py: {', '.join(unknown)}")
     need = set(names)
     stack = list(need)
     while stack:

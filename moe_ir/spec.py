@@ -745,7 +745,7 @@ def spec_to_dict(spec: Any) -> dict:
 def capacity_per_expert(tokens: int, factor: float, top_k: int, experts: int) -> int:
     """ceil(factor * tokens * top_k / experts), at least 1: the assignments one expert may take (GShard,
     Switch; expert choice with top_k = the average experts per token). The core's one statement of the rule;
-    the torch kernels (backends/torch_kernels.py) carry their own copy, since generated sources copy them."""
+    the torch kernels (backends/torch_kernels/) carry their own copy, since generated sources copy them."""
     return max(1, math.ceil(factor * tokens * top_k / experts))
 
 

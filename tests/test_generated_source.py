@@ -122,7 +122,7 @@ def _defined_functions(source):
 
 
 def test_generated_functions_are_the_kernel_set_verbatim(tmp_path):
-    """Every function model.py defines is copied from torch_kernels.py / torch_ops.py, textually identical."""
+    """Every function model.py defines is copied from torch_kernels / torch_ops.py, textually identical."""
     import inspect
 
     from moe_ir.backends import torch_source

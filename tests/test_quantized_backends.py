@@ -92,11 +92,11 @@ def test_int4_fused_matmul_makes_the_reference_products(symmetric):
 
 
 def test_int4_fused_decode_runs_the_compiled_kernel_and_equals_the_reference(monkeypatch):
-    from moe_ir.backends import torch_kernels as K
+    from moe_ir.backends.torch_kernels import quantized as Q  # where packed_linear looks the kernel up
 
     calls = []
-    compiled = K.compiled_int4_matmul
-    monkeypatch.setattr(K, "compiled_int4_matmul", lambda *a: calls.append(a[0].shape[0]) or compiled(*a))
+    compiled = Q.compiled_int4_matmul
+    monkeypatch.setattr(Q, "compiled_int4_matmul", lambda *a: calls.append(a[0].shape[0]) or compiled(*a))
     graph, weights = quantized_layer("int4", False, 16)
     backend = get_backend("torch")
     run = backend.prepare(run_pipeline(graph, backend.pipeline), weights, int4_activations="fused")

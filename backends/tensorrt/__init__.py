@@ -62,7 +62,7 @@ def plugin_bundle_source() -> str:
     # the imports the copied kernels rely on, whichever of them plugin.py itself lacks
     present = set(text.splitlines())
     imports = "\n".join(line for line in torch_source.HEADER_IMPORTS if line and line not in present)
-    note = "# The shared torch kernels (moe_ir/backends/torch_kernels.py), copied verbatim by `moe-ir build`.\n"
+    note = "# The shared torch kernels (moe_ir/backends/torch_kernels/), copied verbatim by `moe-ir build`.\n"
     return text[:match.start()] + note + (imports + "\n\n" if imports else "\n") + copied + "\n" + text[match.end():]
 
 

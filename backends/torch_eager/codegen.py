@@ -2,7 +2,7 @@
 
 The file depends on torch alone. Its forward walks the graph's nodes in order, one line per node, calling
 the function the torch op table (`torch_ops.lower_node`) gives that node, with the node's attributes as
-literals; those functions, and the kernels they call, are copied verbatim from `torch_kernels.py` and
+literals; those functions, and the kernels they call, are copied verbatim from `torch_kernels` and
 `torch_ops.py` (`torch_source`). Parameters carry the graph's weight names (`router.weight`,
 `layers.3.moe.experts.w_up`), so `load_state_dict` reads the safetensors written beside the file. The eager
 module runs the same functions in the same order, so the two agree bitwise, and a pass (fuse-gate-up,

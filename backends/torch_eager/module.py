@@ -1,7 +1,7 @@
 """Lowering of an IR graph to a trainable torch.nn.Module.
 
 The module walks the graph's nodes in order and runs each as the torch backends' op table says
-(`moe_ir.backends.torch_ops`: one call of an op function or kernel of `torch_kernels.py` per node). Parameters live in nested sub-modules named after
+(`moe_ir.backends.torch_ops`: one call of an op function or kernel of `torch_kernels` per node). Parameters live in nested sub-modules named after
 the canonical weight names, so `state_dict()` keys are exactly the names in the graph and in the
 safetensors files (`router.weight`, `experts.w_up`, `shared.0.w_gate`; `router.bias` is a buffer).
 
