@@ -376,10 +376,12 @@ def main(argv=None) -> int:
     gflop = 2 * 3 * HIDDEN * WIDTH * (TOP_K + SHARED) * args.tokens / 1e9
     print(f"expert GEMM work {gflop:.1f} GFLOP per forward: moe-ir eager runs at {gflop / ours_f:.0f} GFLOP/s "
           f"({gflop / ours_f / gemm_gflops:.2f} of the dense GEMM rate)")
-    # Expert weights read per forward: every routed expert some token picks (at most T*k of them) and the shared.
-    experts_read = min(ROUTED, TOP_K * args.tokens) + SHARED
+    # Expert weights read per forward: every routed expert some token of this input picks, and the shared ones.
+    with torch.no_grad():
+        experts_read = module(x).routing["expert_idx"].unique().numel() + SHARED
     weight_gb = experts_read * 3 * HIDDEN * WIDTH * 4 / 1e9
-    print(f"expert weights read per forward: {weight_gb:.2f} GB at least, {weight_gb / ours_f:.1f} GB/s "
+    print(f"expert weights read per forward: {weight_gb:.2f} GB at least ({experts_read - SHARED} of {ROUTED} routed "
+          f"experts hit), {weight_gb / ours_f:.1f} GB/s "
           f"({weight_gb / ours_f / read_gbs:.2f} of the read bandwidth)")
     return 0
 
