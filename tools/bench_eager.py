@@ -243,9 +243,9 @@ def main(argv=None) -> int:
         print(f"onnx:portable export and session: {time.perf_counter() - start:.1f}s; max |moe-ir - onnx:portable| = "
               f"{diff:.2e}", flush=True)
         fwd["onnx:portable (ONNX Runtime)"] = lambda: onnx_runner(x)["out"]
-        # The same file in a session with ONNX Runtime's defaults, whose threads spin-wait after a call: the
-        # figure a user of ONNX Runtime alone gets. Its calls are followed by a pause, so that threads still
-        # spinning take no core from the next contender.
+        # The same file in a session with ONNX Runtime's defaults but the thread count (torch's, as the runner's),
+        # whose threads spin-wait after a call: the figure a user of ONNX Runtime alone gets. Its calls are
+        # followed by a pause, so that threads still spinning take no core from the next contender.
         import onnxruntime as ort
 
         options = ort.SessionOptions()
